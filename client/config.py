@@ -1,0 +1,154 @@
+"""Typed settings of the hospital-side preparation pipeline (DESIGN §4.1–4.2).
+
+Each stage has its own small model so a stage's function takes only what it uses; the
+``PrepareConfig`` bundles them and is what gets hashed into every output's ``config_sha256``.
+Defaults are the reference design's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from common.configbase import StrictModel
+
+DEFAULT_TUMOUR_CLASSES: tuple[str, ...] = (
+    "tumor",
+    "tumour",
+    "carcinoma",
+    "metastasis",
+    "metastases",
+    "_0",
+    "_1",
+)
+"""Annotation class / group names counted as tumour (compared case-insensitively).
+
+QuPath's built-in class is "Tumor"; Camelyon16 ASAP files use groups "_0" and "_1" for tumour
+and "_2" for exclusions."""
+
+DEFAULT_EXCLUSION_CLASSES: tuple[str, ...] = ("_2", "exclusion", "exclude", "ignore")
+
+
+class ResolutionConfig(StrictModel):
+    """Physical resolution of the patches fed to the encoder."""
+
+    target_mpp: float = Field(0.5, gt=0, le=16, description="µm per pixel of extracted patches")
+    patch_size: int = Field(256, ge=16, le=4096, description="patch side in pixels at target_mpp")
+    overlap: int = Field(0, ge=0, description="overlap between neighbouring patches, in pixels")
+    level_tolerance: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description=(
+            "a pyramid level counts as matching target_mpp when its mpp is within this relative "
+            "tolerance; otherwise the next finer level is read and resized"
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _overlap_smaller_than_patch(self) -> ResolutionConfig:
+        if self.overlap >= self.patch_size:
+            raise ValueError(f"overlap ({self.overlap}) must be smaller than patch_size")
+        return self
+
+    @property
+    def step(self) -> int:
+        """Grid step in pixels at target_mpp."""
+        return self.patch_size - self.overlap
+
+
+class TissueConfig(StrictModel):
+    """CLAM-style saturation thresholding, evaluated on a low-resolution level."""
+
+    seg_downsample: float = Field(64.0, ge=1, description="wanted downsample of the mask level")
+    median_kernel: int = Field(7, ge=1, description="median blur kernel (odd), mask-level px")
+    saturation_threshold: int = Field(8, ge=0, le=255)
+    use_otsu: bool = False
+    closing_px: int = Field(4, ge=0, description="morphological closing kernel, mask-level px")
+    min_tissue_area: float = Field(
+        100.0, ge=0, description="a_t: drop components smaller than a_t·512² level-0 px"
+    )
+    max_hole_area: float = Field(
+        16.0, ge=0, description="a_h: fill holes smaller than a_h·512² level-0 px"
+    )
+    min_tissue_fraction: float = Field(
+        0.25, ge=0, le=1, description="keep a patch when this share of it is tissue"
+    )
+
+    @model_validator(mode="after")
+    def _odd_kernel(self) -> TissueConfig:
+        if self.median_kernel % 2 == 0:
+            raise ValueError(f"median_kernel must be odd, got {self.median_kernel}")
+        return self
+
+    @classmethod
+    def preset(cls, name: Literal["default", "biopsy"]) -> TissueConfig:
+        """Named presets: ``biopsy`` keeps small fragments (a_t = 1)."""
+        if name == "biopsy":
+            return cls(min_tissue_area=1.0)
+        return cls()
+
+
+class AnnotationConfig(StrictModel):
+    """How tumour outlines become per-patch labels (DESIGN §3)."""
+
+    tumour_classes: tuple[str, ...] = DEFAULT_TUMOUR_CLASSES
+    exclusion_classes: tuple[str, ...] = DEFAULT_EXCLUSION_CLASSES
+    positive_fraction: float = Field(
+        0.5, gt=0, le=1, description="tumour fraction at or above which a patch is labelled 1"
+    )
+    negative_fraction: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description=(
+            "tumour fraction at or below which a patch is labelled 0 (only when the annotation "
+            "is complete; otherwise unannotated patches are -1)"
+        ),
+    )
+    raster_px_per_patch: int = Field(
+        32, ge=4, le=512, description="rasterisation resolution: mask pixels along a patch side"
+    )
+
+    @model_validator(mode="after")
+    def _ordered_thresholds(self) -> AnnotationConfig:
+        if self.negative_fraction >= self.positive_fraction:
+            raise ValueError("negative_fraction must be below positive_fraction")
+        return self
+
+
+class EmbeddingConfig(StrictModel):
+    """Which encoder embeds the patches and how the pipeline runs it."""
+
+    encoder: str = Field("efficientnet_lite0", description="registry id or path to a checkpoint")
+    weights_path: Path | None = Field(
+        None, description="local weights file for encoders whose weights are not packaged"
+    )
+    batch_size: int = Field(64, ge=1, le=4096)
+    reader_threads: int = Field(2, ge=1, le=64)
+    queue_batches: int = Field(4, ge=1, le=64, description="bounded read-ahead, in batches")
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description=(
+            "auto: bfloat16 autocast when the CPU supports it and features stay within "
+            "cosine similarity min_bf16_cosine of float32, else float32"
+        ),
+    )
+    min_bf16_cosine: float = Field(0.999, gt=0, le=1)
+    feature_dtype: Literal["float32", "float16"] = "float32"
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads (default: all)")
+
+
+class PrepareConfig(StrictModel):
+    """Everything that determines a prepared site's outputs; hashed into each feature file."""
+
+    resolution: ResolutionConfig = ResolutionConfig()
+    tissue: TissueConfig = TissueConfig()
+    annotation: AnnotationConfig = AnnotationConfig()
+    embedding: EmbeddingConfig = EmbeddingConfig()
+    labels: tuple[str, ...] = Field(
+        ("normal", "tumour"), min_length=2, description="allowed slide label names, in order"
+    )
+    write_qc: bool = True

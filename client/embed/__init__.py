@@ -1,0 +1,1 @@
+"""Patch encoders and feature extraction."""

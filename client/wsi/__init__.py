@@ -1,0 +1,1 @@
+"""Slide reading, tissue segmentation, patching, annotations and synthetic slides."""
