@@ -1,0 +1,178 @@
+"""The ``fedpath`` command. The only place that prints, parses arguments or chooses exit codes.
+
+Exit codes: 0 everything worked; 1 the command ran but some items failed (e.g. slides that
+could not be prepared); 2 nothing was done because the input or configuration is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from common.errors import ConfigError, FedpathError, ManifestError
+
+EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
+
+
+def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``prepare`` and ``demo``: they override the TOML config file."""
+    group = parser.add_argument_group("preparation settings (override --config)")
+    group.add_argument(
+        "--config", type=Path, help="TOML file with [resolution] [tissue] ... sections"
+    )
+    group.add_argument("--encoder", help="encoder id (see `fedpath encoders`) or checkpoint path")
+    group.add_argument("--weights", type=Path, help="local weights file for the encoder")
+    group.add_argument("--target-mpp", type=float, help="µm/px of the patches (default 0.5)")
+    group.add_argument("--patch-size", type=int, help="patch side in px at target mpp (256)")
+    group.add_argument(
+        "--precision", choices=("auto", "float32", "bfloat16"), help="encoder arithmetic"
+    )
+    group.add_argument("--batch-size", type=int, help="patches per encoder batch (64)")
+    group.add_argument("--reader-threads", type=int, help="threads decoding patches (2)")
+    group.add_argument(
+        "--tissue-preset", choices=("default", "biopsy"), help="biopsy keeps small fragments"
+    )
+    group.add_argument("--labels", help="comma-separated slide labels (default normal,tumour)")
+    group.add_argument("--no-qc", action="store_true", help="skip QC pictures and contours")
+
+
+def _prepare_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from client.config import TissueConfig
+
+    overrides: dict[str, Any] = {
+        "resolution": {"target_mpp": args.target_mpp, "patch_size": args.patch_size},
+        "embedding": {
+            "encoder": args.encoder,
+            "weights_path": str(args.weights) if args.weights else None,
+            "precision": args.precision,
+            "batch_size": args.batch_size,
+            "reader_threads": args.reader_threads,
+        },
+        "labels": tuple(s.strip() for s in args.labels.split(",")) if args.labels else None,
+        "write_qc": False if args.no_qc else None,
+    }
+    if args.tissue_preset:
+        overrides["tissue"] = TissueConfig.preset(args.tissue_preset).model_dump()
+    return overrides
+
+
+def _prepare_config(args: argparse.Namespace) -> Any:
+    from client.config import PrepareConfig
+    from common.configio import build_config
+
+    return build_config(PrepareConfig, args.config, _prepare_overrides(args))
+
+
+def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
+    from client.prepare.pipeline import prepare_site
+    from client.progress import RichPrepareEvents, summary_line, summary_table
+
+    cfg = _prepare_config(args)
+    with RichPrepareEvents(console) as events:
+        summary = prepare_site(
+            args.manifest,
+            args.out,
+            cfg,
+            events=events,
+            slide_root=args.slide_root,
+            overwrite=args.overwrite,
+        )
+    console.print(summary_table(summary))
+    console.print(summary_line(summary))
+    console.print(f"outputs: {summary.out_dir}  (site summary: {summary.out_dir / 'site.json'})")
+    if summary.failed:
+        console.print(
+            f"[bold red]{len(summary.failed)} slide(s) failed[/]; see the reasons above and "
+            f"{summary.out_dir / 'status'}. Fix them and re-run: finished slides are skipped."
+        )
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
+def cmd_encoders(args: argparse.Namespace, console: Console) -> int:
+    del args
+    from rich.table import Table
+
+    from client.embed.registry import available_encoders, describe_encoder
+
+    table = Table(title="Encoders")
+    for column in ("id", "dim", "input", "weights"):
+        table.add_column(column)
+    for name in available_encoders():
+        spec, weights = describe_encoder(name)
+        table.add_row(name, str(spec.feature_dim), f"{spec.input_size} px", weights)
+    console.print(table)
+    console.print("A TorchScript checkpoint can also be given by path (--encoder model.pt).")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; built on demand, never at import."""
+    parser = argparse.ArgumentParser(
+        prog="fedpath",
+        description="Federated attention-MIL for computational pathology (hospital side).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prepare = sub.add_parser(
+        "prepare",
+        help="turn a slide manifest into feature bags",
+        description=(
+            "Validate the manifest, then for each slide: read it with OpenSlide, segment "
+            "tissue, cut patches, turn annotations into patch labels, embed the patches and "
+            "write an HDF5 feature bag. Resumable: finished slides are skipped."
+        ),
+    )
+    prepare.add_argument(
+        "--manifest", type=Path, required=True, help="CSV: slide_id,path,label,..."
+    )
+    prepare.add_argument("--out", type=Path, required=True, help="prepared data directory")
+    prepare.add_argument(
+        "--slide-root",
+        type=Path,
+        help="folder every slide and annotation must be inside (default: the manifest's folder)",
+    )
+    prepare.add_argument(
+        "--overwrite", action="store_true", help="redo slides that are already prepared"
+    )
+    _add_prepare_options(prepare)
+    prepare.set_defaults(handler=cmd_prepare)
+
+    encoders = sub.add_parser("encoders", help="list the patch encoders available offline")
+    encoders.set_defaults(handler=cmd_encoders)
+
+    from client.cli_synth import add_synth_commands
+
+    add_synth_commands(sub, _add_prepare_options, _prepare_overrides)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedpath`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console(stderr=False, highlight=False)
+    try:
+        return int(args.handler(args, console))
+    except ManifestError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        console.print("Nothing was prepared. Fix the manifest and run the command again.")
+        return EXIT_USAGE
+    except ConfigError as exc:
+        console.print(f"[bold red]configuration error:[/]\n{exc}")
+        return EXIT_USAGE
+    except FedpathError as exc:
+        console.print(f"[bold red]error:[/] {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("interrupted; finished items are kept, re-run to continue")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

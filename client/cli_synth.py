@@ -1,0 +1,202 @@
+"""``fedpath synth`` and ``fedpath demo``: synthetic hospitals for trying fedpath without data.
+
+The demo uses only real components: the generated slides are real pyramidal TIFFs read by
+OpenSlide, and they go through exactly the ``prepare`` pipeline a hospital runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+EXIT_OK, EXIT_PARTIAL = 0, 1
+
+
+def cmd_synth_slide(args: argparse.Namespace, console: Console) -> int:
+    from client.wsi.synthetic import SynthSlideConfig, generate_slide
+    from common.configio import build_config
+
+    overrides = {
+        "width_px": args.width,
+        "height_px": args.height,
+        "mpp": args.mpp,
+        "tumour_fraction": args.tumour_fraction,
+        "annotated_region_fraction": args.annotated_fraction,
+        "stain": args.stain,
+        "write_mpp": False if args.no_mpp else None,
+        "write_objective": False if args.no_objective else None,
+    }
+    cfg = build_config(SynthSlideConfig, args.config, overrides)
+    started = time.perf_counter()
+    slide = generate_slide(args.out, args.slide_id, cfg, args.seed)
+    console.print(
+        f"wrote {slide.slide_path} ({slide.dimensions[0]}x{slide.dimensions[1]} px, "
+        f"{slide.label}, tumour {slide.tumour_fraction:.1%} of tissue) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    if slide.geojson_path:
+        state = "complete" if slide.annotation_complete else "partial"
+        console.print(f"annotations ({state}): {slide.geojson_path}, {slide.asap_xml_path}")
+    return EXIT_OK
+
+
+def _cohort_config(args: argparse.Namespace) -> Any:
+    from client.wsi.synthetic import SynthCohortConfig
+    from common.configio import build_config
+
+    cfg = build_config(SynthCohortConfig, args.config_cohort)
+    if args.slides_per_site:
+        # Keep the reference proportions: the smallest site stays about half the size.
+        largest = max(site.n_slides for site in cfg.sites)
+        sites = tuple(
+            site.model_copy(
+                update={"n_slides": max(2, round(args.slides_per_site * site.n_slides / largest))}
+            )
+            for site in cfg.sites
+        )
+        cfg = SynthCohortConfig.model_validate({**cfg.model_dump(), "sites": sites})
+    return cfg
+
+
+def _generate_cohort(args: argparse.Namespace, out: Path, console: Console) -> list[Path]:
+    from client.wsi.synthetic import generate_cohort
+
+    cfg = _cohort_config(args)
+    total = sum(site.n_slides for site in cfg.sites)
+    with console.status(f"synthesising {len(cfg.sites)} sites, {total} slides ..."):
+        started = time.perf_counter()
+        site_dirs = generate_cohort(out, cfg, args.seed)
+    console.print(
+        f"synthesised {total} slides in {len(site_dirs)} sites under {out} "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
+    return site_dirs
+
+
+def cmd_synth_cohort(args: argparse.Namespace, console: Console) -> int:
+    site_dirs = _generate_cohort(args, args.out, console)
+    for site_dir in site_dirs:
+        console.print(f"  {site_dir.name}: manifest {site_dir / 'slides.csv'}")
+    return EXIT_OK
+
+
+def cmd_demo(
+    args: argparse.Namespace,
+    console: Console,
+    prepare_overrides: Callable[[argparse.Namespace], dict[str, Any]],
+) -> int:
+    from client.config import PrepareConfig
+    from client.prepare.pipeline import prepare_site
+    from client.progress import RichPrepareEvents, summary_line, summary_table
+    from common.configio import build_config
+
+    cfg = build_config(PrepareConfig, args.config, prepare_overrides(args))
+    out: Path = args.out
+    stage_seconds: dict[str, float] = {}
+    started = time.perf_counter()
+    site_dirs = _generate_cohort(args, out / "hospitals", console)
+    stage_seconds["synthesise"] = time.perf_counter() - started
+
+    summaries = []
+    for site_dir in site_dirs:
+        console.rule(f"prepare {site_dir.name}")
+        stage_started = time.perf_counter()
+        with RichPrepareEvents(console, site_dir.name) as events:
+            summary = prepare_site(
+                site_dir / "slides.csv", out / "prepared" / site_dir.name, cfg, events=events
+            )
+        stage_seconds[f"prepare {site_dir.name}"] = time.perf_counter() - stage_started
+        console.print(summary_table(summary, title=f"{site_dir.name}: preparation"))
+        console.print(summary_line(summary))
+        summaries.append((site_dir.name, summary))
+
+    table = Table(title="fedpath demo: prepared hospitals")
+    for column in ("site", "slides", "tumour / normal", "annotated", "patches", "patches/s",
+                   "failed"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    for name, summary in summaries:
+        usable = [r for r in summary.records if r.state != "failed"]
+        site = json.loads((summary.out_dir / "site.json").read_text())
+        by_label = site["slides"]["by_label"]
+        table.add_row(
+            name,
+            str(len(usable)),
+            f"{by_label.get('tumour', 0)} / {by_label.get('normal', 0)}",
+            str(site["slides"]["with_patch_labels"]),
+            str(site["patches"]),
+            f"{summary.patches_per_second:.1f}",
+            str(summary.count("failed")),
+        )
+    console.print(table)
+    stages = Table(title="time per stage")
+    stages.add_column("stage")
+    stages.add_column("seconds", justify="right")
+    for stage, seconds in stage_seconds.items():
+        stages.add_row(stage, f"{seconds:.1f}")
+    stages.add_row("total", f"{time.perf_counter() - started:.1f}")
+    console.print(stages)
+    console.print(f"prepared data: {out / 'prepared'}  (QC pictures in each site's qc/ folder)")
+    failed = sum(summary.count("failed") for _, summary in summaries)
+    return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def add_synth_commands(
+    sub: Any,
+    add_prepare_options: Callable[[argparse.ArgumentParser], None],
+    prepare_overrides: Callable[[argparse.Namespace], dict[str, Any]],
+) -> None:
+    """Register ``synth slide``, ``synth cohort`` and ``demo`` on the top-level parser."""
+    synth = sub.add_parser("synth", help="generate synthetic slides with known ground truth")
+    synth_sub = synth.add_subparsers(dest="synth_command", required=True, metavar="KIND")
+
+    slide = synth_sub.add_parser("slide", help="one slide with masks and annotations")
+    slide.add_argument("out", type=Path, help="output folder")
+    slide.add_argument("--slide-id", default="synthetic", help="file name stem")
+    slide.add_argument("--seed", type=int, default=0)
+    slide.add_argument("--config", type=Path, help="TOML with SynthSlideConfig fields")
+    slide.add_argument("--width", type=int, help="level-0 width in px")
+    slide.add_argument("--height", type=int, help="level-0 height in px")
+    slide.add_argument("--mpp", type=float, help="level-0 µm/px (0.5)")
+    slide.add_argument("--tumour-fraction", type=float, help="share of tissue that is tumour")
+    slide.add_argument(
+        "--annotated-fraction", type=float, help="share of tumour outlined (<1: partial)"
+    )
+    slide.add_argument("--stain", help="stain preset name")
+    slide.add_argument("--no-mpp", action="store_true", help="omit the resolution metadata")
+    slide.add_argument("--no-objective", action="store_true", help="omit the objective power")
+    slide.set_defaults(handler=cmd_synth_slide)
+
+    cohort = synth_sub.add_parser("cohort", help="several hospitals, each with a manifest")
+    cohort.add_argument("out", type=Path, help="output folder (one sub-folder per site)")
+    _add_cohort_options(cohort)
+    cohort.set_defaults(handler=cmd_synth_cohort)
+
+    demo = sub.add_parser(
+        "demo",
+        help="synthesise three hospitals and prepare each of them",
+        description=(
+            "Generate a synthetic three-hospital cohort (different label levels and stain), "
+            "then run `fedpath prepare` for each hospital, and print a summary."
+        ),
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="working folder")
+    _add_cohort_options(demo)
+    add_prepare_options(demo)
+    demo.set_defaults(handler=lambda a, c: cmd_demo(a, c, prepare_overrides))
+
+
+def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cohort-config", dest="config_cohort", type=Path, help="TOML with SynthCohortConfig"
+    )
+    parser.add_argument(
+        "--slides-per-site", type=int, help="scale the cohort: slides at the largest site"
+    )

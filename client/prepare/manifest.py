@@ -1,0 +1,250 @@
+"""The hospital's slide manifest: parsed and validated in full before any slide is touched.
+
+A preparation run can take hours; discovering a typo in row 412 after three of them is
+unacceptable. So every row is checked up front and *all* problems are reported together, each
+with its CSV line number, in one ``ManifestError``. Slide ids become file names, so they are
+restricted to a safe alphabet, and slide paths must stay inside the slide root (a manifest must
+not be able to make fedpath read ``/etc/shadow`` or write outside its output directory).
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from common.errors import ManifestError
+
+REQUIRED_COLUMNS: tuple[str, ...] = ("slide_id", "path", "label")
+OPTIONAL_COLUMNS: tuple[str, ...] = (
+    "annotation",
+    "annotation_complete",
+    "split",
+    "patient_id",
+    "mpp",
+)
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TRUE = {"true", "yes", "1", "y", "t"}
+_FALSE = {"false", "no", "0", "n", "f"}
+MAX_MANIFEST_BYTES = 50 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One validated slide entry; ``line`` is its line number in the CSV (header is line 1)."""
+
+    line: int
+    slide_id: str
+    path: Path
+    label: str
+    annotation: Path | None = None
+    annotation_complete: bool | None = None
+    split: str | None = None
+    patient_id: str | None = None
+    mpp: float | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest: rows in file order and the labels they were checked against."""
+
+    path: Path
+    rows: tuple[ManifestRow, ...]
+    labels: tuple[str, ...]
+
+
+def parse_bool(text: str) -> bool | None:
+    """Parse the spellings of a boolean found in spreadsheets; None when unrecognised."""
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    return None
+
+
+def _resolve_inside(raw: str, base: Path, root: Path) -> tuple[Path | None, str | None]:
+    """Resolve ``raw`` (relative to ``base``) and require it to stay within ``root``."""
+    candidate = Path(raw).expanduser()
+    resolved = (candidate if candidate.is_absolute() else base / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        return None, f"path '{raw}' resolves to {resolved}, outside the slide root {root}"
+    return resolved, None
+
+
+def load_manifest(
+    path: str | Path,
+    labels: Sequence[str],
+    *,
+    slide_root: str | Path | None = None,
+    check_files: bool = True,
+) -> Manifest:
+    """Read and validate a manifest; raise ``ManifestError`` listing every problem found.
+
+    Relative paths are resolved against the manifest's folder. ``slide_root`` (default: that
+    folder) bounds where slides and annotations may live.
+    """
+    manifest_path = Path(path).expanduser().resolve()
+    if not manifest_path.is_file():
+        raise ManifestError(str(path), ["file does not exist"])
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ManifestError(str(path), [f"file is larger than {MAX_MANIFEST_BYTES} bytes"])
+    base = manifest_path.parent
+    root = Path(slide_root).expanduser().resolve() if slide_root is not None else base
+    try:
+        text = manifest_path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise ManifestError(str(path), [problem]) from exc
+
+    reader = csv.reader(text.splitlines())
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise ManifestError(str(path), ["file is empty (no header row)"]) from None
+    except csv.Error as exc:
+        raise ManifestError(str(path), [f"line 1: not valid CSV ({exc})"]) from exc
+
+    problems: list[str] = []
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    if missing:
+        problems.append(f"line 1: missing required column(s): {', '.join(missing)}")
+    unknown = [c for c in header if c not in known]
+    if unknown:
+        problems.append(
+            f"line 1: unknown column(s): {', '.join(repr(c) for c in unknown)} "
+            f"(allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})"
+        )
+    duplicated = sorted({c for c in header if header.count(c) > 1})
+    if duplicated:
+        problems.append(f"line 1: duplicated column(s): {', '.join(duplicated)}")
+    if missing or duplicated:
+        raise ManifestError(str(path), problems)
+
+    label_set = tuple(labels)
+    rows: list[ManifestRow] = []
+    first_line_of: dict[str, int] = {}
+    try:
+        records = list(enumerate(reader, start=2))
+    except csv.Error as exc:
+        raise ManifestError(str(path), [*problems, f"not valid CSV ({exc})"]) from exc
+    for line, values in records:
+        if not any(v.strip() for v in values):
+            continue  # blank lines are harmless
+        if len(values) != len(header):
+            problems.append(f"line {line}: has {len(values)} fields, the header has {len(header)}")
+            continue
+        cells = {h: v.strip() for h, v in zip(header, values, strict=True)}
+        row, row_problems = _validate_row(line, cells, label_set, base, root, check_files)
+        problems.extend(row_problems)
+        if row is None:
+            continue
+        if row.slide_id in first_line_of:
+            problems.append(
+                f"line {line}: duplicate slide_id '{row.slide_id}' "
+                f"(first seen on line {first_line_of[row.slide_id]})"
+            )
+            continue
+        first_line_of[row.slide_id] = line
+        rows.append(row)
+    if not rows and not problems:
+        problems.append("no slide rows after the header")
+    if problems:
+        raise ManifestError(str(path), problems)
+    return Manifest(manifest_path, tuple(rows), label_set)
+
+
+def _validate_row(
+    line: int,
+    cells: dict[str, str],
+    labels: tuple[str, ...],
+    base: Path,
+    root: Path,
+    check_files: bool,
+) -> tuple[ManifestRow | None, list[str]]:
+    """Check one row; returns the row (or None when unusable) and its problems."""
+    problems: list[str] = []
+    slide_id = cells["slide_id"]
+    if not slide_id:
+        problems.append(f"line {line}: empty slide_id")
+    elif not SLIDE_ID_PATTERN.match(slide_id):
+        problems.append(
+            f"line {line}: slide_id '{slide_id}' must be 1-128 characters of letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit (it becomes a file name)"
+        )
+    where = f"line {line} ({slide_id or 'no id'})"
+
+    slide_path: Path | None = None
+    if not cells["path"]:
+        problems.append(f"{where}: empty path")
+    else:
+        slide_path, error = _resolve_inside(cells["path"], base, root)
+        if error:
+            problems.append(f"{where}: {error}")
+        elif check_files and slide_path is not None and not slide_path.is_file():
+            problems.append(f"{where}: slide file not found: {slide_path}")
+
+    label = cells["label"]
+    if label not in labels:
+        problems.append(
+            f"{where}: unknown label '{label}' (expected one of: {', '.join(labels)})"
+        )
+
+    annotation: Path | None = None
+    raw_annotation = cells.get("annotation", "")
+    if raw_annotation:
+        annotation, error = _resolve_inside(raw_annotation, base, root)
+        if error:
+            problems.append(f"{where}: annotation {error}")
+        elif check_files and annotation is not None and not annotation.is_file():
+            problems.append(f"{where}: annotation file not found: {annotation}")
+
+    complete: bool | None = None
+    raw_complete = cells.get("annotation_complete", "")
+    if raw_complete:
+        complete = parse_bool(raw_complete)
+        if complete is None:
+            problems.append(
+                f"{where}: annotation_complete '{raw_complete}' is not true/false"
+            )
+        elif not raw_annotation:
+            problems.append(f"{where}: annotation_complete is set but there is no annotation")
+    elif raw_annotation:
+        complete = False  # without a statement, only outlined regions are trusted
+
+    split = cells.get("split", "") or None
+    if split is not None and split not in SPLITS:
+        problems.append(f"{where}: unknown split '{split}' (expected {', '.join(SPLITS)} or empty)")
+
+    mpp: float | None = None
+    raw_mpp = cells.get("mpp", "")
+    if raw_mpp:
+        try:
+            mpp = float(raw_mpp)
+        except ValueError:
+            problems.append(f"{where}: mpp '{raw_mpp}' is not a number")
+        else:
+            if not 0.01 <= mpp <= 100:
+                problems.append(f"{where}: mpp {mpp} is outside 0.01-100 µm/px")
+                mpp = None
+
+    if problems or slide_path is None:
+        return None, problems
+    return (
+        ManifestRow(
+            line=line,
+            slide_id=slide_id,
+            path=slide_path,
+            label=label,
+            annotation=annotation,
+            annotation_complete=complete,
+            split=split,
+            patient_id=cells.get("patient_id", "") or None,
+            mpp=mpp,
+        ),
+        problems,
+    )

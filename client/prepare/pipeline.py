@@ -1,0 +1,426 @@
+"""``fedpath prepare``: a hospital's manifest in, provenance-stamped feature bags out.
+
+The run is built for unattended use on a CPU-only machine:
+- the manifest is validated before any slide is opened (all problems at once);
+- each slide is independent: a corrupt file, missing MPP, empty tissue or broken annotation
+  is recorded with its reason, its outputs are left untouched, and the next slide goes on;
+- every output is written atomically, the feature bag first, so a killed run leaves nothing
+  that a resumed run would trust;
+- a slide whose feature bag already carries this run's config hash is skipped (resume);
+- ``site.json`` holds only aggregate facts (no slide ids) because it is what the server's
+  harmonisation check reads.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.config import PrepareConfig
+from client.embed.extract import choose_precision, extract_features
+from client.embed.registry import LoadedEncoder, load_encoder
+from client.prepare.manifest import Manifest, ManifestRow, load_manifest
+from client.prepare.records import (
+    PrepareEvents,
+    PrepareSummary,
+    SilentEvents,
+    SlideRecord,
+)
+from client.wsi.annotations import load_annotation, patch_labels, tumour_fraction
+from client.wsi.patching import patch_grid, write_coords_h5
+from client.wsi.qc import render_qc_png, tissue_contours_geojson
+from client.wsi.reader import WsiReader
+from client.wsi.resolution import plan_read
+from client.wsi.tissue import tissue_mask_for_slide
+from common import __version__
+from common.atomic import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from common.errors import EmptyTissueError, FedpathError
+from common.featurebag import FeatureBagWriter, read_attrs
+from common.hashing import sha256_file, sha256_json
+
+SITE_FILE = "site.json"
+INDEX_FILE = "prepared.csv"
+INDEX_COLUMNS = (
+    "slide_id",
+    "label",
+    "split",
+    "patient_id",
+    "annotation_complete",
+    "has_patch_labels",
+    "num_patches",
+    "features",
+)
+
+
+@dataclass(frozen=True)
+class SiteLayout:
+    """Where a prepared site keeps each artefact (DESIGN §3)."""
+
+    root: Path
+    encoder_dir: str
+
+    def coords(self, slide_id: str) -> Path:
+        return self.root / "patches" / f"{slide_id}.h5"
+
+    def features(self, slide_id: str) -> Path:
+        return self.root / "features" / self.encoder_dir / f"{slide_id}.h5"
+
+    def qc(self, slide_id: str) -> Path:
+        return self.root / "qc" / f"{slide_id}.png"
+
+    def contours(self, slide_id: str) -> Path:
+        return self.root / "contours" / f"{slide_id}.geojson"
+
+    def status(self, slide_id: str) -> Path:
+        return self.root / "status" / f"{slide_id}.json"
+
+    def outputs(self, slide_id: str) -> tuple[Path, ...]:
+        return (
+            self.features(slide_id),
+            self.coords(slide_id),
+            self.qc(slide_id),
+            self.contours(slide_id),
+        )
+
+
+def encoder_dir_name(encoder_id: str) -> str:
+    """A file-system-safe folder name for an encoder id (ids of local checkpoints hold paths)."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in encoder_id)
+    return safe.strip("._") or "encoder"
+
+
+def features_config(cfg: PrepareConfig, encoder: LoadedEncoder, precision: str) -> dict[str, Any]:
+    """The settings that change a feature file's content (and nothing that merely changes speed)."""
+    return {
+        "resolution": cfg.resolution.model_dump(mode="json"),
+        "tissue": cfg.tissue.model_dump(mode="json"),
+        "annotation": cfg.annotation.model_dump(mode="json"),
+        "encoder": encoder.spec.id,
+        "encoder_sha256": encoder.weights_sha256,
+        "precision": precision,
+        "feature_dtype": cfg.embedding.feature_dtype,
+    }
+
+
+def slide_config_sha256(site_config: dict[str, Any], row: ManifestRow) -> str:
+    """Hash of everything one slide's outputs depend on: site config, slide file, annotation."""
+    stat = row.path.stat()
+    return sha256_json(
+        {
+            "site": site_config,
+            "slide": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "mpp_override": row.mpp,
+            "annotation_sha256": sha256_file(row.annotation) if row.annotation else None,
+            "annotation_complete": row.annotation_complete,
+        }
+    )
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class _SlideFailure(Exception):
+    """Carries the stage at which a slide failed alongside the original error."""
+
+    def __init__(self, stage: str, error: Exception) -> None:
+        super().__init__(str(error))
+        self.stage = stage
+        self.error = error
+
+
+def _existing_result(layout: SiteLayout, row: ManifestRow, config_hash: str) -> SlideRecord | None:
+    """A 'skipped' record when this slide's outputs are complete for ``config_hash``."""
+    features, coords = layout.features(row.slide_id), layout.coords(row.slide_id)
+    if not (features.is_file() and coords.is_file()):
+        return None
+    try:
+        attrs = read_attrs(features)
+    except FedpathError:
+        return None  # unreadable leftovers are simply rebuilt
+    if attrs.get("config_sha256") != config_hash:
+        return None
+    return SlideRecord(
+        slide_id=row.slide_id,
+        state="skipped",
+        reason="already prepared with the same configuration",
+        num_patches=int(attrs.get("num_patches", 0)),
+        tumour_patches=attrs.get("tumour_patches"),
+        mpp=attrs.get("level0_mpp"),
+        mpp_source=attrs.get("mpp_source"),
+    )
+
+
+def _prepare_slide(
+    row: ManifestRow,
+    layout: SiteLayout,
+    cfg: PrepareConfig,
+    encoder: LoadedEncoder,
+    precision: str,
+    config_hash: str,
+    events: PrepareEvents,
+) -> SlideRecord:
+    """Prepare one slide; raises ``_SlideFailure`` naming the stage on any expected error."""
+    seconds: dict[str, float] = {}
+    stage = "open"
+    written: list[Path] = []
+    try:
+        with _timed(seconds, "open"), WsiReader(
+            row.path, slide_id=row.slide_id, mpp_override=row.mpp
+        ) as reader:
+            info = reader.info
+            stage = "tissue"
+            with _timed(seconds, "tissue"):
+                plan = plan_read(info.mpp, info.level_downsamples, cfg.resolution)
+                mask = tissue_mask_for_slide(reader, cfg.tissue)
+                grid = patch_grid(
+                    mask,
+                    info.dimensions,
+                    plan.patch_size_level0,
+                    plan.step_level0,
+                    cfg.tissue.min_tissue_fraction,
+                )
+            if grid.coords.shape[0] == 0:
+                raise EmptyTissueError(
+                    row.slide_id,
+                    "no patch has enough tissue "
+                    f"(≥ {cfg.tissue.min_tissue_fraction:.0%} of its area); check the QC "
+                    "thumbnail, or lower tissue.min_tissue_fraction / saturation_threshold",
+                )
+            labels: np.ndarray | None = None
+            fraction: np.ndarray | None = None
+            if row.annotation is not None:
+                stage = "annotation"
+                with _timed(seconds, "annotation"):
+                    annotation = load_annotation(row.annotation, cfg.annotation, info.dimensions)
+                    fraction = tumour_fraction(
+                        annotation,
+                        grid.coords,
+                        grid.patch_size_level0,
+                        info.dimensions,
+                        cfg.annotation,
+                    )
+                    labels = patch_labels(
+                        fraction, bool(row.annotation_complete), cfg.annotation
+                    )
+            stage = "embedding"
+            events.slide_started(row.slide_id, int(grid.coords.shape[0]))
+            tumour_patches = int((labels == 1).sum()) if labels is not None else None
+            attrs: dict[str, Any] = {
+                "encoder": encoder.spec.id,
+                "encoder_sha256": encoder.weights_sha256,
+                "feature_dim": encoder.spec.feature_dim,
+                "patch_size_px": plan.patch_size,
+                "patch_size_level0": plan.patch_size_level0,
+                "target_mpp": plan.target_mpp,
+                "level0_mpp": info.mpp,
+                "mpp_source": info.mpp_source,
+                "slide_id": row.slide_id,
+                "config_sha256": config_hash,
+                "precision": precision,
+                "num_patches": int(grid.coords.shape[0]),
+                "has_patch_labels": labels is not None,
+            }
+            if labels is not None:
+                attrs["annotation_complete"] = bool(row.annotation_complete)
+                attrs["tumour_patches"] = tumour_patches
+            with _timed(seconds, "embedding"):
+                feature_path = layout.features(row.slide_id)
+                with FeatureBagWriter(
+                    feature_path,
+                    coords=grid.coords,
+                    feature_dim=encoder.spec.feature_dim,
+                    attrs=attrs,
+                    patch_labels=labels,
+                    tumour_fraction=fraction,
+                    dtype=cfg.embedding.feature_dtype,
+                ) as writer:
+                    extract_features(
+                        reader,
+                        grid.coords,
+                        plan,
+                        encoder,
+                        cfg.embedding,
+                        writer.write,
+                        precision=precision,
+                        progress=events.patches_embedded,
+                    )
+                written.append(feature_path)
+            stage = "outputs"
+            with _timed(seconds, "outputs"):
+                write_coords_h5(layout.coords(row.slide_id), grid, plan, info)
+                written.append(layout.coords(row.slide_id))
+                if cfg.write_qc:
+                    render_qc_png(
+                        layout.qc(row.slide_id),
+                        mask,
+                        grid,
+                        title=f"{row.slide_id} ({row.label}) - {grid.coords.shape[0]} patches",
+                        patch_labels=labels,
+                    )
+                    written.append(layout.qc(row.slide_id))
+                    atomic_write_json(layout.contours(row.slide_id), tissue_contours_geojson(mask))
+                    written.append(layout.contours(row.slide_id))
+    except Exception as error:
+        # Any failure, expected or not, costs this slide only: an unattended run over hundreds
+        # of slides must not stop at the first odd file. Outputs of this attempt are removed so
+        # an unfinished slide looks unprepared.
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise _SlideFailure(stage, error) from error
+    return SlideRecord(
+        slide_id=row.slide_id,
+        state="done",
+        num_patches=int(grid.coords.shape[0]),
+        tumour_patches=tumour_patches,
+        seconds={k: round(v, 4) for k, v in seconds.items()},
+        mpp=info.mpp,
+        mpp_source=info.mpp_source,
+    )
+
+
+def _failure_reason(error: Exception) -> str:
+    """The message a person needs: the library error's own text, without the slide prefix."""
+    reason = getattr(error, "reason", None)
+    if isinstance(reason, str):
+        return reason
+    return f"{type(error).__name__}: {error}"
+
+
+def prepare_site(
+    manifest: Path,
+    out_dir: Path,
+    cfg: PrepareConfig,
+    *,
+    events: PrepareEvents | None = None,
+    slide_root: Path | None = None,
+    overwrite: bool = False,
+) -> PrepareSummary:
+    """Prepare every slide of ``manifest`` into ``out_dir``; raises only for site-wide problems.
+
+    Raises ``ManifestError`` (nothing done) or ``EncoderError`` (nothing done). Per-slide
+    problems are returned as failed records.
+    """
+    started = time.perf_counter()
+    sink: PrepareEvents = events if events is not None else SilentEvents()
+    parsed = load_manifest(manifest, cfg.labels, slide_root=slide_root)
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
+
+    encoder = load_encoder(cfg.embedding.encoder, cfg.embedding.weights_path)
+    precision, cosine = choose_precision(encoder, cfg.embedding)
+    layout = SiteLayout(out, encoder_dir_name(encoder.spec.id))
+    site_config = features_config(cfg, encoder, precision)
+    sink.site_started(len(parsed.rows), encoder.spec.id, precision)
+
+    records: list[SlideRecord] = []
+    embed_seconds = 0.0
+    for row in parsed.rows:
+        config_hash = slide_config_sha256(site_config, row)
+        record = None if overwrite else _existing_result(layout, row, config_hash)
+        if record is None:
+            try:
+                record = _prepare_slide(row, layout, cfg, encoder, precision, config_hash, sink)
+            except _SlideFailure as failure:
+                record = SlideRecord(
+                    slide_id=row.slide_id,
+                    state="failed",
+                    reason=_failure_reason(failure.error),
+                    stage=failure.stage,
+                )
+        embed_seconds += record.seconds.get("embedding", 0.0)
+        status = {**record.to_json(), "line": row.line, "recorded_at": _now()}
+        atomic_write_json(layout.status(row.slide_id), status)
+        records.append(record)
+        sink.slide_finished(record)
+
+    _write_site_files(parsed, layout, cfg, encoder, precision, cosine, site_config, records)
+    return PrepareSummary(
+        out_dir=out,
+        records=tuple(records),
+        encoder=encoder.spec.id,
+        precision=precision,
+        bf16_cosine=cosine,
+        seconds=time.perf_counter() - started,
+        embed_seconds=embed_seconds,
+    )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_site_files(
+    manifest: Manifest,
+    layout: SiteLayout,
+    cfg: PrepareConfig,
+    encoder: LoadedEncoder,
+    precision: str,
+    cosine: float | None,
+    site_config: dict[str, Any],
+    records: list[SlideRecord],
+) -> None:
+    """Write the local slide index and the aggregate ``site.json`` the server may compare."""
+    by_id = {r.slide_id: r for r in records}
+    usable = [row for row in manifest.rows if by_id[row.slide_id].state != "failed"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(INDEX_COLUMNS)
+    for row in usable:
+        record = by_id[row.slide_id]
+        has_labels = row.annotation is not None
+        writer.writerow(
+            [
+                row.slide_id,
+                row.label,
+                row.split or "",
+                row.patient_id or "",
+                "" if row.annotation_complete is None else str(row.annotation_complete).lower(),
+                str(has_labels).lower(),
+                record.num_patches,
+                os.path.relpath(layout.features(row.slide_id), layout.root),
+            ]
+        )
+    atomic_write_text(layout.root / INDEX_FILE, buffer.getvalue())
+
+    label_counts = {label: 0 for label in cfg.labels}
+    for row in usable:
+        label_counts[row.label] += 1
+    site = {
+        "fedpath_version": __version__,
+        "encoder": encoder.spec.id,
+        "encoder_sha256": encoder.weights_sha256,
+        "feature_dim": encoder.spec.feature_dim,
+        "target_mpp": cfg.resolution.target_mpp,
+        "patch_size": cfg.resolution.patch_size,
+        "labels": list(cfg.labels),
+        "precision": precision,
+        "bf16_cosine": cosine,
+        "config_sha256": sha256_json(site_config),
+        "features_dir": os.path.relpath(layout.root / "features" / layout.encoder_dir, layout.root),
+        "slides": {
+            "usable": len(usable),
+            "failed": sum(1 for r in records if r.state == "failed"),
+            "by_label": label_counts,
+            "with_patch_labels": sum(1 for row in usable if row.annotation is not None),
+        },
+        "patches": sum(by_id[row.slide_id].num_patches for row in usable),
+        "prepared_at": _now(),
+    }
+    atomic_write_json(layout.root / SITE_FILE, site)

@@ -1,0 +1,91 @@
+"""What a preparation run reports: one record per slide and a summary for the site.
+
+Records are plain data so the CLI can render them and tests can assert on them; they are also
+written to ``status/<slide_id>.json`` so an IT admin can see, after an unattended overnight run,
+exactly which slides failed and why without re-running anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+SlideState = Literal["done", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class SlideRecord:
+    """Outcome of preparing one slide."""
+
+    slide_id: str
+    state: SlideState
+    reason: str | None = None
+    stage: str | None = None
+    num_patches: int = 0
+    tumour_patches: int | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    mpp: float | None = None
+    mpp_source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    """Outcome of ``prepare_site``."""
+
+    out_dir: Path
+    records: tuple[SlideRecord, ...]
+    encoder: str
+    precision: str
+    bf16_cosine: float | None
+    seconds: float
+    embed_seconds: float
+
+    def count(self, state: SlideState) -> int:
+        return sum(1 for r in self.records if r.state == state)
+
+    @property
+    def failed(self) -> tuple[SlideRecord, ...]:
+        return tuple(r for r in self.records if r.state == "failed")
+
+    @property
+    def embedded_patches(self) -> int:
+        """Patches embedded in this run (skipped slides excluded)."""
+        return sum(r.num_patches for r in self.records if r.state == "done")
+
+    @property
+    def patches_per_second(self) -> float:
+        """End-to-end throughput of the slides prepared in this run, open to last byte written."""
+        busy = sum(sum(r.seconds.values()) for r in self.records if r.state == "done")
+        return self.embedded_patches / busy if busy > 0 else 0.0
+
+
+class PrepareEvents(Protocol):
+    """Progress callbacks; the CLI draws progress bars with them, library code stays silent."""
+
+    def site_started(self, total_slides: int, encoder: str, precision: str) -> None: ...
+
+    def slide_started(self, slide_id: str, num_patches: int) -> None: ...
+
+    def patches_embedded(self, count: int) -> None: ...
+
+    def slide_finished(self, record: SlideRecord) -> None: ...
+
+
+class SilentEvents:
+    """Events sink that ignores everything (library default)."""
+
+    def site_started(self, total_slides: int, encoder: str, precision: str) -> None:
+        del total_slides, encoder, precision
+
+    def slide_started(self, slide_id: str, num_patches: int) -> None:
+        del slide_id, num_patches
+
+    def patches_embedded(self, count: int) -> None:
+        del count
+
+    def slide_finished(self, record: SlideRecord) -> None:
+        del record

@@ -1,0 +1,135 @@
+"""Manifest validation: every problem reported at once, with line numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from client.prepare.manifest import load_manifest, parse_bool
+from common.errors import ManifestError
+
+LABELS = ("normal", "tumour")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "a.svs").write_bytes(b"x")
+    (tmp_path / "b.svs").write_bytes(b"x")
+    (tmp_path / "a.geojson").write_text("{}")
+    path = tmp_path / "slides.csv"
+    path.write_text(text)
+    return path
+
+
+def _problems(path: Path, **kwargs: object) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        load_manifest(path, LABELS, **kwargs)  # type: ignore[arg-type]
+    return info.value.problems
+
+
+def test_valid_manifest_resolves_paths_and_defaults(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "slide_id,path,label,annotation,annotation_complete,split,patient_id,mpp\n"
+        "a,a.svs,tumour,a.geojson,true,train,p1,0.25\n"
+        "\n"
+        "b,b.svs,normal,,,test,p2,\n",
+    )
+    manifest = load_manifest(path, LABELS)
+    a, b = manifest.rows
+    assert a.path == (tmp_path / "a.svs").resolve()
+    assert a.annotation == (tmp_path / "a.geojson").resolve()
+    assert a.annotation_complete is True and a.mpp == 0.25 and a.split == "train"
+    assert a.line == 2 and b.line == 4
+    assert b.annotation is None and b.annotation_complete is None and b.mpp is None
+    assert b.patient_id == "p2"
+
+
+def test_annotation_without_completeness_is_treated_as_partial(tmp_path: Path) -> None:
+    path = _write(tmp_path, "slide_id,path,label,annotation\na,a.svs,tumour,a.geojson\n")
+    assert load_manifest(path, LABELS).rows[0].annotation_complete is False
+
+
+def test_all_row_problems_reported_together_with_line_numbers(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        "slide_id,path,label,annotation,annotation_complete,split,mpp\n"
+        "a,a.svs,tumour,,,,\n"
+        "a,b.svs,normal,,,,\n"  # duplicate id
+        "c,missing.svs,normal,,,,\n"  # missing file
+        "d,a.svs,cancer,,,,\n"  # unknown label
+        "e,../outside.svs,normal,,,,\n"  # escapes the slide root
+        "f,a.svs,tumour,nope.xml,maybe,validation,abc\n"
+        "../g,a.svs,normal,,,,\n"  # unsafe id
+        "h,a.svs,normal,,true,,\n"  # completeness without annotation
+        "i,a.svs\n",  # wrong field count
+    )
+    problems = _problems(path)
+    text = "\n".join(problems)
+    assert "line 3: duplicate slide_id 'a' (first seen on line 2)" in text
+    assert "line 4 (c): slide file not found" in text
+    assert "line 5 (d): unknown label 'cancer'" in text
+    assert "line 6 (e): path '../outside.svs'" in text and "outside the slide root" in text
+    assert "line 7 (f): annotation file not found" in text
+    assert "line 7 (f): annotation_complete 'maybe' is not true/false" in text
+    assert "line 7 (f): unknown split 'validation'" in text
+    assert "line 7 (f): mpp 'abc' is not a number" in text
+    assert "line 8: slide_id '../g' must be" in text
+    assert "line 9 (h): annotation_complete is set but there is no annotation" in text
+    assert "line 10: has 2 fields, the header has 7" in text
+    assert len(problems) == 11
+
+
+def test_header_problems(tmp_path: Path) -> None:
+    path = _write(tmp_path, "slide_id,file,label,colour\na,a.svs,tumour,red\n")
+    text = "\n".join(_problems(path))
+    assert "missing required column(s): path" in text
+    assert "unknown column(s): 'file', 'colour'" in text
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    assert _problems(tmp_path / "nope.csv") == ["file does not exist"]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    assert "no header" in _problems(empty)[0]
+    header_only = tmp_path / "header.csv"
+    header_only.write_text("slide_id,path,label\n")
+    assert _problems(header_only) == ["no slide rows after the header"]
+
+
+def test_not_utf8_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "latin.csv"
+    path.write_bytes("slide_id,path,label\nb\xe9,a.svs,normal\n".encode("latin-1"))
+    assert "not UTF-8" in _problems(path)[0]
+
+
+def test_slide_root_allows_absolute_paths_inside_it(tmp_path: Path) -> None:
+    store = tmp_path / "nas"
+    store.mkdir()
+    (store / "s.svs").write_bytes(b"x")
+    sheet_dir = tmp_path / "sheets"
+    sheet_dir.mkdir()
+    path = sheet_dir / "slides.csv"
+    path.write_text(f"slide_id,path,label\ns,{store / 's.svs'},normal\n")
+    assert "outside the slide root" in _problems(path)[0]
+    manifest = load_manifest(path, LABELS, slide_root=store)
+    assert manifest.rows[0].path == (store / "s.svs").resolve()
+
+
+def test_symlink_escaping_root_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.svs"
+    outside.write_bytes(b"x")
+    inside = tmp_path / "site"
+    inside.mkdir()
+    (inside / "link.svs").symlink_to(outside)
+    path = inside / "slides.csv"
+    path.write_text("slide_id,path,label\ns,link.svs,normal\n")
+    assert "outside the slide root" in _problems(path)[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("TRUE", True), ("yes", True), ("1", True), ("False", False), ("n", False), ("?", None)],
+)
+def test_parse_bool(text: str, expected: bool | None) -> None:
+    assert parse_bool(text) is expected
