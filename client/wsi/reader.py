@@ -1,0 +1,240 @@
+"""Open a whole-slide image once, validate it up front, and read RGB regions from it.
+
+Every later stage (tissue mask, patch grid, embedding) trusts what this module returns, so the
+checks that turn a bad file into a clear per-slide error happen here, at open time: missing or
+empty files, formats OpenSlide cannot decode, truncated files, absurd declared sizes and an
+unknown physical resolution. A batch job can then skip that one slide with a readable reason
+instead of failing hours later inside a worker thread.
+
+OpenSlide returns RGBA in which areas outside the scanned region are fully transparent
+(0, 0, 0, 0). Tissue detection thresholds saturation, and transparent black would be harmless
+there, but colour statistics, encoders and thumbnails would all see black borders; compositing
+on white makes "no data" look like glass, which is what it physically is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import openslide
+
+from common.errors import MissingMppError, SlideOpenError, SlideReadError
+
+MAX_SIDE_PX = 1_000_000
+"""Largest level-0 side accepted; real slides stay below ~250k px, so more means a bad header."""
+
+MPP_X, MPP_Y = "openslide.mpp-x", "openslide.mpp-y"
+OBJECTIVE_POWER = "openslide.objective-power"
+MICRONS_PER_PX_AT_1X = 10.0
+"""Convention used by CLAM/TRIDENT and scanners: 10× ≈ 1 µm/px, so mpp ≈ 10 / power."""
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What the rest of the pipeline needs to know about a slide, resolved once at open."""
+
+    path: Path
+    slide_id: str
+    vendor: str | None
+    dimensions: tuple[int, int]
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: float
+    mpp_source: str
+    objective_power: float | None
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    def level_mpp(self, level: int) -> float:
+        """µm/px of a pyramid level (level-0 mpp × that level's downsample)."""
+        return self.mpp * self.level_downsamples[level]
+
+
+def _positive_float(value: str | None) -> float | None:
+    """Parse a slide property as a positive finite float; anything else counts as absent."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or number <= 0:
+        return None
+    return number
+
+
+def resolve_mpp(
+    properties: Mapping[str, str], override: float | None, slide: str
+) -> tuple[float, str]:
+    """Level-0 µm/px and where it came from: override, the slide's own MPP, or objective power.
+
+    The override comes first because a hospital sets it precisely when the file's metadata is
+    missing or wrong. Anisotropic pixels (mpp-x ≠ mpp-y) are averaged: patches are square and
+    the difference on real scanners is below a percent.
+    """
+    if override is not None:
+        value = _positive_float(str(override))
+        if value is None:
+            raise MissingMppError(
+                slide, f"mpp override must be a positive number, got {override!r}"
+            )
+        return value, "override"
+    mpp_values = [v for v in (_positive_float(properties.get(k)) for k in (MPP_X, MPP_Y)) if v]
+    if mpp_values:
+        return float(sum(mpp_values) / len(mpp_values)), "slide"
+    power = _positive_float(properties.get(OBJECTIVE_POWER))
+    if power is not None:
+        return MICRONS_PER_PX_AT_1X / power, "objective_power"
+    raise MissingMppError(
+        slide,
+        "the slide declares neither microns-per-pixel (openslide.mpp-x/mpp-y) nor an objective "
+        "power; give an mpp override for it in the manifest",
+    )
+
+
+def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
+    """Alpha-blend an RGBA uint8 array onto white (OpenSlide's alpha is not premultiplied)."""
+    alpha = rgba[..., 3]
+    rgb = rgba[..., :3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha.astype(np.uint16)[..., None]
+    blended = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return blended.astype(np.uint8)
+
+
+class WsiReader:
+    """A validated OpenSlide handle; usable from several threads at once for read_region."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        slide_id: str | None = None,
+        mpp_override: float | None = None,
+    ) -> None:
+        self.path = Path(path)
+        sid = slide_id if slide_id is not None else self.path.stem
+        self._slide: openslide.OpenSlide | None = None
+        self._check_file(sid)
+        try:
+            slide = openslide.OpenSlide(str(self.path))
+        except openslide.OpenSlideUnsupportedFormatError as exc:
+            raise SlideOpenError(
+                sid, f"{self.path} is not a slide format OpenSlide can read ({exc})"
+            ) from exc
+        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            raise SlideOpenError(
+                sid, f"OpenSlide cannot open {self.path}: {exc} (corrupt, truncated or unsupported)"
+            ) from exc
+        self._slide = slide
+        try:
+            self.info = self._describe(slide, sid, mpp_override)
+            self._probe(sid)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_file(self, sid: str) -> None:
+        if not self.path.exists():
+            raise SlideOpenError(sid, f"file not found: {self.path}")
+        if not self.path.is_file():
+            raise SlideOpenError(sid, f"not a regular file: {self.path}")
+        if self.path.stat().st_size == 0:
+            raise SlideOpenError(sid, f"file is empty (0 bytes): {self.path}")
+
+    def _describe(
+        self, slide: openslide.OpenSlide, sid: str, mpp_override: float | None
+    ) -> SlideInfo:
+        try:
+            dims = tuple((int(w), int(h)) for w, h in slide.level_dimensions)
+            downsamples = tuple(float(d) for d in slide.level_downsamples)
+            properties = dict(slide.properties)
+        except (openslide.OpenSlideError, OSError) as exc:
+            raise SlideOpenError(sid, f"cannot read the pyramid of {self.path}: {exc}") from exc
+        if not dims:
+            raise SlideOpenError(sid, f"{self.path} has no pyramid levels")
+        width, height = dims[0]
+        if not (0 < width <= MAX_SIDE_PX and 0 < height <= MAX_SIDE_PX):
+            raise SlideOpenError(
+                sid,
+                f"declared size {width}x{height} px is outside 1..{MAX_SIDE_PX} px per side "
+                "(corrupt header?)",
+            )
+        if any(w <= 0 or h <= 0 for w, h in dims) or any(
+            not math.isfinite(d) or d <= 0 for d in downsamples
+        ):
+            raise SlideOpenError(sid, f"{self.path} declares an empty or invalid pyramid level")
+        mpp, source = resolve_mpp(properties, mpp_override, sid)
+        return SlideInfo(
+            path=self.path,
+            slide_id=sid,
+            vendor=properties.get("openslide.vendor"),
+            dimensions=(width, height),
+            level_dimensions=dims,
+            level_downsamples=downsamples,
+            mpp=mpp,
+            mpp_source=source,
+            objective_power=_positive_float(properties.get(OBJECTIVE_POWER)),
+        )
+
+    def _probe(self, sid: str) -> None:
+        """Decode the last tile of the finest and coarsest level: truncation shows up there."""
+        for level in {0, self.info.level_count - 1}:
+            w, h = self.info.level_dimensions[level]
+            ds = self.info.level_downsamples[level]
+            location = (int((w - 1) * ds), int((h - 1) * ds))
+            try:
+                self.read_region(location, level, (1, 1))
+            except SlideReadError as exc:
+                raise SlideOpenError(
+                    sid, f"{self.path} opens but its image data cannot be decoded: {exc.reason}"
+                ) from exc
+
+    @property
+    def slide(self) -> openslide.OpenSlide:
+        if self._slide is None:
+            raise SlideReadError(self.info.slide_id, "the slide has been closed")
+        return self._slide
+
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> np.ndarray:
+        """H×W×3 uint8 RGB of ``size`` px at ``level``, top-left at level-0 ``location``."""
+        sid = self.info.slide_id
+        if not 0 <= level < self.info.level_count:
+            raise SlideReadError(sid, f"level {level} does not exist ({self.info.level_count})")
+        width, height = int(size[0]), int(size[1])
+        if width <= 0 or height <= 0:
+            raise SlideReadError(sid, f"region size must be positive, got {size}")
+        try:
+            image = self.slide.read_region((int(location[0]), int(location[1])), level, size)
+            rgba = np.asarray(image)
+        except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            raise SlideReadError(
+                sid, f"cannot decode region {size} at {location}, level {level}: {exc}"
+            ) from exc
+        return _composite_on_white(rgba)
+
+    def close(self) -> None:
+        if self._slide is not None:
+            self._slide.close()
+            self._slide = None
+
+    def __enter__(self) -> WsiReader:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
