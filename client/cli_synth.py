@@ -97,6 +97,8 @@ def cmd_demo(
     from client.progress import RichPrepareEvents, summary_line, summary_table
     from common.configio import build_config
 
+    if args.tissue_preset is None:
+        args.tissue_preset = "biopsy"  # synthetic slides are biopsy-sized (a few mm² of tissue)
     cfg = build_config(PrepareConfig, args.config, prepare_overrides(args))
     out: Path = args.out
     stage_seconds: dict[str, float] = {}

@@ -196,12 +196,7 @@ def _prepare_slide(
                     cfg.tissue.min_tissue_fraction,
                 )
             if grid.coords.shape[0] == 0:
-                raise EmptyTissueError(
-                    row.slide_id,
-                    "no patch has enough tissue "
-                    f"(≥ {cfg.tissue.min_tissue_fraction:.0%} of its area); check the QC "
-                    "thumbnail, or lower tissue.min_tissue_fraction / saturation_threshold",
-                )
+                raise EmptyTissueError(row.slide_id, _empty_tissue_reason(mask.mask, cfg))
             labels: np.ndarray | None = None
             fraction: np.ndarray | None = None
             if row.annotation is not None:
@@ -291,6 +286,23 @@ def _prepare_slide(
         seconds={k: round(v, 4) for k, v in seconds.items()},
         mpp=info.mpp,
         mpp_source=info.mpp_source,
+    )
+
+
+def _empty_tissue_reason(mask: np.ndarray, cfg: PrepareConfig) -> str:
+    """Say which threshold emptied the slide, and the setting that would change it."""
+    tissue = cfg.tissue
+    if not mask.any():
+        min_area_mpx = tissue.min_tissue_area * 512 * 512 / 1e6
+        return (
+            "no tissue found: no region has saturation above "
+            f"{tissue.saturation_threshold}, or every fragment is smaller than min_tissue_area "
+            f"(a_t={tissue.min_tissue_area:g}, i.e. {min_area_mpx:.1f} Mpx at level 0); for "
+            "small biopsies use --tissue-preset biopsy"
+        )
+    return (
+        f"tissue found, but no {cfg.resolution.patch_size} px patch is at least "
+        f"{tissue.min_tissue_fraction:.0%} tissue; lower tissue.min_tissue_fraction"
     )
 
 
