@@ -1,0 +1,64 @@
+"""Golden output of the client pipeline on a tiny fixed generated slide (hs2p style).
+
+Any change to synthesis, OpenSlide reading, tissue segmentation or patching that moves a patch
+or changes the mask shows up here. If a change is intended, regenerate with
+``FEDPATH_UPDATE_GOLDEN=1 .venv/bin/pytest tests/test_golden.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.config import PrepareConfig, TissueConfig
+from client.wsi.patching import patch_grid
+from client.wsi.reader import WsiReader
+from client.wsi.resolution import plan_read
+from client.wsi.synthetic import SynthSlideConfig, generate_slide
+from client.wsi.tissue import tissue_mask_for_slide
+
+GOLDEN = Path(__file__).parent / "golden" / "tiny_slide.json"
+SLIDE = SynthSlideConfig(width_px=2048, height_px=1536, tumour_fraction=0.3)
+SEED = 1234
+
+
+def _pipeline_output(tmp_path: Path) -> dict[str, object]:
+    cfg = PrepareConfig(tissue=TissueConfig.preset("biopsy"))
+    slide = generate_slide(tmp_path, "golden", SLIDE, SEED)
+    with WsiReader(slide.slide_path) as reader:
+        info = reader.info
+        plan = plan_read(info.mpp, info.level_downsamples, cfg.resolution)
+        mask = tissue_mask_for_slide(reader, cfg.tissue)
+        grid = patch_grid(
+            mask, info.dimensions, plan.patch_size_level0, plan.step_level0,
+            cfg.tissue.min_tissue_fraction,
+        )
+    return {
+        "dimensions": list(info.dimensions),
+        "level_downsamples": list(info.level_downsamples),
+        "mpp": info.mpp,
+        "mask_downsample": list(mask.downsample),
+        "mask_rows": ["".join("#" if v else "." for v in row) for row in mask.mask],
+        "coords": grid.coords.tolist(),
+        "tissue_fraction": np.round(grid.tissue_fraction, 4).tolist(),
+    }
+
+
+def test_tiny_slide_matches_golden(tmp_path: Path) -> None:
+    got = _pipeline_output(tmp_path)
+    if os.environ.get("FEDPATH_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    if not GOLDEN.exists():
+        pytest.fail(f"{GOLDEN} is missing; create it with FEDPATH_UPDATE_GOLDEN=1")
+    want = json.loads(GOLDEN.read_text())
+    assert got["dimensions"] == want["dimensions"]
+    assert got["level_downsamples"] == want["level_downsamples"]
+    assert got["mask_rows"] == want["mask_rows"]
+    assert got["coords"] == want["coords"]
+    np.testing.assert_allclose(got["tissue_fraction"], want["tissue_fraction"], atol=1e-4)
+    assert len(want["coords"]) > 10  # the golden slide must exercise patching at all
