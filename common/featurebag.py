@@ -57,7 +57,7 @@ class FeatureBag:
         return int(self.features.shape[1])
 
 
-def _attr_value(value: Any) -> Any:
+def plain_value(value: Any) -> Any:
     """h5py returns bytes / numpy scalars; normalise to plain Python for comparisons and JSON."""
     if isinstance(value, bytes):
         return value.decode("utf-8")
@@ -72,7 +72,7 @@ def read_attrs(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read only a bag's attributes (cheap: used by resume checks and harmonisation)."""
     try:
         with h5py.File(path, "r") as fh:
-            return {k: _attr_value(v) for k, v in fh.attrs.items()}
+            return {k: plain_value(v) for k, v in fh.attrs.items()}
     except (OSError, KeyError) as exc:
         raise FeatureBagError(str(path), f"cannot be read as HDF5 ({exc})") from exc
 
@@ -87,7 +87,7 @@ def read_feature_bag(path: str | os.PathLike[str], *, validate: bool = True) -> 
             coords = fh["coords"][()]
             labels = fh["patch_labels"][()] if "patch_labels" in fh else None
             fraction = fh["tumour_fraction"][()] if "tumour_fraction" in fh else None
-            attrs = {k: _attr_value(v) for k, v in fh.attrs.items()}
+            attrs = {k: plain_value(v) for k, v in fh.attrs.items()}
     except FeatureBagError:
         raise
     except (OSError, KeyError, ValueError) as exc:

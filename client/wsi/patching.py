@@ -38,6 +38,7 @@ from client.wsi.tissue import TissueMask
 from common import __version__
 from common.atomic import atomic_path
 from common.errors import FeatureBagError
+from common.featurebag import plain_value
 
 _FRACTION_EPS = 1e-9
 """Slack when comparing fractions to the threshold: exact ties must not be lost to rounding."""
@@ -207,16 +208,6 @@ def write_coords_h5(path: Path, grid: PatchGrid, plan: ReadPlan, info: SlideInfo
             fh.attrs[key] = value
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
 def read_coords_h5(path: Path) -> tuple[PatchGrid, dict[str, Any]]:
     """Read a coordinate file written here or by CLAM/TRIDENT (attributes on ``coords``).
 
@@ -228,8 +219,8 @@ def read_coords_h5(path: Path) -> tuple[PatchGrid, dict[str, Any]]:
             if "coords" not in fh:
                 raise FeatureBagError(str(path), "has no 'coords' dataset")
             coords = np.asarray(fh["coords"][()])
-            attrs = {k: _plain(v) for k, v in fh.attrs.items()}
-            attrs.update({k: _plain(v) for k, v in fh["coords"].attrs.items()})
+            attrs = {k: plain_value(v) for k, v in fh.attrs.items()}
+            attrs.update({k: plain_value(v) for k, v in fh["coords"].attrs.items()})
             fraction = (
                 np.asarray(fh["tissue_fraction"][()], dtype=np.float32)
                 if "tissue_fraction" in fh

@@ -80,7 +80,26 @@ def _check_bank(value: int) -> int:
     return value
 
 
-class SynthSlideConfig(StrictModel):
+class SynthRenderSettings(StrictModel):
+    """How slides are rendered and stored; shared by single-slide and cohort configs."""
+
+    mask_downsample: int = Field(16, description="level-0 px per ground-truth mask px")
+    bank_size: int = Field(1024, ge=TILE, le=8192, description="texture bank side, px")
+    jpeg_quality: int = Field(85, ge=30, le=100)
+    workers: int = Field(2, ge=1, le=64, description="render threads (output does not depend)")
+
+    @field_validator("mask_downsample")
+    @classmethod
+    def _valid_downsample(cls, value: int) -> int:
+        return _check_downsample(value)
+
+    @field_validator("bank_size")
+    @classmethod
+    def _valid_bank(cls, value: int) -> int:
+        return _check_bank(value)
+
+
+class SynthSlideConfig(SynthRenderSettings):
     """One synthetic slide: size, resolution, tissue and tumour geometry, stain, file options."""
 
     width_px: int = Field(8192, ge=256, le=250_000, description="level-0 width")
@@ -114,25 +133,11 @@ class SynthSlideConfig(StrictModel):
     stain: StainConfig = Field(
         default_factory=StainConfig, description="stain protocol or a preset name"
     )
-    mask_downsample: int = Field(16, description="level-0 px per ground-truth mask px")
-    bank_size: int = Field(1024, ge=TILE, le=8192, description="texture bank side, px")
-    jpeg_quality: int = Field(85, ge=30, le=100)
-    workers: int = Field(2, ge=1, le=64, description="render threads (output does not depend)")
 
     @field_validator("stain", mode="before")
     @classmethod
     def _resolve_stain(cls, value: Any) -> Any:
         return _stain(value)
-
-    @field_validator("mask_downsample")
-    @classmethod
-    def _valid_downsample(cls, value: int) -> int:
-        return _check_downsample(value)
-
-    @field_validator("bank_size")
-    @classmethod
-    def _valid_bank(cls, value: int) -> int:
-        return _check_bank(value)
 
     @property
     def resolved_objective(self) -> float:
@@ -344,24 +349,10 @@ DEFAULT_SITES: tuple[SynthSiteConfig, ...] = (
 own stain protocol. About 150-300 patches of 256 px at 0.5 µm/px per slide."""
 
 
-class SynthCohortConfig(StrictModel):
+class SynthCohortConfig(SynthRenderSettings):
     """A multi-site synthetic cohort; settings below the site list apply to every slide."""
 
     sites: tuple[SynthSiteConfig, ...] = DEFAULT_SITES
-    mask_downsample: int = Field(16, description="level-0 px per ground-truth mask px")
-    bank_size: int = Field(1024, ge=TILE, le=8192, description="texture bank side, px")
-    jpeg_quality: int = Field(85, ge=30, le=100)
-    workers: int = Field(2, ge=1, le=64, description="render threads (output does not depend)")
-
-    @field_validator("mask_downsample")
-    @classmethod
-    def _valid_downsample(cls, value: int) -> int:
-        return _check_downsample(value)
-
-    @field_validator("bank_size")
-    @classmethod
-    def _valid_bank(cls, value: int) -> int:
-        return _check_bank(value)
 
     @model_validator(mode="after")
     def _unique_sites(self) -> SynthCohortConfig:
