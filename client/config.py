@@ -139,6 +139,14 @@ class EmbeddingConfig(StrictModel):
     min_bf16_cosine: float = Field(0.999, gt=0, le=1)
     feature_dtype: Literal["float32", "float16"] = "float32"
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads (default: all)")
+    jit: bool = Field(
+        True,
+        description=(
+            "trace and freeze the encoder (TorchScript with oneDNN graph fusion) before "
+            "extraction: about 1.5-2x faster on CPU after a few seconds of warm-up per process; "
+            "falls back to eager PyTorch when the model cannot be traced faithfully"
+        ),
+    )
 
 
 class PrepareConfig(StrictModel):
