@@ -26,7 +26,7 @@ def test_design_defaults() -> None:
     assert cfg.tissue.saturation_threshold == 8 and cfg.tissue.closing_px == 4
     assert cfg.tissue.min_tissue_area == 100 and cfg.tissue.max_hole_area == 16
     assert cfg.tissue.min_tissue_fraction == 0.25
-    assert cfg.embedding.encoder == "efficientnet_lite0" and cfg.embedding.batch_size == 64
+    assert cfg.embedding.encoder == "efficientnet_lite0" and cfg.embedding.batch_size == 8
     assert TissueConfig.preset("biopsy").min_tissue_area == 1
 
 

@@ -180,9 +180,9 @@ def _prepare_slide(
     stage = "open"
     written: list[Path] = []
     try:
-        with _timed(seconds, "open"), WsiReader(
-            row.path, slide_id=row.slide_id, mpp_override=row.mpp
-        ) as reader:
+        with _timed(seconds, "open"):
+            reader = WsiReader(row.path, slide_id=row.slide_id, mpp_override=row.mpp)
+        with reader:
             info = reader.info
             stage = "tissue"
             with _timed(seconds, "tissue"):
