@@ -27,31 +27,13 @@ from client.embed.registry import LoadedEncoder, load_encoder
 from client.wsi.reader import WsiReader
 from client.wsi.resolution import ReadPlan, plan_read
 from common.errors import SlideReadError
+from tests.tiffs import write_pyramid as _write_pyramid
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TILES = DATA / "tiles" / "nct-crc-he"
 CMU = DATA / "slides" / "cmu-1-small-region.svs"
-
-
-def _write_pyramid(path: Path, rgb: np.ndarray, mpp: float = 0.5, levels: int = 3) -> Path:
-    """Tiled pyramidal TIFF, one top-level page per level, reduced levels flagged (OpenSlide)."""
-    with tifffile.TiffWriter(path) as tw:
-        level = rgb
-        for index in range(levels):
-            px_per_cm = 1e4 / (mpp * 2**index)
-            tw.write(
-                level,
-                tile=(256, 256),
-                compression="zlib",
-                photometric="rgb",
-                subfiletype=1 if index else 0,
-                resolution=(px_per_cm, px_per_cm),
-                resolutionunit="CENTIMETER",
-            )
-            level = np.ascontiguousarray(level[::2, ::2])
-    return path
 
 
 def _textured_image(height: int = 1024, width: int = 1536) -> np.ndarray:

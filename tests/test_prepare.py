@@ -20,6 +20,7 @@ from client.prepare.pipeline import prepare_site
 from client.wsi.synthetic import SynthSlide, SynthSlideConfig, generate_slide
 from common.atomic import TMP_PREFIX
 from common.featurebag import read_feature_bag
+from tests.tiffs import write_pyramid
 
 pytestmark = pytest.mark.integration
 
@@ -170,15 +171,10 @@ def test_resume_skips_finished_slides_and_redoes_changed_ones(
 
 
 def _blank_tiff(path: Path) -> None:
-    import tifffile
-
-    white = np.full((1024, 1024, 3), 245, np.uint8)
-    with tifffile.TiffWriter(path) as tif:
-        tif.write(
-            white, tile=(256, 256), photometric="rgb", compression="jpeg",
-            resolution=(20000.0, 20000.0), resolutionunit="CENTIMETER",
-            description="Aperio Image Library v10.0.0\n1024x1024 |AppMag = 20|MPP = 0.5",
-        )
+    write_pyramid(
+        path, np.full((1024, 1024, 3), 245, np.uint8), levels=1, compression="jpeg",
+        description="Aperio Image Library v10.0.0\n1024x1024 |AppMag = 20|MPP = 0.5",
+    )
 
 
 def test_bad_slides_are_reported_skipped_and_leave_nothing(

@@ -13,36 +13,11 @@ import tifffile
 from client.wsi import reader as reader_module
 from client.wsi.reader import WsiReader, _composite_on_white, resolve_mpp
 from common.errors import MissingMppError, SlideOpenError, SlideReadError
+from tests.tiffs import write_pyramid
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CMU = DATA / "slides" / "cmu-1-small-region.svs"
 TCGA = DATA / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
-
-
-def write_pyramid(
-    path: Path,
-    rgb: np.ndarray,
-    *,
-    mpp: float | None = 0.5,
-    levels: int = 3,
-    compression: str = "zlib",
-    tile: tuple[int, int] | None = (256, 256),
-) -> Path:
-    """A tiled pyramidal TIFF in the layout OpenSlide accepts (one page per level)."""
-    with tifffile.TiffWriter(path) as tw:
-        level = rgb
-        for index in range(levels):
-            kwargs: dict[str, object] = {"compression": compression, "photometric": "rgb"}
-            if tile is not None:
-                kwargs["tile"] = tile
-            if index:
-                kwargs["subfiletype"] = 1
-            if mpp is not None:
-                px_per_cm = 1e4 / (mpp * 2**index)
-                kwargs.update(resolution=(px_per_cm, px_per_cm), resolutionunit="CENTIMETER")
-            tw.write(level, **kwargs)
-            level = level[::2, ::2]
-    return path
 
 
 def pattern_image(height: int = 1024, width: int = 1536) -> np.ndarray:

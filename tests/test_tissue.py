@@ -7,7 +7,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import tifffile
 
 from client.config import TissueConfig
 from client.wsi import tissue as tissue_module
@@ -18,6 +17,7 @@ from client.wsi.tissue import (
     segment_tissue,
     tissue_mask_for_slide,
 )
+from tests.tiffs import write_pyramid
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TILES = DATA / "tiles" / "histolab"
@@ -27,24 +27,6 @@ GLASS = (245, 245, 245)
 STAIN = (220, 120, 180)
 # Only the area filters act: no blur, no closing, so pixel counts are exact.
 RAW = {"median_kernel": 1, "closing_px": 0}
-
-
-def write_pyramid(path: Path, rgb: np.ndarray, levels: int = 1, mpp: float = 0.5) -> Path:
-    with tifffile.TiffWriter(path) as tw:
-        level = rgb
-        for index in range(levels):
-            px_per_cm = 1e4 / (mpp * 2**index)
-            tw.write(
-                level,
-                tile=(256, 256),
-                compression="zstd",
-                photometric="rgb",
-                subfiletype=1 if index else 0,
-                resolution=(px_per_cm, px_per_cm),
-                resolutionunit="CENTIMETER",
-            )
-            level = np.ascontiguousarray(level[::2, ::2])
-    return path
 
 
 def canvas(height: int, width: int) -> np.ndarray:
@@ -282,7 +264,7 @@ def test_strip_reading_equals_one_read(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_dimensions_not_multiple_of_factor_are_padded_with_glass(tmp_path: Path) -> None:
     rgb = np.full((700, 1000, 3), STAIN, dtype=np.uint8)
-    path = write_pyramid(tmp_path / "odd.tif", rgb)
+    path = write_pyramid(tmp_path / "odd.tif", rgb, levels=1)
     with WsiReader(path) as reader:
         result = tissue_mask_for_slide(reader, TissueConfig(min_tissue_area=0, max_hole_area=0))
     assert result.mask.shape == (11, 16)  # ceil(700/64), ceil(1000/64)
