@@ -177,6 +177,25 @@ def _blank_tiff(path: Path) -> None:
     )
 
 
+def _tiff_with_corrupt_tile(path: Path) -> None:
+    """A slide that opens (first and last tiles fine) but has one undecodable tile inside."""
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    image = np.full((1024, 1024, 3), 240, np.uint8)
+    image[128:900, 100:950] = (200, 80, 170)
+    image = (image + rng.integers(0, 20, image.shape)).astype(np.uint8)
+    write_pyramid(
+        path, image, levels=2, compression="jpeg",
+        description="Aperio Image Library v10.0.0\n1024x1024 |AppMag = 20|MPP = 0.5",
+    )
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[5], tif.pages[0].databytecounts[5]
+    data = bytearray(path.read_bytes())
+    data[offset : offset + count] = bytes(count)
+    path.write_bytes(bytes(data))
+
+
 def test_bad_slides_are_reported_skipped_and_leave_nothing(
     site: dict[str, SynthSlide], tmp_path: Path
 ) -> None:
@@ -188,6 +207,7 @@ def test_bad_slides_are_reported_skipped_and_leave_nothing(
     data = site["normal"].slide_path.read_bytes()
     (bad / "truncated.tiff").write_bytes(data[: len(data) // 3])
     _blank_tiff(bad / "blank.tiff")
+    _tiff_with_corrupt_tile(bad / "corrupt_tile.tiff")
     no_mpp = _slide(bad, "no_mpp", 5, write_mpp=False, write_objective=False)
     (bad / "broken.geojson").write_text('{"type": "FeatureCollection", "features": [')
     rows = [
@@ -195,6 +215,7 @@ def test_bad_slides_are_reported_skipped_and_leave_nothing(
         {"slide_id": "text", "path": "bad/text.svs", "label": "normal"},
         {"slide_id": "truncated", "path": "bad/truncated.tiff", "label": "normal"},
         {"slide_id": "blank", "path": "bad/blank.tiff", "label": "normal"},
+        {"slide_id": "corrupt_tile", "path": "bad/corrupt_tile.tiff", "label": "normal"},
         {"slide_id": "no_mpp", "path": str(no_mpp.slide_path.relative_to(root)), "label": "normal"},
         {
             "slide_id": "no_mpp_override",
@@ -216,12 +237,13 @@ def test_bad_slides_are_reported_skipped_and_leave_nothing(
     states = {r.slide_id: (r.state, r.stage, r.reason or "") for r in summary.records}
     assert states["normal"][0] == "done"
     assert states["no_mpp_override"][0] == "done"
-    assert summary.records[5].mpp_source == "override"
+    assert summary.records[6].mpp_source == "override"
     expected = {
         "empty": ("open", "empty"),
         "text": ("open", ""),
         "truncated": ("open", ""),
         "blank": ("tissue", "no tissue found"),
+        "corrupt_tile": ("embedding", "cannot decode region"),
         "no_mpp": ("open", "mpp"),
         "broken_annotation": ("annotation", ""),
     }
@@ -236,7 +258,7 @@ def test_bad_slides_are_reported_skipped_and_leave_nothing(
         status = json.loads((out / "status" / f"{slide_id}.json").read_text())
         assert status["state"] == "failed" and status["reason"] == reason
     site_json = json.loads((out / "site.json").read_text())
-    assert site_json["slides"]["usable"] == 2 and site_json["slides"]["failed"] == 6
+    assert site_json["slides"]["usable"] == 2 and site_json["slides"]["failed"] == 7
     assert not list(out.rglob(f"{TMP_PREFIX}*"))
 
 
