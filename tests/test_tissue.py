@@ -285,3 +285,14 @@ def test_real_single_level_slide() -> None:
     assert 0.2 < biopsy.mask.mean() < 0.6
     # The whole region (6.6 M px) is smaller than a_t = 100·512² (26 M px): CLAM drops it too.
     assert not default.mask.any()
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7, 9])
+def test_majority_vote_equals_median_blur_then_threshold(kernel: int) -> None:
+    """The fast path must give exactly CLAM's medianBlur + threshold, borders included."""
+    rng = np.random.default_rng(kernel)
+    channel = rng.integers(0, 20, size=(97, 131), dtype=np.uint8)
+    channel[20:60, 30:90] += 10  # a region straddling the threshold
+    expected = cv2.medianBlur(channel, kernel) if kernel > 1 else channel
+    fast = tissue_module._median_then_threshold(channel, kernel, 8)
+    np.testing.assert_array_equal(fast, (expected > 8).astype(np.uint8))

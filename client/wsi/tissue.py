@@ -72,6 +72,23 @@ def _close(mask: np.ndarray, size: int) -> np.ndarray:
     return cv2.erode(dilated, kernel, anchor=(mirrored, mirrored))
 
 
+def _median_then_threshold(channel: np.ndarray, kernel: int, threshold: int) -> np.ndarray:
+    """``medianBlur(channel, kernel) > threshold`` as uint8 0/1, computed as a majority vote.
+
+    Thresholding commutes with the median (the median exceeds t exactly when more than half
+    of the window does), so counting above-threshold pixels with a box filter gives the same
+    mask as CLAM's median blur followed by the threshold, bit for bit (same replicated
+    border), without the O(k²) histogram median: ~35 ms → ~1 ms on a 1200×900 thumbnail.
+    """
+    above = (channel > threshold).astype(np.uint8)
+    if kernel <= 1:
+        return above
+    counts = cv2.boxFilter(
+        above, cv2.CV_16U, (kernel, kernel), normalize=False, borderType=cv2.BORDER_REPLICATE
+    )
+    return (counts > (kernel * kernel) // 2).astype(np.uint8)
+
+
 def _drop_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray:
     if min_area_px <= 1:
         return mask
@@ -109,13 +126,14 @@ def segment_tissue(rgb: np.ndarray, downsample: float, cfg: TissueConfig) -> np.
     if rgb.shape[0] == 0 or rgb.shape[1] == 0:
         return np.zeros(rgb.shape[:2], dtype=bool)
     saturation = cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2HSV)[..., 1]
-    if cfg.median_kernel > 1:
-        saturation = cv2.medianBlur(saturation, cfg.median_kernel)
-    threshold = float(cfg.saturation_threshold)
     if cfg.use_otsu:
+        if cfg.median_kernel > 1:
+            saturation = cv2.medianBlur(saturation, cfg.median_kernel)
         otsu, _ = cv2.threshold(saturation, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        threshold = max(threshold, float(otsu))
-    mask = (saturation > threshold).astype(np.uint8)
+        threshold = max(float(cfg.saturation_threshold), float(otsu))
+        mask = (saturation > threshold).astype(np.uint8)
+    else:
+        mask = _median_then_threshold(saturation, cfg.median_kernel, cfg.saturation_threshold)
     if cfg.closing_px > 1:
         mask = _close(mask, cfg.closing_px)
     px_per_ref_area = REF_PATCH_AREA_LEVEL0 / (downsample * downsample)
