@@ -137,3 +137,30 @@ def test_geojson_one_feature_per_component_and_degenerate_pixels() -> None:
 def test_geojson_empty_mask() -> None:
     collection = tissue_contours_geojson(make_mask(np.zeros((5, 5), dtype=bool)))
     assert collection == {"type": "FeatureCollection", "features": []}
+
+
+def test_small_specimen_gets_a_sharper_background(tmp_path: Path) -> None:
+    """A biopsy's 64x thumbnail is a few dozen px: QC reads a finer level instead."""
+    from client.config import TissueConfig
+    from client.wsi.qc import QC_MIN_SIDE, _canvas_scale, qc_background
+    from client.wsi.reader import WsiReader
+    from client.wsi.tissue import tissue_mask_for_slide
+    from tests.tiffs import write_pyramid
+
+    rgb = np.full((2048, 3072, 3), 240, np.uint8)
+    rgb[512:1536, 768:2304] = (190, 90, 170)
+    path = write_pyramid(tmp_path / "biopsy.tif", rgb, levels=3)
+    with WsiReader(path) as reader:
+        mask = tissue_mask_for_slide(reader, TissueConfig.preset("biopsy"))
+        background = qc_background(reader, mask)
+        assert background is not None
+        image, (dx, dy) = background
+        assert dx == dy and dx < mask.downsample[0]
+        assert max(image.shape[:2]) >= QC_MIN_SIDE // 2
+        assert image[image.shape[0] // 2, image.shape[1] // 2].tolist() == [190, 90, 170]
+        grid = patch_grid(mask, reader.info.dimensions, 256, 256, 0.25)
+        assert len(grid) > 0
+        sharp = render_qc_image(mask, grid, title="b", background=background)
+        # Drawn on the background's own pixels (no block upscaling of the 64x thumbnail).
+        scale = _canvas_scale(*image.shape[:2])
+        assert sharp.shape[1] == round(image.shape[1] * scale)

@@ -38,7 +38,7 @@ from client.prepare.records import (
 )
 from client.wsi.annotations import load_annotation, patch_labels, tumour_fraction
 from client.wsi.patching import patch_grid, write_coords_h5
-from client.wsi.qc import render_qc_png, tissue_contours_geojson
+from client.wsi.qc import qc_background, render_qc_png, tissue_contours_geojson
 from client.wsi.reader import WsiReader
 from client.wsi.resolution import plan_read
 from client.wsi.tissue import tissue_mask_for_slide
@@ -267,6 +267,7 @@ def _prepare_slide(
                         grid,
                         title=f"{row.slide_id} ({row.label}) - {grid.coords.shape[0]} patches",
                         patch_labels=labels,
+                        background=qc_background(reader, mask),
                     )
                     written.append(layout.qc(row.slide_id))
                     atomic_write_json(layout.contours(row.slide_id), tissue_contours_geojson(mask))

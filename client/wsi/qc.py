@@ -21,7 +21,8 @@ import cv2
 import numpy as np
 
 from client.wsi.patching import PatchGrid
-from client.wsi.tissue import TissueMask
+from client.wsi.reader import WsiReader
+from client.wsi.tissue import TissueMask, choose_segmentation_level, read_thumbnail
 from common.atomic import atomic_write_bytes
 from common.errors import FedpathError
 
@@ -53,9 +54,11 @@ def _canvas_scale(height: int, width: int) -> float:
     return 1.0
 
 
-def _patch_rectangles(grid: PatchGrid, mask: TissueMask, scale: float) -> np.ndarray:
-    """N×4×2 int32 corners of each patch on the canvas."""
-    dx, dy = mask.downsample
+def _patch_rectangles(
+    grid: PatchGrid, downsample: tuple[float, float], scale: float
+) -> np.ndarray:
+    """N×4×2 int32 corners of each patch on the canvas (``downsample``: level-0 px per px)."""
+    dx, dy = downsample
     x0 = grid.coords[:, 0] / dx * scale
     y0 = grid.coords[:, 1] / dy * scale
     x1 = (grid.coords[:, 0] + grid.patch_size_level0) / dx * scale
@@ -83,18 +86,22 @@ def render_qc_image(
     *,
     title: str,
     patch_labels: np.ndarray | None = None,
+    background: tuple[np.ndarray, tuple[float, float]] | None = None,
 ) -> np.ndarray:
-    """The QC picture as an H×W×3 uint8 RGB array (what ``render_qc_png`` encodes)."""
+    """The QC picture as an H×W×3 uint8 RGB array (what ``render_qc_png`` encodes).
+
+    ``background`` is a sharper RGB picture of the slide with its level-0 px per pixel
+    (see :func:`qc_background`); by default the segmentation thumbnail is used.
+    """
     if patch_labels is not None and patch_labels.shape != (len(grid),):
         raise ValueError(f"patch_labels has shape {patch_labels.shape}, expected ({len(grid)},)")
-    height, width = mask.mask.shape
+    base, base_ds = (mask.thumbnail, mask.downsample) if background is None else background
+    height, width = base.shape[:2]
     scale = _canvas_scale(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     interpolation = cv2.INTER_NEAREST if scale > 1 else cv2.INTER_AREA
-    image = cv2.resize(
-        cv2.cvtColor(mask.thumbnail, cv2.COLOR_RGB2BGR), size, interpolation=interpolation
-    )
-    rects = _patch_rectangles(grid, mask, scale)
+    image = cv2.resize(cv2.cvtColor(base, cv2.COLOR_RGB2BGR), size, interpolation=interpolation)
+    rects = _patch_rectangles(grid, base_ds, scale)
     if len(grid):
         groups: list[tuple[np.ndarray, tuple[int, int, int]]]
         if patch_labels is None:
@@ -112,7 +119,15 @@ def render_qc_image(
         for group, colour in groups:
             if len(group):
                 cv2.polylines(image, list(group), True, colour, thickness)
-    big = cv2.resize(mask.mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+    # The mask covers level-0 (0, 0) to (mask px × its downsample): map it onto the canvas.
+    outline_size = (
+        max(1, round(mask.mask.shape[1] * mask.downsample[0] / base_ds[0] * scale)),
+        max(1, round(mask.mask.shape[0] * mask.downsample[1] / base_ds[1] * scale)),
+    )
+    big = np.zeros((size[1], size[0]), dtype=np.uint8)
+    resized = cv2.resize(mask.mask.astype(np.uint8), outline_size, interpolation=cv2.INTER_NEAREST)
+    rows, cols = min(size[1], resized.shape[0]), min(size[0], resized.shape[1])
+    big[:rows, :cols] = resized[:rows, :cols]
     contours, _ = cv2.findContours(big, cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(image, contours, -1, TISSUE_OUTLINE, max(2, round(size[0] / 500)))
     return cv2.cvtColor(_with_banner(image, title, grid, patch_labels), cv2.COLOR_BGR2RGB)
@@ -142,13 +157,35 @@ def render_qc_png(
     *,
     title: str,
     patch_labels: np.ndarray | None = None,
+    background: tuple[np.ndarray, tuple[float, float]] | None = None,
 ) -> None:
     """Write the QC picture (thumbnail, tissue outline, patch grid, title) as a PNG, atomically."""
-    rgb = render_qc_image(mask, grid, title=title, patch_labels=patch_labels)
+    rgb = render_qc_image(
+        mask, grid, title=title, patch_labels=patch_labels, background=background
+    )
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise FedpathError(f"QC image {path}: OpenCV could not encode it as PNG")
     atomic_write_bytes(path, encoded.tobytes())
+
+
+def qc_background(
+    reader: WsiReader, mask: TissueMask
+) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """A thumbnail sharp enough for a pathologist to judge the tissue outline, or None.
+
+    The segmentation thumbnail (~64× downsample) is plenty for a resection; for a small
+    specimen it is a few dozen pixels wide and would be shown as blocks. Then a finer level
+    is read, sized to about ``QC_MIN_SIDE`` px on its long side.
+    """
+    if max(mask.thumbnail.shape[:2]) >= QC_MIN_SIDE:
+        return None
+    width, height = reader.info.dimensions
+    wanted = max(width, height) / QC_MIN_SIDE
+    level, factor = choose_segmentation_level(reader.info.level_downsamples, max(1.0, wanted))
+    image = read_thumbnail(reader, level, factor)
+    ds = reader.info.level_downsamples[level] * factor
+    return image, (ds, ds)
 
 
 def _ring_level0(points: np.ndarray, downsample: tuple[float, float]) -> list[list[float]]:
