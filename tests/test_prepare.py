@@ -296,3 +296,20 @@ def test_real_slides_with_and_without_mpp(tmp_path: Path) -> None:
     assert tcga.state == "done" and tcga.mpp_source == "override" and tcga.num_patches > 20
     bag = read_feature_bag(tmp_path / "out" / "features" / "tiny_cnn" / "tcga.h5")
     assert bag.attrs["patch_size_level0"] == 128  # 256 px at 0.5 µm/px = 128 px at 1 µm/px
+
+
+def test_asap_xml_and_geojson_give_the_same_patch_labels(
+    site: dict[str, SynthSlide], prepared: Path, tmp_path: Path
+) -> None:
+    slide = site["tumour_full"]
+    assert slide.asap_xml_path is not None
+    root = slide.slide_path.parents[1]
+    row = {**_row(slide, root), "annotation": str(slide.asap_xml_path.relative_to(root))}
+    summary = prepare_site(_manifest(root, [row]), tmp_path / "xml", TINY)
+    assert summary.records[0].state == "done"
+    from_xml = read_feature_bag(tmp_path / "xml" / "features" / "tiny_cnn" / "tumour_full.h5")
+    from_json = read_feature_bag(prepared / "features" / "tiny_cnn" / "tumour_full.h5")
+    assert from_xml.patch_labels is not None and from_json.patch_labels is not None
+    np.testing.assert_array_equal(from_xml.patch_labels, from_json.patch_labels)
+    assert from_xml.tumour_fraction is not None and from_json.tumour_fraction is not None
+    np.testing.assert_allclose(from_xml.tumour_fraction, from_json.tumour_fraction, atol=1e-3)
