@@ -52,3 +52,16 @@ def test_hashes(tmp_path: Path) -> None:
     assert sha256_file(path) == hashlib.sha256(data).hexdigest()
     assert sha256_json({"b": 1, "a": [1, 2]}) == sha256_json({"a": [1, 2], "b": 1})
     assert sha256_json({"a": 1}) != sha256_json({"a": 2})
+
+
+def test_directory_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    from common.locking import DirectoryLockedError, exclusive_directory
+
+    with (
+        exclusive_directory(tmp_path, "first"),
+        pytest.raises(DirectoryLockedError, match="in use by another fedpath process"),
+        exclusive_directory(tmp_path, "second"),
+    ):
+        pass
+    with exclusive_directory(tmp_path, "third"):
+        pass  # released when the first holder left

@@ -313,3 +313,18 @@ def test_asap_xml_and_geojson_give_the_same_patch_labels(
     np.testing.assert_array_equal(from_xml.patch_labels, from_json.patch_labels)
     assert from_xml.tumour_fraction is not None and from_json.tumour_fraction is not None
     np.testing.assert_allclose(from_xml.tumour_fraction, from_json.tumour_fraction, atol=1e-3)
+
+
+def test_second_prepare_on_the_same_directory_is_refused(
+    site: dict[str, SynthSlide], tmp_path: Path
+) -> None:
+    from common.locking import DirectoryLockedError, exclusive_directory
+
+    root = site["normal"].slide_path.parents[1]
+    manifest = _manifest(root, [_row(site["normal"], root)])
+    with (
+        exclusive_directory(tmp_path / "out", "another prepare"),
+        pytest.raises(DirectoryLockedError),
+    ):
+        prepare_site(manifest, tmp_path / "out", TINY)
+    assert not (tmp_path / "out" / "site.json").exists()

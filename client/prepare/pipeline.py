@@ -47,6 +47,7 @@ from common.atomic import atomic_write_json, atomic_write_text, remove_stale_tem
 from common.errors import EmptyTissueError, FedpathError
 from common.featurebag import FeatureBagWriter, read_attrs
 from common.hashing import sha256_file, sha256_json
+from common.locking import exclusive_directory
 
 SITE_FILE = "site.json"
 INDEX_FILE = "prepared.csv"
@@ -333,8 +334,20 @@ def prepare_site(
     sink: PrepareEvents = events if events is not None else SilentEvents()
     parsed = load_manifest(manifest, cfg.labels, slide_root=slide_root)
     out = Path(out_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out)
+    with exclusive_directory(out, "prepare"):
+        remove_stale_temporaries(out)
+        return _prepare_locked(parsed, out, cfg, sink, started, overwrite)
+
+
+def _prepare_locked(
+    parsed: Manifest,
+    out: Path,
+    cfg: PrepareConfig,
+    sink: PrepareEvents,
+    started: float,
+    overwrite: bool,
+) -> PrepareSummary:
+    """The body of ``prepare_site``, run while this process owns ``out``."""
 
     encoder = load_encoder(cfg.embedding.encoder, cfg.embedding.weights_path)
     precision, cosine = choose_precision(encoder, cfg.embedding)
