@@ -14,6 +14,14 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
@@ -70,9 +78,19 @@ def _generate_cohort(args: argparse.Namespace, out: Path, console: Console) -> l
 
     cfg = _cohort_config(args)
     total = sum(site.n_slides for site in cfg.sites)
-    with console.status(f"synthesising {len(cfg.sites)} sites, {total} slides ..."):
-        started = time.perf_counter()
-        site_dirs = generate_cohort(out, cfg, args.seed)
+    started = time.perf_counter()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task(f"synthesising {len(cfg.sites)} sites", total=total)
+        site_dirs = generate_cohort(
+            out, cfg, args.seed, on_slide=lambda slide: progress.advance(task)
+        )
     console.print(
         f"synthesised {total} slides in {len(site_dirs)} sites under {out} "
         f"in {time.perf_counter() - started:.1f} s"

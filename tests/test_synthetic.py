@@ -549,7 +549,14 @@ def cohort_dirs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Path]
         ),
         bank_size=256,
     )
-    yield generate_cohort(root, cfg, seed=3)
+    reported: list[str] = []
+    dirs = generate_cohort(
+        root, cfg, seed=3, on_slide=lambda slide: reported.append(slide.slide_id)
+    )
+    manifests = [d / "slides.csv" for d in dirs]
+    listed = [line.split(",")[0] for m in manifests for line in m.read_text().splitlines()[1:]]
+    assert reported == listed  # one progress callback per slide, in manifest order
+    yield dirs
 
 
 def test_cohort_manifests_have_exact_columns_and_label_shares(cohort_dirs: list[Path]) -> None:

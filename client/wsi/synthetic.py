@@ -24,6 +24,7 @@ import csv
 import io
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -450,15 +451,25 @@ def _remove_stale(site_dir: Path, keep: set[Path]) -> None:
                     path.unlink()
 
 
+SlideCallback = Callable[[SynthSlide], None]
+"""Called after each generated slide (progress display); library code stays silent."""
+
+
 def generate_site(
-    site_dir: Path, site: SynthSiteConfig, cohort: SynthCohortConfig, seed: int
+    site_dir: Path,
+    site: SynthSiteConfig,
+    cohort: SynthCohortConfig,
+    seed: int,
+    on_slide: SlideCallback | None = None,
 ) -> list[SynthSlide]:
     """Generate one site's slides, manifest (slides.csv) and ground_truth.csv."""
     site_dir = Path(site_dir)
-    slides = [
-        (plan, generate_slide(site_dir, plan.slide_id, plan.config, plan.seed))
-        for plan in plan_site(site, cohort, seed)
-    ]
+    slides = []
+    for plan in plan_site(site, cohort, seed):
+        slide = generate_slide(site_dir, plan.slide_id, plan.config, plan.seed)
+        slides.append((plan, slide))
+        if on_slide is not None:
+            on_slide(slide)
     manifest, truth = [], []
     keep: set[Path] = set()
     for plan, s in slides:
@@ -501,7 +512,9 @@ def generate_site(
     return [s for _, s in slides]
 
 
-def generate_cohort(out_dir: Path, cfg: SynthCohortConfig, seed: int) -> list[Path]:
+def generate_cohort(
+    out_dir: Path, cfg: SynthCohortConfig, seed: int, on_slide: SlideCallback | None = None
+) -> list[Path]:
     """Generate every site under ``out_dir/<site name>``; return the site directories.
 
     ``cohort.json`` records the config and seed, so the cohort can be regenerated exactly.
@@ -510,7 +523,7 @@ def generate_cohort(out_dir: Path, cfg: SynthCohortConfig, seed: int) -> list[Pa
     site_dirs = []
     for site in cfg.sites:
         site_dir = out_dir / site.name
-        generate_site(site_dir, site, cfg, seed)
+        generate_site(site_dir, site, cfg, seed, on_slide)
         site_dirs.append(site_dir)
     atomic_write_json(
         out_dir / "cohort.json", {"seed": seed, "config": cfg.model_dump(mode="json")}
