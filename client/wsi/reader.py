@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,6 +154,8 @@ class WsiReader:
         self._slide: openslide.OpenSlide | None = None
         self._fd: int | None = None
         self._fast: dict[int, TiledLevelReader] = {}
+        self._candidates: dict[int, TiledLevelReader] = {}
+        self._validation_lock = threading.Lock()
         self._check_file(sid)
         try:
             slide = openslide.OpenSlide(str(self.path))
@@ -231,7 +234,7 @@ class WsiReader:
                 ) from exc
 
     def _setup_fast_tiles(self) -> None:
-        """Match levels to tiled TIFF pages and keep those whose pixels agree with OpenSlide.
+        """Match levels to tiled TIFF pages: candidates, validated on first use per level.
 
         Never fails the open: any problem (not a TIFF, unsupported layout, a corrupt tile hit by
         validation, disagreement) just leaves that level to OpenSlide, whose probe has already
@@ -261,26 +264,41 @@ class WsiReader:
                         continue
         except Exception:  # tifffile cannot parse it: OpenSlide only
             candidates = {}
-        accepted: dict[int, TiledLevelReader] = {}
         if candidates:
-            # A separate handle: OpenSlide errors are sticky (one bad tile and every later read
-            # of that handle fails), and validation must not poison the handle we keep.
-            try:
-                reference = openslide.OpenSlide(str(self.path))
-            except (openslide.OpenSlideError, OSError, ValueError):
-                candidates = {}
-            else:
-                try:
-                    accepted = {
-                        lv: r for lv, r in candidates.items() if self._agrees(reference, lv, r)
-                    }
-                finally:
-                    reference.close()
-        if accepted:
-            self._fast = accepted
+            self._candidates = candidates
         else:
             self._fd = None
             os.close(fd)
+
+    def _fast_reader(self, level: int) -> TiledLevelReader | None:
+        """The validated fast reader of ``level``, validating it on first use.
+
+        Validation is lazy because it costs a few OpenSlide reads per level: tissue
+        segmentation touches one coarse level and embedding one fine level, so validating the
+        whole pyramid at open time would more than double the cost of opening a slide.
+        """
+        if level in self._fast:
+            return self._fast[level]
+        if level not in self._candidates:
+            return None
+        with self._validation_lock:
+            if level in self._candidates:  # not validated by another thread meanwhile
+                candidate = self._candidates.pop(level)
+                if self._validate(level, candidate):
+                    self._fast[level] = candidate
+        return self._fast.get(level)
+
+    def _validate(self, level: int, candidate: TiledLevelReader) -> bool:
+        # A separate handle: OpenSlide errors are sticky (one bad tile and every later read
+        # of that handle fails), and validation must not poison the handle we keep.
+        try:
+            reference = openslide.OpenSlide(str(self.path))
+        except (openslide.OpenSlideError, OSError, ValueError):
+            return False
+        try:
+            return self._agrees(reference, level, candidate)
+        finally:
+            reference.close()
 
     def _agrees(
         self, reference_slide: openslide.OpenSlide, level: int, fast: TiledLevelReader
@@ -308,7 +326,9 @@ class WsiReader:
 
     @property
     def fast_levels(self) -> frozenset[int]:
-        """Levels read by the validated tile path; the others go through OpenSlide."""
+        """Levels read by the validated tile path (validates every candidate level now)."""
+        for level in list(self._candidates):
+            self._fast_reader(level)
         return frozenset(self._fast)
 
     @property
@@ -327,7 +347,7 @@ class WsiReader:
         width, height = int(size[0]), int(size[1])
         if width <= 0 or height <= 0:
             raise SlideReadError(sid, f"region size must be positive, got {size}")
-        fast = self._fast.get(level)
+        fast = self._fast_reader(level)
         if fast is None:
             return self._read_openslide(location, level, size)
         if self._slide is None:
@@ -361,6 +381,7 @@ class WsiReader:
 
     def close(self) -> None:
         self._fast = {}
+        self._candidates = {}
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
