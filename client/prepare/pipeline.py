@@ -31,6 +31,9 @@ from client.embed.extract import choose_precision, extract_features
 from client.embed.registry import LoadedEncoder, load_encoder
 from client.prepare.manifest import Manifest, ManifestRow, load_manifest
 from client.prepare.records import (
+    INDEX_COLUMNS,
+    INDEX_FILE,
+    SITE_FILE,
     PrepareEvents,
     PrepareSummary,
     SilentEvents,
@@ -48,19 +51,6 @@ from common.errors import EmptyTissueError, FedpathError
 from common.featurebag import FeatureBagWriter, read_attrs
 from common.hashing import sha256_file, sha256_json
 from common.locking import exclusive_directory
-
-SITE_FILE = "site.json"
-INDEX_FILE = "prepared.csv"
-INDEX_COLUMNS = (
-    "slide_id",
-    "label",
-    "split",
-    "patient_id",
-    "annotation_complete",
-    "has_patch_labels",
-    "num_patches",
-    "features",
-)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,21 @@ from typing import Any, Literal, Protocol
 
 SlideState = Literal["done", "skipped", "failed"]
 
+SITE_FILE = "site.json"
+"""Aggregate facts of a prepared site (what the server's harmonisation check compares)."""
+INDEX_FILE = "prepared.csv"
+"""The local slide index training reads: one row per usable slide."""
+INDEX_COLUMNS = (
+    "slide_id",
+    "label",
+    "split",
+    "patient_id",
+    "annotation_complete",
+    "has_patch_labels",
+    "num_patches",
+    "features",
+)
+
 
 @dataclass(frozen=True)
 class SlideRecord:
