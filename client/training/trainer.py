@@ -1,0 +1,294 @@
+"""The site-local trainer (DESIGN §4.4): a pure function of (model, bags, config).
+
+Centralised training and the federated client's local epochs run this same code, so it has no
+CLI, prints nothing, reads and writes no files and caches nothing: the caller loads the bags and
+decides what to log (``on_epoch``) and what to save (the returned model and history).
+
+Reproducibility: every epoch draws its randomness (slide schedule, dropout, instance sampling)
+from streams derived from ``(cfg.seed, epoch)`` alone. A run is therefore identical for the
+same seed, and a federated round that resumes at ``start_epoch`` sees the same oversampling
+decay and the same random streams as one long run would at that epoch. Dropout needs torch's
+global generator; it is seeded inside :func:`torch.random.fork_rng`, so the caller's global
+random state is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from client.training.bags import Bag, BagBatch, collate
+from client.training.train_config import TrainConfig
+from common.metrics import pooled_patch_metrics, slide_metrics
+from common.mil.losses import mixed_supervision_loss
+from common.mil.models import MILModel
+from common.mil.sampling import epoch_schedule
+
+__all__ = ["EpochMetrics", "TrainResult", "ValidationMetrics", "evaluate", "train"]
+
+
+@dataclass(frozen=True)
+class EpochMetrics:
+    """One epoch: training loss and its parts (means over steps), validation metrics.
+
+    Validation fields are NaN when there is no validation set or the metric is undefined
+    (e.g. a single class, or no patch labels); ``to_json`` turns NaN into ``None``.
+    """
+
+    epoch: int
+    train_loss: float
+    train_bag_loss: float
+    train_instance_loss: float
+    train_attention_loss: float
+    val_loss: float
+    val_auc: float
+    val_patch_auc: float
+    seconds: float
+    n_steps: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Strict-JSON dict (JSON has no NaN)."""
+        out: dict[str, Any] = {}
+        for key, value in asdict(self).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                out[key] = None
+            else:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class ValidationMetrics:
+    """Slide CE loss (mean over bags), slide AUC and pooled patch AUC of one evaluation pass."""
+
+    loss: float
+    auc: float
+    patch_auc: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The trained model (best validation epoch restored, or last without validation).
+
+    ``best_epoch`` is an absolute epoch index (as in ``history``). ``mean_train_loss_last_epoch``
+    is the FedMix ``L_i`` of this site (DESIGN §4.6).
+    """
+
+    model: MILModel
+    history: list[EpochMetrics]
+    best_epoch: int
+    stopped_early: bool
+    mean_train_loss_last_epoch: float
+    n_train_slides: int
+
+
+def _device(model: MILModel) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextmanager
+def _private_torch_rng(device: torch.device) -> Iterator[None]:
+    """Seeding torch inside this block leaves the caller's global RNG state untouched."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        devices: list[int] = [index]
+    else:
+        devices = []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int, int]:
+    """Independent seeds for (numpy schedule, torch dropout, instance sampling) of one epoch."""
+    a, b, c = np.random.SeedSequence([seed, epoch]).generate_state(3)
+    return int(a), int(b), int(c)
+
+
+def _to_device(batch: BagBatch, device: torch.device) -> BagBatch:
+    if device.type == "cpu":
+        return batch
+    return BagBatch(
+        features=batch.features.to(device),
+        mask=batch.mask.to(device),
+        labels=batch.labels.to(device),
+        patch_labels=tuple(p.to(device) if p is not None else None for p in batch.patch_labels),
+        annotation_complete=batch.annotation_complete,
+        slide_ids=batch.slide_ids,
+    )
+
+
+def evaluate(model: MILModel, bags: Sequence[Bag]) -> ValidationMetrics:
+    """Validation metrics, one bag at a time in eval mode without gradients.
+
+    One bag per forward needs no padding and bounds memory by the largest slide. The model's
+    train/eval mode is restored afterwards. All NaN when ``bags`` is empty.
+    """
+    if not bags:
+        return ValidationMetrics(math.nan, math.nan, math.nan)
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    losses: list[float] = []
+    probs: list[np.ndarray] = []
+    labels: list[int] = []
+    patches: list[tuple[np.ndarray, np.ndarray]] = []
+    try:
+        with torch.no_grad():
+            for bag in bags:
+                batch = _to_device(collate([bag]), device)
+                out = model(batch.features, batch.mask)
+                losses.append(float(F.cross_entropy(out.logits.double(), batch.labels)))
+                probs.append(torch.softmax(out.logits.double(), dim=1)[0].cpu().numpy())
+                labels.append(int(bag.entry.label))
+                if bag.patch_labels is not None:
+                    tumour = torch.softmax(out.instance_logits[0].double(), dim=-1)[:, 1]
+                    patches.append(
+                        (bag.patch_labels.cpu().numpy().astype(np.int64), tumour.cpu().numpy())
+                    )
+    finally:
+        model.train(was_training)
+    auc = slide_metrics(np.asarray(labels), np.stack(probs), bootstrap=0).auc.value
+    patch_auc = pooled_patch_metrics(patches).auc if patches else math.nan
+    return ValidationMetrics(float(np.mean(losses)), float(auc), float(patch_auc))
+
+
+def _train_epoch(
+    model: MILModel,
+    optimiser: torch.optim.Optimizer,
+    bags: Sequence[Bag],
+    labels: np.ndarray,
+    annotated: np.ndarray,
+    epoch: int,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[float, float, float, float, int]:
+    """One epoch of steps; returns mean (total, bag, instance, attention) loss and step count."""
+    np_seed, torch_seed, gen_seed = _epoch_seeds(cfg.seed, epoch)
+    rng = np.random.default_rng(np_seed)
+    torch.manual_seed(torch_seed)  # dropout; global state is forked by the caller
+    generator = torch.Generator().manual_seed(gen_seed)
+    schedule = epoch_schedule(labels, annotated, epoch, cfg.supervision, rng, cfg.steps_per_epoch)
+    model.train()
+    sums = np.zeros(4, dtype=np.float64)
+    for group in schedule:
+        batch = _to_device(collate([bags[i] for i in group]), device)
+        out = model(batch.features, batch.mask)
+        parts = mixed_supervision_loss(
+            out.logits,
+            out.attention,
+            out.instance_logits if model.has_instance_task else None,
+            batch.labels,
+            batch.patch_labels,
+            batch.annotation_complete,
+            batch.mask,
+            cfg.supervision,
+            generator,
+        )
+        optimiser.zero_grad(set_to_none=True)
+        parts.total.backward()
+        if cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimiser.step()
+        sums += [
+            float(parts.total.detach()),
+            float(parts.bag.detach()),
+            float(parts.instance.detach()),
+            float(parts.attention.detach()),
+        ]
+    n = len(schedule)
+    means = sums / n if n else np.full(4, math.nan)
+    return float(means[0]), float(means[1]), float(means[2]), float(means[3]), n
+
+
+def train(
+    model: MILModel,
+    train_bags: Sequence[Bag],
+    val_bags: Sequence[Bag],
+    cfg: TrainConfig,
+    *,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    start_epoch: int = 0,
+) -> TrainResult:
+    """Train ``model`` in place with Adam on ``train_bags``; validate on ``val_bags`` each epoch.
+
+    Runs epochs ``start_epoch .. start_epoch + cfg.epochs - 1``. ``start_epoch`` continues the
+    oversampling decay and random streams of a longer run (federated rounds); the optimiser
+    starts fresh on every call. With validation bags the weights of the epoch with the lowest
+    validation slide loss are restored at the end, and training stops once ``cfg.patience``
+    epochs pass without a strictly lower loss, provided at least ``cfg.min_epochs`` epochs
+    (counted from epoch 0) are done. Without validation bags every epoch runs and the last
+    weights are kept. ``on_epoch`` is called once per epoch with its metrics.
+
+    Annotated slides (patch labels present) are oversampled only in ``mixed`` mode: ``weak``
+    mode ignores patch labels, so boosting those slides would only skew the slide sample.
+    """
+    if not train_bags:
+        raise ValueError("no training bags")
+    if start_epoch < 0:
+        raise ValueError(f"start_epoch must be >= 0; got {start_epoch}")
+    device = _device(model)
+    labels = np.asarray([b.entry.label for b in train_bags], dtype=np.int64)
+    mixed = cfg.supervision.mode == "mixed"
+    annotated = np.asarray([mixed and b.patch_labels is not None for b in train_bags], dtype=bool)
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    was_training = model.training
+
+    history: list[EpochMetrics] = []
+    best_loss = math.inf
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    since_best = 0
+    stopped_early = False
+    with _private_torch_rng(device):
+        for epoch in range(start_epoch, start_epoch + cfg.epochs):
+            began = time.perf_counter()
+            loss, bag_loss, inst_loss, att_loss, n_steps = _train_epoch(
+                model, optimiser, train_bags, labels, annotated, epoch, cfg, device
+            )
+            val = evaluate(model, val_bags)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=loss,
+                train_bag_loss=bag_loss,
+                train_instance_loss=inst_loss,
+                train_attention_loss=att_loss,
+                val_loss=val.loss,
+                val_auc=val.auc,
+                val_patch_auc=val.patch_auc,
+                seconds=time.perf_counter() - began,
+                n_steps=n_steps,
+            )
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+            if not val_bags:
+                continue
+            if val.loss < best_loss:  # NaN never counts as an improvement
+                best_loss, best_epoch, since_best = val.loss, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+            if since_best >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+                stopped_early = epoch < start_epoch + cfg.epochs - 1
+                break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.train(was_training)
+    return TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best_epoch if best_epoch is not None else history[-1].epoch,
+        stopped_early=stopped_early,
+        mean_train_loss_last_epoch=history[-1].train_loss,
+        n_train_slides=len(train_bags),
+    )
