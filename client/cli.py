@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     from client.cli_synth import add_synth_commands
 
     add_synth_commands(sub, _add_prepare_options, _prepare_overrides)
+
+    from client.cli_local import add_local_commands
+
+    add_local_commands(sub)
     return parser
 
 

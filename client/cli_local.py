@@ -1,0 +1,280 @@
+"""``fedpath local train`` and ``fedpath local eval``: the site-local (non-federated) baseline.
+
+A hospital trains on its own prepared site with exactly the trainer the federated client uses,
+so the local baseline and the federated result differ only in federation. This module only
+wires files, options and terminal output; training is ``client.training.trainer.train`` and
+scoring is ``client.training.evaluate``.
+
+A run directory holds ``metrics.jsonl`` (one line per epoch, rewritten atomically so a crash
+never leaves a torn line), ``model.pt`` (weights + model config), ``config.json`` (full config,
+labels and the slide ids of every split, so ``eval`` scores exactly the slides held out) and,
+after ``eval``, ``predictions_<split>.csv`` and ``eval_<split>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from client.training.train_config import TrainConfig
+from common.configbase import StrictModel
+from common.errors import ConfigError
+from common.mil.config import ModelConfig
+
+EXIT_OK = 0
+SITE_FILE = "site.json"
+MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.jsonl"
+EVAL_SPLITS = ("test", "val", "train", "all")
+
+
+class LocalTrainConfig(StrictModel):
+    """The TOML file of ``fedpath local train``: a ``[model]`` and a ``[train]`` section."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def read_site(data_dir: Path) -> dict[str, Any]:
+    """The prepared site's ``site.json``; ``ConfigError`` when missing or unusable."""
+    path = data_dir / SITE_FILE
+    if not path.is_file():
+        raise ConfigError(
+            f"{data_dir} is not a prepared site: {SITE_FILE} is missing (run `fedpath prepare`)"
+        )
+    try:
+        site = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as JSON ({exc})") from exc
+    if not isinstance(site, dict) or not isinstance(site.get("feature_dim"), int):
+        raise ConfigError(f"{path}: has no integer feature_dim")
+    return site
+
+
+def _labels(args_labels: str | None, site: dict[str, Any], where: Path) -> tuple[str, ...]:
+    if args_labels:
+        labels = tuple(s.strip() for s in args_labels.split(",") if s.strip())
+    else:
+        raw = site.get("labels")
+        if not isinstance(raw, list) or not all(isinstance(x, str) for x in raw):
+            raise ConfigError(f"{where / SITE_FILE}: no label list; give --labels")
+        labels = tuple(raw)
+    if len(labels) < 2 or len(set(labels)) != len(labels):
+        raise ConfigError(f"need at least two distinct labels, got {list(labels)}")
+    return labels
+
+
+def _float(x: float) -> str:
+    return "n/a" if not math.isfinite(x) else f"{x:.4f}"
+
+
+def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    from client.training.bags import load_bag
+    from client.training.evaluate import save_checkpoint
+    from client.training.site_index import load_site_index, split_entries
+    from client.training.trainer import EpochMetrics, train
+    from common import __version__
+    from common.atomic import atomic_write_json, atomic_write_text
+    from common.configio import build_config
+    from common.mil.models import build_model
+
+    data: Path = args.data
+    site = read_site(data)
+    labels = _labels(args.labels, site, data)
+    overrides = {
+        "model": {"kind": args.model, "feature_dim": site["feature_dim"], "n_classes": len(labels)},
+        "train": {
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "supervision": {"mode": args.mode},
+        },
+    }
+    cfg = build_config(LocalTrainConfig, args.config, overrides)
+
+    entries = load_site_index(data, labels)
+    try:
+        splits = split_entries(entries, k=args.folds, fold=args.fold, seed=cfg.train.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not splits["train"]:
+        raise ConfigError(f"{data}: the training split is empty")
+    train_bags = [load_bag(e, cfg.model.feature_dim) for e in splits["train"]]
+    val_bags = [load_bag(e, cfg.model.feature_dim) for e in splits["val"]]
+    console.print(
+        f"site {data}: {len(train_bags)} train / {len(val_bags)} val / "
+        f"{len(splits['test'])} test slides; model {cfg.model.kind}, "
+        f"{cfg.train.supervision.mode} supervision"
+    )
+
+    run: Path = args.out
+    run.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg.model)
+
+    lines: list[str] = []
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("epochs", total=cfg.train.epochs, status="")
+
+        def on_epoch(m: EpochMetrics) -> None:
+            lines.append(json.dumps(m.to_json(), sort_keys=True))
+            atomic_write_text(run / METRICS_FILE, "\n".join(lines) + "\n")
+            status = f"loss {m.train_loss:.4f} val {_float(m.val_loss)} auc {_float(m.val_auc)}"
+            progress.update(task, advance=1, status=status)
+
+        result = train(model, train_bags, val_bags, cfg.train, on_epoch=on_epoch)
+
+    save_checkpoint(run / MODEL_FILE, result.model, cfg.model)
+    atomic_write_json(
+        run / CONFIG_FILE,
+        {
+            "fedpath_version": __version__,
+            "data": str(data.resolve()),
+            "labels": list(labels),
+            "feature_dim": cfg.model.feature_dim,
+            "config": cfg.model_dump(mode="json"),
+            "fold": args.fold,
+            "folds": args.folds,
+            "splits": {name: [e.slide_id for e in items] for name, items in splits.items()},
+            "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+        },
+    )
+    best = next(m for m in result.history if m.epoch == result.best_epoch)
+    console.print(
+        f"best epoch {best.epoch} of {len(result.history)}"
+        f"{' (stopped early)' if result.stopped_early else ''}: "
+        f"val loss {_float(best.val_loss)}, val AUC {_float(best.val_auc)}"
+    )
+    console.print(f"run: {run}  (model {run / MODEL_FILE}, metrics {run / METRICS_FILE})")
+    return EXIT_OK
+
+
+def _read_run_config(run: Path) -> dict[str, Any]:
+    path = run / CONFIG_FILE
+    if not path.is_file():
+        raise ConfigError(f"{run} is not a training run: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read as JSON ({exc})") from exc
+    if not isinstance(config, dict) or not {"labels", "splits"} <= config.keys():
+        raise ConfigError(f"{path}: labels/splits missing")
+    return config
+
+
+def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
+    from client.training.evaluate import evaluate_entries, load_checkpoint, predictions_csv
+    from client.training.site_index import load_site_index
+    from common.atomic import atomic_write_json, atomic_write_text
+
+    data: Path = args.data
+    run: Path = args.run
+    site = read_site(data)
+    config = _read_run_config(run)
+    labels = tuple(config["labels"])
+    model, model_cfg = load_checkpoint(run / MODEL_FILE)
+    if model_cfg.feature_dim != site["feature_dim"]:
+        raise ConfigError(
+            f"the model expects {model_cfg.feature_dim}-d features but {data} has "
+            f"{site['feature_dim']}-d (prepared with a different encoder?)"
+        )
+    entries = load_site_index(data, labels)
+    if args.split == "all":
+        chosen = entries
+    else:
+        wanted = list(config["splits"].get(args.split, []))
+        by_id = {e.slide_id: e for e in entries}
+        missing = [s for s in wanted if s not in by_id]
+        if missing:
+            raise ConfigError(
+                f"{len(missing)} slide(s) of the {args.split} split are not in {data} "
+                f"(e.g. {missing[0]}): is this the site the model was trained on?"
+            )
+        chosen = [by_id[s] for s in wanted]
+    if not chosen:
+        raise ConfigError(f"the {args.split} split of {run} has no slides")
+    if args.bootstrap < 0:
+        raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+
+    result = evaluate_entries(
+        model, chosen, feature_dim=model_cfg.feature_dim, bootstrap=args.bootstrap
+    )
+    csv_path = run / f"predictions_{args.split}.csv"
+    json_path = run / f"eval_{args.split}.json"
+    atomic_write_text(csv_path, predictions_csv(result.predictions, labels))
+    atomic_write_json(json_path, {"split": args.split, "labels": list(labels), **result.to_json()})
+
+    table = Table(title=f"{args.split}: {len(chosen)} slides")
+    for column in ("metric", "value", "95% CI"):
+        table.add_column(column)
+    for name, metric in (
+        ("slide AUC", result.slide.auc),
+        ("balanced accuracy", result.slide.balanced_accuracy),
+        ("F1", result.slide.f1),
+    ):
+        ci = f"{_float(metric.low)} – {_float(metric.high)}"
+        table.add_row(name, _float(metric.value), ci if math.isfinite(metric.low) else "n/a")
+    if result.patch is not None:
+        p = result.patch
+        for name, value in (("patch AUC", p.auc), ("patch AP", p.average_precision)):
+            table.add_row(name, _float(value), "")
+        table.add_row("patch Dice", _float(p.dice), f"({p.n_labelled} labelled patches)")
+    console.print(table)
+    console.print(f"wrote {csv_path} and {json_path}")
+    return EXIT_OK
+
+
+def add_local_commands(sub: Any) -> None:
+    """Register ``local train`` and ``local eval`` on the top-level subparsers."""
+    local = sub.add_parser("local", help="site-local baseline: train and evaluate on one site")
+    local_sub = local.add_subparsers(dest="local_command", required=True, metavar="COMMAND")
+
+    tr = local_sub.add_parser(
+        "train",
+        help="train a MIL model on this site's prepared bags",
+        description="Train with the federated client's trainer on the train split, early-"
+        "stopping on the val split; splits come from the manifest, else stratified k-fold.",
+    )
+    tr.add_argument("--data", type=Path, required=True, help="prepared site directory")
+    tr.add_argument("--out", type=Path, required=True, help="run directory to write")
+    tr.add_argument("--config", type=Path, help="TOML file with [model] and [train] sections")
+    tr.add_argument("--model", choices=("clam_sb", "clam_mb", "abmil"), help="architecture")
+    tr.add_argument("--mode", choices=("weak", "mixed"), help="supervision mode")
+    tr.add_argument("--epochs", type=int, help="maximum epochs")
+    tr.add_argument("--seed", type=int, help="seed of model init, sampling and k-fold")
+    tr.add_argument("--fold", type=int, default=0, help="test fold when no split column (0)")
+    tr.add_argument("--folds", type=int, default=5, help="number of folds (5)")
+    tr.add_argument("--labels", help="comma-separated labels (default: site.json)")
+    tr.set_defaults(handler=cmd_local_train)
+
+    ev = local_sub.add_parser(
+        "eval",
+        help="evaluate a trained run on one split",
+        description="Score the slides of a split recorded by `local train` (or all slides) "
+        "and write predictions_<split>.csv and eval_<split>.json into the run directory.",
+    )
+    ev.add_argument("--data", type=Path, required=True, help="prepared site directory")
+    ev.add_argument("--run", type=Path, required=True, help="run directory of `local train`")
+    ev.add_argument("--split", choices=EVAL_SPLITS, default="test", help="slides to score")
+    ev.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples of the CIs (1000)"
+    )
+    ev.set_defaults(handler=cmd_local_eval)

@@ -1,0 +1,160 @@
+"""``fedpath local train`` / ``local eval`` end to end on a tiny synthetic prepared site."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.cli import main
+from client.prepare.records import INDEX_COLUMNS
+from client.training.evaluate import load_checkpoint
+from common.featurebag import FeatureBagWriter
+
+DIM = 16
+ATTRS = {
+    "encoder": "test",
+    "encoder_sha256": "0" * 64,
+    "patch_size_px": 256,
+    "target_mpp": 0.5,
+    "config_sha256": "1" * 64,
+    "feature_dim": DIM,
+}
+# 8 train, 4 val, 4 test; each split half normal, half tumour.
+SPLITS = ["train"] * 8 + ["val"] * 4 + ["test"] * 4
+TOML = """
+[model]
+hidden_dim = 16
+dropout = 0.0
+
+[train]
+lr = 0.001
+min_epochs = 100
+patience = 100
+"""
+
+
+def _make_site(root: Path, *, with_site_json: bool = True) -> list[dict[str, str]]:
+    """16 bags: tumour slides have their first third of patches shifted by +2 (labelled 1)."""
+    rng = np.random.default_rng(0)
+    (root / "features").mkdir(parents=True)
+    rows: list[dict[str, str]] = []
+    for i, split in enumerate(SPLITS):
+        tumour = i % 2 == 1
+        n = 12 + i
+        feats = rng.normal(size=(n, DIM)).astype(np.float32)
+        labels = np.zeros(n, dtype=np.int8)
+        if tumour:
+            feats[: n // 3] += 2.0
+            labels[: n // 3] = 1
+        annotated = i % 4 in (0, 1)
+        slide_id = f"s{i:02d}"
+        rel = f"features/{slide_id}.h5"
+        with FeatureBagWriter(
+            root / rel,
+            coords=np.zeros((n, 2)),
+            feature_dim=DIM,
+            attrs={**ATTRS, "slide_id": slide_id},
+            patch_labels=labels if annotated else None,
+        ) as writer:
+            writer.write(feats)
+        rows.append(
+            {
+                "slide_id": slide_id,
+                "label": "tumour" if tumour else "normal",
+                "split": split,
+                "patient_id": "",
+                "annotation_complete": "true" if annotated else "",
+                "has_patch_labels": str(annotated).lower(),
+                "num_patches": str(n),
+                "features": rel,
+            }
+        )
+    with (root / "prepared.csv").open("w", newline="", encoding="utf-8") as fh:
+        writer_csv = csv.DictWriter(fh, fieldnames=list(INDEX_COLUMNS), lineterminator="\n")
+        writer_csv.writeheader()
+        writer_csv.writerows(rows)
+    if with_site_json:
+        site = {"feature_dim": DIM, "labels": ["normal", "tumour"]}
+        (root / "site.json").write_text(json.dumps(site), encoding="utf-8")
+    (root / "train.toml").write_text(TOML, encoding="utf-8")
+    return rows
+
+
+def test_local_train_then_eval(tmp_path: Path) -> None:
+    data, run = tmp_path / "site", tmp_path / "run"
+    rows = _make_site(data)
+    argv = ["local", "train", "--data", str(data), "--out", str(run)]
+    argv += ["--config", str(data / "train.toml"), "--epochs", "3", "--model", "clam_sb"]
+    assert main(argv) == 0
+
+    lines = (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1, 2]
+    config = json.loads((run / "config.json").read_text(encoding="utf-8"))
+    test_ids = [r["slide_id"] for r in rows if r["split"] == "test"]
+    assert config["splits"]["test"] == test_ids
+    assert config["splits"]["train"] == [r["slide_id"] for r in rows if r["split"] == "train"]
+    assert config["config"]["model"]["feature_dim"] == DIM
+    assert config["config"]["model"]["hidden_dim"] == 16
+    assert config["config"]["train"]["epochs"] == 3
+    assert config["labels"] == ["normal", "tumour"]
+    payload = torch.load(run / "model.pt", weights_only=True)
+    assert payload["model_config"]["kind"] == "clam_sb"
+    model, model_cfg = load_checkpoint(run / "model.pt")
+    assert model_cfg.feature_dim == DIM and not model.training
+
+    assert main(["local", "eval", "--data", str(data), "--run", str(run), "--split", "test"]) == 0
+    with (run / "predictions_test.csv").open(newline="", encoding="utf-8") as fh:
+        preds = list(csv.DictReader(fh))
+    assert [p["slide_id"] for p in preds] == test_ids
+    assert [p["label"] for p in preds] == ["normal", "tumour", "normal", "tumour"]
+    for p in preds:
+        total = float(p["prob_normal"]) + float(p["prob_tumour"])
+        assert total == pytest.approx(1.0, abs=1e-5)
+        expected = "tumour" if float(p["prob_tumour"]) > float(p["prob_normal"]) else "normal"
+        assert p["pred"] == expected
+    report = json.loads((run / "eval_test.json").read_text(encoding="utf-8"))
+    auc = report["slide_metrics"]["auc"]
+    assert auc["low"] <= auc["value"] <= auc["high"]
+    assert report["slide_metrics"]["n_slides"] == 4
+    assert report["slide_metrics"]["bootstrap"] == 1000
+    # Test slides s12, s13 are annotated (i % 4 in {0, 1}): 24 + 25 labelled patches.
+    patch = report["pooled_patch_metrics"]
+    assert patch["n_slides"] == 2 and patch["n_labelled"] == 24 + 25
+    assert patch["n_tumour"] == 25 // 3
+
+
+def test_eval_all_scores_every_slide(tmp_path: Path) -> None:
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+    argv = ["local", "train", "--data", str(data), "--out", str(run), "--mode", "weak"]
+    argv += ["--config", str(data / "train.toml"), "--epochs", "1", "--model", "abmil"]
+    assert main(argv) == 0
+    argv = ["local", "eval", "--data", str(data), "--run", str(run), "--split", "all"]
+    assert main([*argv, "--bootstrap", "50"]) == 0
+    report = json.loads((run / "eval_all.json").read_text(encoding="utf-8"))
+    assert report["n_slides"] == 16
+    assert report["slide_metrics"]["bootstrap"] == 50
+    with (run / "predictions_all.csv").open(newline="", encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == 16
+    assert report["slide_metrics"]["class_counts"] == [8, 8]
+
+
+def test_missing_site_json_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "site"
+    _make_site(data, with_site_json=False)
+    code = main(["local", "train", "--data", str(data), "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "site.json is missing" in capsys.readouterr().out
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_without_run_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "site"
+    _make_site(data)
+    assert main(["local", "eval", "--data", str(data), "--run", str(tmp_path / "nope")]) == 2
+    assert "config.json is missing" in capsys.readouterr().out
