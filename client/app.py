@@ -1,0 +1,128 @@
+"""The hospital's Flower ClientApp: train, evaluate and the harmonisation query.
+
+A SuperNode starts this app in a fresh process for every message, so the module imports only
+Flower's light message types at import time; torch, h5py and the trainer are imported inside
+the handlers (``client.federated``). The site's data directory comes from the SuperNode's
+``--node-config 'data-path="/data/fedpath" site="a"'``; nothing about the site's slides is
+taken from the message except the instructions every site receives.
+
+A handler that fails replies with a Flower error message (reason = the fedpath error text),
+never with partial content: the server logs it and asks that site again next round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from common.errors import ConfigError
+from common.federation import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    EVALUATE_METRICS,
+    FACTS_FIELD,
+    INSTRUCTIONS_FIELD,
+    METRICS_KEY,
+    TRAIN_METRICS,
+    RoundInstructions,
+    check_reply_metrics,
+    facts_to_json,
+)
+
+app = ClientApp()
+
+
+def site_of(context: Context) -> tuple[Path, str]:
+    """``(data directory, site name)`` from the node config; ``ConfigError`` if unusable."""
+    raw = context.node_config.get("data-path")
+    if not isinstance(raw, str) or not raw:
+        raise ConfigError(
+            "this SuperNode has no data-path in its node config; start it with "
+            "--node-config 'data-path=\"/data/fedpath\"' (see `fedpath node --help`)"
+        )
+    data = Path(raw).expanduser()
+    site = context.node_config.get("site")
+    name = site if isinstance(site, str) and site else data.name
+    return data, name
+
+
+def _instructions(message: Message) -> RoundInstructions:
+    config = message.content.config_records.get(CONFIG_KEY)
+    return RoundInstructions.from_json(None if config is None else config.get(INSTRUCTIONS_FIELD))
+
+
+def _global_state(message: Message) -> dict:
+    arrays = message.content.array_records.get(ARRAYS_KEY)
+    if arrays is None:
+        raise ConfigError("the message carries no model arrays")
+    return {key: value.numpy() for key, value in arrays.items()}
+
+
+def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
+    """Turn a fedpath error into an error reply naming the site (the server logs it)."""
+
+    def wrapped(message: Message, context: Context) -> Message:
+        from flwr.app import Error
+
+        from common.errors import FedpathError
+        # ValueError/OSError: bad arrays, unreadable HDF5 files; anything else is a bug and
+        # is left to Flower, which reports it as a ClientApp exception.
+
+        try:
+            return handler(message, context)
+        except (FedpathError, ValueError, OSError) as exc:
+            try:
+                _, site = site_of(context)
+            except ConfigError:
+                site = f"node {context.node_id}"
+            return Message(Error(code=1, reason=f"{site}: {exc}"), reply_to=message)
+
+    wrapped.__name__ = handler.__name__
+    wrapped.__doc__ = handler.__doc__
+    return wrapped
+
+
+@app.train()
+@_guarded
+def train(message: Message, context: Context) -> Message:
+    """Local epochs on the site's training split, starting from the global model."""
+    from client.federated import train_on_site
+
+    data, _ = site_of(context)
+    weights, metrics = train_on_site(data, _instructions(message), _global_state(message))
+    content = RecordDict(
+        {
+            ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in weights.items()}),
+            METRICS_KEY: MetricRecord(check_reply_metrics(metrics, TRAIN_METRICS)),
+        }
+    )
+    return Message(content=content, reply_to=message)
+
+
+@app.evaluate()
+@_guarded
+def evaluate(message: Message, context: Context) -> Message:
+    """Score the global model on the split the server names (val each round, test at the end)."""
+    from client.federated import evaluate_on_site
+
+    data, _ = site_of(context)
+    metrics = evaluate_on_site(data, _instructions(message), _global_state(message))
+    content = RecordDict(
+        {METRICS_KEY: MetricRecord(check_reply_metrics(metrics, EVALUATE_METRICS))}
+    )
+    return Message(content=content, reply_to=message)
+
+
+@app.query()
+@_guarded
+def query(message: Message, context: Context) -> Message:
+    """The site's aggregate preparation facts, for the server's harmonisation gate."""
+    from client.federated import site_facts
+
+    data, site = site_of(context)
+    facts = site_facts(data, site)
+    content = RecordDict({CONFIG_KEY: ConfigRecord({FACTS_FIELD: facts_to_json(facts)})})
+    return Message(content=content, reply_to=message)

@@ -1,0 +1,98 @@
+"""Round checkpoints: global weights, round number and strategy state after every round.
+
+Flower has no built-in resume, so a coordinator restart would otherwise lose the whole run.
+A checkpoint holds tensors and plain JSON types only and is read with
+``torch.load(weights_only=True)``: a file that smuggles pickled objects is refused instead of
+executed. Writes are atomic, so a crash mid-write leaves the previous checkpoint as the latest.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from common.atomic import atomic_path
+from common.errors import ConfigError
+
+__all__ = [
+    "Checkpoint",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^round_(\d{4,})\.pt$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The state of a run after ``server_round`` completed rounds."""
+
+    server_round: int
+    arrays: dict[str, np.ndarray]
+    strategy: dict[str, Any]
+    run_config: dict[str, Any]
+
+
+def checkpoint_path(run_dir: Path, server_round: int) -> Path:
+    return run_dir / CHECKPOINT_DIR / f"round_{server_round:04d}.pt"
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoints/round_NNNN.pt`` atomically; returns its path."""
+    path = checkpoint_path(run_dir, checkpoint.server_round)
+    payload = {
+        "format": "fedpath-round-checkpoint-1",
+        "server_round": checkpoint.server_round,
+        "state_dict": {
+            k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in checkpoint.arrays.items()
+        },
+        "strategy": dict(checkpoint.strategy),
+        "run_config": dict(checkpoint.run_config),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint of the highest round in ``run_dir``, or None when there is none."""
+    folder = run_dir / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return None
+    rounds = [
+        (int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) is not None
+    ]
+    return max(rounds)[1] if rounds else None
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint safely; ``ConfigError`` naming the file when it is not one of ours."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many unrelated types for bad files
+        raise ConfigError(f"{path}: not a readable fedpath checkpoint ({exc})") from exc
+    if not isinstance(payload, Mapping) or payload.get("format") != "fedpath-round-checkpoint-1":
+        raise ConfigError(f"{path}: not a fedpath round checkpoint")
+    state = payload.get("state_dict")
+    if not isinstance(state, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state.values()
+    ):
+        raise ConfigError(f"{path}: its state_dict is not a mapping of tensors")
+    rnd = payload.get("server_round")
+    if not isinstance(rnd, int) or rnd < 0:
+        raise ConfigError(f"{path}: invalid server_round {rnd!r}")
+    return Checkpoint(
+        server_round=rnd,
+        arrays={k: v.numpy() for k, v in state.items()},
+        strategy=dict(payload.get("strategy") or {}),
+        run_config=dict(payload.get("run_config") or {}),
+    )

@@ -1,0 +1,121 @@
+"""The settings of one federated run, validated from Flower's run config.
+
+A run is configured in ``[tool.flwr.app.config]`` of ``pyproject.toml`` and overridden with
+``flwr run . CONN -c 'key=value'``. Flower hands the ServerApp a flat dict with hyphenated
+keys; this model turns it into typed fields (hyphens → underscores), rejects unknown keys (a
+misspelt ``num-server-round`` must not silently run the default) and builds the model and
+trainer configs every site receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from client.training.train_config import TrainConfig
+from common.configbase import StrictModel
+from common.configio import format_validation_error
+from common.errors import ConfigError
+from common.mil.config import ModelConfig, SupervisionConfig
+
+__all__ = ["RunConfig"]
+
+
+def _hyphenated(text: str, data: Mapping[str, Any]) -> str:
+    """Name fields as the user wrote them (``num-server-rounds``), not as Python does."""
+    for key in sorted(set(data) | set(RunConfig.model_fields), key=len, reverse=True):
+        text = text.replace(f": {key}: ", f": {key.replace('_', '-')}: ")
+    return text
+
+
+class RunConfig(StrictModel):
+    """One federated run: rounds, strategy, local training, robustness bounds, outputs."""
+
+    num_server_rounds: int = Field(3, ge=1, description="rounds of train + evaluate")
+    strategy: Literal["fedavg", "fedmix"] = "fedmix"
+    fedmix_lambda: float = Field(10.0, ge=0, description="λ of FedMix (paper: 10 or 2)")
+    fedmix_beta: float = Field(1.5, gt=0, description="β of FedMix (paper: 1.5 or 3)")
+
+    model: Literal["abmil", "clam_sb", "clam_mb"] = "clam_sb"
+    model_size: Literal["small", "big"] = "small"
+    supervision: Literal["weak", "mixed"] = "mixed"
+    local_epochs: int = Field(2, ge=1, description="epochs each site trains per round")
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    seed: int = Field(0, ge=0, description="seeds the initial model and every site's sampling")
+    labels: str = Field("normal,tumour", description="comma-separated slide labels, in order")
+    split_folds: int = Field(5, ge=2)
+    split_fold: int = Field(0, ge=0)
+
+    min_sites: int = Field(2, ge=1, description="sites that must be connected to start a round")
+    sample_fraction: float = Field(1.0, gt=0, le=1, description="share of sites asked per round")
+    min_fit_fraction: float = Field(
+        0.5, gt=0, le=1, description="share of the asked sites that must answer a round"
+    )
+    connect_timeout: float = Field(
+        300.0, gt=0, description="seconds to wait for min-sites to connect before giving up"
+    )
+    round_timeout: float = Field(900.0, gt=0, description="seconds a round waits for replies")
+    query_timeout: float = Field(120.0, gt=0, description="seconds for the harmonisation query")
+    max_round_attempts: int = Field(3, ge=1, description="tries of one round before the run fails")
+    runs_dir: str = Field(
+        "runs", description="where run directories are created (relative: to the ServerApp's cwd)"
+    )
+    run_name: str = Field("", description="run directory name (default: flwr-<run id>)")
+    resume: str = Field("", description="run directory to continue from its last checkpoint")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        names = self.label_names
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise ValueError(f"labels must name at least two distinct classes, got {names}")
+        if self.split_fold >= self.split_folds:
+            raise ValueError(f"split-fold {self.split_fold} >= split-folds {self.split_folds}")
+        if self.run_name and (
+            "/" in self.run_name or self.run_name.startswith(".") or "\\" in self.run_name
+        ):
+            raise ValueError(f"run-name must be a plain directory name, got {self.run_name!r}")
+        return self
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(s.strip() for s in self.labels.split(",") if s.strip())
+
+    @classmethod
+    def from_run_config(
+        cls, run_config: Mapping[str, Any], source: str = "run config"
+    ) -> RunConfig:
+        """Validate Flower's flat run config; ``ConfigError`` lists every problem."""
+        data = {str(k).replace("-", "_"): v for k, v in run_config.items()}
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_hyphenated(format_validation_error(exc, source), data)) from exc
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat, hyphenated form (what ``config.json`` records and resume compares)."""
+        return {k.replace("_", "-"): v for k, v in self.model_dump(mode="json").items()}
+
+    def model_config_for(self, feature_dim: int) -> ModelConfig:
+        return ModelConfig(
+            kind=self.model,
+            size=self.model_size,
+            feature_dim=feature_dim,
+            n_classes=len(self.label_names),
+        )
+
+    def train_config(self) -> TrainConfig:
+        """The trainer settings of one round's local training (no early stopping inside)."""
+        return TrainConfig(
+            epochs=self.local_epochs,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            supervision=SupervisionConfig(mode=self.supervision),
+        )
+
+    def runs_root(self) -> Path:
+        return Path(self.runs_dir).expanduser()

@@ -1,0 +1,173 @@
+"""One federated run end to end: run directory, resume, gate, rounds, final test, report.
+
+Separate from ``server.app`` (the Flower entry point) so it runs against any ``Grid``: the
+SuperLink's in deployment, Flower's simulation engine, or an in-process grid in tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.serverapp import Grid
+
+from common import __version__
+from common.errors import ConfigError, FedpathError
+from server.checkpoints import latest_checkpoint, load_checkpoint
+from server.config import RunConfig
+from server.rounds import Federation, RunFailed, harmonised_summary
+from server.run_log import FINAL_FILE, METRICS_FILE, RunLog
+from server.strategies import build_strategy
+
+__all__ = ["RunFailed", "resolve_run_dir", "run_federated"]
+
+PRIVACY_NONE = (
+    "none: no differential privacy in this run; model updates were sent without clipping or noise"
+)
+
+
+def resolve_run_dir(cfg: RunConfig, flwr_run_id: int) -> Path:
+    """The resumed directory, or a new one under ``runs-dir``."""
+    if cfg.resume:
+        return Path(cfg.resume).expanduser().resolve()
+    return (cfg.runs_root() / (cfg.run_name or f"flwr-{flwr_run_id}")).resolve()
+
+
+def _initial_arrays(cfg: RunConfig, feature_dim: int) -> dict[str, np.ndarray]:
+    """The seeded initial global model (every site starts from these exact weights)."""
+    import torch
+
+    from common.mil.models import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model_config_for(feature_dim))
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def _resume_config(cfg: RunConfig, run_dir: Path, warn: Callable[[str], None]) -> RunConfig:
+    """The configuration recorded in the run being resumed (it decides the final round)."""
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"resume: {run_dir} is not a fedpath run directory (no config.json)")
+    recorded = RunLog(run_dir).read_config()["run_config"]
+    recorded = {**recorded, "resume": str(run_dir)}
+    saved = RunConfig.from_run_config(recorded, source=f"{run_dir / 'config.json'}")
+    given = cfg.to_run_config()
+    for key, value in saved.to_run_config().items():
+        if key not in ("resume", "run-name", "runs-dir") and given.get(key) != value:
+            warn(f"resume: using the recorded {key}={value!r}, not {given.get(key)!r}")
+    return saved
+
+
+def run_federated(
+    grid: Grid,
+    cfg: RunConfig,
+    *,
+    flwr_run_id: int,
+    report: Callable[[str], None],
+    warn: Callable[[str], None] | None = None,
+) -> Path:
+    """Run (or resume) the federation; return the run directory.
+
+    Raises ``RunFailed``, ``HarmonisationError`` or ``ConfigError`` when the run cannot
+    complete, after recording the reason in ``final.json``.
+    """
+    warn = warn or report
+    run_dir = resolve_run_dir(cfg, flwr_run_id)
+    if cfg.resume:
+        cfg = _resume_config(cfg, run_dir, warn)
+    elif (run_dir / METRICS_FILE).exists() or (run_dir / FINAL_FILE).exists():
+        raise ConfigError(
+            f"run directory {run_dir} already holds a run; choose another run-name, or "
+            f'continue it with -c resume="{run_dir}"'
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = RunLog(run_dir)
+    strategy = build_strategy(cfg.strategy, cfg.fedmix_lambda, cfg.fedmix_beta)
+    federation = Federation(grid=grid, cfg=cfg, log=log, strategy=strategy, report=report)
+    completed = 0
+    try:
+        federation.gate()
+        start_round, arrays = 1, _initial_arrays(cfg, federation.feature_dim())
+        if cfg.resume:
+            start_round, arrays = _resume_state(run_dir, log, arrays, report)
+        else:
+            log.write_config(_config_record(cfg, federation, flwr_run_id))
+        completed = start_round - 1
+        arrays = federation.run(arrays, start_round)
+        completed = cfg.num_server_rounds
+        final = federation.final_test(arrays)
+    except FedpathError as exc:
+        completed = len(log.rounds)
+        log.write_final(
+            {
+                "status": "failed",
+                "reason": str(exc),
+                "rounds_completed": completed,
+                "num_rounds": cfg.num_server_rounds,
+                "test": {},
+                "global_test": {},
+            }
+        )
+        report(f"run failed after {completed} round(s): {exc}")
+        raise
+    log.write_final(
+        {
+            "status": "completed",
+            "reason": None,
+            "rounds_completed": completed,
+            "num_rounds": cfg.num_server_rounds,
+            **final,
+        }
+    )
+    _render_report(run_dir, report)
+    report(f"run completed: {run_dir}")
+    return run_dir
+
+
+def _config_record(cfg: RunConfig, federation: Federation, flwr_run_id: int) -> dict[str, Any]:
+    return {
+        "fedpath_version": __version__,
+        "run_config": cfg.to_run_config(),
+        "flwr_run_id": flwr_run_id,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model_config": cfg.model_config_for(federation.feature_dim()).model_dump(mode="json"),
+        "train_config": cfg.train_config().model_dump(mode="json"),
+        "sites": harmonised_summary(federation.site_list()),
+        "privacy_guarantee": PRIVACY_NONE,
+    }
+
+
+def _resume_state(
+    run_dir: Path, log: RunLog, fresh: dict[str, np.ndarray], report: Callable[[str], None]
+) -> tuple[int, dict[str, np.ndarray]]:
+    """(next round, arrays) from the latest checkpoint; the fresh model when there is none."""
+    path = latest_checkpoint(run_dir)
+    log.clear_final()
+    if path is None:
+        log.load_rounds(up_to=0)
+        report(f"resume: {run_dir} has no checkpoint yet; starting at round 1")
+        return 1, fresh
+    checkpoint = load_checkpoint(path)
+    if set(checkpoint.arrays) != set(fresh):
+        raise ConfigError(f"{path}: its arrays do not match the run's model")
+    log.load_rounds(up_to=checkpoint.server_round)
+    report(f"resume: continuing after round {checkpoint.server_round} from {path.name}")
+    return checkpoint.server_round + 1, checkpoint.arrays
+
+
+def _render_report(run_dir: Path, report: Callable[[str], None]) -> None:
+    """The HTML report is a convenience: a rendering problem must not fail a finished run."""
+    try:
+        from server.report import render_report
+    except ImportError:
+        return
+    try:
+        path = render_report(run_dir)
+    except (FedpathError, OSError, ValueError) as exc:
+        report(f"report could not be rendered ({exc}); run `fedpath report {run_dir}`")
+        return
+    report(f"report: {path}")

@@ -1,0 +1,178 @@
+"""The federated round loop against the real ClientApp in process (no daemons).
+
+Covers the gate, bounded rounds with a silent or failing site, retries, the run directory
+contract, checkpoints and resume (same final model as an uninterrupted run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+from common.errors import ConfigError
+from server.checkpoints import latest_checkpoint, load_checkpoint
+from server.config import RunConfig
+from server.federated_run import run_federated
+from server.harmonise import HarmonisationError
+from server.rounds import RunFailed
+from tests.inprocess_grid import FakeSite, InProcessGrid
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+SPEC = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
+
+
+@pytest.fixture(scope="module")
+def site_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("sites")
+    return {name: write_synthetic_site(root / name, SPEC, seed=i) for i, name in enumerate("abc")}
+
+
+def _grid(site_dirs: dict[str, Path], **silent: set[int]) -> InProcessGrid:
+    return InProcessGrid(
+        {
+            10 + i: FakeSite(path, f"site_{name}", silent_rounds=silent.get(name, set()))
+            for i, (name, path) in enumerate(sorted(site_dirs.items()))
+        }
+    )
+
+
+def _cfg(tmp_path: Path, **overrides: object) -> RunConfig:
+    base = {
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "lr": 1e-3,
+        "runs-dir": str(tmp_path / "runs"),
+        "run-name": "run",
+        "connect-timeout": 1.0,
+    }
+    return RunConfig.from_run_config({**base, **overrides})
+
+
+def _rounds(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_full_run_writes_the_run_directory_contract(site_dirs, tmp_path) -> None:
+    messages: list[str] = []
+    run_dir = run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=3, report=messages.append)
+    rounds = _rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["replied"] == ["site_a", "site_b", "site_c"] and r["failed"] == {}
+        assert sum(r["weights"].values()) == pytest.approx(1.0)
+        assert set(r["train"]) == set(r["evaluate"]) == {"site_a", "site_b", "site_c"}
+        assert r["train"]["site_a"]["num_examples"] == 6
+        assert r["privacy"] == {}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_config"]["num-server-rounds"] == 2
+    assert set(config["sites"]) == {"site_a", "site_b", "site_c"}
+    assert "slide_" not in json.dumps(config), "no slide ids in the coordinator's records"
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["status"] == "completed" and final["rounds_completed"] == 2
+    assert set(final["test"]) == {"site_a", "site_b", "site_c"}
+    assert final["global_test"]["num_examples"] == sum(
+        m["num_examples"] for m in final["test"].values()
+    )
+    assert load_checkpoint(latest_checkpoint(run_dir)).server_round == 2
+    assert any("harmonisation passed" in m for m in messages)
+
+
+def test_a_silent_site_is_logged_and_asked_again(site_dirs, tmp_path) -> None:
+    grid = _grid(site_dirs, c={1})
+    run_dir = run_federated(grid, _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
+    first, second = _rounds(run_dir)
+    assert first["replied"] == ["site_a", "site_b"]
+    assert "no reply within round-timeout" in first["failed"]["site_c"]
+    assert set(first["weights"]) == {"site_a", "site_b"}
+    assert second["replied"] == ["site_a", "site_b", "site_c"]
+
+
+def test_too_few_replies_retry_then_fail_with_a_record(site_dirs, tmp_path) -> None:
+    grid = _grid(site_dirs, a={2}, b={2}, c={2})
+    cfg = _cfg(tmp_path, **{"max-round-attempts": 2})
+    with pytest.raises(RunFailed, match="round 2 failed 2 time"):
+        run_federated(grid, cfg, flwr_run_id=3, report=lambda _: None)
+    run_dir = tmp_path / "runs" / "run"
+    assert len(_rounds(run_dir)) == 1
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["status"] == "failed" and final["rounds_completed"] == 1
+    assert "max-round-attempts" in final["reason"]
+
+
+def test_min_fit_fraction_one_fails_a_round_with_one_silent_site(site_dirs, tmp_path) -> None:
+    grid = _grid(site_dirs, c={1})
+    cfg = _cfg(tmp_path, **{"min-fit-fraction": 1.0, "max-round-attempts": 2})
+    messages: list[str] = []
+    with pytest.raises(RunFailed, match="round 1 failed 2 time"):
+        run_federated(grid, cfg, flwr_run_id=3, report=messages.append)
+    assert sum("2 of 3 site(s) answered, 3 needed" in m for m in messages) == 2
+
+
+def test_harmonisation_mismatch_stops_before_round_one(site_dirs, tmp_path) -> None:
+    odd = write_synthetic_site(
+        tmp_path / "odd", SyntheticSiteSpec(n_slides=10, feature_dim=8), seed=5
+    )
+    grid = _grid({**site_dirs, "z": odd})
+    with pytest.raises(HarmonisationError) as info:
+        run_federated(grid, _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
+    assert any(p.startswith("site_z: feature_dim is 8") for p in info.value.problems)
+    assert not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
+
+
+def test_too_few_sites_connected_is_a_bounded_failure(site_dirs, tmp_path) -> None:
+    grid = _grid({"a": site_dirs["a"]})
+    with pytest.raises(RunFailed, match="only 1 site"):
+        run_federated(grid, _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
+
+
+@pytest.mark.slow
+def test_existing_run_directory_is_not_overwritten(site_dirs, tmp_path) -> None:
+    run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=4, report=lambda _: None)
+
+
+@pytest.mark.slow
+def test_resume_gives_the_same_final_model_as_an_uninterrupted_run(site_dirs, tmp_path) -> None:
+    cfg = {"num-server-rounds": 3}
+    full = run_federated(
+        _grid(site_dirs),
+        _cfg(tmp_path, **cfg, **{"run-name": "full"}),
+        flwr_run_id=1,
+        report=lambda _: None,
+    )
+    # Interrupted: every site goes silent in round 3, so the run dies after round 2.
+    broken = _cfg(tmp_path, **cfg, **{"run-name": "broken", "max-round-attempts": 1})
+    with pytest.raises(RunFailed):
+        run_federated(
+            _grid(site_dirs, a={3}, b={3}, c={3}), broken, flwr_run_id=2, report=lambda _: None
+        )
+    broken_dir = tmp_path / "runs" / "broken"
+    assert load_checkpoint(latest_checkpoint(broken_dir)).server_round == 2
+    # Resume with only `resume` given: the recorded config (3 rounds) decides the final round.
+    resumed = _cfg(tmp_path, **{"resume": str(broken_dir), "num-server-rounds": 1})
+    run_federated(_grid(site_dirs), resumed, flwr_run_id=3, report=lambda _: None)
+    assert [r["round"] for r in _rounds(broken_dir)] == [1, 2, 3]
+    a = load_checkpoint(latest_checkpoint(full))
+    b = load_checkpoint(latest_checkpoint(broken_dir))
+    assert a.server_round == b.server_round == 3
+    for key in a.arrays:
+        np.testing.assert_array_equal(a.arrays[key], b.arrays[key])
+    assert json.loads((broken_dir / "final.json").read_text())["status"] == "completed"
+
+
+def test_resume_refuses_a_corrupted_checkpoint(site_dirs, tmp_path) -> None:
+    run_dir = run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=1, report=lambda _: None)
+    latest_checkpoint(run_dir).write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError, match="not a readable fedpath checkpoint"):
+        run_federated(
+            _grid(site_dirs),
+            _cfg(tmp_path, resume=str(run_dir)),
+            flwr_run_id=2,
+            report=lambda _: None,
+        )
