@@ -153,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     from client.cli_local import add_local_commands
 
     add_local_commands(sub)
+
+    from server.cli_server import add_server_commands
+
+    add_server_commands(sub)
     return parser
 
 

@@ -1,0 +1,45 @@
+"""Coordinator commands of the ``fedpath`` CLI: ``fedpath report RUN_DIR``.
+
+Only wiring and printing: the report itself is ``server.report.render_report``, which raises
+``ConfigError`` for a missing or malformed run directory (``client.cli.main`` turns that into
+exit code 2). Heavy imports (matplotlib) happen inside the handler, so building the parser
+stays fast for every other command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+EXIT_OK = 0
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    from server.report import status_text, write_report
+    from server.run_files import read_run
+
+    run = read_run(args.run_dir)
+    page = write_report(run, args.out)
+    console.print(status_text(run)[1])
+    console.print(f"report: {page}", soft_wrap=True)  # a wrapped path cannot be pasted
+    return EXIT_OK
+
+
+def add_server_commands(sub: Any) -> None:
+    """Register the coordinator commands on the top-level subparsers."""
+    report = sub.add_parser(
+        "report",
+        help="render a federated run's HTML report with plots",
+        description="Read config.json, metrics.jsonl and final.json of a run directory and "
+        "write report.html and plots/*.png (loss, AUC, aggregation weights, ε): what every "
+        "round did, the privacy guarantee and the final test table. Works on a run that is "
+        "still going or was interrupted.",
+    )
+    report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
+    report.add_argument(
+        "--out", type=Path, help="folder for report.html and plots/ (default: RUN_DIR)"
+    )
+    report.set_defaults(handler=cmd_report)

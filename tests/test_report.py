@@ -1,0 +1,309 @@
+"""``fedpath report``: run files read strictly, the page and PNGs rendered from them alone.
+
+Run directories are written by hand here, to the ServerApp's contract (config.json,
+metrics.jsonl, final.json): 3 sites, 3 rounds, one site failing in round 2, round 2 retried,
+with and without DP, with and without final.json. One site name and one failure reason carry
+markup, to prove every string from a run file is escaped.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib.image as mpimg
+import pytest
+
+from client.cli import EXIT_OK, EXIT_USAGE, main
+from common.errors import ConfigError
+from server.report import mpl_text, render_report
+from server.run_files import read_final, read_metrics, read_run
+
+SITES = ["site_a", "<b>x</b>", "site_c"]
+EVIL_REASON = "timeout after 600 s <script>alert(1)</script>"
+PRIVACY_TEXT = "slide-level DP-SGD per site (Opacus RDP), δ = 1e-5"
+
+
+def _config() -> dict[str, Any]:
+    return {
+        "run_config": {
+            "num-server-rounds": 3,
+            "strategy": "fedmix",
+            "fedmix-lambda": 10.0,
+            "fedmix-beta": 1.5,
+            "local-epochs": 2,
+        },
+        "fedpath_version": "0.1.0",
+        "flwr_run_id": 4242,
+        "started": "2026-05-01T10:00:00Z",
+        "model_config": {"kind": "clam_sb", "hidden_dim": 128},
+        "train_config": {"lr": 0.0002, "supervision": {"mode": "mixed"}},
+        "sites": {
+            name: {
+                "encoder": "tiny_cnn",
+                "encoder_sha256": "ab" * 32,
+                "feature_dim": 64,
+                "target_mpp": 0.5,
+                "patch_size": 256,
+                "labels": ["normal", "tumour"],
+                "n_slides": 20 + 10 * i,
+                "from_a_newer_version": True,
+            }
+            for i, name in enumerate(SITES)
+        },
+        "privacy_guarantee": PRIVACY_TEXT,
+        "some_future_field": {"ignored": True},
+    }
+
+
+def _round(number: int, *, privacy: bool) -> dict[str, Any]:
+    failing = {"site_c": EVIL_REASON} if number == 2 else {}
+    replied = [s for s in SITES if s not in failing]
+    raw = {s: 1.0 / len(replied) + 0.05 * (i - 1) for i, s in enumerate(replied)}
+    total = sum(raw.values())
+    train = {
+        s: {
+            "num_examples": 20 + 10 * i,
+            "train_loss": 0.7 - 0.1 * number + 0.02 * i,
+            "val_loss": 0.75 - 0.08 * number + 0.03 * i,
+            "val_auc": 0.6 + 0.1 * number - 0.03 * i,
+            "val_patch_auc": None if s == "site_a" else 0.55 + 0.1 * number - 0.04 * i,
+            "seconds": 12.5,
+        }
+        for i, s in enumerate(SITES)
+        if s in replied
+    }
+    return {
+        "round": number,
+        "attempt": 2 if number == 2 else 1,
+        "started": 1_780_000_000.0 + 60 * number,
+        "seconds": 31.4,
+        "strategy": "fedmix",
+        "sampled": SITES,
+        "replied": replied,
+        "failed": failing,
+        "weights": {s: w / total for s, w in raw.items()},
+        "train": train,
+        "evaluate": {
+            s: {
+                "num_examples": 5,
+                "loss": 0.72 - 0.06 * number + 0.02 * i,
+                "auc": 0.7 + 0.05 * number - 0.02 * i,
+                "patch_auc": None if s == "site_a" else 0.6 + 0.08 * number - 0.03 * i,
+                "balanced_accuracy": 0.65,
+                "f1": 0.6,
+            }
+            for i, s in enumerate(replied)
+        },
+        "global": {
+            "train_loss": 0.68 - 0.1 * number,
+            "val_loss": 0.74 - 0.06 * number,
+            "val_auc": 0.68 + 0.05 * number,
+            "val_patch_auc": 0.58 + 0.08 * number,
+        },
+        "privacy": (
+            {s: {"epsilon": 1.1 * number + 0.2 * i, "delta": 1e-5} for i, s in enumerate(replied)}
+            if privacy
+            else {}
+        ),
+    }
+
+
+def _final() -> dict[str, Any]:
+    metrics = {"loss": 0.41, "auc": 0.88, "patch_auc": 0.79, "balanced_accuracy": 0.81, "f1": 0.8}
+    return {
+        "status": "completed",
+        "reason": None,
+        "rounds_completed": 3,
+        "num_rounds": 3,
+        "test": {s: {"num_examples": 6 + i, **metrics} for i, s in enumerate(SITES)},
+        "global_test": {"num_examples": 21, **metrics, "auc": 0.8765},
+    }
+
+
+def make_run(root: Path, *, privacy: bool = True, final: bool = True, rounds: int = 3) -> Path:
+    """A run directory as the ServerApp leaves it."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(_config()), encoding="utf-8")
+    lines = [json.dumps(_round(n, privacy=privacy)) for n in range(1, rounds + 1)]
+    if rounds:
+        (root / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if final:
+        (root / "final.json").write_text(json.dumps(_final()), encoding="utf-8")
+    (root / "checkpoints").mkdir()
+    for n in range(1, rounds + 1):
+        (root / "checkpoints" / f"round_{n:04d}.pt").write_bytes(b"x")
+    return root
+
+
+def _assert_png(path: Path) -> None:
+    image = mpimg.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+
+
+# -------------------------------------------------------------------------------------------
+# Readers.
+
+
+def test_reader_validates_used_fields_and_ignores_unknown_ones(tmp_path: Path) -> None:
+    run = read_run(make_run(tmp_path / "run"))
+    assert run.config.flwr_run_id == 4242
+    assert run.config.sites["<b>x</b>"].n_slides == 30
+    assert [r.round for r in run.rounds] == [1, 2, 3]
+    assert run.rounds[1].attempt == 2 and run.rounds[1].failed == {"site_c": EVIL_REASON}
+    assert "site_c" not in run.rounds[1].train
+    assert run.rounds[0].train["site_a"].val_patch_auc is None
+    assert run.final is not None and run.final.global_test is not None
+    assert run.latest_checkpoint == tmp_path / "run" / "checkpoints" / "round_0003.pt"
+    assert run.site_names() == SITES
+
+
+def test_torn_metrics_line_is_a_config_error_naming_the_line(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run")
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([*lines[:2], lines[2][: len(lines[2]) // 2]]) + "\n")
+    with pytest.raises(ConfigError, match=r"metrics\.jsonl, line 3: not valid JSON.*torn"):
+        read_metrics(run_dir)
+
+
+def test_wrong_type_in_metrics_line_names_line_and_field(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run")
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["train"]["site_a"]["num_examples"] = "twenty"
+    path.write_text("\n".join([lines[0], "", json.dumps(bad), lines[2]]) + "\n")
+    with pytest.raises(ConfigError, match=r"line 3: train\.site_a\.num_examples"):
+        read_metrics(run_dir)
+
+
+def test_non_object_line_and_bad_final_are_config_errors(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run")
+    (run_dir / "metrics.jsonl").write_text("[1, 2]\n")
+    with pytest.raises(ConfigError, match="line 1: expected a JSON object, got list"):
+        read_metrics(run_dir)
+    (run_dir / "final.json").write_text('{"status": "completed"}')
+    with pytest.raises(ConfigError, match=r"final\.json: rounds_completed: Field required"):
+        read_final(run_dir)
+
+
+def test_a_folder_without_config_or_final_is_not_a_run_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"neither config\.json nor final\.json"):
+        read_run(tmp_path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_run(tmp_path / "nowhere")
+
+
+# -------------------------------------------------------------------------------------------
+# Report.
+
+
+def test_report_files_and_escaped_content(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run")
+    page = render_report(run_dir)
+    assert page == run_dir / "report.html"
+    text = page.read_text(encoding="utf-8")
+    for name in ("loss", "auc", "weights", "epsilon"):
+        assert f'src="plots/{name}.png"' in text
+        _assert_png(run_dir / "plots" / f"{name}.png")
+    assert "&lt;b&gt;x&lt;/b&gt;" in text and "<b>x</b>" not in text
+    assert "timeout after 600 s &lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "<script" not in text.lower()
+    assert "http://" not in text and "https://" not in text
+    for site in ("site_a", "site_c"):
+        assert site in text
+    assert "Completed: 3 of 3 rounds." in text
+    assert PRIVACY_TEXT.replace("δ", "δ") in text
+    assert "2 (retried)" in text
+    assert "fedmix-lambda" in text and "0.8765" in text
+    assert "all sites (pooled)" in text
+    assert "checkpoints/round_0003.pt" in text
+    assert not list(run_dir.rglob(".fedpath-tmp-*"))
+
+
+def test_report_without_privacy_or_final(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", privacy=False, final=False, rounds=2)
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "run in progress or interrupted after round 2 of 3" in text
+    assert "No site reported a privacy budget" in text
+    assert "epsilon.png" not in text
+    assert not (run_dir / "plots" / "epsilon.png").exists()
+    for name in ("loss", "auc", "weights"):
+        _assert_png(run_dir / "plots" / f"{name}.png")
+
+
+def test_report_before_any_round_and_into_another_folder(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", final=False, rounds=0)
+    out = tmp_path / "elsewhere"
+    page = render_report(run_dir, out)
+    assert page == out / "report.html"
+    text = page.read_text(encoding="utf-8")
+    assert "interrupted before its first round completed" in text
+    assert "No round has completed yet" in text
+    assert not (run_dir / "report.html").exists()
+
+
+def test_failed_run_shows_the_reason(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run")
+    final = _final() | {
+        "status": "failed",
+        "reason": "only 1 of 3 sites <answered>",
+        "rounds_completed": 2,
+        "test": {},
+        "global_test": {},
+    }
+    (run_dir / "final.json").write_text(json.dumps(final))
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "Run failed after 2 of 3 rounds: only 1 of 3 sites &lt;answered&gt;." in text
+    assert "The run ended without test results." in text
+
+
+def test_run_that_never_started_reports_why(tmp_path: Path) -> None:
+    """Harmonisation failed: the ServerApp wrote final.json only, with a multi-line reason."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    reason = "the sites' prepared data do not match:\n  - <b>x</b>: feature_dim is 8, not 16"
+    final = _final() | {"status": "failed", "reason": reason, "rounds_completed": 0,
+                        "test": {}, "global_test": {}}  # fmt: skip
+    (run_dir / "final.json").write_text(json.dumps(final))
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "Run failed after 0 of 3 rounds: the sites&#x27; prepared data do not match:" in text
+    assert "  - &lt;b&gt;x&lt;/b&gt;: feature_dim is 8, not 16" in text
+    assert "config.json is missing: the run stopped before it started" in text
+    assert "No round has completed yet" in text
+
+
+# -------------------------------------------------------------------------------------------
+# CLI.
+
+
+def test_cli_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = make_run(tmp_path / "run")
+    assert main(["report", str(run_dir)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "report.html" in out and "Completed" in out
+
+    (run_dir / "metrics.jsonl").write_text('{"round": 1, "attempt"\n')
+    assert main(["report", str(run_dir)]) == EXIT_USAGE
+    assert "metrics.jsonl, line 1: not valid JSON" in " ".join(capsys.readouterr().out.split())
+
+    assert main(["report", str(tmp_path / "missing")]) == EXIT_USAGE
+
+
+def test_resumed_run_with_a_redone_round_and_sparse_site_facts(tmp_path: Path) -> None:
+    run_dir = make_run(tmp_path / "run", final=False)
+    config = json.loads((run_dir / "config.json").read_text())
+    config["sites"]["site_a"] = {"encoder": "tiny_cnn", "feature_dim": None}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text("\n".join([*lines[:2], lines[1], lines[2]]) + "\n")
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "Round(s) 2 appear on more than one line" in text
+    assert "interrupted after round 3 of 3" in text
+
+
+def test_matplotlib_text_is_literal() -> None:
+    assert mpl_text("a$b$") == r"a\$b\$"
+    assert mpl_text("_hidden") == " _hidden"
