@@ -1,14 +1,15 @@
-"""``fedpath local train`` and ``fedpath local eval``: the site-local (non-federated) baseline.
+"""``fedpath local train / eval / heatmaps``: the site-local (non-federated) baseline.
 
 A hospital trains on its own prepared site with exactly the trainer the federated client uses,
 so the local baseline and the federated result differ only in federation. This module only
-wires files, options and terminal output; training is ``client.training.trainer.train`` and
-scoring is ``client.training.evaluate``.
+wires files, options and terminal output; training is ``client.training.trainer.train``,
+scoring is ``client.training.evaluate`` and the pictures are ``client.training.heatmaps``.
 
 A run directory holds ``metrics.jsonl`` (one line per epoch, rewritten atomically so a crash
 never leaves a torn line), ``model.pt`` (weights + model config), ``config.json`` (full config,
 labels and the slide ids of every split, so ``eval`` scores exactly the slides held out) and,
-after ``eval``, ``predictions_<split>.csv`` and ``eval_<split>.json``.
+after ``eval``, ``predictions_<split>.csv`` and ``eval_<split>.json``; ``heatmaps`` writes
+``heatmaps/<slide_id>.png`` (by default inside the run). All of it stays on the hospital's disk.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from rich.console import Console
@@ -29,7 +32,13 @@ from common.configbase import StrictModel
 from common.errors import ConfigError
 from common.mil.config import ModelConfig
 
-EXIT_OK = 0
+if TYPE_CHECKING:
+    from client.training.heatmaps import HeatmapRecord
+    from client.training.site_index import BagEntry
+    from common.mil.models import MILModel
+
+EXIT_OK, EXIT_PARTIAL = 0, 1
+"""As in ``client.cli``: 1 means the command ran but some slides failed."""
 SITE_FILE = "site.json"
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.jsonl"
 EVAL_SPLITS = ("test", "val", "train", "all")
@@ -73,6 +82,18 @@ def _labels(args_labels: str | None, site: dict[str, Any], where: Path) -> tuple
 
 def _float(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:.4f}"
+
+
+def _progress(console: Console) -> Progress:
+    """One bar with a status text (last epoch's or last slide's outcome) and elapsed time."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
@@ -122,15 +143,7 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
         model = build_model(cfg.model)
 
     lines: list[str] = []
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-    with progress:
+    with _progress(console) as progress:
         task = progress.add_task("epochs", total=cfg.train.epochs, status="")
 
         def on_epoch(m: EpochMetrics) -> None:
@@ -180,43 +193,79 @@ def _read_run_config(run: Path) -> dict[str, Any]:
     return config
 
 
-def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
-    from client.training.evaluate import evaluate_entries, load_checkpoint, predictions_csv
-    from client.training.site_index import load_site_index
-    from common.atomic import atomic_write_json, atomic_write_text
+@dataclass(frozen=True)
+class _TrainedRun:
+    """A ``local train`` run opened against a prepared site, as eval and heatmaps need it."""
 
-    data: Path = args.data
-    run: Path = args.run
+    config: dict[str, Any]
+    labels: tuple[str, ...]
+    model: MILModel
+    model_cfg: ModelConfig
+
+
+def _open_run(run: Path, data: Path) -> _TrainedRun:
+    """Read the site and run; refuse a site whose features are not the model's width."""
+    from client.training.evaluate import load_checkpoint
+
     site = read_site(data)
     config = _read_run_config(run)
-    labels = tuple(config["labels"])
     model, model_cfg = load_checkpoint(run / MODEL_FILE)
     if model_cfg.feature_dim != site["feature_dim"]:
         raise ConfigError(
             f"the model expects {model_cfg.feature_dim}-d features but {data} has "
             f"{site['feature_dim']}-d (prepared with a different encoder?)"
         )
-    entries = load_site_index(data, labels)
-    if args.split == "all":
-        chosen = entries
+    return _TrainedRun(config, tuple(config["labels"]), model, model_cfg)
+
+
+def _split_entries(
+    entries: Sequence[BagEntry], config: dict[str, Any], split: str, data: Path, run: Path
+) -> list[BagEntry]:
+    """The slides of ``split`` as recorded by ``local train`` (``all``: every prepared slide)."""
+    if split == "all":
+        chosen = list(entries)
     else:
-        wanted = list(config["splits"].get(args.split, []))
+        wanted = list(config["splits"].get(split, []))
         by_id = {e.slide_id: e for e in entries}
         missing = [s for s in wanted if s not in by_id]
         if missing:
             raise ConfigError(
-                f"{len(missing)} slide(s) of the {args.split} split are not in {data} "
+                f"{len(missing)} slide(s) of the {split} split are not in {data} "
                 f"(e.g. {missing[0]}): is this the site the model was trained on?"
             )
         chosen = [by_id[s] for s in wanted]
     if not chosen:
-        raise ConfigError(f"the {args.split} split of {run} has no slides")
+        raise ConfigError(f"the {split} split of {run} has no slides")
+    return chosen
+
+
+def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
+    from client.training.evaluate import SlidePrediction, evaluate_entries, predictions_csv
+    from client.training.site_index import load_site_index
+    from common.atomic import atomic_write_json, atomic_write_text
+
+    data: Path = args.data
+    run: Path = args.run
+    opened = _open_run(run, data)
+    labels = opened.labels
+    chosen = _split_entries(load_site_index(data, labels), opened.config, args.split, data, run)
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
 
-    result = evaluate_entries(
-        model, chosen, feature_dim=model_cfg.feature_dim, bootstrap=args.bootstrap
-    )
+    with _progress(console) as progress:
+        task = progress.add_task(f"scoring {args.split}", total=len(chosen), status="")
+
+        def on_slide(p: SlidePrediction) -> None:
+            status = f"{p.slide_id}: {labels[p.pred]} ({float(p.probs[p.pred]):.2f})"
+            progress.update(task, advance=1, status=status)
+
+        result = evaluate_entries(
+            opened.model,
+            chosen,
+            feature_dim=opened.model_cfg.feature_dim,
+            bootstrap=args.bootstrap,
+            on_slide=on_slide,
+        )
     csv_path = run / f"predictions_{args.split}.csv"
     json_path = run / f"eval_{args.split}.json"
     atomic_write_text(csv_path, predictions_csv(result.predictions, labels))
@@ -242,9 +291,86 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
+def _select_slides(entries: list[BagEntry], wanted: str | None, split: str) -> list[BagEntry]:
+    """``--slides id1,id2`` picked out of the split's slides; unknown ids are a usage error."""
+    if not wanted:
+        return entries
+    ids = [s.strip() for s in wanted.split(",") if s.strip()]
+    by_id = {e.slide_id: e for e in entries}
+    unknown = [s for s in ids if s not in by_id]
+    if unknown:
+        where = "prepared slides" if split == "all" else f"{split} split (try --split all)"
+        raise ConfigError(f"not among the {where}: {', '.join(unknown)}")
+    return [by_id[s] for s in dict.fromkeys(ids)]
+
+
+def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
+    from client.prepare.manifest import load_manifest
+    from client.prepare.pipeline import SiteLayout
+    from client.training.heatmaps import HeatmapConfig, SlideSource, write_heatmaps
+    from client.training.site_index import load_site_index
+    from common.configio import build_config
+
+    data: Path = args.data
+    run: Path = args.run
+    cfg = build_config(HeatmapConfig, None, {"top_k": args.top_k})
+    opened = _open_run(run, data)
+    labels = opened.labels
+    split = args.split or ("all" if args.slides else "test")
+    chosen = _split_entries(load_site_index(data, labels), opened.config, split, data, run)
+    chosen = _select_slides(chosen, args.slides, split)
+    # Slide files are named by the manifest only; missing files are reported per slide below.
+    manifest = load_manifest(args.manifest, labels, slide_root=args.slide_root, check_files=False)
+    layout = SiteLayout(data, encoder_dir="")  # only its patches/<id>.h5 path is used
+    sources = {
+        row.slide_id: SlideSource(
+            row.slide_id, row.path, row.annotation, row.mpp, layout.coords(row.slide_id)
+        )
+        for row in manifest.rows
+    }
+    out: Path = args.out if args.out is not None else run / "heatmaps"
+
+    failed: list[HeatmapRecord] = []
+    with _progress(console) as progress:
+        task = progress.add_task("heatmaps", total=len(chosen), status="")
+
+        def on_slide(record: HeatmapRecord) -> None:
+            if record.ok:
+                status = record.slide_id
+            else:
+                failed.append(record)
+                progress.console.print(f"[bold red]{record.slide_id} skipped:[/] {record.error}")
+                status = f"{record.slide_id}: failed"
+            for warning in record.warnings:
+                progress.console.print(f"[yellow]{record.slide_id}:[/] {warning}")
+            progress.update(task, advance=1, status=status)
+
+        records = write_heatmaps(
+            opened.model,
+            chosen,
+            sources,
+            out,
+            labels,
+            cfg,
+            feature_dim=opened.model_cfg.feature_dim,
+            on_slide=on_slide,
+        )
+    written = len(records) - len(failed)
+    console.print(f"wrote {written} heatmap(s) to {out}")
+    if failed:
+        console.print(
+            f"[bold red]{len(failed)} slide(s) failed[/]: {', '.join(r.slide_id for r in failed)}"
+            " (reasons above); the others were written."
+        )
+        return EXIT_PARTIAL
+    return EXIT_OK
+
+
 def add_local_commands(sub: Any) -> None:
-    """Register ``local train`` and ``local eval`` on the top-level subparsers."""
-    local = sub.add_parser("local", help="site-local baseline: train and evaluate on one site")
+    """Register ``local train``, ``local eval`` and ``local heatmaps`` on the subparsers."""
+    local = sub.add_parser(
+        "local", help="site-local baseline: train, evaluate and draw heatmaps on one site"
+    )
     local_sub = local.add_subparsers(dest="local_command", required=True, metavar="COMMAND")
 
     tr = local_sub.add_parser(
@@ -278,3 +404,31 @@ def add_local_commands(sub: Any) -> None:
         "--bootstrap", type=int, default=1000, help="bootstrap resamples of the CIs (1000)"
     )
     ev.set_defaults(handler=cmd_local_eval)
+
+    hm = local_sub.add_parser(
+        "heatmaps",
+        help="draw attention and tumour-probability heatmaps of a trained run",
+        description="For each slide of a split (or --slides): a PNG with the slide, attention "
+        "percentiles, instance tumour probability, the annotated tumour outline when the "
+        "manifest has one, and the top-k attended patches. Written on this machine only.",
+    )
+    hm.add_argument("--data", type=Path, required=True, help="prepared site directory")
+    hm.add_argument("--run", type=Path, required=True, help="run directory of `local train`")
+    hm.add_argument(
+        "--manifest",
+        type=Path,
+        required=True,
+        help="the slides.csv given to `fedpath prepare` (where the slide files are)",
+    )
+    hm.add_argument(
+        "--slide-root", type=Path, help="as for prepare (default: the manifest's folder)"
+    )
+    hm.add_argument(
+        "--split",
+        choices=EVAL_SPLITS,
+        help="slides to draw (default test; all when --slides is given)",
+    )
+    hm.add_argument("--slides", help="comma-separated slide ids (e.g. id1,id2)")
+    hm.add_argument("--top-k", type=int, default=8, help="top attended patches shown (8)")
+    hm.add_argument("--out", type=Path, help="folder for the PNGs (default RUN/heatmaps)")
+    hm.set_defaults(handler=cmd_local_heatmaps)

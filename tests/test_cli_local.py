@@ -158,3 +158,40 @@ def test_eval_without_run_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     _make_site(data)
     assert main(["local", "eval", "--data", str(data), "--run", str(tmp_path / "nope")]) == 2
     assert "config.json is missing" in capsys.readouterr().out
+
+
+def test_eval_reports_each_slide_as_it_is_scored(tmp_path: Path) -> None:
+    """``evaluate_entries`` calls back once per slide, in order, with the final predictions."""
+    from client.training.evaluate import evaluate_entries
+    from client.training.site_index import load_site_index
+    from common.mil.config import ModelConfig
+    from common.mil.models import build_model
+
+    data = tmp_path / "site"
+    rows = _make_site(data)
+    entries = load_site_index(data, ("normal", "tumour"))[:5]
+    model = build_model(ModelConfig(feature_dim=DIM, hidden_dim=16))
+    model.train()
+    seen: list[tuple[str, bool]] = []
+    result = evaluate_entries(
+        model,
+        entries,
+        feature_dim=DIM,
+        bootstrap=0,
+        on_slide=lambda p: seen.append((p.slide_id, model.training)),
+    )
+    assert seen == [(r["slide_id"], False) for r in rows[:5]]  # scored in eval mode
+    assert model.training  # and the mode is restored afterwards
+    assert [p.slide_id for p in result.predictions] == [s for s, _ in seen]
+
+
+def test_eval_shows_a_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+    argv = ["local", "train", "--data", str(data), "--out", str(run), "--epochs", "1"]
+    assert main([*argv, "--config", str(data / "train.toml")]) == 0
+    capsys.readouterr()
+    argv = ["local", "eval", "--data", str(data), "--run", str(run), "--bootstrap", "10"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "scoring test" in out and "4/4" in out

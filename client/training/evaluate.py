@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,11 +97,15 @@ def evaluate_entries(
     feature_dim: int | None = None,
     bootstrap: int = 1000,
     seed: int = 0,
+    on_slide: Callable[[SlidePrediction], None] | None = None,
 ) -> EvaluationResult:
     """Load and score ``entries`` one bag at a time in eval mode, then compute the metrics.
 
-    The model's train/eval mode is restored afterwards. Raises ``ValueError`` for no entries
-    and ``FeatureBagError`` for a bag whose width does not match ``feature_dim``.
+    ``on_slide`` is called with each slide's prediction as soon as it is scored, in ``entries``
+    order, so a caller can show progress over a test set that takes minutes without this
+    module printing. The model's train/eval mode is restored afterwards. Raises
+    ``ValueError`` for no entries and ``FeatureBagError`` for a bag whose width does not match
+    ``feature_dim``.
     """
     if not entries:
         raise ValueError("no slides to evaluate")
@@ -111,7 +115,10 @@ def evaluate_entries(
     try:
         with torch.no_grad():
             for entry in entries:
-                predictions.append(predict_bag(model, load_bag(entry, feature_dim)))
+                prediction = predict_bag(model, load_bag(entry, feature_dim))
+                predictions.append(prediction)
+                if on_slide is not None:
+                    on_slide(prediction)
     finally:
         model.train(was_training)
     return _metrics(predictions, bootstrap=bootstrap, seed=seed)

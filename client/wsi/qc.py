@@ -180,8 +180,21 @@ def qc_background(
     """
     if max(mask.thumbnail.shape[:2]) >= QC_MIN_SIDE:
         return None
+    return slide_thumbnail(reader, QC_MIN_SIDE)
+
+
+def slide_thumbnail(reader: WsiReader, longest_side: int) -> tuple[np.ndarray, tuple[float, float]]:
+    """The whole slide as RGB with about ``longest_side`` px on its long side, and its scale.
+
+    Returns the image and its level-0 px per pixel (x, y). Read from the pyramid level nearest
+    the wanted scale and shrunk by an integer factor (see ``choose_segmentation_level``), so
+    the size is within about √2 of ``longest_side``; never upsampled beyond level 0. Shared by
+    the QC pictures and the heatmaps so both show a slide the same way.
+    """
+    if longest_side < 1:
+        raise ValueError(f"longest_side must be positive, got {longest_side}")
     width, height = reader.info.dimensions
-    wanted = max(width, height) / QC_MIN_SIDE
+    wanted = max(width, height) / longest_side
     level, factor = choose_segmentation_level(reader.info.level_downsamples, max(1.0, wanted))
     image = read_thumbnail(reader, level, factor)
     ds = reader.info.level_downsamples[level] * factor
