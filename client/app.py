@@ -35,6 +35,17 @@ from common.federation import (
 app = ClientApp()
 
 
+def site_name(context: Context) -> str:
+    """The site's name: ``site`` of the node config, else its data folder, else the node id."""
+    site = context.node_config.get("site")
+    if isinstance(site, str) and site:
+        return site
+    raw = context.node_config.get("data-path")
+    if isinstance(raw, str) and raw:
+        return Path(raw).name
+    return f"node {context.node_id}"
+
+
 def site_of(context: Context) -> tuple[Path, str]:
     """``(data directory, site name)`` from the node config; ``ConfigError`` if unusable."""
     raw = context.node_config.get("data-path")
@@ -43,10 +54,7 @@ def site_of(context: Context) -> tuple[Path, str]:
             "this SuperNode has no data-path in its node config; start it with "
             "--node-config 'data-path=\"/data/fedpath\"' (see `fedpath node --help`)"
         )
-    data = Path(raw).expanduser()
-    site = context.node_config.get("site")
-    name = site if isinstance(site, str) and site else data.name
-    return data, name
+    return Path(raw).expanduser(), site_name(context)
 
 
 def _instructions(message: Message) -> RoundInstructions:
@@ -74,11 +82,8 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[..., Me
         try:
             return handler(message, context)
         except (FedpathError, ValueError, OSError) as exc:
-            try:
-                _, site = site_of(context)
-            except ConfigError:
-                site = f"node {context.node_id}"
-            return Message(Error(code=1, reason=f"{site}: {exc}"), reply_to=message)
+            reason = f"{site_name(context)}: {exc}"
+            return Message(Error(code=1, reason=reason), reply_to=message)
 
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__

@@ -1,0 +1,127 @@
+"""The ClientApp's handlers on a synthetic prepared site: replies, errors, egress rules."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+
+from client.app import app
+from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+from common.federation import EVALUATE_METRICS, TRAIN_METRICS, check_reply_metrics
+from server.config import RunConfig
+from server.strategies import FedAvgStrategy, ReplyError
+
+pytestmark = pytest.mark.usefixtures("flower_task")
+
+SPEC = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_synthetic_site(tmp_path_factory.mktemp("site") / "a", SPEC, seed=0)
+
+
+def _context(data: Path | None) -> Context:
+    node_config = {"site": "site_a"} if data is None else {"data-path": str(data), "site": "site_a"}
+    return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def _message(kind: str, server_round: int = 1, split: str = "val") -> Message:
+    from server.federated_run import _initial_arrays
+
+    cfg = RunConfig(local_epochs=1)
+    arrays = _initial_arrays(cfg, SPEC.feature_dim)
+    instructions = {
+        "server_round": server_round,
+        "model": cfg.model_config_for(SPEC.feature_dim).model_dump(mode="json"),
+        "train": cfg.train_config().model_dump(mode="json"),
+        "eval_split": split,
+    }
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "config": ConfigRecord({"instructions": json.dumps(instructions)}),
+        }
+    )
+    return Message(content, dst_node_id=7, message_type=kind)
+
+
+def test_query_reports_aggregate_facts_only(site: Path) -> None:
+    reply = app(
+        Message(RecordDict({}), dst_node_id=7, message_type=MessageType.QUERY), _context(site)
+    )
+    facts = json.loads(reply.content.config_records["config"]["facts"])
+    assert facts["site"] == "site_a" and facts["feature_dim"] == SPEC.feature_dim
+    assert facts["slides"]["usable"] == SPEC.n_slides
+    assert "slide_0" not in json.dumps(facts) and "features/" not in json.dumps(facts)
+
+
+def test_train_reply_holds_parameters_and_allow_listed_metrics(site: Path) -> None:
+    reply = app(_message(MessageType.TRAIN), _context(site))
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content.metric_records["metrics"])
+    assert set(metrics) == set(TRAIN_METRICS)
+    assert metrics["num-examples"] == 6
+    assert math.isfinite(metrics["train-loss"]) and metrics["train-loss"] >= 0
+    arrays = reply.content.array_records["arrays"]
+    assert all(v.numpy().dtype == np.float32 for v in arrays.values())
+    assert FedAvgStrategy().aggregate_train(1, [reply])[0] is not None
+
+
+def test_evaluate_reply_on_test_split(site: Path) -> None:
+    reply = app(_message(MessageType.EVALUATE, split="test"), _context(site))
+    assert not reply.has_error(), reply.error
+    metrics = dict(reply.content.metric_records["metrics"])
+    assert set(metrics) == set(EVALUATE_METRICS)
+    assert metrics["num-examples"] == 2 and 0.0 <= metrics["auc"] <= 1.0
+
+
+def test_missing_data_path_is_an_error_reply_naming_the_site() -> None:
+    reply = app(_message(MessageType.TRAIN), _context(None))
+    assert reply.has_error()
+    assert reply.error.reason.startswith("site_a: ") and "data-path" in reply.error.reason
+
+
+def test_unprepared_directory_is_an_error_reply(tmp_path: Path) -> None:
+    reply = app(_message(MessageType.TRAIN), _context(tmp_path))
+    assert reply.has_error() and "not a prepared site" in reply.error.reason
+
+
+def test_malformed_instructions_are_an_error_reply(site: Path) -> None:
+    message = _message(MessageType.TRAIN)
+    message.content.config_records["config"]["instructions"] = '{"server_round": -1}'
+    reply = app(message, _context(site))
+    assert reply.has_error() and "malformed round instructions" in reply.error.reason
+
+
+def test_egress_allow_list_refuses_unknown_and_non_scalar_metrics() -> None:
+    with pytest.raises(ValueError, match="allow-list"):
+        check_reply_metrics({"num-examples": 3, "slide_001": 0.9}, TRAIN_METRICS)
+    with pytest.raises(ValueError, match="must be a number"):
+        check_reply_metrics({"num-examples": [1.0, 2.0]}, TRAIN_METRICS)
+
+
+def test_server_rejects_a_reply_without_the_weight_metric() -> None:
+    instruction = Message(RecordDict({}), dst_node_id=3, message_type=MessageType.TRAIN)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({"w": Array(np.zeros(2, dtype=np.float32))}),
+            "metrics": MetricRecord({"train-loss": 0.5}),
+        }
+    )
+    with pytest.raises(ReplyError, match="node 3: no 'num-examples' metric"):
+        FedAvgStrategy().aggregate_train(1, [Message(content, reply_to=instruction)])
