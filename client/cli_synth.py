@@ -7,7 +7,6 @@ OpenSlide, and they go through exactly the ``prepare`` pipeline a hospital runs.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +21,6 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from rich.table import Table
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
 
@@ -105,68 +103,6 @@ def cmd_synth_cohort(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def cmd_demo(
-    args: argparse.Namespace,
-    console: Console,
-    prepare_overrides: Callable[[argparse.Namespace], dict[str, Any]],
-) -> int:
-    from client.config import PrepareConfig
-    from client.prepare.pipeline import prepare_site
-    from client.progress import RichPrepareEvents, summary_line, summary_table
-    from common.configio import build_config
-
-    if args.tissue_preset is None:
-        args.tissue_preset = "biopsy"  # synthetic slides are biopsy-sized (a few mm² of tissue)
-    cfg = build_config(PrepareConfig, args.config, prepare_overrides(args))
-    out: Path = args.out
-    stage_seconds: dict[str, float] = {}
-    started = time.perf_counter()
-    site_dirs = _generate_cohort(args, out / "hospitals", console)
-    stage_seconds["synthesise"] = time.perf_counter() - started
-
-    summaries = []
-    for site_dir in site_dirs:
-        console.rule(f"prepare {site_dir.name}")
-        stage_started = time.perf_counter()
-        with RichPrepareEvents(console, site_dir.name) as events:
-            summary = prepare_site(
-                site_dir / "slides.csv", out / "prepared" / site_dir.name, cfg, events=events
-            )
-        stage_seconds[f"prepare {site_dir.name}"] = time.perf_counter() - stage_started
-        console.print(summary_table(summary, title=f"{site_dir.name}: preparation"))
-        console.print(summary_line(summary))
-        summaries.append((site_dir.name, summary))
-
-    table = Table(title="fedpath demo: prepared hospitals")
-    for column in ("site", "slides", "tumour / normal", "annotated", "patches", "patches/s",
-                   "failed"):
-        table.add_column(column, justify="left" if column == "site" else "right")
-    for name, summary in summaries:
-        usable = [r for r in summary.records if r.state != "failed"]
-        site = json.loads((summary.out_dir / "site.json").read_text())
-        by_label = site["slides"]["by_label"]
-        table.add_row(
-            name,
-            str(len(usable)),
-            f"{by_label.get('tumour', 0)} / {by_label.get('normal', 0)}",
-            str(site["slides"]["with_patch_labels"]),
-            str(site["patches"]),
-            f"{summary.patches_per_second:.1f}",
-            str(summary.count("failed")),
-        )
-    console.print(table)
-    stages = Table(title="time per stage")
-    stages.add_column("stage")
-    stages.add_column("seconds", justify="right")
-    for stage, seconds in stage_seconds.items():
-        stages.add_row(stage, f"{seconds:.1f}")
-    stages.add_row("total", f"{time.perf_counter() - started:.1f}")
-    console.print(stages)
-    console.print(f"prepared data: {out / 'prepared'}  (QC pictures in each site's qc/ folder)")
-    failed = sum(summary.count("failed") for _, summary in summaries)
-    return EXIT_PARTIAL if failed else EXIT_OK
-
-
 def add_synth_commands(
     sub: Any,
     add_prepare_options: Callable[[argparse.ArgumentParser], None],
@@ -200,16 +136,29 @@ def add_synth_commands(
 
     demo = sub.add_parser(
         "demo",
-        help="synthesise three hospitals and prepare each of them",
+        help="three synthetic hospitals on this machine: prepare, federate, report",
         description=(
             "Generate a synthetic three-hospital cohort (different label levels and stain), "
-            "then run `fedpath prepare` for each hospital, and print a summary."
+            "run `fedpath prepare` for each hospital, start a SuperLink and one SuperNode per "
+            "hospital on loopback, run a federated FedMix run, write its report and stop "
+            "every process."
         ),
     )
     demo.add_argument("--out", type=Path, default=Path("demo-output"), help="working folder")
     _add_cohort_options(demo)
     add_prepare_options(demo)
-    demo.set_defaults(handler=lambda a, c: cmd_demo(a, c, prepare_overrides))
+    demo.add_argument("--rounds", type=int, default=5, help="federated rounds (5)")
+    demo.add_argument(
+        "--strategy", choices=("fedmix", "fedavg"), default="fedmix", help="aggregation (fedmix)"
+    )
+    demo.add_argument("--local-epochs", type=int, default=2, help="epochs per site per round (2)")
+
+    def run_demo(a: argparse.Namespace, c: Console) -> int:
+        from client.cli_demo import cmd_demo
+
+        return cmd_demo(a, c, prepare_overrides, _generate_cohort)
+
+    demo.set_defaults(handler=run_demo)
 
 
 def _add_cohort_options(parser: argparse.ArgumentParser) -> None:

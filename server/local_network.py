@@ -19,14 +19,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from common.errors import FedpathError
 
-__all__ = ["LocalNetwork", "NetworkError", "free_port", "toml_value"]
+__all__ = ["FlwrCli", "LocalNetwork", "NetworkError", "free_port", "toml_value"]
 
 CONNECTION = "local"
 
@@ -61,6 +61,125 @@ def _port_open(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(0.5)
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@dataclass
+class FlwrCli:
+    """The ``flwr`` command against one SuperLink, with its own ``FLWR_HOME``.
+
+    Flower keeps connections in ``$FLWR_HOME/config.toml``; a private home per network (and
+    per coordinator command) keeps runs from ever going to a SuperLink the user did not name.
+    """
+
+    flwr_home: Path
+    address: str
+    tls_ca: Path | None = None
+    """CA certificate of the SuperLink; ``None`` = insecure (plain HTTP)."""
+    workdir: Path | None = None
+
+    def env(self) -> dict[str, str]:
+        """Environment of every Flower process: private FLWR_HOME, offline, no telemetry."""
+        env = dict(os.environ)
+        # The SuperLink and SuperNodes spawn flower-superexec / flwr-serverapp / flwr-clientapp
+        # by name: the venv's bin directory must come first on PATH.
+        venv_bin = str(Path(sys.executable).parent)
+        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
+        env.update(
+            FLWR_HOME=str(self.flwr_home),
+            FLWR_TELEMETRY_ENABLED="0",
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def write_connection(self) -> None:
+        """``$FLWR_HOME/config.toml`` with one connection, ``local``, to the SuperLink."""
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
+        lines.append(f'address = "{self.address}"')
+        if self.tls_ca is None:
+            lines.append("insecure = true")
+        else:
+            lines.append(f"root-certificates = {json.dumps(str(self.tls_ca))}")
+        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    # -- flwr CLI ------------------------------------------------------------------------
+
+    def flwr(self, *args: str, timeout: float = 120.0, cwd: Path | None = None) -> dict[str, Any]:
+        """Run a ``flwr`` command with ``--format json``; its parsed answer."""
+        argv = [_bin("flwr"), *args, "--format", "json"]
+        try:
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                cwd=cwd or self.workdir or Path.cwd(),
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise NetworkError(
+                f"`flwr {' '.join(args)}` did not answer in {timeout:.0f} s"
+            ) from exc
+        start = done.stdout.find("{")
+        try:
+            answer = json.loads(done.stdout[start:]) if start >= 0 else None
+        except json.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise NetworkError(
+                f"`flwr {' '.join(args)}` gave no JSON answer (exit {done.returncode}): "
+                f"{(done.stdout + done.stderr).strip()[-800:]}"
+            )
+        return answer
+
+    def connected_nodes(self) -> int:
+        """How many SuperNodes the SuperLink currently lists as online."""
+        answer = self.flwr("supernode", "list", CONNECTION)
+        nodes = answer.get("nodes") or []
+        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+
+    def submit(self, app_dir: Path, run_config: Mapping[str, Any]) -> int:
+        """``flwr run APP local -c ...``; the run id."""
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        args = ["run", str(app_dir), CONNECTION]
+        if overrides:
+            args += ["--run-config", overrides]
+        answer = self.flwr(*args, timeout=300.0, cwd=app_dir)
+        if not answer.get("success") or "run-id" not in answer:
+            raise NetworkError(f"flwr run failed: {answer.get('error-message', answer)}")
+        return int(answer["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        """The run's status as ``flwr ls`` reports it, e.g. ``finished:completed``."""
+        answer = self.flwr("ls", CONNECTION, "--run-id", str(run_id))
+        runs = answer.get("runs") or []
+        if not answer.get("success") or not runs:
+            raise NetworkError(f"flwr ls --run-id {run_id}: {answer.get('error-message', answer)}")
+        return str(runs[0].get("status", ""))
+
+    def wait_for_run(
+        self,
+        run_id: int,
+        timeout: float,
+        poll: float = 3.0,
+        alive: Callable[[], bool] | None = None,
+        on_poll: Callable[[str], None] | None = None,
+    ) -> str:
+        """Poll until the run is finished; its final status. ``NetworkError`` on timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.run_status(run_id)
+            if on_poll is not None:
+                on_poll(status)
+            if status.startswith("finished"):
+                return status
+            if alive is not None and not alive():
+                raise NetworkError(f"the SuperLink died during run {run_id}")
+            if time.monotonic() > deadline:
+                raise NetworkError(f"run {run_id} still {status!r} after {timeout:.0f} s")
+            time.sleep(poll)
 
 
 @dataclass
@@ -106,29 +225,10 @@ class LocalNetwork:
         return f"127.0.0.1:{self.superlink_port}"
 
     def env(self) -> dict[str, str]:
-        """Environment of every Flower process: private FLWR_HOME, offline, no telemetry."""
-        env = dict(os.environ)
-        # The SuperLink and SuperNodes spawn flower-superexec / flwr-serverapp / flwr-clientapp
-        # by name: the venv's bin directory must come first on PATH.
-        venv_bin = str(Path(sys.executable).parent)
-        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
-        env.update(
-            FLWR_HOME=str(self.flwr_home),
-            FLWR_TELEMETRY_ENABLED="0",
-            FLWR_DISABLE_UPDATE_CHECK="1",
-            PYTHONUNBUFFERED="1",
-        )
-        return env
+        return self.cli.env()
 
     def write_connection(self) -> None:
-        """``$FLWR_HOME/config.toml`` with one connection, ``local``, to our SuperLink."""
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-        lines.append(f'address = "{self.address}"')
-        if self.tls_ca is None:
-            lines.append("insecure = true")
-        else:
-            lines.append(f"root-certificates = {json.dumps(str(self.tls_ca))}")
-        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        self.cli.write_connection()
 
     def _tls_args(self, server: bool) -> list[str]:
         if self.tls_ca is None:
@@ -243,77 +343,30 @@ class LocalNetwork:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    # -- flwr CLI ------------------------------------------------------------------------
+    # -- flwr CLI (delegated) ----------------------------------------------------------
+
+    @property
+    def cli(self) -> FlwrCli:
+        return FlwrCli(self.flwr_home, self.address, self.tls_ca, workdir=self.workdir)
 
     def flwr(self, *args: str, timeout: float = 120.0, cwd: Path | None = None) -> dict[str, Any]:
-        """Run a ``flwr`` command with ``--format json``; its parsed answer."""
-        argv = [_bin("flwr"), *args, "--format", "json"]
-        try:
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                env=self.env(),
-                cwd=cwd or self.workdir,
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise NetworkError(
-                f"`flwr {' '.join(args)}` did not answer in {timeout:.0f} s"
-            ) from exc
-        start = done.stdout.find("{")
-        try:
-            answer = json.loads(done.stdout[start:]) if start >= 0 else None
-        except json.JSONDecodeError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise NetworkError(
-                f"`flwr {' '.join(args)}` gave no JSON answer (exit {done.returncode}): "
-                f"{(done.stdout + done.stderr).strip()[-800:]}"
-            )
-        return answer
+        return self.cli.flwr(*args, timeout=timeout, cwd=cwd)
 
     def connected_nodes(self) -> int:
-        """How many SuperNodes the SuperLink currently lists as online."""
-        answer = self.flwr("supernode", "list", CONNECTION)
-        nodes = answer.get("nodes") or []
-        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+        return self.cli.connected_nodes()
 
     def submit(self, app_dir: Path, run_config: Mapping[str, Any]) -> int:
-        """``flwr run APP local -c ...``; the run id."""
-        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        args = ["run", str(app_dir), CONNECTION]
-        if overrides:
-            args += ["--run-config", overrides]
-        answer = self.flwr(*args, timeout=300.0, cwd=app_dir)
-        if not answer.get("success") or "run-id" not in answer:
-            raise NetworkError(f"flwr run failed: {answer.get('error-message', answer)}")
-        return int(answer["run-id"])
+        return self.cli.submit(app_dir, run_config)
 
     def run_status(self, run_id: int) -> str:
-        """The run's status as ``flwr ls`` reports it, e.g. ``finished:completed``."""
-        answer = self.flwr("ls", CONNECTION, "--run-id", str(run_id))
-        runs = answer.get("runs") or []
-        if not answer.get("success") or not runs:
-            raise NetworkError(f"flwr ls --run-id {run_id}: {answer.get('error-message', answer)}")
-        return str(runs[0].get("status", ""))
+        return self.cli.run_status(run_id)
 
     def wait_for_run(self, run_id: int, timeout: float, poll: float = 3.0) -> str:
-        """Poll until the run is finished; its final status. ``NetworkError`` on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.run_status(run_id)
-            if status.startswith("finished"):
-                return status
-            dead = [
-                m.name for m in self.processes.values() if m.name == "superlink" and not m.alive()
-            ]
-            if dead:
-                raise NetworkError(f"the SuperLink died during run {run_id}")
-            if time.monotonic() > deadline:
-                raise NetworkError(f"run {run_id} still {status!r} after {timeout:.0f} s")
-            time.sleep(poll)
+        """Poll until the run is finished; ``NetworkError`` on timeout or a dead SuperLink."""
+        superlink = self.processes.get("superlink")
+        return self.cli.wait_for_run(
+            run_id, timeout, poll, alive=(superlink.alive if superlink else None)
+        )
 
     def logs(self) -> Iterator[tuple[str, str]]:
         """(process name, last lines of its log) for error messages."""

@@ -51,8 +51,15 @@ def test_unknown_encoder_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     manifest = slide / "slides.csv"
     manifest.write_text("slide_id,path,label\ns,slides/synthetic.tiff,normal\n")
     code, out = _run(
-        ["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "o"),
-         "--encoder", "no_such_encoder"],
+        [
+            "prepare",
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(tmp_path / "o"),
+            "--encoder",
+            "no_such_encoder",
+        ],
         capsys,
     )
     assert code == EXIT_USAGE
@@ -64,8 +71,19 @@ def test_prepare_exit_1_when_a_slide_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _ = _run(
-        ["synth", "slide", str(tmp_path), "--slide-id", "good", "--width", "2048",
-         "--height", "2048", "--tumour-fraction", "0.3"],
+        [
+            "synth",
+            "slide",
+            str(tmp_path),
+            "--slide-id",
+            "good",
+            "--width",
+            "2048",
+            "--height",
+            "2048",
+            "--tumour-fraction",
+            "0.3",
+        ],
         capsys,
     )
     assert code == EXIT_OK
@@ -76,8 +94,17 @@ def test_prepare_exit_1_when_a_slide_fails(
         "good,slides/good.tiff,tumour,annotations/good.geojson,true\n"
         "bad,slides/bad.svs,normal,,\n"
     )
-    args = ["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "out"),
-            "--encoder", "tiny_cnn", "--tissue-preset", "biopsy"]
+    args = [
+        "prepare",
+        "--manifest",
+        str(manifest),
+        "--out",
+        str(tmp_path / "out"),
+        "--encoder",
+        "tiny_cnn",
+        "--tissue-preset",
+        "biopsy",
+    ]
     code, out = _run(args, capsys)
     assert code == EXIT_PARTIAL
     assert "1 done, 0 skipped, 1 failed" in out
@@ -91,16 +118,33 @@ def test_prepare_exit_1_when_a_slide_fails(
 @pytest.mark.slow
 @pytest.mark.integration
 def test_demo_end_to_end_small(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's first command at small scale: prepare, real Flower processes, report."""
     code, out = _run(
-        ["demo", "--out", str(tmp_path), "--slides-per-site", "2", "--encoder", "tiny_cnn"],
+        [
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--encoder",
+            "tiny_cnn",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+        ],
         capsys,
     )
     assert code == EXIT_OK, out
-    assert "fedpath demo: prepared hospitals" in out and "time per stage" in out
+    assert "prepared hospitals" in out and "time per stage" in out
+    assert "held-out test slides" in out and "federated run" in out
     for site in ("site_a", "site_b", "site_c"):
         site_json = json.loads((tmp_path / "prepared" / site / "site.json").read_text())
-        assert site_json["slides"]["usable"] == 2 and site_json["slides"]["failed"] == 0
-        assert site_json["patches"] > 0
+        assert site_json["slides"]["failed"] == 0 and site_json["patches"] > 0
+    final = json.loads((tmp_path / "runs" / "demo" / "final.json").read_text())
+    assert final["status"] == "completed"
+    assert set(final["test"]) == {"site_a", "site_b", "site_c"}
+    assert (tmp_path / "runs" / "demo" / "report.html").is_file()
+    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == "", "the demo left Flower processes running"
 
 
 def test_console_script_is_installed() -> None:
@@ -119,8 +163,11 @@ def test_encoders_lists_registry_without_loading_weights(
 ) -> None:
     code, out = _run(["encoders"], capsys)
     assert code == EXIT_OK
-    for name, dim in (("efficientnet_lite0", "1280"), ("resnet50_trunc", "1024"),
-                      ("tiny_cnn", "64")):
+    for name, dim in (
+        ("efficientnet_lite0", "1280"),
+        ("resnet50_trunc", "1024"),
+        ("tiny_cnn", "64"),
+    ):
         line = next(row for row in out.splitlines() if name in row)
         assert dim in line
     assert "--weights" in out  # resnet50_trunc says how to provide its weights

@@ -1,0 +1,197 @@
+"""``fedpath demo``: three synthetic hospitals on this machine, end to end, real processes.
+
+Stages: synthesise slides → ``fedpath prepare`` per hospital → a SuperLink and one SuperNode
+per hospital on loopback → one federated FedMix run submitted with ``flwr run`` → run report.
+Every stage shows progress; at the end one table per site (test AUC, patch AUC, weight) and
+the time per stage. Every process the demo starts is stopped when it ends, fails or is
+interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+EXIT_OK, EXIT_PARTIAL = 0, 1
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    return "n/a" if not isinstance(x, int | float) or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _prepare_sites(
+    args: argparse.Namespace,
+    console: Console,
+    prepare_overrides: Callable[[argparse.Namespace], dict[str, Any]],
+    generate_cohort: Callable[[argparse.Namespace, Path, Console], list[Path]],
+    stage_seconds: dict[str, float],
+) -> tuple[dict[str, Path], int]:
+    """Synthesise and prepare each hospital; (site → prepared dir, failed slide count)."""
+    from client.config import PrepareConfig
+    from client.prepare.pipeline import prepare_site
+    from client.progress import RichPrepareEvents, summary_line
+    from common.configio import build_config
+
+    if args.tissue_preset is None:
+        args.tissue_preset = "biopsy"  # synthetic slides are biopsy-sized (a few mm² of tissue)
+    cfg = build_config(PrepareConfig, args.config, prepare_overrides(args))
+    out: Path = args.out
+    began = time.perf_counter()
+    site_dirs = generate_cohort(args, out / "hospitals", console)
+    stage_seconds["synthesise"] = time.perf_counter() - began
+
+    table = Table(title="prepared hospitals")
+    for column in ("site", "slides", "tumour / normal", "annotated", "patches", "patches/s"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    prepared: dict[str, Path] = {}
+    failed = 0
+    for site_dir in site_dirs:
+        began = time.perf_counter()
+        with RichPrepareEvents(console, site_dir.name) as events:
+            summary = prepare_site(
+                site_dir / "slides.csv", out / "prepared" / site_dir.name, cfg, events=events
+            )
+        stage_seconds[f"prepare {site_dir.name}"] = time.perf_counter() - began
+        console.print(summary_line(summary))
+        failed += summary.count("failed")
+        site = json.loads((summary.out_dir / "site.json").read_text(encoding="utf-8"))
+        by_label = site["slides"]["by_label"]
+        table.add_row(
+            site_dir.name,
+            str(site["slides"]["usable"]),
+            f"{by_label.get('tumour', 0)} / {by_label.get('normal', 0)}",
+            str(site["slides"]["with_patch_labels"]),
+            str(site["patches"]),
+            f"{summary.patches_per_second:.1f}",
+        )
+        prepared[site_dir.name] = summary.out_dir
+    console.print(table)
+    return prepared, failed
+
+
+def _federate(
+    args: argparse.Namespace, console: Console, prepared: dict[str, Path]
+) -> tuple[Any, dict[str, float]]:
+    from server.demo_federation import run_demo_federation
+
+    out: Path = args.out
+    run_config = {
+        "num-server-rounds": args.rounds,
+        "strategy": args.strategy,
+        "local-epochs": args.local_epochs,
+        "min-sites": len(prepared),
+        "min-fit-fraction": 0.6,
+        "split-folds": 3,  # the smallest synthetic site has 3 slides per label
+        "connect-timeout": 120.0,
+        "round-timeout": 600.0,
+        "runs-dir": str((out / "runs").resolve()),
+        "run-name": "demo",
+    }
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
+    with progress:
+        task = progress.add_task("federated rounds", total=args.rounds, status="starting")
+
+        def on_stage(text: str) -> None:
+            progress.update(task, status=text)
+
+        def on_round(rounds: list[dict[str, Any]]) -> None:
+            if not rounds:
+                progress.update(task, status="round 1 running")
+                return
+            last = rounds[-1]
+            glob = last.get("global", {})
+            weights = ", ".join(f"{s} {w:.2f}" for s, w in sorted(last["weights"].items()))
+            failed = f", {len(last['failed'])} failed" if last.get("failed") else ""
+            progress.update(
+                task,
+                completed=len(rounds),
+                status=f"val AUC {_fmt(glob.get('val_auc'))}; weights {weights}{failed}",
+            )
+
+        result = run_demo_federation(
+            prepared, out, run_config, on_stage=on_stage, on_round=on_round
+        )
+    return result, result.seconds
+
+
+def _final_table(result: Any) -> Table:
+    table = Table(title=f"federated model ({len(result.rounds)} rounds): held-out test slides")
+    for column in ("site", "test slides", "slide AUC", "patch AUC", "balanced acc.", "weight"):
+        table.add_column(column, justify="left" if column == "site" else "right")
+    final = result.final or {}
+    weights = result.rounds[-1]["weights"] if result.rounds else {}
+    for site, m in sorted((final.get("test") or {}).items()):
+        table.add_row(
+            site,
+            str(m.get("num_examples")),
+            _fmt(m.get("auc")),
+            _fmt(m.get("patch_auc")),
+            _fmt(m.get("balanced_accuracy")),
+            _fmt(weights.get(site)),
+        )
+    g = final.get("global_test") or {}
+    if g:
+        table.add_row(
+            "all (weighted)",
+            str(g.get("num_examples")),
+            _fmt(g.get("auc")),
+            _fmt(g.get("patch_auc")),
+            _fmt(g.get("balanced_accuracy")),
+            "",
+        )
+    return table
+
+
+def cmd_demo(
+    args: argparse.Namespace,
+    console: Console,
+    prepare_overrides: Callable[[argparse.Namespace], dict[str, Any]],
+    generate_cohort: Callable[[argparse.Namespace, Path, Console], list[Path]],
+) -> int:
+    """The README's first command; exit 0 only when the federated run completed."""
+    started = time.perf_counter()
+    stage_seconds: dict[str, float] = {}
+    console.rule("1/2  hospitals prepare their slides (each on its own data)")
+    prepared, failed = _prepare_sites(
+        args, console, prepare_overrides, generate_cohort, stage_seconds
+    )
+    console.rule("2/2  federated training: SuperLink + 3 SuperNodes on loopback")
+    result, fed_seconds = _federate(args, console, prepared)
+    stage_seconds.update(fed_seconds)
+    console.print(_final_table(result))
+    stages = Table(title="time per stage")
+    stages.add_column("stage")
+    stages.add_column("seconds", justify="right")
+    for stage, seconds in stage_seconds.items():
+        stages.add_row(stage, f"{seconds:.1f}")
+    stages.add_row("total", f"{time.perf_counter() - started:.1f}")
+    console.print(stages)
+    report = result.run_dir / "report.html"
+    console.print(f"prepared data: {args.out / 'prepared'}  (QC pictures in each site's qc/)")
+    console.print(f"run directory: {result.run_dir}")
+    if report.is_file():
+        console.print(f"run report:    {report}")
+    if result.status != "finished:completed":
+        reason = (result.final or {}).get("reason") or "see the SuperLink log"
+        console.print(
+            f"[bold red]the federated run did not complete ({result.status}):[/] {reason}"
+        )
+        console.print(f"process logs: {args.out / 'network'}")
+        return EXIT_PARTIAL
+    return EXIT_PARTIAL if failed else EXIT_OK
