@@ -18,8 +18,8 @@ from server.checkpoints import latest_checkpoint, load_checkpoint
 from server.config import RunConfig
 from server.federated_run import run_federated
 from server.harmonise import HarmonisationError
+from server.inprocess_grid import InProcessGrid, InProcessSite
 from server.rounds import RunFailed
-from tests.inprocess_grid import FakeSite, InProcessGrid
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -35,7 +35,7 @@ def site_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _grid(site_dirs: dict[str, Path], **silent: set[int]) -> InProcessGrid:
     return InProcessGrid(
         {
-            10 + i: FakeSite(path, f"site_{name}", silent_rounds=silent.get(name, set()))
+            10 + i: InProcessSite(path, f"site_{name}", silent_rounds=silent.get(name, set()))
             for i, (name, path) in enumerate(sorted(site_dirs.items()))
         }
     )
