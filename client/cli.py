@@ -157,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     from server.cli_server import add_server_commands
 
     add_server_commands(sub)
+
+    from server.cli_security import add_security_commands
+
+    add_security_commands(sub)
     return parser
 
 
