@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser; built on demand, never at import."""
     parser = argparse.ArgumentParser(
         prog="fedpath",
-        description="Federated attention-MIL for computational pathology (hospital side).",
+        description="Federated attention-MIL for computational pathology: hospital and "
+        "coordinator commands.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -161,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     from server.cli_security import add_security_commands
 
     add_security_commands(sub)
+
+    from server.cli_coordinator import add_coordinator_commands
+
+    add_coordinator_commands(sub)
+
+    from client.cli_node import add_node_command
+
+    add_node_command(sub)
     return parser
 
 

@@ -61,15 +61,15 @@ def run_demo_federation(
     on_stage: Callable[[str], None] = lambda _: None,
     on_round: Callable[[list[dict[str, Any]]], None] = lambda _: None,
     timeout: float = 1200.0,
-    network_factory: Callable[[Path], LocalNetwork] = LocalNetwork,
-    prepare_network: Callable[[LocalNetwork, Mapping[str, Path]], dict[str, Path | None]]
-    | None = None,
+    secure: bool = True,
 ) -> DemoRun:
     """Start a SuperLink and one SuperNode per site, run one federated run, stop everything.
 
-    ``prepare_network`` may set up TLS and node keys before the processes start; it returns
-    the private key of each site (or None). Every process is stopped on return, on error and
-    on Ctrl-C (the network is a context manager).
+    With ``secure`` (the default, as in a real deployment) a fresh CA, SuperLink certificate
+    and one node key pair per hospital are generated, the SuperLink requires TLS and
+    registered node keys, and each hospital's public key is registered before its SuperNode
+    starts. Every process is stopped on return, on error and on Ctrl-C (the network is a
+    context manager).
     """
     seconds: dict[str, float] = {}
     net_dir = workdir / "network"
@@ -79,18 +79,22 @@ def run_demo_federation(
     run_dir = runs_dir / run_name
     shutil.rmtree(run_dir, ignore_errors=True)
     began = time.perf_counter()
-    with network_factory(net_dir) as net:
-        keys = prepare_network(net, prepared) if prepare_network else dict.fromkeys(prepared)
+    with LocalNetwork(net_dir) as net:
+        keys: dict[str, Path | None] = dict.fromkeys(prepared)
+        public: list[Path] = []
+        if secure:
+            on_stage("creating TLS certificates and hospital node keys")
+            keys, public = _secure(net, list(prepared))
         on_stage("starting the SuperLink")
         net.start_superlink()
-        if prepare_network is not None and net.node_auth:
+        if public:
             on_stage("registering the hospitals' public keys")
             from server.security import register_public_keys
 
-            register_public_keys(net.cli, [k.with_suffix(".pub") for k in keys.values() if k])
+            register_public_keys(net.cli, public)
         on_stage(f"starting {len(prepared)} SuperNodes")
         for site, data in prepared.items():
-            net.start_supernode(site, data, private_key=keys.get(site))
+            net.start_supernode(site, data, private_key=keys[site])
         _wait_for_nodes(net, len(prepared), timeout=120.0)
         seconds["start network"] = time.perf_counter() - began
         on_stage("submitting the run (flwr run)")
@@ -113,6 +117,17 @@ def run_demo_federation(
     final_path = run_dir / FINAL_FILE
     final = json.loads(final_path.read_text(encoding="utf-8")) if final_path.is_file() else None
     return DemoRun(status, run_dir, read_rounds(run_dir), final, seconds)
+
+
+def _secure(net: LocalNetwork, sites: list[str]) -> tuple[dict[str, Path | None], list[Path]]:
+    """CA + SuperLink certificate + node keys under the network folder; TLS and auth on."""
+    from server.security import create_certificates, create_node_keys
+
+    pki = create_certificates(net.workdir / "pki", existing="overwrite")
+    net.tls_ca, net.tls_cert, net.tls_key = pki.ca_cert, pki.server_cert, pki.server_key
+    net.node_auth = True
+    pairs = create_node_keys(net.workdir / "keys", sites, existing="overwrite")
+    return {p.site: p.private_key for p in pairs}, [p.public_key for p in pairs]
 
 
 def _wait_for_nodes(net: LocalNetwork, expected: int, timeout: float) -> None:

@@ -1,0 +1,94 @@
+"""``fedpath node``: the hospital daemon (a Flower SuperNode pointed at the prepared data).
+
+It refuses to start when something a run would trip over later is missing: the data directory
+is not prepared, or the TLS CA / node key files are absent. Each refusal says what to run. The
+SuperNode then replaces this process (``execve``), so systemd supervises Flower directly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from common.errors import ConfigError
+
+EXIT_OK = 0
+
+
+def supernode_argv(args: argparse.Namespace) -> list[str]:
+    """Validate the hospital's setup and build the ``flower-supernode`` command line."""
+    from client.prepare.records import INDEX_FILE, SITE_FILE
+    from server.local_network import toml_value
+
+    data: Path = args.data.expanduser().resolve()
+    for name in (SITE_FILE, INDEX_FILE):
+        if not (data / name).is_file():
+            raise ConfigError(
+                f"{data} is not a prepared data directory ({name} is missing): run "
+                f"`fedpath prepare --manifest slides.csv --out {data}` first"
+            )
+    site = args.site or data.name
+    node_config = {"data-path": str(data), "site": site}
+    argv = [
+        str(Path(sys.executable).with_name("flower-supernode")),
+        "--superlink",
+        args.superlink,
+        "--port",
+        str(args.port),
+        "--node-config",
+        " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items()),
+    ]
+    if args.insecure:
+        return [*argv, "--insecure"]
+    for flag, path, hint in (
+        ("--ca", args.ca, "the CA certificate the coordinator sends you"),
+        ("--key", args.key, "create it with `fedpath keys --out DIR SITE` and send the .pub"),
+    ):
+        if path is None:
+            raise ConfigError(f"{flag} is required ({hint}); --insecure only for local tests")
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} {path} does not exist ({hint})")
+    return [
+        *argv,
+        "--root-certificates",
+        str(args.ca),
+        "--auth-supernode-private-key",
+        str(args.key),
+    ]
+
+
+def cmd_node(args: argparse.Namespace, console: Console) -> int:
+    argv = supernode_argv(args)
+    console.print(f"SuperNode for {args.site or args.data.name} → {args.superlink}")
+    if args.print_only:
+        console.print(" ".join(argv))
+        return EXIT_OK
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    sys.stdout.flush()
+    os.execve(argv[0], argv, env)
+    return EXIT_OK  # pragma: no cover - execve does not return
+
+
+def add_node_command(sub: Any) -> None:
+    node = sub.add_parser(
+        "node",
+        help="run this hospital's SuperNode (the federated client daemon)",
+        description="Start a Flower SuperNode whose ClientApp trains on the prepared data in "
+        "--data. Only model parameters and aggregate metrics leave this machine.",
+    )
+    node.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    node.add_argument("--data", type=Path, required=True, help="prepared data directory")
+    node.add_argument("--key", type=Path, help="this hospital's private node key")
+    node.add_argument("--ca", type=Path, help="CA certificate of the SuperLink")
+    node.add_argument("--site", help="site name shown to the coordinator (default: folder name)")
+    node.add_argument("--port", type=int, default=9094, help="local ClientApp API port (9094)")
+    node.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
+    node.add_argument("--print-only", action="store_true", help="print the command, do not run")
+    node.set_defaults(handler=cmd_node)

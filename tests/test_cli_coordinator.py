@@ -1,0 +1,156 @@
+"""`fedpath link / node / run / status`: command lines, refusals, and run outcome from flwr ls."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from client.cli_node import supernode_argv
+from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+from common.errors import ConfigError
+from server.cli_coordinator import parse_overrides, superlink_argv
+
+
+def _link_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
+    base = dict(
+        state=tmp_path / "state",
+        host="0.0.0.0",
+        port=9092,
+        ca=None,
+        cert=None,
+        key=None,
+        insecure=False,
+        no_node_auth=False,
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_link_defaults_to_tls_node_auth_state_and_no_dependency_install(tmp_path: Path) -> None:
+    pki = {name: tmp_path / name for name in ("ca.pem", "server.pem", "server.key")}
+    for path in pki.values():
+        path.write_text("x")
+    argv = superlink_argv(
+        _link_args(tmp_path, ca=pki["ca.pem"], cert=pki["server.pem"], key=pki["server.key"])
+    )
+    assert "--enable-supernode-auth" in argv and "--insecure" not in argv
+    assert "--disable-runtime-dependency-installation" in argv
+    assert argv[argv.index("--database") + 1] == str(tmp_path / "state" / "superlink-state.db")
+    assert argv[argv.index("--ssl-certfile") + 1] == str(pki["server.pem"])
+
+
+def test_link_refuses_missing_certificates_and_auth_without_tls(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="--ca is required"):
+        superlink_argv(_link_args(tmp_path))
+    with pytest.raises(ConfigError, match=r"does not exist .*fedpath certs"):
+        superlink_argv(_link_args(tmp_path, ca=tmp_path / "nope.pem"))
+    with pytest.raises(ConfigError, match="needs TLS"):
+        superlink_argv(_link_args(tmp_path, insecure=True))
+    assert "--insecure" in superlink_argv(_link_args(tmp_path, insecure=True, no_node_auth=True))
+
+
+def _node_args(tmp_path: Path, data: Path, **kw: object) -> argparse.Namespace:
+    base = dict(
+        superlink="link.example:9092",
+        data=data,
+        key=None,
+        ca=None,
+        site=None,
+        port=9094,
+        insecure=False,
+    )
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_node_refuses_an_unprepared_directory_and_missing_key_or_ca(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"not a prepared data directory.*fedpath prepare"):
+        supernode_argv(_node_args(tmp_path, tmp_path / "empty"))
+    data = write_synthetic_site(tmp_path / "site_a", SyntheticSiteSpec(n_slides=4), seed=0)
+    with pytest.raises(ConfigError, match="--ca is required"):
+        supernode_argv(_node_args(tmp_path, data))
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    with pytest.raises(ConfigError, match=r"--key .*does not exist.*fedpath keys"):
+        supernode_argv(_node_args(tmp_path, data, ca=ca, key=tmp_path / "a.key"))
+
+
+def test_node_command_line_points_the_client_at_the_data(tmp_path: Path) -> None:
+    data = write_synthetic_site(tmp_path / "site_a", SyntheticSiteSpec(n_slides=4), seed=0)
+    ca, key = tmp_path / "ca.pem", tmp_path / "a.key"
+    ca.write_text("x")
+    key.write_text("x")
+    argv = supernode_argv(_node_args(tmp_path, data, ca=ca, key=key, site="hospital_a"))
+    node_config = argv[argv.index("--node-config") + 1]
+    assert node_config == f'data-path="{data.resolve()}" site="hospital_a"'
+    assert argv[argv.index("--auth-supernode-private-key") + 1] == str(key)
+    assert argv[argv.index("--root-certificates") + 1] == str(ca)
+
+
+def test_run_overrides_are_toml_values() -> None:
+    assert parse_overrides(["num-server-rounds=4", "strategy=fedavg", 'run-name="x y"']) == {
+        "num-server-rounds": 4,
+        "strategy": "fedavg",
+        "run-name": "x y",
+    }
+    with pytest.raises(ConfigError, match="expected key=value"):
+        parse_overrides(["rounds"])
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_fedpath_run_exit_code_follows_flwr_ls(tmp_path: Path) -> None:
+    """0 for a completed run, 1 for a failed one (here: a site with other features)."""
+    from client.cli import main
+    from server.local_network import LocalNetwork
+
+    spec = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
+    a = write_synthetic_site(tmp_path / "a", spec, seed=0)
+    b = write_synthetic_site(tmp_path / "b", spec, seed=1)
+    odd = write_synthetic_site(
+        tmp_path / "odd", SyntheticSiteSpec(n_slides=10, feature_dim=8), seed=2
+    )
+    with LocalNetwork(tmp_path / "net") as net:
+        net.start_superlink()
+        for name, data in (("site_a", a), ("site_b", b)):
+            net.start_supernode(name, data)
+        common = [
+            "run",
+            "--superlink",
+            net.address,
+            "--insecure",
+            "--flwr-home",
+            str(tmp_path / "home"),
+            "--timeout",
+            "600",
+        ]
+        runs = f'runs-dir="{tmp_path / "runs"}"'
+        ok = main(
+            [
+                *common,
+                "-c",
+                "num-server-rounds=1",
+                "-c",
+                "local-epochs=1",
+                "-c",
+                runs,
+                "-c",
+                'run-name="ok"',
+                "-c",
+                "connect-timeout=120.0",
+            ]
+        )
+        assert ok == 0
+        net.start_supernode("site_odd", odd)
+        time_limit = 60
+        import time
+
+        deadline = time.monotonic() + time_limit
+        while net.connected_nodes() < 3 and time.monotonic() < deadline:
+            time.sleep(1)
+        failed = main([*common, "-c", runs, "-c", 'run-name="bad"', "-c", "min-sites=3"])
+        assert failed == 1
+    assert (tmp_path / "runs" / "ok" / "final.json").is_file()
+    assert "site_odd: feature_dim is 8" in (tmp_path / "runs" / "bad" / "final.json").read_text()
