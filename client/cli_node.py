@@ -47,7 +47,7 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
         return [*argv, "--insecure"]
     for flag, path, hint in (
         ("--ca", args.ca, "the CA certificate the coordinator sends you"),
-        ("--key", args.key, "create it with `fedpath keys --out DIR SITE` and send the .pub"),
+        ("--key", args.key, "create it with `fedpath keys new --out DIR SITE` and send the .pub"),
     ):
         if path is None:
             raise ConfigError(f"{flag} is required ({hint}); --insecure only for local tests")
