@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -397,7 +395,6 @@ def test_learns_a_synthetic_task_and_attends_to_the_shifted_patches(kind: str) -
     and the slide loss alone nothing ties the evidence to a particular branch (branch 1 can
     find the positives or branch 0 can veto them), so the better branch is taken.
     """
-    start = time.perf_counter()
     features, mask, labels, shifted = _synthetic_bags(40, seed=5)
     positives = labels == 1
     uniform = float((shifted.sum(dim=1) / mask.sum(dim=1))[positives].mean())  # about 0.2
@@ -411,4 +408,3 @@ def test_learns_a_synthetic_task_and_attends_to_the_shifted_patches(kind: str) -
         assert float((attention * shifted.unsqueeze(1)).sum(dim=-1)[~positives].max()) == 0.0
         concentrated += best > 0.6 and best > 2.5 * uniform
     assert concentrated >= 4
-    assert time.perf_counter() - start < 3.0
