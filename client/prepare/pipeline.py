@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from client.config import PrepareConfig
-from client.embed.extract import choose_precision, extract_features
+from client.embed.extract import RESAMPLING, choose_precision, extract_features
 from client.embed.registry import LoadedEncoder, load_encoder
 from client.prepare.manifest import Manifest, ManifestRow, load_manifest
 from client.prepare.records import (
@@ -100,6 +100,7 @@ def features_config(cfg: PrepareConfig, encoder: LoadedEncoder, precision: str) 
         "encoder_sha256": encoder.weights_sha256,
         "precision": precision,
         "feature_dtype": cfg.embedding.feature_dtype,
+        "resampling": RESAMPLING,
     }
 
 
@@ -201,9 +202,7 @@ def _prepare_slide(
                         info.dimensions,
                         cfg.annotation,
                     )
-                    labels = patch_labels(
-                        fraction, bool(row.annotation_complete), cfg.annotation
-                    )
+                    labels = patch_labels(fraction, bool(row.annotation_complete), cfg.annotation)
             stage = "embedding"
             events.slide_started(row.slide_id, int(grid.coords.shape[0]))
             tumour_patches = int((labels == 1).sum()) if labels is not None else None
