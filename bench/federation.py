@@ -1,0 +1,574 @@
+"""Federation benchmark: ClientApp start-up cost and s/round of a real 3-site deployment.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/federation.py            # 20 slides × 200 patches × 1280-d per site
+    .venv/bin/python bench/federation.py --quick    # tiny sites, 1 round: a smoke run
+
+Every Flower message runs in a fresh ClientApp process, so what a message costs before any
+work is done (interpreter, Flower's runtime, our imports) is paid twice per site and round
+(train, evaluate), plus once for the harmonisation query and once for the final test.
+Two parts, each comparing ours to a floor measured in the same run:
+
+1. Start-up. Fresh interpreters (``python -c``) import: nothing; ``flwr.clientapp``; what the
+   ``flwr-clientapp`` process imports before it loads any app; ``client.app`` as the SuperNode
+   loads it; that plus the handlers' lazy imports (``client.federated``: torch, h5py, the
+   trainer, the metrics); torch and sklearn.metrics alone; torch plus the first
+   ``torch.optim`` optimiser (its first call imports ``torch._dynamo``); and whole message
+   processes: Flower's runtime plus the no-op ClientApp (the floor), plus ours (an evaluate
+   message), plus ours and the first optimiser (a train message). The variants are
+   interleaved and repeated after one warm-up round; the table gives medians.
+   ``python -X importtime`` of a train-message process then says where the import time goes
+   and which third-party packages our modules pull in directly.
+
+2. Deployment. One SuperLink and three SuperNodes on loopback (``server.local_network``), each
+   node pointing at a synthetic prepared site (``client.synthetic_site``, cached under
+   ``bench/_cache/federation/``). On the same network, alternately: our app (``flwr run .``,
+   FedMix, clam_sb small, 1 local epoch) and the no-op app of ``bench/noop_app`` (same
+   messages: a query, per round one train and one evaluate message per site carrying arrays of
+   our model's shapes, a final evaluate; its ClientApp answers at once). Per-round seconds
+   come from our ``metrics.jsonl`` and the no-op app's equivalent file; whole-run wall time,
+   ClientApp seconds and traffic from ``flwr ls --format json``. Our round is then split into
+   compute at the sites (the slowest site's train and evaluate handler seconds, as reported in
+   the replies) and the rest (messaging, process start-up, aggregation). Flower's ClientApp
+   seconds per message minus our handlers' seconds is the start-up our app pays inside the
+   real deployment (the no-op app's whole ClientApp time is that floor).
+
+How to read it: "ours / no-op" per round is our overhead over Flower's deployment floor. The
+no-op round is dominated by Flower's 3 s polls (SuperNode and ServerApp) and process spawns;
+ours adds compute and about two ClientApp start-ups per site and round (the sites share the
+machine's cores, so their start-ups and training overlap but do not parallelise freely).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+from server.local_network import CONNECTION, LocalNetwork, NetworkError
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / "_cache" / "federation"
+NOOP_APP = ROOT / "bench" / "noop_app"
+FIRST_PARTY = ("client", "common", "server", "noop_app")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One benchmark size: the sites, the run, and how often each variant is repeated."""
+
+    name: str
+    site: SyntheticSiteSpec
+    sites: int
+    rounds: int
+    local_epochs: int
+    runs_per_variant: int
+    startup_repeats: int
+    run_timeout: float
+    """Seconds one deployment run may take before the benchmark gives up."""
+
+
+FULL = Settings(
+    name="full",
+    site=SyntheticSiteSpec(n_slides=20, feature_dim=1280, patches=(200, 200)),
+    sites=3,
+    rounds=3,
+    local_epochs=1,
+    runs_per_variant=2,
+    startup_repeats=5,
+    run_timeout=1200.0,
+)
+QUICK = Settings(
+    name="quick",
+    site=SyntheticSiteSpec(n_slides=8, feature_dim=64, patches=(30, 30)),
+    sites=3,
+    rounds=1,
+    local_epochs=1,
+    runs_per_variant=1,
+    startup_repeats=2,
+    run_timeout=600.0,
+)
+
+
+@dataclass(frozen=True)
+class Startup:
+    """One start-up variant: what a fresh ``python -c`` process does before it exits."""
+
+    key: str
+    label: str
+    code: str
+
+
+FLWR_RUNTIME = "import flwr.supernode.cli.flwr_clientapp"
+FIRST_ADAM = "torch.optim.Adam([torch.zeros(1, requires_grad=True)])"
+STARTUP = [
+    Startup("bare", "bare interpreter (python -c pass)", "pass"),
+    Startup("flwr", "import flwr.clientapp", "import flwr.clientapp"),
+    Startup("runtime", "flwr-clientapp runtime (Flower's process, no app)", FLWR_RUNTIME),
+    Startup("app", "import client.app (our module level)", "import client.app"),
+    Startup(
+        "handler",
+        "client.app + handler imports (client.federated)",
+        "import client.app, client.federated",
+    ),
+    Startup("torch", "import torch", "import torch"),
+    Startup("adam", "import torch + first torch.optim.Adam()", f"import torch; {FIRST_ADAM}"),
+    Startup("sklearn", "import sklearn.metrics", "import sklearn.metrics"),
+    Startup(
+        "noop", "no-op message: runtime + noop ClientApp", f"{FLWR_RUNTIME}, noop_app.client_app"
+    ),
+    Startup(
+        "evaluate",
+        "fedpath evaluate message: runtime + app + handler",
+        f"{FLWR_RUNTIME}, client.app, client.federated",
+    ),
+    Startup(
+        "train",
+        "fedpath train message: ... + first optimiser",
+        f"{FLWR_RUNTIME}, client.app, client.federated, torch; {FIRST_ADAM}",
+    ),
+]
+BY_KEY = {v.key: v for v in STARTUP}
+
+
+def machine() -> str:
+    """CPU model, usable cores, load and versions: numbers mean little without them."""
+    import flwr
+    import torch
+
+    model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (
+        f"{model}; {usable} usable core(s) of {os.cpu_count()}; load {load:.1f}; Python "
+        f"{platform.python_version()}, flwr {flwr.__version__}, torch {torch.__version__}"
+    )
+
+
+def child_env() -> dict[str, str]:
+    """Environment of the start-up subprocesses: the no-op app importable too."""
+    env = dict(os.environ)
+    paths = [str(NOOP_APP), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    return env
+
+
+# ------------------------------------------------------------------------ start-up
+
+
+def time_import(code: str, env: dict[str, str], timeout: float = 120.0) -> float:
+    """Wall seconds of a fresh ``python -c code`` (process start to exit)."""
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=timeout,
+        stdout=subprocess.DEVNULL,
+    )
+    return time.perf_counter() - started
+
+
+def measure_startup(repeats: int) -> dict[str, list[float]]:
+    """Each variant ``repeats`` times, interleaved (after one untimed warm-up round)."""
+    env = child_env()
+    for variant in STARTUP:  # warm the page cache and __pycache__
+        time_import(variant.code, env)
+    times: dict[str, list[float]] = {v.key: [] for v in STARTUP}
+    for _ in range(repeats):
+        for variant in STARTUP:
+            times[variant.key].append(time_import(variant.code, env))
+    return times
+
+
+@dataclass(frozen=True)
+class ImportLine:
+    """One line of ``-X importtime``: a module, its own and cumulative microseconds, depth."""
+
+    name: str
+    self_us: int
+    cumulative_us: int
+    depth: int
+
+
+def parse_importtime(text: str) -> list[ImportLine]:
+    """The ``import time:`` lines of stderr, in the order Python printed them."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        self_us, cumulative, name = line[len("import time:") :].split("|", 2)
+        depth = (len(name) - len(name.lstrip(" ")) - 1) // 2
+        out.append(ImportLine(name.strip(), int(self_us), int(cumulative), depth))
+    return out
+
+
+def first_party(module: str) -> bool:
+    return module.split(".", 1)[0] in FIRST_PARTY
+
+
+def direct_third_party(lines: Sequence[ImportLine]) -> list[tuple[str, str, float]]:
+    """(our importer, third-party module, cumulative s) for imports our modules make directly.
+
+    ``-X importtime`` prints a module after everything it imported, one level deeper; walking
+    the lines backwards therefore meets each parent before its children.
+    """
+    found: list[tuple[str, str, float]] = []
+    stack: list[ImportLine] = []
+    for line in reversed(lines):
+        while stack and stack[-1].depth >= line.depth:
+            stack.pop()
+        parent = stack[-1] if stack else None
+        if parent is not None and first_party(parent.name) and not first_party(line.name):
+            found.append((parent.name, line.name, line.cumulative_us / 1e6))
+        stack.append(line)
+    return sorted(found, key=lambda f: -f[2])
+
+
+def own_time_by_package(lines: Iterable[ImportLine]) -> dict[str, float]:
+    """Seconds spent in each top-level package's own module code (self times summed)."""
+    totals: dict[str, float] = {}
+    for line in lines:
+        root = line.name.split(".", 1)[0]
+        totals[root] = totals.get(root, 0.0) + line.self_us / 1e6
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def importtime_of(code: str) -> list[ImportLine]:
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", code],
+        cwd=ROOT,
+        env=child_env(),
+        check=True,
+        timeout=120.0,
+        capture_output=True,
+        text=True,
+    )
+    return parse_importtime(done.stderr)
+
+
+# ------------------------------------------------------------------------ deployment
+
+
+def ensure_sites(settings: Settings) -> dict[str, Path]:
+    """The synthetic prepared sites, written once per spec and reused by later runs."""
+    key = hashlib.sha256(json.dumps(asdict(settings.site), sort_keys=True).encode()).hexdigest()
+    base = CACHE / f"sites-{key[:16]}"
+    sites = {}
+    for i in range(settings.sites):
+        name = f"site_{chr(ord('a') + i)}"
+        root = base / name
+        if not (root / "done").is_file():
+            write_synthetic_site(root, settings.site, seed=i)
+            (root / "done").write_text("ok\n")
+        sites[name] = root
+    return sites
+
+
+def model_shapes(feature_dim: int) -> list[list[int]]:
+    """Shapes of our model's arrays: the no-op app sends the same payload."""
+    import torch
+
+    from common.mil.models import build_model
+    from server.config import RunConfig
+
+    model = build_model(RunConfig().model_config_for(feature_dim))
+    state: dict[str, torch.Tensor] = model.state_dict()
+    return [list(t.shape) for t in state.values()]
+
+
+@dataclass
+class RunResult:
+    """One deployment run of one variant."""
+
+    variant: str
+    round_seconds: list[float]
+    elapsed: float
+    clientapp_seconds: float
+    messages: int
+    traffic_bytes: int
+    site_train: list[dict[str, float]] = field(default_factory=list)
+    """Per round: site → train handler seconds (ours only)."""
+    site_eval: list[dict[str, float]] = field(default_factory=list)
+    handler_seconds: float = 0.0
+    """Seconds inside our handlers over the whole run (train, evaluate, final test)."""
+
+    def outside_handlers(self) -> float:
+        """ClientApp seconds per message not spent in a handler: loading the app, imports."""
+        return (self.clientapp_seconds - self.handler_seconds) / self.messages
+
+
+def wait_nodes(net: LocalNetwork, n: int, timeout: float = 120.0) -> None:
+    """Until ``n`` SuperNodes are online; ``NetworkError`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while net.connected_nodes() < n:
+        if time.monotonic() > deadline:
+            raise NetworkError(f"fewer than {n} SuperNodes online after {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def finish(net: LocalNetwork, run_id: int, timeout: float) -> dict[str, Any]:
+    """Wait for the run; its ``flwr ls`` row. ``NetworkError`` if it did not complete."""
+    status = net.wait_for_run(run_id, timeout=timeout)
+    if status != "finished:completed":
+        raise NetworkError(f"run {run_id} ended {status!r}")
+    answer = net.flwr("ls", CONNECTION, "--run-id", str(run_id))
+    return dict(answer["runs"][0])
+
+
+def run_ours(net: LocalNetwork, settings: Settings, out: Path, tag: str) -> RunResult:
+    """Our app from the repository root, as a coordinator submits it."""
+    run_config = {
+        "num-server-rounds": settings.rounds,
+        "local-epochs": settings.local_epochs,
+        "min-sites": settings.sites,
+        "runs-dir": str(out),
+        "run-name": tag,
+        "round-timeout": settings.run_timeout,
+    }
+    run_id = net.submit(ROOT, run_config)
+    row = finish(net, run_id, settings.run_timeout)
+    rounds = [
+        json.loads(line) for line in (out / tag / "metrics.jsonl").read_text().splitlines() if line
+    ]
+    test = json.loads((out / tag / "final.json").read_text())["test"]
+    train_eval = [
+        m["seconds"] for r in rounds for part in ("train", "evaluate") for m in r[part].values()
+    ]
+    return RunResult(
+        variant="ours",
+        round_seconds=[float(r["seconds"]) for r in rounds],
+        elapsed=float(row["elapsed"]),
+        clientapp_seconds=float(row["compute-time"]["clientapp-seconds"]),
+        messages=settings.sites * (2 + 2 * settings.rounds),
+        traffic_bytes=int(row["network-traffic"]["total-bytes"]),
+        site_train=[{s: float(m["seconds"]) for s, m in r["train"].items()} for r in rounds],
+        site_eval=[{s: float(m["seconds"]) for s, m in r["evaluate"].items()} for r in rounds],
+        handler_seconds=float(sum(train_eval) + sum(m["seconds"] for m in test.values())),
+    )
+
+
+def run_noop(
+    net: LocalNetwork, settings: Settings, shapes: list[list[int]], out: Path, tag: str
+) -> RunResult:
+    """The no-op app with our message pattern and payload."""
+    out_file = out / f"{tag}.jsonl"
+    run_config = {
+        "num-server-rounds": settings.rounds,
+        "min-sites": settings.sites,
+        "shapes": json.dumps(shapes, separators=(",", ":")),
+        "round-timeout": settings.run_timeout,
+        "out-file": str(out_file),
+    }
+    run_id = net.submit(NOOP_APP, run_config)
+    row = finish(net, run_id, settings.run_timeout)
+    rounds = [json.loads(line) for line in out_file.read_text().splitlines() if line]
+    return RunResult(
+        variant="no-op",
+        round_seconds=[float(r["seconds"]) for r in rounds],
+        elapsed=float(row["elapsed"]),
+        clientapp_seconds=float(row["compute-time"]["clientapp-seconds"]),
+        messages=settings.sites * (2 + 2 * settings.rounds),
+        traffic_bytes=int(row["network-traffic"]["total-bytes"]),
+    )
+
+
+def measure_deployment(
+    settings: Settings,
+    sites: dict[str, Path],
+    shapes: list[list[int]],
+    progress: Callable[[str], None],
+) -> list[RunResult]:
+    """Alternate ours and the no-op app on one network (order flipped every repeat)."""
+    results: list[RunResult] = []
+    with tempfile.TemporaryDirectory(prefix="fedpath-bench-federation-") as tmp:
+        work = Path(tmp)
+        with LocalNetwork(work / "net") as net:
+            try:
+                net.start_superlink()
+                for name, data in sites.items():
+                    net.start_supernode(name, data)
+                wait_nodes(net, settings.sites)
+                for rep in range(settings.runs_per_variant):
+                    order = ("ours", "no-op") if rep % 2 == 0 else ("no-op", "ours")
+                    for variant in order:
+                        tag = f"{variant.replace('-', '')}-{rep}"
+                        began = time.perf_counter()
+                        if variant == "ours":
+                            result = run_ours(net, settings, work / "runs", tag)
+                        else:
+                            result = run_noop(net, settings, shapes, work / "runs", tag)
+                        results.append(result)
+                        progress(
+                            f"  {variant:5s} run {rep + 1}: "
+                            + ", ".join(f"{s:.1f}" for s in result.round_seconds)
+                            + f" s/round; {time.perf_counter() - began:.0f} s to submit and finish"
+                        )
+            except NetworkError:
+                for name, tail in net.logs():
+                    progress(f"--- {name} log (last lines)\n{tail}")
+                raise
+    return results
+
+
+# ------------------------------------------------------------------------ report
+
+
+def median(values: Iterable[float]) -> float:
+    data = list(values)
+    return statistics.median(data) if data else float("nan")
+
+
+def print_startup(times: dict[str, list[float]], repeats: int) -> dict[str, float]:
+    """The start-up table and what our code adds; the medians by variant key."""
+    med = {key: median(ts) for key, ts in times.items()}
+    print(f"\n1. ClientApp start-up (fresh interpreter, wall s, median of {repeats}, interleaved)")
+    print(f"{'':52s} {'median':>7s} {'min':>7s} {'- bare':>7s}")
+    for v in STARTUP:
+        ts = times[v.key]
+        print(f"{v.label:52s} {med[v.key]:7.2f} {min(ts):7.2f} {med[v.key] - med['bare']:7.2f}")
+    print(
+        f"   per message over the no-op floor ({med['noop']:.2f} s): evaluate "
+        f"+{med['evaluate'] - med['noop']:.2f} s ({med['evaluate'] / med['noop']:.1f}x), "
+        f"train +{med['train'] - med['noop']:.2f} s ({med['train'] / med['noop']:.1f}x)"
+    )
+    print(
+        f"   ours: client.app {med['app'] - med['bare']:.2f} s over bare (flwr.clientapp alone "
+        f"{med['flwr'] - med['bare']:.2f}); handler imports {med['handler'] - med['app']:.2f} s "
+        f"(torch alone {med['torch'] - med['bare']:.2f}, sklearn.metrics alone "
+        f"{med['sklearn'] - med['bare']:.2f}); first torch.optim optimiser "
+        f"{med['adam'] - med['torch']:.2f} s (it imports torch._dynamo)"
+    )
+    return med
+
+
+def print_importtime(lines: list[ImportLine]) -> None:
+    """Where the train message's import time goes, and which of our modules pulls what in."""
+    total = sum(line.self_us for line in lines) / 1e6
+    print(f"\n   -X importtime, one fedpath train-message process ({total:.2f} s of imports):")
+    top = [line for line in lines if line.depth == 0 and line.cumulative_us >= 50_000]
+    print("   top level: " + ", ".join(f"{t.name} {t.cumulative_us / 1e6:.2f}" for t in top))
+    by_package = list(own_time_by_package(lines).items())[:8]
+    print("   own module time by package: " + ", ".join(f"{k} {v:.2f}" for k, v in by_package))
+    print("   third-party imports our modules make directly (cumulative s):")
+    for importer, module, seconds in direct_third_party(lines)[:6]:
+        if seconds >= 0.05:
+            print(f"     {importer:28s} -> {module:20s} {seconds:6.2f}")
+
+
+def print_deployment(
+    settings: Settings, results: list[RunResult], startup: dict[str, float]
+) -> None:
+    """Per-round table of both variants, our round split, and the ratios."""
+    ours = [r for r in results if r.variant == "ours"]
+    noop = [r for r in results if r.variant == "no-op"]
+    rounds = {
+        v: [s for r in rs for s in r.round_seconds] for v, rs in (("ours", ours), ("no-op", noop))
+    }
+    print(
+        f"\n2. Deployment: {settings.sites} sites on loopback, {settings.rounds} round(s) per run, "
+        f"{settings.runs_per_variant} run(s) per variant, alternating (medians)"
+    )
+    print(
+        f"{'':6s} {'s/round':>8s} {'run wall s':>11s} {'ClientApp s/msg':>16s} "
+        f"{'outside handler':>16s} {'MB/run':>7s}  every round"
+    )
+    for variant, rs in (("ours", ours), ("no-op", noop)):
+        print(
+            f"{variant:6s} {median(rounds[variant]):8.2f} {median(r.elapsed for r in rs):11.1f} "
+            f"{median(r.clientapp_seconds / r.messages for r in rs):16.2f} "
+            f"{median(r.outside_handlers() for r in rs):16.2f} "
+            f"{median(r.traffic_bytes / 1e6 for r in rs):7.1f}  "
+            + " ".join(f"{s:.1f}" for s in rounds[variant])
+        )
+    print(
+        "   ClientApp s/msg: Flower's per-message ClientApp time (`flwr ls`: from the process "
+        "pulling its message to its reply; the interpreter and Flower's runtime start before "
+        "it); outside handler: that minus the seconds our handlers report (loading the app, "
+        "the handler's imports)"
+    )
+    per_round, floor = median(rounds["ours"]), median(rounds["no-op"])
+    train = median(max(t.values()) for r in ours for t in r.site_train)
+    train_mean = median(statistics.fmean(t.values()) for r in ours for t in r.site_train)
+    evaluate = median(max(e.values()) for r in ours for e in r.site_eval)
+    rest = per_round - train - evaluate
+    optimiser = startup["adam"] - startup["torch"]
+    print(
+        f"\n   ours {per_round:.2f} s/round = train handler at the slowest site {train:.2f} s "
+        f"(mean site {train_mean:.2f}; includes the first-optimiser import, ~{optimiser:.1f} s "
+        f"alone) + evaluate handler {evaluate:.2f} s + messaging, process start-up and "
+        f"aggregation {rest:.2f} s"
+    )
+    startups = startup["train"] + startup["evaluate"] - 2 * startup["noop"]
+    print(
+        f"   no-op {floor:.2f} s/round (Flower's floor). ours - no-op = {per_round - floor:.2f} s: "
+        f"handlers {train + evaluate:.2f} s, the rest {rest - floor:.2f} s (two message "
+        f"start-ups over the floor from part 1, imports only: {startups:.2f} s)"
+    )
+    elapsed = median(r.elapsed for r in ours) / median(r.elapsed for r in noop)
+    print(
+        f"   ratio ours / no-op: {per_round / floor:.2f}x per round, {elapsed:.2f}x whole run "
+        "(flwr ls elapsed)"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sites, 1 round: smoke run")
+    parser.add_argument(
+        "--skip-deployment", action="store_true", help="only the start-up measurement"
+    )
+    args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
+    print(f"machine: {machine()}")
+    spec = settings.site
+    print(
+        f"settings: {settings.name}; {settings.sites} sites × {spec.n_slides} slides × "
+        f"{spec.patches[0]}-{spec.patches[1]} patches × {spec.feature_dim}-d features; "
+        f"{settings.rounds} round(s) of {settings.local_epochs} local epoch(s); clam_sb small, "
+        "FedMix, no DP"
+    )
+
+    times = measure_startup(settings.startup_repeats)
+    med = print_startup(times, settings.startup_repeats)
+    print_importtime(importtime_of(BY_KEY["train"].code))
+    if args.skip_deployment:
+        return 0
+
+    started = time.perf_counter()
+    sites = ensure_sites(settings)
+    shapes = model_shapes(spec.feature_dim)
+    n_values = sum(math.prod(s) for s in shapes)
+    print(
+        f"\nsites ready in {time.perf_counter() - started:.1f} s (cached under {CACHE}); "
+        f"model payload {len(shapes)} arrays, {n_values:,} float32 ({n_values * 4 / 1e6:.1f} MB)"
+    )
+    results = measure_deployment(settings, sites, shapes, progress=lambda s: print(s, flush=True))
+    print_deployment(settings, results, med)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

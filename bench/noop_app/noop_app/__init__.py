@@ -1,0 +1,1 @@
+"""No-op Flower app: Flower's messaging floor for ``bench/federation.py``."""
