@@ -35,6 +35,16 @@ from common.federation import (
 app = ClientApp()
 
 
+def _simulated_site(context: Context) -> Path | None:
+    """In Flower's simulation engine a virtual node only knows its ``partition-id``; the run
+    config's ``simulation-data`` folder then holds one prepared site per partition."""
+    root = context.run_config.get("simulation-data")
+    partition = context.node_config.get("partition-id")
+    if isinstance(root, str) and root and isinstance(partition, int):
+        return Path(root).expanduser() / f"site_{partition:03d}"
+    return None
+
+
 def site_name(context: Context) -> str:
     """The site's name: ``site`` of the node config, else its data folder, else the node id."""
     site = context.node_config.get("site")
@@ -43,12 +53,16 @@ def site_name(context: Context) -> str:
     raw = context.node_config.get("data-path")
     if isinstance(raw, str) and raw:
         return Path(raw).name
-    return f"node {context.node_id}"
+    simulated = _simulated_site(context)
+    return simulated.name if simulated is not None else f"node {context.node_id}"
 
 
 def site_of(context: Context) -> tuple[Path, str]:
     """``(data directory, site name)`` from the node config; ``ConfigError`` if unusable."""
     raw = context.node_config.get("data-path")
+    simulated = _simulated_site(context)
+    if (not isinstance(raw, str) or not raw) and simulated is not None:
+        return simulated, site_name(context)
     if not isinstance(raw, str) or not raw:
         raise ConfigError(
             "this SuperNode has no data-path in its node config; start it with "

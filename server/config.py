@@ -66,6 +66,11 @@ class RunConfig(StrictModel):
     )
     run_name: str = Field("", description="run directory name (default: flwr-<run id>)")
     resume: str = Field("", description="run directory to continue from its last checkpoint")
+    simulation_data: str = Field(
+        "",
+        description="simulation only: folder of prepared sites site_000, site_001, ...; "
+        "virtual SuperNode i trains on site_<i> (real SuperNodes use their node config)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

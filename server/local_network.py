@@ -140,12 +140,21 @@ class FlwrCli:
         nodes = answer.get("nodes") or []
         return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
 
-    def submit(self, app_dir: Path, run_config: Mapping[str, Any]) -> int:
-        """``flwr run APP local -c ...``; the run id."""
+    def submit(
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, Any],
+        federation_config: Mapping[str, Any] | None = None,
+    ) -> int:
+        """``flwr run APP local -c ...``; the run id. ``federation_config`` sets e.g. the
+        number of virtual SuperNodes of a simulation (``num-supernodes``)."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         args = ["run", str(app_dir), CONNECTION]
         if overrides:
             args += ["--run-config", overrides]
+        if federation_config:
+            federation = " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())
+            args += ["--federation-config", federation]
         answer = self.flwr(*args, timeout=300.0, cwd=app_dir)
         if not answer.get("success") or "run-id" not in answer:
             raise NetworkError(f"flwr run failed: {answer.get('error-message', answer)}")
@@ -211,6 +220,8 @@ class LocalNetwork:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     node_auth: bool = False
+    simulation: bool = False
+    """Run Flower's simulation engine (Ray) inside the SuperLink instead of real SuperNodes."""
     processes: dict[str, Managed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -279,6 +290,8 @@ class LocalNetwork:
         ]
         if self.node_auth:
             argv.append("--enable-supernode-auth")
+        if self.simulation:
+            argv.append("--simulation")
         managed = self._spawn("superlink", argv)
         self.write_connection()
         deadline = time.monotonic() + timeout
@@ -355,8 +368,13 @@ class LocalNetwork:
     def connected_nodes(self) -> int:
         return self.cli.connected_nodes()
 
-    def submit(self, app_dir: Path, run_config: Mapping[str, Any]) -> int:
-        return self.cli.submit(app_dir, run_config)
+    def submit(
+        self,
+        app_dir: Path,
+        run_config: Mapping[str, Any],
+        federation_config: Mapping[str, Any] | None = None,
+    ) -> int:
+        return self.cli.submit(app_dir, run_config, federation_config)
 
     def run_status(self, run_id: int) -> str:
         return self.cli.run_status(run_id)

@@ -1,0 +1,97 @@
+"""``fedpath simulate``: the same ServerApp and ClientApp in Flower's simulation engine (Ray).
+
+For questions a three-hospital demo cannot answer (how do FedMix weights behave with 20+
+sites of very different sizes? how long does a round take?) without 20 machines. Each virtual
+SuperNode ``i`` trains on a prepared site ``site_<i>`` of synthetic feature bags (the same
+files ``fedpath prepare`` writes), with its own size, tumour share, annotation share and
+"stain" shift. A SuperLink is started in simulation mode with runtime dependency installation
+off (otherwise every run would try to install the app's dependencies from the network).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+from server.demo_federation import app_directory, read_rounds
+from server.local_network import LocalNetwork
+
+__all__ = ["SimulationResult", "run_simulation", "simulated_site_specs"]
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    status: str
+    run_dir: Path
+    rounds: list[dict[str, Any]]
+    seconds: float
+
+
+def simulated_site_specs(n_sites: int, seed: int, feature_dim: int) -> list[SyntheticSiteSpec]:
+    """Heterogeneous sites: sizes 8–40 slides, tumour share 0.3–0.7, some with annotations."""
+    rng = np.random.default_rng(seed)
+    specs = []
+    for _ in range(n_sites):
+        specs.append(
+            SyntheticSiteSpec(
+                n_slides=int(rng.integers(8, 41)),
+                feature_dim=feature_dim,
+                patches=(20, 80),
+                tumour_share=float(rng.uniform(0.3, 0.7)),
+                annotated_share=float(rng.choice([0.0, 0.0, 0.3])),
+                site_shift=float(rng.uniform(0.2, 1.0)),
+            )
+        )
+    return specs
+
+
+def write_sites(root: Path, specs: list[SyntheticSiteSpec], seed: int) -> list[Path]:
+    shutil.rmtree(root, ignore_errors=True)
+    return [write_synthetic_site(root / f"site_{i:03d}", s, seed + i) for i, s in enumerate(specs)]
+
+
+def run_simulation(
+    workdir: Path,
+    n_sites: int,
+    run_config: dict[str, Any],
+    *,
+    seed: int = 0,
+    feature_dim: int = 64,
+    timeout: float = 3600.0,
+    on_poll: Callable[[list[dict[str, Any]]], None] = lambda _: None,
+) -> SimulationResult:
+    """Write ``n_sites`` synthetic sites and run one federated run over them in simulation."""
+    data = workdir / "sites"
+    write_sites(data, simulated_site_specs(n_sites, seed, feature_dim), seed)
+    runs_dir = (workdir / "runs").resolve()
+    run_name = str(run_config.get("run-name") or "simulation")
+    shutil.rmtree(runs_dir / run_name, ignore_errors=True)
+    config = {
+        **run_config,
+        "simulation-data": str(data.resolve()),
+        "runs-dir": str(runs_dir),
+        "run-name": run_name,
+        "min-sites": n_sites,
+    }
+    began = time.perf_counter()
+    network = workdir / "network"
+    shutil.rmtree(network, ignore_errors=True)
+    with LocalNetwork(network, simulation=True) as net:
+        net.start_superlink()
+        run_id = net.submit(app_directory(), config, {"num-supernodes": n_sites})
+        status = net.cli.wait_for_run(
+            run_id,
+            timeout,
+            poll=2.0,
+            alive=net.processes["superlink"].alive,
+            on_poll=lambda _: on_poll(read_rounds(runs_dir / run_name)),
+        )
+    rounds = read_rounds(runs_dir / run_name)
+    return SimulationResult(status, runs_dir / run_name, rounds, time.perf_counter() - began)
