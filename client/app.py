@@ -139,7 +139,7 @@ def evaluate(message: Message, context: Context) -> Message:
 @_guarded
 def query(message: Message, context: Context) -> Message:
     """The site's aggregate preparation facts, for the server's harmonisation gate."""
-    from client.federated import site_facts
+    from client.site_facts import site_facts
 
     data, site = site_of(context)
     facts = site_facts(data, site)

@@ -27,6 +27,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from client.prepare.records import SITE_FILE
+from client.site_facts import read_site
 from client.training.train_config import TrainConfig
 from common.configbase import StrictModel
 from common.errors import ConfigError
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
 """As in ``client.cli``: 1 means the command ran but some slides failed."""
-SITE_FILE = "site.json"
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.jsonl"
 EVAL_SPLITS = ("test", "val", "train", "all")
 
@@ -49,22 +50,6 @@ class LocalTrainConfig(StrictModel):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-
-
-def read_site(data_dir: Path) -> dict[str, Any]:
-    """The prepared site's ``site.json``; ``ConfigError`` when missing or unusable."""
-    path = data_dir / SITE_FILE
-    if not path.is_file():
-        raise ConfigError(
-            f"{data_dir} is not a prepared site: {SITE_FILE} is missing (run `fedpath prepare`)"
-        )
-    try:
-        site = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read as JSON ({exc})") from exc
-    if not isinstance(site, dict) or not isinstance(site.get("feature_dim"), int):
-        raise ConfigError(f"{path}: has no integer feature_dim")
-    return site
 
 
 def _labels(args_labels: str | None, site: dict[str, Any], where: Path) -> tuple[str, ...]:

@@ -35,7 +35,6 @@ __all__ = [
     "evaluate_on_site",
     "load_global_model",
     "load_splits",
-    "site_facts",
     "train_on_site",
 ]
 
@@ -47,34 +46,6 @@ class SiteSplits:
     train: list[BagEntry]
     val: list[BagEntry]
     test: list[BagEntry]
-
-
-def read_site_json(data_dir: Path) -> dict[str, Any]:
-    """``site.json`` of a prepared site; ``ConfigError`` naming the directory when unusable."""
-    from client.cli_local import read_site
-
-    return read_site(data_dir)
-
-
-def site_facts(data_dir: Path, site: str) -> dict[str, Any]:
-    """The aggregate facts the harmonisation gate compares: no slide ids, no file names."""
-    info = read_site_json(data_dir)
-    slides = info.get("slides") if isinstance(info.get("slides"), dict) else {}
-    return {
-        "site": site,
-        "fedpath_version": info.get("fedpath_version"),
-        "encoder": info.get("encoder"),
-        "encoder_sha256": info.get("encoder_sha256"),
-        "feature_dim": info.get("feature_dim"),
-        "target_mpp": info.get("target_mpp"),
-        "patch_size": info.get("patch_size"),
-        "labels": info.get("labels"),
-        "slides": {
-            "usable": int(slides.get("usable", 0)),
-            "by_label": dict(slides.get("by_label", {})),
-            "with_patch_labels": int(slides.get("with_patch_labels", 0)),
-        },
-    }
 
 
 def load_splits(data_dir: Path, instructions: RoundInstructions) -> SiteSplits:
