@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import json
 import os
 import ssl
 import stat
@@ -310,7 +311,7 @@ def _wait(condition: Any, what: str, timeout: float, net: Any) -> None:
 @pytest.mark.integration
 def test_tls_and_node_auth_run_with_the_compose_coordinator(tmp_path: Path) -> None:
     """The compose order on loopback: SuperLink, the coordinator registers the two keys and
-    signals it, the SuperNodes start, the coordinator runs one round and checks flwr ls."""
+    signals it, the SuperNodes start, the coordinator runs two rounds and checks flwr ls."""
     from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
 
     spec = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
@@ -336,7 +337,7 @@ def test_tls_and_node_auth_run_with_the_compose_coordinator(tmp_path: Path) -> N
             "--run-timeout",
             "400",
             "--set",
-            "num-server-rounds=1",
+            "num-server-rounds=2",
             "--set",
             "local-epochs=1",
             "--set",
@@ -365,7 +366,8 @@ def test_tls_and_node_auth_run_with_the_compose_coordinator(tmp_path: Path) -> N
         assert "run finished: finished:completed" in output
         runs = net.flwr("ls", "local").get("runs") or []
         assert [r["status"] for r in runs] == ["finished:completed"]
-    assert (tmp_path / "runs" / "secure" / "final.json").is_file()
+    final = json.loads((tmp_path / "runs" / "secure" / "final.json").read_text())
+    assert final["status"] == "completed" and final["rounds_completed"] == 2
 
 
 @pytest.mark.slow
