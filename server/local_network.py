@@ -100,7 +100,7 @@ class FlwrCli:
         if self.tls_ca is None:
             lines.append("insecure = true")
         else:
-            lines.append(f"root-certificates = {json.dumps(str(self.tls_ca))}")
+            lines.append(f"root-certificates = {json.dumps(str(Path(self.tls_ca).resolve()))}")
         (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     # -- flwr CLI ------------------------------------------------------------------------
@@ -225,6 +225,9 @@ class LocalNetwork:
     processes: dict[str, Managed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # Processes run with the network folder as their cwd: every path handed to them
+        # (state database, certificates, keys, data) must be absolute.
+        self.workdir = Path(self.workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.workdir / "flwr-home"
         self.flwr_home.mkdir(exist_ok=True)
@@ -244,18 +247,19 @@ class LocalNetwork:
     def _tls_args(self, server: bool) -> list[str]:
         if self.tls_ca is None:
             return ["--insecure"]
+        ca = str(Path(self.tls_ca).resolve())
         if server:
             if self.tls_cert is None or self.tls_key is None:
                 raise NetworkError("TLS needs the SuperLink's certificate and key")
             return [
                 "--ssl-ca-certfile",
-                str(self.tls_ca),
+                ca,
                 "--ssl-certfile",
-                str(self.tls_cert),
+                str(Path(self.tls_cert).resolve()),
                 "--ssl-keyfile",
-                str(self.tls_key),
+                str(Path(self.tls_key).resolve()),
             ]
-        return ["--root-certificates", str(self.tls_ca)]
+        return ["--root-certificates", ca]
 
     # -- processes -----------------------------------------------------------------------
 
@@ -312,7 +316,11 @@ class LocalNetwork:
         extra_node_config: Mapping[str, Any] | None = None,
     ) -> None:
         """One hospital: a SuperNode whose node config points at its prepared data."""
-        node_config = {"data-path": str(data_dir), "site": site, **(extra_node_config or {})}
+        node_config = {
+            "data-path": str(Path(data_dir).resolve()),
+            "site": site,
+            **(extra_node_config or {}),
+        }
         argv = [
             _bin("flower-supernode"),
             *self._tls_args(server=False),
@@ -324,7 +332,7 @@ class LocalNetwork:
             " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items()),
         ]
         if private_key is not None:
-            argv += ["--auth-supernode-private-key", str(private_key)]
+            argv += ["--auth-supernode-private-key", str(Path(private_key).resolve())]
         self._spawn(f"node-{site}", argv)
 
     def stop_process(self, name: str, grace: float = 10.0) -> None:

@@ -154,3 +154,23 @@ def test_fedpath_run_exit_code_follows_flwr_ls(tmp_path: Path) -> None:
         assert failed == 1
     assert (tmp_path / "runs" / "ok" / "final.json").is_file()
     assert "site_odd: feature_dim is 8" in (tmp_path / "runs" / "bad" / "final.json").read_text()
+
+
+def test_local_network_hands_absolute_paths_to_its_processes(tmp_path: Path, monkeypatch) -> None:
+    """Regression: `fedpath demo --out demo-output` (relative) gave the SuperLink, whose cwd is
+    the network folder, a CA path it could not find."""
+    from server.local_network import LocalNetwork
+
+    monkeypatch.chdir(tmp_path)
+    net = LocalNetwork(
+        Path("demo-output") / "network",
+        tls_ca=Path("pki/ca.pem"),
+        tls_cert=Path("pki/s.pem"),
+        tls_key=Path("pki/s.key"),
+    )
+    assert net.workdir.is_absolute()
+    args = net._tls_args(server=True)
+    paths = [args[i + 1] for i, a in enumerate(args) if a.startswith("--ssl-")]
+    assert paths and all(Path(p).is_absolute() for p in paths)
+    net.write_connection()
+    assert f'"{tmp_path / "pki" / "ca.pem"}"' in (net.flwr_home / "config.toml").read_text()
