@@ -68,11 +68,10 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
     if args.print_only:
         console.print(" ".join(argv))
         return EXIT_OK
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
+    from server.local_network import flower_env
+
     sys.stdout.flush()
-    os.execve(argv[0], argv, env)
+    os.execve(argv[0], argv, flower_env())
     return EXIT_OK  # pragma: no cover - execve does not return
 
 

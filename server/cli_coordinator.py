@@ -33,13 +33,6 @@ def _require_file(path: Path | None, what: str, hint: str) -> Path:
     return path
 
 
-def _flower_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1")
-    return env
-
-
 def superlink_argv(args: argparse.Namespace) -> list[str]:
     """The ``flower-superlink`` command line ``fedpath link`` runs (tested directly)."""
     argv = [
@@ -84,7 +77,9 @@ def cmd_link(args: argparse.Namespace, console: Console) -> int:
         console.print(" ".join(argv))
         return EXIT_OK
     sys.stdout.flush()
-    os.execve(argv[0], argv, _flower_env())  # the daemon replaces this process (systemd)
+    from server.local_network import flower_env
+
+    os.execve(argv[0], argv, flower_env())  # the daemon replaces this process (systemd)
     return EXIT_OK  # pragma: no cover - execve does not return
 
 

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from common.errors import FedpathError
 
-__all__ = ["FlwrCli", "LocalNetwork", "NetworkError", "free_port", "toml_value"]
+__all__ = ["FlwrCli", "LocalNetwork", "NetworkError", "flower_env", "free_port", "toml_value"]
 
 CONNECTION = "local"
 
@@ -49,6 +49,18 @@ def toml_value(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))
+
+
+def flower_env(**extra: str) -> dict[str, str]:
+    """Environment for Flower processes: the venv first on PATH, telemetry and update check off.
+
+    The SuperLink and SuperNodes spawn flower-superexec / flwr-serverapp / flwr-clientapp by
+    name, so the venv's bin directory must come first on PATH.
+    """
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", **extra)
+    return env
 
 
 def _bin(name: str) -> str:
@@ -79,18 +91,7 @@ class FlwrCli:
 
     def env(self) -> dict[str, str]:
         """Environment of every Flower process: private FLWR_HOME, offline, no telemetry."""
-        env = dict(os.environ)
-        # The SuperLink and SuperNodes spawn flower-superexec / flwr-serverapp / flwr-clientapp
-        # by name: the venv's bin directory must come first on PATH.
-        venv_bin = str(Path(sys.executable).parent)
-        env["PATH"] = os.pathsep.join([venv_bin, env.get("PATH", "")])
-        env.update(
-            FLWR_HOME=str(self.flwr_home),
-            FLWR_TELEMETRY_ENABLED="0",
-            FLWR_DISABLE_UPDATE_CHECK="1",
-            PYTHONUNBUFFERED="1",
-        )
-        return env
+        return flower_env(FLWR_HOME=str(self.flwr_home), PYTHONUNBUFFERED="1")
 
     def write_connection(self) -> None:
         """``$FLWR_HOME/config.toml`` with one connection, ``local``, to the SuperLink."""
