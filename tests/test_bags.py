@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.training.bags import collate, load_bag
+from client.training.bags import bucket_length, collate, load_bag
 from client.training.site_index import BagEntry
 from common.errors import FeatureBagError
 from common.featurebag import FeatureBagWriter
@@ -72,3 +72,75 @@ def test_wrong_width_and_empty_bags_refused(tmp_path: Path) -> None:
         load_bag(BagEntry("e", 0, empty, None, None, False, None, 0))
     with pytest.raises(ValueError, match="empty list"):
         collate([])
+
+
+def _plain_file(path: Path, n: int, dim: int, layout: str) -> np.ndarray:
+    """A feature file as CLAM or TRIDENT write it: ``features`` + ``coords``, no fedpath
+    attributes, no patch labels. CLAM: float32, chunked and resizable, coords attributes.
+    TRIDENT: float16 when the encoder ran in half precision, attributes on the datasets."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(n, dim)).astype(np.float16 if layout == "trident" else np.float32)
+    coords = np.stack([np.arange(n), np.zeros(n)], axis=1).astype(np.int64) * 256
+    with h5py.File(path, "w") as fh:
+        fh.create_dataset("features", data=features, chunks=True, maxshape=(None, dim))
+        fh.create_dataset("coords", data=coords, chunks=True, maxshape=(None, 2))
+        if layout == "trident":
+            fh["features"].attrs["name"] = path.stem
+            fh["coords"].attrs["patch_size"] = 256
+            fh["coords"].attrs["target_magnification"] = 20
+        else:
+            fh["coords"].attrs["patch_level"] = 0
+            fh["coords"].attrs["patch_size"] = 256
+    return features
+
+
+@pytest.mark.parametrize("layout", ["clam", "trident"])
+def test_plain_clam_and_trident_files_load_and_train(tmp_path: Path, layout: str) -> None:
+    from client.training.train_config import TrainConfig
+    from client.training.trainer import train
+    from common.mil.config import ModelConfig
+    from common.mil.models import build_model
+
+    bags = []
+    for i, n in enumerate((7, 5)):
+        path = tmp_path / f"{layout}{i}.h5"
+        features = _plain_file(path, n, 8, layout)
+        bag = load_bag(BagEntry(path.stem, i, path, None, None, False, None, 0), feature_dim=8)
+        assert bag.patch_labels is None and bag.features.dtype == torch.float32
+        assert bag.num_patches == n
+        torch.testing.assert_close(bag.features, torch.from_numpy(features.astype(np.float32)))
+        bags.append(bag)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(feature_dim=8, hidden_dim=16))
+    result = train(model, bags, [], TrainConfig(epochs=1, min_epochs=0))
+    assert np.isfinite(result.history[0].train_loss)
+
+
+def test_bucket_lengths_bound_padding_and_shapes() -> None:
+    assert [bucket_length(n) for n in (0, 1, 16, 17, 5000, 7500, 100_000)] == [
+        0,
+        1,
+        16,
+        17,
+        5120,
+        7680,
+        102_400,
+    ]
+    lengths = {bucket_length(n) for n in range(1000, 50_001)}
+    assert len(lengths) <= 96  # ~16 per octave: oneDNN's kernel cache keeps up
+    assert all(n <= bucket_length(n) <= n * 1.0625 for n in range(1, 70_000))
+
+
+def test_collate_in_bfloat16_buckets_with_zero_padding(tmp_path: Path) -> None:
+    short = load_bag(_entry(tmp_path, "short", 20))
+    long = load_bag(_entry(tmp_path, "long", 33))
+    batch = collate([short, long], dtype=torch.bfloat16, bucket=True)
+    assert batch.features.dtype == torch.bfloat16 and batch.features.shape == (2, 34, 4)
+    assert batch.mask.sum(dim=1).tolist() == [20, 33]
+    assert batch.features[~batch.mask].abs().sum() == 0
+    torch.testing.assert_close(batch.features[1, :33], long.features.bfloat16())
+    alone = collate([long], dtype=torch.bfloat16, bucket=True)  # cast and padded: a copy
+    assert (
+        alone.features.shape == (1, 34, 4) and alone.features.data_ptr() != long.features.data_ptr()
+    )
+    assert collate([long], bucket=True).features.shape == (1, 34, 4)

@@ -7,16 +7,26 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
 
+from client.training import trainer
 from client.training.bags import Bag
 from client.training.site_index import BagEntry
 from client.training.train_config import TrainConfig
-from client.training.trainer import EpochMetrics, evaluate, train
+from client.training.trainer import (
+    EpochMetrics,
+    evaluate,
+    physical_batches,
+    resolve_precision,
+    step_lr,
+    train,
+)
+from common.mil import models
 from common.mil.config import ModelConfig, SupervisionConfig
-from common.mil.models import MILModel, build_model
+from common.mil.models import MaskDropout, MILModel, Tanh, build_model
 
 DIM = 16
 
@@ -58,9 +68,9 @@ TRAIN = _bags(24, seed=1)
 VAL = _bags(12, seed=2)
 
 
-def _model(kind: str = "clam_sb", seed: int = 0) -> MILModel:
+def _model(kind: str = "clam_sb", seed: int = 0, dropout: float = 0.25) -> MILModel:
     torch.manual_seed(seed)
-    return build_model(ModelConfig(kind=kind, feature_dim=DIM, hidden_dim=32, dropout=0.25))
+    return build_model(ModelConfig(kind=kind, feature_dim=DIM, hidden_dim=32, dropout=dropout))
 
 
 def _cfg(**kw: object) -> TrainConfig:
@@ -87,7 +97,9 @@ def test_learns_easy_task_and_reports_each_epoch() -> None:
     # The restored model is the best epoch's: re-evaluating reproduces its validation loss.
     best = min(hist, key=lambda m: m.val_loss)
     assert result.best_epoch == best.epoch
-    assert evaluate(result.model, VAL).loss == pytest.approx(best.val_loss, abs=1e-12)
+    assert evaluate(result.model, VAL, result.precision).loss == pytest.approx(
+        best.val_loss, abs=1e-12
+    )
 
 
 def test_deterministic_for_a_seed_and_leaves_global_rng_alone() -> None:
@@ -141,7 +153,9 @@ def test_early_stopping_restores_best_weights() -> None:
     best = min(hist, key=lambda m: m.val_loss)
     assert result.best_epoch == best.epoch and len(hist) == best.epoch + 3 + 1
     assert hist[-1].val_loss > best.val_loss
-    assert evaluate(result.model, val).loss == pytest.approx(best.val_loss, abs=1e-12)
+    assert evaluate(result.model, val, result.precision).loss == pytest.approx(
+        best.val_loss, abs=1e-12
+    )
     # Same weights as a run that simply stops at the best epoch (no validation: keep last).
     short = train(_model(), TRAIN, [], _cfg(epochs=best.epoch + 1))
     restored, expected = result.model.state_dict(), short.model.state_dict()
@@ -206,6 +220,9 @@ def test_evaluate_single_class_gives_nan_auc() -> None:
         {"steps_per_epoch": 0},
         {"grad_clip": 0.0},
         {"learning_rate": 1e-3},
+        {"precision": "float16"},
+        {"lr_scaling": "cubic"},
+        {"max_batch_patches": 0},
     ],
 )
 def test_config_rejects_bad_values(bad: dict[str, object]) -> None:
@@ -224,8 +241,169 @@ def test_config_defaults_follow_design() -> None:
     )
     assert cfg.steps_per_epoch is None and cfg.grad_clip is None
     assert cfg.supervision == SupervisionConfig()
+    assert cfg.precision == "auto" and cfg.max_batch_patches == 8192
+    assert cfg.lr_scaling == "sqrt"
 
 
 def test_rejects_empty_training_set() -> None:
     with pytest.raises(ValueError, match="no training bags"):
         train(_model(), [], VAL, _cfg())
+
+
+# --- performance options: forward passes per step, precision -------------------------------
+
+
+def test_physical_batches_pack_longest_first_within_the_budget() -> None:
+    assert physical_batches([30, 50, 10, 40], 100) == [[1, 3], [0, 2]]  # 2x50, then 2x30
+    assert physical_batches([30, 50, 10, 40], 10_000) == [[1, 3, 0, 2]]
+    assert physical_batches([5000, 7000], 8192) == [[1], [0]]  # real slides run alone
+    assert physical_batches([9000], 10) == [[0]]  # longer than the budget: alone, unpadded
+    assert physical_batches([4, 4, 4], 8) == [[0, 1], [2]]  # ties keep their order
+    assert physical_batches([], 8) == []
+    with pytest.raises(ValueError, match="max_patches"):
+        physical_batches([3], 0)
+
+
+def test_steps_split_into_passes_equal_one_padded_batch() -> None:
+    """A step's gradient is the mean over its slides however they are split into forward
+    passes: every slide alone (unpadded) gives the same training as one padded batch."""
+    cfg = {"epochs": 2, "precision": "float32", "steps_per_epoch": 5}
+    alone = train(_model(dropout=0.0), TRAIN, VAL, _cfg(max_batch_patches=1, **cfg))
+    padded = train(_model(dropout=0.0), TRAIN, VAL, _cfg(max_batch_patches=10_000, **cfg))
+    for a, b in zip(alone.history, padded.history, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
+        assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
+    sa, sb = alone.model.state_dict(), padded.model.state_dict()
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
+
+
+def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "amx_available", lambda: False)
+    assert resolve_precision("auto", cpu) == "float32"
+    assert resolve_precision("bfloat16", cpu) == "bfloat16"  # asked for explicitly
+    result = train(_model(), TRAIN, [], _cfg(epochs=1))
+    assert result.precision == "float32"
+    pinned = train(_model(), TRAIN, [], _cfg(epochs=1, precision="float32"))
+    assert _no_time(result.history) == _no_time(pinned.history)  # no silent change
+    monkeypatch.setattr(trainer, "amx_available", lambda: True)
+    assert resolve_precision("auto", cpu) == "bfloat16"
+    assert resolve_precision("float32", cpu) == "float32"
+    assert resolve_precision("auto", torch.device("cuda")) == "float32"  # untested there
+    assert train(_model(), TRAIN, [], _cfg(epochs=1)).precision == "bfloat16"
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_precision("float16", cpu)
+
+
+def test_bfloat16_training_tracks_float32() -> None:
+    """bfloat16 autocast covers the per-patch layers only: outputs that feed the losses stay
+    float32, and a short run learns the same as in float32."""
+    model = _model(dropout=0.0).eval()
+    features = TRAIN[1].features.unsqueeze(0)
+    reference = model(features)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(features)
+    for name in ("logits", "attention", "attention_scores", "instance_logits", "embeddings"):
+        got, want = getattr(out, name), getattr(reference, name)
+        assert got.dtype == torch.float32, name
+        assert torch.allclose(got, want, atol=0.05, rtol=0.05), name
+    cfg = _cfg(epochs=4)
+    fp32 = train(_model(), TRAIN, VAL, cfg.model_copy(update={"precision": "float32"}))
+    bf16 = train(_model(), TRAIN, VAL, cfg.model_copy(update={"precision": "bfloat16"}))
+    assert bf16.precision == "bfloat16" and fp32.precision == "float32"
+    for a, b in zip(fp32.history, bf16.history, strict=True):
+        assert b.train_loss == pytest.approx(a.train_loss, abs=0.03)
+        assert b.val_loss == pytest.approx(a.val_loss, abs=0.03)
+    assert bf16.history[-1].val_auc >= 0.9
+
+
+def test_step_size_scales_with_the_slides_of_a_step() -> None:
+    """lr is per slide (CLAM's one slide per step); a pair per step takes a larger step."""
+    assert step_lr(_cfg(lr=1e-3), 2) == pytest.approx(1e-3 * math.sqrt(2))
+    assert step_lr(_cfg(lr=1e-3, lr_scaling="linear"), 2) == pytest.approx(2e-3)
+    assert step_lr(_cfg(lr=1e-3, lr_scaling="none"), 2) == pytest.approx(1e-3)
+    assert all(step_lr(_cfg(lr=1e-3, lr_scaling=s), 1) == 1e-3 for s in ("linear", "sqrt"))
+    # lr_scaling "none" at lr·√2 is the same training as the default at lr (pairs every step)
+    scaled = train(_model(), TRAIN, [], _cfg(epochs=2, lr=1e-3))
+    same = train(_model(), TRAIN, [], _cfg(epochs=2, lr=1e-3 * math.sqrt(2), lr_scaling="none"))
+    assert _no_time(scaled.history) == _no_time(same.history)
+
+
+# --- the model's fast paths the trainer relies on (common/mil/models.py) -------------------
+
+
+@pytest.mark.parametrize("p", [0.25, 0.1])  # 8 random bits per element, and 16
+def test_mask_dropout_is_inverted_dropout_with_a_boolean_trace(p: float) -> None:
+    layer = MaskDropout(p)
+    x = torch.randn(400, 300, requires_grad=True)
+    torch.manual_seed(5)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    torch.manual_seed(5)
+    assert torch.equal(layer(x), y)  # torch.manual_seed drives the mask
+    assert not torch.equal(layer(x), y)  # and the next draw differs
+    keep = y != 0
+    scale = 65536 / round(65536 * (1 - p))
+    assert abs(float(keep.float().mean()) - (1 - p)) < 0.01
+    torch.testing.assert_close(y[keep], x[keep] * scale, rtol=1e-6, atol=0)
+    assert [t.dtype for t in saved] == [torch.bool]  # 1 byte per element kept for backward
+    (y * 2).sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, 2 * scale * keep.float())
+    layer.eval()
+    assert layer(x) is x
+    assert MaskDropout(0.0)(x) is x
+
+
+def test_keep_masks_do_not_depend_on_the_chunk_size() -> None:
+    for threshold in (49152, 58982):  # p = 0.25 (8-bit draws) and p ≈ 0.1 (16-bit)
+        whole = models._keep_mask(100_003, threshold, seed=7)
+        pieces = models._keep_mask(100_003, threshold, seed=7, chunk=1000)
+        assert np.array_equal(whole, pieces)
+
+
+def test_combined_dropouts_equal_the_layers_in_turn() -> None:
+    a, b = MaskDropout(0.25), MaskDropout(0.5)
+    x = torch.randn(64, 32)
+    torch.manual_seed(2)
+    combined = models.combined_dropout(x, (a, b))
+    torch.manual_seed(2)
+    torch.testing.assert_close(combined, b(a(x)))
+    bf16 = x.bfloat16()
+    torch.manual_seed(2)
+    assert models.combined_dropout(bf16, (a, b)).dtype == torch.bfloat16
+
+
+def test_bfloat16_tanh_is_evaluated_in_float32() -> None:
+    x = torch.randn(50, 20).bfloat16().requires_grad_()
+    y = Tanh()(x)
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, torch.tanh(x.detach().float()).bfloat16())
+    y.float().sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad.float(), 1 - y.detach().float() ** 2, rtol=0.02, atol=0.01)
+    plain = torch.randn(5, requires_grad=True)
+    assert torch.equal(Tanh()(plain), torch.tanh(plain))
+
+
+@pytest.mark.parametrize("branches", [1, 3])
+def test_wide_pooling_matches_float32_pooling(
+    branches: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bfloat16 h pooled in float32 without a float32 copy: same values and gradients as
+    bmm(A, h.float()), whatever the chunking."""
+    monkeypatch.setattr(models._WidePooling, "CHUNK", 7)
+    h = torch.randn(2, 30, 16).bfloat16().requires_grad_()
+    a = torch.softmax(torch.randn(2, branches, 30), dim=-1).requires_grad_()
+    got = models._WidePooling.apply(a, h)
+    (got * torch.arange(16.0)).sum().backward()
+    assert got.dtype == torch.float32
+    h2, a2 = h.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()
+    want = torch.bmm(a2, h2.float())
+    (want * torch.arange(16.0)).sum().backward()
+    torch.testing.assert_close(got, want)
+    assert a.grad is not None and a2.grad is not None and h.grad is not None
+    torch.testing.assert_close(a.grad, a2.grad)
+    assert h.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(h.grad, h2.grad)

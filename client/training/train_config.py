@@ -6,6 +6,8 @@ frozen fedpath config that can be hashed into provenance records alongside the m
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from common.configbase import StrictModel
@@ -19,7 +21,17 @@ class TrainConfig(StrictModel):
 
     epochs: int = Field(200, ge=1, description="epochs run by one call of the trainer")
     lr: float = Field(
-        2e-4, ge=0, description="Adam learning rate (0 freezes the model: a sanity baseline)"
+        2e-4,
+        ge=0,
+        description="Adam learning rate per slide, CLAM's one slide per step (0 freezes the "
+        "model: a sanity baseline); a step of several slides uses it scaled by lr_scaling",
+    )
+    lr_scaling: Literal["sqrt", "linear", "none"] = Field(
+        "sqrt",
+        description="step size = lr x sqrt(k), lr x k or lr for a step of k slides: a normal + "
+        "tumour pair per step takes half as many Adam steps per epoch as CLAM's loop and "
+        "without scaling falls behind it at equal epochs; sqrt kept up in bench/training.py, "
+        "linear overshot",
     )
     weight_decay: float = Field(1e-5, ge=0, description="Adam (L2) weight decay")
     patience: int = Field(
@@ -38,4 +50,15 @@ class TrainConfig(StrictModel):
     supervision: SupervisionConfig = Field(default_factory=SupervisionConfig)
     grad_clip: float | None = Field(
         None, gt=0, description="clip the global gradient norm to this value (None = no clip)"
+    )
+    precision: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="per-patch layers under bfloat16 autocast, or float32; auto = bfloat16 on a "
+        "CPU with AMX (where it is several times faster), float32 anywhere else",
+    )
+    max_batch_patches: int = Field(
+        8192,
+        ge=1,
+        description="padded patches (B x longest bag) per forward pass: a step's slides are "
+        "packed longest first into passes of at most this size, a longer slide runs alone",
     )

@@ -17,9 +17,9 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,7 +32,19 @@ from common.mil.losses import mixed_supervision_loss
 from common.mil.models import MILModel
 from common.mil.sampling import epoch_schedule
 
-__all__ = ["EpochMetrics", "TrainResult", "ValidationMetrics", "evaluate", "train"]
+__all__ = [
+    "EpochMetrics",
+    "TrainResult",
+    "ValidationMetrics",
+    "amx_available",
+    "evaluate",
+    "physical_batches",
+    "resolve_precision",
+    "step_lr",
+    "train",
+]
+
+Precision = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +91,8 @@ class TrainResult:
     """The trained model (best validation epoch restored, or last without validation).
 
     ``best_epoch`` is an absolute epoch index (as in ``history``). ``mean_train_loss_last_epoch``
-    is the FedMix ``L_i`` of this site (DESIGN §4.6).
+    is the FedMix ``L_i`` of this site (DESIGN §4.6). ``precision`` is what ``cfg.precision``
+    resolved to on this machine, so a run's record says whether bfloat16 was used.
     """
 
     model: MILModel
@@ -88,6 +101,7 @@ class TrainResult:
     stopped_early: bool
     mean_train_loss_last_epoch: float
     n_train_slides: int
+    precision: Precision = "float32"
 
 
 def _device(model: MILModel) -> torch.device:
@@ -105,6 +119,87 @@ def _private_torch_rng(device: torch.device) -> Iterator[None]:
         devices = []
     with torch.random.fork_rng(devices=devices):
         yield
+
+
+def amx_available() -> bool:
+    """True when oneDNN can use AMX tiles here (Sapphire Rapids and later Xeons).
+
+    Measured on such a Xeon (bench/training.py, one core): a 5120×1280 @ 1280×512 product
+    takes 6 ms in bfloat16 with AMX, 46 ms in float32 and 84 ms in bfloat16 when oneDNN is
+    limited to AVX512-BF16 — so bfloat16 pays only with AMX, not with AVX512-BF16 alone.
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def resolve_precision(precision: str, device: torch.device) -> Precision:
+    """The precision ``"auto"`` stands for on ``device``; explicit choices pass through.
+
+    ``auto`` is bfloat16 only on a CPU with AMX (:func:`amx_available`): there a training
+    step runs several times faster with validation loss unchanged (bench/training.py).
+    Elsewhere bfloat16 is slower than float32 (AVX512-BF16 alone, or emulated) or untested
+    (CUDA), so ``auto`` keeps float32 and results never change silently with the hardware.
+    """
+    if precision == "auto":
+        return "bfloat16" if device.type == "cpu" and amx_available() else "float32"
+    if precision not in ("float32", "bfloat16"):
+        raise ValueError(f"unknown precision {precision!r}")
+    return "bfloat16" if precision == "bfloat16" else "float32"
+
+
+def _autocast(device: torch.device, precision: Precision) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for the per-patch layers; the model keeps its softmax, pooling and
+    slide head in its own precision."""
+    if precision == "float32":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _collate(bags: Sequence[Bag], precision: Precision) -> BagBatch:
+    """A batch as the precision wants it: float32 as loaded, or bfloat16 in length buckets.
+
+    In bfloat16 the features are cast once while batching (autocast would cast them anyway)
+    and padded to :func:`~client.training.bags.bucket_length`, so oneDNN reuses its compiled
+    kernels across slides of similar length instead of compiling for every new length.
+    """
+    if precision == "float32":
+        return collate(bags)
+    return collate(bags, dtype=torch.bfloat16, bucket=True)
+
+
+def physical_batches(lengths: Sequence[int], max_patches: int) -> list[list[int]]:
+    """Positions of one step's slides grouped into forward passes of ≤ ``max_patches`` padded rows.
+
+    A pass pads its slides to the longest, so slides are taken longest first (ties in order)
+    and a pass closes when one more slide would exceed ``max_patches`` = B × longest: small
+    bags share a pass (bigger matrix products, fewer Python round trips), bags of thousands
+    of patches run alone, unpadded, so nothing is copied and memory is bounded by the largest
+    slide rather than by the sum of a step's slides. Every slide stays its own row (DP unit).
+    """
+    if max_patches < 1:
+        raise ValueError(f"max_patches must be >= 1; got {max_patches}")
+    order = sorted(range(len(lengths)), key=lambda i: -int(lengths[i]))
+    passes: list[list[int]] = []
+    for i in order:
+        if passes and int(lengths[passes[-1][0]]) * (len(passes[-1]) + 1) <= max_patches:
+            passes[-1].append(i)
+        else:
+            passes.append([i])
+    return passes
+
+
+def step_lr(cfg: TrainConfig, slides: int) -> float:
+    """Adam's step size for a step of ``slides`` slides: ``cfg.lr`` scaled by ``cfg.lr_scaling``.
+
+    ``cfg.lr`` is a per-slide rate (CLAM and DESIGN §4.4 use 2e-4 with one slide per step);
+    Adam's update hardly grows with the batch, so k slides per step cover ~1/k of the
+    distance per epoch unless the rate grows with k.
+    """
+    if cfg.lr_scaling == "linear":
+        return cfg.lr * slides
+    if cfg.lr_scaling == "sqrt":
+        return cfg.lr * math.sqrt(slides)
+    return cfg.lr
 
 
 def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int, int]:
@@ -126,11 +221,15 @@ def _to_device(batch: BagBatch, device: torch.device) -> BagBatch:
     )
 
 
-def evaluate(model: MILModel, bags: Sequence[Bag]) -> ValidationMetrics:
+def evaluate(
+    model: MILModel, bags: Sequence[Bag], precision: Precision = "float32"
+) -> ValidationMetrics:
     """Validation metrics, one bag at a time in eval mode without gradients.
 
     One bag per forward needs no padding and bounds memory by the largest slide. The model's
-    train/eval mode is restored afterwards. All NaN when ``bags`` is empty.
+    train/eval mode is restored afterwards. All NaN when ``bags`` is empty. ``precision``
+    "bfloat16" runs the per-patch layers under autocast (the trainer validates in the
+    precision it trains in); the default float32 is what evaluation reports use.
     """
     if not bags:
         return ValidationMetrics(math.nan, math.nan, math.nan)
@@ -144,13 +243,16 @@ def evaluate(model: MILModel, bags: Sequence[Bag]) -> ValidationMetrics:
     try:
         with torch.no_grad():
             for bag in bags:
-                batch = _to_device(collate([bag]), device)
-                out = model(batch.features, batch.mask)
+                batch = _to_device(_collate([bag], precision), device)
+                with _autocast(device, precision):
+                    out = model(batch.features, batch.mask)
                 losses.append(float(F.cross_entropy(out.logits.double(), batch.labels)))
                 probs.append(torch.softmax(out.logits.double(), dim=1)[0].cpu().numpy())
                 labels.append(int(bag.entry.label))
                 if bag.patch_labels is not None:
-                    tumour = torch.softmax(out.instance_logits[0].double(), dim=-1)[:, 1]
+                    tumour = torch.softmax(
+                        out.instance_logits[0, : bag.num_patches].double(), dim=-1
+                    )[:, 1]
                     patches.append(
                         (bag.patch_labels.cpu().numpy().astype(np.int64), tumour.cpu().numpy())
                     )
@@ -170,40 +272,57 @@ def _train_epoch(
     epoch: int,
     cfg: TrainConfig,
     device: torch.device,
+    precision: Precision,
 ) -> tuple[float, float, float, float, int]:
-    """One epoch of steps; returns mean (total, bag, instance, attention) loss and step count."""
+    """One epoch of steps; returns mean (total, bag, instance, attention) loss and step count.
+
+    A step's loss is the mean over its slides whatever the forward passes they were split
+    into (:func:`physical_batches`): each pass backpropagates its slides' share of that mean,
+    so the accumulated gradient is the one of the whole step in a single padded batch.
+    """
     np_seed, torch_seed, gen_seed = _epoch_seeds(cfg.seed, epoch)
     rng = np.random.default_rng(np_seed)
     torch.manual_seed(torch_seed)  # dropout; global state is forked by the caller
     generator = torch.Generator().manual_seed(gen_seed)
     schedule = epoch_schedule(labels, annotated, epoch, cfg.supervision, rng, cfg.steps_per_epoch)
     model.train()
+    instance_logits_used = model.has_instance_task
     sums = np.zeros(4, dtype=np.float64)
     for group in schedule:
-        batch = _to_device(collate([bags[i] for i in group]), device)
-        out = model(batch.features, batch.mask)
-        parts = mixed_supervision_loss(
-            out.logits,
-            out.attention,
-            out.instance_logits if model.has_instance_task else None,
-            batch.labels,
-            batch.patch_labels,
-            batch.annotation_complete,
-            batch.mask,
-            cfg.supervision,
-            generator,
-        )
+        for param_group in optimiser.param_groups:
+            param_group["lr"] = step_lr(cfg, len(group))
         optimiser.zero_grad(set_to_none=True)
-        parts.total.backward()
+        step = np.zeros(4, dtype=np.float64)
+        lengths = [bags[i].num_patches for i in group]
+        for positions in physical_batches(lengths, cfg.max_batch_patches):
+            batch = _to_device(_collate([bags[group[p]] for p in positions], precision), device)
+            with _autocast(device, precision):
+                out = model(batch.features, batch.mask)
+            parts = mixed_supervision_loss(
+                out.logits,
+                out.attention,
+                out.instance_logits if instance_logits_used else None,
+                batch.labels,
+                batch.patch_labels,
+                batch.annotation_complete,
+                batch.mask,
+                cfg.supervision,
+                generator,
+            )
+            share = len(positions) / len(group)
+            (parts.total * share).backward()
+            step += share * np.array(
+                [
+                    float(parts.total.detach()),
+                    float(parts.bag.detach()),
+                    float(parts.instance.detach()),
+                    float(parts.attention.detach()),
+                ]
+            )
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimiser.step()
-        sums += [
-            float(parts.total.detach()),
-            float(parts.bag.detach()),
-            float(parts.instance.detach()),
-            float(parts.attention.detach()),
-        ]
+        sums += step
     n = len(schedule)
     means = sums / n if n else np.full(4, math.nan)
     return float(means[0]), float(means[1]), float(means[2]), float(means[3]), n
@@ -230,12 +349,16 @@ def train(
 
     Annotated slides (patch labels present) are oversampled only in ``mixed`` mode: ``weak``
     mode ignores patch labels, so boosting those slides would only skew the slide sample.
+
+    ``cfg.precision`` is resolved once (:func:`resolve_precision`) and used for training and
+    validation alike; the result records it.
     """
     if not train_bags:
         raise ValueError("no training bags")
     if start_epoch < 0:
         raise ValueError(f"start_epoch must be >= 0; got {start_epoch}")
     device = _device(model)
+    precision = resolve_precision(cfg.precision, device)
     labels = np.asarray([b.entry.label for b in train_bags], dtype=np.int64)
     mixed = cfg.supervision.mode == "mixed"
     annotated = np.asarray([mixed and b.patch_labels is not None for b in train_bags], dtype=bool)
@@ -252,9 +375,9 @@ def train(
         for epoch in range(start_epoch, start_epoch + cfg.epochs):
             began = time.perf_counter()
             loss, bag_loss, inst_loss, att_loss, n_steps = _train_epoch(
-                model, optimiser, train_bags, labels, annotated, epoch, cfg, device
+                model, optimiser, train_bags, labels, annotated, epoch, cfg, device, precision
             )
-            val = evaluate(model, val_bags)
+            val = evaluate(model, val_bags, precision)
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=loss,
@@ -291,4 +414,5 @@ def train(
         stopped_early=stopped_early,
         mean_train_loss_last_epoch=history[-1].train_loss,
         n_train_slides=len(train_bags),
+        precision=precision,
     )
