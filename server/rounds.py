@@ -274,6 +274,7 @@ class Federation:
                     f"{need} needed (min-fit-fraction {self.cfg.min_fit_fraction}); retrying"
                 )
                 continue
+            self.strategy.begin_aggregation(arrays)
             new_arrays = self._aggregate(server_round, good)
             train = {self.name(int(m.metadata.src_node_id)): _snake(_metrics_of(m)) for m in good}
             weights = {self.name(n): w for n, w in self.strategy.last_weights.items()}
@@ -286,6 +287,7 @@ class Federation:
             record = self._round_record(
                 server_round, attempt, began, sampled, good, failed, weights, train, evaluation
             )
+            record.update(self.strategy.round_log())
             return new_arrays, record
         raise RunFailed(
             f"round {server_round} failed {self.cfg.max_round_attempts} time(s) "

@@ -12,7 +12,7 @@ then reproduces an uninterrupted one bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,21 @@ class FedAvgStrategy(FedAvg):
     def state(self) -> dict[str, Any]:
         """What a checkpoint must hold to rebuild this strategy (its settings)."""
         return {"name": self.name}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint's ``state()``: the settings come from the run config, so
+        plain averaging has nothing to restore (client-level DP restores its accountant)."""
+        del state
+
+    def begin_aggregation(self, global_arrays: Mapping[str, np.ndarray]) -> None:
+        """The round loop's hook before ``aggregate_train``: the global model the replies were
+        trained from. Averaging does not need it; client-level DP clips each reply's difference
+        from it (``server.client_dp``)."""
+        del global_arrays
+
+    def round_log(self) -> dict[str, Any]:
+        """Fields this strategy adds to the round's ``metrics.jsonl`` line (none here)."""
+        return {}
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
