@@ -72,6 +72,21 @@ class RunConfig(StrictModel):
         "virtual SuperNode i trains on site_<i> (real SuperNodes use their node config)",
     )
 
+    # Client-level DP (issue 6.3, ``server.client_dp``): each site's update is clipped to norm
+    # C at the server and the aggregate gets Gaussian noise of std σ·C·max wᵢ.
+    client_dp: Literal["off", "fixed-clipping"] = Field(
+        "off", description="client-level DP at the server: off, or fixed-clipping (clip + noise)"
+    )
+    client_dp_clip_norm: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="C: L2 bound of each site's model update"
+    )
+    client_dp_noise_multiplier: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="σ: noise std in units of the sensitivity"
+    )
+    client_dp_delta: float = Field(
+        1e-5, gt=0, lt=1, description="δ at which the federation's ε is reported"
+    )
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         names = self.label_names
