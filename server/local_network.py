@@ -315,8 +315,13 @@ class LocalNetwork:
         port: int | None = None,
         private_key: Path | None = None,
         extra_node_config: Mapping[str, Any] | None = None,
+        superlink: str | None = None,
     ) -> None:
-        """One hospital: a SuperNode whose node config points at its prepared data."""
+        """One hospital: a SuperNode whose node config points at its prepared data.
+
+        ``superlink`` is the HOST:PORT the node dials instead of the SuperLink itself, e.g. a
+        reverse proxy in front of it (the Fleet API is all a hospital should reach).
+        """
         node_config = {
             "data-path": str(Path(data_dir).resolve()),
             "site": site,
@@ -326,7 +331,7 @@ class LocalNetwork:
             _bin("flower-supernode"),
             *self._tls_args(server=False),
             "--superlink",
-            self.address,
+            superlink or self.address,
             "--port",
             str(port or free_port()),
             "--node-config",
