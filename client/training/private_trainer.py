@@ -1,0 +1,328 @@
+"""Slide-level DP-SGD for the site-local trainer (DESIGN §4.5): a function of (model, bags, config).
+
+Same contract as :func:`client.training.trainer.train` (no I/O, prints nothing, same loss,
+same validation, same best-epoch restore and early stopping) with the three changes DP-SGD
+needs, one slide being one privacy unit:
+
+- **Poisson sampling**: every step takes each training slide independently with probability
+  q = B/N (B = ``expected_batch_slides``), an epoch being round(N/B) steps. The normal/tumour
+  pairing and the oversampling of annotated slides of the plain trainer would make a slide's
+  chance of being used depend on the other slides, which the accountant cannot express.
+- **Per-slide clipping**: each sampled slide runs alone (physical batch 1, no padding) and its
+  gradient is clipped to norm C before it is added to the step's sum. With one slide per
+  backward pass the ordinary gradient *is* the slide's per-sample gradient, so no Opacus hooks
+  are needed: they would compute the same numbers at extra cost (``tests/test_private_trainer``
+  checks equality with Opacus' ``GradSampleModule`` on a padded batch) and they mis-pair
+  activations when a layer is called twice but only one call reaches the loss (ABMIL's
+  slide classifier also reads out its instance logits, which its loss does not use).
+- **Noise**: Gaussian noise of std σ·C is added to the step's sum, which is divided by the
+  *expected* batch B (Opacus' ``loss_reduction="mean"`` with Poisson sampling); the step size
+  is ``step_lr`` for B slides. An empty step still adds noise and steps, as the analysis
+  assumes. The optimiser (Adam) only post-processes the noisy gradient.
+
+The sampling and the noise are drawn from ``secret_seed``, which the caller keeps from the
+server (the federated client stores it in its privacy ledger): noise that the server could
+regenerate from a public seed would protect nothing. The dropout and instance-sampling
+streams stay derived from ``cfg.seed`` as in the plain trainer; they need no secrecy.
+
+Training runs in float32 (bfloat16 autocast is refused): the clipping bound is only as exact
+as the gradient norms it is computed from.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from client.training.bags import Bag, collate
+from client.training.dp_config import DPConfig
+from client.training.privacy_accountant import (
+    Mechanism,
+    check_delta,
+    sampling_plan,
+    solve_noise_multiplier,
+)
+from client.training.train_config import TrainConfig
+from client.training.trainer import (
+    EpochMetrics,
+    TrainResult,
+    _device,
+    _private_torch_rng,
+    _to_device,
+    evaluate,
+    step_lr,
+)
+from common.errors import ConfigError
+from common.mil.losses import mixed_supervision_loss
+from common.mil.models import MILModel
+
+__all__ = [
+    "PrivateTrainResult",
+    "check_private_model",
+    "clipped_slide_gradient",
+    "plan_private_training",
+    "train_private",
+]
+
+
+@dataclass(frozen=True)
+class PrivateTrainResult:
+    """The plain trainer's result plus what the accountant must record about this call."""
+
+    result: TrainResult
+    mechanism: Mechanism
+    """σ, q and the number of noisy steps actually taken (fewer than planned only when
+    validation stopped training early)."""
+    max_grad_norm: float
+
+
+def check_private_model(model: torch.nn.Module) -> None:
+    """Refuse a model DP-SGD cannot protect, with every reason at once (``ConfigError``).
+
+    Opacus' ``ModuleValidator`` names the layers its analysis excludes (BatchNorm mixes the
+    slides of a batch; InstanceNorm with running statistics, stock LSTM/GRU, ...). Buffers are
+    refused as well: they are part of the model the site sends, updated from its data without
+    clipping or noise (BatchNorm's running mean is the usual one).
+    """
+    from opacus.validators import ModuleValidator
+
+    was_training = model.training
+    model.train()
+    try:
+        problems = [str(e) for e in ModuleValidator.validate(model, strict=False)]
+    finally:
+        model.train(was_training)
+    buffers = [name for name, _ in model.named_buffers()]
+    if buffers:
+        problems.append(
+            f"the model has buffers ({', '.join(buffers[:5])}) that would leave the site "
+            "without clipping or noise"
+        )
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(
+            f"this model cannot be trained with DP-SGD ({len(problems)} problem(s)); "
+            f"use Linear/LayerNorm/GroupNorm layers without running statistics:\n{lines}"
+        )
+
+
+def plan_private_training(dp: DPConfig, n_slides: int, epochs: int) -> Mechanism:
+    """The mechanism one call of :func:`train_private` with ``epochs`` epochs will run.
+
+    σ is ``dp.noise_multiplier``, or solved from ``dp.target_epsilon`` for
+    ``dp.planned_rounds`` calls of ``epochs`` epochs each at this site's sampling rate. The
+    plan depends only on public settings and N, so every round of a run gets the same σ and
+    the privacy ledger can check the budget before anything is trained.
+    """
+    if not dp.enabled:
+        raise ConfigError("DP-SGD is not enabled in this configuration")
+    if epochs < 1:
+        raise ConfigError(f"epochs must be >= 1; got {epochs}")
+    check_delta(dp.delta, n_slides)
+    q, per_epoch = sampling_plan(n_slides, dp.expected_batch_slides)
+    steps = per_epoch * epochs
+    if dp.noise_multiplier is not None:
+        sigma = dp.noise_multiplier
+    else:
+        assert dp.target_epsilon is not None  # DPConfig guarantees one of the two
+        sigma = solve_noise_multiplier(
+            dp.target_epsilon, dp.delta, q, steps * dp.planned_rounds, dp.accountant
+        )
+    return Mechanism(noise_multiplier=float(sigma), sample_rate=q, steps=steps)
+
+
+def _parameters(model: MILModel) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def clipped_slide_gradient(
+    model: MILModel,
+    bag: Bag,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    max_grad_norm: float,
+) -> tuple[list[torch.Tensor], np.ndarray, float]:
+    """One slide's gradient clipped to norm ``max_grad_norm``; (gradient, loss parts, norm).
+
+    The slide runs alone (physical batch 1, no padding), so its ordinary gradient is its
+    per-sample gradient. The loss is the trainer's mixed-supervision loss; the returned norm is
+    the one *before* clipping (the factor is min(1, C / (norm + 1e-6)), as in Opacus).
+    """
+    params = _parameters(model)
+    for p in params:
+        p.grad = None
+    batch = _to_device(collate([bag]), _device(model))
+    out = model(batch.features, batch.mask)
+    parts = mixed_supervision_loss(
+        out.logits,
+        out.attention,
+        out.instance_logits if model.has_instance_task else None,
+        batch.labels,
+        batch.patch_labels,
+        batch.annotation_complete,
+        batch.mask,
+        cfg.supervision,
+        generator,
+    )
+    grads = torch.autograd.grad(parts.total, params, allow_unused=True)
+    flat = [
+        torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)
+    ]
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in flat)))
+    factor = min(1.0, max_grad_norm / (norm + 1e-6))
+    losses = np.array(
+        [
+            float(parts.total.detach()),
+            float(parts.bag.detach()),
+            float(parts.instance.detach()),
+            float(parts.attention.detach()),
+        ]
+    )
+    return [g * factor for g in flat], losses, norm
+
+
+def _epoch_streams(cfg_seed: int, secret_seed: int, epoch: int) -> tuple[int, int, int, int]:
+    """(dropout seed, instance-sampling seed) from the public seed; (Poisson, noise) secret."""
+    dropout, instances = np.random.SeedSequence([cfg_seed, epoch, 7]).generate_state(2)
+    poisson, noise = np.random.SeedSequence([secret_seed, epoch]).generate_state(2, np.uint64)
+    return int(dropout), int(instances), int(poisson), int(noise)
+
+
+def _private_epoch(
+    model: MILModel,
+    optimiser: torch.optim.Optimizer,
+    bags: Sequence[Bag],
+    epoch: int,
+    cfg: TrainConfig,
+    dp: DPConfig,
+    mechanism: Mechanism,
+    secret_seed: int,
+) -> tuple[np.ndarray, int]:
+    """One epoch of noisy steps; mean loss parts over the slides used, and the step count."""
+    dropout_seed, instance_seed, poisson_seed, noise_seed = _epoch_streams(
+        cfg.seed, secret_seed, epoch
+    )
+    torch.manual_seed(dropout_seed)  # dropout; the caller forked the global RNG
+    instances = torch.Generator().manual_seed(instance_seed)
+    sampler = np.random.default_rng(poisson_seed)
+    noise = torch.Generator(device=_device(model)).manual_seed(noise_seed % (2**63))
+    n = len(bags)
+    expected = mechanism.sample_rate * n
+    steps = sampling_plan(n, dp.expected_batch_slides)[1]
+    std = mechanism.noise_multiplier * dp.max_grad_norm
+    params = _parameters(model)
+    lr = step_lr(cfg, max(1, round(expected)))
+    sums = np.zeros(4, dtype=np.float64)
+    used = 0
+    model.train()
+    for _ in range(steps):
+        chosen = np.flatnonzero(sampler.random(n) < mechanism.sample_rate)
+        total = [torch.zeros_like(p) for p in params]
+        for i in chosen:
+            grads, losses, _ = clipped_slide_gradient(
+                model, bags[int(i)], cfg, instances, dp.max_grad_norm
+            )
+            for acc, g in zip(total, grads, strict=True):
+                acc.add_(g)
+            sums += losses
+            used += 1
+        for p, acc in zip(params, total, strict=True):
+            drawn = torch.normal(0.0, std, size=p.shape, generator=noise, device=p.device)
+            p.grad = (acc + drawn.to(p.dtype)) / expected
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        optimiser.step()
+        for p in params:
+            p.grad = None
+    return (sums / used if used else np.full(4, math.nan)), steps
+
+
+def train_private(
+    model: MILModel,
+    train_bags: Sequence[Bag],
+    val_bags: Sequence[Bag],
+    cfg: TrainConfig,
+    dp: DPConfig,
+    *,
+    secret_seed: int | None = None,
+    on_epoch: Callable[[EpochMetrics], None] | None = None,
+    start_epoch: int = 0,
+) -> PrivateTrainResult:
+    """Train ``model`` in place with DP-SGD (Adam on the noisy gradient) for ``cfg.epochs``.
+
+    The mechanism is :func:`plan_private_training` for ``len(train_bags)`` slides; the result
+    says how many of its steps ran. Validation, best-epoch restore and early stopping are the
+    plain trainer's (the validation slides are not training slides: the guarantee covers the
+    training split, the validation numbers are released as aggregate metrics). Without
+    ``secret_seed`` the sampling and noise come from the OS's entropy, so a run cannot be
+    repeated; a federated site passes its ledger's secret so that a retried round releases
+    exactly the same update and costs nothing more.
+    """
+    if not train_bags:
+        raise ValueError("no training bags")
+    if start_epoch < 0:
+        raise ValueError(f"start_epoch must be >= 0; got {start_epoch}")
+    if cfg.precision == "bfloat16":
+        raise ConfigError("DP-SGD trains in float32; set precision to auto or float32")
+    check_private_model(model)
+    planned = plan_private_training(dp, len(train_bags), cfg.epochs)
+    seed = secrets.randbits(64) if secret_seed is None else int(secret_seed)
+    device = _device(model)
+    optimiser = torch.optim.Adam(_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    was_training = model.training
+    history: list[EpochMetrics] = []
+    best_loss, best_epoch, best_state = math.inf, None, None
+    since_best, stopped_early, steps_done = 0, False, 0
+    with _private_torch_rng(device):
+        for epoch in range(start_epoch, start_epoch + cfg.epochs):
+            began = time.perf_counter()
+            means, n_steps = _private_epoch(
+                model, optimiser, train_bags, epoch, cfg, dp, planned, seed
+            )
+            steps_done += n_steps
+            val = evaluate(model, val_bags)
+            metrics = EpochMetrics(
+                epoch=epoch,
+                train_loss=float(means[0]),
+                train_bag_loss=float(means[1]),
+                train_instance_loss=float(means[2]),
+                train_attention_loss=float(means[3]),
+                val_loss=val.loss,
+                val_auc=val.auc,
+                val_patch_auc=val.patch_auc,
+                seconds=time.perf_counter() - began,
+                n_steps=n_steps,
+            )
+            history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(metrics)
+            if not val_bags:
+                continue
+            if val.loss < best_loss:
+                best_loss, best_epoch, since_best = val.loss, epoch, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                since_best += 1
+            if since_best >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+                stopped_early = epoch < start_epoch + cfg.epochs - 1
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.train(was_training)
+    result = TrainResult(
+        model=model,
+        history=history,
+        best_epoch=best_epoch if best_epoch is not None else history[-1].epoch,
+        stopped_early=stopped_early,
+        mean_train_loss_last_epoch=history[-1].train_loss,
+        n_train_slides=len(train_bags),
+        precision="float32",
+    )
+    spent = Mechanism(planned.noise_multiplier, planned.sample_rate, steps_done)
+    return PrivateTrainResult(result=result, mechanism=spent, max_grad_norm=dp.max_grad_norm)
