@@ -10,7 +10,8 @@ floor would only add waiting. Sites can be told to stay silent in chosen rounds 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +19,24 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-__all__ = ["InProcessGrid", "InProcessSite"]
+__all__ = ["InProcessGrid", "InProcessSite", "task_identity"]
+
+
+@contextmanager
+def task_identity(run_id: int = 1) -> Iterator[None]:
+    """Give this process the task identity a SuperLink or SuperNode would set.
+
+    Flower's ``Message`` constructor reads it; in a deployment Flower sets it before our code
+    runs, in-process nothing does. Restored on exit, so tests stay independent.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
 @dataclass

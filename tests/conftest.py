@@ -11,11 +11,7 @@ import pytest
 def flower_task() -> Iterator[None]:
     """Flower's Message constructor reads the process's task identity, which a SuperLink or
     SuperNode sets; Flower's own tests set it in a fixture the same way."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from server.inprocess_grid import task_identity
 
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    try:
+    with task_identity():
         yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
