@@ -27,6 +27,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 
+from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
 from common.federation import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -98,6 +99,21 @@ def manifest_strings(site_dirs: Iterable[Path]) -> set[str]:
                     rel = Path(row["features"])
                     out.update({row["features"], rel.name, str(site / rel)})
     return {s for s in out if len(s) >= 6}  # shorter strings match by chance in float bytes
+
+
+def write_identifiable_site(root: Path, spec: SyntheticSiteSpec, seed: int) -> Path:
+    """A synthetic prepared site whose manifest carries patient ids too (more to leak)."""
+    site = write_synthetic_site(root, spec, seed=seed)
+    index = site / "prepared.csv"
+    with index.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    for i, row in enumerate(rows):
+        row["patient_id"] = f"PATIENT-{root.name}-{i:04d}"
+    with index.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+    return site
 
 
 @dataclass
@@ -265,7 +281,7 @@ def check_fleet_requests(
             ):
                 kind = proto.metadata.message_type
                 report.replies[kind] = report.replies.get(kind, 0) + 1
-                if proto.HasField("content"):
+                if proto.HasField("content") and len(proto.content.items):
                     report.violations.append(f"{path}: content sent inline, not as objects")
                 if proto.HasField("error"):
                     report.replies["error"] = report.replies.get("error", 0) + 1

@@ -26,11 +26,11 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 import client.app as client_app
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+from client.synthetic_site import SyntheticSiteSpec
 from server.config import RunConfig
 from server.federated_run import _initial_arrays, run_federated
 from server.inprocess_grid import InProcessGrid, InProcessSite
-from tests.egress import EgressPolicy, EgressReport, check_reply
+from tests.egress import EgressPolicy, EgressReport, check_reply, write_identifiable_site
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -38,26 +38,11 @@ SPEC = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
 LABELS = ("normal", "tumour")
 
 
-def write_identifiable_site(root: Path, seed: int) -> Path:
-    """A synthetic prepared site whose manifest carries patient ids too (more to leak)."""
-    site = write_synthetic_site(root, SPEC, seed=seed)
-    index = site / "prepared.csv"
-    with index.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    for i, row in enumerate(rows):
-        row["patient_id"] = f"PATIENT-{root.name}-{i:04d}"
-    with index.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-    return site
-
-
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("egress")
     return {
-        f"site_{n}": write_identifiable_site(root / f"hospital-{n}-private-data", seed=i)
+        f"site_{n}": write_identifiable_site(root / f"hospital-{n}-private-data", SPEC, seed=i)
         for i, n in enumerate("ab")
     }
 
@@ -266,3 +251,62 @@ def test_an_error_reply_naming_a_file_is_caught(sites: dict[str, Path]) -> None:
     reply = Message(Error(code=1, reason=f"site_a: {leak} is truncated"), reply_to=request)
     violations = check_reply(reply, _policy(sites, _cfg(Path("/unused")))).violations
     assert f"train reply: contains {leak!r}" in violations
+
+
+# -- the wire checker (what tests/test_reverse_proxy.py runs on nginx's captured bodies) ------
+
+
+def _wire(reply: Message) -> list[tuple[str, bytes]]:
+    """The Fleet request bodies a SuperNode sends for ``reply``: PushMessages, then PushObject."""
+    from flwr.app.message import remove_content_from_message
+    from flwr.common.serde import message_to_proto
+    from flwr.proto.fleet_pb2 import PushMessagesRequest
+    from flwr.proto.message_pb2 import PushObjectRequest
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+    )
+
+    tree = get_object_tree(reply)
+    objects = get_all_nested_objects(reply)
+    head = PushMessagesRequest(
+        messages_list=[message_to_proto(remove_content_from_message(reply))],
+        message_object_trees=[tree],
+    )
+    bodies = [("/v1/fleet/push-messages", head.SerializeToString())]
+    for object_id, obj in objects.items():
+        request = PushObjectRequest(object_id=object_id, object_content=obj.deflate())
+        bodies.append(("/v1/fleet/push-object", request.SerializeToString()))
+    return bodies
+
+
+def test_the_wire_checker_passes_a_real_reply_and_catches_a_leaky_one(
+    sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.federated
+    from tests.egress import check_fleet_requests
+
+    site = sites["site_a"]
+    cfg = _cfg(Path("/unused"))
+    policy = _policy(sites, cfg)
+    clean = client_app.app(_train_message(cfg), _context(site))
+    report = check_fleet_requests(_wire(clean), policy)
+    assert report.violations == [] and report.replies == {"train": 1}
+    assert report.objects == len(_wire(clean)) - 1
+
+    slide = _first_slide(site)["slide_id"]
+    real = client.federated.train_on_site
+
+    def leaky(*args: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        weights, metrics = real(*args)
+        weights["coords"] = np.arange(20, dtype=np.int64).reshape(10, 2) * 256
+        return weights, {**metrics, f"score-{slide}": 0.93}
+
+    monkeypatch.setattr(client.federated, "train_on_site", leaky)
+    _without_client_guard(monkeypatch)
+    reply = client_app.app(_train_message(cfg), _context(site))
+    violations = check_fleet_requests(_wire(reply), policy).violations
+    assert any(f"contains {slide!r}" in v for v in violations)
+    assert any(f"metric 'score-{slide}' is not allow-listed" in v for v in violations)
+    assert any("array 'coords' is not a model parameter" in v for v in violations)
+    assert any("ArrayRecord" in v and "coords" in v for v in violations)
