@@ -17,16 +17,14 @@ from flwr.serverapp import Grid
 from common import __version__
 from common.errors import ConfigError, FedpathError
 from server.checkpoints import latest_checkpoint, load_checkpoint
+from server.client_dp import ClientDPSettings, ClientDPStrategy, client_epsilon
 from server.config import RunConfig
+from server.guarantee import ClientLevelSpent, planned_guarantee, run_guarantee
 from server.rounds import Federation, RunFailed, harmonised_summary
 from server.run_log import FINAL_FILE, METRICS_FILE, RunLog
-from server.strategies import build_strategy
+from server.strategies import FedAvgStrategy, build_strategy
 
-__all__ = ["RunFailed", "resolve_run_dir", "run_federated"]
-
-PRIVACY_NONE = (
-    "none: no differential privacy in this run; model updates were sent without clipping or noise"
-)
+__all__ = ["RunFailed", "build_run_strategy", "resolve_run_dir", "run_federated"]
 
 
 def resolve_run_dir(cfg: RunConfig, flwr_run_id: int) -> Path:
@@ -46,6 +44,27 @@ def _initial_arrays(cfg: RunConfig, feature_dim: int) -> dict[str, np.ndarray]:
         torch.manual_seed(cfg.seed)
         model = build_model(cfg.model_config_for(feature_dim))
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def build_run_strategy(cfg: RunConfig) -> FedAvgStrategy:
+    """The run's aggregation strategy, wrapped with client-level DP when ``client-dp`` is on."""
+    strategy = build_strategy(cfg.strategy, cfg.fedmix_lambda, cfg.fedmix_beta)
+    settings = ClientDPSettings.from_run_config(cfg)
+    return strategy if settings is None else ClientDPStrategy(strategy, settings)
+
+
+def _client_spent(strategy: FedAvgStrategy) -> ClientLevelSpent | None:
+    """What the client-level mechanism has spent so far (``None`` when it is off)."""
+    if not isinstance(strategy, ClientDPStrategy):
+        return None
+    s = strategy.settings
+    return ClientLevelSpent(
+        clip_norm=s.clip_norm,
+        noise_multiplier=s.noise_multiplier,
+        delta=s.delta,
+        epsilon=strategy.accountant.epsilon(),
+        releases=strategy.accountant.releases,
+    )
 
 
 def _resume_config(cfg: RunConfig, run_dir: Path, warn: Callable[[str], None]) -> RunConfig:
@@ -86,14 +105,14 @@ def run_federated(
         )
     run_dir.mkdir(parents=True, exist_ok=True)
     log = RunLog(run_dir)
-    strategy = build_strategy(cfg.strategy, cfg.fedmix_lambda, cfg.fedmix_beta)
+    strategy = build_run_strategy(cfg)
     federation = Federation(grid=grid, cfg=cfg, log=log, strategy=strategy, report=report)
     completed = 0
     try:
         federation.gate()
         start_round, arrays = 1, _initial_arrays(cfg, federation.feature_dim())
         if cfg.resume:
-            start_round, arrays = _resume_state(run_dir, log, arrays, report)
+            start_round, arrays = _resume_state(run_dir, log, arrays, strategy, report)
         else:
             log.write_config(_config_record(cfg, federation, flwr_run_id))
         completed = start_round - 1
@@ -110,6 +129,7 @@ def run_federated(
                 "num_rounds": cfg.num_server_rounds,
                 "test": {},
                 "global_test": {},
+                **run_guarantee(log.rounds, _client_spent(strategy)),
             }
         )
         report(f"run failed after {completed} round(s): {exc}")
@@ -121,6 +141,7 @@ def run_federated(
             "rounds_completed": completed,
             "num_rounds": cfg.num_server_rounds,
             **final,
+            **run_guarantee(log.rounds, _client_spent(strategy)),
         }
     )
     _render_report(run_dir, report)
@@ -137,14 +158,36 @@ def _config_record(cfg: RunConfig, federation: Federation, flwr_run_id: int) -> 
         "model_config": cfg.model_config_for(federation.feature_dim()).model_dump(mode="json"),
         "train_config": cfg.train_config().model_dump(mode="json"),
         "sites": harmonised_summary(federation.site_list()),
-        "privacy_guarantee": PRIVACY_NONE,
+        **planned_guarantee(_planned_client(cfg)),
     }
 
 
+def _planned_client(cfg: RunConfig) -> ClientLevelSpent | None:
+    """The client-level ε once every configured round is aggregated (``None`` when off)."""
+    settings = ClientDPSettings.from_run_config(cfg)
+    if settings is None:
+        return None
+    return ClientLevelSpent(
+        clip_norm=settings.clip_norm,
+        noise_multiplier=settings.noise_multiplier,
+        delta=settings.delta,
+        epsilon=client_epsilon(settings.noise_multiplier, cfg.num_server_rounds, settings.delta),
+        releases=cfg.num_server_rounds,
+    )
+
+
 def _resume_state(
-    run_dir: Path, log: RunLog, fresh: dict[str, np.ndarray], report: Callable[[str], None]
+    run_dir: Path,
+    log: RunLog,
+    fresh: dict[str, np.ndarray],
+    strategy: FedAvgStrategy,
+    report: Callable[[str], None],
 ) -> tuple[int, dict[str, np.ndarray]]:
-    """(next round, arrays) from the latest checkpoint; the fresh model when there is none."""
+    """(next round, arrays) from the latest checkpoint; the fresh model when there is none.
+
+    The strategy continues from the checkpoint's state too: client-level DP's accountant must
+    carry the ε of the rounds already released.
+    """
     path = latest_checkpoint(run_dir)
     log.clear_final()
     if path is None:
@@ -154,6 +197,7 @@ def _resume_state(
     checkpoint = load_checkpoint(path)
     if set(checkpoint.arrays) != set(fresh):
         raise ConfigError(f"{path}: its arrays do not match the run's model")
+    strategy.load_state(checkpoint.strategy)
     log.load_rounds(up_to=checkpoint.server_round)
     report(f"resume: continuing after round {checkpoint.server_round} from {path.name}")
     return checkpoint.server_round + 1, checkpoint.arrays

@@ -585,9 +585,45 @@ def header_html(run: RunFiles) -> str:
         facts.append(("latest checkpoint", run.latest_checkpoint.relative_to(run.run_dir)))
     return (
         f"{title}{banner}{_kv_grid(facts)}"
-        f'<h2>Privacy guarantee</h2><p class="privacy">{esc(cfg.privacy_guarantee)}</p>'
-        f"{privacy_summary_html(run)}"
+        f'<h2>Privacy guarantee</h2><p class="privacy">{esc(guarantee_text(run))}</p>'
+        f"{privacy_summary_html(run)}{client_level_html(run)}"
         f"<h2>Run settings</h2>{_kv_grid(sorted(cfg.run_config.items()))}"
+    )
+
+
+def guarantee_text(run: RunFiles) -> str:
+    """What the aggregated rounds delivered (final.json), else what config.json planned."""
+    if run.final is not None and run.final.privacy_guarantee:
+        return run.final.privacy_guarantee
+    return run.config.privacy_guarantee if run.config is not None else NA
+
+
+def client_level_html(run: RunFiles) -> str:
+    """The federation's client-level ε after each round, with the noise that round got."""
+    rows = [
+        [
+            str(r.round),
+            fmt(r.client_dp.epsilon, 3),
+            f"{r.client_dp.delta:.1e}",
+            f"{r.client_dp.clip_norm:g}",
+            f"{r.client_dp.noise_multiplier:g}",
+            f"{r.client_dp.max_weight:.3f}",
+            f"{r.client_dp.noise_std:.3g}",
+            r.client_dp.accountant,
+        ]
+        for r in rounds_for_plots(run)
+        if r.client_dp is not None
+    ]
+    if not rows:
+        return ""
+    return (
+        "<h3>Client-level DP (sites as privacy unit): ε of the federation by round</h3>"
+        "<p>Each site's update is clipped to norm C at the server and the aggregate gets "
+        "Gaussian noise of std σ·C·max w (the largest aggregation weight of the round).</p>"
+        + table(
+            ["round", "ε", "δ", "C", "σ", "max w", "noise std", "accountant"],
+            rows,
+        )
     )
 
 

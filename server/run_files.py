@@ -68,6 +68,8 @@ class RunConfigFile(RunFileModel):
     train_config: dict[str, Any] = Field(default_factory=dict)
     sites: dict[str, SiteInfo]
     privacy_guarantee: str
+    privacy: dict[str, Any] = Field(default_factory=dict)
+    """The guarantee's record (``server.guarantee``): kind, numbers, accountant."""
 
 
 class TrainMetrics(RunFileModel):
@@ -108,6 +110,20 @@ class PrivacySpent(RunFileModel):
     delta: float
 
 
+class ClientLevelRound(RunFileModel):
+    """The federation's cumulative client-level (ε, δ) after a round, and that round's noise."""
+
+    epsilon: float
+    delta: float
+    releases: int = Field(ge=1)
+    clip_norm: float
+    noise_multiplier: float
+    noise_std: float
+    max_weight: float
+    sample_rate: float = 1.0
+    accountant: str
+
+
 class RoundRecord(RunFileModel):
     """One line of ``metrics.jsonl``: a completed round (``attempt`` > 1 when it was retried)."""
 
@@ -124,6 +140,7 @@ class RoundRecord(RunFileModel):
     evaluate: dict[str, EvalMetrics] = Field(default_factory=dict)
     global_: GlobalMetrics = Field(alias="global")
     privacy: dict[str, PrivacySpent] = Field(default_factory=dict)
+    client_dp: ClientLevelRound | None = None
 
 
 class FinalRecord(RunFileModel):
@@ -140,6 +157,9 @@ class FinalRecord(RunFileModel):
     num_rounds: int
     test: dict[str, EvalMetrics] = Field(default_factory=dict)
     global_test: EvalMetrics | None = None
+    privacy_guarantee: str | None = None
+    """The guarantee the aggregated rounds delivered (older runs: only in config.json)."""
+    privacy: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("global_test", mode="before")
     @classmethod

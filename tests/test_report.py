@@ -307,3 +307,41 @@ def test_resumed_run_with_a_redone_round_and_sparse_site_facts(tmp_path: Path) -
 def test_matplotlib_text_is_literal() -> None:
     assert mpl_text("a$b$") == r"a\$b\$"
     assert mpl_text("_hidden") == " _hidden"
+
+
+def test_client_level_guarantee_and_epsilon_by_round_are_rendered(tmp_path: Path) -> None:
+    """final.json's guarantee (what the rounds delivered) wins over config.json's plan, and the
+    federation's client-level ε appears per round in the privacy section."""
+    from server.guarantee import CLIENT_LEVEL, ClientLevelSpent, run_guarantee
+
+    run_dir = make_run(tmp_path / "run", privacy=False)
+    lines = []
+    for number, raw in enumerate((run_dir / "metrics.jsonl").read_text().splitlines(), 1):
+        record = json.loads(raw)
+        record["client_dp"] = {
+            "epsilon": 2.5 * number,
+            "delta": 1e-5,
+            "releases": number,
+            "clip_norm": 0.5,
+            "noise_multiplier": 1.2,
+            "noise_std": 0.6 * max(record["weights"].values()),
+            "max_weight": max(record["weights"].values()),
+            "sample_rate": 1.0,
+            "accountant": "opacus-rdp",
+            "not_yet_known_field": 1,
+        }
+        lines.append(json.dumps(record))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    guarantee = run_guarantee(
+        [json.loads(x) for x in lines], ClientLevelSpent(0.5, 1.2, 1e-5, 7.5, 3)
+    )
+    final = {**_final(), **guarantee}
+    (run_dir / "final.json").write_text(json.dumps(final), encoding="utf-8")
+    run = read_run(run_dir)
+    assert [r.client_dp.epsilon for r in run.rounds] == [2.5, 5.0, 7.5]
+    assert run.final.privacy["guarantee"] == CLIENT_LEVEL
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert f'<p class="privacy">{CLIENT_LEVEL}: ε = 7.5 at δ = 1e-05 after 3' in text
+    assert PRIVACY_TEXT not in text, "the delivered guarantee replaces the planned one"
+    assert "ε of the federation by round" in text and "opacus-rdp" in text
+    assert "7.500" in text and "σ·C·max w" in text
