@@ -641,3 +641,49 @@ def test_regenerating_a_smaller_site_removes_stale_files(cohort_dirs: list[Path]
     _, rows = _read_csv(s1 / "slides.csv")
     assert [r["slide_id"] for r in rows] == ["s1_000", "s1_001"]
     assert not any(p.name.startswith(TMP_PREFIX) for p in s1.rglob("*"))
+
+
+# --------------------------------------------------------------------------------------------
+# Infiltrating (low-density) tumour
+# --------------------------------------------------------------------------------------------
+
+
+def test_infiltrating_tumour_changes_only_tumour_pixels_and_keeps_the_truth(
+    generated: Generated, tmp_path: Path
+) -> None:
+    """A density range below 1 leaves stroma and glass byte-for-byte as the solid slide and the
+    ground truth unchanged, and puts stroma between the tumour nests (less haematoxylin)."""
+    cfg = SMALL.model_copy(update={"tumour_density_range": (0.25, 1.0)})
+    sparse = generate_slide(tmp_path, "s1", cfg, seed=11)
+    solid = generated.first
+    assert np.array_equal(_mask(sparse.tumour_mask_path), _mask(solid.tumour_mask_path))
+    assert sparse.tumour_fraction == solid.tumour_fraction
+    a, b = _level0(solid), _level0(sparse)
+    h, w = a.shape[:2]
+    tumour = _mask(solid.tumour_mask_path).astype(np.uint8)
+    near = np.kron(cv2.dilate(tumour, np.ones((5, 5), np.uint8)), np.ones((16, 16), np.uint8))
+    near = near[:h, :w].astype(bool)
+    deep = np.kron(cv2.erode(tumour, np.ones((5, 5), np.uint8)), np.ones((16, 16), np.uint8))
+    deep = deep[:h, :w].astype(bool)
+    # JPEG blocks straddle the tumour edge, so compare away from it.
+    assert np.array_equal(a[~near], b[~near])
+    stain = SMALL.stain
+    assert _haematoxylin(b[deep], stain).mean() < _haematoxylin(a[deep], stain).mean() - 0.02
+    changed = np.abs(a[deep].astype(int) - b[deep].astype(int)).max(axis=1) > 20
+    assert 0.1 < changed.mean() < 0.9  # nests kept, stroma in between
+
+
+def test_default_density_is_solid_tumour_and_bounds_are_checked() -> None:
+    assert SMALL.tumour_density_range == (1.0, 1.0)
+    for bad, why in (
+        ((0.0, 1.0), "tumour density"),
+        ((0.5, 1.2), "tumour density"),
+        ((1.0, 0.3), "not ordered"),
+    ):
+        with pytest.raises(ValidationError, match=why):
+            SynthSlideConfig(tumour_density_range=bad)
+        with pytest.raises(ValidationError, match=why):
+            SynthSiteConfig(name="x", n_slides=1, tumour_density_range=bad)
+    site = SynthSiteConfig(name="x", n_slides=4, tumour_density_range=(0.3, 0.9))
+    plans = plan_site(site, SynthCohortConfig(sites=(site,)), seed=0)
+    assert all(p.config.tumour_density_range == (0.3, 0.9) for p in plans)

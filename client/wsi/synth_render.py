@@ -19,6 +19,9 @@ from common.errors import ConfigError
 
 TUMOUR_EDGE_PX = 4.0
 """Width (level-0 px) of the blend between normal and tumour texture at the tumour border."""
+TUMOUR_NEST_SHARPNESS = 10.0
+"""Slope of the tumour weight across a nest edge of the infiltrating-tumour field: the weight
+goes from 0 to 1 over 1/10 of the field's range, a few level-0 px."""
 TISSUE_EDGE_PX = 3.0
 """Width (level-0 px) of the fade from tissue to glass."""
 EDGE_RAGGEDNESS = 1.5
@@ -70,6 +73,9 @@ class SlideScene:
     super_cols: int
     matrix: np.ndarray
     background: tuple[int, int, int]
+    density: np.ndarray | None = None
+    """Padded like ``fields`` (rows·n + 2, cols·n + 2): the infiltrating-tumour nest field
+    (tumour texture where it is positive, see ``synthetic.tumour_density``). None: solid."""
 
     def _view(self, col: int, row: int) -> BankView:
         return self.views[(row + 1) * (self.super_cols + 2) + col + 1]
@@ -106,6 +112,17 @@ class SlideScene:
         acc += mean
         return np.maximum(acc, 0.0, out=acc).reshape(TILE, TILE, 2)
 
+    def _density_tile(self, tx: int, ty: int) -> np.ndarray:
+        """TILE×TILE tumour weight in [0, 1] at level 0: the nest field upsampled like the
+        masks (no tile seams), then a sharp edge."""
+        assert self.density is not None
+        ds = self.downsample
+        n = TILE // ds
+        sub = self.density[ty * n : ty * n + n + 2, tx * n : tx * n + n + 2]
+        up = cv2.resize(sub, ((n + 2) * ds, (n + 2) * ds), interpolation=cv2.INTER_LINEAR)
+        up = up[ds : ds + TILE, ds : ds + TILE]
+        return np.clip(up * TUMOUR_NEST_SHARPNESS, 0.0, 1.0)
+
     def render_tile(self, tx: int, ty: int) -> np.ndarray | None:
         """TILE×TILE×3 uint8 RGB of tile (tx, ty); None when it is empty glass."""
         ds = self.downsample
@@ -120,6 +137,8 @@ class SlideScene:
         if sub[..., 1].any():
             tumour = self.texture(self.banks.tumour, x0, y0)
             alpha = np.clip((up[..., 1] - 0.5) * (ds / TUMOUR_EDGE_PX) + 0.5, 0.0, 1.0)
+            if self.density is not None:
+                alpha *= self._density_tile(tx, ty)
             conc += _two_channel(alpha) * (tumour - conc)
         tissue = up[..., 0] - 0.5 + EDGE_RAGGEDNESS * (conc[..., 1] - 0.4) / ds
         alpha = np.clip(tissue * (ds / TISSUE_EDGE_PX) + 0.5, 0.0, 1.0)
@@ -144,8 +163,13 @@ def build_scene(
     banks: TextureBanks,
     stain: StainConfig,
     rng: np.random.Generator,
+    density: np.ndarray | None = None,
 ) -> SlideScene:
-    """Assemble the padded mask fields and draw one bank view per super-tile."""
+    """Assemble the padded mask fields and draw one bank view per super-tile.
+
+    ``density`` (mask resolution, like ``tumour``) is the infiltrating-tumour nest field; None
+    keeps solid tumour everywhere and the scene exactly as without the option.
+    """
     if TILE % downsample:
         raise ConfigError(f"mask downsample {downsample} must divide the tile size {TILE}")
     n = TILE // downsample
@@ -156,6 +180,11 @@ def build_scene(
     fields[1 : 1 + h, 1 : 1 + w, 1] = tumour
     thick = np.pad(thickness, ((1, rows * n + 1 - h), (1, cols * n + 1 - w)), mode="edge")
     fields[..., 2] = thick
+    padded_density = None
+    if density is not None:
+        padded_density = np.pad(
+            density.astype(np.float32), ((1, rows * n + 1 - h), (1, cols * n + 1 - w)), mode="edge"
+        )
     size = banks.normal.size
     super_rows, super_cols = math.ceil(height / size), math.ceil(width / size)
     views = tuple(random_views(rng, (super_rows + 2) * (super_cols + 2), size))
@@ -170,4 +199,5 @@ def build_scene(
         super_cols=super_cols,
         matrix=stain_matrix(stain),
         background=stain.background_rgb,
+        density=padded_density,
     )

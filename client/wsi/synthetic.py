@@ -39,9 +39,10 @@ from client.wsi.synth_masks import (
     make_tumour_mask,
     mask_polygons,
     partial_annotation_mask,
+    smooth_noise,
     thickness_field,
 )
-from client.wsi.synth_render import build_scene
+from client.wsi.synth_render import TUMOUR_NEST_SHARPNESS, build_scene
 from client.wsi.synth_stain import StainConfig, resolve_stain
 from client.wsi.synth_texture import TILE, build_banks
 from client.wsi.synth_tiff import write_pyramid
@@ -124,6 +125,12 @@ class SynthSlideConfig(SynthRenderSettings):
         le=32,
         description="seeds the tumour grows from; None: 1 for micro-metastases, else 1-3",
     )
+    tumour_density_range: tuple[float, float] = Field(
+        (1.0, 1.0),
+        description="weight of the tumour texture inside tumour regions, varying smoothly "
+        "between these bounds (1: solid tumour sheets; e.g. 0.3: tumour cells sparse in "
+        "stroma, hard to tell from normal); the ground truth stays the whole region",
+    )
     annotate: bool = Field(True, description="write GeoJSON/XML outlines for a tumour slide")
     annotated_region_fraction: float = Field(
         1.0,
@@ -139,6 +146,11 @@ class SynthSlideConfig(SynthRenderSettings):
     @classmethod
     def _resolve_stain(cls, value: Any) -> Any:
         return _stain(value)
+
+    @field_validator("tumour_density_range")
+    @classmethod
+    def _density_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _density_range(value)
 
     @property
     def resolved_objective(self) -> float:
@@ -182,7 +194,8 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
     out_dir = Path(out_dir)
     ds = cfg.mask_downsample
     root = np.random.SeedSequence(seed)
-    s_tissue, s_tumour, s_thick, s_banks, s_views, s_partial = root.spawn(6)
+    # spawn(n)'s children do not depend on n: adding a stream keeps every earlier slide's bytes.
+    s_tissue, s_tumour, s_thick, s_banks, s_views, s_partial, s_density = root.spawn(7)
     shape = (math.ceil(cfg.height_px / ds), math.ceil(cfg.width_px / ds))
 
     tissue = make_tissue_mask(
@@ -208,6 +221,7 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
         banks=build_banks(cfg.bank_size, cfg.mpp, s_banks),
         stain=cfg.stain,
         rng=np.random.default_rng(s_views),
+        density=tumour_density(np.random.default_rng(s_density), shape, cfg.tumour_density_range),
     )
     slide_path = out_dir / "slides" / f"{slide_id}.tiff"
     write_pyramid(
@@ -264,6 +278,47 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
 # --------------------------------------------------------------------------------------------
 
 
+def _density_range(value: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = _ordered(value)
+    if not (lo > 0 and hi <= 1):
+        raise ValueError(f"tumour density must lie in (0, 1]; got {value}")
+    return lo, hi
+
+
+TUMOUR_DENSITY_SCALE = 12.0
+"""Correlation length (mask px) of the tumour density: regions of ~1 mm at 16 µm/mask px."""
+TUMOUR_CLUSTER_SCALE = 1.2
+"""Correlation length (mask px) of the tumour-cell clusters: nests of ~40 µm at 16×."""
+
+
+def _uniform_ranks(noise: np.ndarray) -> np.ndarray:
+    """The field's values replaced by their rank in [0, 1]: an exactly uniform marginal."""
+    flat = noise.ravel()
+    ranks = np.empty(flat.size, dtype=np.float64)
+    ranks[np.argsort(flat, kind="stable")] = np.arange(flat.size) / max(flat.size - 1, 1)
+    return ranks.reshape(noise.shape)
+
+
+def tumour_density(
+    rng: np.random.Generator, shape: tuple[int, int], bounds: tuple[float, float]
+) -> np.ndarray | None:
+    """The renderer's cluster field for infiltrating tumour, or None for solid tumour.
+
+    Tumour cells then sit in nests (a fine random field) scattered through the stroma, the
+    nests covering a share ``D`` of the area, with ``D`` varying smoothly across the slide
+    between ``bounds`` (uniform marginal, so sparse tumour is as common as dense). The
+    returned field is ``D·(1 + 1/k) − C`` (``C`` the nest field, uniform in [0, 1], ``k`` the
+    renderer's edge sharpness): positive inside a nest, and ≥ 1/k everywhere where D = 1,
+    so solid regions stay solid.
+    """
+    lo, hi = bounds
+    if lo == hi == 1.0:
+        return None
+    share = lo + (hi - lo) * _uniform_ranks(smooth_noise(rng, shape, TUMOUR_DENSITY_SCALE))
+    nests = _uniform_ranks(smooth_noise(rng, shape, TUMOUR_CLUSTER_SCALE))
+    return (share * (1.0 + 1.0 / TUMOUR_NEST_SHARPNESS) - nests).astype(np.float32)
+
+
 def _ordered(value: tuple[Any, Any]) -> tuple[Any, Any]:
     if value[0] > value[1]:
         raise ValueError(f"range {value} is not ordered (low, high)")
@@ -293,6 +348,9 @@ class SynthSiteConfig(StrictModel):
     tumour_fraction_range: tuple[float, float] = Field(
         (0.02, 0.5), description="tumour share of tissue on tumour slides, drawn log-uniformly"
     )
+    tumour_density_range: tuple[float, float] = Field(
+        (1.0, 1.0), description="bounds of the tumour texture weight (see SynthSlideConfig)"
+    )
     mpp: float = Field(0.5, gt=0.05, le=10, description="level-0 µm per pixel")
     seed_offset: int = Field(0, ge=0, description="decorrelates sites generated from one seed")
     slides_per_patient: int = Field(1, ge=1, description="consecutive slides share a patient")
@@ -312,6 +370,11 @@ class SynthSiteConfig(StrictModel):
     @classmethod
     def _ordered_range(cls, value: tuple[Any, Any]) -> tuple[Any, Any]:
         return _ordered(value)
+
+    @field_validator("tumour_density_range")
+    @classmethod
+    def _density_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _density_range(value)
 
     @model_validator(mode="after")
     def _physical_ranges(self) -> SynthSiteConfig:
@@ -403,6 +466,7 @@ def plan_site(site: SynthSiteConfig, cohort: SynthCohortConfig, seed: int) -> li
                 rng.integers(site.tissue_pieces_range[0], site.tissue_pieces_range[1] + 1)
             ),
             tumour_fraction=fraction,
+            tumour_density_range=site.tumour_density_range,
             annotate=i in annotated,
             annotated_region_fraction=site.partial_region_fraction if i in partial else 1.0,
             stain=site.stain,
