@@ -44,6 +44,7 @@ from server.guarantee import (
     run_guarantee,
 )
 from server.inprocess_grid import InProcessGrid, InProcessSite
+from server.rounds import RunFailed
 from server.run_files import read_run
 from server.strategies import FedAvgStrategy, FedMixStrategy
 
@@ -374,24 +375,34 @@ def site_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {name: write_synthetic_site(root / name, spec, seed=i) for i, name in enumerate("ab")}
 
 
-def test_two_round_run_with_client_level_dp_states_its_guarantee(site_dirs, tmp_path) -> None:
-    grid = InProcessGrid(
-        {10 + i: InProcessSite(path, f"site_{n}") for i, (n, path) in enumerate(site_dirs.items())}
-    )
-    cfg = RunConfig.from_run_config(
+def _dp_grid(site_dirs: dict[str, Path], silent: set[int] = frozenset()) -> InProcessGrid:
+    return InProcessGrid(
         {
-            "num-server-rounds": 2,
-            "local-epochs": 1,
-            "lr": 1e-3,
-            "runs-dir": str(tmp_path / "runs"),
-            "run-name": "dp",
-            "connect-timeout": 1.0,
-            "client-dp": "fixed-clipping",
-            "client-dp-clip-norm": 0.5,
-            "client-dp-noise-multiplier": 1.2,
+            10 + i: InProcessSite(path, f"site_{n}", silent_rounds=set(silent))
+            for i, (n, path) in enumerate(site_dirs.items())
         }
     )
-    run_dir = run_federated(grid, cfg, flwr_run_id=5, report=lambda _: None)
+
+
+def _dp_cfg(tmp_path: Path, **overrides: object) -> RunConfig:
+    base = {
+        "num-server-rounds": 2,
+        "local-epochs": 1,
+        "lr": 1e-3,
+        "runs-dir": str(tmp_path / "runs"),
+        "run-name": "dp",
+        "connect-timeout": 1.0,
+        "client-dp": "fixed-clipping",
+        "client-dp-clip-norm": 0.5,
+        "client-dp-noise-multiplier": 1.2,
+    }
+    return RunConfig.from_run_config({**base, **overrides})
+
+
+def test_two_round_run_with_client_level_dp_states_its_guarantee(site_dirs, tmp_path) -> None:
+    run_dir = run_federated(
+        _dp_grid(site_dirs), _dp_cfg(tmp_path), flwr_run_id=5, report=lambda _: None
+    )
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     eps = [r["client_dp"]["epsilon"] for r in rounds]
     assert [r["client_dp"]["releases"] for r in rounds] == [1, 2]
@@ -411,3 +422,22 @@ def test_two_round_run_with_client_level_dp_states_its_guarantee(site_dirs, tmp_
     assert run.rounds[-1].client_dp is not None and run.final.privacy_guarantee
     page = (run_dir / "report.html").read_text()
     assert "ε of the federation by round" in page and "opacus-rdp" in page
+
+
+def test_a_resumed_run_continues_the_federations_epsilon(site_dirs, tmp_path) -> None:
+    """Every site is silent in round 3, so the run fails after 2 rounds; the resume must add
+    round 3 to the ε of rounds 1-2 (from the checkpoint), not start the accountant at 0."""
+    cfg = _dp_cfg(tmp_path, **{"num-server-rounds": 3, "max-round-attempts": 1})
+    with pytest.raises(RunFailed):
+        run_federated(_dp_grid(site_dirs, {3}), cfg, flwr_run_id=6, report=lambda _: None)
+    run_dir = tmp_path / "runs" / "dp"
+    failed = json.loads((run_dir / "final.json").read_text())
+    assert failed["status"] == "failed" and failed["privacy"]["guarantee"] == CLIENT_LEVEL
+    assert failed["privacy"]["client_level"]["rounds"] == 2
+    resumed = RunConfig.from_run_config({"resume": str(run_dir)})
+    run_federated(_dp_grid(site_dirs), resumed, flwr_run_id=7, report=lambda _: None)
+    rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["client_dp"]["releases"] for r in rounds] == [1, 2, 3]
+    assert rounds[-1]["client_dp"]["epsilon"] == pytest.approx(client_epsilon(1.2, 3, 1e-5))
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["status"] == "completed" and final["privacy"]["client_level"]["rounds"] == 3
