@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -175,6 +176,10 @@ def _prepare_for_inference(model: torch.nn.Module) -> None:
         model.to(memory_format=torch.channels_last)
 
 
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+"""How torch's weights-only unpickler names the callable a refused file references."""
+
+
 def _load_weights(path: Path, encoder_id: str) -> dict[str, torch.Tensor]:
     """Read a plain tensor state dict with ``weights_only=True``; unwrap common wrappers."""
     if not path.is_file():
@@ -183,7 +188,16 @@ def _load_weights(path: Path, encoder_id: str) -> dict[str, torch.Tensor]:
         raise EncoderError(f"{encoder_id}: weights file {path} is empty")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as exc:
+    except pickle.UnpicklingError as exc:
+        # torch's own text advises loading the file unsafely; name what it refused instead.
+        found = _PICKLED_GLOBAL.search(str(exc))
+        what = f" (it references {found.group(1)})" if found else ""
+        raise EncoderError(
+            f"{encoder_id}: {path} refused: it holds pickled Python objects, not only "
+            f"tensors{what}; fedpath never unpickles code from a file (save a plain state "
+            "dict: torch.save(model.state_dict(), path))"
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EncoderError(
             f"{encoder_id}: {path} is not a plain weights file and was refused by weights-only "
