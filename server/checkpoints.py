@@ -8,7 +8,9 @@ executed. Writes are atomic, so a crash mid-write leaves the previous checkpoint
 
 from __future__ import annotations
 
+import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +76,55 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(rounds)[1] if rounds else None
 
 
+_MOVE_ASIDE = "move it out of checkpoints/ to resume from the round before"
+
+
+def _check_archive(path: Path) -> None:
+    """Refuse a file that is not an intact zip archive, before torch reads any of it.
+
+    ``torch.save`` writes a zip whose members carry CRC-32s, but ``torch.load`` never checks
+    them: a flipped bit in the tensor data loads silently as a wrong weight (e.g. 1.0 → inf).
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{path}: checkpoint is empty (0 bytes); {_MOVE_ASIDE}")
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: checkpoint not found") from None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        raise ConfigError(
+            f"{path}: not a readable fedpath checkpoint: not an intact archive "
+            f"({exc}: truncated or corrupt?); "
+            f"{_MOVE_ASIDE}"
+        ) from exc
+    if bad is not None:
+        member = bad.split("/", 1)[-1]  # torch roots the archive at the file's temporary name
+        raise ConfigError(
+            f"{path}: checkpoint is corrupt: its {member} fails the CRC check; {_MOVE_ASIDE}"
+        )
+
+
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def _refusal(path: Path, exc: pickle.UnpicklingError) -> ConfigError:
+    """The weights-only unpickler's refusal, without torch's advice to load it unsafely."""
+    found = _GLOBAL.search(str(exc))
+    what = f" (it references {found.group(1)})" if found else ""
+    return ConfigError(
+        f"{path}: refused: the checkpoint holds pickled Python objects, not only tensors and "
+        f"plain values{what}; fedpath never unpickles code from a file"
+    )
+
+
 def load_checkpoint(path: Path) -> Checkpoint:
     """Read a checkpoint safely; ``ConfigError`` naming the file when it is not one of ours."""
+    _check_archive(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise _refusal(path, exc) from exc
     except Exception as exc:  # torch raises many unrelated types for bad files
         raise ConfigError(f"{path}: not a readable fedpath checkpoint ({exc})") from exc
     if not isinstance(payload, Mapping) or payload.get("format") != "fedpath-round-checkpoint-1":
@@ -88,11 +135,18 @@ def load_checkpoint(path: Path) -> Checkpoint:
     ):
         raise ConfigError(f"{path}: its state_dict is not a mapping of tensors")
     rnd = payload.get("server_round")
-    if not isinstance(rnd, int) or rnd < 0:
+    if isinstance(rnd, bool) or not isinstance(rnd, int) or rnd < 0:
         raise ConfigError(f"{path}: invalid server_round {rnd!r}")
+    for key in ("strategy", "run_config"):
+        if not isinstance(payload.get(key) or {}, Mapping):
+            raise ConfigError(f"{path}: its {key} is not a mapping")
+    try:
+        arrays = {k: v.numpy() for k, v in state.items()}
+    except TypeError as exc:  # e.g. bfloat16, which numpy has no dtype for
+        raise ConfigError(f"{path}: a state_dict tensor numpy cannot hold ({exc})") from exc
     return Checkpoint(
         server_round=rnd,
-        arrays={k: v.numpy() for k, v in state.items()},
+        arrays=arrays,
         strategy=dict(payload.get("strategy") or {}),
         run_config=dict(payload.get("run_config") or {}),
     )

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from client.config import PrepareConfig
+from client.config import PrepareConfig, TissueConfig
 from client.embed.extract import RESAMPLING, choose_precision, extract_features
 from client.embed.registry import LoadedEncoder, load_encoder
 from client.prepare.manifest import Manifest, ManifestRow, load_manifest
@@ -47,7 +47,7 @@ from client.wsi.resolution import plan_read
 from client.wsi.tissue import tissue_mask_for_slide
 from common import __version__
 from common.atomic import atomic_write_json, atomic_write_text, remove_stale_temporaries
-from common.errors import EmptyTissueError, FedpathError
+from common.errors import EmptyTissueError, FedpathError, SlideError
 from common.featurebag import FeatureBagWriter, read_attrs
 from common.hashing import sha256_file, sha256_json
 from common.locking import exclusive_directory
@@ -285,11 +285,14 @@ def _empty_tissue_reason(mask: np.ndarray, cfg: PrepareConfig) -> str:
     tissue = cfg.tissue
     if not mask.any():
         min_area_mpx = tissue.min_tissue_area * 512 * 512 / 1e6
+        # Suggest the biopsy preset only when it would keep smaller fragments than now.
+        hint = ""
+        if tissue.min_tissue_area > TissueConfig.preset("biopsy").min_tissue_area:
+            hint = "; for small biopsies use --tissue-preset biopsy"
         return (
             "no tissue found: no region has saturation above "
             f"{tissue.saturation_threshold}, or every fragment is smaller than min_tissue_area "
-            f"(a_t={tissue.min_tissue_area:g}, i.e. {min_area_mpx:.1f} Mpx at level 0); for "
-            "small biopsies use --tissue-preset biopsy"
+            f"(a_t={tissue.min_tissue_area:g}, i.e. {min_area_mpx:.1f} Mpx at level 0){hint}"
         )
     return (
         f"tissue found, but no {cfg.resolution.patch_size} px patch is at least "
@@ -298,10 +301,16 @@ def _empty_tissue_reason(mask: np.ndarray, cfg: PrepareConfig) -> str:
 
 
 def _failure_reason(error: Exception) -> str:
-    """The message a person needs: the library error's own text, without the slide prefix."""
-    reason = getattr(error, "reason", None)
-    if isinstance(reason, str):
-        return reason
+    """The message a person needs, naming the file at fault.
+
+    A slide error drops its slide-id prefix (the record already names the slide); any other
+    fedpath error keeps its full text, because there the prefix is the *other* file at fault
+    (the annotation, the feature file) that the admin has to open.
+    """
+    if isinstance(error, SlideError):
+        return error.reason
+    if isinstance(error, FedpathError):
+        return str(error)
     return f"{type(error).__name__}: {error}"
 
 

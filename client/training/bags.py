@@ -44,7 +44,8 @@ class BagBatch:
 
 
 def load_bag(entry: BagEntry, feature_dim: int | None = None) -> Bag:
-    """Read one feature bag; refuse a width that does not match the model (e.g. wrong encoder)."""
+    """Read one feature bag; refuse a width that does not match the model, or features from
+    other encoder weights than the site's (same width, incomparable features)."""
     bag = read_feature_bag(entry.features)
     if feature_dim is not None and bag.feature_dim != feature_dim:
         raise FeatureBagError(
@@ -54,6 +55,14 @@ def load_bag(entry: BagEntry, feature_dim: int | None = None) -> Bag:
         )
     if bag.num_patches == 0:
         raise FeatureBagError(str(entry.features), "has no patches")
+    found = bag.attrs.get("encoder_sha256")
+    if entry.encoder_sha256 is not None and found is not None and found != entry.encoder_sha256:
+        raise FeatureBagError(
+            str(entry.features),
+            f"was embedded with encoder weights sha256 {str(found)[:12]}… but the site was "
+            f"prepared with {entry.encoder_sha256[:12]}… (site.json): a file from another "
+            "preparation; run `fedpath prepare` again for this slide",
+        )
     features = torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32))
     labels = None
     if bag.patch_labels is not None:

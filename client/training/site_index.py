@@ -10,11 +10,12 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 
-from client.prepare.records import INDEX_FILE
+from client.prepare.records import INDEX_FILE, SITE_FILE
+from client.site_facts import read_site
 from common.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
@@ -32,10 +33,29 @@ class BagEntry:
     has_patch_labels: bool
     annotation_complete: bool | None
     num_patches: int
+    encoder_sha256: str | None = None
+    """The encoder weights the site was prepared with (``site.json``); every bag must match,
+    since the harmonisation gate compares only ``site.json`` across sites."""
 
 
 def _bool(text: str) -> bool | None:
     return {"true": True, "false": False}.get(text.strip().lower())
+
+
+def _site_encoder_sha256(root: Path) -> str | None:
+    """The encoder hash ``site.json`` records, when the site has one (bare indexes in tests
+    and imported CLAM folders have none, and then bags are not compared)."""
+    if not (root / SITE_FILE).is_file():
+        return None
+    value = read_site(root).get("encoder_sha256")
+    return value if isinstance(value, str) and value else None
+
+
+def _stays_inside(relative: str) -> bool:
+    """True for a relative path without ``..``: a tampered index must not make training read
+    files elsewhere. Checked lexically, so a features folder symlinked to another disk works."""
+    parts = PurePath(relative).parts
+    return not PurePath(relative).is_absolute() and ".." not in parts
 
 
 def load_site_index(data_dir: str | Path, labels: Sequence[str]) -> list[BagEntry]:
@@ -44,15 +64,20 @@ def load_site_index(data_dir: str | Path, labels: Sequence[str]) -> list[BagEntr
     path = root / INDEX_FILE
     if not path.is_file():
         raise ConfigError(f"{root} is not a prepared site: {INDEX_FILE} is missing (run prepare)")
+    encoder_sha256 = _site_encoder_sha256(root)
     label_index = {name: i for i, name in enumerate(labels)}
     entries: list[BagEntry] = []
     problems: list[str] = []
     with path.open(newline="", encoding="utf-8") as fh:
         for line, row in enumerate(csv.DictReader(fh), start=2):
             label = label_index.get(row.get("label", ""))
-            features = root / row.get("features", "")
+            relative = row.get("features") or ""
+            features = root / relative
             if label is None:
                 problems.append(f"line {line}: label {row.get('label')!r} not in {list(labels)}")
+                continue
+            if not _stays_inside(relative):
+                problems.append(f"line {line}: feature path {relative!r} leaves {root}")
                 continue
             if not features.is_file():
                 problems.append(f"line {line}: feature file missing: {features}")
@@ -60,6 +85,10 @@ def load_site_index(data_dir: str | Path, labels: Sequence[str]) -> list[BagEntr
             split = row.get("split") or None
             if split is not None and split not in SPLITS:
                 problems.append(f"line {line}: unknown split {split!r}")
+                continue
+            raw_patches = row.get("num_patches") or "0"
+            if not (raw_patches.isascii() and raw_patches.isdigit()):
+                problems.append(f"line {line}: num_patches {raw_patches!r} is not a count")
                 continue
             entries.append(
                 BagEntry(
@@ -70,7 +99,8 @@ def load_site_index(data_dir: str | Path, labels: Sequence[str]) -> list[BagEntr
                     patient_id=row.get("patient_id") or None,
                     has_patch_labels=_bool(row.get("has_patch_labels", "")) is True,
                     annotation_complete=_bool(row.get("annotation_complete", "")),
-                    num_patches=int(row.get("num_patches") or 0),
+                    num_patches=int(raw_patches),
+                    encoder_sha256=encoder_sha256,
                 )
             )
     if problems:

@@ -345,6 +345,8 @@ def _refuse_dtd(data: bytes, path: Path) -> None:
         parser.Parse(data, True)
     except xml.parsers.expat.ExpatError as exc:
         raise AnnotationError(str(path), f"unparsable XML ({exc})") from None
+    except LookupError as exc:  # expat asks Python for the codec the declaration names
+        raise AnnotationError(str(path), f"unparsable XML ({exc} in the XML declaration)") from None
 
 
 def _parse_asap(data: bytes, path: Path, cfg: AnnotationConfig) -> list[_RawPolygon]:

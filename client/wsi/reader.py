@@ -14,8 +14,10 @@ on white makes "no data" look like glass, which is what it physically is.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import struct
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -119,6 +121,56 @@ def resolve_mpp(
     )
 
 
+_TIFF_MAGIC = {
+    b"II*\x00": ("<", False),
+    b"MM\x00*": (">", False),
+    b"II+\x00": ("<", True),
+    b"MM\x00+": (">", True),
+}
+"""Byte order and BigTIFF-ness by the first four bytes of a TIFF."""
+
+
+def tiff_truncation(path: Path) -> str | None:
+    """Say so when a file that starts like a TIFF (SVS, generic TIFF) is cut short, else None.
+
+    OpenSlide reports a cut-short TIFF as "unsupported or missing image file" or a short read,
+    which sends an admin looking for a format problem; the usual cause is an interrupted copy,
+    and the fix is to copy the file again. Only called after OpenSlide has refused the file.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None
+    if head[:4] not in _TIFF_MAGIC or len(head) < 16:
+        return None
+    order, big = _TIFF_MAGIC[head[:4]]
+    first_ifd = struct.unpack_from(order + ("Q" if big else "I"), head, 8 if big else 4)[0]
+    if first_ifd >= size:
+        end = first_ifd
+    else:
+        end = 0
+        tiff_log = logging.getLogger("tifffile")
+        level = tiff_log.level
+        tiff_log.setLevel(logging.CRITICAL)  # it logs the broken page chain we are diagnosing
+        try:
+            with tifffile.TiffFile(path) as tif:
+                for page in tif.pages:  # stops at the first directory past the end
+                    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=False):
+                        end = max(end, offset + count)
+        except Exception:  # not parseable even as far as the header: say nothing
+            return None
+        finally:
+            tiff_log.setLevel(level)
+    if end <= size:
+        return None
+    return (
+        f"{path} is truncated: its TIFF structure refers to byte {end:,} but the file has only "
+        f"{size:,} bytes (an interrupted copy? copy the slide again)"
+    )
+
+
 def _composite_on_white(rgba: np.ndarray) -> np.ndarray:
     """Alpha-blend an RGBA uint8 array onto white (OpenSlide's alpha is not premultiplied)."""
     alpha = rgba[..., 3]
@@ -159,11 +211,14 @@ class WsiReader:
         self._check_file(sid)
         try:
             slide = openslide.OpenSlide(str(self.path))
-        except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise SlideOpenError(
-                sid, f"{self.path} is not a slide format OpenSlide can read ({exc})"
-            ) from exc
         except (openslide.OpenSlideError, OSError, ValueError) as exc:
+            truncated = tiff_truncation(self.path)
+            if truncated is not None:
+                raise SlideOpenError(sid, truncated) from exc
+            if isinstance(exc, openslide.OpenSlideUnsupportedFormatError):
+                raise SlideOpenError(
+                    sid, f"{self.path} is not a slide format OpenSlide can read ({exc})"
+                ) from exc
             raise SlideOpenError(
                 sid, f"OpenSlide cannot open {self.path}: {exc} (corrupt, truncated or unsupported)"
             ) from exc
@@ -229,9 +284,10 @@ class WsiReader:
             try:
                 self.read_region(location, level, (1, 1))
             except SlideReadError as exc:
-                raise SlideOpenError(
-                    sid, f"{self.path} opens but its image data cannot be decoded: {exc.reason}"
-                ) from exc
+                reason = tiff_truncation(self.path) or (
+                    f"{self.path} opens but its image data cannot be decoded: {exc.reason}"
+                )
+                raise SlideOpenError(sid, reason) from exc
 
     def _setup_fast_tiles(self) -> None:
         """Match levels to tiled TIFF pages: candidates, validated on first use per level.
