@@ -650,6 +650,10 @@ CHECKPOINT_CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
         "its strategy is not a mapping",
     ),
     "boolean_round": (lambda d: _with_payload(d, server_round=True), "invalid server_round True"),
+    "bfloat16_weights": (  # numpy has no bfloat16: Tensor.numpy() raised a bare TypeError
+        lambda d: _with_payload(d, state_dict={"w": torch.ones(2, dtype=torch.bfloat16)}),
+        "a state_dict tensor numpy cannot hold (Got unsupported ScalarType BFloat16)",
+    ),
 }
 
 

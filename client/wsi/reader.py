@@ -284,10 +284,9 @@ class WsiReader:
             try:
                 self.read_region(location, level, (1, 1))
             except SlideReadError as exc:
-                reason = tiff_truncation(self.path) or (
-                    f"{self.path} opens but its image data cannot be decoded: {exc.reason}"
-                )
-                raise SlideOpenError(sid, reason) from exc
+                raise SlideOpenError(
+                    sid, f"{self.path} opens but its image data cannot be decoded: {exc.reason}"
+                ) from exc
 
     def _setup_fast_tiles(self) -> None:
         """Match levels to tiled TIFF pages: candidates, validated on first use per level.
