@@ -185,7 +185,8 @@ def test_encoder_refusal_names_the_reason_not_torchs_unsafe_advice(
     from client.embed.registry import load_encoder
 
     path = _write_payload(tmp_path / "evil.pt", fmt, WritesMarker(tmp_path / "marker"))
-    with pytest.raises(EncoderError, match=r"refused: it holds pickled Python objects") as caught:
+    refusal = r"refused by weights-only loading: it holds pickled Python objects"
+    with pytest.raises(EncoderError, match=refusal) as caught:
         load_encoder("tiny_cnn", weights_path=path)
     assert "two options" not in str(caught.value)
     assert "fedpath never unpickles code from a file" in str(caught.value)

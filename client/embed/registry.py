@@ -193,9 +193,9 @@ def _load_weights(path: Path, encoder_id: str) -> dict[str, torch.Tensor]:
         found = _PICKLED_GLOBAL.search(str(exc))
         what = f" (it references {found.group(1)})" if found else ""
         raise EncoderError(
-            f"{encoder_id}: {path} refused: it holds pickled Python objects, not only "
-            f"tensors{what}; fedpath never unpickles code from a file (save a plain state "
-            "dict: torch.save(model.state_dict(), path))"
+            f"{encoder_id}: {path} refused by weights-only loading: it holds pickled Python "
+            f"objects, not only tensors{what}; fedpath never unpickles code from a file (save "
+            "a plain state dict: torch.save(model.state_dict(), path))"
         ) from exc
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
