@@ -17,6 +17,8 @@ import math
 
 import cv2
 import numpy as np
+import shapely
+from shapely.geometry import Polygon as ShapelyPolygon
 
 from client.wsi.annotations import Polygon
 
@@ -308,5 +310,34 @@ def mask_polygons(mask: np.ndarray, downsample: int) -> list[Polygon]:
                 if len(contours[child]) >= 3:
                     holes.append(to_level0(contours[child]))
                 child = links[child][0]
-            polygons.append(Polygon(exterior=to_level0(contour), holes=tuple(holes)))
+            polygons += _valid_parts(to_level0(contour), holes)
     return polygons
+
+
+def _valid_parts(exterior: np.ndarray, holes: list[np.ndarray]) -> list[Polygon]:
+    """The traced polygon, split into valid simple polygons where it touches itself.
+
+    ``findContours`` walks an 8-connected pinch (two lobes meeting at a pixel corner) as one
+    ring that crosses itself there; annotation readers rightly refuse such rings
+    ("Ring Self-intersection"), so a generated outline must not contain one. ``make_valid``
+    splits the ring at the pinch into polygons covering the same area.
+    """
+    geom = ShapelyPolygon(exterior, holes)
+    if geom.is_valid:
+        return [Polygon(exterior=exterior, holes=tuple(holes))]
+    # make_valid may nest (a GeometryCollection holding a MultiPolygon): flatten fully.
+    pending, parts = [shapely.make_valid(geom)], []
+    while pending:
+        g = pending.pop()
+        if g.geom_type == "Polygon":
+            if g.area > 0:
+                parts.append(g)
+        elif hasattr(g, "geoms"):
+            pending.extend(g.geoms)
+    return [
+        Polygon(
+            exterior=np.asarray(g.exterior.coords[:-1], dtype=np.float64),
+            holes=tuple(np.asarray(r.coords[:-1], dtype=np.float64) for r in g.interiors),
+        )
+        for g in parts
+    ]
