@@ -21,6 +21,7 @@ import torch
 
 from common.atomic import atomic_path
 from common.errors import ConfigError
+from common.safe_load import pickled_reference
 
 __all__ = [
     "Checkpoint",
@@ -105,13 +106,9 @@ def _check_archive(path: Path) -> None:
         )
 
 
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-
-
 def _refusal(path: Path, exc: pickle.UnpicklingError) -> ConfigError:
     """The weights-only unpickler's refusal, without torch's advice to load it unsafely."""
-    found = _GLOBAL.search(str(exc))
-    what = f" (it references {found.group(1)})" if found else ""
+    what = pickled_reference(exc)
     return ConfigError(
         f"{path}: refused: the checkpoint holds pickled Python objects, not only tensors and "
         f"plain values{what}; fedpath never unpickles code from a file"

@@ -155,19 +155,7 @@ UNSAFE_ADVICE = re.compile(r"weights_only` set to `False`|\x1b\[")
 
 @pytest.mark.parametrize(
     "loader",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="client/training/evaluate.py passes torch's text through (owner: the "
-                "training code; fix like server/checkpoints.py's _refusal)",
-            ),
-        )
-        if name == "local model checkpoint"
-        else name
-        for name in sorted(LOADERS)
-    ],
+    sorted(LOADERS),
 )
 def test_no_refusal_advises_loading_the_file_unsafely(tmp_path: Path, loader: str) -> None:
     """A hospital reading "re-run with weights_only=False" might do just that."""

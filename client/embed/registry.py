@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ from pydantic import Field, ValidationError
 from common.configbase import StrictModel
 from common.errors import EncoderError
 from common.hashing import sha256_bytes, sha256_file
+from common.safe_load import pickled_reference
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -176,10 +176,6 @@ def _prepare_for_inference(model: torch.nn.Module) -> None:
         model.to(memory_format=torch.channels_last)
 
 
-_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
-"""How torch's weights-only unpickler names the callable a refused file references."""
-
-
 def _load_weights(path: Path, encoder_id: str) -> dict[str, torch.Tensor]:
     """Read a plain tensor state dict with ``weights_only=True``; unwrap common wrappers."""
     if not path.is_file():
@@ -190,8 +186,7 @@ def _load_weights(path: Path, encoder_id: str) -> dict[str, torch.Tensor]:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's own text advises loading the file unsafely; name what it refused instead.
-        found = _PICKLED_GLOBAL.search(str(exc))
-        what = f" (it references {found.group(1)})" if found else ""
+        what = pickled_reference(exc)
         raise EncoderError(
             f"{encoder_id}: {path} refused by weights-only loading: it holds pickled Python "
             f"objects, not only tensors{what}; fedpath never unpickles code from a file (save "

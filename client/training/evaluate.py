@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from common.errors import ConfigError
 from common.metrics import PatchMetrics, SlideMetrics, pooled_patch_metrics, slide_metrics
 from common.mil.config import ModelConfig
 from common.mil.models import MILModel, build_model
+from common.safe_load import pickled_reference
 
 __all__ = [
     "EvaluationResult",
@@ -175,6 +177,11 @@ def load_checkpoint(path: str | Path) -> tuple[MILModel, ModelConfig]:
         raise ConfigError(f"model checkpoint not found: {file} (run `fedpath local train`)")
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ConfigError(
+            f"{file}: refused: the checkpoint holds pickled Python objects, not only tensors "
+            f"and plain values{pickled_reference(exc)}; fedpath never unpickles code from a file"
+        ) from exc
     except Exception as exc:  # torch raises several unrelated types for unreadable files
         raise ConfigError(f"{file}: not a readable fedpath checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or {"state_dict", "model_config"} - payload.keys():
