@@ -231,7 +231,14 @@ def add_coordinator_commands(sub: Any) -> None:
         "database on; runtime dependency installation and telemetry off.",
     )
     link.add_argument("--state", type=Path, required=True, help="folder for the state database")
-    link.add_argument("--host", default="0.0.0.0", help="address to listen on (0.0.0.0)")
+    link.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (127.0.0.1). The one port serves the Fleet API and the "
+        "unauthenticated Control API (flwr run/stop/ls): expose it to hospitals through "
+        "deploy/nginx/fedpath-superlink.conf, which passes only the Fleet API, or pass "
+        "--host 0.0.0.0 on a network only the coordinator and the hospitals share",
+    )
     link.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port ({DEFAULT_PORT})")
     link.add_argument("--ca", type=Path, help="CA certificate (from `fedpath certs`)")
     link.add_argument("--cert", type=Path, help="SuperLink certificate")
