@@ -205,10 +205,8 @@ def _resume_state(
 
 def _render_report(run_dir: Path, report: Callable[[str], None]) -> None:
     """The HTML report is a convenience: a rendering problem must not fail a finished run."""
-    try:
-        from server.report import render_report
-    except ImportError:
-        return
+    from server.report import render_report  # matplotlib: only once the run has finished
+
     try:
         path = render_report(run_dir)
     except (FedpathError, OSError, ValueError) as exc:
