@@ -4,7 +4,9 @@ A SuperNode starts this app in a fresh process for every message, so the module 
 Flower's light message types at import time; torch, h5py and the trainer are imported inside
 the handlers (``client.federated``). The site's data directory comes from the SuperNode's
 ``--node-config 'data-path="/data/fedpath" site="a"'``; nothing about the site's slides is
-taken from the message except the instructions every site receives.
+taken from the message except the instructions every site receives. A hospital sets its
+lifetime slide-level privacy budget there too (``privacy-budget=8.0 privacy-delta=1e-5``):
+the privacy ledger in the data directory and the run's ``Context.state`` keep what was spent.
 
 A handler that fails replies with a Flower error message (reason = the fedpath error text),
 never with partial content: the server logs it and asks that site again next round.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -31,6 +34,9 @@ from common.federation import (
     check_reply_metrics,
     facts_to_json,
 )
+
+if TYPE_CHECKING:
+    from client.federated import SitePrivacy
 
 app = ClientApp()
 
@@ -104,14 +110,31 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[..., Me
     return wrapped
 
 
+def _site_privacy(context: Context, site: str) -> SitePrivacy:
+    """The hospital's budget (node config ``privacy-budget``, ``privacy-delta``) and the run's
+    privacy entries kept in ``Context.state`` (the ledger on disk is merged with them)."""
+    from client.federated import SitePrivacy
+    from client.privacy_ledger import STATE_KEY, NodeBudget, entries_from_state
+
+    budget = NodeBudget.from_node_config(context.node_config)
+    record = context.state.config_records.get(STATE_KEY)
+    carried = {str(k): entries_from_state(context.state, str(k)) for k in (record or {})}
+    return SitePrivacy(budget=budget, run_id=str(context.run_id), site=site, carried=carried)
+
+
 @app.train()
 @_guarded
 def train(message: Message, context: Context) -> Message:
     """Local epochs on the site's training split, starting from the global model."""
     from client.federated import train_on_site
 
-    data, _ = site_of(context)
-    weights, metrics = train_on_site(data, _instructions(message), _global_state(message))
+    data, site = site_of(context)
+    privacy = _site_privacy(context, site)
+    weights, metrics = train_on_site(data, _instructions(message), _global_state(message), privacy)
+    if privacy.dataset_id is not None:
+        from client.privacy_ledger import entries_to_state
+
+        entries_to_state(context.state, privacy.dataset_id, privacy.run_entries)
     content = RecordDict(
         {
             ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in weights.items()}),

@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     from client.cli_node import add_node_command
 
     add_node_command(sub)
+
+    from client.cli_privacy import add_privacy_command
+
+    add_privacy_command(sub)
     return parser
 
 

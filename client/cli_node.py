@@ -33,7 +33,13 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
                 f"`fedpath prepare --manifest slides.csv --out {data}` first"
             )
     site = args.site or data.name
-    node_config = {"data-path": str(data), "site": site}
+    node_config: dict[str, Any] = {"data-path": str(data), "site": site}
+    if args.privacy_budget is not None or args.privacy_delta is not None:
+        from client.privacy_ledger import NodeBudget
+
+        extra = {"privacy-budget": args.privacy_budget, "privacy-delta": args.privacy_delta}
+        NodeBudget.from_node_config(extra)  # refuse a bad budget now, not at round 1
+        node_config.update({k: v for k, v in extra.items() if v is not None})
     argv = [
         str(Path(sys.executable).with_name("flower-supernode")),
         "--superlink",
@@ -89,5 +95,14 @@ def add_node_command(sub: Any) -> None:
     node.add_argument("--site", help="site name shown to the coordinator (default: folder name)")
     node.add_argument("--port", type=int, default=9094, help="local ClientApp API port (9094)")
     node.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
+    node.add_argument(
+        "--privacy-budget",
+        type=float,
+        help="lifetime slide-level ε this data may spend over all runs (rounds beyond it are "
+        "not trained; `fedpath privacy DATA_DIR` shows what is spent)",
+    )
+    node.add_argument(
+        "--privacy-delta", type=float, help="δ at which the lifetime budget is counted"
+    )
     node.add_argument("--print-only", action="store_true", help="print the command, do not run")
     node.set_defaults(handler=cmd_node)

@@ -12,18 +12,28 @@ leave this module's callers' process.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from client.privacy_ledger import (
+    BudgetExhausted,
+    LedgerEntry,
+    NodeBudget,
+    dataset_identity,
+    reserve_round,
+    run_epsilon,
+)
 from client.training.bags import Bag, load_bag
 from client.training.evaluate import evaluate_entries
+from client.training.privacy_accountant import check_delta
 from client.training.site_index import BagEntry, load_site_index, split_entries
 from client.training.trainer import evaluate, train
 from common.errors import ConfigError
@@ -31,6 +41,7 @@ from common.federation import RoundInstructions
 from common.mil.models import MILModel, build_model
 
 __all__ = [
+    "SitePrivacy",
     "SiteSplits",
     "evaluate_on_site",
     "load_global_model",
@@ -105,34 +116,174 @@ def _supervised_loss(history_last: Any, instructions: RoundInstructions) -> floa
     return float(c * bag + (1.0 - c) * inst)
 
 
+@dataclass
+class SitePrivacy:
+    """What the ClientApp knows about privacy beyond the message: the hospital's budget (node
+    config), the run's entries carried in ``Context.state``, and where to put them back.
+
+    ``run_id`` is Flower's run id, the ledger key of last resort when the server sends no
+    ``run_key``. After a DP round ``dataset_id`` and ``run_entries`` hold what the caller must
+    store in ``Context.state``.
+    """
+
+    budget: NodeBudget
+    run_id: str
+    site: str = ""
+    carried: dict[str, list[LedgerEntry]] = field(default_factory=dict)
+    """Dataset id → this run's entries from ``Context.state``."""
+    dataset_id: str | None = None
+    run_entries: list[LedgerEntry] = field(default_factory=list)
+
+
+def input_digest(instructions: RoundInstructions, state: Mapping[str, np.ndarray]) -> str:
+    """sha256 of what the site is asked to train (instructions + global model): two messages
+    with the same digest make the site release the identical update."""
+    digest = hashlib.sha256(instructions.to_json().encode("utf-8"))
+    for key in sorted(state):
+        array = np.ascontiguousarray(state[key])
+        digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _base_metrics(n_train: int, began: float) -> dict[str, float]:
+    nan = math.nan
+    return {
+        "num-examples": float(n_train),
+        "train-loss": nan,
+        "val-loss": nan,
+        "val-auc": nan,
+        "val-patch-auc": nan,
+        "seconds": time.perf_counter() - began,
+        "epsilon": nan,
+        "delta": nan,
+        "budget-exhausted": 0.0,
+    }
+
+
 def train_on_site(
     data_dir: Path,
     instructions: RoundInstructions,
     state: Mapping[str, np.ndarray],
+    privacy: SitePrivacy | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train the global model for the round's local epochs; return weights and metrics.
 
     No early stopping inside a round (the server decides the round count); validation is run
     once afterwards so the coordinator sees each site's validation AUC every round.
+
+    With ``instructions.dp`` enabled the round is slide-level DP-SGD
+    (:func:`client.training.private_trainer.train_private`), recorded in the site's privacy
+    ledger *before* it is trained; a round that would exceed the hospital's lifetime budget
+    is not trained and the global model comes back unchanged with ``budget-exhausted`` = 1.
+    A site with a budget refuses a run without DP-SGD (``ConfigError``).
     """
     began = time.perf_counter()
+    privacy = privacy or SitePrivacy(budget=NodeBudget(), run_id="")
+    if instructions.dp.enabled:
+        return _train_private_on_site(data_dir, instructions, state, privacy, began)
+    if privacy.budget.epsilon is not None:
+        raise ConfigError(
+            f"this site has a privacy budget (privacy-budget = {privacy.budget.epsilon:g}) but "
+            "the run trains without DP-SGD; it takes part only in runs with dp-noise-multiplier "
+            "or dp-target-epsilon set"
+        )
     splits = load_splits(data_dir, instructions)
     model = load_global_model(instructions, state)
     dim = instructions.model.feature_dim
     train_bags = _bags(splits.train, dim)
     result = train(model, train_bags, [], instructions.train, start_epoch=instructions.start_epoch)
-    val = evaluate(result.model, _bags(splits.val, dim)) if splits.val else None
-    metrics = {
-        "num-examples": float(len(train_bags)),
-        "train-loss": _supervised_loss(result.history[-1], instructions),
-        "val-loss": val.loss if val else math.nan,
-        "val-auc": val.auc if val else math.nan,
-        "val-patch-auc": val.patch_auc if val else math.nan,
-        "seconds": time.perf_counter() - began,
-        "epsilon": math.nan,
-        "delta": math.nan,
-    }
     weights = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
+    return weights, _finish_metrics(result, splits, instructions, began)
+
+
+def _finish_metrics(
+    result: Any, splits: SiteSplits, instructions: RoundInstructions, began: float
+) -> dict[str, float]:
+    """The reply's losses and validation metrics of a trained round."""
+    val = evaluate(result.model, _bags(splits.val, instructions.model.feature_dim))
+    metrics = _base_metrics(result.n_train_slides, began)
+    metrics.update(
+        {
+            "train-loss": _supervised_loss(result.history[-1], instructions),
+            "val-loss": val.loss,
+            "val-auc": val.auc,
+            "val-patch-auc": val.patch_auc,
+            "seconds": time.perf_counter() - began,
+        }
+    )
+    return metrics
+
+
+def _train_private_on_site(
+    data_dir: Path,
+    instructions: RoundInstructions,
+    state: Mapping[str, np.ndarray],
+    privacy: SitePrivacy,
+    began: float,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    from client.training.private_trainer import (
+        check_private_model,
+        plan_private_training,
+        train_private,
+    )
+
+    dp = instructions.dp
+    splits = load_splits(data_dir, instructions)
+    n_train = len(splits.train)
+    if privacy.budget.delta is not None:
+        check_delta(privacy.budget.delta, n_train)  # the lifetime δ, like the run's
+    model = load_global_model(instructions, state)
+    check_private_model(model)
+    planned = plan_private_training(dp, n_train, instructions.train.epochs)
+    every = [e.slide_id for e in load_site_index(data_dir, instructions.labels)]
+    dataset_id, slides = dataset_identity(data_dir, every)
+    run = instructions.run_key or f"flwr-{privacy.run_id}"
+    entry = LedgerEntry(
+        run=run,
+        round=instructions.server_round,
+        input_sha256=input_digest(instructions, state),
+        site=privacy.site or data_dir.name,
+        noise_multiplier=planned.noise_multiplier,
+        sample_rate=planned.sample_rate,
+        steps=planned.steps,
+        delta=dp.delta,
+        max_grad_norm=dp.max_grad_norm,
+        accountant=dp.accountant,
+        n_slides=n_train,
+    )
+    privacy.dataset_id = dataset_id
+    try:
+        reservation = reserve_round(
+            data_dir,
+            dataset_id,
+            slides,
+            entry,
+            privacy.budget,
+            privacy.carried.get(dataset_id, []),
+        )
+    except BudgetExhausted as exc:
+        privacy.run_entries = exc.run_entries
+        metrics = _base_metrics(n_train, began)
+        spent, _ = run_epsilon(exc.run_entries)
+        metrics.update({"epsilon": spent, "delta": dp.delta, "budget-exhausted": 1.0})
+        return {k: np.asarray(v) for k, v in state.items()}, metrics
+    privacy.run_entries = reservation.run_entries
+    train_bags = _bags(splits.train, instructions.model.feature_dim)
+    private = train_private(
+        model,
+        train_bags,
+        [],
+        instructions.train,
+        dp,
+        secret_seed=reservation.secret_seed,
+        start_epoch=instructions.start_epoch,
+    )
+    if private.mechanism != planned:  # pragma: no cover - no early stopping without val bags
+        raise ConfigError(f"DP-SGD ran {private.mechanism}, but {planned} was recorded")
+    weights = {k: v.detach().cpu().numpy() for k, v in private.result.model.state_dict().items()}
+    metrics = _finish_metrics(private.result, splits, instructions, began)
+    metrics.update({"epsilon": reservation.run_epsilon, "delta": dp.delta})
     return weights, metrics
 
 

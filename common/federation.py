@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from client.training.dp_config import DPConfig
 from client.training.train_config import TrainConfig
 from common.configbase import StrictModel
 from common.errors import ConfigError
@@ -44,8 +45,14 @@ TRAIN_METRICS = (
     "seconds",
     "epsilon",
     "delta",
+    "budget-exhausted",
 )
-"""What a train reply may hold. Undefined values (no validation slides, DP off) are NaN."""
+"""What a train reply may hold. Undefined values (no validation slides, DP off) are NaN.
+
+``epsilon``/``delta``: the site's slide-level (ε, δ) spent in this run so far (DP-SGD on).
+``budget-exhausted``: 1 when the site refused to train this round because its lifetime
+privacy budget would be exceeded (it then returns the global model unchanged), else 0."""
+BUDGET_EXHAUSTED_METRIC = "budget-exhausted"
 EVALUATE_METRICS = (
     WEIGHT_METRIC,
     "loss",
@@ -63,7 +70,8 @@ class RoundInstructions(StrictModel):
 
     ``start_epoch`` continues the trainer's per-epoch random streams and oversampling decay
     across rounds (round r trains epochs ``(r-1)·E .. r·E-1``), which is what makes a resumed
-    run reproduce an uninterrupted one.
+    run reproduce an uninterrupted one. ``dp`` switches the site to DP-SGD; every site gets
+    the same settings and solves its own σ (when a target ε is given) for its own N.
     """
 
     server_round: int = Field(ge=0)
@@ -75,6 +83,12 @@ class RoundInstructions(StrictModel):
     split_seed: int = Field(0, ge=0)
     eval_split: Literal["val", "test"] = "val"
     labels: tuple[str, ...] = ("normal", "tumour")
+    dp: DPConfig = Field(default_factory=DPConfig, description="slide-level DP-SGD (§4.5)")
+    run_key: str = Field(
+        "",
+        description="the run's identity across coordinator restarts (a resumed run keeps it; "
+        "Flower's run id changes): sites key their privacy ledger by it",
+    )
 
     def to_json(self) -> str:
         return self.model_dump_json()

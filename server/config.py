@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
+from client.training.dp_config import DPConfig
 from client.training.train_config import TrainConfig
 from common.configbase import StrictModel
 from common.configio import format_validation_error
@@ -87,6 +88,24 @@ class RunConfig(StrictModel):
         1e-5, gt=0, lt=1, description="δ at which the federation's ε is reported"
     )
 
+    # Slide-level DP-SGD at every site (issue 6.1, ``client.training.private_trainer``): one
+    # slide = one privacy unit. Off unless a noise multiplier or a target ε is set (> 0).
+    dp_noise_multiplier: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="σ of slide-level DP-SGD (0 = off)"
+    )
+    dp_target_epsilon: float = Field(
+        0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="ε each site reaches after num-server-rounds; σ is solved (0 = off)",
+    )
+    dp_max_grad_norm: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="C: every slide's gradient is clipped to it"
+    )
+    dp_delta: float = Field(1e-5, gt=0, lt=1, description="δ of each site's (ε, δ); < 1/N")
+    dp_batch_slides: int = Field(16, ge=1, description="expected Poisson batch of slides")
+    dp_accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         names = self.label_names
@@ -98,6 +117,10 @@ class RunConfig(StrictModel):
             "/" in self.run_name or self.run_name.startswith(".") or "\\" in self.run_name
         ):
             raise ValueError(f"run-name must be a plain directory name, got {self.run_name!r}")
+        if self.dp_noise_multiplier > 0 and self.dp_target_epsilon > 0:
+            raise ValueError(
+                "set dp-noise-multiplier or dp-target-epsilon, not both (σ is solved from ε)"
+            )
         return self
 
     @property
@@ -135,6 +158,20 @@ class RunConfig(StrictModel):
             weight_decay=self.weight_decay,
             seed=self.seed,
             supervision=SupervisionConfig(mode=self.supervision),
+        )
+
+    def dp_config(self) -> DPConfig:
+        """The slide-level DP-SGD settings every site receives (disabled when σ and ε are 0)."""
+        enabled = self.dp_noise_multiplier > 0 or self.dp_target_epsilon > 0
+        return DPConfig(
+            enabled=enabled,
+            noise_multiplier=self.dp_noise_multiplier or None,
+            target_epsilon=self.dp_target_epsilon or None,
+            max_grad_norm=self.dp_max_grad_norm,
+            delta=self.dp_delta,
+            expected_batch_slides=self.dp_batch_slides,
+            accountant=self.dp_accountant,
+            planned_rounds=self.num_server_rounds,
         )
 
     def runs_root(self) -> Path:

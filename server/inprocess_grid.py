@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid
@@ -47,6 +48,8 @@ class InProcessSite:
     name: str
     silent_rounds: set[int] = field(default_factory=set)
     connected: bool = True
+    node_config: dict[str, Any] = field(default_factory=dict)
+    """More node config (e.g. ``privacy-budget``), as ``--node-config`` would give it."""
 
 
 class InProcessGrid(Grid):
@@ -101,7 +104,7 @@ class InProcessGrid(Grid):
             context = Context(
                 run_id=self._run.run_id,
                 node_id=node,
-                node_config={"data-path": str(site.data), "site": site.name},
+                node_config={**site.node_config, "data-path": str(site.data), "site": site.name},
                 state=RecordDict(),
                 run_config={},
             )

@@ -25,9 +25,11 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
+from client.training.dp_config import PRIVACY_UNIT
 from common.errors import FedpathError
 from common.federation import (
     ARRAYS_KEY,
+    BUDGET_EXHAUSTED_METRIC,
     CONFIG_KEY,
     EVALUATE_METRICS,
     FACTS_FIELD,
@@ -179,7 +181,25 @@ class Federation:
             split_seed=self.cfg.seed,
             eval_split=eval_split,  # type: ignore[arg-type]
             labels=self.cfg.label_names,
+            dp=self.cfg.dp_config(),
+            run_key=self.run_key(),
         )
+
+    def run_key(self) -> str:
+        """The run's identity for the sites' privacy ledgers, stable across a resume.
+
+        Flower gives a resumed run a new run id, so the key hashes what a resume keeps: the
+        run directory and the start time recorded in its ``config.json``. A site that sees
+        the same key and round again (a retry, a resumed round) does not count it twice.
+        """
+        import hashlib
+
+        try:
+            started = str(self.log.read_config().get("started", ""))
+        except FedpathError:
+            started = ""
+        text = f"{self.log.run_dir.resolve()}\x00{started}"
+        return "run-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
     def _messages(
         self,
@@ -264,14 +284,25 @@ class Federation:
                 + ", ".join(self.name(n) for n in sampled)
             )
             instructions = self.instructions(server_round)
-            good, failed = self._exchange(sampled, arrays, instructions, MessageType.TRAIN)
+            replies, failed = self._exchange(sampled, arrays, instructions, MessageType.TRAIN)
             for node, reason in sorted(failed.items()):
                 self.report(f"round {server_round}: {self.name(node)} failed: {reason}")
-            need = math.ceil(self.cfg.min_fit_fraction * len(sampled))
+            exhausted = self._budget_exhausted(server_round, replies)
+            good = [m for m in replies if int(m.metadata.src_node_id) not in exhausted]
+            if not good and not failed:
+                raise RunFailed(
+                    f"round {server_round}: every site's privacy budget is exhausted "
+                    f"({', '.join(self.name(n) for n in sorted(exhausted))}); nothing to train"
+                )
+            # A site out of budget answered but cannot contribute: the share that must answer
+            # is taken over the sites that still can.
+            need = max(1, math.ceil(self.cfg.min_fit_fraction * (len(sampled) - len(exhausted))))
             if len(good) < need:
+                left = " with privacy budget left" if exhausted else ""
                 self.report(
-                    f"round {server_round}: {len(good)} of {len(sampled)} site(s) answered, "
-                    f"{need} needed (min-fit-fraction {self.cfg.min_fit_fraction}); retrying"
+                    f"round {server_round}: {len(good)} of {len(sampled) - len(exhausted)} "
+                    f"site(s){left} answered, {need} needed "
+                    f"(min-fit-fraction {self.cfg.min_fit_fraction}); retrying"
                 )
                 continue
             self.strategy.begin_aggregation(arrays)
@@ -285,14 +316,40 @@ class Federation:
             )
             evaluation = self.evaluate(new_arrays, server_round, "val")
             record = self._round_record(
-                server_round, attempt, began, sampled, good, failed, weights, train, evaluation
+                server_round, attempt, began, sampled, replies, failed, weights, train, evaluation
             )
+            record["budget_exhausted"] = {
+                self.name(n): {"epsilon": m.get("epsilon", math.nan), "delta": m.get("delta")}
+                for n, m in sorted(exhausted.items())
+            }
+            for site, spent in record["budget_exhausted"].items():
+                if math.isfinite(spent["epsilon"]):
+                    record["privacy"][site] = dict(spent)
             record.update(self.strategy.round_log())
             return new_arrays, record
         raise RunFailed(
             f"round {server_round} failed {self.cfg.max_round_attempts} time(s) "
             "(max-round-attempts): too few sites answered"
         )
+
+    def _budget_exhausted(self, server_round: int, replies: list[Message]) -> dict[int, dict]:
+        """Node → metrics of the replies whose site refused to train: its lifetime slide-level
+        privacy budget would be exceeded (it sent the global model back unchanged)."""
+        out: dict[int, dict] = {}
+        for reply in replies:
+            try:
+                metrics = _metrics_of(reply)
+            except ValueError:
+                continue  # the strategy rejects a malformed reply with its own message
+            if metrics.get(BUDGET_EXHAUSTED_METRIC, 0.0) == 1.0:
+                node = int(reply.metadata.src_node_id)
+                out[node] = metrics
+                self.report(
+                    f"round {server_round}: {self.name(node)} has exhausted its privacy budget "
+                    f"(ε = {metrics.get('epsilon', math.nan):.3f} spent in this run, "
+                    f"δ = {metrics.get('delta', math.nan):g}); not trained, not aggregated"
+                )
+        return out
 
     def _aggregate(self, server_round: int, good: list[Message]) -> dict[str, np.ndarray]:
         aggregated, _ = self.strategy.aggregate_train(server_round, good)
@@ -344,6 +401,7 @@ class Federation:
         for m in train.values():
             m.pop("epsilon", None)
             m.pop("delta", None)
+            m.pop(BUDGET_EXHAUSTED_METRIC.replace("-", "_"), None)
             m["num_examples"] = int(m.pop(WEIGHT_METRIC.replace("-", "_")))
         for m in evaluation.values():
             m["num_examples"] = int(m.pop(WEIGHT_METRIC.replace("-", "_")))
@@ -406,7 +464,28 @@ class Federation:
         pooled: dict[str, float] = {"num_examples": int(sum(weights.values()))}
         for key in ("loss", "auc", "patch_auc", "balanced_accuracy", "f1"):
             pooled[key] = _weighted_mean((m[key], weights[s]) for s, m in test.items())
-        return {"test": test, "global_test": pooled}
+        return {"test": test, "global_test": pooled, "slide_level_dp": self.slide_dp_record()}
+
+    def slide_dp_record(self) -> dict[str, Any] | None:
+        """What final.json says about slide-level DP-SGD: the privacy unit, the accountant,
+        the settings, each site's last (ε, δ) and the round each site's budget ran out in."""
+        dp = self.cfg.dp_config()
+        if not dp.enabled:
+            return None
+        latest: dict[str, dict[str, float]] = {}
+        exhausted: dict[str, int] = {}
+        for record in self.log.rounds:
+            latest.update(record.get("privacy") or {})
+            for site in record.get("budget_exhausted") or {}:
+                exhausted.setdefault(site, int(record["round"]))
+        return {
+            "privacy_unit": PRIVACY_UNIT,
+            "accountant": f"Opacus {dp.accountant.upper()} accountant, at each site",
+            "mechanism": dp.describe(),
+            "settings": dp.model_dump(mode="json"),
+            "sites": latest,
+            "budget_exhausted_from_round": exhausted,
+        }
 
 
 def harmonised_summary(sites: Iterable[SiteFacts]) -> dict[str, dict[str, Any]]:

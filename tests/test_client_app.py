@@ -125,3 +125,66 @@ def test_server_rejects_a_reply_without_the_weight_metric() -> None:
     )
     with pytest.raises(ReplyError, match="node 3: no 'num-examples' metric"):
         FedAvgStrategy().aggregate_train(1, [Message(content, reply_to=instruction)])
+
+
+def _dp_message(server_round: int, run_config: dict) -> Message:
+    """A train message of a run with slide-level DP-SGD on (instructions as the server sends)."""
+    from server.federated_run import _initial_arrays
+
+    cfg = RunConfig.from_run_config(run_config)
+    arrays = _initial_arrays(cfg, SPEC.feature_dim)
+    instructions = {
+        "server_round": server_round,
+        "model": cfg.model_config_for(SPEC.feature_dim).model_dump(mode="json"),
+        "train": cfg.train_config().model_dump(mode="json"),
+        "start_epoch": server_round - 1,
+        "dp": cfg.dp_config().model_dump(mode="json"),
+        "run_key": "run-test",
+    }
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "config": ConfigRecord({"instructions": json.dumps(instructions)}),
+        }
+    )
+    return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
+
+
+def test_dp_train_reply_reports_epsilon_and_keeps_the_history_in_context_state(
+    tmp_path: Path,
+) -> None:
+    from client.privacy_ledger import LEDGER_FILE, STATE_KEY
+
+    data = write_synthetic_site(tmp_path / "a", SPEC, seed=0)
+    run = {"local-epochs": 1, "dp-noise-multiplier": 1.0, "dp-batch-slides": 2}
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-path": str(data), "site": "site_a", "privacy-budget": 100.0},
+        state=RecordDict(),
+        run_config={},
+    )
+    first = app(_dp_message(1, run), context)
+    assert not first.has_error(), first.error
+    metrics = dict(first.content.metric_records["metrics"])
+    assert set(metrics) == set(TRAIN_METRICS)
+    assert 0 < metrics["epsilon"] < 100 and metrics["delta"] == 1e-5
+    assert metrics["budget-exhausted"] == 0.0
+    assert STATE_KEY in context.state.config_records
+    (data / LEDGER_FILE).unlink()  # the run's history is still in Context.state
+    second = dict(app(_dp_message(2, run), context).content.metric_records["metrics"])
+    assert second["epsilon"] > metrics["epsilon"]
+    entries = json.loads((data / LEDGER_FILE).read_text())["datasets"]
+    assert [e["round"] for d in entries.values() for e in d["entries"]] == [1, 2]
+
+
+def test_a_bad_privacy_budget_in_the_node_config_is_an_error_reply(site: Path) -> None:
+    context = Context(
+        run_id=1,
+        node_id=7,
+        node_config={"data-path": str(site), "site": "site_a", "privacy-budget": -2.0},
+        state=RecordDict(),
+        run_config={},
+    )
+    reply = app(_message(MessageType.TRAIN), context)
+    assert reply.has_error() and "privacy-budget must be > 0" in reply.error.reason

@@ -176,3 +176,52 @@ def test_resume_refuses_a_corrupted_checkpoint(site_dirs, tmp_path) -> None:
             flwr_run_id=2,
             report=lambda _: None,
         )
+
+
+def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path) -> None:
+    """Slide-level DP-SGD: site_c's budget covers one round (6 training slides, expected
+    batch 2: q = 1/3, 3 steps a round), so from round 2 it answers "budget exhausted", is not
+    aggregated, and the other two sites finish the run."""
+    from client.training.privacy_accountant import Mechanism, epsilon
+
+    one_round = Mechanism(1.0, 1 / 3, 3)
+    one, two = epsilon([one_round], 1e-5), epsilon([one_round] * 2, 1e-5)
+    dirs = {n: write_synthetic_site(tmp_path / n, SPEC, seed=i) for i, n in enumerate("abc")}
+    grid = InProcessGrid(
+        {
+            10 + i: InProcessSite(
+                path,
+                f"site_{name}",
+                node_config={"privacy-budget": (one + two) / 2} if name == "c" else {},
+            )
+            for i, (name, path) in enumerate(sorted(dirs.items()))
+        }
+    )
+    cfg = _cfg(
+        tmp_path,
+        **{"num-server-rounds": 2, "dp-noise-multiplier": 1.0, "dp-batch-slides": 2},
+    )
+    messages: list[str] = []
+    run_dir = run_federated(grid, cfg, flwr_run_id=3, report=messages.append)
+    rounds = _rounds(run_dir)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[0]["budget_exhausted"] == {} and set(rounds[0]["weights"]) == {
+        "site_a",
+        "site_b",
+        "site_c",
+    }
+    for r in rounds[1:]:
+        assert set(r["budget_exhausted"]) == {"site_c"}
+        assert set(r["weights"]) == set(r["train"]) == {"site_a", "site_b"}
+        assert "site_c" in r["replied"] and r["failed"] == {}
+        assert r["privacy"]["site_c"]["epsilon"] == pytest.approx(one)
+    for k, r in enumerate(rounds, 1):
+        for site in ("site_a", "site_b"):
+            assert r["privacy"][site]["epsilon"] == pytest.approx(epsilon([one_round] * k, 1e-5))
+            assert r["privacy"][site]["delta"] == 1e-5
+    assert sum("site_c has exhausted its privacy budget" in m for m in messages) == 1
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["status"] == "completed"
+    dp = final["slide_level_dp"]
+    assert dp["privacy_unit"] == "slide" and "RDP" in dp["accountant"]
+    assert dp["budget_exhausted_from_round"] == {"site_c": 2}

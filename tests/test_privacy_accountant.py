@@ -73,3 +73,12 @@ def test_sampling_plan_and_delta_checks() -> None:
         check_delta(1e-2, 300)
     with pytest.raises(ConfigError):
         check_delta(0.0, 300)
+
+
+def test_the_cached_rdp_curve_is_opacus_rdp_accountant() -> None:
+    from opacus.accountants import RDPAccountant
+
+    history = [Mechanism(1.0, 0.05, 40), Mechanism(1.3, 0.1, 7), Mechanism(1.0, 0.05, 9)]
+    accountant = RDPAccountant()
+    accountant.history = [m.as_tuple() for m in history]
+    assert epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)

@@ -135,14 +135,15 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(monkeypatc
     assert float(noise.std()) == pytest.approx(2.0 * clip / 4.0, rel=0.05)
 
 
-def test_private_training_learns_is_reproducible_and_plans_its_steps() -> None:
-    cfg = _cfg(epochs=3)
-    a = train_private(_model("clam_sb"), TRAIN, VAL, cfg, DP, secret_seed=11)
-    b = train_private(_model("clam_sb"), TRAIN, VAL, cfg, DP, secret_seed=11)
-    c = train_private(_model("clam_sb"), TRAIN, VAL, cfg, DP, secret_seed=12)
-    q, per_epoch = sampling_plan(len(TRAIN), 4)
-    assert a.mechanism.sample_rate == q == pytest.approx(4 / 24)
-    assert a.mechanism.steps == 3 * per_epoch == 18
+def test_private_training_is_reproducible_and_plans_its_steps() -> None:
+    cfg = _cfg(epochs=2)
+    bags, val = TRAIN[:12], VAL[:4]
+    a = train_private(_model("clam_sb"), bags, val, cfg, DP, secret_seed=11)
+    b = train_private(_model("clam_sb"), bags, val, cfg, DP, secret_seed=11)
+    c = train_private(_model("clam_sb"), bags, [], cfg, DP, secret_seed=12)
+    q, per_epoch = sampling_plan(len(bags), 4)
+    assert a.mechanism.sample_rate == q == pytest.approx(4 / 12)
+    assert a.mechanism.steps == 2 * per_epoch == 6
     assert a.mechanism.noise_multiplier == 1.0
     assert all(h.n_steps == per_epoch for h in a.result.history)
     for key, value in a.result.model.state_dict().items():
@@ -152,6 +153,7 @@ def test_private_training_learns_is_reproducible_and_plans_its_steps() -> None:
         for k, v in a.result.model.state_dict().items()
     ), "another secret seed draws other noise"
     assert all(torch.isfinite(torch.tensor(h.train_loss)) for h in a.result.history)
+    assert all(0.0 <= h.val_auc <= 1.0 for h in a.result.history)
 
 
 def test_without_a_secret_seed_two_runs_differ() -> None:
