@@ -158,7 +158,7 @@ def _config_record(cfg: RunConfig, federation: Federation, flwr_run_id: int) -> 
         "model_config": cfg.model_config_for(federation.feature_dim()).model_dump(mode="json"),
         "train_config": cfg.train_config().model_dump(mode="json"),
         "sites": harmonised_summary(federation.site_list()),
-        **planned_guarantee(_planned_client(cfg)),
+        **planned_guarantee(_planned_client(cfg), slide_level=cfg.dp_config().enabled),
     }
 
 

@@ -769,6 +769,10 @@ def _site_state(record: RoundRecord, site: str) -> Html:
     if site in record.failed:
         reason = esc(record.failed[site])
         return Html(f'<span class="warn">failed</span>: <span class="reason">{reason}</span>')
+    if site in record.budget_exhausted:
+        return Html(
+            '<span class="warn">privacy budget exhausted</span>: not trained, not aggregated'
+        )
     if site in record.replied:
         return Html("replied")
     if site in record.sampled:

@@ -141,6 +141,8 @@ class RoundRecord(RunFileModel):
     global_: GlobalMetrics = Field(alias="global")
     privacy: dict[str, PrivacySpent] = Field(default_factory=dict)
     client_dp: ClientLevelRound | None = None
+    budget_exhausted: dict[str, PrivacySpent] = Field(default_factory=dict)
+    """Sites that answered but did not train: their slide-level privacy budget ran out."""
 
 
 class FinalRecord(RunFileModel):

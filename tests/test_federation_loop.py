@@ -225,3 +225,7 @@ def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path) 
     dp = final["slide_level_dp"]
     assert dp["privacy_unit"] == "slide" and "RDP" in dp["accountant"]
     assert dp["budget_exhausted_from_round"] == {"site_c": 2}
+    assert final["privacy_guarantee"].startswith("slide-level DP-SGD")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["privacy_guarantee"].startswith("planned: slide-level DP-SGD")
+    assert "privacy budget exhausted" in (run_dir / "report.html").read_text()
