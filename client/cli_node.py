@@ -34,10 +34,12 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
             )
     site = args.site or data.name
     node_config: dict[str, Any] = {"data-path": str(data), "site": site}
-    if args.privacy_budget is not None or args.privacy_delta is not None:
+    budget = getattr(args, "privacy_budget", None)
+    delta = getattr(args, "privacy_delta", None)
+    if budget is not None or delta is not None:
         from client.privacy_ledger import NodeBudget
 
-        extra = {"privacy-budget": args.privacy_budget, "privacy-delta": args.privacy_delta}
+        extra = {"privacy-budget": budget, "privacy-delta": delta}
         NodeBudget.from_node_config(extra)  # refuse a bad budget now, not at round 1
         node_config.update({k: v for k, v in extra.items() if v is not None})
     argv = [

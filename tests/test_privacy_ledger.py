@@ -218,3 +218,22 @@ def test_a_malformed_ledger_is_refused_not_reset(site: Path) -> None:
         _train(site, cfg, 1, _initial(cfg))
     entry = LedgerEntry("r", 1, "x", "s", 1.0, 0.1, 3, 1e-5, 1.0, "rdp", 6)
     assert LedgerEntry.from_json(entry.to_json(), "here") == entry
+
+
+def test_fedpath_node_passes_a_validated_budget_in_the_node_config(site: Path) -> None:
+    from client.cli import build_parser
+    from client.cli_node import supernode_argv
+
+    def node_config(*extra: str) -> str:
+        args = build_parser().parse_args(
+            ["node", "--superlink", "h:1", "--data", str(site), "--insecure", *extra]
+        )
+        argv = supernode_argv(args)
+        return argv[argv.index("--node-config") + 1]
+
+    assert "privacy" not in node_config()
+    assert node_config("--privacy-budget", "8", "--privacy-delta", "1e-6").endswith(
+        "privacy-budget=8.0 privacy-delta=1e-06"
+    )
+    with pytest.raises(ConfigError, match="privacy-budget must be > 0"):
+        node_config("--privacy-budget", "0")
