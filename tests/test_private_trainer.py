@@ -115,11 +115,19 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(monkeypatc
         model = _model("clam_sb", dropout=0.0)
         pt.train_private(model, bags, [], cfg, dp, secret_seed=5)
         sums[sigma] = captured[0]
-    # Rebuild step 1's clipped sum by hand: same secret seed → same Poisson draw.
-    import numpy as np
+    # Rebuild step 1's clipped sum by hand: same secret seed → same Poisson draw (Opacus'
+    # sampler, which the trainer uses), clipping by the rule Opacus' DPOptimizer applies.
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
     _, _, poisson_seed, _ = pt._epoch_streams(cfg.seed, 5, 0)
-    chosen = np.flatnonzero(np.random.default_rng(poisson_seed).random(len(bags)) < 0.5)
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(bags),
+        sample_rate=0.5,
+        generator=torch.Generator().manual_seed(poisson_seed % (2**63)),
+        steps=2,
+    )
+    chosen = next(iter(sampler))
+    assert len(chosen) > 0
     model = _model("clam_sb", dropout=0.0).train()
     instances = torch.Generator().manual_seed(pt._epoch_streams(cfg.seed, 5, 0)[1])
     total = None

@@ -4,20 +4,23 @@ Same contract as :func:`client.training.trainer.train` (no I/O, prints nothing, 
 same validation, same best-epoch restore and early stopping) with the three changes DP-SGD
 needs, one slide being one privacy unit:
 
-- **Poisson sampling**: every step takes each training slide independently with probability
-  q = B/N (B = ``expected_batch_slides``), an epoch being round(N/B) steps. The normal/tumour
+- **Poisson sampling** (Opacus' ``UniformWithReplacementSampler``): every step takes each
+  training slide independently with probability q = B/N (B = ``expected_batch_slides``), an
+  epoch being round(N/B) steps. The normal/tumour
   pairing and the oversampling of annotated slides of the plain trainer would make a slide's
   chance of being used depend on the other slides, which the accountant cannot express.
-- **Per-slide clipping**: each sampled slide runs alone (physical batch 1, no padding) and its
-  gradient is clipped to norm C before it is added to the step's sum. With one slide per
-  backward pass the ordinary gradient *is* the slide's per-sample gradient, so no Opacus hooks
-  are needed: they would compute the same numbers at extra cost (``tests/test_private_trainer``
-  checks equality with Opacus' ``GradSampleModule`` on a padded batch) and they mis-pair
-  activations when a layer is called twice but only one call reaches the loss (ABMIL's
-  slide classifier also reads out its instance logits, which its loss does not use).
-- **Noise**: Gaussian noise of std σ·C is added to the step's sum, which is divided by the
-  *expected* batch B (Opacus' ``loss_reduction="mean"`` with Poisson sampling); the step size
-  is ``step_lr`` for B slides. An empty step still adds noise and steps, as the analysis
+- **Per-slide clipping** (Opacus' ``DPOptimizer``): each sampled slide runs alone (physical
+  batch 1, no padding, as ``BatchMemoryManager(max_physical_batch_size=1)`` would split it)
+  and its gradient becomes the slide's ``grad_sample``; the optimiser clips each to norm C
+  and sums them. With one slide per backward pass the ordinary gradient *is* the slide's
+  per-sample gradient, so Opacus' ``GradSampleModule`` hooks are not used: they would
+  compute the same numbers at extra cost (``tests/test_private_trainer`` checks equality
+  with them on a padded batch) and they mis-pair activations when a layer is called twice
+  but only one call reaches the loss (ABMIL's slide classifier also reads out its instance
+  logits, which its loss does not use).
+- **Noise** (``DPOptimizer``): Gaussian noise of std σ·C is added to the step's sum, which is
+  divided by the *expected* batch B (``loss_reduction="mean"`` with Poisson sampling); the
+  step size is ``step_lr`` for B slides. An empty step still adds noise and steps, as the analysis
   assumes. The optimiser (Adam) only post-processes the noisy gradient.
 
 The sampling and the noise are drawn from ``secret_seed``, which the caller keeps from the
@@ -39,6 +42,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from client.training.bags import Bag, collate
 from client.training.dp_config import DPConfig
@@ -141,22 +146,20 @@ def _parameters(model: MILModel) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def clipped_slide_gradient(
+def slide_gradient(
     model: MILModel,
     bag: Bag,
     cfg: TrainConfig,
     generator: torch.Generator,
-    max_grad_norm: float,
-) -> tuple[list[torch.Tensor], np.ndarray, float]:
-    """One slide's gradient clipped to norm ``max_grad_norm``; (gradient, loss parts, norm).
+) -> tuple[list[torch.Tensor], np.ndarray]:
+    """One slide's (unclipped) gradient and its loss parts: its per-sample gradient.
 
-    The slide runs alone (physical batch 1, no padding), so its ordinary gradient is its
-    per-sample gradient. The loss is the trainer's mixed-supervision loss; the returned norm is
-    the one *before* clipping (the factor is min(1, C / (norm + 1e-6)), as in Opacus).
+    The slide runs alone (physical batch 1, no padding), so the ordinary gradient of its loss
+    is exactly what Opacus' ``GradSampleModule`` would compute for it in a padded batch (tested)
+    without its hooks, which mis-pair activations when a layer runs twice but only one call
+    reaches the loss (ABMIL's classifier also reads out the instance logits).
     """
     params = _parameters(model)
-    for p in params:
-        p.grad = None
     batch = _to_device(collate([bag]), _device(model))
     out = model(batch.features, batch.mask)
     parts = mixed_supervision_loss(
@@ -174,8 +177,6 @@ def clipped_slide_gradient(
     flat = [
         torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads, strict=True)
     ]
-    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in flat)))
-    factor = min(1.0, max_grad_norm / (norm + 1e-6))
     losses = np.array(
         [
             float(parts.total.detach()),
@@ -184,6 +185,24 @@ def clipped_slide_gradient(
             float(parts.attention.detach()),
         ]
     )
+    return flat, losses
+
+
+def clipped_slide_gradient(
+    model: MILModel,
+    bag: Bag,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    max_grad_norm: float,
+) -> tuple[list[torch.Tensor], np.ndarray, float]:
+    """One slide's gradient clipped as Opacus clips it; (gradient, loss parts, norm before).
+
+    Training leaves clipping to Opacus' ``DPOptimizer``; this is the same rule
+    (factor min(1, C / (norm + 1e-6))) for checks and diagnostics.
+    """
+    flat, losses = slide_gradient(model, bag, cfg, generator)
+    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in flat)))
+    factor = min(1.0, max_grad_norm / (norm + 1e-6))
     return [g * factor for g in flat], losses, norm
 
 
@@ -194,9 +213,15 @@ def _epoch_streams(cfg_seed: int, secret_seed: int, epoch: int) -> tuple[int, in
     return int(dropout), int(instances), int(poisson), int(noise)
 
 
+def _expected_batch(mechanism: Mechanism, n_slides: int) -> int:
+    """q·N, the mean of a step's Poisson batch: what the noisy sum is divided by (B, or N when
+    the site has fewer than B slides and q = 1)."""
+    return max(1, round(mechanism.sample_rate * n_slides))
+
+
 def _private_epoch(
     model: MILModel,
-    optimiser: torch.optim.Optimizer,
+    optimiser: DPOptimizer,
     bags: Sequence[Bag],
     epoch: int,
     cfg: TrainConfig,
@@ -204,42 +229,51 @@ def _private_epoch(
     mechanism: Mechanism,
     secret_seed: int,
 ) -> tuple[np.ndarray, int]:
-    """One epoch of noisy steps; mean loss parts over the slides used, and the step count."""
+    """One epoch of noisy steps; mean loss parts over the slides used, and the step count.
+
+    Opacus does the privacy-critical part: its ``UniformWithReplacementSampler`` draws each
+    step's slides (Poisson), and its ``DPOptimizer`` clips every slide's gradient to C, adds
+    Gaussian noise of std σ·C from the secret generator, divides by the expected batch and
+    hands the result to Adam. What fedpath adds is the per-sample gradient itself: one slide
+    per backward pass (see :func:`slide_gradient`), stacked as Opacus' ``grad_sample``.
+    """
     dropout_seed, instance_seed, poisson_seed, noise_seed = _epoch_streams(
         cfg.seed, secret_seed, epoch
     )
     torch.manual_seed(dropout_seed)  # dropout; the caller forked the global RNG
     instances = torch.Generator().manual_seed(instance_seed)
-    sampler = np.random.default_rng(poisson_seed)
-    noise = torch.Generator(device=_device(model)).manual_seed(noise_seed % (2**63))
     n = len(bags)
-    expected = mechanism.sample_rate * n
     steps = sampling_plan(n, dp.expected_batch_slides)[1]
-    std = mechanism.noise_multiplier * dp.max_grad_norm
+    sampler = UniformWithReplacementSampler(
+        num_samples=n,
+        sample_rate=mechanism.sample_rate,
+        generator=torch.Generator().manual_seed(poisson_seed % (2**63)),
+        steps=steps,
+    )
+    optimiser.generator = torch.Generator(device=_device(model)).manual_seed(
+        noise_seed % (2**63)
+    )
     params = _parameters(model)
-    lr = step_lr(cfg, max(1, round(expected)))
+    lr = step_lr(cfg, _expected_batch(mechanism, n))
     sums = np.zeros(4, dtype=np.float64)
     used = 0
     model.train()
-    for _ in range(steps):
-        chosen = np.flatnonzero(sampler.random(n) < mechanism.sample_rate)
-        total = [torch.zeros_like(p) for p in params]
+    for chosen in sampler:
+        per_slide: list[list[torch.Tensor]] = [[] for _ in params]
         for i in chosen:
-            grads, losses, _ = clipped_slide_gradient(
-                model, bags[int(i)], cfg, instances, dp.max_grad_norm
-            )
-            for acc, g in zip(total, grads, strict=True):
-                acc.add_(g)
+            grads, losses = slide_gradient(model, bags[int(i)], cfg, instances)
+            for column, g in zip(per_slide, grads, strict=True):
+                column.append(g)
             sums += losses
             used += 1
-        for p, acc in zip(params, total, strict=True):
-            drawn = torch.normal(0.0, std, size=p.shape, generator=noise, device=p.device)
-            p.grad = (acc + drawn.to(p.dtype)) / expected
+        for p, column in zip(params, per_slide, strict=True):
+            p.grad_sample = (
+                torch.stack(column) if column else torch.zeros((0, *p.shape), dtype=p.dtype)
+            )
         for group in optimiser.param_groups:
             group["lr"] = lr
         optimiser.step()
-        for p in params:
-            p.grad = None
+        optimiser.zero_grad(set_to_none=True)
     return (sums / used if used else np.full(4, math.nan)), steps
 
 
@@ -274,7 +308,13 @@ def train_private(
     planned = plan_private_training(dp, len(train_bags), cfg.epochs)
     seed = secrets.randbits(64) if secret_seed is None else int(secret_seed)
     device = _device(model)
-    optimiser = torch.optim.Adam(_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimiser = DPOptimizer(
+        torch.optim.Adam(_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay),
+        noise_multiplier=planned.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=_expected_batch(planned, len(train_bags)),
+        loss_reduction="mean",
+    )
     was_training = model.training
     history: list[EpochMetrics] = []
     best_loss, best_epoch, best_state = math.inf, None, None
