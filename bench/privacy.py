@@ -9,18 +9,21 @@ Usage (from the repository root)::
 
 (1) Time per epoch with and without DP-SGD, on ``bench/training.py``'s synthetic feature cohort
     (200 slides × 5,000 patches of 1,280-d float32 features written as real feature-bag HDF5
-    files, cached; ``--quick``: 24 × 500), loaded once, both arms from the same initial
+    files, cached; ``--quick``: 24 × 500), loaded once, every arm from the same initial
     weights and interleaved epoch by epoch in one process (``training.run_arms``: the machine
-    is shared and noisy, so neighbouring epochs of both arms see the same load and the ratio
+    is shared and noisy, so neighbouring epochs of all arms see the same load and the ratio
     is taken per epoch pair):
 
     - non-private: ``client.training.trainer.train`` as shipped (normal + tumour pairs per
       step, precision "auto");
+    - non-private in the other precision (bfloat16 where "auto" is float32 and the CPU has
+      native bfloat16; ``--no-contrast-arm`` skips it): DP-SGD has no bfloat16 path, so on a
+      CPU where "auto" picks bfloat16 this is the ratio a site sees;
     - DP-SGD: ``client.training.private_trainer.train_private`` (Poisson sampling of 16
       slides per step, one slide per backward pass = its per-sample gradient, clip C = 1,
       Gaussian noise σ = 1), which trains in float32 by design.
 
-    Both arms see ~200 slides per epoch. Target (issue 6): DP ≤ 2.5× slower. The ε printed is
+    Every arm sees ~200 slides per epoch. Target (issue 6): DP ≤ 2.5× slower. The ε printed is
     what the accountant charges for one epoch of this cohort at σ = 1 (and for all epochs run).
 
 (2) Accuracy vs ε on ``bench/accuracy.py``'s three-hospital cohort (generated and prepared
@@ -89,6 +92,7 @@ from training import (
     run_arms,
 )
 
+from client.embed.extract import cpu_supports_bf16
 from client.training.bags import Bag, load_bag
 from client.training.dp_config import DPConfig
 from client.training.privacy_accountant import Mechanism, epsilon, sampling_plan
@@ -134,6 +138,11 @@ class TimingResult:
     n_slides: int
     mechanism: Mechanism
     """σ, q and the noisy steps ``train_private`` reports it ran."""
+    contrast: list[ArmEpoch] | None = None
+    """The non-private trainer in the other precision (bfloat16 where "auto" is float32), or
+    None: DP-SGD has no bfloat16 path, so where the shipped trainer runs bfloat16 the ratio
+    that matters is against it, and this arm shows that ratio on any CPU with bfloat16."""
+    contrast_precision: str | None = None
 
     @property
     def ratios(self) -> list[float]:
@@ -143,6 +152,13 @@ class TimingResult:
     @property
     def ratio(self) -> float:
         return statistics.median(self.ratios)
+
+    @property
+    def contrast_ratios(self) -> list[float]:
+        """DP / non-private-in-the-other-precision seconds per epoch pair (empty without it)."""
+        if self.contrast is None:
+            return []
+        return [p.seconds / c.seconds for c, p in zip(self.contrast, self.private, strict=True)]
 
     def epsilon_one_epoch(self) -> float:
         """ε the accountant charges for one epoch of this plan (round(N/B) steps)."""
@@ -180,8 +196,12 @@ def time_epochs(
     *,
     report: Callable[[str, int, ArmEpoch], None] | None = None,
     seed: int = 0,
+    contrast: str | None = None,
 ) -> TimingResult:
     """Run ``epochs`` epochs of the plain and the private trainer, interleaved, same start.
+
+    With ``contrast`` (a precision) the plain trainer also runs in that precision, as a third
+    interleaved arm.
 
     Validation (float32 ``evaluate`` on ``val_bags``) runs after each epoch outside the timed
     part, so both arms are scored alike; neither trainer is given validation bags, so neither
@@ -195,7 +215,9 @@ def time_epochs(
     warm_up(initial, train_bags[:4], dp, cfg)
     private_result: list[PrivateTrainResult] = []
 
-    def arm(private: bool) -> Callable[[Callable[[ArmEpoch], None]], None]:
+    def arm(
+        private: bool, plain: TrainConfig = cfg
+    ) -> Callable[[Callable[[ArmEpoch], None]], None]:
         def run(after_epoch: Callable[[ArmEpoch], None]) -> None:
             model = copy.deepcopy(initial)
 
@@ -210,15 +232,15 @@ def time_epochs(
                     )
                 )
             else:
-                train(model, train_bags, [], cfg, on_epoch=on_epoch)
+                train(model, train_bags, [], plain, on_epoch=on_epoch)
 
         return run
 
-    results = run_arms(
-        {"non-private": arm(False), "DP-SGD": arm(True)},
-        epochs,
-        report or (lambda name, epoch, record: None),
-    )
+    arms = {"non-private": arm(False)}
+    if contrast is not None:
+        arms[f"non-private {contrast}"] = arm(False, cfg.model_copy(update={"precision": contrast}))
+    arms["DP-SGD"] = arm(True)
+    results = run_arms(arms, epochs, report or (lambda name, epoch, record: None))
     return TimingResult(
         non_private=results["non-private"],
         private=results["DP-SGD"],
@@ -226,25 +248,35 @@ def time_epochs(
         dp=dp,
         n_slides=len(train_bags),
         mechanism=private_result[0].mechanism,
+        contrast=results.get(f"non-private {contrast}"),
+        contrast_precision=contrast,
     )
+
+
+def contrast_precision() -> str | None:
+    """bfloat16 when the shipped precision here is float32 and the CPU has native bfloat16
+    (the other way round where "auto" already means bfloat16), else None."""
+    shipped = resolve_precision("auto", torch.device("cpu"))
+    if shipped == "bfloat16":
+        return "float32"
+    return "bfloat16" if cpu_supports_bf16() else None
 
 
 def format_timing(result: TimingResult) -> str:
     """Markdown table (one row per arm) and the ratio and ε lines under it."""
-    dp = result.dp
-    rows = [
+    dp, mech = result.dp, result.mechanism
+    pairs = "normal + tumour pairs"
+    rows = [(f"non-private (`train`, {result.precision})", result.non_private, pairs)]
+    if result.contrast is not None:
+        rows.append((f"non-private (`train`, {result.contrast_precision})", result.contrast, pairs))
+    rows.append(
         (
-            f"non-private (`train`, {result.precision})",
-            result.non_private,
-            "normal + tumour pairs",
-        ),
-        (
-            f"DP-SGD (`train_private`, float32, σ = {result.mechanism.noise_multiplier:g}, "
+            f"DP-SGD (`train_private`, float32, σ = {mech.noise_multiplier:g}, "
             f"C = {dp.max_grad_norm:g})",
             result.private,
-            f"Poisson q = {result.mechanism.sample_rate:.3f} (B = {dp.expected_batch_slides})",
-        ),
-    ]
+            f"Poisson q = {mech.sample_rate:.3f} (B = {dp.expected_batch_slides})",
+        )
+    )
     lines = [
         "| arm | median s/epoch | min s/epoch | steps/epoch | sampling | val loss | val AUC "
         "| val patch AUC |",
@@ -257,19 +289,33 @@ def format_timing(result: TimingResult) -> str:
             f"| {min(r.seconds for r in records):.1f} | {last.steps} | {sampling} "
             f"| {last.val.loss:.4f} | {last.val.auc:.3f} | {last.val.patch_auc:.3f} |"
         )
-    epochs = len(result.private)
-    ratios = ", ".join(f"{r:.2f}" for r in result.ratios)
     verdict = "met" if result.ratio <= TARGET_RATIO else "MISSED"
     lines += [
         "",
-        f"DP-SGD / non-private: median per-epoch ratio {result.ratio:.2f}× (epochs: {ratios}; "
-        f"target ≤ {TARGET_RATIO}×) {verdict}",
-        f"ε per epoch at σ = {result.mechanism.noise_multiplier:g}, {result.n_slides} slides, "
+        f"DP-SGD / non-private: median per-epoch ratio {result.ratio:.2f}× (epochs: "
+        f"{_ratios(result.ratios)}; target ≤ {TARGET_RATIO}×) {verdict}",
+    ]
+    if result.contrast_ratios:
+        lines.append(
+            f"DP-SGD / non-private in {result.contrast_precision}: median per-epoch ratio "
+            f"{statistics.median(result.contrast_ratios):.2f}× (epochs: "
+            f"{_ratios(result.contrast_ratios)}; DP-SGD has no bfloat16 path)"
+        )
+    steps = result.private[-1].steps
+    lines += [
+        f"DP-SGD slides per epoch: {mech.sample_rate * result.n_slides * steps:.0f} expected "
+        f"(q·N = {mech.sample_rate * result.n_slides:.0f} per step × {steps} steps; the "
+        f"non-private schedule visits each of the {result.n_slides} slides about once)",
+        f"ε per epoch at σ = {mech.noise_multiplier:g}, {result.n_slides} slides, "
         f"δ = {dp.delta:g} ({dp.accountant.upper()}): {result.epsilon_one_epoch():.3f}; "
-        f"after the {epochs} epoch(s) run ({result.mechanism.steps} noisy steps): "
+        f"after the {len(result.private)} epoch(s) run ({mech.steps} noisy steps): "
         f"{result.epsilon_spent():.3f}",
     ]
     return "\n".join(lines)
+
+
+def _ratios(values: Sequence[float]) -> str:
+    return ", ".join(f"{r:.2f}" for r in values)
 
 
 # ------------------------------------------------------------------- (2) accuracy vs ε
@@ -618,7 +664,7 @@ def _arm_line(name: str, epoch: int, r: ArmEpoch) -> None:
     )
 
 
-def main_timing(scale: Scale, epochs: int) -> TimingResult:
+def main_timing(scale: Scale, epochs: int, no_contrast: bool = False) -> TimingResult:
     train_entries, val_entries = ensure_cohort(scale)
     train_bags = [load_bag(e, DIM) for e in train_entries]
     val_bags = [load_bag(e, DIM) for e in val_entries]
@@ -630,7 +676,10 @@ def main_timing(scale: Scale, epochs: int) -> TimingResult:
         f"{epochs} epochs per arm, interleaved; {torch.get_num_threads()} torch threads\n",
         flush=True,
     )
-    result = time_epochs(train_bags, val_bags, epochs, timing_dp(), report=_arm_line)
+    contrast = None if no_contrast else contrast_precision()
+    result = time_epochs(
+        train_bags, val_bags, epochs, timing_dp(), report=_arm_line, contrast=contrast
+    )
     print()
     print(format_timing(result))
     return result
@@ -730,6 +779,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--skip-timing", action="store_true", help="only accuracy vs ε")
     parser.add_argument("--skip-accuracy", action="store_true", help="only time per epoch")
     parser.add_argument(
+        "--no-contrast-arm",
+        action="store_true",
+        help="skip the non-private trainer in the other precision (bfloat16 here)",
+    )
+    parser.add_argument(
         "--timing-epochs", type=int, default=None, help="epochs per timing arm (default 2; quick 3)"
     )
     parser.add_argument(
@@ -767,7 +821,11 @@ def main(argv: Sequence[str]) -> int:
         "order is the largest one, larger orders could tighten it)"
     )
     if not args.skip_timing:
-        main_timing(QUICK if args.quick else FULL, args.timing_epochs or (3 if args.quick else 2))
+        main_timing(
+            QUICK if args.quick else FULL,
+            args.timing_epochs or (3 if args.quick else 2),
+            args.no_contrast_arm,
+        )
     if not args.skip_accuracy:
         torch.set_num_threads(args.threads)
         main_accuracy(

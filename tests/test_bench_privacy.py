@@ -81,15 +81,19 @@ def test_timing_interleaves_both_trainers_and_reports_the_plan() -> None:
     train_bags, val_bags = _bags(20, 16, 0, "train"), _bags(6, 16, 1, "val")
     dp = privacy.timing_dp(sigma=1.0).model_copy(update={"expected_batch_slides": 5})
     epochs = 2
-    result = privacy.time_epochs(train_bags, val_bags, epochs, dp)
+    contrast = privacy.contrast_precision() or "float32"
+    result = privacy.time_epochs(train_bags, val_bags, epochs, dp, contrast=contrast)
 
-    assert len(result.non_private) == len(result.private) == epochs
-    assert all(r.seconds > 0 for r in result.non_private + result.private)
-    # The ratio is the two arms' own measured times, epoch pair by epoch pair.
+    assert result.contrast is not None and result.contrast_precision == contrast
+    assert len(result.non_private) == len(result.contrast) == len(result.private) == epochs
+    assert all(r.seconds > 0 for r in result.non_private + result.contrast + result.private)
+    # The ratios are the arms' own measured times, epoch pair by epoch pair.
     pairs = zip(result.non_private, result.private, strict=True)
     expected = [p.seconds / n.seconds for n, p in pairs]
     assert result.ratios == pytest.approx(expected)
     assert result.ratio == pytest.approx(float(np.median(expected)))
+    pairs = zip(result.contrast, result.private, strict=True)
+    assert result.contrast_ratios == pytest.approx([p.seconds / c.seconds for c, p in pairs])
 
     # What the private trainer ran is the plan for 20 slides: q = 5/20, 4 steps per epoch.
     plan = plan_private_training(dp, 20, epochs)
@@ -103,12 +107,15 @@ def test_timing_interleaves_both_trainers_and_reports_the_plan() -> None:
 
     table = privacy.format_timing(result).splitlines()
     rows = [line for line in table if line.startswith("| ")]
-    assert len(rows) == 3  # header + the two arms
-    assert rows[1].startswith("| non-private (`train`,")
-    assert rows[2].startswith("| DP-SGD (`train_private`, float32, σ = 1, C = 1)")
-    assert "Poisson q = 0.250 (B = 5)" in rows[2]
-    ratio_line = next(line for line in table if line.startswith("DP-SGD / non-private"))
+    assert len(rows) == 4  # header + the three arms
+    assert rows[1].startswith(f"| non-private (`train`, {result.precision})")
+    assert rows[2].startswith(f"| non-private (`train`, {contrast})")
+    assert rows[3].startswith("| DP-SGD (`train_private`, float32, σ = 1, C = 1)")
+    assert "Poisson q = 0.250 (B = 5)" in rows[3]
+    ratio_line = next(line for line in table if line.startswith("DP-SGD / non-private:"))
     assert f"median per-epoch ratio {result.ratio:.2f}×" in ratio_line
+    contrast_line = next(line for line in table if line.startswith("DP-SGD / non-private in"))
+    assert f"{float(np.median(result.contrast_ratios)):.2f}×" in contrast_line
     eps_line = next(line for line in table if line.startswith("ε per epoch"))
     assert f"{result.epsilon_one_epoch():.3f}" in eps_line
     assert f"({plan.steps} noisy steps): {result.epsilon_spent():.3f}" in eps_line
