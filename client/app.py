@@ -90,19 +90,28 @@ def _global_state(message: Message) -> dict:
 
 
 def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
-    """Turn a fedpath error into an error reply naming the site (the server logs it)."""
+    """Turn a fedpath error into an error reply naming the site (the server logs it).
+
+    The reason is redacted (:mod:`client.error_reply`): it leaves the hospital, so it names
+    no slide, patient or file; the full message goes to the SuperNode's log.
+    """
 
     def wrapped(message: Message, context: Context) -> Message:
         from flwr.app import Error
 
+        from client.error_reply import error_reason
         from common.errors import FedpathError
+
         # ValueError/OSError: bad arrays, unreadable HDF5 files; anything else is a bug and
         # is left to Flower, which reports it as a ClientApp exception.
-
         try:
             return handler(message, context)
         except (FedpathError, ValueError, OSError) as exc:
-            reason = f"{site_name(context)}: {exc}"
+            try:
+                data: Path | None = site_of(context)[0]
+            except FedpathError:
+                data = None
+            reason = error_reason(site_name(context), exc, data)
             return Message(Error(code=1, reason=reason), reply_to=message)
 
     wrapped.__name__ = handler.__name__

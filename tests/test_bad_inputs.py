@@ -534,9 +534,12 @@ def test_site_index_refuses_paths_leaving_the_site_and_bad_counts(site: Path) ->
 
 
 @pytest.mark.usefixtures("flower_task")
-def test_a_site_with_a_bad_bag_replies_one_error_naming_site_and_file(site: Path) -> None:
+def test_a_site_with_a_bad_bag_replies_one_error_naming_site_and_file(
+    site: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The round goes on without this site (the server's concern); the reply holds the reason
-    only, no arrays or metrics."""
+    only, no arrays or metrics. The file is named in the SuperNode's log, not in the reply
+    (it leaves the hospital: the file name is the slide id)."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
     from client.app import app
@@ -565,8 +568,10 @@ def test_a_site_with_a_bad_bag_replies_one_error_naming_site_and_file(site: Path
     )
     reply = app(message, context)
     assert reply.has_error()
-    expected = f"site_a: feature file {path}: 1 patch(es) have NaN or Inf features"
-    assert reply.error.reason == expected
+    expected = "site_a: feature file <file>: 1 patch(es) have NaN or Inf features [ref "
+    assert reply.error.reason.startswith(expected), reply.error.reason
+    assert train_id not in reply.error.reason
+    assert f"{path}: 1 patch(es) have NaN or Inf features" in capsys.readouterr().err
 
 
 # ============================================================================================
@@ -729,8 +734,9 @@ def test_malformed_run_config_lists_every_bad_key(tmp_path: Path) -> None:
     ("node_config", "expected"),
     [
         ({"data-path": 5, "site": "s"}, "s: this SuperNode has no data-path in its node config"),
-        ({"data-path": "{missing}", "site": "s"}, "s: {missing} is not a prepared site"),
-        ({"data-path": "{badjson}", "site": "s"}, "s: {badjson}/site.json: cannot be read as JSON"),
+        # Paths are redacted in what leaves the hospital (client/error_reply.py).
+        ({"data-path": "{missing}", "site": "s"}, "s: <file> is not a prepared site"),
+        ({"data-path": "{badjson}", "site": "s"}, "s: <file>: cannot be read as JSON"),
     ],
     ids=["data_path_not_a_string", "data_path_missing", "site_json_malformed"],
 )
@@ -753,4 +759,4 @@ def test_malformed_node_config_is_an_error_reply_naming_the_site(
     reply = app(Message(RecordDict({}), dst_node_id=7, message_type=MessageType.QUERY), context)
     assert reply.has_error()
     assert reply.error.reason.startswith(expected.format(**paths)), reply.error.reason
-    assert "\n" not in reply.error.reason
+    assert "\n" not in reply.error.reason and str(tmp_path) not in reply.error.reason

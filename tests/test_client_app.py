@@ -188,3 +188,22 @@ def test_a_bad_privacy_budget_in_the_node_config_is_an_error_reply(site: Path) -
     )
     reply = app(_message(MessageType.TRAIN), context)
     assert reply.has_error() and "privacy-budget must be > 0" in reply.error.reason
+
+
+def test_error_reply_names_no_slide_and_logs_the_file(tmp_path: Path, capsys) -> None:
+    """A NaN feature bag fails the round with a redacted reason (it leaves the hospital); the
+    SuperNode's log keeps the file under the same reference."""
+    import h5py
+
+    site = write_synthetic_site(tmp_path / "a", SPEC, seed=0)
+    first = sorted(site.rglob("*.h5"))[0]
+    with h5py.File(first, "r+") as fh:
+        fh["features"][0, 0] = np.nan
+    reply = app(_message(MessageType.TRAIN), _context(site))
+    assert reply.has_error()
+    reason = reply.error.reason
+    assert reason.startswith("site_a: ") and "NaN or Inf" in reason and "[ref " in reason
+    assert first.stem not in reason and str(tmp_path) not in reason
+    ref = reason.rsplit("[ref ", 1)[1].rstrip("]")
+    logged = capsys.readouterr().err
+    assert f"[ref {ref}]" in logged and first.name in logged
