@@ -1,0 +1,503 @@
+"""Federated accuracy benchmark: centralised vs each site alone vs FedAvg vs FedMix, weak vs mixed.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/accuracy_federated.py          # bench/accuracy.py's 3-site cohort
+    .venv/bin/python bench/accuracy_federated.py --quick  # tiny cohort, few rounds: a smoke run
+    .venv/bin/python bench/accuracy_federated.py --rounds 30 --local-epochs 2 --seeds 2
+
+The cohort is the one ``bench/accuracy.py`` builds and caches (same generator, same
+preparation, same held-out test sets), with the label layout of issue 4: site A sees the
+outlines of 30 % of its training tumour slides, sites B and C only slide labels; C is the
+smaller hospital, and every hospital has its own stain.
+
+Arms, each trained from the same seeded initial model and scored on the pooled held-out test
+set (slide AUC with bootstrap CI, patch AUC against the generator's ground-truth masks) and on
+each hospital's own test set:
+
+- centralised: the site-local trainer on the pooled training slides (what sharing slides would
+  give), early stopping on the pooled validation slides;
+- each site alone: the same trainer on one hospital's slides;
+- FedAvg and FedMix: the real federation, i.e. ``server.federated_run.run_federated`` (harmonisation
+  gate, round loop, strategies, checkpoints) talking to the real ClientApp of every hospital
+  through ``InProcessGrid`` (only the transport is in-process: Flower's deployment would add
+  its ~10 s/round floor of polls and process starts and nothing to the arithmetic). Each
+  hospital's ClientApp reads a prepared site directory of its own, in which the slides whose
+  outlines it may not use are feature files *without* patch labels: nothing but the files on a
+  hospital's disk decides what its training sees. The model scored is the final round's.
+
+Targets (issue 4): FedAvg and FedMix slide AUC within 0.02 of centralised; every federated arm
+≥ the worst single site + 0.05 slide AUC; mixed > weak patch AUC at sites B and C, which have
+no patch labels of their own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import torch
+from accuracy import (
+    FULL_COHORT,
+    QUICK_COHORT,
+    TUMOUR,
+    Arm,
+    Evaluation,
+    LoadedCohort,
+    PreparedCohort,
+    build_cohort,
+    describe,
+    evaluate_bags,
+    load_cohort,
+    machine,
+    run_arm,
+    visible_annotations,
+)
+
+from client.prepare.records import INDEX_COLUMNS, INDEX_FILE, SITE_FILE
+from client.training.bags import Bag
+from client.training.site_index import BagEntry
+from client.training.train_config import TrainConfig
+from common.atomic import atomic_path, atomic_write_text
+from common.hashing import sha256_json
+from common.mil.models import MILModel, build_model
+from server.checkpoints import latest_checkpoint, load_checkpoint
+from server.config import RunConfig
+from server.federated_run import run_federated
+from server.inprocess_grid import InProcessGrid, InProcessSite, task_identity
+
+FEDERATED_SHARES = {"site_a": 0.3}
+"""Issue 4: site A outlines 30 % of its training tumour slides; B and C none."""
+STRATEGIES = ("fedavg", "fedmix")
+MODES = ("weak", "mixed")
+VIEW_LAYOUT = 2
+"""Bumped when the way a hospital's training view is written changes (new cache key)."""
+
+
+# ----------------------------------------------------------------- each hospital's own disk
+
+
+def _without_patch_labels(source: Path, target: Path) -> None:
+    """Copy a feature bag minus its patch labels and tumour fractions (atomically)."""
+    with atomic_path(target) as tmp, h5py.File(source, "r") as src, h5py.File(tmp, "w") as dst:
+        for name in src:
+            if name not in ("patch_labels", "tumour_fraction"):
+                src.copy(src[name], dst, name=name)
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link (no second copy of the features), or an atomic copy across file systems."""
+    try:
+        os.link(source, target)
+    except OSError:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
+
+
+def _manifest_row(entry: BagEntry, split: str, features: Path, labelled: bool) -> dict[str, str]:
+    return {
+        "slide_id": entry.slide_id,
+        "label": ("normal", "tumour")[entry.label],
+        "split": split,
+        "patient_id": entry.patient_id or "",
+        "annotation_complete": (
+            ""
+            if not labelled or entry.annotation_complete is None
+            else str(entry.annotation_complete).lower()
+        ),
+        "has_patch_labels": "true" if labelled else "false",
+        "num_patches": str(entry.num_patches),
+        "features": str(features),
+    }
+
+
+def write_site_views(
+    cohort: PreparedCohort, visible: frozenset[str], root: Path
+) -> dict[str, Path]:
+    """One prepared site directory per hospital with only the outlines it may train on.
+
+    Feature files live inside the site directory, as a hospital's own ``prepare`` leaves them
+    (the site index refuses paths that leave it): a hard link to the prepared file (a copy
+    where linking fails), or a label-free copy for a slide whose patch labels the hospital
+    may not use. Splits are fixed in
+    the manifest (``split`` column), so the ClientApp trains, validates and tests on exactly
+    the slides the centralised and single-site arms use. Cached by the visible set.
+    """
+    key = sha256_json({"layout": VIEW_LAYOUT, "visible": sorted(visible)})[:12]
+    base = root / f"views-{key}"
+    views = {}
+    for hospital in cohort.hospitals:
+        site = base / hospital.name
+        views[hospital.name] = site
+        if (site / INDEX_FILE).is_file():
+            continue
+        stripped = site / "features"
+        stripped.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for split in ("train", "val", "test"):
+            for entry in getattr(hospital, split):
+                labelled = split == "train" and entry.slide_id in visible
+                features = stripped / entry.features.name
+                if not features.is_file():
+                    if entry.has_patch_labels and not labelled:
+                        _without_patch_labels(entry.features, features)
+                    else:
+                        _link_or_copy(entry.features, features)
+                rows.append(_manifest_row(entry, split, features.relative_to(site), labelled))
+        source_facts = hospital.train[0].features.parents[2] / SITE_FILE
+        shutil.copyfile(source_facts, site / SITE_FILE)
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=INDEX_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(site / INDEX_FILE, out.getvalue())  # last: marks the view done
+    return views
+
+
+# ------------------------------------------------------------------------------ the arms
+
+
+@dataclass(frozen=True)
+class FedArm:
+    """One arm: how it trains (``centralised``, ``site:<name>``, ``fedavg``, ``fedmix``)."""
+
+    how: str
+    mode: str
+    model: str = "clam_sb"
+
+    @property
+    def label(self) -> str:
+        return f"{self.how} {self.mode}"
+
+    @property
+    def federated(self) -> bool:
+        return self.how in STRATEGIES
+
+
+@dataclass(frozen=True)
+class FedResult:
+    arm: FedArm
+    seed: int
+    pooled: Evaluation
+    by_site: Mapping[str, Evaluation]
+    epochs: int
+    """Local epochs each slide saw (federated: rounds × local epochs)."""
+    seconds: float
+
+
+def _site_data(data: LoadedCohort, cohort: PreparedCohort, name: str) -> LoadedCohort:
+    """The hospital's own share of the loaded cohort (its train/val; test stays pooled)."""
+    hospital = next(h for h in cohort.hospitals if h.name == name)
+    ids = {e.slide_id for e in hospital.train + hospital.val}
+    return LoadedCohort(
+        train=tuple(b for b in data.train if b.entry.slide_id in ids),
+        val=tuple(b for b in data.val if b.entry.slide_id in ids),
+        test=data.test,
+        probe_train=(),
+    )
+
+
+def _test_by_site(cohort: PreparedCohort, data: LoadedCohort) -> dict[str, tuple[Bag, ...]]:
+    out = {}
+    for hospital in cohort.hospitals:
+        ids = {e.slide_id for e in hospital.test}
+        out[hospital.name] = tuple(b for b in data.test if b.entry.slide_id in ids)
+    return out
+
+
+def _score(
+    model: MILModel, data: LoadedCohort, by_site: Mapping[str, Sequence[Bag]], seed: int
+) -> tuple[Evaluation, dict[str, Evaluation]]:
+    pooled = evaluate_bags(model, data.test, seed=seed)
+    sites = {
+        name: evaluate_bags(model, bags, bootstrap=200, seed=seed) for name, bags in by_site.items()
+    }
+    return pooled, sites
+
+
+def run_local_arm(
+    arm: FedArm,
+    seed: int,
+    data: LoadedCohort,
+    cohort: PreparedCohort,
+    base: TrainConfig,
+    by_site: Mapping[str, Sequence[Bag]],
+) -> FedResult:
+    """Centralised or one site alone: ``bench/accuracy.py``'s ``run_arm`` on that data."""
+    train_data = data if arm.how == "centralised" else _site_data(data, cohort, arm.how[5:])
+    began = time.perf_counter()
+    result = run_arm(Arm(arm.model, arm.mode), seed, train_data, cohort.feature_dim, base)
+    seconds = time.perf_counter() - began
+    assert result.model is not None
+    pooled, sites = _score(result.model, data, by_site, seed)
+    return FedResult(arm, seed, pooled, sites, result.epochs_run, seconds)
+
+
+def run_federated_arm(
+    arm: FedArm,
+    seed: int,
+    views: Mapping[str, Path],
+    data: LoadedCohort,
+    cohort: PreparedCohort,
+    by_site: Mapping[str, Sequence[Bag]],
+    *,
+    rounds: int,
+    local_epochs: int,
+    lr: float,
+) -> FedResult:
+    """A whole federated run through the real ServerApp round loop and ClientApps."""
+    grid = InProcessGrid(
+        {10 + i: InProcessSite(path, name) for i, (name, path) in enumerate(views.items())}
+    )
+    with tempfile.TemporaryDirectory(prefix="fedpath-bench-") as runs:
+        cfg = RunConfig.from_run_config(
+            {
+                "num-server-rounds": rounds,
+                "strategy": arm.how,
+                "model": arm.model,
+                "supervision": arm.mode,
+                "local-epochs": local_epochs,
+                "lr": lr,
+                "seed": seed,
+                "min-sites": len(views),
+                "connect-timeout": 10.0,
+                "runs-dir": runs,
+                "run-name": "bench",
+            }
+        )
+        began = time.perf_counter()
+        with task_identity():
+            run_dir = run_federated(grid, cfg, flwr_run_id=1, report=lambda _: None)
+        seconds = time.perf_counter() - began
+        final = json.loads((run_dir / "final.json").read_text())
+        if final.get("status") != "completed":
+            raise RuntimeError(f"{arm.label} seed {seed}: run ended {final.get('status')}")
+        path = latest_checkpoint(run_dir)
+        assert path is not None
+        checkpoint = load_checkpoint(path)
+    model = build_model(cfg.model_config_for(cohort.feature_dim))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
+    pooled, sites = _score(model, data, by_site, seed)
+    return FedResult(arm, seed, pooled, sites, rounds * local_epochs, seconds)
+
+
+# ------------------------------------------------------------------------------- the table
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.fmean(finite) if finite else math.nan
+
+
+def _sd(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.stdev(finite) if len(finite) > 1 else 0.0
+
+
+@dataclass(frozen=True)
+class FedSummary:
+    arm: FedArm
+    n_seeds: int
+    slide_auc: tuple[float, float]
+    patch_auc: tuple[float, float]
+    site_slide_auc: Mapping[str, float]
+    site_patch_auc: Mapping[str, float]
+    epochs: float
+    seconds: float
+
+
+def summarise(results: Sequence[FedResult]) -> list[FedSummary]:
+    out = []
+    for arm in dict.fromkeys(r.arm for r in results):
+        runs = [r for r in results if r.arm == arm]
+        slide = [r.pooled.slide.auc.value for r in runs]
+        patch = [r.pooled.patch.auc for r in runs]
+        sites = list(runs[0].by_site)
+        out.append(
+            FedSummary(
+                arm,
+                len(runs),
+                (_mean(slide), _sd(slide)),
+                (_mean(patch), _sd(patch)),
+                {s: _mean([r.by_site[s].slide.auc.value for r in runs]) for s in sites},
+                {s: _mean([r.by_site[s].patch.auc for r in runs]) for s in sites},
+                statistics.fmean(r.epochs for r in runs),
+                statistics.fmean(r.seconds for r in runs),
+            )
+        )
+    return out
+
+
+def format_table(summaries: Sequence[FedSummary]) -> str:
+    sites = list(summaries[0].site_slide_auc) if summaries else []
+    head = (
+        "| training | supervision | seeds | slide AUC (pooled test) | patch AUC (pooled test) | "
+        + " | ".join(f"{s} slide / patch AUC" for s in sites)
+        + " | epochs | s/run |"
+    )
+    lines = [head, "|" + "---|" * (7 + len(sites))]
+    for s in summaries:
+        per_site = " | ".join(
+            f"{s.site_slide_auc[n]:.3f} / {s.site_patch_auc[n]:.3f}" for n in sites
+        )
+        lines.append(
+            f"| {s.arm.how} | {s.arm.mode} | {s.n_seeds} | {s.slide_auc[0]:.4f} ± "
+            f"{s.slide_auc[1]:.4f} | {s.patch_auc[0]:.4f} ± {s.patch_auc[1]:.4f} | {per_site} "
+            f"| {s.epochs:.0f} | {s.seconds:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float
+    target: str
+    met: bool
+
+
+def check_targets(
+    summaries: Sequence[FedSummary], label_free_sites: Sequence[str] = ("site_b", "site_c")
+) -> list[Check]:
+    """Issue 4's targets, per supervision mode and over seed means."""
+    by = {(s.arm.how, s.arm.mode): s for s in summaries}
+    checks = []
+    for mode in MODES:
+        central = by.get(("centralised", mode))
+        singles = [s for s in summaries if s.arm.how.startswith("site:") and s.arm.mode == mode]
+        worst = min((s.slide_auc[0] for s in singles), default=math.nan)
+        for strategy in STRATEGIES:
+            fed = by.get((strategy, mode))
+            if fed is None:
+                continue
+            if central is not None:
+                gap = central.slide_auc[0] - fed.slide_auc[0]
+                checks.append(
+                    Check(
+                        f"{strategy} {mode}: centralised − federated slide AUC",
+                        gap,
+                        "≤ 0.02",
+                        gap <= 0.02,
+                    )
+                )
+            if singles:
+                gain = fed.slide_auc[0] - worst
+                checks.append(
+                    Check(
+                        f"{strategy} {mode}: slide AUC − worst single site",
+                        gain,
+                        "≥ 0.05",
+                        gain >= 0.05,
+                    )
+                )
+    for strategy in STRATEGIES:
+        mixed, weak = by.get((strategy, "mixed")), by.get((strategy, "weak"))
+        if mixed is None or weak is None:
+            continue
+        for site in label_free_sites:
+            gain = mixed.site_patch_auc[site] - weak.site_patch_auc[site]
+            checks.append(
+                Check(f"{strategy} at {site}: patch AUC mixed − weak", gain, "> 0", gain > 0)
+            )
+    return checks
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def arms(hospitals: Sequence[str]) -> list[FedArm]:
+    out = []
+    for mode in reversed(MODES):  # mixed (the default) first, federated arms first
+        out += [FedArm(s, mode) for s in STRATEGIES]
+        out.append(FedArm("centralised", mode))
+        out += [FedArm(f"site:{h}", mode) for h in hospitals]
+    return out
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny cohort, few rounds")
+    parser.add_argument("--seeds", type=int, default=None, help="training seeds per arm")
+    parser.add_argument("--rounds", type=int, default=None, help="federated rounds")
+    parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
+    spec = QUICK_COHORT if args.quick else FULL_COHORT
+    n_seeds = args.seeds or (1 if args.quick else 2)
+    rounds = args.rounds or (2 if args.quick else 30)
+    base = TrainConfig(epochs=4, min_epochs=0, patience=4) if args.quick else TrainConfig()
+    print("# fedpath federated accuracy benchmark" + (" (quick)" if args.quick else ""))
+    print(f"machine: {machine()}")
+    cohort = build_cohort(spec, log=print)
+    visible = visible_annotations(cohort, FEDERATED_SHARES, spec.seed)
+    print(f"cohort {spec.synth_key()} under {cohort.root}, {cohort.feature_dim}-d features:")
+    for line in describe(cohort, visible):
+        print(line)
+    for h in cohort.hospitals:
+        tumour = [e for e in h.train if e.label == TUMOUR]
+        shown = sum(1 for e in tumour if e.slide_id in visible)
+        print(f"  {h.name}: outlines of {shown} of {len(tumour)} training tumour slides visible")
+    views = write_site_views(cohort, visible, cohort.root / "federated")
+    print(
+        f"federated: {rounds} rounds × {args.local_epochs} local epochs, lr {base.lr:g}, "
+        f"all {len(views)} sites every round; local arms: ≤ {base.epochs} epochs with early "
+        f"stopping (patience {base.patience}); {n_seeds} seed(s) per arm"
+    )
+    data = load_cohort(cohort, visible)
+    by_site = _test_by_site(cohort, data)
+    results: list[FedResult] = []
+    for arm in arms([h.name for h in cohort.hospitals]):
+        for seed in range(n_seeds):
+            if arm.federated:
+                result = run_federated_arm(
+                    arm,
+                    seed,
+                    views,
+                    data,
+                    cohort,
+                    by_site,
+                    rounds=rounds,
+                    local_epochs=args.local_epochs,
+                    lr=base.lr,
+                )
+            else:
+                result = run_local_arm(arm, seed, data, cohort, base, by_site)
+            print(
+                f"  {arm.label:<20} seed {seed}: slide AUC {result.pooled.slide.auc.value:.4f}, "
+                f"patch AUC {result.pooled.patch.auc:.4f}, "
+                + ", ".join(
+                    f"{n} {e.slide.auc.value:.3f}/{e.patch.auc:.3f}"
+                    for n, e in result.by_site.items()
+                )
+                + f", {result.epochs} epochs, {result.seconds:.0f} s",
+                flush=True,
+            )
+            results.append(result)
+    summaries = summarise(results)
+    print(f"\n## test set: {len(data.test)} slides pooled (per-site columns: its own test set)\n")
+    print(format_table(summaries))
+    print("\n## targets (issue 4)")
+    checks = check_targets(summaries)
+    for c in checks:
+        print(f"  {c.name}: {c.value:+.4f} (target {c.target}) {'met' if c.met else 'MISSED'}")
+    return 0 if all(c.met for c in checks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,575 @@
+"""Training benchmark: the site-local trainer vs a CLAM-style one-slide-per-step loop.
+
+Usage (from the repository root)::
+
+    .venv/bin/python bench/training.py             # 200 slides x 5,000 patches, ~15-30 min
+    .venv/bin/python bench/training.py --quick     # a smoke run of a minute or two
+    .venv/bin/python bench/training.py --epochs 6  # more epochs for the loss comparison
+
+What it measures, all in one run:
+
+(a) Loading: a synthetic cohort is written once as real feature-bag HDF5 files with the
+    project's writer (``common.featurebag.FeatureBagWriter``, cached under
+    ``bench/_cache/training/``) and loaded with the project's loader
+    (``client.training.bags.load_bag``), as ``fedpath local train`` does: GB/s.
+    The cohort: 200 training slides (half tumour) of 1,280-d float32 features, lengths spread
+    evenly over 2,500-7,500 patches (mean 5,000, so padding has something to waste), plus 40
+    validation slides. Features are N(0, 1) with a per-slide offset; in a tumour slide 5-30 %
+    of the patches carry a fixed "tumour direction" (norm ``SIGNAL``). Every tenth slide has
+    complete patch labels, so mixed supervision and its oversampling run as shipped.
+(b) Seconds per epoch, interleaved epoch by epoch in one process (the machine is shared and
+    noisy: each arm waits for the others' epoch before running its next one, so neighbouring
+    epochs of all arms see the same load), from the same initial weights:
+
+    - ours: ``client.training.trainer.train`` as shipped (``TrainConfig`` defaults: normal +
+      tumour pairs per step, precision "auto");
+    - ours in float32 (``precision="float32"``): separates what bfloat16 buys from the rest;
+    - baseline, CLAM's way: one slide per optimiser step, batch of one, float32, same model,
+      same loss, same Adam settings and the same slides in the same order (the trainer's own
+      schedule, pairs flattened), so every arm sees 200 slides per epoch.
+
+    After every epoch each arm's model is validated with the same float32 ``evaluate`` (not
+    timed): validation loss, slide AUC and patch AUC after the same number of epochs.
+(c) Peak RSS of training on one 100,000-patch bag (512 MB of features), in a child process
+    (VmHWM: a fresh address space), for the shipped precision and for float32; also the RSS
+    before loading (interpreter + torch) and after loading.
+
+Targets (issue 3): ours >= 3x faster than the baseline at equal or better validation loss;
+peak RSS < 2 GB for the 100,000-patch bag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+# Shared with the sibling benchmarks (run as scripts, so bench/ is on sys.path): the same
+# machine line, load average and peak-RSS reading (VmHWM) everywhere.
+from embedding import _load_average, _peak_rss
+from patching import machine as cpu_and_versions
+
+from client.embed.extract import cpu_supports_bf16
+from client.training.bags import Bag, collate, load_bag
+from client.training.site_index import BagEntry
+from client.training.train_config import TrainConfig
+from client.training.trainer import (
+    EpochMetrics,
+    ValidationMetrics,
+    _epoch_seeds,
+    evaluate,
+    resolve_precision,
+    step_lr,
+    train,
+)
+from common.featurebag import FeatureBagWriter
+from common.mil.config import ModelConfig
+from common.mil.losses import mixed_supervision_loss
+from common.mil.models import MILModel, build_model
+from common.mil.sampling import epoch_schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "bench" / "_cache" / "training"
+DIM = 1280
+SIGNAL = 2.0
+"""Norm of the tumour direction added to tumour patches (per-feature noise is N(0, 1)):
+learnable in a few epochs, not so easy that every arm saturates at once."""
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Cohort and run sizes of one benchmark mode."""
+
+    name: str
+    n_train: int
+    n_val: int
+    mean_patches: int
+    big_bag: int
+    epochs: int
+
+
+FULL = Scale("full", 200, 40, 5000, 100_000, 4)
+QUICK = Scale("quick", 24, 8, 500, 10_000, 2)
+
+
+# ------------------------------------------------------------------------------ machine
+
+
+def machine() -> str:
+    """CPU, cores and versions (as bench/patching.py prints them), plus torch, bf16 and AMX."""
+    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
+    return (
+        f"{cpu_and_versions()}; torch {torch.__version__}, {torch.get_num_threads()} intra-op "
+        f"threads; native bf16: {cpu_supports_bf16()}, AMX usable by oneDNN: {amx}; "
+        f"load average {_load_average()}"
+    )
+
+
+# ------------------------------------------------------------------------------- cohort
+
+ATTRS = {
+    "encoder": "synthetic",
+    "encoder_sha256": "0" * 64,
+    "feature_dim": DIM,
+    "patch_size_px": 256,
+    "target_mpp": 0.5,
+}
+
+
+def _direction() -> np.ndarray:
+    u = np.random.default_rng(12345).standard_normal(DIM).astype(np.float32)
+    return u / np.linalg.norm(u)
+
+
+def _write_bag(
+    path: Path,
+    slide_id: str,
+    n: int,
+    tumour: bool,
+    labelled: bool,
+    rng: np.random.Generator,
+    config_sha: str,
+) -> None:
+    """One synthetic slide, streamed in blocks through the project's writer."""
+    offset = 0.3 * rng.standard_normal(DIM, dtype=np.float32)
+    positive = np.zeros(n, dtype=bool)
+    if tumour:
+        k = max(1, int(rng.uniform(0.05, 0.3) * n))
+        positive[rng.choice(n, k, replace=False)] = True
+    labels = positive.astype(np.int8) if labelled else None
+    signal = SIGNAL * _direction()
+    coords = np.stack([np.arange(n) % 256, np.arange(n) // 256], axis=1) * 256
+    attrs = {**ATTRS, "slide_id": slide_id, "config_sha256": config_sha}
+    with FeatureBagWriter(
+        path, coords=coords, feature_dim=DIM, attrs=attrs, patch_labels=labels
+    ) as writer:
+        for start in range(0, n, 4096):
+            stop = min(n, start + 4096)
+            block = rng.standard_normal((stop - start, DIM), dtype=np.float32)
+            block += offset
+            block[positive[start:stop]] += signal
+            writer.write(block)
+
+
+def _entry(directory: Path, spec: dict[str, Any]) -> BagEntry:
+    return BagEntry(
+        slide_id=spec["slide_id"],
+        label=spec["label"],
+        features=directory / f"{spec['slide_id']}.h5",
+        split=spec["split"],
+        patient_id=None,
+        has_patch_labels=spec["labelled"],
+        annotation_complete=True if spec["labelled"] else None,
+        num_patches=spec["n"],
+    )
+
+
+def ensure_cohort(scale: Scale) -> tuple[list[BagEntry], list[BagEntry]]:
+    """Write the cohort once (train and val feature bags plus an index); reuse it afterwards."""
+    recipe = {
+        "n_train": scale.n_train,
+        "n_val": scale.n_val,
+        "mean": scale.mean_patches,
+        "dim": DIM,
+        "signal": SIGNAL,
+        "version": 1,
+    }
+    sha = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+    directory = CACHE / f"cohort-{scale.name}-{sha[:10]}"
+    index = directory / "index.json"
+    if not index.is_file():
+        directory.mkdir(parents=True, exist_ok=True)
+        print(f"writing the {scale.name} cohort to {directory} ...", flush=True)
+        began = time.perf_counter()
+        specs: list[dict[str, Any]] = []
+        for split, count, seed in (("train", scale.n_train, 1), ("val", scale.n_val, 2)):
+            rng = np.random.default_rng(seed)
+            low, high = scale.mean_patches // 2, scale.mean_patches * 3 // 2
+            lengths = rng.permutation(np.linspace(low, high, count).round().astype(int))
+            for i in range(count):
+                labelled = split == "val" or i % 10 < 2  # val: all, for patch AUC
+                spec = {
+                    "slide_id": f"{split}{i:03d}",
+                    "label": i % 2,
+                    "split": split,
+                    "labelled": labelled,
+                    "n": int(lengths[i]),
+                }
+                _write_bag(
+                    directory / f"{spec['slide_id']}.h5",
+                    spec["slide_id"],
+                    spec["n"],
+                    spec["label"] == 1,
+                    labelled,
+                    rng,
+                    sha,
+                )
+                specs.append(spec)
+        index.write_text(json.dumps(specs, indent=1))
+        print(f"  written in {time.perf_counter() - began:.0f} s", flush=True)
+    specs = json.loads(index.read_text())
+    entries = [_entry(directory, s) for s in specs]
+    return [e for e in entries if e.split == "train"], [e for e in entries if e.split == "val"]
+
+
+def ensure_big_bag(n: int) -> BagEntry:
+    """One tumour slide of ``n`` patches (512 MB at 100,000), cached."""
+    directory = CACHE / "big"
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = {"slide_id": f"big{n}", "label": 1, "split": "train", "labelled": True, "n": n}
+    entry = _entry(directory, spec)
+    if not entry.features.is_file():
+        print(f"writing a {n:,}-patch bag ...", flush=True)
+        rng = np.random.default_rng(3)
+        _write_bag(entry.features, spec["slide_id"], n, True, True, rng, "2" * 64)
+    return entry
+
+
+# ------------------------------------------------------------------------------ the arms
+
+
+def clam_epoch(
+    model: MILModel,
+    optimiser: torch.optim.Optimizer,
+    bags: Sequence[Bag],
+    epoch: int,
+    cfg: TrainConfig,
+) -> tuple[float, int]:
+    """CLAM's loop: one slide per forward, backward and Adam step; float32; same slides.
+
+    The schedule is the trainer's own for this epoch (same seeds), its pairs flattened, so
+    both arms see the same slides in the same order; dropout and instance sampling are seeded
+    per epoch as the trainer does. Returns the mean total loss and the number of steps.
+    """
+    np_seed, torch_seed, gen_seed = _epoch_seeds(cfg.seed, epoch)
+    labels = np.asarray([b.entry.label for b in bags], dtype=np.int64)
+    annotated = np.asarray([b.patch_labels is not None for b in bags], dtype=bool)
+    rng = np.random.default_rng(np_seed)
+    torch.manual_seed(torch_seed)
+    generator = torch.Generator().manual_seed(gen_seed)
+    schedule = epoch_schedule(labels, annotated, epoch, cfg.supervision, rng, cfg.steps_per_epoch)
+    model.train()
+    total, steps = 0.0, 0
+    for i in (i for group in schedule for i in group):
+        batch = collate([bags[i]])  # a view: batch of one, no padding, no mask needed
+        out = model(batch.features, batch.mask)
+        parts = mixed_supervision_loss(
+            out.logits,
+            out.attention,
+            out.instance_logits,
+            batch.labels,
+            batch.patch_labels,
+            batch.annotation_complete,
+            batch.mask,
+            cfg.supervision,
+            generator,
+        )
+        optimiser.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimiser.step()
+        total += float(parts.total.detach())
+        steps += 1
+    return total / max(steps, 1), steps
+
+
+@dataclass
+class ArmEpoch:
+    """One arm's epoch: training seconds (validation excluded), steps, metrics after it."""
+
+    seconds: float
+    steps: int
+    train_loss: float
+    val: ValidationMetrics
+
+
+class Turns:
+    """Round-robin hand-off between arm threads: exactly one arm computes at any time.
+
+    Each arm runs in its own thread (the trainer is one call that runs every epoch; only its
+    ``on_epoch`` hook lets it pause), and waits for its turn at the start of every epoch, so
+    epoch ``e`` of every arm runs before epoch ``e + 1`` of any.
+    """
+
+    def __init__(self, n: int) -> None:
+        self._turn = 0
+        self._n = n
+        self._cv = threading.Condition()
+
+    def wait(self, arm: int) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._turn == arm)
+
+    def done(self, arm: int) -> None:
+        with self._cv:
+            self._turn = (arm + 1) % self._n
+            self._cv.notify_all()
+
+
+def run_arms(
+    arms: dict[str, Callable[[Callable[[ArmEpoch], None]], None]],
+    epochs: int,
+    report: Callable[[str, int, ArmEpoch], None],
+) -> dict[str, list[ArmEpoch]]:
+    """Run every arm for ``epochs`` epochs, interleaved epoch by epoch."""
+    names = list(arms)
+    turns = Turns(len(names))
+    results: dict[str, list[ArmEpoch]] = {name: [] for name in names}
+    errors: list[BaseException] = []
+
+    def runner(index: int, name: str) -> None:
+        def after_epoch(record: ArmEpoch) -> None:
+            results[name].append(record)
+            report(name, len(results[name]) - 1, record)
+            turns.done(index)
+            if len(results[name]) < epochs:
+                turns.wait(index)
+
+        turns.wait(index)
+        try:
+            arms[name](after_epoch)
+        except BaseException as exc:  # surface in the main thread, let the others go on
+            errors.append(exc)
+            turns.done(index)
+
+    threads = [
+        threading.Thread(target=runner, args=(i, name), daemon=True) for i, name in enumerate(names)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def contrast_precision() -> str | None:
+    """The precision the second "ours" arm runs in, or None when there is nothing to contrast."""
+    if resolve_precision("auto", torch.device("cpu")) == "bfloat16":
+        return "float32"
+    return "bfloat16" if cpu_supports_bf16() else None
+
+
+def train_arms(
+    scale: Scale, epochs: int, train_bags: list[Bag], val_bags: list[Bag], with_fp32: bool
+) -> dict[str, list[ArmEpoch]]:
+    """Ours (shipped), ours in the other precision and CLAM's loop, from the same weights.
+
+    The other precision is float32 where the shipped "auto" picks bfloat16 (AMX), and
+    bfloat16 where the CPU has native bfloat16 but "auto" keeps float32 (it is slower there on
+    some CPUs, faster on others: this arm measures which one this machine is).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        initial = build_model(ModelConfig(feature_dim=DIM))
+    base = TrainConfig(epochs=epochs, min_epochs=0, patience=epochs + 1)
+
+    def ours(cfg: TrainConfig) -> Callable[[Callable[[ArmEpoch], None]], None]:
+        def run(after_epoch: Callable[[ArmEpoch], None]) -> None:
+            model = copy.deepcopy(initial)
+
+            def on_epoch(m: EpochMetrics) -> None:
+                val = evaluate(model, val_bags)  # float32, untimed, same for every arm
+                after_epoch(ArmEpoch(m.seconds, m.n_steps, m.train_loss, val))
+
+            train(model, train_bags, [], cfg, on_epoch=on_epoch)
+
+        return run
+
+    def clam(after_epoch: Callable[[ArmEpoch], None]) -> None:
+        model = copy.deepcopy(initial)
+        optimiser = torch.optim.Adam(model.parameters(), lr=base.lr, weight_decay=base.weight_decay)
+        for epoch in range(epochs):
+            began = time.perf_counter()
+            loss, steps = clam_epoch(model, optimiser, train_bags, epoch, base)
+            seconds = time.perf_counter() - began
+            after_epoch(ArmEpoch(seconds, steps, loss, evaluate(model, val_bags)))
+
+    arms: dict[str, Callable[[Callable[[ArmEpoch], None]], None]] = {"ours": ours(base)}
+    other = contrast_precision()
+    if with_fp32 and other is not None:
+        arms[f"ours {other}"] = ours(base.model_copy(update={"precision": other}))
+    arms["CLAM loop"] = clam
+
+    def report(name: str, epoch: int, r: ArmEpoch) -> None:
+        print(
+            f"  epoch {epoch}  {name:<13} {r.seconds:8.1f} s  {r.steps:4d} steps  "
+            f"train {r.train_loss:+.4f}  val loss {r.val.loss:.4f}  AUC {r.val.auc:.3f}  "
+            f"patch AUC {r.val.patch_auc:.3f}  (load {_load_average()})",
+            flush=True,
+        )
+
+    return run_arms(arms, epochs, report)
+
+
+# ------------------------------------------------------------------------ memory child
+
+
+def child(spec: dict[str, Any]) -> dict[str, Any]:
+    """Load one big bag and train two steps on it; report memory and timings."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(feature_dim=DIM))
+    before = psutil.Process().memory_info().rss
+    entry = BagEntry(**{**spec["entry"], "features": Path(spec["entry"]["features"])})
+    began = time.perf_counter()
+    bag = load_bag(entry, DIM)
+    load_seconds = time.perf_counter() - began
+    after_load = psutil.Process().memory_info().rss
+    cfg = TrainConfig(epochs=1, steps_per_epoch=2, min_epochs=0, precision=spec["precision"])
+    result = train(model, [bag], [], cfg)
+    return {
+        "patches": bag.num_patches,
+        "rss_before": before,
+        "rss_after_load": after_load,
+        "peak": _peak_rss(),
+        "load_seconds": load_seconds,
+        "step_seconds": result.history[0].seconds / result.history[0].n_steps,
+        "precision": result.precision,
+    }
+
+
+def run_child(entry: BagEntry, precision: str) -> dict[str, Any]:
+    spec = {
+        "precision": precision,
+        "entry": {**entry.__dict__, "features": str(entry.features)},
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------- main
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def main(scale: Scale, epochs: int, with_fp32: bool) -> None:
+    print("# fedpath training benchmark" + (" (quick)" if scale is QUICK else ""))
+    print(f"machine: {machine()}")
+    cfg = TrainConfig()
+    shipped = resolve_precision(cfg.precision, torch.device("cpu"))
+    print(
+        f"shipped TrainConfig: precision {cfg.precision} -> {shipped}; lr {cfg.lr} per slide, "
+        f"lr_scaling {cfg.lr_scaling} -> {step_lr(cfg, 2):.3g} per normal+tumour pair step; "
+        f"max_batch_patches {cfg.max_batch_patches}"
+    )
+
+    train_entries, val_entries = ensure_cohort(scale)
+    began = time.perf_counter()
+    train_bags = [load_bag(e, DIM) for e in train_entries]
+    val_bags = [load_bag(e, DIM) for e in val_entries]
+    seconds = time.perf_counter() - began
+    nbytes = sum(b.features.numel() * 4 for b in train_bags + val_bags)
+    patches = [b.num_patches for b in train_bags]
+    print(
+        f"\n## (a) cohort: {len(train_bags)} train slides ({sum(patches):,} patches, "
+        f"{min(patches):,}-{max(patches):,} per slide, "
+        f"{sum(b.entry.label for b in train_bags)} tumour, "
+        f"{sum(b.patch_labels is not None for b in train_bags)} with patch labels), "
+        f"{len(val_bags)} val slides"
+    )
+    print(
+        f"load_bag: {nbytes / 2**30:.2f} GiB in {seconds:.1f} s = "
+        f"{nbytes / 2**30 / seconds:.2f} GiB/s (page cache warm after the first run)"
+    )
+
+    print(
+        f"\n## (b) {epochs} epochs per arm, interleaved epoch by epoch "
+        "(val: float32 evaluate after each epoch, not timed)"
+    )
+    results = train_arms(scale, epochs, train_bags, val_bags, with_fp32)
+    ours, clam = results["ours"], results["CLAM loop"]
+    ratios = [c.seconds / o.seconds for o, c in zip(ours, clam, strict=True)]
+    print(
+        f"\n{'arm':<14} {'median s/epoch':>14} {'steps':>6} {'val loss':>9} {'val AUC':>8} "
+        f"{'patch AUC':>9}   (val after epoch {epochs - 1})"
+    )
+    for name, records in results.items():
+        last = records[-1]
+        print(
+            f"{name:<14} {statistics.median(r.seconds for r in records):>14.1f} "
+            f"{last.steps:>6} {last.val.loss:>9.4f} {last.val.auc:>8.3f} "
+            f"{last.val.patch_auc:>9.3f}"
+        )
+    print(
+        f"speed-up ours vs CLAM loop: median per-epoch ratio {statistics.median(ratios):.2f}x "
+        f"(epochs: {', '.join(f'{r:.2f}' for r in ratios)}; target >= 3x)"
+    )
+    other = contrast_precision()
+    if other is not None and f"ours {other}" in results:
+        alt = results[f"ours {other}"]
+        vs_clam = [c.seconds / a.seconds for a, c in zip(alt, clam, strict=True)]
+        vs_ours = [o.seconds / a.seconds for o, a in zip(ours, alt, strict=True)]
+        print(
+            f"  ours in {other} vs CLAM loop {statistics.median(vs_clam):.2f}x; "
+            f"ours in {other} vs shipped precision {statistics.median(vs_ours):.2f}x; "
+            f"val loss after the last epoch {alt[-1].val.loss:.4f}"
+        )
+    per_epoch = ", ".join(
+        f"{o.val.loss:.4f}/{c.val.loss:.4f}" for o, c in zip(ours, clam, strict=True)
+    )
+    verdict = "equal or better" if ours[-1].val.loss <= clam[-1].val.loss else "WORSE"
+    print(f"val loss ours/CLAM per epoch: {per_epoch} -> ours {verdict} after {epochs} epochs")
+    best_ours, best_clam = min(r.val.loss for r in ours), min(r.val.loss for r in clam)
+    print(f"best val loss over the epochs: ours {best_ours:.4f}, CLAM loop {best_clam:.4f}")
+
+    print(
+        f"\n## (c) peak RSS training on one {scale.big_bag:,}-patch bag "
+        f"({scale.big_bag * DIM * 4 / 2**20:,.0f} MiB of features), child process"
+    )
+    big = ensure_big_bag(scale.big_bag)
+    print(
+        f"{'precision':<16} {'RSS before':>11} {'after load':>11} {'peak':>10} "
+        f"{'load s':>7} {'s/step':>7}"
+    )
+    for precision in ("auto", "float32"):
+        r = run_child(big, precision)
+        label = f"{precision}->{r['precision']}" if precision == "auto" else precision
+        print(
+            f"{label:<16} {_mib(r['rss_before']):>11} {_mib(r['rss_after_load']):>11} "
+            f"{_mib(r['peak']):>10} {r['load_seconds']:>7.2f} {r['step_seconds']:>7.2f}"
+        )
+    print(f"target: peak < 2 GB (1,907 MiB); load average at the end {_load_average()}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        print(json.dumps(child(json.loads(sys.argv[2]))))
+        sys.exit(0)
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small cohort, a smoke run")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per arm")
+    parser.add_argument(
+        "--no-fp32-arm",
+        action="store_true",
+        help="skip the arm in the other precision (faster)",
+    )
+    args = parser.parse_args()
+    chosen = QUICK if args.quick else FULL
+    main(chosen, args.epochs or chosen.epochs, not args.no_fp32_arm)
