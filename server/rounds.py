@@ -60,6 +60,18 @@ def _metrics_of(message: Message) -> dict[str, float]:
     return dict(next(iter(records.values())))
 
 
+def _sender(reply: Message, sent: Mapping[str, int]) -> int:
+    """The node a reply answers for.
+
+    An error the SuperLink generates itself (Flower's "Node Unavailable" for a node that
+    missed its heartbeats, "Reply Message Unavailable" for an expired one) comes from the
+    SuperLink's own node id, not the site's; only ``reply_to_message_id`` names the message,
+    and so the site, it stands for. Without this a dead site was logged twice: once as a
+    phantom ``node 1`` with Flower's reason, once as timed out.
+    """
+    return int(sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id))
+
+
 def _snake(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k.replace("-", "_"): float(v) for k, v in metrics.items()}
 
@@ -111,8 +123,14 @@ class Federation:
             Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
         ]
         answers: dict[int, SiteFacts] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.cfg.query_timeout):
-            node = int(reply.metadata.src_node_id)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.query_timeout))
+        sent = {
+            m.metadata.message_id: int(m.metadata.dst_node_id)
+            for m in messages
+            if m.metadata.message_id
+        }
+        for reply in replies:
+            node = _sender(reply, sent)
             if reply.has_error():
                 self.report(f"node {node}: harmonisation query failed: {reply.error.reason}")
                 continue
@@ -235,11 +253,16 @@ class Federation:
     ) -> tuple[list[Message], dict[int, str]]:
         """Send to ``nodes`` and wait at most ``round-timeout``; (good replies, failures)."""
         messages = self._messages(nodes, arrays, instructions, message_type)
-        replies = self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout)
+        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        sent = {
+            m.metadata.message_id: int(m.metadata.dst_node_id)
+            for m in messages
+            if m.metadata.message_id
+        }
         good: list[Message] = []
         failed: dict[int, str] = {}
         for reply in replies:
-            node = int(reply.metadata.src_node_id)
+            node = _sender(reply, sent)
             if reply.has_error():
                 failed[node] = str(reply.error.reason or f"error code {reply.error.code}")
             else:

@@ -25,8 +25,6 @@ import pytest
 from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
 from server.local_network import LocalNetwork
 
-pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = SyntheticSiteSpec(n_slides=8, feature_dim=8, patches=(5, 15))
 BASE_RUN: dict[str, Any] = {
@@ -126,9 +124,71 @@ def _write_sites(root: Path, names: str) -> dict[str, Path]:
     }
 
 
+# -- the round loop's view of a lost site (fast) ------------------------------------------------
+
+
+class _SuperLinkAnswersForDeadNodes:
+    """A grid whose SuperLink answers for the nodes in ``dead`` the way Flower 1.41 does
+    once they miss their heartbeats: an error reply from the SuperLink's own node id."""
+
+    def __init__(self, inner: Any, dead: set[int]) -> None:
+        self.inner, self.dead = inner, dead
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        from flwr.server.superlink.linkstate.utils import (
+            create_message_error_unavailable_res_message,
+        )
+
+        messages = list(messages)
+        live = [m for m in messages if m.metadata.dst_node_id not in self.dead]
+        replies = list(self.inner.send_and_receive(live, timeout=timeout))
+        for m in messages:
+            if m.metadata.dst_node_id in self.dead:
+                m.metadata.__dict__["_message_id"] = f"dead-{m.metadata.dst_node_id}"
+                replies.append(create_message_error_unavailable_res_message(m.metadata, "node"))
+        return replies
+
+
+def test_a_superlink_error_for_a_dead_node_is_that_site_failing(
+    tmp_path: Path, flower_task: None
+) -> None:
+    """Regression: Flower's "Node Unavailable" reply comes from the SuperLink's node id (1);
+    the round record named a phantom ``node 1`` and called the dead site timed out."""
+    from server.config import RunConfig
+    from server.federated_run import _initial_arrays
+    from server.inprocess_grid import InProcessGrid, InProcessSite
+    from server.rounds import Federation
+    from server.run_log import RunLog
+    from server.strategies import build_strategy
+
+    sites = _write_sites(tmp_path, "abc")
+    inner = InProcessGrid({10 + i: InProcessSite(d, n) for i, (n, d) in enumerate(sites.items())})
+    cfg = RunConfig.from_run_config({**BASE_RUN, "num-server-rounds": 1, "min-sites": 2})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    federation = Federation(
+        grid=_SuperLinkAnswersForDeadNodes(inner, dead=set()),  # type: ignore[arg-type]
+        cfg=cfg,
+        log=RunLog(run_dir),
+        strategy=build_strategy("fedavg", 10.0, 1.5),
+        report=lambda _: None,
+    )
+    federation.gate()
+    federation.grid.dead.add(12)  # type: ignore[attr-defined]
+    _, record = federation.train_round(1, _initial_arrays(cfg, SPEC.feature_dim))
+    assert record["replied"] == ["site_a", "site_b"]
+    assert list(record["failed"]) == ["site_c"], record["failed"]
+    assert "Node Unavailable" in record["failed"]["site_c"]
+
+
 # -- site loss ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_a_site_killed_mid_round_is_left_out_and_rejoins_with_its_node_id(
     tmp_path: Path,
 ) -> None:
@@ -214,6 +274,8 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins_with_its_node_id(
     assert final["status"] == "completed" and final["rounds_completed"] == 4
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_all_sites_lost_ends_the_run_as_failed_with_the_reason(tmp_path: Path) -> None:
     """Both SuperNodes are SIGKILLed during round 2: bounded retries, then a failed run."""
     sites = _write_sites(tmp_path, "ab")
@@ -276,6 +338,8 @@ def _ledger_rounds(data_dir: Path) -> dict[str, list[int]]:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.integration
 def test_coordinator_killed_mid_round_resumes_without_losing_or_double_counting(
     tmp_path: Path,
 ) -> None:
