@@ -262,6 +262,7 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins_with_its_node_id(
     assert second["sampled"] == ["site_a", "site_b", "site_c"]
     # Flower marks a node offline when it misses its heartbeats (2 x 30 s) and then answers
     # the pending message with "Node Unavailable"; the round-timeout bounds it otherwise.
+    assert list(second["failed"]) == ["site_c"], second["failed"]  # no phantom "node 1"
     assert re.search(
         r"Node Unavailable|no reply within round-timeout", second["failed"]["site_c"]
     ), second["failed"]
