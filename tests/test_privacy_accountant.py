@@ -82,3 +82,14 @@ def test_the_cached_rdp_curve_is_opacus_rdp_accountant() -> None:
     accountant = RDPAccountant()
     accountant.history = [m.as_tuple() for m in history]
     assert epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+
+
+def test_solving_sigma_twice_for_one_plan_bisects_once() -> None:
+    """A round's message plans its DP-SGD twice (budget check, trainer): one bisection."""
+    from client.training.privacy_accountant import solve_noise_multiplier
+
+    solve_noise_multiplier.cache_clear()
+    first = solve_noise_multiplier(8.0, 1e-5, 0.25, 40)
+    assert solve_noise_multiplier(8.0, 1e-5, 0.25, 40) == first
+    info = solve_noise_multiplier.cache_info()
+    assert (info.hits, info.misses) == (1, 1)
