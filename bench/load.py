@@ -100,6 +100,8 @@ class ManySitesResult:
     final: dict[str, Any]
     seconds: float
     peak_rss: int
+    rss_by_round: dict[int, int]
+    """RSS of the process after each round's messages (round number → bytes)."""
 
 
 def _run_config(runs_dir: Path, run_name: str, rounds: int) -> dict[str, Any]:
@@ -115,17 +117,49 @@ def _run_config(runs_dir: Path, run_name: str, rounds: int) -> dict[str, Any]:
     }
 
 
+def _forgetful_grid(sites: dict[int, Any]) -> Any:
+    """An ``InProcessGrid`` that keeps no copy of the messages (tests' record of them).
+
+    ``InProcessGrid`` keeps every message and reply (the egress test reads them): at 20 sites
+    x 10 rounds that is ~800 model copies, which would be measured instead of the round loop.
+    Its ``rss_by_round`` holds the process's RSS after each round's messages, so growth from
+    round to round (a leak in the loop, the run log or the strategy) shows.
+    """
+    import psutil
+    from flwr.app import Message
+
+    from server.inprocess_grid import InProcessGrid
+
+    class Forgetful(InProcessGrid):
+        def __init__(self) -> None:
+            super().__init__(sites)
+            self.rss_by_round: dict[int, int] = {}
+
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            messages = list(messages)
+            ids = list(super().push_messages(messages))
+            self.sent.clear()
+            self.replies.clear()
+            groups = {m.metadata.group_id for m in messages}
+            rss = psutil.Process().memory_info().rss
+            for group in filter(str.isdigit, groups):
+                self.rss_by_round[int(group)] = max(self.rss_by_round.get(int(group), 0), rss)
+            return ids
+
+    return Forgetful()
+
+
 def many_sites_child(spec: dict[str, Any]) -> dict[str, Any]:
     """In the child process: write the sites and run the federation; return what it cost."""
     from server.config import RunConfig
     from server.federated_run import run_federated
-    from server.inprocess_grid import InProcessGrid, InProcessSite, task_identity
+    from server.inprocess_grid import InProcessSite, task_identity
     from server.simulate import simulated_site_specs, write_sites
 
     workdir, n_sites, seed = Path(spec["workdir"]), int(spec["n_sites"]), int(spec["seed"])
     specs = simulated_site_specs(n_sites, seed, int(spec["feature_dim"]))
     sites = write_sites(workdir / "sites", specs, seed)
-    grid = InProcessGrid({100 + i: InProcessSite(path, path.name) for i, path in enumerate(sites)})
+    grid = _forgetful_grid({100 + i: InProcessSite(p, p.name) for i, p in enumerate(sites)})
     runs = workdir / "runs"
     shutil.rmtree(runs / "many", ignore_errors=True)
     run_config = {**_run_config(runs, "many", int(spec["rounds"])), "min-sites": n_sites}
@@ -133,7 +167,12 @@ def many_sites_child(spec: dict[str, Any]) -> dict[str, Any]:
     began = time.perf_counter()
     with task_identity():
         run_dir = run_federated(grid, cfg, flwr_run_id=1, report=lambda _: None)
-    return {"run_dir": str(run_dir), "seconds": time.perf_counter() - began, "peak_rss": peak_rss()}
+    return {
+        "run_dir": str(run_dir),
+        "seconds": time.perf_counter() - began,
+        "peak_rss": peak_rss(),
+        "rss_by_round": grid.rss_by_round,
+    }
 
 
 def run_many_sites(
@@ -152,7 +191,8 @@ def run_many_sites(
     run_dir = Path(out["run_dir"])
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = json.loads((run_dir / "final.json").read_text())
-    return ManySitesResult(run_dir, records, final, out["seconds"], out["peak_rss"])
+    rss = {int(k): v for k, v in out["rss_by_round"].items()}
+    return ManySitesResult(run_dir, records, final, out["seconds"], out["peak_rss"], rss)
 
 
 def _in_child(kind: str, spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
@@ -337,6 +377,8 @@ def main(quick: bool, feature_dim: int) -> None:
         f"(min {per_round[0]:.2f}, max {per_round[-1]:.2f}); whole run {many.seconds:.1f} s; "
         f"peak RSS {_mib(many.peak_rss)}"
     )
+    rss = many.rss_by_round
+    print("RSS after each round: " + ", ".join(f"{r}: {_mib(v)}" for r, v in sorted(rss.items())))
 
     print(f"\n## (b) a site with 6 bags x {patches:,} patches x {feature_dim}-d, one round")
     big = big_site_round(CACHE / "big", patches=patches, feature_dim=feature_dim)

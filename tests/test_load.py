@@ -24,8 +24,10 @@ MIB = 2**20
 def test_twenty_sites_ten_rounds_complete(tmp_path: Path) -> None:
     result = run_many_sites(tmp_path, n_sites=20, rounds=10)
     sites = [f"site_{i:03d}" for i in range(20)]
+    rss = result.rss_by_round
     note = (
-        f"20 sites x 10 rounds: {result.seconds:.0f} s, peak RSS {result.peak_rss / MIB:,.0f} MiB"
+        f"20 sites x 10 rounds: {result.seconds:.0f} s, peak RSS {result.peak_rss / MIB:,.0f} "
+        f"MiB; RSS after round 2 {rss[2] / MIB:,.0f} MiB, after round 10 {rss[10] / MIB:,.0f} MiB"
     )
     print(f"\n{note}")
     assert result.final["status"] == "completed", note
@@ -38,6 +40,8 @@ def test_twenty_sites_ten_rounds_complete(tmp_path: Path) -> None:
         assert sum(record["weights"].values()) == pytest.approx(1.0), note
         assert set(record["train"]) == set(record["evaluate"]) == set(sites), note
     assert set(result.final["test"]) == set(sites), note
+    # Nothing in the loop, run log or strategy grows with the rounds (one model is ~1 MB).
+    assert rss[10] - rss[2] < 100 * MIB, note
 
 
 def test_a_site_with_100k_patch_bags_completes_a_round_under_2_gb(tmp_path: Path) -> None:
