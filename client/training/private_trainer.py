@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -61,6 +60,7 @@ from client.training.trainer import (
     _private_torch_rng,
     _to_device,
     evaluate,
+    run_epochs,
     step_lr,
 )
 from common.errors import ConfigError
@@ -315,54 +315,25 @@ def train_private(
         expected_batch_size=_expected_batch(planned, len(train_bags)),
         loss_reduction="mean",
     )
-    was_training = model.training
-    history: list[EpochMetrics] = []
-    best_loss, best_epoch, best_state = math.inf, None, None
-    since_best, stopped_early, steps_done = 0, False, 0
     with _private_torch_rng(device):
-        for epoch in range(start_epoch, start_epoch + cfg.epochs):
-            began = time.perf_counter()
+
+        def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
             means, n_steps = _private_epoch(
                 model, optimiser, train_bags, epoch, cfg, dp, planned, seed
             )
-            steps_done += n_steps
-            val = evaluate(model, val_bags)
-            metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=float(means[0]),
-                train_bag_loss=float(means[1]),
-                train_instance_loss=float(means[2]),
-                train_attention_loss=float(means[3]),
-                val_loss=val.loss,
-                val_auc=val.auc,
-                val_patch_auc=val.patch_auc,
-                seconds=time.perf_counter() - began,
-                n_steps=n_steps,
-            )
-            history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(metrics)
-            if not val_bags:
-                continue
-            if val.loss < best_loss:
-                best_loss, best_epoch, since_best = val.loss, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                since_best += 1
-            if since_best >= cfg.patience and epoch + 1 >= cfg.min_epochs:
-                stopped_early = epoch < start_epoch + cfg.epochs - 1
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.train(was_training)
-    result = TrainResult(
-        model=model,
-        history=history,
-        best_epoch=best_epoch if best_epoch is not None else history[-1].epoch,
-        stopped_early=stopped_early,
-        mean_train_loss_last_epoch=history[-1].train_loss,
-        n_train_slides=len(train_bags),
-        precision="float32",
-    )
+            return tuple(float(m) for m in means), n_steps
+
+        result = run_epochs(
+            model,
+            train_bags,
+            val_bags,
+            cfg,
+            one_epoch,
+            lambda: evaluate(model, val_bags),
+            precision="float32",
+            on_epoch=on_epoch,
+            start_epoch=start_epoch,
+        )
+    steps_done = sum(h.n_steps for h in result.history)
     spent = Mechanism(planned.noise_multiplier, planned.sample_rate, steps_done)
     return PrivateTrainResult(result=result, mechanism=spent, max_grad_norm=dp.max_grad_norm)

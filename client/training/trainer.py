@@ -397,46 +397,82 @@ def train(
     mixed = cfg.supervision.mode == "mixed"
     annotated = np.asarray([mixed and b.patch_labels is not None for b in train_bags], dtype=bool)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    was_training = model.training
 
+    with _private_torch_rng(device):
+
+        def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
+            *losses, n_steps = _train_epoch(
+                model, optimiser, train_bags, labels, annotated, epoch, cfg, device, precision
+            )
+            return losses, n_steps
+
+        return run_epochs(
+            model,
+            train_bags,
+            val_bags,
+            cfg,
+            one_epoch,
+            lambda: evaluate(model, val_bags, precision),
+            precision=precision,
+            on_epoch=on_epoch,
+            start_epoch=start_epoch,
+        )
+
+
+def run_epochs(
+    model: MILModel,
+    train_bags: Sequence[Bag],
+    val_bags: Sequence[Bag],
+    cfg: TrainConfig,
+    one_epoch: Callable[[int], tuple[Sequence[float], int]],
+    validate: Callable[[], ValidationMetrics],
+    *,
+    precision: Precision,
+    on_epoch: Callable[[EpochMetrics], None] | None,
+    start_epoch: int,
+) -> TrainResult:
+    """The epoch loop both trainers share: metrics, best-epoch restore and early stopping.
+
+    ``one_epoch(epoch)`` trains one epoch and returns its mean (total, bag, instance,
+    attention) loss and step count; ``validate()`` scores the current weights. The rules are
+    those :func:`train` documents; the model's train/eval mode is restored at the end.
+    """
+    was_training = model.training
     history: list[EpochMetrics] = []
     best_loss = math.inf
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
     since_best = 0
     stopped_early = False
-    with _private_torch_rng(device):
-        for epoch in range(start_epoch, start_epoch + cfg.epochs):
-            began = time.perf_counter()
-            loss, bag_loss, inst_loss, att_loss, n_steps = _train_epoch(
-                model, optimiser, train_bags, labels, annotated, epoch, cfg, device, precision
-            )
-            val = evaluate(model, val_bags, precision)
-            metrics = EpochMetrics(
-                epoch=epoch,
-                train_loss=loss,
-                train_bag_loss=bag_loss,
-                train_instance_loss=inst_loss,
-                train_attention_loss=att_loss,
-                val_loss=val.loss,
-                val_auc=val.auc,
-                val_patch_auc=val.patch_auc,
-                seconds=time.perf_counter() - began,
-                n_steps=n_steps,
-            )
-            history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(metrics)
-            if not val_bags:
-                continue
-            if val.loss < best_loss:  # NaN never counts as an improvement
-                best_loss, best_epoch, since_best = val.loss, epoch, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                since_best += 1
-            if since_best >= cfg.patience and epoch + 1 >= cfg.min_epochs:
-                stopped_early = epoch < start_epoch + cfg.epochs - 1
-                break
+    for epoch in range(start_epoch, start_epoch + cfg.epochs):
+        began = time.perf_counter()
+        (loss, bag_loss, inst_loss, att_loss), n_steps = one_epoch(epoch)
+        val = validate()
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=float(loss),
+            train_bag_loss=float(bag_loss),
+            train_instance_loss=float(inst_loss),
+            train_attention_loss=float(att_loss),
+            val_loss=val.loss,
+            val_auc=val.auc,
+            val_patch_auc=val.patch_auc,
+            seconds=time.perf_counter() - began,
+            n_steps=n_steps,
+        )
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(metrics)
+        if not val_bags:
+            continue
+        if val.loss < best_loss:  # NaN never counts as an improvement
+            best_loss, best_epoch, since_best = val.loss, epoch, 0
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            since_best += 1
+        if since_best >= cfg.patience and epoch + 1 >= cfg.min_epochs:
+            stopped_early = epoch < start_epoch + cfg.epochs - 1
+            break
 
     if best_state is not None:
         model.load_state_dict(best_state)
