@@ -50,6 +50,7 @@ from client.config import EmbeddingConfig
 from client.embed.registry import EncoderSpec, LoadedEncoder
 from client.wsi.reader import WsiReader
 from client.wsi.resolution import ReadPlan
+from common.cpuinfo import read_cpuinfo
 from common.errors import FedpathError, SlideReadError
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
@@ -234,15 +235,7 @@ def get_runner(encoder: LoadedEncoder, precision: str, batch_size: int, *, jit: 
 
 def cpu_supports_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when the CPU has native bf16 arithmetic (else bf16 is emulated and slower)."""
-    try:
-        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    flags: set[str] = set()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            flags.update(value.split())
+    _, flags = read_cpuinfo(cpuinfo)
     if flags:
         return bool(flags & BF16_CPU_FLAGS)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from client.training.bags import Bag, BagBatch, collate
 from client.training.train_config import TrainConfig
+from common.cpuinfo import read_cpuinfo
 from common.metrics import pooled_patch_metrics, slide_metrics
 from common.mil.losses import mixed_supervision_loss
 from common.mil.models import MILModel
@@ -134,22 +135,6 @@ def amx_available() -> bool:
     return bool(probe()) if probe is not None else False
 
 
-def _cpuinfo(path: Path) -> tuple[str, set[str]]:
-    """(vendor id, flags) of the first CPU in ``path``; empty when unreadable (not Linux)."""
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return "", set()
-    vendor, flags = "", set()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() == "vendor_id" and not vendor:
-            vendor = value.strip()
-        elif name.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return vendor, flags
-
-
 def fast_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True on CPUs where oneDNN's bfloat16 matrix products beat float32 by a wide margin.
 
@@ -161,7 +146,7 @@ def fast_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """
     if amx_available():
         return True
-    vendor, flags = _cpuinfo(cpuinfo)
+    vendor, flags = read_cpuinfo(cpuinfo)
     return vendor == "AuthenticAMD" and "avx512_bf16" in flags
 
 
