@@ -338,7 +338,9 @@ def finish(net: LocalNetwork, run_id: int, timeout: float) -> dict[str, Any]:
     return dict(answer["runs"][0])
 
 
-def run_ours(net: LocalNetwork, settings: Settings, out: Path, tag: str) -> RunResult:
+def run_ours(
+    net: LocalNetwork, settings: Settings, out: Path, tag: str, variant: str = "ours"
+) -> RunResult:
     """Our app from the repository root, as a coordinator submits it."""
     run_config = {
         "num-server-rounds": settings.rounds,
@@ -358,7 +360,7 @@ def run_ours(net: LocalNetwork, settings: Settings, out: Path, tag: str) -> RunR
         m["seconds"] for r in rounds for part in ("train", "evaluate") for m in r[part].values()
     ]
     return RunResult(
-        variant="ours",
+        variant=variant,
         round_seconds=[float(r["seconds"]) for r in rounds],
         elapsed=float(row["elapsed"]),
         clientapp_seconds=float(row["compute-time"]["clientapp-seconds"]),
@@ -395,40 +397,53 @@ def run_noop(
     )
 
 
+VARIANTS = ("ours", "ours-fresh", "no-op")
+"""Our app with the resident worker (what ``fedpath node`` runs), our app with a fresh process
+per message (``--no-resident-worker``), and Flower's floor."""
+
+
 def measure_deployment(
     settings: Settings,
     sites: dict[str, Path],
     shapes: list[list[int]],
     progress: Callable[[str], None],
 ) -> list[RunResult]:
-    """Alternate ours and the no-op app on one network (order flipped every repeat)."""
+    """Alternate the variants (order rotated every repeat) on two idle-waiting networks: one
+    whose SuperNodes use the resident worker (ours, no-op), one whose nodes do not."""
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="fedpath-bench-federation-") as tmp:
         work = Path(tmp)
-        with LocalNetwork(work / "net") as net:
+        with LocalNetwork(work / "net") as warm, LocalNetwork(work / "net-fresh") as fresh:
+            nets = {"ours": warm, "ours-fresh": fresh, "no-op": warm}
             try:
-                net.start_superlink()
-                for name, data in sites.items():
-                    net.start_supernode(name, data)
-                wait_nodes(net, settings.sites)
+                for net, worker in ((warm, True), (fresh, False)):
+                    net.start_superlink()
+                    for name, data in sites.items():
+                        net.start_supernode(
+                            name, data, extra_node_config={"resident-worker": worker}
+                        )
+                for net in (warm, fresh):
+                    wait_nodes(net, settings.sites)
                 for rep in range(settings.runs_per_variant):
-                    order = ("ours", "no-op") if rep % 2 == 0 else ("no-op", "ours")
-                    for variant in order:
+                    shift = rep % len(VARIANTS)
+                    for variant in VARIANTS[shift:] + VARIANTS[:shift]:
                         tag = f"{variant.replace('-', '')}-{rep}"
                         began = time.perf_counter()
-                        if variant == "ours":
-                            result = run_ours(net, settings, work / "runs", tag)
-                        else:
+                        net = nets[variant]
+                        if variant == "no-op":
                             result = run_noop(net, settings, shapes, work / "runs", tag)
+                        else:
+                            result = run_ours(net, settings, work / "runs", tag, variant)
                         results.append(result)
                         progress(
-                            f"  {variant:5s} run {rep + 1}: "
+                            f"  {variant:10s} run {rep + 1}: "
                             + ", ".join(f"{s:.1f}" for s in result.round_seconds)
                             + f" s/round; {time.perf_counter() - began:.0f} s to submit and finish"
                         )
             except NetworkError:
-                for name, tail in net.logs():
-                    progress(f"--- {name} log (last lines)\n{tail}")
+                for net in (warm, fresh):
+                    for name, tail in net.logs():
+                        progress(f"--- {name} log (last lines)\n{tail}")
                 raise
     return results
 
@@ -481,56 +496,60 @@ def print_importtime(lines: list[ImportLine]) -> None:
 def print_deployment(
     settings: Settings, results: list[RunResult], startup: dict[str, float]
 ) -> None:
-    """Per-round table of both variants, our round split, and the ratios."""
-    ours = [r for r in results if r.variant == "ours"]
-    noop = [r for r in results if r.variant == "no-op"]
-    rounds = {
-        v: [s for r in rs for s in r.round_seconds] for v, rs in (("ours", ours), ("no-op", noop))
-    }
+    """Per-round table of the variants, each of our variants' round split, and the ratios."""
+    by = {v: [r for r in results if r.variant == v] for v in VARIANTS}
+    rounds = {v: [s for r in rs for s in r.round_seconds] for v, rs in by.items()}
     print(
         f"\n2. Deployment: {settings.sites} sites on loopback, {settings.rounds} round(s) per run, "
-        f"{settings.runs_per_variant} run(s) per variant, alternating (medians)"
+        f"{settings.runs_per_variant} run(s) per variant, rotating order (medians)"
     )
     print(
-        f"{'':6s} {'s/round':>8s} {'run wall s':>11s} {'ClientApp s/msg':>16s} "
+        f"{'':10s} {'s/round':>8s} {'run wall s':>11s} {'ClientApp s/msg':>16s} "
         f"{'outside handler':>16s} {'MB/run':>7s}  every round"
     )
-    for variant, rs in (("ours", ours), ("no-op", noop)):
+    for variant, rs in by.items():
+        outside = (
+            f"{median(r.outside_handlers() for r in rs):16.2f}" if variant != "no-op" else " " * 16
+        )
         print(
-            f"{variant:6s} {median(rounds[variant]):8.2f} {median(r.elapsed for r in rs):11.1f} "
-            f"{median(r.clientapp_seconds / r.messages for r in rs):16.2f} "
-            f"{median(r.outside_handlers() for r in rs):16.2f} "
+            f"{variant:10s} {median(rounds[variant]):8.2f} "
+            f"{median(r.elapsed for r in rs):11.1f} "
+            f"{median(r.clientapp_seconds / r.messages for r in rs):16.2f} {outside} "
             f"{median(r.traffic_bytes / 1e6 for r in rs):7.1f}  "
             + " ".join(f"{s:.1f}" for s in rounds[variant])
         )
     print(
-        "   ClientApp s/msg: Flower's per-message ClientApp time (`flwr ls`: from the process "
-        "pulling its message to its reply; the interpreter and Flower's runtime start before "
-        "it); outside handler: that minus the seconds our handlers report (loading the app, "
-        "the handler's imports)"
+        "   ours: resident worker (fedpath node's default); ours-fresh: --no-resident-worker "
+        "(every message imports torch and the trainer). ClientApp s/msg: Flower's per-message "
+        "ClientApp time (`flwr ls`); outside handler: that minus the seconds our handlers "
+        "report (loading the app, imports, the hop to the worker)"
     )
-    per_round, floor = median(rounds["ours"]), median(rounds["no-op"])
-    train = median(max(t.values()) for r in ours for t in r.site_train)
-    train_mean = median(statistics.fmean(t.values()) for r in ours for t in r.site_train)
-    evaluate = median(max(e.values()) for r in ours for e in r.site_eval)
-    rest = per_round - train - evaluate
-    optimiser = startup["adam"] - startup["torch"]
-    print(
-        f"\n   ours {per_round:.2f} s/round = train handler at the slowest site {train:.2f} s "
-        f"(mean site {train_mean:.2f}; includes the first-optimiser import, ~{optimiser:.1f} s "
-        f"alone) + evaluate handler {evaluate:.2f} s + messaging, process start-up and "
-        f"aggregation {rest:.2f} s"
-    )
+    floor = median(rounds["no-op"])
+    print(f"\n   no-op {floor:.2f} s/round: Flower's floor (its polls, process spawns, payload)")
+    for variant in ("ours", "ours-fresh"):
+        rs = by[variant]
+        per_round = median(rounds[variant])
+        train = median(max(t.values()) for r in rs for t in r.site_train)
+        evaluate = median(max(e.values()) for r in rs for e in r.site_eval)
+        # Per round and run: round seconds minus the floor minus the slowest site's train
+        # handler (local epochs + the validation pass after them): what we add besides training.
+        overhead = median(
+            s - floor - max(t.values())
+            for r in rs
+            for s, t in zip(r.round_seconds, r.site_train, strict=True)
+        )
+        print(
+            f"   {variant}: {per_round:.2f} s/round = floor {floor:.2f} + train handler at the "
+            f"slowest site {train:.2f} (evaluate handler {evaluate:.2f}) + the rest; overhead "
+            f"over the floor excluding local training {overhead:.2f} s/round (target <= 1.5); "
+            f"ratio to the floor {per_round / floor:.2f}x per round, "
+            f"{median(r.elapsed for r in rs) / median(r.elapsed for r in by['no-op']):.2f}x "
+            "whole run"
+        )
     startups = startup["train"] + startup["evaluate"] - 2 * startup["noop"]
     print(
-        f"   no-op {floor:.2f} s/round (Flower's floor). ours - no-op = {per_round - floor:.2f} s: "
-        f"handlers {train + evaluate:.2f} s, the rest {rest - floor:.2f} s (two message "
-        f"start-ups over the floor from part 1, imports only: {startups:.2f} s)"
-    )
-    elapsed = median(r.elapsed for r in ours) / median(r.elapsed for r in noop)
-    print(
-        f"   ratio ours / no-op: {per_round / floor:.2f}x per round, {elapsed:.2f}x whole run "
-        "(flwr ls elapsed)"
+        "   (part 1's imports alone: a fresh train + evaluate message pair costs "
+        f"{startups:.2f} s over the no-op's, which the resident worker pays once per node)"
     )
 
 

@@ -2,7 +2,11 @@
 
 A SuperNode starts this app in a fresh process for every message, so the module imports only
 Flower's light message types at import time; torch, h5py and the trainer are imported inside
-the handlers (``client.federated``). The site's data directory comes from the SuperNode's
+the handlers (``client.federated``). A node started with ``resident-worker=true`` (the default
+of ``fedpath node``) runs the handlers in its resident worker instead (:mod:`client.worker`),
+which keeps those imports loaded between messages; the message process then only forwards.
+
+The site's data directory comes from the SuperNode's
 ``--node-config 'data-path="/data/fedpath" site="a"'``; nothing about the site's slides is
 taken from the message except the instructions every site receives. A hospital sets its
 lifetime slide-level privacy budget there too (``privacy-budget=8.0 privacy-delta=1e-5``):
@@ -77,13 +81,13 @@ def site_of(context: Context) -> tuple[Path, str]:
     return Path(raw).expanduser(), site_name(context)
 
 
-def _instructions(message: Message) -> RoundInstructions:
-    config = message.content.config_records.get(CONFIG_KEY)
+def _instructions(content: RecordDict) -> RoundInstructions:
+    config = content.config_records.get(CONFIG_KEY)
     return RoundInstructions.from_json(None if config is None else config.get(INSTRUCTIONS_FIELD))
 
 
-def _global_state(message: Message) -> dict:
-    arrays = message.content.array_records.get(ARRAYS_KEY)
+def _global_state(content: RecordDict) -> dict:
+    arrays = content.array_records.get(ARRAYS_KEY)
     if arrays is None:
         raise ConfigError("the message carries no model arrays")
     return {key: value.numpy() for key, value in arrays.items()}
@@ -131,49 +135,79 @@ def _site_privacy(context: Context, site: str) -> SitePrivacy:
     return SitePrivacy(budget=budget, run_id=str(context.run_id), site=site, carried=carried)
 
 
-@app.train()
-@_guarded
-def train(message: Message, context: Context) -> Message:
+def train_content(content: RecordDict, context: Context) -> RecordDict:
     """Local epochs on the site's training split, starting from the global model."""
     from client.federated import train_on_site
 
     data, site = site_of(context)
     privacy = _site_privacy(context, site)
-    weights, metrics = train_on_site(data, _instructions(message), _global_state(message), privacy)
+    weights, metrics = train_on_site(data, _instructions(content), _global_state(content), privacy)
     if privacy.dataset_id is not None:
         from client.privacy_ledger import entries_to_state
 
         entries_to_state(context.state, privacy.dataset_id, privacy.run_entries)
-    content = RecordDict(
+    return RecordDict(
         {
             ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in weights.items()}),
             METRICS_KEY: MetricRecord(check_reply_metrics(metrics, TRAIN_METRICS)),
         }
     )
+
+
+def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
+    """Score the global model on the split the server names (val each round, test at the end)."""
+    from client.federated import evaluate_on_site
+
+    data, _ = site_of(context)
+    metrics = evaluate_on_site(data, _instructions(content), _global_state(content))
+    return RecordDict({METRICS_KEY: MetricRecord(check_reply_metrics(metrics, EVALUATE_METRICS))})
+
+
+def query_content(content: RecordDict, context: Context) -> RecordDict:
+    """The site's aggregate preparation facts, for the server's harmonisation gate."""
+    from client.site_facts import site_facts
+
+    data, site = site_of(context)
+    facts = site_facts(data, site)
+    return RecordDict({CONFIG_KEY: ConfigRecord({FACTS_FIELD: facts_to_json(facts)})})
+
+
+CONTENT_HANDLERS: dict[str, Callable[[RecordDict, Context], RecordDict]] = {
+    "train": train_content,
+    "evaluate": evaluate_content,
+    "query": query_content,
+}
+"""What each message type does, as a function of content and context: run here, or in the
+node's resident worker (:mod:`client.worker`), which imports torch once for all messages."""
+
+
+def _run(op: str, message: Message, context: Context) -> Message:
+    """Run ``op`` in the resident worker when the node enabled it, else in this process."""
+    from client.worker_client import call_worker, worker_enabled
+
+    if worker_enabled(context):
+        content = call_worker(op, message.content, context, site_of(context)[0])
+    else:
+        content = CONTENT_HANDLERS[op](message.content, context)
     return Message(content=content, reply_to=message)
+
+
+@app.train()
+@_guarded
+def train(message: Message, context: Context) -> Message:
+    """Local epochs on the site's training split, starting from the global model."""
+    return _run("train", message, context)
 
 
 @app.evaluate()
 @_guarded
 def evaluate(message: Message, context: Context) -> Message:
     """Score the global model on the split the server names (val each round, test at the end)."""
-    from client.federated import evaluate_on_site
-
-    data, _ = site_of(context)
-    metrics = evaluate_on_site(data, _instructions(message), _global_state(message))
-    content = RecordDict(
-        {METRICS_KEY: MetricRecord(check_reply_metrics(metrics, EVALUATE_METRICS))}
-    )
-    return Message(content=content, reply_to=message)
+    return _run("evaluate", message, context)
 
 
 @app.query()
 @_guarded
 def query(message: Message, context: Context) -> Message:
     """The site's aggregate preparation facts, for the server's harmonisation gate."""
-    from client.site_facts import site_facts
-
-    data, site = site_of(context)
-    facts = site_facts(data, site)
-    content = RecordDict({CONFIG_KEY: ConfigRecord({FACTS_FIELD: facts_to_json(facts)})})
-    return Message(content=content, reply_to=message)
+    return _run("query", message, context)

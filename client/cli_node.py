@@ -33,7 +33,11 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
                 f"`fedpath prepare --manifest slides.csv --out {data}` first"
             )
     site = args.site or data.name
-    node_config: dict[str, Any] = {"data-path": str(data), "site": site}
+    node_config: dict[str, Any] = {
+        "data-path": str(data),
+        "site": site,
+        "resident-worker": not getattr(args, "no_resident_worker", False),
+    }
     budget = getattr(args, "privacy_budget", None)
     delta = getattr(args, "privacy_delta", None)
     if budget is not None or delta is not None:
@@ -105,6 +109,12 @@ def add_node_command(sub: Any) -> None:
     )
     node.add_argument(
         "--privacy-delta", type=float, help="δ at which the lifetime budget is counted"
+    )
+    node.add_argument(
+        "--no-resident-worker",
+        action="store_true",
+        help="run every message's training in its own fresh process (slower: torch is "
+        "imported again for each message) instead of this node's resident worker",
     )
     node.add_argument("--print-only", action="store_true", help="print the command, do not run")
     node.set_defaults(handler=cmd_node)

@@ -325,6 +325,7 @@ class LocalNetwork:
         node_config = {
             "data-path": str(Path(data_dir).resolve()),
             "site": site,
+            "resident-worker": True,
             **(extra_node_config or {}),
         }
         argv = [

@@ -1,0 +1,259 @@
+"""The hospital's resident worker: runs the ClientApp's handlers in a process that stays up.
+
+Flower starts a fresh ClientApp process for every message. Importing torch, h5py,
+scikit-learn's metrics and the optimiser machinery costs seconds per message, several times a
+round, on machines where a round's training takes seconds too. The worker imports them once
+and serves every message of every run on this node: the message process only forwards the
+content and the run context over a private local socket (:mod:`client.worker_client`) and
+hands the reply back to Flower. The handlers are the very functions the ClientApp would run
+itself (:data:`client.app.CONTENT_HANDLERS`), so results are the same either way.
+
+Isolation that matters is kept: one worker per SuperNode (its socket is keyed by the
+SuperNode's process and the data directory), a socket in a 0700 directory that also checks
+the peer's uid, no pickle on the wire, one message at a time, and the worker exits when the
+SuperNode's runtime goes away (checked every second, also mid-message) or after a long idle
+time. A worker that dies is simply started again by the next message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from client.worker_protocol import (
+    PROTOCOL_VERSION,
+    ProtocolError,
+    context_from_wire,
+    read_frame,
+    records_from_wire,
+    records_to_wire,
+    write_frame,
+)
+
+__all__ = ["EXPECTED_ERRORS", "handle_request", "main", "serve"]
+
+IDLE_EXIT_SECONDS = 6 * 3600.0
+"""An idle worker gives its memory back after this long; the next message starts a new one."""
+PARENT_POLL_SECONDS = 1.0
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from common.errors import FedpathError
+
+    return (FedpathError, ValueError, OSError)
+
+
+EXPECTED_ERRORS = _expected_errors()
+"""What the ClientApp turns into a redacted error reply; anything else is a bug."""
+
+
+def _peer_uid(conn: socket.socket) -> int:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the OS after a message: a big site's bags should not stay
+    resident between rounds (glibc keeps freed arenas otherwise)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def handle_request(
+    header: dict[str, Any],
+    blobs: list[bytes],
+    handlers: dict[str, Callable[..., Any]],
+) -> tuple[dict[str, Any], list[bytes]]:
+    """One message: decode, run the named handler, encode the reply content and the state.
+
+    Errors the ClientApp reports to the server come back as ``expected`` with their message
+    (it redacts them, as for an in-process failure); anything else as ``bug`` with a
+    traceback, which the ClientApp raises so Flower records a ClientApp exception.
+    """
+    if header.get("version") != PROTOCOL_VERSION:
+        return {
+            "ok": False,
+            "kind": "expected",
+            "type": "ProtocolError",
+            "message": f"worker speaks protocol {PROTOCOL_VERSION}, "
+            f"the message process {header.get('version')!r}",
+        }, []
+    op = header.get("op")
+    handler = handlers.get(op) if isinstance(op, str) else None
+    if handler is None:
+        return {
+            "ok": False,
+            "kind": "expected",
+            "type": "ProtocolError",
+            "message": f"unknown operation {op!r}",
+        }, []
+    content = records_from_wire(header.get("content"), blobs)
+    context = context_from_wire(header.get("context"), blobs)
+    try:
+        reply = handler(content, context)
+    except EXPECTED_ERRORS as exc:
+        return {
+            "ok": False,
+            "kind": "expected",
+            "type": type(exc).__name__,
+            "message": str(exc),
+        }, []
+    except Exception as exc:  # reported to the message process, which raises it
+        return {
+            "ok": False,
+            "kind": "bug",
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "traceback": traceback.format_exc(),
+        }, []
+    out_blobs: list[bytes] = []
+    reply_wire = records_to_wire(reply, out_blobs)
+    state_wire = records_to_wire(context.state, out_blobs)
+    return {"ok": True, "content": reply_wire, "state": state_wire}, out_blobs
+
+
+def _warm_up() -> None:
+    """Import what every message needs, so the first message does not pay for it either."""
+    import torch
+
+    import client.federated  # noqa: F401 - torch, h5py, the trainer, sklearn metrics
+
+    # The first optimiser construction imports torch._dynamo (seconds); do it now.
+    torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Exit as soon as the SuperNode's runtime is gone, even in the middle of a message:
+    a stopped hospital node must not keep training (writes are atomic, nothing is left
+    half-written)."""
+    while True:
+        time.sleep(PARENT_POLL_SECONDS)
+        if not _alive(parent_pid):
+            os._exit(0)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(
+    sock_path: Path,
+    handlers: dict[str, Callable[..., Any]],
+    *,
+    parent_pid: int | None,
+    idle_seconds: float = IDLE_EXIT_SECONDS,
+    warm_up: bool = True,
+    log: Any = None,
+) -> None:
+    """Bind ``sock_path`` and serve messages one at a time until idle or orphaned.
+
+    The socket is bound before the warm-up, so a second message process that arrives while
+    the first one started the worker finds it and waits in the listen backlog instead of
+    starting another worker.
+    """
+    log = log or sys.stderr
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(FileNotFoundError):
+        sock_path.unlink()
+    old_umask = os.umask(0o177)
+    try:
+        server.bind(str(sock_path))
+    finally:
+        os.umask(old_umask)
+    server.listen(16)
+    if parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    print(f"fedpath worker {os.getpid()}: listening on {sock_path}", file=log, flush=True)
+    if warm_up:
+        began = time.perf_counter()
+        _warm_up()
+        print(f"fedpath worker: ready in {time.perf_counter() - began:.1f} s", file=log, flush=True)
+    server.settimeout(min(idle_seconds, 60.0))
+    last = time.monotonic()
+    try:
+        while time.monotonic() - last < idle_seconds:
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                _serve_one(conn, handlers, log)
+            last = time.monotonic()
+            _release_memory()
+    finally:
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            if sock_path.exists() and sock_path.is_socket():
+                sock_path.unlink()
+    print(
+        f"fedpath worker {os.getpid()}: idle for {idle_seconds:.0f} s, exiting",
+        file=log,
+        flush=True,
+    )
+
+
+def _serve_one(conn: socket.socket, handlers: dict[str, Callable[..., Any]], log: Any) -> None:
+    conn.settimeout(None)
+    if _peer_uid(conn) != os.getuid():
+        print("fedpath worker: refused a connection from another user", file=log, flush=True)
+        return
+    try:
+        header, blobs = read_frame(conn)
+        began = time.perf_counter()
+        reply, out_blobs = handle_request(header, blobs, handlers)
+        write_frame(conn, reply, out_blobs)
+    except (ProtocolError, OSError) as exc:
+        print(f"fedpath worker: dropped a message ({exc})", file=log, flush=True)
+        return
+    status = "ok" if reply.get("ok") else f"{reply.get('kind')} error"
+    print(
+        f"fedpath worker: {header.get('op')} {status} in {time.perf_counter() - began:.2f} s",
+        file=log,
+        flush=True,
+    )
+    if reply.get("kind") == "bug":
+        print(reply.get("traceback", ""), file=log, flush=True)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__)
+    parser.add_argument("--socket", type=Path, required=True)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--idle-seconds", type=float, default=IDLE_EXIT_SECONDS)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse(argv)
+    from client.app import CONTENT_HANDLERS
+
+    serve(
+        args.socket,
+        dict(CONTENT_HANDLERS),
+        parent_pid=args.parent_pid,
+        idle_seconds=args.idle_seconds,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
