@@ -135,13 +135,16 @@ def _warm_up() -> None:
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
 
 
-def _watch_parent(parent_pid: int) -> None:
+def _watch_parent(parent_pid: int, sock_path: Path) -> None:
     """Exit as soon as the SuperNode's runtime is gone, even in the middle of a message:
     a stopped hospital node must not keep training (writes are atomic, nothing is left
-    half-written)."""
+    half-written). The socket and its lock file go too: no runtime will use them again."""
     while True:
         time.sleep(PARENT_POLL_SECONDS)
         if not _alive(parent_pid):
+            for path in (sock_path, sock_path.with_suffix(".lock")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
             os._exit(0)
 
 
@@ -181,7 +184,7 @@ def serve(
         os.umask(old_umask)
     server.listen(16)
     if parent_pid is not None:
-        threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+        threading.Thread(target=_watch_parent, args=(parent_pid, sock_path), daemon=True).start()
     print(f"fedpath worker {os.getpid()}: listening on {sock_path}", file=log, flush=True)
     if warm_up:
         began = time.perf_counter()

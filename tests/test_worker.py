@@ -366,6 +366,7 @@ def test_worker_exits_with_its_runtime_and_a_dead_worker_is_replaced(
         runtime.kill()  # the SuperNode's runtime went away: the worker follows
         runtime.wait()
         assert _gone(second, 10), "the worker outlived its SuperNode runtime"
+        assert not path.exists() and not path.with_suffix(".lock").exists()
     finally:
         runtime.kill()
 
