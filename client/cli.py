@@ -86,9 +86,12 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     console.print(summary_line(summary))
     console.print(f"outputs: {summary.out_dir}  (site summary: {summary.out_dir / 'site.json'})")
     if summary.failed:
+        rows = sum(1 for r in summary.failed if r.stage == "manifest")
         console.print(
-            f"[bold red]{len(summary.failed)} slide(s) failed[/]; see the reasons above and "
-            f"{summary.out_dir / 'status'}. Fix them and re-run: finished slides are skipped."
+            f"[bold red]{len(summary.failed)} slide(s) failed[/]"
+            + (f" ({rows} for manifest problems, not prepared at all)" if rows else "")
+            + f"; see the reasons above and {summary.out_dir / 'status'}. Fix them and re-run: "
+            "finished slides are skipped."
         )
         return EXIT_PARTIAL
     return EXIT_OK

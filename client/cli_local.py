@@ -10,6 +10,10 @@ never leaves a torn line), ``model.pt`` (weights + model config), ``config.json`
 labels and the slide ids of every split, so ``eval`` scores exactly the slides held out) and,
 after ``eval``, ``predictions_<split>.csv`` and ``eval_<split>.json``; ``heatmaps`` writes
 ``heatmaps/<slide_id>.png`` (by default inside the run). All of it stays on the hospital's disk.
+
+A slide whose feature file cannot be used is skipped with its reason on screen (recorded in
+``config.json`` / ``eval_<split>.json``) and the command goes on with the others, ending with
+exit code 1; a split left with no usable slide stops the command.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from common.errors import ConfigError
 from common.mil.config import ModelConfig
 
 if TYPE_CHECKING:
+    from client.training.bags import BagSkips
     from client.training.heatmaps import HeatmapRecord
     from client.training.site_index import BagEntry
     from common.mil.models import MILModel
@@ -81,10 +86,31 @@ def _progress(console: Console) -> Progress:
     )
 
 
+def _bag_skips(console: Console) -> BagSkips:
+    """Skipped slides printed as they happen (the run goes on) and remembered for the record."""
+    from client.training.bags import BagSkips, SkippedBag
+
+    def show(skipped: SkippedBag) -> None:
+        console.print(f"[bold red]{skipped.entry.slide_id} skipped:[/] {skipped.error}")
+
+    return BagSkips(show)
+
+
+def _skipped_json(skips: BagSkips) -> list[dict[str, str]]:
+    return [{"slide_id": s.entry.slide_id, "reason": str(s.error)} for s in skips.skipped]
+
+
+def _skipped_line(skips: BagSkips) -> str:
+    return (
+        f"[bold red]{len(skips.skipped)} slide(s) skipped[/] (reasons above); delete those "
+        "feature files, run `fedpath prepare` again (it redoes slides whose file is gone) and "
+        "then this command."
+    )
+
+
 def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    from client.training.bags import load_bag
     from client.training.evaluate import save_checkpoint
     from client.training.site_index import load_site_index, split_entries
     from client.training.trainer import EpochMetrics, train
@@ -113,8 +139,9 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(str(exc)) from exc
     if not splits["train"]:
         raise ConfigError(f"{data}: the training split is empty")
-    train_bags = [load_bag(e, cfg.model.feature_dim) for e in splits["train"]]
-    val_bags = [load_bag(e, cfg.model.feature_dim) for e in splits["val"]]
+    skips = _bag_skips(console)
+    train_bags = skips.bags("train", splits["train"], cfg.model.feature_dim)
+    val_bags = skips.bags("val", splits["val"], cfg.model.feature_dim)
     console.print(
         f"site {data}: {len(train_bags)} train / {len(val_bags)} val / "
         f"{len(splits['test'])} test slides; model {cfg.model.kind}, "
@@ -151,6 +178,7 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
             "fold": args.fold,
             "folds": args.folds,
             "splits": {name: [e.slide_id for e in items] for name, items in splits.items()},
+            "skipped": _skipped_json(skips),
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,
         },
@@ -162,6 +190,9 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
         f"val loss {_float(best.val_loss)}, val AUC {_float(best.val_auc)}"
     )
     console.print(f"run: {run}  (model {run / MODEL_FILE}, metrics {run / METRICS_FILE})")
+    if skips.skipped:
+        console.print(_skipped_line(skips))
+        return EXIT_PARTIAL
     return EXIT_OK
 
 
@@ -236,6 +267,8 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
     chosen = _split_entries(load_site_index(data, labels), opened.config, args.split, data, run)
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    skips = _bag_skips(console)
+    chosen = skips.entries(args.split, chosen, opened.model_cfg.feature_dim)
 
     with _progress(console) as progress:
         task = progress.add_task(f"scoring {args.split}", total=len(chosen), status="")
@@ -254,7 +287,15 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
     csv_path = run / f"predictions_{args.split}.csv"
     json_path = run / f"eval_{args.split}.json"
     atomic_write_text(csv_path, predictions_csv(result.predictions, labels))
-    atomic_write_json(json_path, {"split": args.split, "labels": list(labels), **result.to_json()})
+    atomic_write_json(
+        json_path,
+        {
+            "split": args.split,
+            "labels": list(labels),
+            **result.to_json(),
+            "skipped": _skipped_json(skips),
+        },
+    )
 
     table = Table(title=f"{args.split}: {len(chosen)} slides")
     for column in ("metric", "value", "95% CI"):
@@ -273,6 +314,9 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
         table.add_row("patch Dice", _float(p.dice), f"({p.n_labelled} labelled patches)")
     console.print(table)
     console.print(f"wrote {csv_path} and {json_path}")
+    if skips.skipped:
+        console.print(_skipped_line(skips))
+        return EXIT_PARTIAL
     return EXIT_OK
 
 
@@ -306,6 +350,8 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
     chosen = _select_slides(chosen, args.slides, split)
     # Slide files are named by the manifest only; missing files are reported per slide below.
     manifest = load_manifest(args.manifest, labels, slide_root=args.slide_root, check_files=False)
+    for problem in manifest.problems:  # those rows' slides fail below as "not in the manifest"
+        console.print(f"[yellow]manifest {args.manifest}:[/] {problem}")
     layout = SiteLayout(data, encoder_dir="")  # only its patches/<id>.h5 path is used
     sources = {
         row.slide_id: SlideSource(

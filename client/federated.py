@@ -8,6 +8,11 @@ seed, so every round of a run trains and validates on the same slides.
 
 Only aggregate numbers come back from here (counts, losses, AUCs): per-slide predictions never
 leave this module's callers' process.
+
+A slide whose feature file cannot be used (NaN features, another encoder, a truncated file) is
+left out of the round and reported through ``on_skip`` (by default a warning in the
+SuperNode's log, naming the file and the problem); the reply carries only how many were
+skipped. The round fails only when a split that has slides has no usable one left.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,13 +36,13 @@ from client.privacy_ledger import (
     reserve_round,
     run_epsilon,
 )
-from client.training.bags import Bag, load_bag
+from client.training.bags import BagSkips, OnSkip
 from client.training.evaluate import evaluate_entries
 from client.training.privacy_accountant import check_delta
 from client.training.site_index import BagEntry, load_site_index, split_entries
 from client.training.trainer import evaluate, train
 from common.errors import ConfigError
-from common.federation import RoundInstructions
+from common.federation import SKIPPED_METRIC, RoundInstructions
 from common.mil.models import MILModel, build_model
 
 __all__ = [
@@ -98,10 +103,6 @@ def load_global_model(instructions: RoundInstructions, state: Mapping[str, np.nd
     return model
 
 
-def _bags(entries: list[BagEntry], feature_dim: int) -> list[Bag]:
-    return [load_bag(e, feature_dim) for e in entries]
-
-
 def _supervised_loss(history_last: Any, instructions: RoundInstructions) -> float:
     """The FedMix ``L_i``: the supervised part of the last epoch's loss (always >= 0).
 
@@ -135,21 +136,34 @@ class SitePrivacy:
     run_entries: list[LedgerEntry] = field(default_factory=list)
 
 
-def input_digest(instructions: RoundInstructions, state: Mapping[str, np.ndarray]) -> str:
+def input_digest(
+    instructions: RoundInstructions,
+    state: Mapping[str, np.ndarray],
+    skipped: Sequence[str] = (),
+) -> str:
     """sha256 of what the site is asked to train (instructions + global model): two messages
-    with the same digest make the site release the identical update."""
+    with the same digest make the site release the identical update.
+
+    ``skipped`` (slide ids left out for a bad feature file) is part of the input: a retry
+    after the file was fixed trains on other slides, so it must be a new ledger entry with its
+    own noise, never a second release under the recorded round's seed. With nothing skipped
+    the digest is what it always was, so ledgers written before skipping existed still match.
+    """
     digest = hashlib.sha256(instructions.to_json().encode("utf-8"))
     for key in sorted(state):
         array = np.ascontiguousarray(state[key])
         digest.update(f"{key}:{array.dtype.str}:{array.shape}".encode())
         digest.update(array.tobytes())
+    if skipped:
+        digest.update(("skipped:" + "\n".join(sorted(skipped))).encode("utf-8"))
     return digest.hexdigest()
 
 
-def _base_metrics(n_train: int, began: float) -> dict[str, float]:
+def _base_metrics(n_train: int, began: float, skipped: int) -> dict[str, float]:
     nan = math.nan
     return {
         "num-examples": float(n_train),
+        SKIPPED_METRIC: float(skipped),
         "train-loss": nan,
         "val-loss": nan,
         "val-auc": nan,
@@ -166,6 +180,7 @@ def train_on_site(
     instructions: RoundInstructions,
     state: Mapping[str, np.ndarray],
     privacy: SitePrivacy | None = None,
+    on_skip: OnSkip | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train the global model for the round's local epochs; return weights and metrics.
 
@@ -177,11 +192,16 @@ def train_on_site(
     ledger *before* it is trained; a round that would exceed the hospital's lifetime budget
     is not trained and the global model comes back unchanged with ``budget-exhausted`` = 1.
     A site with a budget refuses a run without DP-SGD (``ConfigError``).
+
+    Slides with unusable feature files are skipped (``on_skip`` hears of each; default: the
+    log) and are not part of the round's dataset: ``num-examples``, the aggregation weight and
+    DP-SGD's sampling rate all count the slides actually trained on.
     """
     began = time.perf_counter()
     privacy = privacy or SitePrivacy(budget=NodeBudget(), run_id="")
+    skips = BagSkips(on_skip)
     if instructions.dp.enabled:
-        return _train_private_on_site(data_dir, instructions, state, privacy, began)
+        return _train_private_on_site(data_dir, instructions, state, privacy, began, skips)
     if privacy.budget.epsilon is not None:
         raise ConfigError(
             f"this site has a privacy budget (privacy-budget = {privacy.budget.epsilon:g}) but "
@@ -190,19 +210,22 @@ def train_on_site(
         )
     splits = load_splits(data_dir, instructions)
     model = load_global_model(instructions, state)
-    dim = instructions.model.feature_dim
-    train_bags = _bags(splits.train, dim)
+    train_bags = skips.bags("train", splits.train, instructions.model.feature_dim)
     result = train(model, train_bags, [], instructions.train, start_epoch=instructions.start_epoch)
     weights = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
-    return weights, _finish_metrics(result, splits, instructions, began)
+    return weights, _finish_metrics(result, splits, instructions, began, skips)
 
 
 def _finish_metrics(
-    result: Any, splits: SiteSplits, instructions: RoundInstructions, began: float
+    result: Any,
+    splits: SiteSplits,
+    instructions: RoundInstructions,
+    began: float,
+    skips: BagSkips,
 ) -> dict[str, float]:
     """The reply's losses and validation metrics of a trained round."""
-    val = evaluate(result.model, _bags(splits.val, instructions.model.feature_dim))
-    metrics = _base_metrics(result.n_train_slides, began)
+    val = evaluate(result.model, skips.bags("val", splits.val, instructions.model.feature_dim))
+    metrics = _base_metrics(result.n_train_slides, began, len(skips.skipped))
     metrics.update(
         {
             "train-loss": _supervised_loss(result.history[-1], instructions),
@@ -221,7 +244,13 @@ def _train_private_on_site(
     state: Mapping[str, np.ndarray],
     privacy: SitePrivacy,
     began: float,
+    skips: BagSkips,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """DP-SGD on the usable training slides only; the ledger entry is for exactly those.
+
+    The bags load before the round is planned and recorded, so N (δ check, sampling rate q,
+    the entry's ``n_slides``) is the number of slides trained on, never the index's count.
+    """
     from client.training.private_trainer import (
         check_private_model,
         plan_private_training,
@@ -230,19 +259,23 @@ def _train_private_on_site(
 
     dp = instructions.dp
     splits = load_splits(data_dir, instructions)
-    n_train = len(splits.train)
+    train_bags = skips.bags("train", splits.train, instructions.model.feature_dim)
+    n_train = len(train_bags)
     if privacy.budget.delta is not None:
         check_delta(privacy.budget.delta, n_train)  # the lifetime δ, like the run's
     model = load_global_model(instructions, state)
     check_private_model(model)
     planned = plan_private_training(dp, n_train, instructions.train.epochs)
+    # The dataset's identity is the prepared site, skipped slides included: it must not change
+    # from round to round with what happens to be readable, or the run's ε would be split over
+    # several ledger records; sharing a slide that was not trained on only over-counts.
     every = [e.slide_id for e in load_site_index(data_dir, instructions.labels)]
     dataset_id, slides = dataset_identity(data_dir, every)
     run = instructions.run_key or f"flwr-{privacy.run_id}"
     entry = LedgerEntry(
         run=run,
         round=instructions.server_round,
-        input_sha256=input_digest(instructions, state),
+        input_sha256=input_digest(instructions, state, [s.entry.slide_id for s in skips.skipped]),
         site=privacy.site or data_dir.name,
         noise_multiplier=planned.noise_multiplier,
         sample_rate=planned.sample_rate,
@@ -264,12 +297,11 @@ def _train_private_on_site(
         )
     except BudgetExhausted as exc:
         privacy.run_entries = exc.run_entries
-        metrics = _base_metrics(n_train, began)
+        metrics = _base_metrics(n_train, began, len(skips.skipped))
         spent, _ = run_epsilon(exc.run_entries)
         metrics.update({"epsilon": spent, "delta": dp.delta, "budget-exhausted": 1.0})
         return {k: np.asarray(v) for k, v in state.items()}, metrics
     privacy.run_entries = reservation.run_entries
-    train_bags = _bags(splits.train, instructions.model.feature_dim)
     private = train_private(
         model,
         train_bags,
@@ -282,7 +314,7 @@ def _train_private_on_site(
     if private.mechanism != planned:  # pragma: no cover - no early stopping without val bags
         raise ConfigError(f"DP-SGD ran {private.mechanism}, but {planned} was recorded")
     weights = {k: v.detach().cpu().numpy() for k, v in private.result.model.state_dict().items()}
-    metrics = _finish_metrics(private.result, splits, instructions, began)
+    metrics = _finish_metrics(private.result, splits, instructions, began, skips)
     metrics.update({"epsilon": reservation.run_epsilon, "delta": dp.delta})
     return weights, metrics
 
@@ -291,11 +323,13 @@ def evaluate_on_site(
     data_dir: Path,
     instructions: RoundInstructions,
     state: Mapping[str, np.ndarray],
+    on_skip: OnSkip | None = None,
 ) -> dict[str, float]:
     """Score the global model on the site's ``eval_split``; aggregate metrics only.
 
     A split without slides (e.g. a tiny site with no test fold) reports ``num-examples`` 0 and
     NaN metrics rather than failing, so the server can tell "nothing to score" from an error.
+    Slides with unusable feature files are skipped as in :func:`train_on_site`.
     """
     began = time.perf_counter()
     splits = load_splits(data_dir, instructions)
@@ -304,6 +338,7 @@ def evaluate_on_site(
     if not entries:
         return {
             "num-examples": 0.0,
+            SKIPPED_METRIC: 0.0,
             "loss": nan,
             "auc": nan,
             "patch-auc": nan,
@@ -313,6 +348,8 @@ def evaluate_on_site(
         }
     model = load_global_model(instructions, state)
     dim = instructions.model.feature_dim
+    skips = BagSkips(on_skip)
+    entries = skips.entries(instructions.eval_split, entries, dim)
     result = evaluate_entries(model, entries, feature_dim=dim, bootstrap=0)
     # Slide cross-entropy from the same forward passes (no second pass over the bags).
     loss = float(
@@ -320,6 +357,7 @@ def evaluate_on_site(
     )
     return {
         "num-examples": float(len(entries)),
+        SKIPPED_METRIC: float(len(skips.skipped)),
         "loss": float(loss),
         "auc": float(result.slide.auc.value),
         "patch-auc": float(result.patch.auc) if result.patch is not None else nan,

@@ -36,8 +36,13 @@ FACTS_FIELD = "facts"
 WEIGHT_METRIC = "num-examples"
 """Flower's conventional weight key: the number of training (or evaluated) slides."""
 
+SKIPPED_METRIC = "skipped-slides"
+"""Slides of this message's splits left out because their feature files cannot be used: a
+count only (which slides and why stays in the site's log)."""
+
 TRAIN_METRICS = (
     WEIGHT_METRIC,
+    SKIPPED_METRIC,
     "train-loss",
     "val-loss",
     "val-auc",
@@ -55,6 +60,7 @@ privacy budget would be exceeded (it then returns the global model unchanged), e
 BUDGET_EXHAUSTED_METRIC = "budget-exhausted"
 EVALUATE_METRICS = (
     WEIGHT_METRIC,
+    SKIPPED_METRIC,
     "loss",
     "auc",
     "patch-auc",

@@ -63,6 +63,9 @@ METRICS_OF: dict[str, tuple[str, ...]] = {
     MessageType.TRAIN: TRAIN_METRICS,
     MessageType.EVALUATE: EVALUATE_METRICS,
 }
+COUNT_METRICS = frozenset({"num-examples", "skipped-slides"})
+"""Metrics that are slide counts: whole and non-negative, so their fraction digits cannot
+carry anything else (e.g. an encoded slide id). Written out here, not imported."""
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,8 @@ def _check_metrics(values: Mapping[str, Any], kind: str, where: str) -> list[str
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             out.append(f"{where}: metric {key!r} is not a scalar ({type(value).__name__})")
+        elif key in COUNT_METRICS and not (value >= 0 and float(value).is_integer()):
+            out.append(f"{where}: metric {key!r} is not a slide count ({value!r})")
     return out
 
 

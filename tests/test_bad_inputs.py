@@ -6,7 +6,8 @@ are processed and nothing half-written is left behind.
 The unit tests of each module already cover many of these refusals one function at a time
 (``test_reader``, ``test_annotations``, ``test_manifest``, ``test_featurebag``); this file is the
 end-to-end view: one ``prepare`` run over a manifest mixing good slides with every kind of bad
-slide and annotation, then the training-side inputs (feature files, the site index), round
+slide and annotation, one over a manifest mixing good rows with every kind of bad row, then
+the training-side inputs (feature files skipped by a round, the site index), round
 checkpoints, and the run and node configs. Each case records the message it is expected to
 give, so the corpus doubles as the list the closing note of issue 7 asks for.
 """
@@ -20,6 +21,7 @@ import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import h5py
@@ -38,6 +40,7 @@ from client.wsi import reader as reader_module
 from client.wsi.annotations import Polygon, write_asap_xml, write_qupath_geojson
 from common.atomic import TMP_PREFIX
 from common.errors import ConfigError, FeatureBagError, ManifestError
+from common.federation import RoundInstructions
 from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
 from server.config import RunConfig
 from tests.tiffs import write_pyramid
@@ -158,9 +161,7 @@ def _slide_row(name: str, write: Callable[[Path], object]) -> Callable[[Path], d
     return make
 
 
-def _annotation_row(
-    name: str, write: Callable[[Path], object]
-) -> Callable[[Path], dict[str, str]]:
+def _annotation_row(name: str, write: Callable[[Path], object]) -> Callable[[Path], dict[str, str]]:
     """A good slide with a bad outline file: only the annotation can be at fault."""
 
     def make(root: Path) -> dict[str, str]:
@@ -387,42 +388,265 @@ def test_no_temporary_or_half_written_file_is_left(batch: PreparedBatch) -> None
 
 
 # ============================================================================================
-# 2. Manifest errors: all reported at once with their line, before any slide is touched
+# 2. Manifest errors: all reported at once with their line; the valid rows are prepared
 # ============================================================================================
 
 
-def test_manifest_row_errors_are_all_listed_and_nothing_is_prepared(tmp_path: Path) -> None:
-    site = tmp_path / "site"
+@dataclass(frozen=True)
+class RowCase:
+    """One manifest row that must be refused before any slide is opened."""
+
+    slide_id: str
+    cells: dict[str, str]
+    line: int
+    status_name: str
+    """Its status file: the id, or ``_line-N`` when the id is not a safe file name."""
+    reason_start: str
+
+
+def _row_cases(outside: Path) -> list[RowCase]:
+    """Lines 3-12 of the mixed manifest (line 2 and 13 are good rows)."""
+    return [
+        RowCase(
+            "a",
+            {"slide_id": "a", "path": "a.tiff", "label": "normal"},
+            3,
+            "a",
+            "lines 3 and 4: duplicate slide_id 'a': none of these rows is prepared (any of them "
+            "could be the wrong slide); give each slide its own id",
+        ),
+        RowCase(  # the second row of the duplicate: reported with the first, one record
+            "a", {"slide_id": "a", "path": "a.tiff", "label": "tumour"}, 4, "a", ""
+        ),
+        RowCase(
+            "b",
+            {"slide_id": "b", "path": "a.tiff", "label": "cancer"},
+            5,
+            "b",
+            "line 5 (b): unknown label 'cancer' (expected one of: normal, tumour)",
+        ),
+        RowCase(
+            "c",
+            {"slide_id": "c", "path": "../outside.tiff", "label": "normal"},
+            6,
+            "c",
+            "line 6 (c): path '../outside.tiff' resolves to",
+        ),
+        RowCase(
+            "d",
+            {"slide_id": "d", "path": str(outside), "label": "normal"},
+            7,
+            "d",
+            f"line 7 (d): path '{outside}' resolves to",
+        ),
+        RowCase(
+            "e",
+            {"slide_id": "e", "path": "a.tiff", "label": "tumour", "annotation": "../o.geojson"},
+            8,
+            "e",
+            "line 8 (e): annotation path '../o.geojson' resolves to",
+        ),
+        RowCase(
+            "f",
+            {
+                "slide_id": "f",
+                "path": "a.tiff",
+                "label": "tumour",
+                "annotation": "ann/a.geojson",
+                "annotation_complete": "maybe",
+            },
+            9,
+            "f",
+            "line 9 (f): annotation_complete 'maybe' is not true/false",
+        ),
+        RowCase(
+            "g",
+            {"slide_id": "g", "path": "gone.tiff", "label": "normal"},
+            10,
+            "g",
+            "line 10 (g): slide file not found: ",
+        ),
+        RowCase(
+            "(no id)",
+            {"slide_id": "", "path": "a.tiff", "label": "normal"},
+            11,
+            "_line-11",
+            "line 11: empty slide_id",
+        ),
+        RowCase(
+            "../h",
+            {"slide_id": "../h", "path": "a.tiff", "label": "normal"},
+            12,
+            "_line-12",
+            "line 12: slide_id '../h' must be 1-128 characters",
+        ),
+    ]
+
+
+GOOD_ROWS = (
+    {"slide_id": "m_first", "path": "a.tiff", "label": "normal"},
+    {
+        "slide_id": "m_last",
+        "path": "a.tiff",
+        "label": "tumour",
+        "annotation": "ann/a.geojson",
+        "annotation_complete": "true",
+    },
+)
+
+
+@dataclass(frozen=True)
+class MixedManifest:
+    site: Path
+    manifest: Path
+    out: Path
+    cases: list[RowCase]
+    summary: PrepareSummary
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> MixedManifest:
+    """One prepare run over two good rows around every kind of bad manifest row."""
+    base = tmp_path_factory.mktemp("mixed")
+    site = base / "site"
     (site / "ann").mkdir(parents=True)
     _good_slide(site / "a.tiff")
     _geojson(site / "ann" / "a.geojson", INSIDE)
-    outside = _good_slide(tmp_path / "outside.tiff")
-    _geojson(tmp_path / "outside.geojson", INSIDE)
+    outside = _good_slide(base / "outside.tiff")
+    _geojson(base / "o.geojson", INSIDE)
+    cases = _row_cases(outside)
+    rows = [GOOD_ROWS[0], *(c.cells for c in cases), GOOD_ROWS[1]]
+    manifest = _write_manifest(site / "slides.csv", rows)
+    out = base / "out"
+    return MixedManifest(site, manifest, out, cases, prepare_site(manifest, out, TINY))
+
+
+def test_bad_manifest_rows_fail_alone_with_their_lines(mixed: MixedManifest) -> None:
+    by_id = {r.slide_id: r for r in mixed.summary.records}
+    rejected = [c for c in mixed.cases if c.reason_start]
+    # Reported first, in line order, before any slide was opened; one record per slide id.
+    assert [r.slide_id for r in mixed.summary.records] == [
+        *(c.slide_id for c in rejected),
+        "m_first",
+        "m_last",
+    ]
+    for case in rejected:
+        record = by_id[case.slide_id]
+        reason = record.reason or ""
+        assert (record.state, record.stage) == ("failed", "manifest"), case
+        assert reason.startswith(case.reason_start), (case.slide_id, reason)
+        assert "\n" not in reason
+        status = json.loads((mixed.out / "status" / f"{case.status_name}.json").read_text())
+        assert (status["state"], status["stage"], status["reason"]) == (
+            "failed",
+            "manifest",
+            reason,
+        )
+        assert status["line"] == case.line
+    status_a = json.loads((mixed.out / "status" / "a.json").read_text())
+    assert status_a["lines"] == [3, 4]
+    for case in rejected[2:5]:
+        assert "outside the slide root" in (by_id[case.slide_id].reason or "")
+    # An unsafe id never becomes a path: "../h" did not write out/h.json.
+    assert not (mixed.out / "h.json").exists()
+    assert {p.parent for p in mixed.out.rglob("*.json")} <= {
+        mixed.out,
+        mixed.out / "status",
+        mixed.out / "contours",
+    }
+
+
+def test_the_valid_rows_of_a_manifest_with_bad_rows_are_prepared(mixed: MixedManifest) -> None:
+    states = {r.slide_id: r.state for r in mixed.summary.records}
+    assert (states["m_first"], states["m_last"]) == ("done", "done")
+    assert len(mixed.summary.failed) == 9
+    site = json.loads((mixed.out / "site.json").read_text())
+    assert site["slides"]["usable"] == 2 and site["slides"]["failed"] == 9
+    assert site["slides"]["by_label"] == {"normal": 1, "tumour": 1}
+    with (mixed.out / "prepared.csv").open() as fh:
+        assert [r["slide_id"] for r in csv.DictReader(fh)] == ["m_first", "m_last"]
+    assert {p.name for p in (mixed.out / "features" / "tiny_cnn").iterdir()} == {
+        "m_first.h5",
+        "m_last.h5",
+    }
+    assert {p.name for p in (mixed.out / "patches").iterdir()} == {"m_first.h5", "m_last.h5"}
+    assert not list(mixed.out.rglob(f"{TMP_PREFIX}*"))
+
+
+def test_a_rerun_after_fixing_the_manifest_prepares_the_fixed_rows(
+    mixed: MixedManifest, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    shutil.copytree(mixed.out, out)
+    fixed = [
+        GOOD_ROWS[0],
+        {"slide_id": "a", "path": "a.tiff", "label": "normal"},
+        {"slide_id": "a2", "path": "a.tiff", "label": "tumour"},
+        {"slide_id": "b", "path": "a.tiff", "label": "tumour"},
+        GOOD_ROWS[1],
+    ]
+    manifest = _write_manifest(mixed.site / "fixed.csv", fixed)
+    summary = prepare_site(manifest, out, TINY)
+    states = {r.slide_id: r.state for r in summary.records}
+    assert states == {
+        "m_first": "skipped",
+        "a": "done",
+        "a2": "done",
+        "b": "done",
+        "m_last": "skipped",
+    }
+    assert json.loads((out / "status" / "a.json").read_text())["state"] == "done"
+    with (out / "prepared.csv").open() as fh:
+        assert [r["slide_id"] for r in csv.DictReader(fh)] == [r["slide_id"] for r in fixed]
+    assert json.loads((out / "site.json").read_text())["slides"]["usable"] == 5
+
+
+def test_fedpath_prepare_lists_the_manifest_problems_first_and_exits_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client.cli import EXIT_PARTIAL, main
+
+    monkeypatch.setenv("COLUMNS", "400")  # rich would wrap the reasons at 80 columns
+    _good_slide(tmp_path / "a.tiff")
+    rows = [
+        {"slide_id": "ok", "path": "a.tiff", "label": "normal"},
+        {"slide_id": "x", "path": "a.tiff", "label": "normal"},
+        {"slide_id": "x", "path": "a.tiff", "label": "tumour"},
+        {"slide_id": "y", "path": "a.tiff", "label": "cancer"},
+    ]
+    manifest = _write_manifest(tmp_path / "slides.csv", rows)
+    argv = ["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "out")]
+    argv += ["--encoder", "tiny_cnn", "--tissue-preset", "biopsy", "--no-qc"]
+    assert main(argv) == EXIT_PARTIAL
+    text = capsys.readouterr().out
+    duplicate = "failed x (at manifest): lines 3 and 4: duplicate slide_id 'x'"
+    label = "failed y (at manifest): line 5 (y): unknown label 'cancer'"
+    assert duplicate in text and label in text
+    assert text.index(label) < text.index("Preparation summary")
+    assert "2 slide(s) failed (2 for manifest problems, not prepared at all)" in text
+    assert "1 done, 0 skipped, 2 failed" in text
+    assert (tmp_path / "out" / "features" / "tiny_cnn" / "ok.h5").is_file()
+
+
+def test_a_manifest_without_a_usable_row_prepares_nothing(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    _good_slide(site / "a.tiff")
     rows = [
         {"slide_id": "a", "path": "a.tiff", "label": "normal"},
-        {"slide_id": "a", "path": "a.tiff", "label": "tumour"},  # line 3: duplicate id
-        {"slide_id": "b", "path": "a.tiff", "label": "cancer"},  # line 4: unknown label
-        {"slide_id": "c", "path": "../outside.tiff", "label": "normal"},  # line 5
-        {"slide_id": "d", "path": str(outside), "label": "normal"},  # line 6: absolute, outside
-        {  # line 7: the annotation escapes
-            "slide_id": "e",
-            "path": "a.tiff",
-            "label": "tumour",
-            "annotation": "../outside.geojson",
-        },
+        {"slide_id": "a", "path": "a.tiff", "label": "tumour"},
+        {"slide_id": "b", "path": "a.tiff", "label": "cancer"},
     ]
     manifest = _write_manifest(site / "slides.csv", rows)
     out = tmp_path / "out"
     with pytest.raises(ManifestError) as info:
         prepare_site(manifest, out, TINY)
-    problems = info.value.problems
-    assert len(problems) == 5, problems
-    assert problems[0] == "line 3: duplicate slide_id 'a' (first seen on line 2)"
-    assert problems[1].startswith("line 4 (b): unknown label 'cancer' (expected one of: normal")
-    assert problems[2].startswith("line 5 (c): path '../outside.tiff' resolves to")
-    assert problems[3].startswith(f"line 6 (d): path '{outside}' resolves to")
-    assert problems[4].startswith("line 7 (e): annotation path '../outside.geojson'")
-    assert all("outside the slide root" in p for p in problems[2:])
+    assert info.value.problems == [
+        "lines 2 and 3: duplicate slide_id 'a': none of these rows is prepared (any of them "
+        "could be the wrong slide); give each slide its own id",
+        "line 4 (b): unknown label 'cancer' (expected one of: normal, tumour)",
+        "no row is usable: nothing to prepare",
+    ]
     assert str(manifest.name) in str(info.value)
     assert not out.exists()  # validated before the output folder is even created
 
@@ -456,11 +680,18 @@ def _entries(site: Path) -> dict[str, BagEntry]:
     return {e.slide_id: e for e in load_site_index(site, LABELS)}
 
 
-def _edit_bag(site: Path, slide_id: str, edit: Callable[[h5py.File], None]) -> Path:
-    path = site / "features" / "synthetic" / f"{slide_id}.h5"
+def _edit_path(path: Path, edit: Callable[[h5py.File], None]) -> Path:
     with h5py.File(path, "r+") as fh:
         edit(fh)
     return path
+
+
+def _bag_path(site: Path, slide_id: str) -> Path:
+    return site / "features" / "synthetic" / f"{slide_id}.h5"
+
+
+def _edit_bag(site: Path, slide_id: str, edit: Callable[[h5py.File], None]) -> Path:
+    return _edit_path(_bag_path(site, slide_id), edit)
 
 
 def _set_feature(value: float) -> Callable[[h5py.File], None]:
@@ -533,30 +764,125 @@ def test_site_index_refuses_paths_leaving_the_site_and_bad_counts(site: Path) ->
     assert "line 4: num_patches 'many' is not a count" in text
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-200])
+
+
+BAG_FILE_CASES: dict[str, tuple[Callable[[Path], object], str]] = {
+    **{
+        name: (partial(_edit_path, edit=edit), text) for name, (edit, text) in FEATURE_CASES.items()
+    },
+    "truncated": (_truncate, "cannot be read as HDF5"),
+    "missing": (lambda p: p.unlink(), "is missing, though prepared.csv lists it"),
+}
+"""Every way a feature file can be unusable, as an edit of the file on disk."""
+
+
+def _round(site: Path, **changes: object) -> tuple[RoundInstructions, dict[str, np.ndarray]]:
+    from server.federated_run import _initial_arrays
+
+    cfg = RunConfig.from_run_config({"local-epochs": 1, **changes})
+    instructions = RoundInstructions(
+        server_round=1,
+        model=cfg.model_config_for(DIM),
+        train=cfg.train_config(),
+        dp=cfg.dp_config(),
+        run_key="run-a",
+    )
+    return instructions, _initial_arrays(cfg, DIM)
+
+
+@pytest.mark.parametrize("name", list(BAG_FILE_CASES))
+def test_a_round_skips_a_bad_bag_and_goes_on_with_the_other_slides(site: Path, name: str) -> None:
+    """Train: slide_002 of the 4 training slides is bad; evaluate: slide_003 of the 2 val."""
+    from client.federated import evaluate_on_site, train_on_site
+    from client.training.bags import SkippedBag
+
+    edit, message = BAG_FILE_CASES[name]
+    bad_train, bad_val = _bag_path(site, "slide_002"), _bag_path(site, "slide_003")
+    edit(bad_train)
+    edit(bad_val)
+    instructions, state = _round(site)
+    seen: list[SkippedBag] = []
+    weights, metrics = train_on_site(site, instructions, state, on_skip=seen.append)
+    assert metrics["num-examples"] == 3 and metrics["skipped-slides"] == 2  # train + val
+    assert math.isfinite(metrics["train-loss"]) and math.isfinite(metrics["val-loss"])
+    assert set(weights) == set(state)
+    assert [s.entry.slide_id for s in seen] == ["slide_002", "slide_003"]
+    assert seen[0].message.startswith(f"slide slide_002 skipped: feature file {bad_train}: ")
+    assert message in seen[0].message
+
+    seen.clear()
+    evaluation = evaluate_on_site(
+        site, instructions.model_copy(update={"eval_split": "val"}), state, on_skip=seen.append
+    )
+    assert evaluation["num-examples"] == 1 and evaluation["skipped-slides"] == 1
+    assert math.isfinite(evaluation["loss"])
+    assert [s.entry.features for s in seen] == [bad_val]
+
+
+def test_a_split_with_no_usable_bag_fails_the_round_naming_a_file(site: Path) -> None:
+    from client.federated import train_on_site
+
+    train_ids = [e.slide_id for e in _entries(site).values() if e.split == "train"]
+    for slide_id in train_ids:
+        _edit_bag(site, slide_id, _set_feature(math.nan))
+    instructions, state = _round(site)
+    with pytest.raises(ConfigError) as info:
+        train_on_site(site, instructions, state, on_skip=lambda _: None)
+    assert str(info.value) == (
+        "the train split has no usable slide: all 4 feature file(s) were skipped, e.g. feature "
+        f"file {_bag_path(site, train_ids[0])}: 1 patch(es) have NaN or Inf features"
+    )
+
+
+def test_dp_sgd_accounts_for_the_slides_actually_trained_on(site: Path) -> None:
+    """q = batch / N with N the usable slides (3, not the 4 of the index): a larger N would
+    understate ε. A retry after the file was fixed trains on other data, so it is a new
+    ledger entry with its own noise, not a second release under the first one's seed."""
+    from client.federated import SitePrivacy, train_on_site
+    from client.privacy_ledger import NodeBudget, PrivacyLedger
+    from client.training.privacy_accountant import epsilon
+
+    bad = _bag_path(site, "slide_002")
+    good_copy = bad.read_bytes()
+    _edit_bag(site, "slide_002", _set_feature(math.inf))
+    instructions, state = _round(site, **{"dp-noise-multiplier": 1.0, "dp-batch-slides": 2})
+
+    def privacy() -> SitePrivacy:
+        return SitePrivacy(budget=NodeBudget(), run_id="1", site="site_a")
+
+    _, metrics = train_on_site(site, instructions, state, privacy(), on_skip=lambda _: None)
+    (record,) = PrivacyLedger.load(site).datasets.values()
+    (entry,) = record.entries
+    assert entry.n_slides == 3 and entry.sample_rate == pytest.approx(2 / 3)
+    assert metrics["num-examples"] == 3 and metrics["skipped-slides"] == 1
+    assert metrics["epsilon"] == pytest.approx(epsilon([entry.mechanism], entry.delta))
+
+    bad.write_bytes(good_copy)  # the hospital fixes the file; the round is retried
+    _, again = train_on_site(site, instructions, state, privacy())
+    (record,) = PrivacyLedger.load(site).datasets.values()
+    assert [e.n_slides for e in record.entries] == [3, 4]
+    assert len({e.input_sha256 for e in record.entries}) == 2
+    assert again["skipped-slides"] == 0 and again["epsilon"] > metrics["epsilon"]
+
+
 @pytest.mark.usefixtures("flower_task")
-def test_a_site_with_a_bad_bag_replies_one_error_naming_site_and_file(
-    site: Path, capsys: pytest.CaptureFixture[str]
+def test_a_site_with_a_bad_bag_replies_with_the_others_and_names_the_file_only_in_its_log(
+    site: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The round goes on without this site (the server's concern); the reply holds the reason
-    only, no arrays or metrics. The file is named in the SuperNode's log, not in the reply
-    (it leaves the hospital: the file name is the slide id)."""
+    """The reply carries the model trained on the usable slides and a count of the skipped
+    ones; the file (its name is the slide id) is named in the SuperNode's log only."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
     from client.app import app
-    from server.federated_run import _initial_arrays
 
     train_id = next(e.slide_id for e in _entries(site).values() if e.split == "train")
     path = _edit_bag(site, train_id, _set_feature(math.nan))
-    cfg = RunConfig(local_epochs=1)
-    instructions = {
-        "server_round": 1,
-        "model": cfg.model_config_for(DIM).model_dump(mode="json"),
-        "train": cfg.train_config().model_dump(mode="json"),
-        "eval_split": "val",
-    }
-    arrays = ArrayRecord({k: Array(v) for k, v in _initial_arrays(cfg, DIM).items()})
+    instructions, initial = _round(site)
+    arrays = ArrayRecord({k: Array(v) for k, v in initial.items()})
     content = RecordDict(
-        {"arrays": arrays, "config": ConfigRecord({"instructions": json.dumps(instructions)})}
+        {"arrays": arrays, "config": ConfigRecord({"instructions": instructions.to_json()})}
     )
     message = Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
     context = Context(
@@ -567,11 +893,15 @@ def test_a_site_with_a_bad_bag_replies_one_error_naming_site_and_file(
         run_config={},
     )
     reply = app(message, context)
-    assert reply.has_error()
-    expected = "site_a: feature file <file>: 1 patch(es) have NaN or Inf features [ref "
-    assert reply.error.reason.startswith(expected), reply.error.reason
-    assert train_id not in reply.error.reason
-    assert f"{path}: 1 patch(es) have NaN or Inf features" in capsys.readouterr().err
+    assert not reply.has_error(), reply.error.reason
+    metrics = dict(reply.content.metric_records["metrics"])
+    assert metrics["num-examples"] == 3 and metrics["skipped-slides"] == 1
+    logged = [r.getMessage() for r in caplog.records if r.name == "fedpath.bags"]
+    assert logged == [
+        f"fedpath: slide {train_id} skipped: feature file {path}: 1 patch(es) have NaN or Inf "
+        "features"
+    ]
+    assert all(isinstance(v, float) for v in metrics.values())  # nothing but numbers leaves
 
 
 # ============================================================================================
@@ -750,12 +1080,8 @@ def test_malformed_node_config_is_an_error_reply_naming_the_site(
     (tmp_path / "badjson").mkdir()
     (tmp_path / "badjson" / "site.json").write_text('{"feature_dim": 8,')
     paths = {"missing": str(tmp_path / "missing"), "badjson": str(tmp_path / "badjson")}
-    config = {
-        k: v.format(**paths) if isinstance(v, str) else v for k, v in node_config.items()
-    }
-    context = Context(
-        run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={}
-    )
+    config = {k: v.format(**paths) if isinstance(v, str) else v for k, v in node_config.items()}
+    context = Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
     reply = app(Message(RecordDict({}), dst_node_id=7, message_type=MessageType.QUERY), context)
     assert reply.has_error()
     assert reply.error.reason.startswith(expected.format(**paths)), reply.error.reason

@@ -9,9 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from client.training.bags import bucket_length, collate, load_bag
+from client.training.bags import (
+    BagSkips,
+    SkippedBag,
+    bucket_length,
+    collate,
+    iter_usable_bags,
+    load_bag,
+)
 from client.training.site_index import BagEntry
-from common.errors import FeatureBagError
+from common.errors import ConfigError, FeatureBagError
 from common.featurebag import FeatureBagWriter
 
 ATTRS = {
@@ -72,6 +79,57 @@ def test_wrong_width_and_empty_bags_refused(tmp_path: Path) -> None:
         load_bag(BagEntry("e", 0, empty, None, None, False, None, 0))
     with pytest.raises(ValueError, match="empty list"):
         collate([])
+
+
+def _nan_bag(tmp_path: Path, name: str) -> BagEntry:
+    entry = _entry(tmp_path, name, 4)
+    with h5py.File(entry.features, "r+") as fh:
+        fh["features"][2, 1] = np.nan
+    return entry
+
+
+def test_unusable_bags_are_skipped_and_reported_the_others_load(tmp_path: Path) -> None:
+    good = [_entry(tmp_path, "good1", 3), _entry(tmp_path, "good2", 5)]
+    missing = BagEntry("gone", 0, tmp_path / "gone.h5", None, None, False, None, 3)
+    entries = [good[0], _nan_bag(tmp_path, "nan"), missing, good[1]]
+    seen: list[SkippedBag] = []
+    bags = list(iter_usable_bags(entries, 4, seen.append))
+    assert [b.entry.slide_id for b in bags] == ["good1", "good2"]
+    assert [s.entry.slide_id for s in seen] == ["nan", "gone"]
+    assert seen[0].message == (
+        f"slide nan skipped: feature file {tmp_path / 'nan.h5'}: 1 patch(es) have NaN or Inf "
+        "features"
+    )
+    assert seen[1].message == (
+        f"slide gone skipped: feature file {tmp_path / 'gone.h5'}: is missing, though "
+        "prepared.csv lists it; run `fedpath prepare` again"
+    )
+
+
+def test_skips_without_a_sink_go_to_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ClientApp passes no sink: the reason must still reach the SuperNode's log."""
+    bags = list(iter_usable_bags([_nan_bag(tmp_path, "nan"), _entry(tmp_path, "ok", 2)], 4))
+    assert [b.entry.slide_id for b in bags] == ["ok"]
+    (record,) = caplog.records
+    assert record.levelname == "WARNING" and record.name == "fedpath.bags"
+    assert record.getMessage().startswith(f"fedpath: slide nan skipped: feature file {tmp_path}")
+
+
+def test_a_split_with_slides_but_no_usable_one_is_refused(tmp_path: Path) -> None:
+    seen: list[SkippedBag] = []
+    skips = BagSkips(seen.append)
+    assert skips.bags("val", [], 4) == []  # no slides at all is not an error
+    entries = [_nan_bag(tmp_path, "n1"), _nan_bag(tmp_path, "n2")]
+    with pytest.raises(ConfigError) as info:
+        skips.entries("test", entries, 4)
+    assert str(info.value) == (
+        "the test split has no usable slide: all 2 feature file(s) were skipped, e.g. feature "
+        f"file {tmp_path / 'n1.h5'}: 1 patch(es) have NaN or Inf features"
+    )
+    assert len(skips.skipped) == len(seen) == 2
+    assert skips.bags("train", [_entry(tmp_path, "fine", 3)], 4)[0].num_patches == 3
 
 
 def _plain_file(path: Path, n: int, dim: int, layout: str) -> np.ndarray:

@@ -253,6 +253,48 @@ def test_an_error_reply_naming_a_file_is_caught(sites: dict[str, Path]) -> None:
     assert f"train reply: contains {leak!r}" in violations
 
 
+def test_a_skipped_slide_leaves_the_site_as_a_count_only(tmp_path: Path) -> None:
+    """A bad bag is skipped on the site; the reply says how many, never which or why."""
+    import h5py
+
+    site = write_identifiable_site(tmp_path / "hospital-c-private-data", SPEC, seed=2)
+    train = next(
+        r
+        for r in csv.DictReader((site / "prepared.csv").open(encoding="utf-8"))
+        if r["split"] == "train"
+    )
+    with h5py.File(site / train["features"], "r+") as fh:
+        fh["features"][0, 0] = np.nan
+    cfg = _cfg(tmp_path)
+    policy = EgressPolicy.for_run(_initial_arrays(cfg, SPEC.feature_dim), [site], LABELS)
+    reply = client_app.app(_train_message(cfg), _context(site))
+    assert not reply.has_error(), reply.error.reason
+    assert dict(reply.content.metric_records["metrics"])["skipped-slides"] == 1.0
+    report = check_reply(reply, policy)
+    assert report.violations == [] and report.replies == {"train": 1}
+    assert train["slide_id"] in policy.forbidden  # the grep would have seen it
+
+
+def test_a_count_with_a_fraction_is_caught(
+    sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counts are whole: digits after the point could carry anything (here, an id's code)."""
+    import client.federated
+
+    real = client.federated.train_on_site
+
+    def leaky(*args: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        weights, metrics = real(*args)
+        return weights, {**metrics, "skipped-slides": 1.0417, "num-examples": -1.0}
+
+    monkeypatch.setattr(client.federated, "train_on_site", leaky)
+    cfg = _cfg(Path("/unused"))
+    reply = client_app.app(_train_message(cfg), _context(sites["site_a"]))
+    violations = check_reply(reply, _policy(sites, cfg)).violations
+    assert "train reply: metric 'skipped-slides' is not a slide count (1.0417)" in violations
+    assert "train reply: metric 'num-examples' is not a slide count (-1.0)" in violations
+
+
 # -- the wire checker (what tests/test_reverse_proxy.py runs on nginx's captured bodies) ------
 
 

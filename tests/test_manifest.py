@@ -62,11 +62,14 @@ def test_all_row_problems_reported_together_with_line_numbers(tmp_path: Path) ->
         "f,a.svs,tumour,nope.xml,maybe,validation,abc\n"
         "../g,a.svs,normal,,,,\n"  # unsafe id
         "h,a.svs,normal,,true,,\n"  # completeness without annotation
-        "i,a.svs\n",  # wrong field count
+        "i,a.svs\n"  # wrong field count
+        "j,b.svs,normal,,,,\n",  # fine
     )
-    problems = _problems(path)
+    manifest = load_manifest(path, LABELS)
+    assert [r.slide_id for r in manifest.rows] == ["j"]
+    problems = manifest.problems
     text = "\n".join(problems)
-    assert "line 3: duplicate slide_id 'a' (first seen on line 2)" in text
+    assert "lines 2 and 3: duplicate slide_id 'a': none of these rows is prepared" in text
     assert "line 4 (c): slide file not found" in text
     assert "line 5 (d): unknown label 'cancer'" in text
     assert "line 6 (e): path '../outside.svs'" in text and "outside the slide root" in text
@@ -78,6 +81,38 @@ def test_all_row_problems_reported_together_with_line_numbers(tmp_path: Path) ->
     assert "line 9 (h): annotation_complete is set but there is no annotation" in text
     assert "line 10: has 2 fields, the header has 7" in text
     assert len(problems) == 11
+    rejected = {r.slide_id: r for r in manifest.rejected}
+    assert list(rejected) == ["a", "c", "d", "e", "f", "../g", "h", "i"]  # by first line
+    assert rejected["a"].lines == (2, 3) and rejected["f"].lines == (7,)
+    assert len(rejected["f"].problems) == 4
+    assert not rejected["../g"].safe_id and rejected["i"].safe_id
+
+
+def test_a_duplicate_id_rejects_every_row_using_it(tmp_path: Path) -> None:
+    """Either row could be the wrong slide: preparing the first would file its features under a
+    label the hospital may have meant for the other."""
+    path = _write(
+        tmp_path,
+        "slide_id,path,label\n"
+        "a,a.svs,tumour\n"
+        "b,b.svs,normal\n"
+        "a,b.svs,normal\n"
+        "a,b.svs,cancer\n",  # its own problem is reported too
+    )
+    manifest = load_manifest(path, LABELS)
+    assert [r.slide_id for r in manifest.rows] == ["b"]
+    (dup,) = manifest.rejected
+    assert dup.lines == (2, 4, 5)
+    assert dup.problems[0].startswith("lines 2, 4 and 5: duplicate slide_id 'a': none of")
+    assert dup.problems[1].startswith("line 5 (a): unknown label 'cancer'")
+
+
+def test_no_usable_row_is_one_error_with_every_problem(tmp_path: Path) -> None:
+    path = _write(tmp_path, "slide_id,path,label\na,a.svs,cancer\nb,nope.svs,normal\n")
+    problems = _problems(path)
+    assert problems[0].startswith("line 2 (a): unknown label 'cancer'")
+    assert problems[1].startswith("line 3 (b): slide file not found")
+    assert problems[2] == "no row is usable: nothing to prepare"
 
 
 def test_header_problems(tmp_path: Path) -> None:
@@ -85,6 +120,18 @@ def test_header_problems(tmp_path: Path) -> None:
     text = "\n".join(_problems(path))
     assert "missing required column(s): path" in text
     assert "unknown column(s): 'file', 'colour'" in text
+
+
+def test_an_unknown_column_stops_the_batch_with_the_row_problems_too(tmp_path: Path) -> None:
+    """A misspelt optional column (``anotation``) means every row lost a value: no row can be
+    trusted, but the hospital still sees every row problem in the same message."""
+    path = _write(
+        tmp_path, "slide_id,path,label,anotation\na,a.svs,tumour,a.geojson\nb,b.svs,cancer,\n"
+    )
+    problems = _problems(path)
+    assert problems[0].startswith("line 1: unknown column(s): 'anotation'")
+    assert problems[1].startswith("line 3 (b): unknown label 'cancer'")
+    assert len(problems) == 2
 
 
 def test_empty_and_missing_files(tmp_path: Path) -> None:

@@ -44,14 +44,26 @@ def test_index_is_parsed(tmp_path: Path) -> None:
 def test_index_problems_are_listed(tmp_path: Path) -> None:
     site = _site(
         tmp_path,
-        ["a,cancer,,,,false,1,features/a.h5", "b,normal,,,,false,1,features/missing.h5"],
+        ["a,cancer,,,,false,1,features/a.h5", "b,normal,nope,,,false,1,features/b.h5"],
     )
     with pytest.raises(ConfigError) as info:
         load_site_index(site, LABELS)
     text = str(info.value)
-    assert "line 2: label 'cancer' not in" in text and "line 3: feature file missing" in text
+    assert "line 2: label 'cancer' not in" in text and "line 3: unknown split 'nope'" in text
     with pytest.raises(ConfigError, match="not a prepared site"):
         load_site_index(tmp_path / "nowhere", LABELS)
+
+
+def test_a_missing_feature_file_is_left_to_the_bag_loader(tmp_path: Path) -> None:
+    """Leaving the slide out of the index would move every other slide's k-fold: the slide stays
+    an entry and is skipped when its bag loads (``tests/test_bags.py``)."""
+    site = _site(
+        tmp_path,
+        ["a,tumour,,,,false,1,features/a.h5", "b,normal,,,,false,1,features/missing.h5"],
+    )
+    entries = load_site_index(site, LABELS)
+    assert [e.slide_id for e in entries] == ["a", "b"]
+    assert entries[1].features == site / "features" / "missing.h5"
 
 
 def _entries(n: int, patients: bool) -> list[BagEntry]:

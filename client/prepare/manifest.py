@@ -2,9 +2,12 @@
 
 A preparation run can take hours; discovering a typo in row 412 after three of them is
 unacceptable. So every row is checked up front and *all* problems are reported together, each
-with its CSV line number, in one ``ManifestError``. Slide ids become file names, so they are
-restricted to a safe alphabet, and slide paths must stay inside the slide root (a manifest must
-not be able to make fedpath read ``/etc/shadow`` or write outside its output directory).
+with its CSV line number. A bad row costs only itself: it comes back as a ``RejectedRow`` and
+the valid rows are prepared, because one typo must not hold back a night's work on the other
+slides. Only problems that make every row doubtful (not a readable CSV file, a bad header, no
+usable row at all) raise ``ManifestError``. Slide ids become file names, so they are restricted
+to a safe alphabet, and slide paths must stay inside the slide root (a manifest must not be
+able to make fedpath read ``/etc/shadow`` or write outside its output directory).
 """
 
 from __future__ import annotations
@@ -48,12 +51,43 @@ class ManifestRow:
 
 
 @dataclass(frozen=True)
+class RejectedRow:
+    """A slide id that will not be prepared, with every problem of the rows that name it.
+
+    Rows sharing one id are rejected together (``lines`` holds all of them): either could be
+    the wrong slide, and preparing one would file its features under the other's label.
+    """
+
+    slide_id: str
+    """As written in the manifest: may be empty or unsafe as a file name."""
+    lines: tuple[int, ...]
+    problems: tuple[str, ...]
+    """Each starts with its CSV line number(s)."""
+
+    @property
+    def line(self) -> int:
+        return self.lines[0]
+
+    @property
+    def safe_id(self) -> bool:
+        """True when ``slide_id`` may be used as a file name (its status file's)."""
+        return bool(SLIDE_ID_PATTERN.match(self.slide_id))
+
+
+@dataclass(frozen=True)
 class Manifest:
-    """A validated manifest: rows in file order and the labels they were checked against."""
+    """A validated manifest: usable rows in file order, rejected ids, the labels checked."""
 
     path: Path
     rows: tuple[ManifestRow, ...]
     labels: tuple[str, ...]
+    rejected: tuple[RejectedRow, ...] = ()
+    """In order of their first line."""
+
+    @property
+    def problems(self) -> list[str]:
+        """Every row problem, in line order (the list a ``ManifestError`` would carry)."""
+        return [p for r in self.rejected for p in r.problems]
 
 
 def parse_bool(text: str) -> bool | None:
@@ -82,8 +116,10 @@ def load_manifest(
     slide_root: str | Path | None = None,
     check_files: bool = True,
 ) -> Manifest:
-    """Read and validate a manifest; raise ``ManifestError`` listing every problem found.
+    """Read and validate a manifest; bad rows come back in ``Manifest.rejected``.
 
+    Raises ``ManifestError`` listing every problem found when no row can be trusted: the file
+    is missing, too large, not UTF-8 or not CSV, its header is wrong, or no row is usable.
     Relative paths are resolved against the manifest's folder. ``slide_root`` (default: that
     folder) bounds where slides and annotations may live.
     """
@@ -108,54 +144,106 @@ def load_manifest(
     except csv.Error as exc:
         raise ManifestError(str(path), [f"line 1: not valid CSV ({exc})"]) from exc
 
-    problems: list[str] = []
+    header_problems: list[str] = []
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
-        problems.append(f"line 1: missing required column(s): {', '.join(missing)}")
+        header_problems.append(f"line 1: missing required column(s): {', '.join(missing)}")
     unknown = [c for c in header if c not in known]
     if unknown:
-        problems.append(
+        header_problems.append(
             f"line 1: unknown column(s): {', '.join(repr(c) for c in unknown)} "
             f"(allowed: {', '.join(REQUIRED_COLUMNS + OPTIONAL_COLUMNS)})"
         )
     duplicated = sorted({c for c in header if header.count(c) > 1})
     if duplicated:
-        problems.append(f"line 1: duplicated column(s): {', '.join(duplicated)}")
+        header_problems.append(f"line 1: duplicated column(s): {', '.join(duplicated)}")
     if missing or duplicated:
-        raise ManifestError(str(path), problems)
+        raise ManifestError(str(path), header_problems)
 
-    label_set = tuple(labels)
-    rows: list[ManifestRow] = []
-    first_line_of: dict[str, int] = {}
     try:
         records = list(enumerate(reader, start=2))
     except csv.Error as exc:
-        raise ManifestError(str(path), [*problems, f"not valid CSV ({exc})"]) from exc
-    for line, values in records:
-        if not any(v.strip() for v in values):
-            continue  # blank lines are harmless
-        if len(values) != len(header):
-            problems.append(f"line {line}: has {len(values)} fields, the header has {len(header)}")
-            continue
-        cells = {h: v.strip() for h, v in zip(header, values, strict=True)}
-        row, row_problems = _validate_row(line, cells, label_set, base, root, check_files)
-        problems.extend(row_problems)
-        if row is None:
-            continue
-        if row.slide_id in first_line_of:
-            problems.append(
-                f"line {line}: duplicate slide_id '{row.slide_id}' "
-                f"(first seen on line {first_line_of[row.slide_id]})"
+        raise ManifestError(str(path), [*header_problems, f"not valid CSV ({exc})"]) from exc
+    checked = [
+        _check_record(line, values, header, tuple(labels), base, root, check_files)
+        for line, values in records
+        if any(v.strip() for v in values)  # blank lines are harmless
+    ]
+    rows, rejected = _reject_duplicates(checked)
+    problems = [p for r in rejected for p in r.problems]
+    if header_problems:
+        # An unknown column is usually a misspelt known one: no row's values can be trusted.
+        raise ManifestError(str(path), [*header_problems, *problems])
+    if not checked:
+        raise ManifestError(str(path), ["no slide rows after the header"])
+    if not rows:
+        raise ManifestError(str(path), [*problems, "no row is usable: nothing to prepare"])
+    return Manifest(manifest_path, tuple(rows), tuple(labels), tuple(rejected))
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """One non-blank CSV record after its own checks, before ids are compared across rows."""
+
+    line: int
+    slide_id: str
+    row: ManifestRow | None
+    problems: tuple[str, ...]
+
+
+def _check_record(
+    line: int,
+    values: list[str],
+    header: list[str],
+    labels: tuple[str, ...],
+    base: Path,
+    root: Path,
+    check_files: bool,
+) -> _Checked:
+    """Validate one record; a record with the wrong field count keeps its id if it has one."""
+    if len(values) != len(header):
+        position = header.index("slide_id")
+        slide_id = values[position].strip() if position < len(values) else ""
+        problem = f"line {line}: has {len(values)} fields, the header has {len(header)}"
+        return _Checked(line, slide_id, None, (problem,))
+    cells = {h: v.strip() for h, v in zip(header, values, strict=True)}
+    row, problems = _validate_row(line, cells, labels, base, root, check_files)
+    return _Checked(line, cells["slide_id"], row, tuple(problems))
+
+
+def _reject_duplicates(
+    checked: list[_Checked],
+) -> tuple[list[ManifestRow], list[RejectedRow]]:
+    """Split records into usable rows and rejected ids.
+
+    An id used on several lines rejects all of them, including lines that are fine on their
+    own: fedpath cannot tell which one is the slide the hospital meant.
+    """
+    by_id: dict[str, list[_Checked]] = {}
+    for record in checked:
+        if record.slide_id:
+            by_id.setdefault(record.slide_id, []).append(record)
+    rows: list[ManifestRow] = []
+    rejected: list[RejectedRow] = []
+    for record in checked:
+        group = by_id.get(record.slide_id, [record])
+        if len(group) > 1:
+            if record is not group[0]:
+                continue  # reported once, at the id's first line
+            lines = tuple(c.line for c in group)
+            listed = ", ".join(str(n) for n in lines[:-1]) + f" and {lines[-1]}"
+            duplicate = (
+                f"lines {listed}: duplicate slide_id '{record.slide_id}': none of these rows is "
+                "prepared (any of them could be the wrong slide); give each slide its own id"
             )
-            continue
-        first_line_of[row.slide_id] = line
-        rows.append(row)
-    if not rows and not problems:
-        problems.append("no slide rows after the header")
-    if problems:
-        raise ManifestError(str(path), problems)
-    return Manifest(manifest_path, tuple(rows), label_set)
+            problems = (duplicate, *(p for c in group for p in c.problems))
+            rejected.append(RejectedRow(record.slide_id, lines, problems))
+        elif record.row is None:
+            rejected.append(RejectedRow(record.slide_id, (record.line,), record.problems))
+        else:
+            rows.append(record.row)
+    return rows, rejected
 
 
 def _validate_row(
@@ -190,9 +278,7 @@ def _validate_row(
 
     label = cells["label"]
     if label not in labels:
-        problems.append(
-            f"{where}: unknown label '{label}' (expected one of: {', '.join(labels)})"
-        )
+        problems.append(f"{where}: unknown label '{label}' (expected one of: {', '.join(labels)})")
 
     annotation: Path | None = None
     raw_annotation = cells.get("annotation", "")
@@ -208,9 +294,7 @@ def _validate_row(
     if raw_complete:
         complete = parse_bool(raw_complete)
         if complete is None:
-            problems.append(
-                f"{where}: annotation_complete '{raw_complete}' is not true/false"
-            )
+            problems.append(f"{where}: annotation_complete '{raw_complete}' is not true/false")
         elif not raw_annotation:
             problems.append(f"{where}: annotation_complete is set but there is no annotation")
     elif raw_annotation:

@@ -1,7 +1,8 @@
 """``fedpath prepare``: a hospital's manifest in, provenance-stamped feature bags out.
 
 The run is built for unattended use on a CPU-only machine:
-- the manifest is validated before any slide is opened (all problems at once);
+- the manifest is validated before any slide is opened (all problems at once, reported as
+  failed items before the first slide starts); its bad rows are not prepared, the others are;
 - each slide is independent: a corrupt file, missing MPP, empty tissue or broken annotation
   is recorded with its reason, its outputs are left untouched, and the next slide goes on;
 - every output is written atomically, the feature bag first, so a killed run leaves nothing
@@ -29,7 +30,7 @@ import numpy as np
 from client.config import PrepareConfig, TissueConfig
 from client.embed.extract import RESAMPLING, choose_precision, extract_features
 from client.embed.registry import LoadedEncoder, load_encoder
-from client.prepare.manifest import Manifest, ManifestRow, load_manifest
+from client.prepare.manifest import Manifest, ManifestRow, RejectedRow, load_manifest
 from client.prepare.records import (
     INDEX_COLUMNS,
     INDEX_FILE,
@@ -74,6 +75,13 @@ class SiteLayout:
 
     def status(self, slide_id: str) -> Path:
         return self.root / "status" / f"{slide_id}.json"
+
+    def rejected_status(self, rejected: RejectedRow) -> Path:
+        """A rejected row's status file: by its id when that is a safe file name, else by its
+        line (the ``_`` prefix cannot start a valid slide id, so the two never collide)."""
+        if rejected.safe_id:
+            return self.status(rejected.slide_id)
+        return self.root / "status" / f"_line-{rejected.line}.json"
 
     def outputs(self, slide_id: str) -> tuple[Path, ...]:
         return (
@@ -325,8 +333,9 @@ def prepare_site(
 ) -> PrepareSummary:
     """Prepare every slide of ``manifest`` into ``out_dir``; raises only for site-wide problems.
 
-    Raises ``ManifestError`` (nothing done) or ``EncoderError`` (nothing done). Per-slide
-    problems are returned as failed records.
+    Raises ``ManifestError`` (nothing done) when the manifest as a whole is unusable, or
+    ``EncoderError`` (nothing done). Per-slide problems, including a manifest row that failed
+    validation, are returned as failed records.
     """
     started = time.perf_counter()
     sink: PrepareEvents = events if events is not None else SilentEvents()
@@ -351,9 +360,10 @@ def _prepare_locked(
     precision, cosine = choose_precision(encoder, cfg.embedding)
     layout = SiteLayout(out, encoder_dir_name(encoder.spec.id))
     site_config = features_config(cfg, encoder, precision)
-    sink.site_started(len(parsed.rows), encoder.spec.id, precision)
+    sink.site_started(len(parsed.rows) + len(parsed.rejected), encoder.spec.id, precision)
 
-    records: list[SlideRecord] = []
+    # Rejected rows first: every manifest problem is on screen before hours of embedding start.
+    records = [_record_rejected(rejected, layout, sink) for rejected in parsed.rejected]
     embed_seconds = 0.0
     for row in parsed.rows:
         config_hash = slide_config_sha256(site_config, row)
@@ -384,6 +394,26 @@ def _prepare_locked(
         seconds=time.perf_counter() - started,
         embed_seconds=embed_seconds,
     )
+
+
+def _record_rejected(rejected: RejectedRow, layout: SiteLayout, sink: PrepareEvents) -> SlideRecord:
+    """A failed record for a manifest row that cannot be prepared, like a slide that failed to
+    read: in the summary, in its status file, and in the events sink."""
+    record = SlideRecord(
+        slide_id=rejected.slide_id or "(no id)",
+        state="failed",
+        reason="; ".join(rejected.problems),
+        stage="manifest",
+    )
+    status = {
+        **record.to_json(),
+        "line": rejected.line,
+        "lines": list(rejected.lines),
+        "recorded_at": _now(),
+    }
+    atomic_write_json(layout.rejected_status(rejected), status)
+    sink.slide_finished(record)
+    return record
 
 
 def _now() -> str:

@@ -3,18 +3,24 @@
 A bag of 100,000 patches × 1,280 float32 features is 512 MB, so bags are never cached in
 memory as a dataset: each step loads the slides it needs (HDF5 reads are fast, ~1 GB/s from
 page cache) and ``torch.from_numpy`` shares the buffer instead of copying it.
+
+One bad feature file (NaN features, another encoder, a truncated copy) costs only its slide:
+the tolerant loaders below skip it and tell the caller through ``on_skip``, so a federated
+round or a local run goes on with the other slides; library code never prints the reason, the
+CLI or the ClientApp's log does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from client.training.site_index import BagEntry
-from common.errors import FeatureBagError
+from common.errors import ConfigError, FeatureBagError
 from common.featurebag import read_feature_bag
 
 
@@ -43,9 +49,100 @@ class BagBatch:
     slide_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class SkippedBag:
+    """A slide left out because its feature file cannot be used."""
+
+    entry: BagEntry
+    error: FeatureBagError
+    """Names the file and the problem."""
+
+    @property
+    def message(self) -> str:
+        return f"slide {self.entry.slide_id} skipped: {self.error}"
+
+
+OnSkip = Callable[[SkippedBag], None]
+
+_log = logging.getLogger("fedpath.bags")
+
+
+def log_skipped(skipped: SkippedBag) -> None:
+    """The default ``on_skip``: a warning on the ``fedpath.bags`` logger.
+
+    With no logging configured (a ClientApp or resident worker process) Python writes
+    warnings to stderr, which is the SuperNode's log on the hospital's machine: the file name
+    is a slide id, so the reason is kept there and never put into a reply.
+    """
+    _log.warning("fedpath: %s", skipped.message)
+
+
+def iter_usable_bags(
+    entries: Sequence[BagEntry], feature_dim: int | None, on_skip: OnSkip | None = None
+) -> Iterator[Bag]:
+    """Load ``entries`` one at a time, skipping (and reporting) those that cannot be used.
+
+    A generator, so a caller that only needs to know which slides load keeps one bag in
+    memory at a time.
+    """
+    report = on_skip if on_skip is not None else log_skipped
+    for entry in entries:
+        try:
+            bag = load_bag(entry, feature_dim)
+        except FeatureBagError as error:
+            report(SkippedBag(entry, error))
+            continue
+        yield bag
+
+
+class BagSkips:
+    """An ``on_skip`` that remembers what it was told (for the count a reply or a run record
+    carries) and passes each skip on to the caller's sink (default: the log)."""
+
+    def __init__(self, on_skip: OnSkip | None) -> None:
+        self._forward = on_skip if on_skip is not None else log_skipped
+        self.skipped: list[SkippedBag] = []
+
+    def __call__(self, skipped: SkippedBag) -> None:
+        self.skipped.append(skipped)
+        self._forward(skipped)
+
+    def bags(self, split: str, entries: Sequence[BagEntry], feature_dim: int | None) -> list[Bag]:
+        """The split's usable bags, all in memory (what the trainers take)."""
+        bags = list(iter_usable_bags(entries, feature_dim, self))
+        self._require_one(split, entries, len(bags))
+        return bags
+
+    def entries(
+        self, split: str, entries: Sequence[BagEntry], feature_dim: int | None
+    ) -> list[BagEntry]:
+        """The split's usable entries, for a scorer that loads bags itself one at a time.
+
+        Each bag is read here once more than the scorer reads it: the price of keeping memory
+        at one bag for an evaluation set of any size.
+        """
+        usable = [bag.entry for bag in iter_usable_bags(entries, feature_dim, self)]
+        self._require_one(split, entries, len(usable))
+        return usable
+
+    def _require_one(self, split: str, entries: Sequence[BagEntry], usable: int) -> None:
+        """Refuse a split that has slides but none usable: a round on nothing is no round."""
+        if entries and not usable:
+            first = next(s for s in self.skipped if s.entry in entries)
+            raise ConfigError(
+                f"the {split} split has no usable slide: all {len(entries)} feature file(s) "
+                f"were skipped, e.g. {first.error}"
+            )
+
+
 def load_bag(entry: BagEntry, feature_dim: int | None = None) -> Bag:
     """Read one feature bag; refuse a width that does not match the model, or features from
     other encoder weights than the site's (same width, incomparable features)."""
+    if not entry.features.is_file():
+        raise FeatureBagError(
+            str(entry.features),
+            "is missing, though prepared.csv lists it; run `fedpath prepare` again",
+        )
     bag = read_feature_bag(entry.features)
     if feature_dim is not None and bag.feature_dim != feature_dim:
         raise FeatureBagError(

@@ -59,7 +59,12 @@ def _stays_inside(relative: str) -> bool:
 
 
 def load_site_index(data_dir: str | Path, labels: Sequence[str]) -> list[BagEntry]:
-    """Read a prepared site's index; raise ``ConfigError`` naming the file and line on problems."""
+    """Read a prepared site's index; raise ``ConfigError`` naming the file and line on problems.
+
+    A feature file that is missing is not an index problem: its slide is skipped when the bags
+    load (:func:`client.training.bags.iter_usable_bags`), like any other unusable bag. Dropping
+    it here would shift the k-fold split of every other slide.
+    """
     root = Path(data_dir)
     path = root / INDEX_FILE
     if not path.is_file():
@@ -78,9 +83,6 @@ def load_site_index(data_dir: str | Path, labels: Sequence[str]) -> list[BagEntr
                 continue
             if not _stays_inside(relative):
                 problems.append(f"line {line}: feature path {relative!r} leaves {root}")
-                continue
-            if not features.is_file():
-                problems.append(f"line {line}: feature file missing: {features}")
                 continue
             split = row.get("split") or None
             if split is not None and split not in SPLITS:
