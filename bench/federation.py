@@ -23,8 +23,10 @@ Two parts, each comparing ours to a floor measured in the same run:
 
 2. Deployment. One SuperLink and three SuperNodes on loopback (``server.local_network``), each
    node pointing at a synthetic prepared site (``client.synthetic_site``, cached under
-   ``bench/_cache/federation/``). On the same network, alternately: our app (``flwr run .``,
-   FedMix, clam_sb small, 1 local epoch) and the no-op app of ``bench/noop_app`` (same
+   ``bench/_cache/federation/``). In rotating order: our app (``flwr run .``, FedMix,
+   clam_sb small, 1 local epoch) on nodes with the resident worker (``fedpath node``'s
+   default), our app on a second network whose nodes run every message in a fresh process
+   (``--no-resident-worker``), and the no-op app of ``bench/noop_app`` (same
    messages: a query, per round one train and one evaluate message per site carrying arrays of
    our model's shapes, a final evaluate; its ClientApp answers at once). Per-round seconds
    come from our ``metrics.jsonl`` and the no-op app's equivalent file; whole-run wall time,
