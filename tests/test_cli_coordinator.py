@@ -84,7 +84,11 @@ def test_node_command_line_points_the_client_at_the_data(tmp_path: Path) -> None
     key.write_text("x")
     argv = supernode_argv(_node_args(tmp_path, data, ca=ca, key=key, site="hospital_a"))
     node_config = argv[argv.index("--node-config") + 1]
-    assert node_config == f'data-path="{data.resolve()}" site="hospital_a"'
+    assert node_config == f'data-path="{data.resolve()}" site="hospital_a" resident-worker=true'
+    off = supernode_argv(
+        _node_args(tmp_path, data, ca=ca, key=key, site="hospital_a", no_resident_worker=True)
+    )
+    assert off[off.index("--node-config") + 1].endswith("resident-worker=false")
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(key)
     assert argv[argv.index("--root-certificates") + 1] == str(ca)
 
