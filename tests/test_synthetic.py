@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from client.wsi.synth_masks import (
     drop_nested_islands,
+    low_grade_mask,
     make_tissue_mask,
     make_tumour_mask,
     mask_polygons,
@@ -437,6 +438,23 @@ def test_banks_are_periodic_and_tumour_is_denser_in_haematoxylin() -> None:
     assert banks.normal.mean[1] > banks.tumour.mean[1]  # eosin
     again = build_banks(512, 0.5, np.random.SeedSequence(9))
     assert np.array_equal(again.tumour.data, banks.tumour.data)
+    assert banks.low_grade is None
+
+
+def test_low_grade_bank_is_extra_near_stroma_in_colour_and_leaves_the_others() -> None:
+    """The subtle component's bank comes from a third seed child: the normal and tumour banks
+    are the same bytes with it; its nuclei are pale (far less haematoxylin than high-grade)."""
+    plain = build_banks(512, 0.5, np.random.SeedSequence(9))
+    banks = build_banks(512, 0.5, np.random.SeedSequence(9), low_grade=True)
+    assert np.array_equal(plain.normal.data, banks.normal.data)
+    assert np.array_equal(plain.tumour.data, banks.tumour.data)
+    subtle = banks.low_grade
+    assert subtle is not None and subtle.size == 512
+    assert np.array_equal(subtle.data[512:, :512], subtle.data[:TILE, :512])  # periodic
+    # Subtle: in both stains its mean is nearer stroma's than the high-grade sheets'.
+    near_normal = np.abs(subtle.mean - banks.normal.mean)
+    assert (near_normal < 0.5 * np.abs(banks.tumour.mean - banks.normal.mean)).all()
+    assert not np.array_equal(subtle.data, banks.normal.data)
 
 
 def test_beer_lambert_and_stain_presets_shift_colour() -> None:
@@ -673,17 +691,25 @@ def test_infiltrating_tumour_changes_only_tumour_pixels_and_keeps_the_truth(
     assert 0.1 < changed.mean() < 0.9  # nests kept, stroma in between
 
 
+def _assert_range_refused(field: str, cases: tuple[tuple[tuple[float, float], str], ...]) -> None:
+    """Each bad (low, high) is refused, with the given message, by slide and site configs."""
+    for bad, why in cases:
+        with pytest.raises(ValidationError, match=why):
+            SynthSlideConfig.model_validate({field: bad})
+        with pytest.raises(ValidationError, match=why):
+            SynthSiteConfig.model_validate({"name": "x", "n_slides": 1, field: bad})
+
+
 def test_default_density_is_solid_tumour_and_bounds_are_checked() -> None:
     assert SMALL.tumour_density_range == (1.0, 1.0)
-    for bad, why in (
-        ((0.0, 1.0), "tumour density"),
-        ((0.5, 1.2), "tumour density"),
-        ((1.0, 0.3), "not ordered"),
-    ):
-        with pytest.raises(ValidationError, match=why):
-            SynthSlideConfig(tumour_density_range=bad)
-        with pytest.raises(ValidationError, match=why):
-            SynthSiteConfig(name="x", n_slides=1, tumour_density_range=bad)
+    _assert_range_refused(
+        "tumour_density_range",
+        (
+            ((0.0, 1.0), "tumour density"),
+            ((0.5, 1.2), "tumour density"),
+            ((1.0, 0.3), "not ordered"),
+        ),
+    )
     site = SynthSiteConfig(name="x", n_slides=4, tumour_density_range=(0.3, 0.9))
     plans = plan_site(site, SynthCohortConfig(sites=(site,)), seed=0)
     assert all(p.config.tumour_density_range == (0.3, 0.9) for p in plans)
@@ -703,3 +729,98 @@ def test_mask_polygons_never_cross_themselves() -> None:
         assert all(ShapelyPolygon(p.exterior, p.holes).is_valid for p in polys)
         drawn = _rasterise([[p.exterior, *p.holes] for p in polys], mask.shape, 16)
         assert _iou(drawn, mask) > 0.95  # pinch corners: a pixel or two each
+
+
+# --------------------------------------------------------------------------------------------
+# Heterogeneous tumour (low-grade component)
+# --------------------------------------------------------------------------------------------
+
+
+def test_low_grade_mask_takes_the_requested_share_in_contiguous_areas() -> None:
+    tumour = np.zeros((96, 96), dtype=bool)
+    tumour[10:80, 20:90] = True
+    part = low_grade_mask(np.random.default_rng(3), tumour, 0.4, sigma_px=8.0)
+    assert not (part & ~tumour).any()
+    assert part.sum() == round(0.4 * tumour.sum())
+    n_parts, _ = cv2.connectedComponents(part.astype(np.uint8))
+    assert n_parts - 1 <= 8  # a few areas, not speckle
+    again = low_grade_mask(np.random.default_rng(3), tumour, 0.4, sigma_px=8.0)
+    assert np.array_equal(part, again)
+    assert not low_grade_mask(np.random.default_rng(3), tumour, 0.0, sigma_px=8.0).any()
+
+
+def test_low_grade_changes_only_tumour_pixels_is_deterministic_and_keeps_the_truth(
+    generated: Generated, tmp_path: Path
+) -> None:
+    """A low-grade share leaves stroma and glass byte-for-byte as the plain slide and the
+    ground truth unchanged; the low-grade part (its own mask, inside the tumour) is paler in
+    haematoxylin than the high-grade part, and the same seed gives the same bytes."""
+    cfg = SMALL.model_copy(update={"low_grade_share_range": (0.4, 0.6)})
+    mixed = generate_slide(tmp_path / "a", "s1", cfg, seed=11)
+    again = generate_slide(tmp_path / "b", "s1", cfg, seed=11)
+    plain = generated.first
+    assert sha256_file(mixed.slide_path) == sha256_file(again.slide_path)
+    assert mixed.low_grade_mask_path is not None and plain.low_grade_mask_path is None
+    assert mixed.low_grade_mask_path.read_bytes() == again.low_grade_mask_path.read_bytes()
+    tumour = _mask(plain.tumour_mask_path)
+    assert np.array_equal(_mask(mixed.tumour_mask_path), tumour)
+    assert mixed.tumour_fraction == plain.tumour_fraction
+    low = _mask(mixed.low_grade_mask_path)
+    assert not (low & ~tumour).any()
+    assert 0.4 - 0.01 <= low.sum() / tumour.sum() <= 0.6 + 0.01
+
+    a, b = _level0(plain), _level0(mixed)
+    h, w = a.shape[:2]
+    kernel = np.ones((5, 5), np.uint8)
+
+    def level0(mask: np.ndarray) -> np.ndarray:
+        return np.kron(mask.astype(np.uint8), np.ones((16, 16), np.uint8))[:h, :w].astype(bool)
+
+    near = level0(cv2.dilate(low.astype(np.uint8), kernel))
+    assert np.array_equal(a[~near], b[~near])  # normal tissue, glass and high-grade tumour
+    deep_low = level0(cv2.erode(low.astype(np.uint8), kernel))
+    assert deep_low.sum() > 5_000
+    stain = SMALL.stain
+    assert _haematoxylin(b[deep_low], stain).mean() < _haematoxylin(a[deep_low], stain).mean() - 0.1
+
+
+def test_low_grade_on_a_normal_slide_changes_nothing(tmp_path: Path) -> None:
+    normal = SMALL.model_copy(update={"tumour_fraction": 0.0})
+    with_option = normal.model_copy(update={"low_grade_share_range": (0.3, 0.6)})
+    a = generate_slide(tmp_path / "a", "n1", normal, seed=5)
+    b = generate_slide(tmp_path / "b", "n1", with_option, seed=5)
+    assert sha256_file(a.slide_path) == sha256_file(b.slide_path)
+    assert b.low_grade_mask_path is None
+    assert not list((tmp_path / "b" / "masks").glob("*_low_grade.png"))
+
+
+def test_low_grade_default_is_off_and_bounds_are_checked(tmp_path: Path) -> None:
+    assert SMALL.low_grade_share_range == (0.0, 0.0)
+    assert SynthSiteConfig(name="x", n_slides=1).low_grade_share_range == (0.0, 0.0)
+    _assert_range_refused(
+        "low_grade_share_range",
+        (
+            ((-0.1, 0.5), "low-grade share"),
+            ((0.2, 0.95), "low-grade share"),
+            ((0.6, 0.3), "not ordered"),
+        ),
+    )
+    site = SynthSiteConfig(
+        name="x",
+        n_slides=2,
+        tumour_share=1.0,
+        low_grade_share_range=(0.3, 0.5),
+        width_range=(1024, 1024),
+        height_range=(1024, 1024),
+        tumour_fraction_range=(0.2, 0.3),
+    )
+    cohort = SynthCohortConfig(sites=(site,), bank_size=512)
+    plans = plan_site(site, cohort, seed=0)
+    assert all(p.config.low_grade_share_range == (0.3, 0.5) for p in plans)
+    slides = generate_site(tmp_path / "x", site, cohort, seed=0)
+    masks = sorted(p.name for p in (tmp_path / "x" / "masks").glob("*_low_grade.png"))
+    assert masks == [f"{s.slide_id}_low_grade.png" for s in slides]
+    # Regenerating without the option removes the now stale low-grade masks.
+    plain = site.model_copy(update={"low_grade_share_range": (0.0, 0.0)})
+    generate_site(tmp_path / "x", plain, SynthCohortConfig(sites=(plain,), bank_size=512), 0)
+    assert not list((tmp_path / "x" / "masks").glob("*_low_grade.png"))

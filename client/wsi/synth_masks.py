@@ -231,6 +231,22 @@ def make_tumour_mask(
     return drop_nested_islands(mask)
 
 
+def low_grade_mask(
+    rng: np.random.Generator, tumour: np.ndarray, share: float, sigma_px: float
+) -> np.ndarray:
+    """The part of ``tumour`` rendered with the subtle (low-grade) morphology.
+
+    The ``share`` of tumour pixels where a smooth random field (correlation ``sigma_px`` mask
+    px) is lowest: contiguous areas, a few patches across, rather than speckle, and exactly
+    the requested share, so the rest (at least ``1 − share``) stays conspicuous.
+    """
+    count = round(share * int(tumour.sum()))
+    if count <= 0:
+        return np.zeros_like(tumour, dtype=bool)
+    field = smooth_noise(rng, tumour.shape, sigma_px)
+    return _keep_top(-field, tumour.astype(bool), count)
+
+
 def partial_annotation_mask(
     rng: np.random.Generator, tumour: np.ndarray, fraction: float
 ) -> np.ndarray:

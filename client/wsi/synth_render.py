@@ -76,6 +76,9 @@ class SlideScene:
     density: np.ndarray | None = None
     """Padded like ``fields`` (rows·n + 2, cols·n + 2): the infiltrating-tumour nest field
     (tumour texture where it is positive, see ``synthetic.tumour_density``). None: solid."""
+    low_grade: np.ndarray | None = None
+    """Padded like ``fields``: 0/1 where the tumour has the subtle low-grade morphology
+    (``banks.low_grade``) instead of the high-grade one. None: high-grade throughout."""
 
     def _view(self, col: int, row: int) -> BankView:
         return self.views[(row + 1) * (self.super_cols + 2) + col + 1]
@@ -112,16 +115,37 @@ class SlideScene:
         acc += mean
         return np.maximum(acc, 0.0, out=acc).reshape(TILE, TILE, 2)
 
+    def _upsampled(self, field: np.ndarray, tx: int, ty: int) -> np.ndarray:
+        """A padded mask-resolution field at level 0 over tile (tx, ty): bilinear over the
+        tile plus one mask px of border, so neighbouring tiles join without seams."""
+        ds = self.downsample
+        n = TILE // ds
+        sub = field[ty * n : ty * n + n + 2, tx * n : tx * n + n + 2]
+        up = cv2.resize(sub, ((n + 2) * ds, (n + 2) * ds), interpolation=cv2.INTER_LINEAR)
+        return up[ds : ds + TILE, ds : ds + TILE]
+
     def _density_tile(self, tx: int, ty: int) -> np.ndarray:
         """TILE×TILE tumour weight in [0, 1] at level 0: the nest field upsampled like the
         masks (no tile seams), then a sharp edge."""
         assert self.density is not None
+        return np.clip(self._upsampled(self.density, tx, ty) * TUMOUR_NEST_SHARPNESS, 0.0, 1.0)
+
+    def _tumour_texture(self, tx: int, ty: int) -> np.ndarray:
+        """TILE×TILE×2 tumour concentrations: high-grade, or low-grade where the low-grade
+        mask says so (same edge blend as the tumour border)."""
+        x0, y0 = tx * TILE, ty * TILE
+        tumour = self.texture(self.banks.tumour, x0, y0)
+        if self.low_grade is None or self.banks.low_grade is None:
+            return tumour
         ds = self.downsample
         n = TILE // ds
-        sub = self.density[ty * n : ty * n + n + 2, tx * n : tx * n + n + 2]
-        up = cv2.resize(sub, ((n + 2) * ds, (n + 2) * ds), interpolation=cv2.INTER_LINEAR)
-        up = up[ds : ds + TILE, ds : ds + TILE]
-        return np.clip(up * TUMOUR_NEST_SHARPNESS, 0.0, 1.0)
+        if not self.low_grade[ty * n : ty * n + n + 2, tx * n : tx * n + n + 2].any():
+            return tumour
+        up = self._upsampled(self.low_grade, tx, ty)
+        weight = np.clip((up - 0.5) * (ds / TUMOUR_EDGE_PX) + 0.5, 0.0, 1.0)
+        subtle = self.texture(self.banks.low_grade, x0, y0)
+        tumour += _two_channel(weight) * (subtle - tumour)
+        return tumour
 
     def render_tile(self, tx: int, ty: int) -> np.ndarray | None:
         """TILE×TILE×3 uint8 RGB of tile (tx, ty); None when it is empty glass."""
@@ -135,7 +159,7 @@ class SlideScene:
         x0, y0 = tx * TILE, ty * TILE
         conc = self.texture(self.banks.normal, x0, y0)
         if sub[..., 1].any():
-            tumour = self.texture(self.banks.tumour, x0, y0)
+            tumour = self._tumour_texture(tx, ty)
             alpha = np.clip((up[..., 1] - 0.5) * (ds / TUMOUR_EDGE_PX) + 0.5, 0.0, 1.0)
             if self.density is not None:
                 alpha *= self._density_tile(tx, ty)
@@ -164,12 +188,17 @@ def build_scene(
     stain: StainConfig,
     rng: np.random.Generator,
     density: np.ndarray | None = None,
+    low_grade: np.ndarray | None = None,
 ) -> SlideScene:
     """Assemble the padded mask fields and draw one bank view per super-tile.
 
     ``density`` (mask resolution, like ``tumour``) is the infiltrating-tumour nest field; None
-    keeps solid tumour everywhere and the scene exactly as without the option.
+    keeps solid tumour everywhere and the scene exactly as without the option. ``low_grade``
+    (same grid, 0/1, within ``tumour``) marks the subtle component; it needs
+    ``banks.low_grade``. None keeps every tumour pixel high-grade.
     """
+    if low_grade is not None and banks.low_grade is None:
+        raise ConfigError("a low-grade tumour mask needs a low-grade texture bank")
     if TILE % downsample:
         raise ConfigError(f"mask downsample {downsample} must divide the tile size {TILE}")
     n = TILE // downsample
@@ -178,13 +207,15 @@ def build_scene(
     h, w = tissue.shape
     fields[1 : 1 + h, 1 : 1 + w, 0] = tissue
     fields[1 : 1 + h, 1 : 1 + w, 1] = tumour
-    thick = np.pad(thickness, ((1, rows * n + 1 - h), (1, cols * n + 1 - w)), mode="edge")
+    pad = ((1, rows * n + 1 - h), (1, cols * n + 1 - w))
+    thick = np.pad(thickness, pad, mode="edge")
     fields[..., 2] = thick
     padded_density = None
     if density is not None:
-        padded_density = np.pad(
-            density.astype(np.float32), ((1, rows * n + 1 - h), (1, cols * n + 1 - w)), mode="edge"
-        )
+        padded_density = np.pad(density.astype(np.float32), pad, mode="edge")
+    padded_low_grade = None
+    if low_grade is not None:
+        padded_low_grade = np.pad(low_grade.astype(np.float32), pad, mode="edge")
     size = banks.normal.size
     super_rows, super_cols = math.ceil(height / size), math.ceil(width / size)
     views = tuple(random_views(rng, (super_rows + 2) * (super_cols + 2), size))
@@ -200,4 +231,5 @@ def build_scene(
         matrix=stain_matrix(stain),
         background=stain.background_rgb,
         density=padded_density,
+        low_grade=padded_low_grade,
     )

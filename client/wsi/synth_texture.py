@@ -24,6 +24,23 @@ from common.errors import ConfigError
 TILE = 256
 """Tile side of the TIFF and the largest crop taken from a bank (its wrap padding)."""
 
+# The low-grade component (``_low_grade_texture``), tuned against EfficientNet-Lite0 features
+# (bench/README.md, accuracy): subtle enough that the high-grade tumour's best feature and a
+# probe trained on high-grade vs normal rank it barely above normal (AUC ~0.7), distinct enough
+# that a probe given its labels separates it from normal (AUC > 0.99).
+LOW_GRADE_CORD_UM = 40.0
+"""Correlation length of the field whose level sets the cords follow."""
+LOW_GRADE_CORD_FREQ = 1.5
+"""Cords per unit of that (unit-variance) field: several roughly parallel cords per tubule."""
+LOW_GRADE_CORD_WIDTH = 0.2
+"""Share of each level-set period covered by a cord (about a fifth of the area)."""
+LOW_GRADE_CELL_AREA_UM2 = 60.0
+"""Candidate nucleus per this many µm² (kept only inside cords)."""
+LOW_GRADE_NUCLEUS_UM = (3.2, 4.2)
+"""Semi-major axis, µm: mildly enlarged (high-grade 4.5-7.5, lymphocytes 2.6-3.4)."""
+LOW_GRADE_NUCLEUS_H = (0.4, 0.6)
+"""Haematoxylin of the pale vesicular nuclei (high-grade 0.6-1.75, normal 0.9-1.9)."""
+
 
 @dataclass(frozen=True)
 class TextureBank:
@@ -45,6 +62,8 @@ class TextureBank:
 class TextureBanks:
     normal: TextureBank
     tumour: TextureBank
+    low_grade: TextureBank | None = None
+    """The subtle (well-differentiated) tumour component; None when the slide has none."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,8 +250,14 @@ def _fibres(rng: np.random.Generator, size: int, mpp: float) -> tuple[np.ndarray
     return fibre, local_angle
 
 
-def _normal_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
-    """Pink fibrous stroma with sparse fibroblast and lymphocyte nuclei, a few vessels."""
+def _stroma(
+    rng: np.random.Generator, size: int, mpp: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Fibrous stroma without nuclei: (haematoxylin, eosin, lumen, local fibre angle).
+
+    Shared by normal tissue and the low-grade tumour component, which infiltrates the same
+    stroma: what tells the two apart is then the cells, not the background.
+    """
     fibre, local_angle = _fibres(rng, size, mpp)
     density = _spectral_field(rng, size, _px(60.0, mpp))
     spaces = _spectral_field(rng, size, _px(14.0, mpp))
@@ -247,6 +272,12 @@ def _normal_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarr
     wall = np.clip(1.0 - np.abs(spaces - 2.1) * 6.0, 0.0, 1.0)
     eosin = eosin * (1.0 - 0.93 * lumen) + 0.25 * wall
     haem = haem * (1.0 - 0.9 * lumen)
+    return haem, eosin, lumen, local_angle
+
+
+def _normal_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
+    """Pink fibrous stroma with sparse fibroblast and lymphocyte nuclei, a few vessels."""
+    haem, eosin, lumen, local_angle = _stroma(rng, size, mpp)
 
     area_um2 = (size * mpp) ** 2
     n = rng.poisson(area_um2 / 650.0)
@@ -326,6 +357,51 @@ def _tumour_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarr
     return _finish(haem, eosin, mpp)
 
 
+def _low_grade_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
+    """Well-differentiated (low-grade) carcinoma: cords and small tubules in fibrous stroma.
+
+    The subtle component of a heterogeneous tumour. Its cells are not a fainter copy of the
+    high-grade sheets (which weak supervision finds by their crowded, hyperchromatic, purple
+    nuclei) but a different picture: orderly rows of only mildly enlarged, round, pale
+    vesicular nuclei with fine chromatin and no nucleoli, with a little pale cytoplasm, running
+    in cords and around small lumens through the same fibrous stroma as normal tissue. Overall
+    it stays pink and sparse like stroma, so a detector of the high-grade pattern scores it as
+    normal, while the beaded rows of round nuclei still tell it apart.
+    """
+    haem, eosin, stroma_lumen, _ = _stroma(rng, size, mpp)
+    tubules = _spectral_field(rng, size, _px(LOW_GRADE_CORD_UM, mpp))
+    cyto = _spectral_field(rng, size, _px(2.0, mpp))
+    # Cords: bands around level sets of a smooth field; small lumens where it peaks.
+    phase = np.abs(np.mod(tubules * LOW_GRADE_CORD_FREQ, 1.0) - 0.5) * 2.0
+    band = np.clip((LOW_GRADE_CORD_WIDTH - phase) / 0.08, 0.0, 1.0) * (stroma_lumen < 0.1)
+    lumen = np.clip((tubules - 1.6) * 5.0, 0.0, 1.0)
+    cell_eosin = 0.30 + 0.03 * cyto
+    eosin = eosin + band * (cell_eosin - eosin)
+    haem = haem + band * (0.06 - haem)
+    eosin *= 1.0 - 0.9 * lumen
+    haem *= 1.0 - 0.9 * lumen
+
+    area_um2 = (size * mpp) ** 2
+    n = rng.poisson(area_um2 / LOW_GRADE_CELL_AREA_UM2)
+    centers = rng.uniform(0, size, (n, 2))
+    cx, cy = centers[:, 0].astype(int) % size, centers[:, 1].astype(int) % size
+    keep = (rng.random(n) < band[cy, cx]) & (lumen[cy, cx] < 0.1)
+    centers = centers[keep]
+    n = len(centers)
+    major = rng.uniform(*LOW_GRADE_NUCLEUS_UM, n) / mpp
+    minor = major / rng.uniform(1.0, 1.25, n)
+    angle = rng.uniform(0, math.pi, n)
+    value = rng.uniform(*LOW_GRADE_NUCLEUS_H, n)
+    rim = rng.uniform(0.25, 0.45, n)
+    nuclei = np.zeros((size, size), dtype=np.float32)
+    nuc_mask = _draw_nuclei(nuclei, _Nuclei(centers, major, minor, angle, 0.06, value), rng, rim)
+    chromatin = _spectral_field(rng, size, _px(0.6, mpp))
+    inside_nuc = nuc_mask > 0
+    haem = np.where(inside_nuc, nuclei * (1.0 + 0.1 * chromatin), haem)
+    eosin = np.where(inside_nuc, eosin * 0.55, eosin)
+    return _finish(haem, eosin, mpp)
+
+
 def _finish(haem: np.ndarray, eosin: np.ndarray, mpp: float) -> np.ndarray:
     """Clip to physical (non-negative) concentrations and add the scanner's optical blur."""
     conc = np.stack([np.clip(haem, 0, None), np.clip(eosin, 0, None)], axis=-1)
@@ -339,14 +415,25 @@ def _bank(conc: np.ndarray) -> TextureBank:
     return TextureBank(size=size, data=np.ascontiguousarray(padded, dtype=np.float32), mean=mean)
 
 
-def build_banks(size: int, mpp: float, seed: np.random.SeedSequence) -> TextureBanks:
-    """Draw the normal and tumour banks of one slide (deterministic in ``seed``)."""
+def build_banks(
+    size: int, mpp: float, seed: np.random.SeedSequence, *, low_grade: bool = False
+) -> TextureBanks:
+    """Draw the normal and tumour banks of one slide (deterministic in ``seed``).
+
+    ``low_grade`` adds the subtle tumour component's bank from a third child of ``seed``;
+    spawned children do not depend on how many are spawned, so the other two banks stay
+    the same bytes with or without it.
+    """
     if size % TILE:
         raise ConfigError(f"bank size {size} must be a multiple of {TILE}")
-    normal_seed, tumour_seed = seed.spawn(2)
+    children = seed.spawn(3 if low_grade else 2)
+    subtle = None
+    if low_grade:
+        subtle = _bank(_low_grade_texture(np.random.default_rng(children[2]), size, mpp))
     return TextureBanks(
-        normal=_bank(_normal_texture(np.random.default_rng(normal_seed), size, mpp)),
-        tumour=_bank(_tumour_texture(np.random.default_rng(tumour_seed), size, mpp)),
+        normal=_bank(_normal_texture(np.random.default_rng(children[0]), size, mpp)),
+        tumour=_bank(_tumour_texture(np.random.default_rng(children[1]), size, mpp)),
+        low_grade=subtle,
     )
 
 

@@ -11,6 +11,7 @@ Per slide (see ``generate_slide``)::
     slides/<id>.tiff            pyramidal JPEG TIFF, Aperio-style description (MPP, AppMag)
     masks/<id>_tissue.png       uint8 0/255 at ``mask_downsample`` level-0 px per mask px
     masks/<id>_tumour.png       same grid; all zero on a normal slide
+    masks/<id>_low_grade.png    same grid: the tumour's subtle component (only when asked for)
     annotations/<id>.geojson    QuPath outlines of the (possibly partially) annotated tumour
     annotations/<id>.xml        the same outlines in ASAP / Camelyon16 XML
 
@@ -35,6 +36,7 @@ from pydantic import Field, field_validator, model_validator
 
 from client.wsi.annotations import write_asap_xml, write_qupath_geojson
 from client.wsi.synth_masks import (
+    low_grade_mask,
     make_tissue_mask,
     make_tumour_mask,
     mask_polygons,
@@ -62,6 +64,11 @@ GROUND_TRUTH_COLUMNS = (
 )
 MICRO_METASTASIS_FRACTION = 0.03
 """Below this tumour share of tissue a slide gets a single focus unless told otherwise."""
+MAX_LOW_GRADE_SHARE = 0.9
+"""Largest share of a tumour that may be low-grade: the rest is what slide labels can find."""
+LOW_GRADE_AREA_UM = 128.0
+"""Correlation length of the field that splits a tumour into low- and high-grade areas: one
+patch of 256 px at 0.5 µm/px, so low-grade areas span a few patches."""
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -131,6 +138,13 @@ class SynthSlideConfig(SynthRenderSettings):
         "between these bounds (1: solid tumour sheets; e.g. 0.3: tumour cells sparse in "
         "stroma, hard to tell from normal); the ground truth stays the whole region",
     )
+    low_grade_share_range: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description="share of the tumour rendered with the subtle low-grade morphology, drawn "
+        "uniformly per slide between these bounds, in contiguous areas (0: none; at most "
+        f"{MAX_LOW_GRADE_SHARE}, so every tumour keeps a conspicuous high-grade part); the "
+        "ground truth stays the whole tumour",
+    )
     annotate: bool = Field(True, description="write GeoJSON/XML outlines for a tumour slide")
     annotated_region_fraction: float = Field(
         1.0,
@@ -151,6 +165,11 @@ class SynthSlideConfig(SynthRenderSettings):
     @classmethod
     def _density_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
         return _density_range(value)
+
+    @field_validator("low_grade_share_range")
+    @classmethod
+    def _low_grade_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _low_grade_range(value)
 
     @property
     def resolved_objective(self) -> float:
@@ -173,6 +192,8 @@ class SynthSlide:
     annotation_complete: bool | None = None
     level0_mpp: float = 0.5
     dimensions: tuple[int, int] = (0, 0)
+    low_grade_mask_path: Path | None = None
+    """The subtle tumour component (a subset of the tumour mask), when the slide has one."""
 
 
 def _png(mask: np.ndarray, slide_id: str, what: str) -> bytes:
@@ -195,7 +216,8 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
     ds = cfg.mask_downsample
     root = np.random.SeedSequence(seed)
     # spawn(n)'s children do not depend on n: adding a stream keeps every earlier slide's bytes.
-    s_tissue, s_tumour, s_thick, s_banks, s_views, s_partial, s_density = root.spawn(7)
+    streams = root.spawn(8)
+    s_tissue, s_tumour, s_thick, s_banks, s_views, s_partial, s_density, s_grade = streams
     shape = (math.ceil(cfg.height_px / ds), math.ceil(cfg.width_px / ds))
 
     tissue = make_tissue_mask(
@@ -210,6 +232,11 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
     n_tissue = int(tissue.sum())
     realised = float(tumour.sum()) / n_tissue if n_tissue else 0.0
     is_tumour = bool(tumour.any())
+    low_grade = None
+    if is_tumour and cfg.low_grade_share_range[1] > 0:
+        grade_rng = np.random.default_rng(s_grade)
+        share = float(grade_rng.uniform(*cfg.low_grade_share_range))
+        low_grade = low_grade_mask(grade_rng, tumour, share, LOW_GRADE_AREA_UM / (cfg.mpp * ds))
 
     scene = build_scene(
         width=cfg.width_px,
@@ -218,10 +245,11 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
         tissue=tissue,
         tumour=tumour,
         thickness=thickness_field(np.random.default_rng(s_thick), shape),
-        banks=build_banks(cfg.bank_size, cfg.mpp, s_banks),
+        banks=build_banks(cfg.bank_size, cfg.mpp, s_banks, low_grade=low_grade is not None),
         stain=cfg.stain,
         rng=np.random.default_rng(s_views),
         density=tumour_density(np.random.default_rng(s_density), shape, cfg.tumour_density_range),
+        low_grade=low_grade,
     )
     slide_path = out_dir / "slides" / f"{slide_id}.tiff"
     write_pyramid(
@@ -239,6 +267,11 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
     tumour_path = out_dir / "masks" / f"{slide_id}_tumour.png"
     atomic_write_bytes(tissue_path, _png(tissue, slide_id, "tissue"))
     atomic_write_bytes(tumour_path, _png(tumour, slide_id, "tumour"))
+    low_grade_path = out_dir / "masks" / f"{slide_id}_low_grade.png"
+    if low_grade is not None:
+        atomic_write_bytes(low_grade_path, _png(low_grade, slide_id, "low-grade"))
+    else:
+        low_grade_path.unlink(missing_ok=True)
 
     geojson_path = out_dir / "annotations" / f"{slide_id}.geojson"
     xml_path = out_dir / "annotations" / f"{slide_id}.xml"
@@ -270,12 +303,20 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
         annotation_complete=complete,
         level0_mpp=cfg.mpp,
         dimensions=(cfg.width_px, cfg.height_px),
+        low_grade_mask_path=low_grade_path if low_grade is not None else None,
     )
 
 
 # --------------------------------------------------------------------------------------------
 # Cohorts
 # --------------------------------------------------------------------------------------------
+
+
+def _low_grade_range(value: tuple[float, float]) -> tuple[float, float]:
+    lo, hi = _ordered(value)
+    if not (lo >= 0 and hi <= MAX_LOW_GRADE_SHARE):
+        raise ValueError(f"low-grade share must lie in [0, {MAX_LOW_GRADE_SHARE}]; got {value}")
+    return lo, hi
 
 
 def _density_range(value: tuple[float, float]) -> tuple[float, float]:
@@ -351,6 +392,9 @@ class SynthSiteConfig(StrictModel):
     tumour_density_range: tuple[float, float] = Field(
         (1.0, 1.0), description="bounds of the tumour texture weight (see SynthSlideConfig)"
     )
+    low_grade_share_range: tuple[float, float] = Field(
+        (0.0, 0.0), description="bounds of the low-grade share of tumour (see SynthSlideConfig)"
+    )
     mpp: float = Field(0.5, gt=0.05, le=10, description="level-0 µm per pixel")
     seed_offset: int = Field(0, ge=0, description="decorrelates sites generated from one seed")
     slides_per_patient: int = Field(1, ge=1, description="consecutive slides share a patient")
@@ -375,6 +419,11 @@ class SynthSiteConfig(StrictModel):
     @classmethod
     def _density_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
         return _density_range(value)
+
+    @field_validator("low_grade_share_range")
+    @classmethod
+    def _low_grade_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _low_grade_range(value)
 
     @model_validator(mode="after")
     def _physical_ranges(self) -> SynthSiteConfig:
@@ -467,6 +516,7 @@ def plan_site(site: SynthSiteConfig, cohort: SynthCohortConfig, seed: int) -> li
             ),
             tumour_fraction=fraction,
             tumour_density_range=site.tumour_density_range,
+            low_grade_share_range=site.low_grade_share_range,
             annotate=i in annotated,
             annotated_region_fraction=site.partial_region_fraction if i in partial else 1.0,
             stain=site.stain,
@@ -505,7 +555,7 @@ def _remove_stale(site_dir: Path, keep: set[Path]) -> None:
     """Delete generator outputs of slides that are no longer part of the site."""
     patterns = {
         "slides": ("*.tiff",),
-        "masks": ("*_tissue.png", "*_tumour.png"),
+        "masks": ("*_tissue.png", "*_tumour.png", "*_low_grade.png"),
         "annotations": ("*.geojson", "*.xml"),
     }
     for sub, globs in patterns.items():
@@ -545,6 +595,7 @@ def generate_site(
                 s.tumour_mask_path,
                 s.geojson_path,
                 s.asap_xml_path,
+                s.low_grade_mask_path,
             )
             if p is not None
         )
