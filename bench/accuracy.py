@@ -115,6 +115,11 @@ class CohortSpec(StrictModel):
         description="infiltrating tumour: share of a tumour region covered by tumour nests "
         "(solid sheets, 1, are separable by a single feature: nothing left to compare)",
     )
+    low_grade_share_range: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description="tumour heterogeneity: share of each tumour rendered with the subtle "
+        "low-grade morphology (see SynthSlideConfig), the rest conspicuous high-grade",
+    )
     partial_share: float = Field(
         0.5, ge=0, le=1, description="share of training tumour slides outlined only partially"
     )
@@ -197,6 +202,7 @@ def synth_config(spec: CohortSpec) -> SynthCohortConfig:
             "height_range": h.height_range,
             "tumour_fraction_range": spec.tumour_fraction_range,
             "tumour_density_range": spec.tumour_density_range,
+            "low_grade_share_range": spec.low_grade_share_range,
             "tumour_share": 0.5,
         }
         sites.append(
