@@ -17,11 +17,13 @@ from client.config import EmbeddingConfig, ResolutionConfig
 from client.embed import extract
 from client.embed.extract import (
     calibration_batch,
+    calibration_images,
     choose_precision,
     cpu_supports_bf16,
     extract_features,
     get_runner,
     measure_bf16_cosine,
+    normalise_images,
 )
 from client.embed.registry import LoadedEncoder, load_encoder
 from client.wsi.reader import WsiReader
@@ -75,20 +77,22 @@ def _grid(reader: WsiReader, plan: ReadPlan, seed: int = 0) -> np.ndarray:
 def _direct_features(
     reader: WsiReader, coords: np.ndarray, plan: ReadPlan, encoder: LoadedEncoder
 ) -> np.ndarray:
-    """The obvious single-threaded loop, written independently of the pipeline."""
+    """The obvious single-threaded loop, written independently of the pipeline.
+
+    The pipeline's contract: the 8-bit patch is resized (area filter for downscales, here at
+    most 2x where it equals bilinear), then normalised in float32.
+    """
     spec = encoder.spec
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     rows = []
     for x, y in coords:
         rgb = reader.read_region((int(x), int(y)), plan.level, (plan.read_size, plan.read_size))
-        image = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0 - mean) / std
-        image = image.permute(1, 2, 0).numpy()
         if plan.read_size > spec.input_size:
-            image = cv2.resize(image, (spec.input_size,) * 2, interpolation=cv2.INTER_AREA)
+            rgb = cv2.resize(rgb, (spec.input_size,) * 2, interpolation=cv2.INTER_AREA)
         elif plan.read_size < spec.input_size:
-            image = cv2.resize(image, (spec.input_size,) * 2, interpolation=cv2.INTER_LINEAR)
-        tensor = torch.from_numpy(image).permute(2, 0, 1)
+            rgb = cv2.resize(rgb, (spec.input_size,) * 2, interpolation=cv2.INTER_LINEAR)
+        tensor = (torch.from_numpy(rgb).permute(2, 0, 1).float() / 255.0 - mean) / std
         with torch.inference_mode():
             rows.append(encoder.model(tensor[None])[0].numpy())
     return np.stack(rows)
@@ -180,12 +184,14 @@ class _FaultyReader:
         self.reads = 0
         self._lock = threading.Lock()
 
-    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]):
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], *, copy: bool = True
+    ):
         with self._lock:
             self.reads += 1
         if self.fail_at is not None and tuple(location) == self.fail_at:
             raise self.exc
-        return self._reader.read_region(location, level, size)
+        return self._reader.read_region(location, level, size, copy=copy)
 
 
 def _reader_threads_alive() -> list[threading.Thread]:
@@ -426,3 +432,28 @@ def test_bilinear_256_to_224_stays_close_to_area_on_real_tiles() -> None:
         area = cv2.resize(big, (224, 224), interpolation=cv2.INTER_AREA)
         linear = cv2.resize(big, (224, 224), interpolation=cv2.INTER_LINEAR)
         assert float(np.abs(area - linear).mean()) < 2.0, tile.name  # of 255
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_pixel_runner_normalises_uint8_like_the_float_model(tiny: LoadedEncoder, jit: bool) -> None:
+    """The pipeline feeds 8-bit RGB; the runner (traced: inside its graph) normalises it."""
+    images = calibration_images(tiny.spec, 5, seed=7)
+    assert images.dtype == torch.uint8
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    runner = get_runner(tiny, "float32", 8, jit=jit, pixels=True)
+    assert runner is not get_runner(tiny, "float32", 8, jit=jit)
+    assert runner.mode == ("jit" if jit else "eager")
+    if jit:
+        assert runner.normalise is None  # the graph itself is a PixelEncoder
+    with torch.inference_mode():
+        expected = tiny.model(calibration_batch(tiny.spec, 5, seed=7))
+    torch.testing.assert_close(runner(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_normalise_images_matches_the_encoder_spec() -> None:
+    spec = load_encoder("tiny_cnn").spec
+    images = calibration_images(spec, 2, seed=1)
+    got = normalise_images(spec, images)
+    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std).view(1, 3, 1, 1)
+    torch.testing.assert_close(got, (images.float() / 255.0 - mean) / std)

@@ -112,6 +112,30 @@ def test_outside_is_white_and_edges_cropped(tmp_path: Path) -> None:
         assert (reader.read_region((5000, 5000), 0, (32, 32)) == 255).all()
 
 
+def test_view_reads_share_the_cached_tile_read_only(tmp_path: Path) -> None:
+    """copy=False (the embedding reader) skips a copy but can never alter the cached tile."""
+    rgb = textured()
+    path = write_pyramid(tmp_path / "view.tif", rgb, compression="zlib", levels=2)
+    with WsiReader(path) as reader:
+        assert 0 in reader.fast_levels
+        inside_one_tile = ((256, 512), (128, 128))
+        view = reader.read_region(*inside_one_tile[:1], 0, inside_one_tile[1], copy=False)
+        owned = reader.read_region(*inside_one_tile[:1], 0, inside_one_tile[1])
+        np.testing.assert_array_equal(view, rgb[512:640, 256:384])
+        np.testing.assert_array_equal(owned, view)
+        assert not view.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            view[0, 0] = 0
+        assert owned.flags.writeable and not np.shares_memory(owned, view)
+        owned[...] = 0  # the caller's copy is its own
+        again = reader.read_region((256, 512), 0, (128, 128), copy=False)
+        assert np.shares_memory(again, view)
+        np.testing.assert_array_equal(again, rgb[512:640, 256:384])
+        spanning = reader.read_region((200, 500), 0, (128, 128), copy=False)  # four tiles
+        assert spanning.flags.writeable
+        np.testing.assert_array_equal(spanning, rgb[500:628, 200:328])
+
+
 def test_synthetic_slide_matches_openslide(tmp_path: Path) -> None:
     cfg = SynthSlideConfig(width_px=2048, height_px=1536)
     slide = generate_slide(tmp_path, "synth", cfg, seed=3)

@@ -393,9 +393,13 @@ class WsiReader:
         return self._slide
 
     def read_region(
-        self, location: tuple[int, int], level: int, size: tuple[int, int]
+        self, location: tuple[int, int], level: int, size: tuple[int, int], *, copy: bool = True
     ) -> np.ndarray:
-        """H×W×3 uint8 RGB of ``size`` px at ``level``, top-left at level-0 ``location``."""
+        """H×W×3 uint8 RGB of ``size`` px at ``level``, top-left at level-0 ``location``.
+
+        ``copy=False`` allows a read-only view into the tile cache when the region is exactly
+        inside one cached tile (saves a copy per patch for callers that copy anyway).
+        """
         sid = self.info.slide_id
         if not 0 <= level < self.info.level_count:
             raise SlideReadError(sid, f"level {level} does not exist ({self.info.level_count})")
@@ -408,7 +412,7 @@ class WsiReader:
         if self._slide is None:
             raise SlideReadError(sid, "the slide has been closed")
         try:
-            rgb = fast.read((int(location[0]), int(location[1])), (width, height))
+            rgb = fast.read((int(location[0]), int(location[1])), (width, height), copy=copy)
         except TileDecodeError as exc:
             raise SlideReadError(
                 sid, f"cannot decode region {size} at {location}, level {level}: {exc}"

@@ -212,11 +212,14 @@ class TiledLevelReader:
         self.cache.put(key, tile)
         return tile
 
-    def read(self, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray | None:
+    def read(
+        self, location: tuple[int, int], size: tuple[int, int], *, copy: bool = True
+    ) -> np.ndarray | None:
         """H×W×3 uint8 RGB at level-0 ``location``; outside the level (and empty tiles) white.
 
         None when ``location`` falls between pixels of this level (see ``level_origin``): the
-        caller must then use OpenSlide.
+        caller must then use OpenSlide. ``copy=False``: a region inside one cached tile comes
+        back as a read-only view of it (the tile stays intact: numpy refuses writes).
         """
         width, height = int(size[0]), int(size[1])
         origin = level_origin(location, self.downsample)
@@ -236,8 +239,9 @@ class TiledLevelReader:
             if tile is None:
                 return np.full((height, width, 3), 255, dtype=np.uint8)
             tx, ty = x - col0 * tw, y - row0 * th
-            # Always a copy: callers own the result, the cached tile must stay intact.
-            return tile[ty : ty + height, tx : tx + width].copy()
+            view = tile[ty : ty + height, tx : tx + width]
+            # Callers that own the result get a copy; the cached tile must stay intact.
+            return view.copy() if copy else view
         out = np.empty((height, width, 3), dtype=np.uint8)
         if not covered:
             out.fill(255)
