@@ -36,7 +36,7 @@ from matplotlib.ticker import MaxNLocator
 
 from common import __version__
 from common.atomic import atomic_write_bytes, atomic_write_text
-from server.run_files import EvalMetrics, RoundRecord, RunFiles, read_run
+from server.run_files import EvalMetrics, RoundRecord, RunFiles, TrainMetrics, read_run
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
@@ -798,8 +798,48 @@ def _site_round_row(record: RoundRecord, site: str) -> list[Any]:
         fmt(None if t is None else t.seconds, 1),
         fmt(None if e is None else e.loss),
         fmt(None if e is None else e.auc),
+        _skipped_cell(t, e),
         fmt(None if p is None else p.epsilon, 3),
     ]
+
+
+def _skipped_count(metrics: TrainMetrics | EvalMetrics | None) -> int | None:
+    if metrics is None or metrics.skipped_slides is None:
+        return None
+    return int(metrics.skipped_slides)
+
+
+def _skipped_cell(train: TrainMetrics | None, evaluation: EvalMetrics | None) -> Html | str:
+    counts = (_skipped_count(train), _skipped_count(evaluation))
+    if counts == (None, None):
+        return NA
+    text = " / ".join(NA if c is None else str(c) for c in counts)
+    return Html(f'<span class="warn">{esc(text)}</span>') if any(counts) else text
+
+
+def skipped_slides_html(run: RunFiles) -> str:
+    """A warning naming each site and round where slides were left out (counts only).
+
+    Slide ids never leave a hospital, so the page can only say how many and where to look.
+    """
+    notes = []
+    for record in run.rounds:
+        for site in run.site_names():
+            train = _skipped_count(record.train.get(site)) or 0
+            evaluation = _skipped_count(record.evaluate.get(site)) or 0
+            if train or evaluation:
+                notes.append(
+                    f"round {record.round}, {esc(site)}: {train} training/validation and "
+                    f"{evaluation} evaluation slide(s)"
+                )
+    if not notes:
+        return ""
+    return (
+        '<p class="warn">Slides left out because their feature bags failed validation '
+        "(wrong dimension or encoder, NaN/Inf, unreadable): "
+        f"{'; '.join(notes)}. The site's own log names each slide and the problem; "
+        "re-run <code>fedpath prepare</code> there.</p>"
+    )
 
 
 def site_rounds_html(run: RunFiles) -> str:
@@ -821,12 +861,13 @@ def site_rounds_html(run: RunFiles) -> str:
         "train s",
         "eval loss",
         "eval AUC",
+        "skipped (train / eval)",
         "ε",
     ]
     return (
         "<h2>Per-site results by round</h2><p>Train and val columns are the site's reply "
         "after local training; eval columns are the global model evaluated at the site.</p>"
-        f"{table(headers, rows, numeric_from=3)}"
+        f"{table(headers, rows, numeric_from=3)}{skipped_slides_html(run)}"
     )
 
 

@@ -81,6 +81,8 @@ class TrainMetrics(RunFileModel):
     val_auc: float | None = None
     val_patch_auc: float | None = None
     seconds: float | None = None
+    skipped_slides: float | None = None
+    """Training/validation slides the site left out: their feature bags failed validation."""
 
 
 class EvalMetrics(RunFileModel):
@@ -92,6 +94,8 @@ class EvalMetrics(RunFileModel):
     patch_auc: float | None = None
     balanced_accuracy: float | None = None
     f1: float | None = None
+    skipped_slides: float | None = None
+    """Evaluation slides the site left out: their feature bags failed validation."""
 
 
 class GlobalMetrics(RunFileModel):

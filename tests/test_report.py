@@ -345,3 +345,32 @@ def test_client_level_guarantee_and_epsilon_by_round_are_rendered(tmp_path: Path
     assert PRIVACY_TEXT not in text, "the delivered guarantee replaces the planned one"
     assert "ε of the federation by round" in text and "opacus-rdp" in text
     assert "7.500" in text and "σ·C·max w" in text
+
+
+def test_skipped_slides_are_counted_per_site_and_round(tmp_path: Path) -> None:
+    """Bags a site left out reach the report as counts and a warning (never as slide ids)."""
+    run_dir = make_run(tmp_path / "run")
+    lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    records = [json.loads(line) for line in lines]
+    for record in records:
+        for site in record["train"]:
+            record["train"][site]["skipped_slides"] = 0.0
+        for site in record["evaluate"]:
+            record["evaluate"][site]["skipped_slides"] = 0.0
+    records[2]["train"]["site_c"]["skipped_slides"] = 2.0
+    records[2]["evaluate"]["site_c"]["skipped_slides"] = 1.0
+    (run_dir / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8"
+    )
+    rounds = read_metrics(run_dir)
+    assert rounds[2].train["site_c"].skipped_slides == 2.0
+    assert rounds[2].evaluate["site_c"].skipped_slides == 1.0
+    assert rounds[0].train["site_a"].skipped_slides == 0.0
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    assert "skipped (train / eval)" in text
+    assert '<span class="warn">2 / 1</span>' in text
+    assert "round 3, site_c: 2 training/validation and 1 evaluation slide(s)" in text
+    assert "round 1, site_c" not in text and "round 3, site_a" not in text
+    # A run from before the metric existed shows n/a and no warning.
+    plain = render_report(make_run(tmp_path / "old")).read_text(encoding="utf-8")
+    assert "failed validation" not in plain
