@@ -171,17 +171,11 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
-    from server.simulate import run_simulation
+    from server.simulate import run_simulation, simulation_run_config
 
     if args.sites < 2:
         raise ConfigError(f"--sites must be at least 2, got {args.sites}")
-    run_config = {
-        "num-server-rounds": args.rounds,
-        "strategy": args.strategy,
-        "local-epochs": args.local_epochs,
-        "split-folds": 3,
-        "round-timeout": 1800.0,
-    }
+    run_config = simulation_run_config(args.rounds, args.strategy, args.local_epochs)
     console.print(
         f"simulating {args.sites} synthetic sites in Flower's simulation engine under {args.out}"
     )

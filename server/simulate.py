@@ -23,7 +23,7 @@ from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
 from server.demo_federation import app_directory, read_rounds
 from server.local_network import LocalNetwork
 
-__all__ = ["SimulationResult", "run_simulation", "simulated_site_specs"]
+__all__ = ["SimulationResult", "run_simulation", "simulated_site_specs", "simulation_run_config"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,23 @@ class SimulationResult:
     run_dir: Path
     rounds: list[dict[str, Any]]
     seconds: float
+
+
+def simulation_run_config(
+    rounds: int, strategy: str = "fedmix", local_epochs: int = 1
+) -> dict[str, Any]:
+    """The run config of ``fedpath simulate`` (also what ``bench/federation.py`` times).
+
+    Three folds because the smallest simulated sites hold 8 slides; a long round timeout
+    because Ray on a small machine can take minutes per round at 20+ sites.
+    """
+    return {
+        "num-server-rounds": rounds,
+        "strategy": strategy,
+        "local-epochs": local_epochs,
+        "split-folds": 3,
+        "round-timeout": 1800.0,
+    }
 
 
 def simulated_site_specs(n_sites: int, seed: int, feature_dim: int) -> list[SyntheticSiteSpec]:
