@@ -11,6 +11,8 @@ The site's data directory comes from the SuperNode's
 taken from the message except the instructions every site receives. A hospital sets its
 lifetime slide-level privacy budget there too (``privacy-budget=8.0 privacy-delta=1e-5``):
 the privacy ledger in the data directory and the run's ``Context.state`` keep what was spent.
+``torch-threads=N`` caps torch's threads for training and evaluation when several nodes share
+one machine (:mod:`client.threads`).
 
 A handler that fails replies with a Flower error message (reason = the fedpath error text),
 never with partial content: the server logs it and asks that site again next round.
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.threads import node_torch_threads, torch_threads
 from common.errors import ConfigError
 from common.federation import (
     ARRAYS_KEY,
@@ -141,7 +144,10 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
 
     data, site = site_of(context)
     privacy = _site_privacy(context, site)
-    weights, metrics = train_on_site(data, _instructions(content), _global_state(content), privacy)
+    with torch_threads(node_torch_threads(context.node_config)):
+        weights, metrics = train_on_site(
+            data, _instructions(content), _global_state(content), privacy
+        )
     if privacy.dataset_id is not None:
         from client.privacy_ledger import entries_to_state
 
@@ -159,7 +165,8 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     from client.federated import evaluate_on_site
 
     data, _ = site_of(context)
-    metrics = evaluate_on_site(data, _instructions(content), _global_state(content))
+    with torch_threads(node_torch_threads(context.node_config)):
+        metrics = evaluate_on_site(data, _instructions(content), _global_state(content))
     return RecordDict({METRICS_KEY: MetricRecord(check_reply_metrics(metrics, EVALUATE_METRICS))})
 
 

@@ -38,6 +38,11 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
         "site": site,
         "resident-worker": not getattr(args, "no_resident_worker", False),
     }
+    threads = getattr(args, "torch_threads", None)
+    if threads is not None:
+        from client.threads import NODE_THREADS_KEY, node_torch_threads
+
+        node_config[NODE_THREADS_KEY] = node_torch_threads({NODE_THREADS_KEY: threads})
     budget = getattr(args, "privacy_budget", None)
     delta = getattr(args, "privacy_delta", None)
     if budget is not None or delta is not None:
@@ -115,6 +120,12 @@ def add_node_command(sub: Any) -> None:
         action="store_true",
         help="run every message's training in its own fresh process (slower: torch is "
         "imported again for each message) instead of this node's resident worker",
+    )
+    node.add_argument(
+        "--torch-threads",
+        type=int,
+        help="intra-op threads for training and evaluation (default: every core; set it when "
+        "several nodes or other heavy jobs share this machine)",
     )
     node.add_argument("--print-only", action="store_true", help="print the command, do not run")
     node.set_defaults(handler=cmd_node)

@@ -223,6 +223,9 @@ class LocalNetwork:
     node_auth: bool = False
     simulation: bool = False
     """Run Flower's simulation engine (Ray) inside the SuperLink instead of real SuperNodes."""
+    torch_threads_per_node: int = 1
+    """Every node here shares this machine's cores: one intra-op thread each by default keeps
+    their OpenMP regions from stalling on each other (``client.threads``)."""
     processes: dict[str, Managed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -326,6 +329,7 @@ class LocalNetwork:
             "data-path": str(Path(data_dir).resolve()),
             "site": site,
             "resident-worker": True,
+            "torch-threads": self.torch_threads_per_node,
             **(extra_node_config or {}),
         }
         argv = [

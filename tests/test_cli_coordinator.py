@@ -89,6 +89,13 @@ def test_node_command_line_points_the_client_at_the_data(tmp_path: Path) -> None
         _node_args(tmp_path, data, ca=ca, key=key, site="hospital_a", no_resident_worker=True)
     )
     assert off[off.index("--node-config") + 1].endswith("resident-worker=false")
+    capped = supernode_argv(
+        _node_args(tmp_path, data, ca=ca, key=key, site="hospital_a", torch_threads=2)
+    )
+    capped_config = capped[capped.index("--node-config") + 1]
+    assert capped_config.endswith("resident-worker=true torch-threads=2")
+    with pytest.raises(ConfigError, match="torch-threads must be a whole number"):
+        supernode_argv(_node_args(tmp_path, data, ca=ca, key=key, torch_threads=0))
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(key)
     assert argv[argv.index("--root-certificates") + 1] == str(ca)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -210,3 +212,46 @@ def test_error_reply_names_no_slide_and_logs_the_file(tmp_path: Path, capsys) ->
     ref = reason.rsplit("[ref ", 1)[1].rstrip("]")
     logged = capsys.readouterr().err
     assert f"[ref {ref}]" in logged and first.name in logged
+
+
+def test_torch_threads_caps_the_handlers_and_is_restored(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``torch-threads`` holds while the handler runs (nodes sharing a machine) and no longer."""
+    import torch
+
+    import client.federated as federated
+
+    seen: list[int] = []
+    real_train, real_evaluate = federated.train_on_site, federated.evaluate_on_site
+
+    def spy(real: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            seen.append(torch.get_num_threads())
+            return real(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(federated, "train_on_site", spy(real_train))
+    monkeypatch.setattr(federated, "evaluate_on_site", spy(real_evaluate))
+    before = torch.get_num_threads()
+    config = {"data-path": str(site), "site": "site_a", "torch-threads": 1}
+    for kind in (MessageType.TRAIN, MessageType.EVALUATE):
+        context = Context(
+            run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={}
+        )
+        reply = app(_message(kind), context)
+        assert not reply.has_error(), reply.error
+    assert seen == [1, 1]
+    assert torch.get_num_threads() == before
+    seen.clear()
+    reply = app(_message(MessageType.EVALUATE), _context(site))
+    assert not reply.has_error() and seen == [before]
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "2", True])
+def test_a_bad_torch_threads_is_an_error_reply_naming_the_key(site: Path, bad: object) -> None:
+    config = {"data-path": str(site), "site": "site_a", "torch-threads": bad}
+    context = Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
+    reply = app(_message(MessageType.TRAIN), context)
+    assert reply.has_error() and "torch-threads must be a whole number" in reply.error.reason

@@ -54,6 +54,7 @@ import torch
 
 from client.config import EmbeddingConfig
 from client.embed.registry import EncoderSpec, LoadedEncoder
+from client.threads import torch_threads
 from client.wsi.reader import WsiReader
 from client.wsi.resolution import ReadPlan
 from common.cpuinfo import read_cpuinfo
@@ -170,20 +171,6 @@ def _autocast(precision: str) -> contextlib.AbstractContextManager[object]:
     if precision == "bfloat16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Set torch's intra-op thread count for the block and restore it afterwards."""
-    if count is None:
-        yield
-        return
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 @contextlib.contextmanager
