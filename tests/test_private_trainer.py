@@ -1,4 +1,6 @@
-"""Slide-level DP-SGD: per-slide gradients, clipping, refusal of unsafe models, the plan."""
+"""Slide-level DP-SGD: per-slide gradients, clipping, noise, refusal of unsafe models, the plan;
+in float32 and under bfloat16 autocast (the guarantee must not depend on the forward's
+precision)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from client.training import trainer
 from client.training.bags import Bag, collate
 from client.training.dp_config import DPConfig
 from client.training.privacy_accountant import epsilon, sampling_plan
 from client.training.private_trainer import (
+    PrivateTrainResult,
     check_private_model,
     clipped_slide_gradient,
     plan_private_training,
+    slide_gradient,
     train_private,
 )
 from common.errors import ConfigError
@@ -74,6 +79,66 @@ def test_a_slide_alone_gives_opacus_per_sample_gradient(kind: str) -> None:
     gsm.remove_hooks()
 
 
+def test_float32_slide_gradient_is_the_plain_autograd_gradient() -> None:
+    """precision float32 (the default) is a plain forward on the unpadded bag, no autocast:
+    bit for bit the gradient the float32-only trainer computed (and the Opacus test above
+    checks against GradSampleModule)."""
+    cfg = _cfg()
+    model = _model("clam_sb", dropout=0.0).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for bag in TRAIN[:6]:
+        batch = collate([bag])
+        out = model(batch.features, batch.mask)
+        parts = mixed_supervision_loss(
+            out.logits,
+            out.attention,
+            out.instance_logits,
+            batch.labels,
+            batch.patch_labels,
+            batch.annotation_complete,
+            batch.mask,
+            cfg.supervision,
+            torch.Generator().manual_seed(3),
+        )
+        plain = torch.autograd.grad(parts.total, params, allow_unused=True)
+        for precision in ({}, {"precision": "float32"}):
+            grads, losses = slide_gradient(
+                model, bag, cfg, torch.Generator().manual_seed(3), **precision
+            )
+            assert losses[0] == float(parts.total.detach())
+            for mine, theirs in zip(grads, plain, strict=True):
+                assert theirs is not None and torch.equal(mine, theirs)
+
+
+@pytest.mark.parametrize("kind", ["abmil", "clam_sb", "clam_mb"])
+def test_bfloat16_slide_gradients_are_float32_and_clipped_to_c(kind: str) -> None:
+    """Under bfloat16 autocast every per-slide gradient comes out float32 (what Opacus clips
+    and sums), points where the float32 one points, and clipping bounds it by C."""
+    cfg = _cfg()
+    model = _model(kind, dropout=0.0).train()
+    clip = 0.05
+    norms = []
+    for bag in TRAIN[:8]:
+        fp32, _, _ = clipped_slide_gradient(
+            model, bag, cfg, torch.Generator().manual_seed(1), 1e9, "float32"
+        )
+        bf16, _, norm = clipped_slide_gradient(
+            model, bag, cfg, torch.Generator().manual_seed(1), 1e9, "bfloat16"
+        )
+        assert all(g.dtype == torch.float32 for g in bf16)
+        a, b = torch.cat([g.flatten() for g in fp32]), torch.cat([g.flatten() for g in bf16])
+        assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99
+        assert float(b.norm()) == pytest.approx(float(a.norm()), rel=0.05)
+        clipped, _, norm_again = clipped_slide_gradient(
+            model, bag, cfg, torch.Generator().manual_seed(1), clip, "bfloat16"
+        )
+        assert norm_again == norm  # bfloat16 on the same slide is deterministic
+        total = float(torch.sqrt(sum((g.double() ** 2).sum() for g in clipped)))
+        assert total <= clip * (1 + 1e-6)
+        norms.append(norm)
+    assert max(norms) > clip, "the bound must have been active for this test to mean anything"
+
+
 @pytest.mark.parametrize("kind", ["abmil", "clam_sb", "clam_mb"])
 def test_every_slide_contribution_is_clipped_to_c(kind: str) -> None:
     model = _model(kind).train()
@@ -90,9 +155,13 @@ def test_every_slide_contribution_is_clipped_to_c(kind: str) -> None:
     assert max(norms) > clip, "the bound must have been active for this test to mean anything"
 
 
-def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(monkeypatch) -> None:
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(
+    monkeypatch: pytest.MonkeyPatch, precision: str
+) -> None:
     """With σ = 0 one step's gradient is Σ clipped / B exactly; with σ > 0 the difference from
-    that sum has std σ·C/B (checked over ~10^4 coordinates)."""
+    that sum has std σ·C/B (checked over ~10^4 coordinates). Under bfloat16 the sum is that
+    of the bfloat16 per-slide gradients clipped in float32, and the noise is the same."""
     from client.training import private_trainer as pt
 
     captured: list[list[torch.Tensor]] = []
@@ -104,7 +173,7 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(monkeypatc
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
     bags = TRAIN[:8]
-    cfg = _cfg(epochs=1, lr=0.0)  # lr 0: every step sees the same weights
+    cfg = _cfg(epochs=1, lr=0.0, precision=precision)  # lr 0: every step sees the same weights
     clip = 0.1
     sums = {}
     for sigma in (1e-12, 2.0):
@@ -132,7 +201,7 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(monkeypatc
     instances = torch.Generator().manual_seed(pt._epoch_streams(cfg.seed, 5, 0)[1])
     total = None
     for i in chosen:
-        grads, _, _ = clipped_slide_gradient(model, bags[int(i)], cfg, instances, clip)
+        grads, _, _ = clipped_slide_gradient(model, bags[int(i)], cfg, instances, clip, precision)
         total = grads if total is None else [a + g for a, g in zip(total, grads, strict=True)]
     assert total is not None
     expected = [t / 4.0 for t in total]
@@ -141,6 +210,111 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(monkeypatc
     noise = torch.cat([(g - w).flatten() for g, w in zip(sums[2.0], expected, strict=True)])
     assert noise.numel() > 5000
     assert float(noise.std()) == pytest.approx(2.0 * clip / 4.0, rel=0.05)
+
+
+def test_bfloat16_update_is_float32_clipped_slides_plus_sigma_c_noise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What Opacus' DPOptimizer receives and sums in a real bfloat16 run, step by step: float32
+    per-slide gradients; every contribution to the sum has norm ≤ C (and the bound is hit);
+    the sum is exactly those contributions; the noise added to it has mean 0 and std σ·C."""
+    from opacus.optimizers import DPOptimizer
+
+    steps: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+    clip_and_accumulate, add_noise = DPOptimizer.clip_and_accumulate, DPOptimizer.add_noise
+
+    def spy_clip(self: DPOptimizer) -> None:
+        steps.append(([p.grad_sample.detach().clone() for p in self.params], [], []))
+        clip_and_accumulate(self)
+        steps[-1][1].extend(p.summed_grad.detach().clone() for p in self.params)
+
+    def spy_noise(self: DPOptimizer) -> None:
+        add_noise(self)
+        steps[-1][2].extend(p.grad.detach().clone() for p in self.params)
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", spy_clip)
+    monkeypatch.setattr(DPOptimizer, "add_noise", spy_noise)
+    clip, sigma = 0.05, 1.5
+    dp = DPConfig(enabled=True, noise_multiplier=sigma, expected_batch_slides=4, max_grad_norm=clip)
+    result = train_private(
+        _model("clam_mb"), TRAIN, [], _cfg(epochs=2, precision="bfloat16"), dp, secret_seed=8
+    )
+    assert result.result.precision == "bfloat16"
+    assert len(steps) == result.mechanism.steps == 12
+    norms, noise = [], []
+    for samples, summed, noisy in steps:
+        assert all(g.dtype == torch.float32 for g in samples + summed + noisy)
+        n = len(samples[0])
+        expected = [torch.zeros_like(s, dtype=torch.float64) for s in summed]
+        for i in range(n):
+            norm = float(torch.sqrt(sum((g[i].double() ** 2).sum() for g in samples)))
+            factor = min(1.0, clip / (norm + 1e-6))
+            contribution = [g[i].double() * factor for g in samples]
+            assert float(torch.sqrt(sum((c**2).sum() for c in contribution))) <= clip * (1 + 1e-5)
+            expected = [e + c for e, c in zip(expected, contribution, strict=True)]
+            norms.append(norm)
+        for got, want in zip(summed, expected, strict=True):
+            assert torch.allclose(got.double(), want, atol=1e-7)
+        noise.append(torch.cat([(g - s).flatten() for g, s in zip(noisy, summed, strict=True)]))
+    assert max(norms) > clip, "the bound must have been active for this test to mean anything"
+    pooled = torch.cat(noise).double()
+    assert pooled.numel() > 10_000
+    assert float(pooled.std()) == pytest.approx(sigma * clip, rel=0.03)
+    assert abs(float(pooled.mean())) < 4 * sigma * clip / pooled.numel() ** 0.5
+
+
+def _history(result: PrivateTrainResult) -> list[tuple[float, float, int]]:
+    return [(h.train_loss, h.val_loss, h.n_steps) for h in result.result.history]
+
+
+def test_bfloat16_dp_training_tracks_float32() -> None:
+    """Same secret seed, so the same Poisson draws and the same noise: a bfloat16 DP-SGD run
+    follows the float32 one epoch by epoch, and both learn the easy task."""
+    dp = DPConfig(enabled=True, noise_multiplier=0.5, expected_batch_slides=4, delta=1e-3)
+    cfg = _cfg(epochs=6, lr=5e-3)
+    runs = {
+        precision: train_private(
+            _model("clam_sb"),
+            TRAIN,
+            VAL,
+            cfg.model_copy(update={"precision": precision}),
+            dp,
+            secret_seed=4,
+        )
+        for precision in ("float32", "bfloat16")
+    }
+    fp32, bf16 = runs["float32"], runs["bfloat16"]
+    assert (fp32.result.precision, bf16.result.precision) == ("float32", "bfloat16")
+    assert fp32.mechanism == bf16.mechanism
+    for (train_a, val_a, steps_a), (train_b, val_b, steps_b) in zip(
+        _history(fp32), _history(bf16), strict=True
+    ):
+        assert steps_a == steps_b
+        assert train_b == pytest.approx(train_a, abs=0.02)
+        assert val_b == pytest.approx(val_a, abs=0.01)
+    for run in (fp32, bf16):
+        history = run.result.history
+        assert history[-1].val_loss < history[0].val_loss - 0.1
+        assert history[-1].val_auc >= 0.9
+
+
+def test_auto_precision_is_the_plain_trainers_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Precision "auto" resolves as in the plain trainer: float32 where bfloat16 is not fast,
+    and then exactly the float32 run; bfloat16 where it is, and then exactly that run."""
+    cfg = _cfg(epochs=1)
+    bags = TRAIN[:12]
+
+    def run(**update: str) -> PrivateTrainResult:
+        config = cfg.model_copy(update=update)
+        return train_private(_model("clam_sb"), bags, VAL[:4], config, DP, secret_seed=2)
+
+    for fast, expected in ((False, "float32"), (True, "bfloat16")):
+        monkeypatch.setattr(trainer, "fast_bf16_cpu", lambda fast=fast: fast)
+        auto, pinned = run(), run(precision=expected)
+        assert auto.result.precision == pinned.result.precision == expected
+        for key, value in auto.result.model.state_dict().items():
+            assert torch.equal(value, pinned.result.model.state_dict()[key]), key
+        assert _history(auto) == _history(pinned)
 
 
 def test_private_training_is_reproducible_and_plans_its_steps() -> None:
@@ -206,8 +380,6 @@ def test_dp_config_and_plan_validation() -> None:
     assert DPConfig().enabled is False  # off by default, nothing else needed
     with pytest.raises(ConfigError, match="not below 1/N"):
         plan_private_training(_with_delta(0.05), n_slides=24, epochs=1)
-    with pytest.raises(ConfigError, match="float32"):
-        train_private(_model(), TRAIN, [], _cfg(precision="bfloat16"), DP)
 
 
 def _with_delta(delta: float) -> DPConfig:

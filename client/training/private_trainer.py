@@ -28,8 +28,16 @@ server (the federated client stores it in its privacy ledger): noise that the se
 regenerate from a public seed would protect nothing. The dropout and instance-sampling
 streams stay derived from ``cfg.seed`` as in the plain trainer; they need no secrecy.
 
-Training runs in float32 (bfloat16 autocast is refused): the clipping bound is only as exact
-as the gradient norms it is computed from.
+**Precision** follows ``cfg.precision`` as in the plain trainer (:func:`~client.training.
+trainer.resolve_precision`: ``auto`` is bfloat16 on a CPU where it is much faster, float32
+elsewhere). bfloat16 is CPU autocast around the forward pass only, as in the plain trainer:
+the parameters, their per-slide gradients (autograd returns a leaf's gradient in the leaf's
+dtype), the per-slide norms, the clipping to C, the sum and the noise are all float32. The
+guarantee is a property of what is summed, not of how it was computed: every slide adds a
+float32 vector of norm ≤ C and the sum gets noise of std σ·C, whatever arithmetic produced
+the unclipped gradient (``tests/test_private_trainer`` checks both under bfloat16). A
+rounded forward pass changes which gradient a slide proposes, never how much it can move
+the update. ``precision="float32"`` is the float32 trainer it always was.
 """
 
 from __future__ import annotations
@@ -44,7 +52,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from client.training.bags import Bag, collate
+from client.training.bags import Bag
 from client.training.dp_config import DPConfig
 from client.training.privacy_accountant import (
     Mechanism,
@@ -55,11 +63,15 @@ from client.training.privacy_accountant import (
 from client.training.train_config import TrainConfig
 from client.training.trainer import (
     EpochMetrics,
+    Precision,
     TrainResult,
+    _autocast,
+    _collate,
     _device,
     _private_torch_rng,
     _to_device,
     evaluate,
+    resolve_precision,
     run_epochs,
     step_lr,
 )
@@ -151,17 +163,27 @@ def slide_gradient(
     bag: Bag,
     cfg: TrainConfig,
     generator: torch.Generator,
+    precision: Precision = "float32",
 ) -> tuple[list[torch.Tensor], np.ndarray]:
     """One slide's (unclipped) gradient and its loss parts: its per-sample gradient.
 
-    The slide runs alone (physical batch 1, no padding), so the ordinary gradient of its loss
-    is exactly what Opacus' ``GradSampleModule`` would compute for it in a padded batch (tested)
-    without its hooks, which mis-pair activations when a layer runs twice but only one call
-    reaches the loss (ABMIL's classifier also reads out the instance logits).
+    The slide runs alone (physical batch 1), so the ordinary gradient of its loss is exactly
+    what Opacus' ``GradSampleModule`` would compute for it in a padded batch (tested) without
+    its hooks, which mis-pair activations when a layer runs twice but only one call reaches
+    the loss (ABMIL's classifier also reads out the instance logits).
+
+    In ``"bfloat16"`` the forward pass runs under CPU autocast on features cast once and
+    padded to a length bucket, exactly as the plain trainer batches them (masked padding rows
+    get zero attention and no loss, so they add nothing to the gradient; the bucket lets
+    oneDNN reuse its kernels). The loss is computed outside autocast from the model's
+    float32 outputs, and the gradients, taken with respect to the float32 parameters, are
+    float32: what Opacus clips and sums does not depend on the forward's precision.
     """
     params = _parameters(model)
-    batch = _to_device(collate([bag]), _device(model))
-    out = model(batch.features, batch.mask)
+    device = _device(model)
+    batch = _to_device(_collate([bag], precision), device)
+    with _autocast(device, precision):
+        out = model(batch.features, batch.mask)
     parts = mixed_supervision_loss(
         out.logits,
         out.attention,
@@ -194,13 +216,14 @@ def clipped_slide_gradient(
     cfg: TrainConfig,
     generator: torch.Generator,
     max_grad_norm: float,
+    precision: Precision = "float32",
 ) -> tuple[list[torch.Tensor], np.ndarray, float]:
     """One slide's gradient clipped as Opacus clips it; (gradient, loss parts, norm before).
 
     Training leaves clipping to Opacus' ``DPOptimizer``; this is the same rule
     (factor min(1, C / (norm + 1e-6))) for checks and diagnostics.
     """
-    flat, losses = slide_gradient(model, bag, cfg, generator)
+    flat, losses = slide_gradient(model, bag, cfg, generator, precision)
     norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in flat)))
     factor = min(1.0, max_grad_norm / (norm + 1e-6))
     return [g * factor for g in flat], losses, norm
@@ -228,6 +251,7 @@ def _private_epoch(
     dp: DPConfig,
     mechanism: Mechanism,
     secret_seed: int,
+    precision: Precision,
 ) -> tuple[np.ndarray, int]:
     """One epoch of noisy steps; mean loss parts over the slides used, and the step count.
 
@@ -261,7 +285,7 @@ def _private_epoch(
     for chosen in sampler:
         per_slide: list[list[torch.Tensor]] = [[] for _ in params]
         for i in chosen:
-            grads, losses = slide_gradient(model, bags[int(i)], cfg, instances)
+            grads, losses = slide_gradient(model, bags[int(i)], cfg, instances, precision)
             for column, g in zip(per_slide, grads, strict=True):
                 column.append(g)
             sums += losses
@@ -297,17 +321,20 @@ def train_private(
     ``secret_seed`` the sampling and noise come from the OS's entropy, so a run cannot be
     repeated; a federated site passes its ledger's secret so that a retried round releases
     exactly the same update and costs nothing more.
+
+    ``cfg.precision`` is resolved once (:func:`~client.training.trainer.resolve_precision`)
+    for the forward passes of training and validation, as in the plain trainer; the result
+    records it. Clipping and noise are float32 in every precision (module docstring).
     """
     if not train_bags:
         raise ValueError("no training bags")
     if start_epoch < 0:
         raise ValueError(f"start_epoch must be >= 0; got {start_epoch}")
-    if cfg.precision == "bfloat16":
-        raise ConfigError("DP-SGD trains in float32; set precision to auto or float32")
     check_private_model(model)
     planned = plan_private_training(dp, len(train_bags), cfg.epochs)
     seed = secrets.randbits(64) if secret_seed is None else int(secret_seed)
     device = _device(model)
+    precision = resolve_precision(cfg.precision, device)
     optimiser = DPOptimizer(
         torch.optim.Adam(_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay),
         noise_multiplier=planned.noise_multiplier,
@@ -319,7 +346,7 @@ def train_private(
 
         def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
             means, n_steps = _private_epoch(
-                model, optimiser, train_bags, epoch, cfg, dp, planned, seed
+                model, optimiser, train_bags, epoch, cfg, dp, planned, seed, precision
             )
             return tuple(float(m) for m in means), n_steps
 
@@ -329,8 +356,8 @@ def train_private(
             val_bags,
             cfg,
             one_epoch,
-            lambda: evaluate(model, val_bags),
-            precision="float32",
+            lambda: evaluate(model, val_bags, precision),
+            precision=precision,
             on_epoch=on_epoch,
             start_epoch=start_epoch,
         )
