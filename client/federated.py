@@ -2,9 +2,10 @@
 
 The ClientApp (``client.app``) unpacks a Flower message and calls these functions, so they can
 be tested, and the site-local baseline compared, without any daemon. Each message runs in a
-fresh process: the site's bags are loaded from HDF5 for every message (fast, and nothing is
-cached between rounds that could leak across runs); the split is recomputed from the same
-seed, so every round of a run trains and validates on the same slides.
+fresh process: the site's bags are loaded from HDF5 for every message (fast); only the
+node's resident worker keeps the bags of the current run between its messages, byte-capped and
+keyed by file identity (:mod:`client.training.bag_cache`). The split is recomputed from the
+same seed, so every round of a run trains and validates on the same slides.
 
 Only aggregate numbers come back from here (counts, losses, AUCs): per-slide predictions never
 leave this module's callers' process.
@@ -37,7 +38,7 @@ from client.privacy_ledger import (
     run_epsilon,
 )
 from client.training.bags import BagSkips, OnSkip
-from client.training.evaluate import evaluate_entries
+from client.training.evaluate import evaluate_bags
 from client.training.privacy_accountant import check_delta
 from client.training.site_index import BagEntry, load_site_index, split_entries
 from client.training.trainer import evaluate, train
@@ -349,14 +350,15 @@ def evaluate_on_site(
     model = load_global_model(instructions, state)
     dim = instructions.model.feature_dim
     skips = BagSkips(on_skip)
-    entries = skips.entries(instructions.eval_split, entries, dim)
-    result = evaluate_entries(model, entries, feature_dim=dim, bootstrap=0)
+    # One read per bag: unusable files are skipped while scoring, not in a pass of their own.
+    bags = skips.iter_bags(instructions.eval_split, entries, dim)
+    result = evaluate_bags(model, bags, bootstrap=0)
     # Slide cross-entropy from the same forward passes (no second pass over the bags).
     loss = float(
         np.mean([-math.log(max(float(p.probs[p.label]), 1e-300)) for p in result.predictions])
     )
     return {
-        "num-examples": float(len(entries)),
+        "num-examples": float(len(result.predictions)),
         SKIPPED_METRIC: float(len(skips.skipped)),
         "loss": float(loss),
         "auc": float(result.slide.auc.value),

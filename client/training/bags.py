@@ -1,8 +1,10 @@
 """Feature bags as tensors: one slide loaded at a time, batches padded with a mask.
 
-A bag of 100,000 patches × 1,280 float32 features is 512 MB, so bags are never cached in
+A bag of 100,000 patches × 1,280 float32 features is 512 MB, so bags are never held in
 memory as a dataset: each step loads the slides it needs (HDF5 reads are fast, ~1 GB/s from
-page cache) and ``torch.from_numpy`` shares the buffer instead of copying it.
+page cache) and ``torch.from_numpy`` shares the buffer instead of copying it. Only the
+resident worker keeps a run's bags between its messages, up to a byte cap
+(:mod:`client.training.bag_cache`).
 
 One bad feature file (NaN features, another encoder, a truncated copy) costs only its slide:
 the tolerant loaders below skip it and tell the caller through ``on_skip``, so a federated
@@ -12,13 +14,16 @@ CLI or the ClientApp's log does.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from client.training.bag_cache import BagContent, FileIdentity, active_cache
 from client.training.site_index import BagEntry
 from common.errors import ConfigError, FeatureBagError
 from common.featurebag import read_feature_bag
@@ -116,14 +121,26 @@ class BagSkips:
     def entries(
         self, split: str, entries: Sequence[BagEntry], feature_dim: int | None
     ) -> list[BagEntry]:
-        """The split's usable entries, for a scorer that loads bags itself one at a time.
+        """The split's usable entries, for a caller that must know the count before scoring.
 
-        Each bag is read here once more than the scorer reads it: the price of keeping memory
-        at one bag for an evaluation set of any size.
+        Each bag is read here once more than the scorer reads it; a scorer that can count
+        afterwards takes :meth:`iter_bags` instead (one read per bag).
         """
         usable = [bag.entry for bag in iter_usable_bags(entries, feature_dim, self)]
         self._require_one(split, entries, len(usable))
         return usable
+
+    def iter_bags(
+        self, split: str, entries: Sequence[BagEntry], feature_dim: int | None
+    ) -> Iterator[Bag]:
+        """The split's usable bags one at a time: each file is read once and memory stays at
+        one bag; after the last entry, ``ConfigError`` if the split had slides but none loaded.
+        """
+        usable = 0
+        for bag in iter_usable_bags(entries, feature_dim, self):
+            usable += 1
+            yield bag
+        self._require_one(split, entries, usable)
 
     def _require_one(self, split: str, entries: Sequence[BagEntry], usable: int) -> None:
         """Refuse a split that has slides but none usable: a round on nothing is no round."""
@@ -137,34 +154,70 @@ class BagSkips:
 
 def load_bag(entry: BagEntry, feature_dim: int | None = None) -> Bag:
     """Read one feature bag; refuse a width that does not match the model, or features from
-    other encoder weights than the site's (same width, incomparable features)."""
+    other encoder weights than the site's (same width, incomparable features).
+
+    Inside :func:`client.training.bag_cache.use_bag_cache` (the resident worker) the file's
+    content may come from the cache; the checks against ``entry`` and ``feature_dim`` run
+    either way, so a hit refuses exactly what a read would.
+    """
     if not entry.features.is_file():
         raise FeatureBagError(
             str(entry.features),
             "is missing, though prepared.csv lists it; run `fedpath prepare` again",
         )
-    bag = read_feature_bag(entry.features)
-    if feature_dim is not None and bag.feature_dim != feature_dim:
+    content = _bag_content(entry.features)
+    num_patches, width = content.features.shape
+    if feature_dim is not None and width != feature_dim:
         raise FeatureBagError(
             str(entry.features),
-            f"has {bag.feature_dim}-d features but the model expects {feature_dim}-d "
+            f"has {width}-d features but the model expects {feature_dim}-d "
             "(prepared with a different encoder?)",
         )
-    if bag.num_patches == 0:
+    if num_patches == 0:
         raise FeatureBagError(str(entry.features), "has no patches")
-    found = bag.attrs.get("encoder_sha256")
+    found = content.encoder_sha256
     if entry.encoder_sha256 is not None and found is not None and found != entry.encoder_sha256:
         raise FeatureBagError(
             str(entry.features),
-            f"was embedded with encoder weights sha256 {str(found)[:12]}… but the site was "
+            f"was embedded with encoder weights sha256 {found[:12]}… but the site was "
             f"prepared with {entry.encoder_sha256[:12]}… (site.json): a file from another "
             "preparation; run `fedpath prepare` again for this slide",
         )
+    return Bag(entry, content.features, content.patch_labels)
+
+
+def _read_content(path: Path) -> BagContent:
+    """Read and validate one file (N×D, finite: :func:`common.featurebag.validate_bag`)."""
+    bag = read_feature_bag(path)
     features = torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32))
     labels = None
     if bag.patch_labels is not None:
         labels = torch.from_numpy(np.asarray(bag.patch_labels, dtype=np.int8))
-    return Bag(entry, features, labels)
+    found = bag.attrs.get("encoder_sha256")
+    return BagContent(features, labels, None if found is None else str(found))
+
+
+def _bag_content(path: Path) -> BagContent:
+    """The file's content, from the active cache when it holds this very version of it.
+
+    The identity is taken before and after the read and the content is cached only when both
+    agree, so a file rewritten during the read is never kept under the old identity.
+    """
+    cache = active_cache()
+    if cache is None:
+        return _read_content(path)
+    try:
+        before = FileIdentity.of(path)
+    except OSError:
+        return _read_content(path)  # reports the problem as a read would
+    cached = cache.get(before)
+    if cached is not None:
+        return cached
+    content = _read_content(path)
+    with contextlib.suppress(OSError):
+        if FileIdentity.of(path) == before:
+            cache.put(before, content)
+    return content
 
 
 def bucket_length(n: int) -> int:

@@ -36,6 +36,7 @@ from common.safe_load import pickled_reference
 __all__ = [
     "EvaluationResult",
     "SlidePrediction",
+    "evaluate_bags",
     "evaluate_entries",
     "load_checkpoint",
     "predict_bag",
@@ -111,18 +112,38 @@ def evaluate_entries(
     """
     if not entries:
         raise ValueError("no slides to evaluate")
+    bags = (load_bag(entry, feature_dim) for entry in entries)
+    return evaluate_bags(model, bags, bootstrap=bootstrap, seed=seed, on_slide=on_slide)
+
+
+def evaluate_bags(
+    model: MILModel,
+    bags: Iterable[Bag],
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    on_slide: Callable[[SlidePrediction], None] | None = None,
+) -> EvaluationResult:
+    """Score ``bags`` as they come, then compute the metrics (see :func:`evaluate_entries`).
+
+    Takes an iterable, so a loader that skips unusable files while it reads
+    (:meth:`client.training.bags.BagSkips.iter_bags`) reads each bag exactly once and memory
+    stays at one bag. ``ValueError`` when it yields no bag.
+    """
     was_training = model.training
     model.eval()
     predictions: list[SlidePrediction] = []
     try:
         with torch.no_grad():
-            for entry in entries:
-                prediction = predict_bag(model, load_bag(entry, feature_dim))
+            for bag in bags:
+                prediction = predict_bag(model, bag)
                 predictions.append(prediction)
                 if on_slide is not None:
                     on_slide(prediction)
     finally:
         model.train(was_training)
+    if not predictions:
+        raise ValueError("no slides to evaluate")
     return _metrics(predictions, bootstrap=bootstrap, seed=seed)
 
 
