@@ -6,7 +6,10 @@ round, on machines where a round's training takes seconds too. The worker import
 and serves every message of every run on this node: the message process only forwards the
 content and the run context over a private local socket (:mod:`client.worker_client`) and
 hands the reply back to Flower. The handlers are the very functions the ClientApp would run
-itself (:data:`client.app.CONTENT_HANDLERS`), so results are the same either way.
+itself (:data:`client.app.CONTENT_HANDLERS`), so results are the same either way. Between the
+messages of a run the worker also keeps the validated feature bags it read, up to a byte cap
+(:mod:`client.training.bag_cache`): a round's evaluate message reads what its train message
+just read.
 
 Isolation that matters is kept: one worker per SuperNode (its socket is keyed by the
 SuperNode's process and the data directory), a socket in a 0700 directory that also checks
@@ -30,7 +33,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.worker_protocol import (
     PROTOCOL_VERSION,
@@ -41,6 +44,9 @@ from client.worker_protocol import (
     records_to_wire,
     write_frame,
 )
+
+if TYPE_CHECKING:
+    from client.training.bag_cache import BagCache
 
 __all__ = ["EXPECTED_ERRORS", "handle_request", "main", "serve"]
 
@@ -65,8 +71,8 @@ def _peer_uid(conn: socket.socket) -> int:
 
 
 def _release_memory() -> None:
-    """Hand freed heap back to the OS after a message: a big site's bags should not stay
-    resident between rounds (glibc keeps freed arenas otherwise)."""
+    """Hand freed heap back to the OS after a message: a big site's bags beyond the bag
+    cache's cap should not stay resident between rounds (glibc keeps freed arenas otherwise)."""
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -76,12 +82,17 @@ def handle_request(
     header: dict[str, Any],
     blobs: list[bytes],
     handlers: dict[str, Callable[..., Any]],
+    *,
+    bag_cache: BagCache | None = None,
 ) -> tuple[dict[str, Any], list[bytes]]:
     """One message: decode, run the named handler, encode the reply content and the state.
 
     Errors the ClientApp reports to the server come back as ``expected`` with their message
     (it redacts them, as for an in-process failure); anything else as ``bug`` with a
     traceback, which the ClientApp raises so Flower records a ClientApp exception.
+
+    With ``bag_cache`` the handler's bag reads go through it: scoped to the message's run,
+    capped by the node config's ``bag-cache-mib`` (:mod:`client.training.bag_cache`).
     """
     if header.get("version") != PROTOCOL_VERSION:
         return {
@@ -103,7 +114,7 @@ def handle_request(
     content = records_from_wire(header.get("content"), blobs)
     context = context_from_wire(header.get("context"), blobs)
     try:
-        reply = handler(content, context)
+        reply = _run_handler(handler, content, context, bag_cache)
     except EXPECTED_ERRORS as exc:
         return {
             "ok": False,
@@ -123,6 +134,18 @@ def handle_request(
     reply_wire = records_to_wire(reply, out_blobs)
     state_wire = records_to_wire(context.state, out_blobs)
     return {"ok": True, "content": reply_wire, "state": state_wire}, out_blobs
+
+
+def _run_handler(
+    handler: Callable[..., Any], content: Any, context: Any, bag_cache: BagCache | None
+) -> Any:
+    if bag_cache is None:
+        return handler(content, context)
+    from client.training.bag_cache import cap_from_node_config, use_bag_cache
+
+    bag_cache.begin(int(context.run_id), cap_from_node_config(context.node_config))
+    with use_bag_cache(bag_cache):
+        return handler(content, context)
 
 
 def _warm_up() -> None:
@@ -166,12 +189,13 @@ def serve(
     idle_seconds: float = IDLE_EXIT_SECONDS,
     warm_up: bool = True,
     log: Any = None,
+    bag_cache: BagCache | None = None,
 ) -> None:
     """Bind ``sock_path`` and serve messages one at a time until idle or orphaned.
 
     The socket is bound before the warm-up, so a second message process that arrives while
     the first one started the worker finds it and waits in the listen backlog instead of
-    starting another worker.
+    starting another worker. ``bag_cache`` keeps a run's feature bags between its messages.
     """
     log = log or sys.stderr
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -199,7 +223,7 @@ def serve(
             except TimeoutError:
                 continue
             with conn:
-                _serve_one(conn, handlers, log)
+                _serve_one(conn, handlers, log, bag_cache)
             last = time.monotonic()
             _release_memory()
     finally:
@@ -214,7 +238,12 @@ def serve(
     )
 
 
-def _serve_one(conn: socket.socket, handlers: dict[str, Callable[..., Any]], log: Any) -> None:
+def _serve_one(
+    conn: socket.socket,
+    handlers: dict[str, Callable[..., Any]],
+    log: Any,
+    bag_cache: BagCache | None,
+) -> None:
     conn.settimeout(None)
     if _peer_uid(conn) != os.getuid():
         print("fedpath worker: refused a connection from another user", file=log, flush=True)
@@ -222,14 +251,21 @@ def _serve_one(conn: socket.socket, handlers: dict[str, Callable[..., Any]], log
     try:
         header, blobs = read_frame(conn)
         began = time.perf_counter()
-        reply, out_blobs = handle_request(header, blobs, handlers)
+        reply, out_blobs = handle_request(header, blobs, handlers, bag_cache=bag_cache)
         write_frame(conn, reply, out_blobs)
     except (ProtocolError, OSError) as exc:
         print(f"fedpath worker: dropped a message ({exc})", file=log, flush=True)
         return
     status = "ok" if reply.get("ok") else f"{reply.get('kind')} error"
+    cached = ""
+    if bag_cache is not None:
+        cached = (
+            f" (bag cache: {len(bag_cache)} bags, {bag_cache.nbytes / 2**20:.0f} MiB, "
+            f"{bag_cache.hits} hits, {bag_cache.misses} misses)"
+        )
     print(
-        f"fedpath worker: {header.get('op')} {status} in {time.perf_counter() - began:.2f} s",
+        f"fedpath worker: {header.get('op')} {status} in {time.perf_counter() - began:.2f} s"
+        + cached,
         file=log,
         flush=True,
     )
@@ -248,12 +284,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     from client.app import CONTENT_HANDLERS
+    from client.training.bag_cache import BagCache
 
     serve(
         args.socket,
         dict(CONTENT_HANDLERS),
         parent_pid=args.parent_pid,
         idle_seconds=args.idle_seconds,
+        bag_cache=BagCache(),
     )
     return 0
 
