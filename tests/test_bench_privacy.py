@@ -29,11 +29,14 @@ from accuracy import (
     visible_annotations,
 )
 
+from client.embed.extract import cpu_supports_bf16
 from client.site_facts import read_site
+from client.training import trainer
 from client.training.bags import Bag
 from client.training.privacy_accountant import epsilon, sampling_plan
 from client.training.private_trainer import plan_private_training
 from client.training.site_index import BagEntry, load_site_index
+from client.training.trainer import resolve_precision
 from common.metrics import PatchMetrics, slide_metrics
 
 
@@ -77,13 +80,24 @@ def _bags(n: int, dim: int, seed: int, split: str) -> list[Bag]:
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_timing_interleaves_both_trainers_and_reports_the_plan() -> None:
+@pytest.mark.parametrize("bf16_fast", [True, False])
+def test_timing_interleaves_the_trainers_and_reports_the_plan(
+    monkeypatch: pytest.MonkeyPatch, bf16_fast: bool
+) -> None:
+    """The non-private and the DP-SGD arm both run what "auto" picks (bfloat16 on a fast-bf16
+    CPU, else float32); the contrast DP-SGD arm runs the other precision."""
+    monkeypatch.setattr(trainer, "fast_bf16_cpu", lambda: bf16_fast)
+    shipped = "bfloat16" if bf16_fast else "float32"
+    assert resolve_precision("auto", torch.device("cpu")) == shipped
+    expected_contrast = "float32" if bf16_fast else ("bfloat16" if cpu_supports_bf16() else None)
+    assert privacy.contrast_precision() == expected_contrast
+    contrast = "float32" if bf16_fast else "bfloat16"  # emulated bfloat16 still runs
     train_bags, val_bags = _bags(20, 16, 0, "train"), _bags(6, 16, 1, "val")
     dp = privacy.timing_dp(sigma=1.0).model_copy(update={"expected_batch_slides": 5})
     epochs = 2
-    contrast = privacy.contrast_precision() or "float32"
     result = privacy.time_epochs(train_bags, val_bags, epochs, dp, contrast=contrast)
 
+    assert result.precision == shipped
     assert result.contrast is not None and result.contrast_precision == contrast
     assert len(result.non_private) == len(result.contrast) == len(result.private) == epochs
     assert all(r.seconds > 0 for r in result.non_private + result.contrast + result.private)
@@ -94,6 +108,15 @@ def test_timing_interleaves_both_trainers_and_reports_the_plan() -> None:
     assert result.ratio == pytest.approx(float(np.median(expected)))
     pairs = zip(result.contrast, result.private, strict=True)
     assert result.contrast_ratios == pytest.approx([p.seconds / c.seconds for c, p in pairs])
+    pairs = zip(result.non_private, result.contrast, strict=True)
+    assert result.contrast_vs_non_private == pytest.approx(
+        [c.seconds / n.seconds for n, c in pairs]
+    )
+    # Same secret seed: both private arms take the same Poisson steps; the loss differs only by
+    # the forward's rounding.
+    assert [r.steps for r in result.contrast] == [r.steps for r in result.private]
+    for a, b in zip(result.private, result.contrast, strict=True):
+        assert a.train_loss == pytest.approx(b.train_loss, abs=0.05)
 
     # What the private trainer ran is the plan for 20 slides: q = 5/20, 4 steps per epoch.
     plan = plan_private_training(dp, 20, epochs)
@@ -108,14 +131,16 @@ def test_timing_interleaves_both_trainers_and_reports_the_plan() -> None:
     table = privacy.format_timing(result).splitlines()
     rows = [line for line in table if line.startswith("| ")]
     assert len(rows) == 4  # header + the three arms
-    assert rows[1].startswith(f"| non-private (`train`, {result.precision})")
-    assert rows[2].startswith(f"| non-private (`train`, {contrast})")
-    assert rows[3].startswith("| DP-SGD (`train_private`, float32, σ = 1, C = 1)")
-    assert "Poisson q = 0.250 (B = 5)" in rows[3]
+    assert rows[1].startswith(f"| non-private (`train`, {shipped})")
+    assert rows[2].startswith(f"| DP-SGD (`train_private`, {shipped}, σ = 1, C = 1)")
+    assert rows[3].startswith(f"| DP-SGD (`train_private`, {contrast}, σ = 1, C = 1)")
+    assert all("Poisson q = 0.250 (B = 5)" in row for row in rows[2:])
     ratio_line = next(line for line in table if line.startswith("DP-SGD / non-private:"))
     assert f"median per-epoch ratio {result.ratio:.2f}×" in ratio_line
-    contrast_line = next(line for line in table if line.startswith("DP-SGD / non-private in"))
+    contrast_line = next(line for line in table if line.startswith(f"DP-SGD {shipped} / DP-SGD"))
     assert f"{float(np.median(result.contrast_ratios)):.2f}×" in contrast_line
+    before_line = next(line for line in table if line.startswith(f"DP-SGD {contrast} / non-"))
+    assert f"{float(np.median(result.contrast_vs_non_private)):.2f}×" in before_line
     eps_line = next(line for line in table if line.startswith("ε per epoch"))
     assert f"{result.epsilon_one_epoch():.3f}" in eps_line
     assert f"({plan.steps} noisy steps): {result.epsilon_spent():.3f}" in eps_line
