@@ -5,13 +5,16 @@ process that stays alive between messages (:mod:`client.worker`). What crosses t
 socket is a message's content and the run context, never code: a JSON header plus raw array
 buffers, decoded without pickle (the safe-loading rule holds on this hop too).
 
-A frame is ``u64 header length · header JSON · u32 blob count · (u64 length · bytes)*``. The
-header names every array by dtype and shape and points at its blob; config values that are
-bytes travel as blobs too, so JSON carries only numbers, strings, booleans and lists of them.
+A frame is ``u64 header length · header JSON · u32 blob count · (u64 length · bytes)*``. An
+array's blob is the ``.npy`` buffer Flower's ``Array`` already holds (``np.save`` without
+pickle), sent and received as it is: only its header is read, to refuse object or structured
+dtypes and buffers that do not fit it. Config values that are bytes travel as blobs too, so
+JSON carries only numbers, strings, booleans and lists of them.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import struct
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+from numpy.lib import format as npy_format
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -32,14 +36,16 @@ __all__ = [
     "write_frame",
 ]
 
-PROTOCOL_VERSION = 1
-"""Bumped when the frame layout or the header's fields change."""
+PROTOCOL_VERSION = 2
+"""Bumped when the frame layout or the header's fields change (2: arrays as ``.npy`` bytes)."""
 MAX_HEADER_BYTES = 64 * 1024 * 1024
 """A header is metadata; anything this large is not one of ours."""
 MAX_BLOB_BYTES = 16 * 1024**3
 MAX_BLOBS = 1_000_000
 _ALLOWED_KINDS = frozenset("biuf")
 """Array dtypes that may cross: bool, signed/unsigned integers, floats (never object)."""
+_NPY_STYPE = "numpy.ndarray"
+"""Flower's serialisation type of an ``Array`` holding ``np.save`` bytes (no pickle)."""
 
 
 class ProtocolError(OSError):
@@ -73,26 +79,43 @@ def _value_from_wire(item: Any, blobs: list[bytes]) -> Any:
     raise ProtocolError(f"malformed record value {item!r:.80}")
 
 
+def _npy_layout(data: bytes, direction: str) -> tuple[np.dtype, tuple[int, ...]]:
+    """dtype and shape of an ``.npy`` buffer (what Flower's ``Array`` holds), from its header
+    alone: the payload is neither parsed nor copied, only checked to fit the header."""
+    stream = io.BytesIO(data)  # shares ``data`` (no copy while it is only read)
+    try:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise ProtocolError(f"array buffer of .npy version {version} cannot be {direction}")
+    except ValueError as exc:
+        raise ProtocolError(f"malformed array buffer ({exc})") from exc
+    if dtype.kind not in _ALLOWED_KINDS:
+        raise ProtocolError(f"arrays of dtype {dtype} cannot be {direction}")
+    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(data) - stream.tell():
+        raise ProtocolError(f"array of shape {shape} and dtype {dtype} does not fit its buffer")
+    return dtype, tuple(int(n) for n in shape)
+
+
 def _array_to_wire(array: Array, blobs: list[bytes]) -> dict[str, Any]:
-    values = np.asarray(array.numpy(), order="C")  # not ascontiguousarray: keeps 0-d
-    if values.dtype.kind not in _ALLOWED_KINDS:
-        raise ProtocolError(f"arrays of dtype {values.dtype} cannot be sent")
-    blobs.append(values.tobytes())
-    return {"dtype": values.dtype.str, "shape": list(values.shape), "blob": len(blobs) - 1}
+    """Flower's own ``.npy`` bytes cross as they are: no decode, copy and re-encode."""
+    if array.stype != _NPY_STYPE:
+        raise ProtocolError(f"arrays serialised as {array.stype!r} cannot be sent")
+    _npy_layout(array.data, "sent")
+    blobs.append(array.data)
+    return {"npy": len(blobs) - 1}
 
 
 def _array_from_wire(item: Any, blobs: list[bytes]) -> Array:
     try:
-        dtype = np.dtype(item["dtype"])
-        shape = tuple(int(n) for n in item["shape"])
-        blob = blobs[int(item["blob"])]
+        blob = blobs[int(item["npy"])]
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise ProtocolError(f"malformed array entry {item!r:.80}") from exc
-    if dtype.kind not in _ALLOWED_KINDS:
-        raise ProtocolError(f"arrays of dtype {dtype} cannot be received")
-    if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != len(blob):
-        raise ProtocolError(f"array of shape {shape} and dtype {dtype} does not fit its buffer")
-    return Array(np.frombuffer(blob, dtype=dtype).reshape(shape).copy())
+    dtype, shape = _npy_layout(blob, "received")
+    return Array(dtype=str(dtype), shape=shape, stype=_NPY_STYPE, data=blob)
 
 
 def records_to_wire(records: RecordDict, blobs: list[bytes]) -> dict[str, Any]:

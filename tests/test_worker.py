@@ -6,6 +6,7 @@ process does and compare their replies with the same handler run in the test pro
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from numpy.lib import format as npy_format
 
 from client.app import CONTENT_HANDLERS, app
 from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
@@ -165,21 +167,42 @@ def test_frames_cross_a_socket_and_bad_frames_are_refused() -> None:
             read_frame(right)
 
 
+def _npy(header: dict, payload: bytes) -> bytes:
+    """An ``.npy`` buffer with this header dict, whatever the payload (to forge bad ones)."""
+    out = io.BytesIO()
+    npy_format.write_array_header_1_0(out, header)
+    return out.getvalue() + payload
+
+
 def test_arrays_that_are_not_plain_numbers_or_do_not_fit_are_refused() -> None:
     with pytest.raises(ProtocolError, match="dtype <U1"):
         records_to_wire(RecordDict({"a": ArrayRecord({"x": Array(np.array(["a"]))})}), [])
-    wire = {
-        "arrays": {"a": {"x": {"dtype": "<f4", "shape": [3], "blob": 0}}},
-        "configs": {},
-        "metrics": {},
-    }
+    foreign = Array(dtype="float32", shape=(1,), stype="torch.Tensor", data=b"\x00" * 4)
+    with pytest.raises(ProtocolError, match=r"serialised as 'torch\.Tensor'"):
+        records_to_wire(RecordDict({"a": ArrayRecord({"x": foreign})}), [])
+    wire = {"arrays": {"a": {"x": {"npy": 0}}}, "configs": {}, "metrics": {}}
+    short = _npy({"descr": "<f4", "fortran_order": False, "shape": (3,)}, b"\x00" * 8)
     with pytest.raises(ProtocolError, match="does not fit"):
-        records_from_wire(wire, [b"\x00" * 8])
-    wire["arrays"]["a"]["x"]["dtype"] = "|O"
-    with pytest.raises(ProtocolError, match="cannot be received"):
-        records_from_wire(wire, [b"\x00" * 8])
+        records_from_wire(wire, [short])
+    pickled = _npy({"descr": "|O", "fortran_order": False, "shape": (1,)}, b"\x00" * 8)
+    with pytest.raises(ProtocolError, match="dtype object cannot be received"):
+        records_from_wire(wire, [pickled])
+    with pytest.raises(ProtocolError, match="malformed array buffer"):
+        records_from_wire(wire, [b"not an npy buffer"])
+    with pytest.raises(ProtocolError, match="malformed array entry"):
+        records_from_wire(wire, [])
     with pytest.raises(ProtocolError, match="malformed record value"):
         records_from_wire({"arrays": {}, "configs": {"c": {"k": {"pickle": 1}}}, "metrics": {}}, [])
+
+
+def test_arrays_cross_as_flowers_own_bytes() -> None:
+    """No decode and re-encode on the hop: the receiver holds the sender's very buffer."""
+    array = Array(np.arange(6, dtype=np.float32).reshape(2, 3))
+    blobs: list[bytes] = []
+    wire = records_to_wire(RecordDict({"a": ArrayRecord({"x": array})}), blobs)
+    assert blobs == [array.data] and blobs[0] is array.data
+    back = records_from_wire(wire, blobs).array_records["a"]["x"]
+    assert back.data is array.data and (back.dtype, back.shape) == ("float32", (2, 3))
 
 
 def _request(op: str, content: RecordDict | None = None) -> tuple[dict, list[bytes]]:
