@@ -2,9 +2,12 @@
 
 A SuperNode starts this app in a fresh process for every message, so the module imports only
 Flower's light message types at import time; torch, h5py and the trainer are imported inside
-the handlers (``client.federated``). A node started with ``resident-worker=true`` (the default
-of ``fedpath node``) runs the handlers in its resident worker instead (:mod:`client.worker`),
-which keeps those imports loaded between messages; the message process then only forwards.
+the handlers (``client.federated``), and so are the message schema's pydantic models
+(``common.federation``). A node started with ``resident-worker=true`` (the default of
+``fedpath node``) runs the handlers in its resident worker instead (:mod:`client.worker`),
+which keeps those imports loaded between messages; the message process then only forwards,
+and imports nothing but Flower, numpy and the socket protocol (``tests/test_client_app.py``
+checks it).
 
 The site's data directory comes from the SuperNode's
 ``--node-config 'data-path="/data/fedpath" site="a"'``; nothing about the site's slides is
@@ -20,30 +23,19 @@ never with partial content: the server logs it and asks that site again next rou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.threads import node_torch_threads, torch_threads
 from common.errors import ConfigError
-from common.federation import (
-    ARRAYS_KEY,
-    CONFIG_KEY,
-    EVALUATE_METRICS,
-    FACTS_FIELD,
-    INSTRUCTIONS_FIELD,
-    METRICS_KEY,
-    TRAIN_METRICS,
-    RoundInstructions,
-    check_reply_metrics,
-    facts_to_json,
-)
 
 if TYPE_CHECKING:
     from client.federated import SitePrivacy
+    from common.federation import RoundInstructions
 
 app = ClientApp()
 
@@ -84,12 +76,24 @@ def site_of(context: Context) -> tuple[Path, str]:
     return Path(raw).expanduser(), site_name(context)
 
 
+def check_reply_metrics(metrics: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, float]:
+    """The egress allow-list every reply passes (``common.federation``), imported when a reply
+    is built: the forwarding message process never builds one."""
+    from common.federation import check_reply_metrics as check
+
+    return check(metrics, allowed)
+
+
 def _instructions(content: RecordDict) -> RoundInstructions:
+    from common.federation import CONFIG_KEY, INSTRUCTIONS_FIELD, RoundInstructions
+
     config = content.config_records.get(CONFIG_KEY)
     return RoundInstructions.from_json(None if config is None else config.get(INSTRUCTIONS_FIELD))
 
 
 def _global_state(content: RecordDict) -> dict:
+    from common.federation import ARRAYS_KEY
+
     arrays = content.array_records.get(ARRAYS_KEY)
     if arrays is None:
         raise ConfigError("the message carries no model arrays")
@@ -141,6 +145,7 @@ def _site_privacy(context: Context, site: str) -> SitePrivacy:
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """Local epochs on the site's training split, starting from the global model."""
     from client.federated import train_on_site
+    from common.federation import ARRAYS_KEY, METRICS_KEY, TRAIN_METRICS
 
     data, site = site_of(context)
     privacy = _site_privacy(context, site)
@@ -163,6 +168,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
 def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     """Score the global model on the split the server names (val each round, test at the end)."""
     from client.federated import evaluate_on_site
+    from common.federation import EVALUATE_METRICS, METRICS_KEY
 
     data, _ = site_of(context)
     with torch_threads(node_torch_threads(context.node_config)):
@@ -173,6 +179,7 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
 def query_content(content: RecordDict, context: Context) -> RecordDict:
     """The site's aggregate preparation facts, for the server's harmonisation gate."""
     from client.site_facts import site_facts
+    from common.federation import CONFIG_KEY, FACTS_FIELD, facts_to_json
 
     data, site = site_of(context)
     facts = site_facts(data, site)

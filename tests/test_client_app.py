@@ -255,3 +255,93 @@ def test_a_bad_torch_threads_is_an_error_reply_naming_the_key(site: Path, bad: o
     context = Context(run_id=1, node_id=7, node_config=config, state=RecordDict(), run_config={})
     reply = app(_message(MessageType.TRAIN), context)
     assert reply.has_error() and "torch-threads must be a whole number" in reply.error.reason
+
+
+FORWARDING_PROCESS = r'''
+import os, sys, tempfile, threading
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.app
+from client import worker_client
+from client.worker_protocol import read_frame, records_to_wire, write_frame
+
+data = Path(sys.argv[1])
+path = worker_client.socket_path(data, os.getppid())
+server = __import__("socket").socket(__import__("socket").AF_UNIX)
+server.bind(str(path))
+server.listen(1)
+
+
+def fake_worker() -> None:
+    """Answers like the resident worker, without importing anything the worker would."""
+    conn, _ = server.accept()
+    with conn:
+        header, blobs = read_frame(conn)
+        out: list[bytes] = []
+        reply = RecordDict({"arrays": ArrayRecord({"w": Array(np.ones(3, dtype=np.float32))})})
+        write_frame(
+            conn,
+            {"ok": True, "content": records_to_wire(reply, out),
+             "state": records_to_wire(RecordDict(), out)},
+            out,
+        )
+
+
+threading.Thread(target=fake_worker, daemon=True).start()
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+content = RecordDict(
+    {
+        "arrays": ArrayRecord({"w": Array(np.zeros(3, dtype=np.float32))}),
+        "config": ConfigRecord({"instructions": "{}"}),
+    }
+)
+context = Context(
+    run_id=1,
+    node_id=7,
+    node_config={"data-path": str(data), "site": "a", "resident-worker": True},
+    state=RecordDict(),
+    run_config={},
+)
+reply = client.app.app(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context)
+assert not reply.has_error(), reply.error
+assert reply.content.array_records["arrays"]["w"].numpy().tolist() == [1.0, 1.0, 1.0]
+heavy = sorted(
+    m for m in sys.modules
+    if m.split(".")[0] in {"torch", "sklearn", "scipy", "opacus", "h5py"}
+    or m in {"common.federation", "client.federated", "client.worker"}
+)
+print(" ".join(heavy))
+'''
+
+
+def test_the_forwarding_message_process_imports_no_torch_nor_the_handlers(
+    tmp_path: Path,
+) -> None:
+    """With the resident worker, Flower's per-message process only forwards: importing torch,
+    scikit-learn, h5py or even the message schema's pydantic models there costs every message
+    of every round, for nothing the forwarding needs."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    runtime = Path(tempfile.mkdtemp(prefix="fw"))  # Unix socket paths: ~100 bytes at most
+    try:
+        env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+        done = subprocess.run(
+            [sys.executable, "-c", FORWARDING_PROCESS, str(tmp_path)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"the forwarding process imported {done.stdout.strip()}"
