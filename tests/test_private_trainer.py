@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from client.training import trainer
-from client.training.bags import Bag, collate
+from client.training.bags import Bag, bucket_length, collate
 from client.training.dp_config import DPConfig
 from client.training.privacy_accountant import epsilon, sampling_plan
 from client.training.private_trainer import (
@@ -137,6 +137,30 @@ def test_bfloat16_slide_gradients_are_float32_and_clipped_to_c(kind: str) -> Non
         assert total <= clip * (1 + 1e-6)
         norms.append(norm)
     assert max(norms) > clip, "the bound must have been active for this test to mean anything"
+
+
+def test_bfloat16_bucket_padding_adds_nothing_to_a_slides_gradient(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In bfloat16 a slide is padded to its length bucket (as the plain trainer pads); the
+    masked rows get no attention and no loss, so the gradient is the unpadded one's."""
+    from client.training import private_trainer as pt
+
+    cfg = _cfg()
+    model = _model("clam_mb", dropout=0.0).train()  # dropout would draw masks for pad rows
+    bags = [b for b in TRAIN if bucket_length(b.num_patches) > b.num_patches][:4]
+    assert len(bags) == 4
+    padded = [
+        pt.slide_gradient(model, b, cfg, torch.Generator().manual_seed(0), "bfloat16") for b in bags
+    ]
+    monkeypatch.setattr(pt, "_collate", lambda bags, _: collate(bags, dtype=torch.bfloat16))
+    for bag, (grads, losses) in zip(bags, padded, strict=True):
+        plain, plain_losses = pt.slide_gradient(
+            model, bag, cfg, torch.Generator().manual_seed(0), "bfloat16"
+        )
+        assert losses == pytest.approx(plain_losses, abs=1e-6)
+        for a, b in zip(grads, plain, strict=True):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("kind", ["abmil", "clam_sb", "clam_mb"])
