@@ -15,8 +15,10 @@ Two parts, each comparing ours to a floor measured in the same run:
    loads it; that plus the handlers' lazy imports (``client.federated``: torch, h5py, the
    trainer, the metrics); torch and sklearn.metrics alone; torch plus the first
    ``torch.optim`` optimiser (its first call imports ``torch._dynamo``); and whole message
-   processes: Flower's runtime plus the no-op ClientApp (the floor), plus ours (an evaluate
-   message), plus ours and the first optimiser (a train message). The variants are
+   processes: Flower's runtime plus the no-op ClientApp (the floor), plus ours as it runs
+   with the resident worker (the app and the socket client: what a forwarded message
+   imports), plus ours in a fresh process (an evaluate message), plus ours and the first
+   optimiser (a train message). The variants are
    interleaved and repeated after one warm-up round; the table gives medians.
    ``python -X importtime`` of a train-message process then says where the import time goes
    and which third-party packages our modules pull in directly.
@@ -132,6 +134,11 @@ STARTUP = [
     Startup("sklearn", "import sklearn.metrics", "import sklearn.metrics"),
     Startup(
         "noop", "no-op message: runtime + noop ClientApp", f"{FLWR_RUNTIME}, noop_app.client_app"
+    ),
+    Startup(
+        "forward",
+        "fedpath message forwarded to the resident worker",
+        f"{FLWR_RUNTIME}, client.app, client.worker_client, client.error_reply",
     ),
     Startup(
         "evaluate",
@@ -467,7 +474,8 @@ def print_startup(times: dict[str, list[float]], repeats: int) -> dict[str, floa
         ts = times[v.key]
         print(f"{v.label:52s} {med[v.key]:7.2f} {min(ts):7.2f} {med[v.key] - med['bare']:7.2f}")
     print(
-        f"   per message over the no-op floor ({med['noop']:.2f} s): evaluate "
+        f"   per message over the no-op floor ({med['noop']:.2f} s): forwarded to the worker "
+        f"+{med['forward'] - med['noop']:.2f} s; in a fresh process evaluate "
         f"+{med['evaluate'] - med['noop']:.2f} s ({med['evaluate'] / med['noop']:.1f}x), "
         f"train +{med['train'] - med['noop']:.2f} s ({med['train'] / med['noop']:.1f}x)"
     )
@@ -519,6 +527,13 @@ def print_deployment(
             f"{median(r.clientapp_seconds / r.messages for r in rs):16.2f} {outside} "
             f"{median(r.traffic_bytes / 1e6 for r in rs):7.1f}  "
             + " ".join(f"{s:.1f}" for s in rounds[variant])
+        )
+    for variant in ("ours", "ours-fresh"):
+        print(
+            f"   {variant} outside handler by run: "
+            + ", ".join(f"{r.outside_handlers():.2f}" for r in by[variant])
+            + " s/msg (the query's handler time is not reported, so the whole query counts; "
+            "on the first run it includes starting the resident workers)"
         )
     print(
         "   ours: resident worker (fedpath node's default); ours-fresh: --no-resident-worker "
