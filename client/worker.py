@@ -72,10 +72,27 @@ def _peer_uid(conn: socket.socket) -> int:
 
 def _release_memory() -> None:
     """Hand freed heap back to the OS after a message: a big site's bags beyond the bag
-    cache's cap should not stay resident between rounds (glibc keeps freed arenas otherwise)."""
+    cache's cap should not stay resident between rounds (glibc keeps freed arenas otherwise).
+
+    The collection walks only what the message created: whatever survives it is frozen
+    (:func:`_freeze_survivors`), as the imports were after the warm-up.
+    """
     gc.collect()
+    _freeze_survivors()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _freeze_survivors() -> None:
+    """Move every object alive now out of the cyclic collector's reach (``gc.freeze``).
+
+    torch, scikit-learn and torch._dynamo leave ~380,000 tracked objects behind at import,
+    none of them ever garbage; a full collection walked all of them after every message
+    (~220 ms of CPU, while the other sites of the round still train on the same cores).
+    Frozen objects are still freed by reference counting (an evicted cached bag goes at
+    once); only a reference cycle formed among them later would never be collected.
+    """
+    gc.freeze()
 
 
 def handle_request(
@@ -213,6 +230,8 @@ def serve(
     if warm_up:
         began = time.perf_counter()
         _warm_up()
+        gc.collect()
+        _freeze_survivors()
         print(f"fedpath worker: ready in {time.perf_counter() - began:.1f} s", file=log, flush=True)
     server.settimeout(min(idle_seconds, 60.0))
     last = time.monotonic()

@@ -6,6 +6,7 @@ process does and compare their replies with the same handler run in the test pro
 
 from __future__ import annotations
 
+import gc
 import io
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,7 +37,7 @@ from numpy.lib import format as npy_format
 
 from client.app import CONTENT_HANDLERS, app
 from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from client.worker import handle_request
+from client.worker import _release_memory, handle_request
 from client.worker_client import WorkerError, call_worker, socket_path
 from client.worker_protocol import (
     PROTOCOL_VERSION,
@@ -248,6 +250,29 @@ def test_handle_request_maps_errors_like_the_message_process() -> None:
     header, blobs = _request("ok")
     header["version"] = PROTOCOL_VERSION + 1
     assert "protocol" in handle_request(header, blobs, handlers)[0]["message"]
+
+
+def test_after_a_message_the_collector_walks_only_what_the_next_one_creates() -> None:
+    """A full collection walked torch's ~380,000 import-time objects after every message
+    (~220 ms of CPU per message); they are frozen now, and a message's cycles still go."""
+
+    class Node:
+        pass
+
+    try:
+        _release_memory()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        node = Node()
+        node.self = node  # a reference cycle, as a message's garbage may hold
+        alive = weakref.ref(node)
+        del node
+        assert alive() is not None
+        _release_memory()
+        assert alive() is None, "a message's cyclic garbage outlived the collection"
+        assert gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
 
 
 def test_content_handlers_are_the_clientapps_message_types() -> None:
