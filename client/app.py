@@ -15,7 +15,9 @@ taken from the message except the instructions every site receives. A hospital s
 lifetime slide-level privacy budget there too (``privacy-budget=8.0 privacy-delta=1e-5``):
 the privacy ledger in the data directory and the run's ``Context.state`` keep what was spent.
 ``torch-threads=N`` caps torch's threads for training and evaluation when several nodes share
-one machine (:mod:`client.threads`).
+one machine (:mod:`client.threads`); ``bag-cache-mib=N`` caps the memory the resident worker
+keeps a run's feature bags in between messages (default 512, 0 = off;
+:mod:`client.training.bag_cache`).
 
 A handler that fails replies with a Flower error message (reason = the fedpath error text),
 never with partial content: the server logs it and asks that site again next round.
