@@ -38,8 +38,12 @@ Two parts, each comparing ours to a floor measured in the same run:
    seconds per message minus our handlers' seconds is the start-up our app pays inside the
    real deployment (the no-op app's whole ClientApp time is that floor).
 
+The no-op app runs twice: ``no-op`` collects replies as our round loop does (a pull every
+0.2 s, ``server.replies``) and is the floor the target is judged against; ``no-op-stock`` uses
+Flower's ``send_and_receive`` (a pull every 3 s), which shows what the short poll saves.
+
 How to read it: "ours / no-op" per round is our overhead over Flower's deployment floor. The
-no-op round is dominated by Flower's 3 s polls (SuperNode and ServerApp) and process spawns;
+no-op round is dominated by the SuperNodes' 3 s polls and process spawns;
 ours adds compute and about two ClientApp start-ups per site and round (the sites share the
 machine's cores, so their start-ups and training overlap but do not parallelise freely).
 """
@@ -64,6 +68,7 @@ from typing import Any
 
 from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
 from server.local_network import CONNECTION, LocalNetwork, NetworkError
+from server.replies import DEFAULT_POLL_INTERVAL
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "federation"
@@ -382,22 +387,30 @@ def run_ours(
 
 
 def run_noop(
-    net: LocalNetwork, settings: Settings, shapes: list[list[int]], out: Path, tag: str
+    net: LocalNetwork,
+    settings: Settings,
+    shapes: list[list[int]],
+    out: Path,
+    tag: str,
+    variant: str = "no-op",
 ) -> RunResult:
-    """The no-op app with our message pattern and payload."""
+    """The no-op app with our message pattern and payload; ``no-op`` collects replies as our
+    round loop does (a pull every ``DEFAULT_POLL_INTERVAL`` s), ``no-op-stock`` with Flower's
+    ``send_and_receive`` (a pull every 3 s)."""
     out_file = out / f"{tag}.jsonl"
     run_config = {
         "num-server-rounds": settings.rounds,
         "min-sites": settings.sites,
         "shapes": json.dumps(shapes, separators=(",", ":")),
         "round-timeout": settings.run_timeout,
+        "reply-poll-interval": DEFAULT_POLL_INTERVAL if variant == "no-op" else 0.0,
         "out-file": str(out_file),
     }
     run_id = net.submit(NOOP_APP, run_config)
     row = finish(net, run_id, settings.run_timeout)
     rounds = [json.loads(line) for line in out_file.read_text().splitlines() if line]
     return RunResult(
-        variant="no-op",
+        variant=variant,
         round_seconds=[float(r["seconds"]) for r in rounds],
         elapsed=float(row["elapsed"]),
         clientapp_seconds=float(row["compute-time"]["clientapp-seconds"]),
@@ -406,9 +419,11 @@ def run_noop(
     )
 
 
-VARIANTS = ("ours", "ours-fresh", "no-op")
+VARIANTS = ("ours", "ours-fresh", "no-op", "no-op-stock")
 """Our app with the resident worker (what ``fedpath node`` runs), our app with a fresh process
-per message (``--no-resident-worker``), and Flower's floor."""
+per message (``--no-resident-worker``), Flower's floor with replies collected as ours are (the
+floor the target is judged against), and the same with Flower's own 3 s reply loop."""
+NOOP_VARIANTS = ("no-op", "no-op-stock")
 
 
 def measure_deployment(
@@ -423,7 +438,7 @@ def measure_deployment(
     with tempfile.TemporaryDirectory(prefix="fedpath-bench-federation-") as tmp:
         work = Path(tmp)
         with LocalNetwork(work / "net") as warm, LocalNetwork(work / "net-fresh") as fresh:
-            nets = {"ours": warm, "ours-fresh": fresh, "no-op": warm}
+            nets = {"ours": warm, "ours-fresh": fresh, "no-op": warm, "no-op-stock": warm}
             try:
                 for net, worker in ((warm, True), (fresh, False)):
                     net.start_superlink()
@@ -439,8 +454,8 @@ def measure_deployment(
                         tag = f"{variant.replace('-', '')}-{rep}"
                         began = time.perf_counter()
                         net = nets[variant]
-                        if variant == "no-op":
-                            result = run_noop(net, settings, shapes, work / "runs", tag)
+                        if variant in NOOP_VARIANTS:
+                            result = run_noop(net, settings, shapes, work / "runs", tag, variant)
                         else:
                             result = run_ours(net, settings, work / "runs", tag, variant)
                         results.append(result)
@@ -514,15 +529,17 @@ def print_deployment(
         f"{settings.runs_per_variant} run(s) per variant, rotating order (medians)"
     )
     print(
-        f"{'':10s} {'s/round':>8s} {'run wall s':>11s} {'ClientApp s/msg':>16s} "
+        f"{'':11s} {'s/round':>8s} {'run wall s':>11s} {'ClientApp s/msg':>16s} "
         f"{'outside handler':>16s} {'MB/run':>7s}  every round"
     )
     for variant, rs in by.items():
         outside = (
-            f"{median(r.outside_handlers() for r in rs):16.2f}" if variant != "no-op" else " " * 16
+            f"{median(r.outside_handlers() for r in rs):16.2f}"
+            if variant not in NOOP_VARIANTS
+            else " " * 16
         )
         print(
-            f"{variant:10s} {median(rounds[variant]):8.2f} "
+            f"{variant:11s} {median(rounds[variant]):8.2f} "
             f"{median(r.elapsed for r in rs):11.1f} "
             f"{median(r.clientapp_seconds / r.messages for r in rs):16.2f} {outside} "
             f"{median(r.traffic_bytes / 1e6 for r in rs):7.1f}  "
@@ -542,7 +559,13 @@ def print_deployment(
         "report (loading the app, imports, the hop to the worker)"
     )
     floor = median(rounds["no-op"])
-    print(f"\n   no-op {floor:.2f} s/round: Flower's floor (its polls, process spawns, payload)")
+    stock = median(rounds["no-op-stock"])
+    print(
+        f"\n   no-op {floor:.2f} s/round: Flower's floor (its SuperNodes' 3 s polls, process "
+        f"spawns, payload) with replies pulled every {DEFAULT_POLL_INTERVAL} s as ours are; "
+        f"no-op-stock {stock:.2f} s/round with Flower's send_and_receive (a pull every 3 s): "
+        f"the short poll saves {stock - floor:.2f} s/round by itself"
+    )
     for variant in ("ours", "ours-fresh"):
         rs = by[variant]
         per_round = median(rounds[variant])

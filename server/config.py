@@ -21,6 +21,7 @@ from common.configbase import StrictModel
 from common.configio import format_validation_error
 from common.errors import ConfigError
 from common.mil.config import ModelConfig, SupervisionConfig
+from server.replies import DEFAULT_POLL_INTERVAL
 
 __all__ = ["RunConfig"]
 
@@ -61,6 +62,12 @@ class RunConfig(StrictModel):
     )
     round_timeout: float = Field(900.0, gt=0, description="seconds a round waits for replies")
     query_timeout: float = Field(120.0, gt=0, description="seconds for the harmonisation query")
+    reply_poll_interval: float = Field(
+        DEFAULT_POLL_INTERVAL,
+        gt=0,
+        le=10,
+        description="seconds between pulls for replies (Flower's own loop waits 3 s)",
+    )
     max_round_attempts: int = Field(3, ge=1, description="tries of one round before the run fails")
     runs_dir: str = Field(
         "runs", description="where run directories are created (relative: to the ServerApp's cwd)"

@@ -55,6 +55,9 @@ class InProcessSite:
 class InProcessGrid(Grid):
     """Routes each message to ``client.app.app`` with the addressed site's node config."""
 
+    replies_ready_at_push = True
+    """``server.replies.send_and_collect`` pulls once: a silent site's reply never comes."""
+
     def __init__(self, sites: dict[int, InProcessSite], run_id: int = 1) -> None:
         self.sites = sites
         self.sent: list[Message] = []

@@ -41,6 +41,7 @@ from common.federation import (
 from server.checkpoints import Checkpoint, save_checkpoint
 from server.config import RunConfig
 from server.harmonise import HARMONISED_FIELDS, SiteFacts, check_harmonised
+from server.replies import Exchange, send_and_collect
 from server.run_log import RunLog
 from server.strategies import FedAvgStrategy
 
@@ -123,7 +124,10 @@ class Federation:
             Message(RecordDict({}), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes
         ]
         answers: dict[int, SiteFacts] = {}
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.query_timeout))
+        exchange = self._send(messages, self.cfg.query_timeout)
+        for node in exchange.unsent:
+            self.report(f"node {node}: the SuperLink did not accept the harmonisation query")
+        replies = exchange.replies
         sent = {
             m.metadata.message_id: int(m.metadata.dst_node_id)
             for m in messages
@@ -244,6 +248,11 @@ class Federation:
             )
         return out
 
+    def _send(self, messages: list[Message], timeout: float) -> Exchange:
+        return send_and_collect(
+            self.grid, messages, timeout=timeout, poll_interval=self.cfg.reply_poll_interval
+        )
+
     def _exchange(
         self,
         nodes: list[int],
@@ -253,15 +262,18 @@ class Federation:
     ) -> tuple[list[Message], dict[int, str]]:
         """Send to ``nodes`` and wait at most ``round-timeout``; (good replies, failures)."""
         messages = self._messages(nodes, arrays, instructions, message_type)
-        replies = list(self.grid.send_and_receive(messages, timeout=self.cfg.round_timeout))
+        exchange = self._send(messages, self.cfg.round_timeout)
         sent = {
             m.metadata.message_id: int(m.metadata.dst_node_id)
             for m in messages
             if m.metadata.message_id
         }
         good: list[Message] = []
-        failed: dict[int, str] = {}
-        for reply in replies:
+        failed: dict[int, str] = {
+            node: "the SuperLink did not accept the message (see the ServerApp log)"
+            for node in exchange.unsent
+        }
+        for reply in exchange.replies:
             node = _sender(reply, sent)
             if reply.has_error():
                 failed[node] = str(reply.error.reason or f"error code {reply.error.code}")

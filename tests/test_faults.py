@@ -134,23 +134,32 @@ class _SuperLinkAnswersForDeadNodes:
 
     def __init__(self, inner: Any, dead: set[int]) -> None:
         self.inner, self.dead = inner, dead
+        self._errors: dict[str, Any] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+    def push_messages(self, messages: Any) -> list[str]:
         from flwr.server.superlink.linkstate.utils import (
             create_message_error_unavailable_res_message,
         )
 
-        messages = list(messages)
-        live = [m for m in messages if m.metadata.dst_node_id not in self.dead]
-        replies = list(self.inner.send_and_receive(live, timeout=timeout))
+        ids: list[str] = []
         for m in messages:
             if m.metadata.dst_node_id in self.dead:
                 m.metadata.__dict__["_message_id"] = f"dead-{m.metadata.dst_node_id}"
-                replies.append(create_message_error_unavailable_res_message(m.metadata, "node"))
-        return replies
+                self._errors[m.metadata.message_id] = create_message_error_unavailable_res_message(
+                    m.metadata, "node"
+                )
+                ids.append(m.metadata.message_id)
+            else:
+                ids.extend(self.inner.push_messages([m]))
+        return ids
+
+    def pull_messages(self, message_ids: Any) -> list[Any]:
+        message_ids = list(message_ids)
+        errors = [self._errors.pop(i) for i in message_ids if i in self._errors]
+        return errors + list(self.inner.pull_messages(message_ids))
 
 
 def test_a_superlink_error_for_a_dead_node_is_that_site_failing(
@@ -417,10 +426,25 @@ def test_coordinator_killed_mid_round_resumes_without_losing_or_double_counting(
             ]
         )
         assert code == 0, dict(net.logs())
-        runs = {int(r["run-id"]): r["status"] for r in net.flwr("ls", "local").get("runs") or []}
-        # The restarted SuperLink fails the killed run itself ("No heartbeat received from the
-        # task"); only the resumed run completed.
+
+        def statuses() -> dict[int, str]:
+            listed = net.flwr("ls", "local").get("runs") or []
+            return {int(r["run-id"]): str(r["status"]) for r in listed}
+
+        # The restarted SuperLink fails the killed run itself once its heartbeat is overdue
+        # ("No heartbeat received from the task"); the resumed run, now that replies are
+        # pulled every 0.2 s, can complete before that, so wait for it (bounded).
+        _wait(
+            lambda: statuses().get(first_run) == "finished:failed",
+            "the killed run marked failed by the restarted SuperLink",
+            120,
+            net,
+        )
+        runs = statuses()
         assert runs[first_run] == "finished:failed" and len(runs) == 2, runs
+        assert [status for run, status in runs.items() if run != first_run] == [
+            "finished:completed"
+        ], runs
 
     rounds = _rounds(run_dir)
     assert [r["round"] for r in rounds] == list(range(1, rounds_planned + 1))
