@@ -38,6 +38,9 @@ Two parts, each comparing ours to a floor measured in the same run:
    seconds per message minus our handlers' seconds is the start-up our app pays inside the
    real deployment (the no-op app's whole ClientApp time is that floor).
 
+3. Simulation (``bench/simulation.py``; ``--skip-simulation`` leaves it out): s/round of
+   ``fedpath simulate`` with 20 sites in Flower's simulation engine (Ray).
+
 The no-op app runs twice: ``no-op`` collects replies as our round loop does (a pull every
 0.2 s, ``server.replies``) and is the floor the target is judged against; ``no-op-stock`` uses
 Flower's ``send_and_receive`` (a pull every 3 s), which shows what the short poll saves.
@@ -65,6 +68,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from simulation import report as simulation_report
+from simulation import time_simulation
 
 from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
 from server.local_network import CONNECTION, LocalNetwork, NetworkError
@@ -599,6 +605,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--skip-deployment", action="store_true", help="only the start-up measurement"
     )
+    parser.add_argument(
+        "--skip-simulation", action="store_true", help="leave out part 3 (bench/simulation.py)"
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     print(f"machine: {machine()}")
@@ -626,7 +635,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     results = measure_deployment(settings, sites, shapes, progress=lambda s: print(s, flush=True))
     print_deployment(settings, results, med)
-    return 0
+    if args.skip_simulation:
+        return 0
+    sim_sites, sim_rounds = (4, 1) if args.quick else (20, 3)
+    print(f"\n3. Simulation: fedpath simulate --sites {sim_sites}, {sim_rounds} round(s)")
+    with tempfile.TemporaryDirectory(prefix="fedpath-bench-sim-") as tmp:
+        timing = time_simulation(Path(tmp), sim_sites, sim_rounds)
+    print("   " + simulation_report(timing))
+    return 0 if timing.status == "finished:completed" else 1
 
 
 if __name__ == "__main__":
