@@ -26,6 +26,7 @@ from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
 from common.federation import EVALUATE_METRICS, TRAIN_METRICS, check_reply_metrics
 from server.config import RunConfig
 from server.strategies import FedAvgStrategy, ReplyError
+from tests.round_messages import round_message
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -43,23 +44,7 @@ def _context(data: Path | None) -> Context:
 
 
 def _message(kind: str, server_round: int = 1, split: str = "val") -> Message:
-    from server.federated_run import _initial_arrays
-
-    cfg = RunConfig(local_epochs=1)
-    arrays = _initial_arrays(cfg, SPEC.feature_dim)
-    instructions = {
-        "server_round": server_round,
-        "model": cfg.model_config_for(SPEC.feature_dim).model_dump(mode="json"),
-        "train": cfg.train_config().model_dump(mode="json"),
-        "eval_split": split,
-    }
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "config": ConfigRecord({"instructions": json.dumps(instructions)}),
-        }
-    )
-    return Message(content, dst_node_id=7, message_type=kind)
+    return round_message(kind, SPEC.feature_dim, server_round, split)
 
 
 def test_query_reports_aggregate_facts_only(site: Path) -> None:

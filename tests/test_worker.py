@@ -51,6 +51,7 @@ from client.worker_protocol import (
 )
 from common.errors import ConfigError
 from common.federation import TRAIN_METRICS
+from tests.round_messages import round_message
 
 TIMING = tuple(k for k in TRAIN_METRICS if k.endswith("seconds"))
 """Wall-clock metrics: the only values allowed to differ between two runs of a handler."""
@@ -338,26 +339,7 @@ def _context(data: Path, worker: bool) -> Context:
 
 
 def _train_message() -> Message:
-    import json
-
-    from server.config import RunConfig
-    from server.federated_run import _initial_arrays
-
-    cfg = RunConfig(local_epochs=1)
-    instructions = {
-        "server_round": 1,
-        "model": cfg.model_config_for(SPEC.feature_dim).model_dump(mode="json"),
-        "train": cfg.train_config().model_dump(mode="json"),
-        "eval_split": "val",
-    }
-    arrays = _initial_arrays(cfg, SPEC.feature_dim)
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-            "config": ConfigRecord({"instructions": json.dumps(instructions)}),
-        }
-    )
-    return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
+    return round_message(MessageType.TRAIN, SPEC.feature_dim)
 
 
 @pytest.mark.slow
