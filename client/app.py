@@ -113,13 +113,11 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[..., Me
         from flwr.app import Error
 
         from client.error_reply import error_reason
-        from common.errors import FedpathError
+        from common.errors import SITE_REPLY_ERRORS, FedpathError
 
-        # ValueError/OSError: bad arrays, unreadable HDF5 files; anything else is a bug and
-        # is left to Flower, which reports it as a ClientApp exception.
         try:
             return handler(message, context)
-        except (FedpathError, ValueError, OSError) as exc:
+        except SITE_REPLY_ERRORS as exc:
             try:
                 data: Path | None = site_of(context)[0]
             except FedpathError:

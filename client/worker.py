@@ -44,25 +44,16 @@ from client.worker_protocol import (
     records_to_wire,
     write_frame,
 )
+from common.errors import SITE_REPLY_ERRORS
 
 if TYPE_CHECKING:
     from client.training.bag_cache import BagCache
 
-__all__ = ["EXPECTED_ERRORS", "handle_request", "main", "serve"]
+__all__ = ["handle_request", "main", "serve"]
 
 IDLE_EXIT_SECONDS = 6 * 3600.0
 """An idle worker gives its memory back after this long; the next message starts a new one."""
 PARENT_POLL_SECONDS = 1.0
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from common.errors import FedpathError
-
-    return (FedpathError, ValueError, OSError)
-
-
-EXPECTED_ERRORS = _expected_errors()
-"""What the ClientApp turns into a redacted error reply; anything else is a bug."""
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -132,7 +123,7 @@ def handle_request(
     context = context_from_wire(header.get("context"), blobs)
     try:
         reply = _run_handler(handler, content, context, bag_cache)
-    except EXPECTED_ERRORS as exc:
+    except SITE_REPLY_ERRORS as exc:
         return {
             "ok": False,
             "kind": "expected",

@@ -71,3 +71,12 @@ class FeatureBagError(FedpathError):
         self.path = path
         self.reason = reason
         super().__init__(f"feature file {path}: {reason}")
+
+
+SITE_REPLY_ERRORS: tuple[type[BaseException], ...] = (FedpathError, ValueError, OSError)
+"""What a site turns into a (redacted) error reply instead of crashing the message.
+
+A fedpath error, bad arrays (``ValueError``) or an unreadable file (``OSError``) is the site's
+problem to report; anything else is a bug, left to Flower, which reports it as a ClientApp
+exception. The ClientApp and the resident worker both catch exactly these.
+"""
