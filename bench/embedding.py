@@ -168,8 +168,10 @@ def read_path_throughput(manifest: Path, settings: dict[str, Any], limit: int) -
         spec, torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()), "-", None
     )
     cfg = EmbeddingConfig(
-        batch_size=settings["batch_size"], reader_threads=settings["reader_threads"],
-        queue_batches=settings["queue_batches"], jit=False,
+        batch_size=settings["batch_size"],
+        reader_threads=settings["reader_threads"],
+        queue_batches=settings["queue_batches"],
+        jit=False,
     )
     with WsiReader(row["path"]) as reader:
         info = reader.info
@@ -280,7 +282,11 @@ def run_child(manifest: Path, settings: dict[str, Any], repeats: int) -> dict[st
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -302,21 +308,28 @@ def main(quick: bool) -> None:
     with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
         names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
     print("# fedpath embedding benchmark" + (" (quick)" if quick else ""))
-    print(f"machine: {names[0] if names else cpu}, {os.cpu_count()} vCPUs, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
-          f"native bf16: {cpu_supports_bf16()}, load average {_load_average()}")
+    print(
+        f"machine: {names[0] if names else cpu}, {os.cpu_count()} vCPUs, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
+        f"native bf16: {cpu_supports_bf16()}, load average {_load_average()}"
+    )
 
     encoder = load_encoder(DEFAULT_ENCODER)
-    print(f"encoder: {encoder.spec.id} (sha256 {encoder.weights_sha256[:12]}…), "
-          f"{encoder.spec.input_size} px → {encoder.spec.feature_dim}-d")
+    print(
+        f"encoder: {encoder.spec.id} (sha256 {encoder.weights_sha256[:12]}…), "
+        f"{encoder.spec.input_size} px → {encoder.spec.feature_dim}-d"
+    )
 
     print("\n## (a) model only, random tensors, channels_last, inference_mode [patches/s]")
     rows: dict[tuple[str, str, int], tuple[float, float]] = {}
     small = PIPELINE["batch_size"]
     plan = [
-        ("eager", "float32", MODEL_BATCH), ("eager", "bfloat16", MODEL_BATCH),
-        ("graph", "float32", MODEL_BATCH), ("graph", "bfloat16", MODEL_BATCH),
-        ("graph", "bfloat16", small), ("graph", "float32", 4),
+        ("eager", "float32", MODEL_BATCH),
+        ("eager", "bfloat16", MODEL_BATCH),
+        ("graph", "float32", MODEL_BATCH),
+        ("graph", "bfloat16", MODEL_BATCH),
+        ("graph", "bfloat16", small),
+        ("graph", "float32", 4),
     ]
     pixel_plan = [("graph+u8", "bfloat16", small)]
     if not quick:
@@ -329,19 +342,23 @@ def main(quick: bool) -> None:
     for mode, precision, batch in pixel_plan:
         result = model_only(encoder, precision, batch, jit=True, repeats=repeats, pixels=True)
         rows[(mode, precision, batch)] = result
-        print(f"{mode:<6} {precision:<9} {batch:>5} {result[0]:>8.1f} {result[1]:>8.1f}  "
-              f"(the pipeline's graph: uint8 in, normalisation fused; the yardstick below is "
-              f"the encoder alone, row 'graph')")
+        print(
+            f"{mode:<6} {precision:<9} {batch:>5} {result[0]:>8.1f} {result[1]:>8.1f}  "
+            f"(the pipeline's graph: uint8 in, normalisation fused; the yardstick below is "
+            f"the encoder alone, row 'graph')"
+        )
     baseline = rows[("eager", "float32", MODEL_BATCH)][0]
 
     def ratio(mode: str, precision: str, batch: int) -> str:
         return f"{rows[(mode, precision, batch)][0] / baseline:.2f}×"
 
-    print(f"speed-up vs the float32 eager baseline (batch {MODEL_BATCH}): "
-          f"bf16 eager {ratio('eager', 'bfloat16', MODEL_BATCH)}, "
-          f"bf16 graph {ratio('graph', 'bfloat16', MODEL_BATCH)}, "
-          f"bf16 graph at batch {small} {ratio('graph', 'bfloat16', small)} (target ≥ 3×); "
-          f"float32 graph at batch 4 {ratio('graph', 'float32', 4)}")
+    print(
+        f"speed-up vs the float32 eager baseline (batch {MODEL_BATCH}): "
+        f"bf16 eager {ratio('eager', 'bfloat16', MODEL_BATCH)}, "
+        f"bf16 graph {ratio('graph', 'bfloat16', MODEL_BATCH)}, "
+        f"bf16 graph at batch {small} {ratio('graph', 'bfloat16', small)} (target ≥ 3×); "
+        f"float32 graph at batch 4 {ratio('graph', 'float32', 4)}"
+    )
 
     print("\n## bf16 features vs float32 (cosine similarity per patch)")
     mean_cos, min_cos = measure_bf16_cosine(
@@ -359,38 +376,52 @@ def main(quick: bool) -> None:
     if not quick:
         runs += [(sizes[0], extra) for extra in EXTRA_RUNS]
     results = [(side, st, run_child(synthetic_manifest(side), st, repeats)) for side, st in runs]
-    print("embed p/s: embedding stage (read, resize, normalise, encode, write HDF5); model p/s: "
-          "model only, same process, precision and batch, measured right after; RSS in "
-          "extraction: RSS when extraction started → highest RSS sampled after each batch; "
-          "peak: the child's whole-run peak (VmHWM: encoder, calibration, tissue, QC included)")
-    print(f"{'slide':>12} {'asked':>7} {'batch':>5} {'patches':>7} {'used':>8} {'embed p/s':>9} "
-          f"{'model p/s':>9} {'efficiency':>10} {'RSS in extraction':>21} {'peak':>9}")
+    print(
+        "embed p/s: embedding stage (read, resize, normalise, encode, write HDF5); model p/s: "
+        "model only, same process, precision and batch, measured right after; RSS in "
+        "extraction: RSS when extraction started → highest RSS sampled after each batch; "
+        "peak: the child's whole-run peak (VmHWM: encoder, calibration, tissue, QC included)"
+    )
+    print(
+        f"{'slide':>12} {'asked':>7} {'batch':>5} {'patches':>7} {'used':>8} {'embed p/s':>9} "
+        f"{'model p/s':>9} {'efficiency':>10} {'RSS in extraction':>21} {'peak':>9}"
+    )
     for side, setting, r in results:
         e2e = r["patches"] / r["embed_seconds"]
         in_extraction = f"{_mib(r['rss_at_extraction'])} → {_mib(r['max_rss_in_extraction'])}"
-        print(f"{side:>5}×{side:<6} {setting['precision']:>7} {setting['batch_size']:>5} "
-              f"{r['patches']:>7} {r['precision']:>8} {e2e:>9.1f} {r['model_only']:>9.1f} "
-              f"{e2e / r['model_only']:>10.3f} {in_extraction:>21} {_mib(r['peak_rss']):>9}")
+        print(
+            f"{side:>5}×{side:<6} {setting['precision']:>7} {setting['batch_size']:>5} "
+            f"{r['patches']:>7} {r['precision']:>8} {e2e:>9.1f} {r['model_only']:>9.1f} "
+            f"{e2e / r['model_only']:>10.3f} {in_extraction:>21} {_mib(r['peak_rss']):>9}"
+        )
     for side, setting, r in results:
         if setting is PIPELINE:
-            print(f"  {side}²: whole prepare_site {r['patches'] / r['site_seconds']:.1f} patches/s "
-                  f"({r['site_seconds']:.1f} s incl. encoder load and bf16 calibration)")
+            print(
+                f"  {side}²: whole prepare_site {r['patches'] / r['site_seconds']:.1f} patches/s "
+                f"({r['site_seconds']:.1f} s incl. encoder load and bf16 calibration)"
+            )
     tuned = [(side, r) for side, setting, r in results if setting is PIPELINE]
     (small_side, lo), (large_side, hi) = tuned[0], tuned[-1]
     efficiency = min(r["patches"] / r["embed_seconds"] / r["model_only"] for _, r in tuned)
-    print(f"\npipeline efficiency (end-to-end / model-only, same precision and batch): "
-          f"{efficiency:.3f} worst of the two sizes (target ≥ 0.9)")
+    print(
+        f"\npipeline efficiency (end-to-end / model-only, same precision and batch): "
+        f"{efficiency:.3f} worst of the two sizes (target ≥ 0.9)"
+    )
     read_rate = read_path_throughput(synthetic_manifest(sizes[0]), PIPELINE, 1024)
     model_rate = statistics.median(r["model_only"] for _, r in tuned)
-    print(f"read path alone (same pipeline, do-nothing encoder): {read_rate:.0f} patches/s; "
-          f"reading and inference share {os.cpu_count()} vCPUs, so end-to-end ≤ "
-          f"1/(1/{model_rate:.0f} + 1/{read_rate:.0f}) = "
-          f"{1 / (1 / model_rate + 1 / read_rate):.0f} patches/s, efficiency ≤ "
-          f"{read_rate / (read_rate + model_rate):.2f} unless the encoder leaves a core idle")
+    print(
+        f"read path alone (same pipeline, do-nothing encoder): {read_rate:.0f} patches/s; "
+        f"reading and inference share {os.cpu_count()} vCPUs, so end-to-end ≤ "
+        f"1/(1/{model_rate:.0f} + 1/{read_rate:.0f}) = "
+        f"{1 / (1 / model_rate + 1 / read_rate):.0f} patches/s, efficiency ≤ "
+        f"{read_rate / (read_rate + model_rate):.2f} unless the encoder leaves a core idle"
+    )
     for what, key in (("max RSS in extraction", "max_rss_in_extraction"), ("peak RSS", "peak_rss")):
-        print(f"{what}: {_mib(lo[key])} for {lo['patches']} patches ({small_side}²), "
-              f"{_mib(hi[key])} for {hi['patches']} patches ({large_side}²): "
-              f"×{hi[key] / lo[key]:.2f} for ×{hi['patches'] / lo['patches']:.1f} patches")
+        print(
+            f"{what}: {_mib(lo[key])} for {lo['patches']} patches ({small_side}²), "
+            f"{_mib(hi[key])} for {hi['patches']} patches ({large_side}²): "
+            f"×{hi[key] / lo[key]:.2f} for ×{hi['patches'] / lo['patches']:.1f} patches"
+        )
     print(f"load average at the end: {_load_average()}")
 
 

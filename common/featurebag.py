@@ -164,16 +164,16 @@ class FeatureBagWriter:
         fh = stack.enter_context(h5py.File(tmp, "w"))
         chunk_rows = max(1, min(self._n, 256))
         self._dataset = fh.create_dataset(
-            "features", shape=(self._n, self._dim), dtype=self._dtype,
+            "features",
+            shape=(self._n, self._dim),
+            dtype=self._dtype,
             chunks=(chunk_rows, self._dim) if self._n else None,
         )
         fh.create_dataset("coords", data=self._coords)
         if self._labels is not None:
             fh.create_dataset("patch_labels", data=np.asarray(self._labels, dtype=np.int8))
         if self._fraction is not None:
-            fh.create_dataset(
-                "tumour_fraction", data=np.asarray(self._fraction, dtype=np.float32)
-            )
+            fh.create_dataset("tumour_fraction", data=np.asarray(self._fraction, dtype=np.float32))
         for key, value in self._attrs.items():
             fh.attrs[key] = value
         self._stack = stack
@@ -191,7 +191,7 @@ class FeatureBagWriter:
             raise ValueError(f"{end} rows written but the bag has {self._n} patches")
         if not np.isfinite(block).all():
             raise FeatureBagError(str(self._path), "encoder produced NaN or Inf features")
-        self._dataset[self._written:end] = block.astype(self._dtype, copy=False)
+        self._dataset[self._written : end] = block.astype(self._dtype, copy=False)
         self._written = end
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

@@ -65,9 +65,10 @@ def test_incomplete_write_leaves_nothing(tmp_path: Path) -> None:
 
 def test_exception_inside_block_leaves_nothing(tmp_path: Path) -> None:
     path = tmp_path / "s1.h5"
-    with pytest.raises(RuntimeError), FeatureBagWriter(
-        path, coords=np.zeros((2, 2)), feature_dim=4, attrs=ATTRS
-    ) as writer:
+    with (
+        pytest.raises(RuntimeError),
+        FeatureBagWriter(path, coords=np.zeros((2, 2)), feature_dim=4, attrs=ATTRS) as writer,
+    ):
         writer.write(np.zeros((1, 4)))
         raise RuntimeError("reader died")
     assert list(tmp_path.iterdir()) == []
@@ -76,9 +77,12 @@ def test_exception_inside_block_leaves_nothing(tmp_path: Path) -> None:
 def test_nan_features_refused_at_write(tmp_path: Path) -> None:
     bad = np.zeros((2, 4), np.float32)
     bad[1, 2] = np.nan
-    with pytest.raises(FeatureBagError, match="NaN or Inf"), FeatureBagWriter(
-        tmp_path / "x.h5", coords=np.zeros((2, 2)), feature_dim=4, attrs=ATTRS
-    ) as writer:
+    with (
+        pytest.raises(FeatureBagError, match="NaN or Inf"),
+        FeatureBagWriter(
+            tmp_path / "x.h5", coords=np.zeros((2, 2)), feature_dim=4, attrs=ATTRS
+        ) as writer,
+    ):
         writer.write(bad)
     assert not any(p.name.startswith(TMP_PREFIX) for p in tmp_path.iterdir())
 

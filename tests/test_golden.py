@@ -34,7 +34,10 @@ def _pipeline_output(tmp_path: Path) -> dict[str, object]:
         plan = plan_read(info.mpp, info.level_downsamples, cfg.resolution)
         mask = tissue_mask_for_slide(reader, cfg.tissue)
         grid = patch_grid(
-            mask, info.dimensions, plan.patch_size_level0, plan.step_level0,
+            mask,
+            info.dimensions,
+            plan.patch_size_level0,
+            plan.step_level0,
             cfg.tissue.min_tissue_fraction,
         )
     return {

@@ -65,7 +65,11 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, SynthSlide]:
     return {
         "tumour_full": _slide(root, "tumour_full", 1, tumour_fraction=0.35),
         "tumour_partial": _slide(
-            root, "tumour_partial", 2, tumour_fraction=0.4, annotated_region_fraction=0.5,
+            root,
+            "tumour_partial",
+            2,
+            tumour_fraction=0.4,
+            annotated_region_fraction=0.5,
             tumour_foci=3,
         ),
         "normal": _slide(root, "normal", 3, tumour_fraction=0.0),
@@ -172,7 +176,10 @@ def test_resume_skips_finished_slides_and_redoes_changed_ones(
 
 def _blank_tiff(path: Path) -> None:
     write_pyramid(
-        path, np.full((1024, 1024, 3), 245, np.uint8), levels=1, compression="jpeg",
+        path,
+        np.full((1024, 1024, 3), 245, np.uint8),
+        levels=1,
+        compression="jpeg",
         description="Aperio Image Library v10.0.0\n1024x1024 |AppMag = 20|MPP = 0.5",
     )
 
@@ -186,7 +193,10 @@ def _tiff_with_corrupt_tile(path: Path) -> None:
     image[128:900, 100:950] = (200, 80, 170)
     image = (image + rng.integers(0, 20, image.shape)).astype(np.uint8)
     write_pyramid(
-        path, image, levels=2, compression="jpeg",
+        path,
+        image,
+        levels=2,
+        compression="jpeg",
         description="Aperio Image Library v10.0.0\n1024x1024 |AppMag = 20|MPP = 0.5",
     )
     with tifffile.TiffFile(path) as tif:

@@ -24,9 +24,9 @@ APERIO = "Aperio Image Library v10.0.0\n1536x1024 |AppMag = 20|MPP = 0.5"
 def textured(height: int = 1024, width: int = 1536) -> np.ndarray:
     """Smooth colour gradients plus blocks: edges across tile seams, JPEG-friendly."""
     yy, xx = np.mgrid[0:height, 0:width]
-    rgb = np.stack(
-        [(xx * 255 // width), (yy * 255 // height), ((xx + yy) % 256)], axis=-1
-    ).astype(np.uint8)
+    rgb = np.stack([(xx * 255 // width), (yy * 255 // height), ((xx + yy) % 256)], axis=-1).astype(
+        np.uint8
+    )
     rgb[300:700, 200:900] = (200, 60, 160)
     rgb[600:1000, 1000:1400] = (40, 40, 200)
     return rgb
@@ -60,12 +60,14 @@ def write_aperio_pyramid(path: Path, rgb: np.ndarray, compression: str) -> Path:
     with tifffile.TiffWriter(path) as tw:
         level = rgb
         for index in range(3):
-            extra: dict[str, object] = (
-                {"subfiletype": 1} if index else {"description": APERIO}
-            )
+            extra: dict[str, object] = {"subfiletype": 1} if index else {"description": APERIO}
             tw.write(
-                level, compression=compression, photometric="rgb", tile=(256, 256),
-                metadata=None, **extra,
+                level,
+                compression=compression,
+                photometric="rgb",
+                tile=(256, 256),
+                metadata=None,
+                **extra,
             )
             level = np.ascontiguousarray(level[::2, ::2])
     return path

@@ -207,7 +207,7 @@ def _load_weights(path: Path, encoder_id: str) -> dict[str, torch.Tensor]:
     ):
         raise EncoderError(f"{encoder_id}: {path} does not contain a state dict of tensors")
     prefix = "module."
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in payload.items()}
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in payload.items()}
 
 
 def _load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
@@ -241,10 +241,15 @@ def _build_efficientnet_lite0(weights_path: Path | None) -> LoadedEncoder:
     from client.embed.models import EfficientNetTrunk
 
     net = EfficientNet.from_name("efficientnet-lite0")
-    _load_into(net, _load_weights(weights_path, "efficientnet_lite0"), f"efficientnet_lite0 "
-               f"({weights_path})")
+    _load_into(
+        net,
+        _load_weights(weights_path, "efficientnet_lite0"),
+        f"efficientnet_lite0 ({weights_path})",
+    )
     return LoadedEncoder(
-        _SPECS["efficientnet_lite0"], EfficientNetTrunk(net), sha256_file(weights_path),
+        _SPECS["efficientnet_lite0"],
+        EfficientNetTrunk(net),
+        sha256_file(weights_path),
         weights_path,
     )
 

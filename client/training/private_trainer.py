@@ -274,9 +274,7 @@ def _private_epoch(
         generator=torch.Generator().manual_seed(poisson_seed % (2**63)),
         steps=steps,
     )
-    optimiser.generator = torch.Generator(device=_device(model)).manual_seed(
-        noise_seed % (2**63)
-    )
+    optimiser.generator = torch.Generator(device=_device(model)).manual_seed(noise_seed % (2**63))
     params = _parameters(model)
     lr = step_lr(cfg, _expected_batch(mechanism, n))
     sums = np.zeros(4, dtype=np.float64)

@@ -54,9 +54,7 @@ def _canvas_scale(height: int, width: int) -> float:
     return 1.0
 
 
-def _patch_rectangles(
-    grid: PatchGrid, downsample: tuple[float, float], scale: float
-) -> np.ndarray:
+def _patch_rectangles(grid: PatchGrid, downsample: tuple[float, float], scale: float) -> np.ndarray:
     """N×4×2 int32 corners of each patch on the canvas (``downsample``: level-0 px per px)."""
     dx, dy = downsample
     x0 = grid.coords[:, 0] / dx * scale
@@ -160,9 +158,7 @@ def render_qc_png(
     background: tuple[np.ndarray, tuple[float, float]] | None = None,
 ) -> None:
     """Write the QC picture (thumbnail, tissue outline, patch grid, title) as a PNG, atomically."""
-    rgb = render_qc_image(
-        mask, grid, title=title, patch_labels=patch_labels, background=background
-    )
+    rgb = render_qc_image(mask, grid, title=title, patch_labels=patch_labels, background=background)
     ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     if not ok:
         raise FedpathError(f"QC image {path}: OpenCV could not encode it as PNG")

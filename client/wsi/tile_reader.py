@@ -167,13 +167,13 @@ class TiledLevelReader:
         self.tiles_down = math.ceil(self.height / self.tile_height)
         self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
         self.bytecounts = np.asarray(page.databytecounts, dtype=np.int64)
-        if len(self.offsets) < self.tiles_across * self.tiles_down or len(
-            self.bytecounts
-        ) != len(self.offsets):
+        if len(self.offsets) < self.tiles_across * self.tiles_down or len(self.bytecounts) != len(
+            self.offsets
+        ):
             raise ValueError("tile offsets do not cover the page")
-        self.jpegtables: bytes | None = page.jpegtables if int(page.compression) in (
-            JPEG_COMPRESSIONS
-        ) else None
+        self.jpegtables: bytes | None = (
+            page.jpegtables if int(page.compression) in (JPEG_COMPRESSIONS) else None
+        )
         self._decode: Callable[..., Any] = page.decode
 
     def _tile(self, index: int) -> np.ndarray | None:
