@@ -37,6 +37,9 @@ class Exchange:
     replies: list[Message] = field(default_factory=list)
     unsent: list[int] = field(default_factory=list)
     """Destination node ids whose message the SuperLink did not accept."""
+    sent: dict[str, int] = field(default_factory=dict)
+    """Message id → destination node id of every accepted message: a SuperLink-made error
+    reply names its message only by ``reply_to_message_id``, not by the site's node id."""
 
 
 def send_and_collect(
@@ -58,18 +61,21 @@ def send_and_collect(
     """
     if poll_interval <= 0:
         raise ValueError(f"poll_interval must be > 0, got {poll_interval}")
-    ids = list(grid.push_messages(messages))
-    exchange = Exchange()
+    ids: list[str | None] = list(grid.push_messages(messages))
+    if not ids:
+        # Flower's HttpGrid gives an empty list when the SuperLink refused the whole push
+        # (payload too large): nothing was sent.
+        ids = [None] * len(messages)
     if len(ids) != len(messages):
-        # A grid that drops refused messages from the list (instead of giving None) leaves no
-        # way to tell which ones; treat the shortfall like Flower's None entries would be.
-        ids = ids + [None] * (len(messages) - len(ids))  # type: ignore[list-item]
-    pending: set[str] = set()
+        raise ValueError(f"the grid accepted {len(ids)} ids for {len(messages)} messages")
+    exchange = Exchange()
     for message, message_id in zip(messages, ids, strict=True):
+        node = int(message.metadata.dst_node_id)
         if message_id:
-            pending.add(str(message_id))
+            exchange.sent[str(message_id)] = node
         else:
-            exchange.unsent.append(int(message.metadata.dst_node_id))
+            exchange.unsent.append(node)
+    pending = set(exchange.sent)
     deadline = clock() + timeout
     immediate = bool(getattr(grid, "replies_ready_at_push", False))
     while pending:

@@ -127,14 +127,8 @@ class Federation:
         exchange = self._send(messages, self.cfg.query_timeout)
         for node in exchange.unsent:
             self.report(f"node {node}: the SuperLink did not accept the harmonisation query")
-        replies = exchange.replies
-        sent = {
-            m.metadata.message_id: int(m.metadata.dst_node_id)
-            for m in messages
-            if m.metadata.message_id
-        }
-        for reply in replies:
-            node = _sender(reply, sent)
+        for reply in exchange.replies:
+            node = _sender(reply, exchange.sent)
             if reply.has_error():
                 self.report(f"node {node}: harmonisation query failed: {reply.error.reason}")
                 continue
@@ -263,18 +257,13 @@ class Federation:
         """Send to ``nodes`` and wait at most ``round-timeout``; (good replies, failures)."""
         messages = self._messages(nodes, arrays, instructions, message_type)
         exchange = self._send(messages, self.cfg.round_timeout)
-        sent = {
-            m.metadata.message_id: int(m.metadata.dst_node_id)
-            for m in messages
-            if m.metadata.message_id
-        }
         good: list[Message] = []
         failed: dict[int, str] = {
             node: "the SuperLink did not accept the message (see the ServerApp log)"
             for node in exchange.unsent
         }
         for reply in exchange.replies:
-            node = _sender(reply, sent)
+            node = _sender(reply, exchange.sent)
             if reply.has_error():
                 failed[node] = str(reply.error.reason or f"error code {reply.error.code}")
             else:

@@ -181,3 +181,32 @@ def test_a_grid_whose_replies_are_ready_at_push_is_pulled_once() -> None:
     )
     assert [int(r.metadata.src_node_id) for r in exchange.replies] == [1]
     assert len(grid.pulls) == 1 and clock.now == 0.0
+
+
+def test_an_empty_id_list_means_the_superlink_refused_the_whole_push() -> None:
+    """Flower's HttpGrid returns [] when the SuperLink refuses the payload as too large."""
+    clock = FakeClock()
+    grid = TimedGrid(clock, {1: 0.0, 2: 0.0})
+    grid.push_messages = lambda messages: []  # type: ignore[method-assign]
+    exchange = send_and_collect(
+        grid, _messages([1, 2]), timeout=900, poll_interval=0.2, clock=clock, sleep=clock.sleep
+    )
+    assert exchange.unsent == [1, 2] and exchange.replies == [] and exchange.sent == {}
+    assert grid.pulls == [] and clock.now == 0.0
+
+
+def test_ids_that_cannot_be_paired_with_the_messages_are_an_error() -> None:
+    """Pairing a short id list with the first messages would blame the wrong sites."""
+    grid = TimedGrid(FakeClock(), {1: 0.0, 2: 0.0})
+    grid.push_messages = lambda messages: ["only-one"]  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="1 ids for 2 messages"):
+        send_and_collect(grid, _messages([1, 2]), timeout=1)
+
+
+def test_the_exchange_maps_each_accepted_message_to_its_node() -> None:
+    clock = FakeClock()
+    grid = TimedGrid(clock, {1: 0.0, 2: 0.0}, refused={2})
+    exchange = send_and_collect(
+        grid, _messages([1, 2]), timeout=1, poll_interval=0.2, clock=clock, sleep=clock.sleep
+    )
+    assert exchange.sent == {"m1-0": 1}
