@@ -43,6 +43,12 @@ class RunConfig(StrictModel):
 
     model: Literal["abmil", "clam_sb", "clam_mb"] = "clam_sb"
     model_size: Literal["small", "big"] = "small"
+    model_hidden_dim: int = Field(
+        512,
+        ge=8,
+        description="width of the per-patch embedding h' (fewer parameters: less DP noise "
+        "in total for the same per-coordinate noise)",
+    )
     supervision: Literal["weak", "mixed"] = "mixed"
     local_epochs: int = Field(2, ge=1, description="epochs each site trains per round")
     lr: float = Field(2e-4, gt=0)
@@ -154,6 +160,7 @@ class RunConfig(StrictModel):
             kind=self.model,
             size=self.model_size,
             feature_dim=feature_dim,
+            hidden_dim=self.model_hidden_dim,
             n_classes=len(self.label_names),
         )
 

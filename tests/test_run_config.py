@@ -35,6 +35,7 @@ def test_hyphenated_keys_and_round_trip() -> None:
         ("min-fit-fraction", 1.5, "min-fit-fraction:"),
         ("labels", "tumour", "at least two distinct"),
         ("run-name", "../x", "plain directory name"),
+        ("model-hidden-dim", 4, "model-hidden-dim: Input should be greater than or equal to 8"),
     ],
 )
 def test_bad_values_are_reported_with_their_key(key: str, value: object, needle: str) -> None:
@@ -46,5 +47,8 @@ def test_model_and_train_configs_follow_the_run() -> None:
     cfg = RunConfig.from_run_config({"model": "abmil", "supervision": "weak", "local-epochs": 3})
     assert cfg.model_config_for(64).kind == "abmil"
     assert cfg.model_config_for(64).feature_dim == 64
+    assert cfg.model_config_for(64).hidden_dim == 512
+    narrow = RunConfig.from_run_config({"model-hidden-dim": 64}).model_config_for(32)
+    assert narrow.hidden_dim == 64 and narrow.feature_dim == 32
     train = cfg.train_config()
     assert train.epochs == 3 and train.supervision.mode == "weak"
