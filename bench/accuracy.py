@@ -5,6 +5,7 @@ Usage (from the repository root)::
     .venv/bin/python bench/accuracy.py                 # full run (see bench/README.md)
     .venv/bin/python bench/accuracy.py --quick         # tiny cohort, a few epochs: a smoke run
     .venv/bin/python bench/accuracy.py --seeds 5       # more training seeds per arm
+    .venv/bin/python bench/accuracy.py --low-grade-share 0   # uniform (high-grade) tumour
 
 What it does, in one run:
 
@@ -14,8 +15,12 @@ What it does, in one run:
    hospital has a training pool (split into train and validation, stratified by label) and a
    held-out test set generated as a separate site, so no test slide can leak into training.
    Generated and prepared data are cached under ``bench/_cache/accuracy/<key>/``, the key
-   being a hash of the cohort spec and the preparation settings: reruns skip synthesis and
-   embedding.
+   being a hash of the cohort spec, the generator's source and the preparation settings:
+   reruns skip synthesis and embedding. Tumour is heterogeneous: 40-80 % of each tumour
+   (``--low-grade-share``) is rendered with a subtle low-grade morphology, the rest
+   conspicuous high-grade. That part alone explains every tumour slide's label, so weak
+   supervision can ignore the low-grade part; outlines cover all of it, so mixed supervision
+   has a reason to learn it. (With uniform tumour weak supervision reached the ceiling.)
 2. Decides which training slides' outlines training may see. Every tumour slide of the
    training pool is generated with outlines (half of them partial: the manifest marks those
    ``annotation_complete=false``), but only a chosen share per hospital is *visible*; the rest
@@ -28,12 +33,17 @@ What it does, in one run:
    case), and evaluates on the pooled test set: slide AUC with a bootstrap 95 % CI, and
    pooled patch AUC / AP against the generator's *ground-truth* tumour masks on *every* test
    slide (all patches of a normal slide are negatives; patches with a tumour share strictly
-   between 0 and 0.5 are ambiguous and left out, as ``prepare`` does for outlines).
+   between 0 and 0.5 are ambiguous and left out, as ``prepare`` does for outlines), and the
+   low-grade patch AUC: the same pooled AUC on low-grade against normal patches only (a
+   tumour patch is low-grade when more than 80 % of its tumour is, high-grade below 20 %),
+   where weak and mixed supervision should differ.
 4. Prints a feature-space ceiling alongside: a logistic-regression probe trained on the
    ground-truth labels of every training-pool patch (information no MIL arm gets), scored on
    the same test patches, and the test AUC of the single best feature dimension. It tells a
    weak encoder apart from a weak MIL method, and shows when the task is too easy for the
-   weak/mixed comparison to mean anything (both at the ceiling).
+   weak/mixed comparison to mean anything (both at the ceiling). On low-grade vs normal test
+   patches it prints that probe's AUC and that of a probe fitted on high-grade vs normal pool
+   patches only: what finding the conspicuous tumour alone gives on the subtle one.
 
 Targets (issue 3): mixed slide AUC ≥ 0.95 and patch AUC ≥ 0.90, and mixed patch AUC at least
 0.05 above weak, for clam_sb and abmil.
@@ -41,7 +51,9 @@ Targets (issue 3): mixed slide AUC ≥ 0.95 and patch AUC ≥ 0.90, and mixed pa
 
 from __future__ import annotations
 
+import argparse
 import csv
+import hashlib
 import json
 import math
 import os
@@ -49,7 +61,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -57,7 +69,7 @@ import cv2
 import h5py
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from client.config import AnnotationConfig, EmbeddingConfig, PrepareConfig, TissueConfig
 from client.prepare.pipeline import prepare_site
@@ -79,8 +91,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "accuracy"
 CACHE_LAYOUT = 1
 """Bumped when the cache layout or the way a cohort is derived from its spec changes."""
+GENERATOR_SOURCES = (
+    "synthetic.py",
+    *(f"synth_{m}.py" for m in ("masks", "render", "stain", "texture", "tiff")),
+)
+"""The slide generator's modules (``client/wsi``): their bytes are part of the cache key, so
+retuning a texture constant regenerates the cohort instead of reusing stale slides."""
 LABELS = ("normal", "tumour")
 TUMOUR = LABELS.index("tumour")
+NORMAL_GRADE, HIGH_GRADE, LOW_GRADE = 0, 1, 2
+"""Ground-truth grade of a patch (``patch_grades``); −1: ambiguous or of mixed grade."""
+MIXED_GRADE = (0.2, 0.8)
+"""A tumour patch is high-grade when less than 0.2 of its tumour is low-grade, low-grade when
+more than 0.8 is: in between it shows both morphologies and belongs to neither comparison."""
+LOW_GRADE_SHARE = (0.4, 0.8)
+"""The benchmark cohort's share of each tumour rendered low-grade: with uniform tumour, weak
+supervision reached the ceiling and weak vs mixed compared nothing (bench/README.md)."""
 
 Log = Callable[[str], None]
 
@@ -140,7 +166,8 @@ class CohortSpec(StrictModel):
     def synth_key(self) -> str:
         """Cache key of the generated slides: what the generator is given, and the seed."""
         synth = synth_config(self).model_dump(mode="json")
-        return sha256_json({"layout": CACHE_LAYOUT, "synth": synth, "seed": self.seed})[:16]
+        key = {"layout": CACHE_LAYOUT, "synth": synth, "seed": self.seed}
+        return sha256_json({**key, "generator": generator_fingerprint()})[:16]
 
     def prepare_key(self) -> str:
         """Cache key of one preparation of those slides (another encoder: another folder).
@@ -149,6 +176,14 @@ class CohortSpec(StrictModel):
         hash: such slides are re-embedded on the next run.
         """
         return sha256_json(self.prepare_config().model_dump(mode="json"))[:12]
+
+
+def generator_fingerprint() -> str:
+    """Hash of the generator's source: slides made by other code are other slides."""
+    wsi = ROOT / "client" / "wsi"
+    return sha256_json(
+        {name: hashlib.sha256((wsi / name).read_bytes()).hexdigest() for name in GENERATOR_SOURCES}
+    )
 
 
 FULL_COHORT = CohortSpec(
@@ -163,10 +198,12 @@ FULL_COHORT = CohortSpec(
             width_range=(4096, 6144),
             height_range=(4096, 5120),
         ),
-    )
+    ),
+    low_grade_share_range=LOW_GRADE_SHARE,
 )
-"""90 pool slides (72 train + 18 validation) and 40 test slides, half tumour everywhere:
-about 28,000 patches, a few minutes of EfficientNet-Lite0 on two cores."""
+"""90 pool slides (72 train + 18 validation) and 40 test slides, half tumour everywhere, each
+tumour 40-80 % low-grade: about 28,000 patches, a few minutes of EfficientNet-Lite0 on two
+cores."""
 
 QUICK_COHORT = CohortSpec(
     hospitals=tuple(
@@ -183,8 +220,52 @@ QUICK_COHORT = CohortSpec(
             ("site_b", "purple", 8),
             ("site_c", "pale", 6),
         )
-    )
+    ),
+    low_grade_share_range=LOW_GRADE_SHARE,
 )
+
+
+def low_grade_share(text: str) -> tuple[float, float]:
+    """argparse type of ``--low-grade-share``: ``LO,HI``, or one share for both (``0``: off).
+
+    Only the text is checked here; the bounds are the generator's, which
+    ``apply_low_grade_option`` applies, so they are written down once.
+    """
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in (1, 2) or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected LO,HI or one share, got {text!r}")
+    return values[0], values[-1]
+
+
+def add_low_grade_option(parser: argparse.ArgumentParser) -> None:
+    """``--low-grade-share``, shared by the accuracy benchmarks built on this cohort."""
+    parser.add_argument(
+        "--low-grade-share",
+        type=low_grade_share,
+        default=None,
+        metavar="LO,HI",
+        help="share of each tumour rendered low-grade, drawn per slide (default "
+        f"{LOW_GRADE_SHARE[0]:g},{LOW_GRADE_SHARE[1]:g}; 0: uniform high-grade tumour)",
+    )
+
+
+def apply_low_grade_option(
+    parser: argparse.ArgumentParser, spec: CohortSpec, share: tuple[float, float] | None
+) -> CohortSpec:
+    """``spec`` with the ``--low-grade-share`` range (None: unchanged), validated now by the
+    generator's own model: a range it refuses (unordered, above its maximum share) is a usage
+    error before any work is done, not a traceback."""
+    if share is None:
+        return spec
+    out = CohortSpec.model_validate({**spec.model_dump(), "low_grade_share_range": share})
+    try:
+        synth_config(out)
+    except ValidationError as exc:
+        parser.error(f"--low-grade-share: {exc.errors()[0]['msg']}")
+    return out
 
 
 def _test_site(name: str) -> str:
@@ -238,13 +319,15 @@ class PreparedCohort:
     """The cohort on disk plus the generator's ground truth per slide.
 
     ``truth`` holds ground-truth patch labels (1/0/−1, feature-bag order) for every slide, from
-    the tumour masks: evaluation and the probe use it, training never does.
+    the tumour masks, and ``grade`` each patch's grade (``patch_grades``) from the tumour and
+    low-grade masks: evaluation and the probes use them, training never does.
     """
 
     spec: CohortSpec
     root: Path
     hospitals: tuple[Hospital, ...]
     truth: Mapping[str, np.ndarray]
+    grade: Mapping[str, np.ndarray]
     tumour_fraction: Mapping[str, float]
     feature_dim: int
     failed: tuple[str, ...] = ()
@@ -330,24 +413,67 @@ def mask_patch_fraction(
     return np.clip(area / (side * side), 0.0, 1.0)
 
 
-def _ground_truth(
-    site_dir: Path, entries: Sequence[BagEntry]
-) -> dict[str, tuple[np.ndarray, float]]:
-    """Per slide: ground-truth patch labels from the generator's tumour mask, and the
-    realised tumour share of tissue."""
+def patch_grades(
+    labels: np.ndarray, tumour: np.ndarray, low_grade: np.ndarray | None
+) -> np.ndarray:
+    """Per patch (int8): 0 normal, 1 high-grade, 2 low-grade, −1 ambiguous or mixed grade.
+
+    ``labels`` are the ground-truth patch labels, ``tumour`` and ``low_grade`` the shares of
+    each patch covered by the tumour and low-grade masks (None: no low-grade mask, all tumour
+    is high-grade). A tumour patch takes a grade when that grade covers most of its tumour
+    (``MIXED_GRADE``), so "weak supervision misses the low-grade part" is measured on patches
+    that show only that morphology.
+    """
+    share = np.zeros(labels.shape, dtype=np.float64)
+    if low_grade is not None:
+        np.divide(low_grade, tumour, out=share, where=tumour > 0)
+    grade = np.full(labels.shape, -1, dtype=np.int8)
+    grade[labels == 0] = NORMAL_GRADE
+    grade[(labels == 1) & (share < MIXED_GRADE[0])] = HIGH_GRADE
+    grade[(labels == 1) & (share > MIXED_GRADE[1])] = LOW_GRADE
+    return grade
+
+
+@dataclass(frozen=True)
+class SlideTruth:
+    """The generator's ground truth of one prepared slide, in feature-bag order."""
+
+    labels: np.ndarray
+    grade: np.ndarray
+    tumour_fraction: float
+    """Realised tumour share of tissue."""
+
+
+def _read_mask(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if image is None:
+        raise FileNotFoundError(f"cannot read mask {path}")
+    return image > 127
+
+
+def _ground_truth(site_dir: Path, entries: Sequence[BagEntry]) -> dict[str, SlideTruth]:
+    """Per slide: patch labels from the generator's tumour mask, patch grades from it and the
+    low-grade mask beside it (absent: uniform high-grade tumour, or a normal slide)."""
     with (site_dir / "ground_truth.csv").open(newline="") as fh:
         rows = {r["slide_id"]: r for r in csv.DictReader(fh)}
     thresholds = AnnotationConfig()
     out = {}
     for entry in entries:
         row = rows[entry.slide_id]
-        mask = cv2.imread(str(site_dir / row["tumour_mask"]), cv2.IMREAD_GRAYSCALE) > 127
+        tumour_path = site_dir / row["tumour_mask"]
+        low_grade_path = tumour_path.with_name(f"{entry.slide_id}_low_grade.png")
+        downsample = int(row["mask_downsample"])
         with h5py.File(entry.features, "r") as fh:
             coords = fh["coords"][()]
         size = int(read_attrs(entry.features)["patch_size_level0"])
-        fraction = mask_patch_fraction(mask, int(row["mask_downsample"]), coords, size)
-        labels = patch_labels(fraction, True, thresholds)
-        out[entry.slide_id] = (labels, float(row["tumour_fraction"]))
+        tumour = mask_patch_fraction(_read_mask(tumour_path), downsample, coords, size)
+        low_grade = None
+        if low_grade_path.is_file():
+            low_grade = mask_patch_fraction(_read_mask(low_grade_path), downsample, coords, size)
+        labels = patch_labels(tumour, True, thresholds)
+        out[entry.slide_id] = SlideTruth(
+            labels, patch_grades(labels, tumour, low_grade), float(row["tumour_fraction"])
+        )
     return out
 
 
@@ -370,7 +496,7 @@ def build_cohort(spec: CohortSpec, cache: Path = CACHE, log: Log = _quiet) -> Pr
     for site in synth.sites:
         failed += _prepare(hospitals_dir / site.name, prepared_dir / site.name, cfg, log)
 
-    hospitals, truth, fractions = [], {}, {}
+    hospitals, truth, grade, fractions = [], {}, {}, {}
     for i, h in enumerate(spec.hospitals):
         pool = load_site_index(prepared_dir / h.name, LABELS)
         test = load_site_index(prepared_dir / _test_site(h.name), LABELS)
@@ -384,13 +510,12 @@ def build_cohort(spec: CohortSpec, cache: Path = CACHE, log: Log = _quiet) -> Pr
             )
         )
         for site_name, entries in ((h.name, pool), (_test_site(h.name), test)):
-            for slide_id, (labels, fraction) in _ground_truth(
-                hospitals_dir / site_name, entries
-            ).items():
-                truth[slide_id], fractions[slide_id] = labels, fraction
+            for slide_id, t in _ground_truth(hospitals_dir / site_name, entries).items():
+                truth[slide_id], grade[slide_id] = t.labels, t.grade
+                fractions[slide_id] = t.tumour_fraction
     feature_dim = int(read_attrs(hospitals[0].train[0].features)["feature_dim"])
     return PreparedCohort(
-        spec, root, tuple(hospitals), truth, fractions, feature_dim, tuple(failed)
+        spec, root, tuple(hospitals), truth, grade, fractions, feature_dim, tuple(failed)
     )
 
 
@@ -446,6 +571,9 @@ class LoadedCohort:
     test: tuple[Bag, ...]
     probe_train: tuple[Bag, ...]
     """Training-pool bags with ground truth: for the feature-space probe, never for MIL."""
+    grade: Mapping[str, np.ndarray]
+    """Ground-truth patch grades of the pool and test slides by slide id (``patch_grades``):
+    for scoring and probing low-grade tumour, never for MIL."""
 
 
 def load_cohort(cohort: PreparedCohort, visible: frozenset[str]) -> LoadedCohort:
@@ -461,6 +589,7 @@ def load_cohort(cohort: PreparedCohort, visible: frozenset[str]) -> LoadedCohort
         probe_train=tuple(
             _with_truth(b, cohort.truth[b.entry.slide_id]) for b in train_bags + val_bags
         ),
+        grade=cohort.grade,
     )
 
 
@@ -483,6 +612,9 @@ class Arm:
 class Evaluation:
     slide: SlideMetrics
     patch: PatchMetrics
+    low_grade_patch: PatchMetrics | None = None
+    """Low-grade against normal patches (``low_grade_patch_metrics``); None when not scored or
+    the bags have no low-grade patch."""
 
 
 @dataclass(frozen=True)
@@ -499,13 +631,44 @@ class RunResult:
     """The trained model, for callers that score it on more than the pooled test set."""
 
 
+def grade_labels(grade: np.ndarray, positive: int) -> np.ndarray:
+    """Patch labels of one grade against normal tissue: 1 grade ``positive``, 0 normal, −1 the
+    rest (other grades, ambiguous), so a metric compares exactly those two kinds of patch."""
+    labels = np.full(grade.shape, -1, dtype=np.int8)
+    labels[grade == NORMAL_GRADE] = 0
+    labels[grade == positive] = 1
+    return labels
+
+
+def low_grade_patch_metrics(
+    slides: Iterable[tuple[np.ndarray, np.ndarray]],
+) -> PatchMetrics | None:
+    """Pooled patch metrics of low-grade (positive) against normal patches from (grade,
+    tumour probability) per slide; None when no slide has a low-grade patch.
+
+    The overall patch AUC is dominated by conspicuous high-grade tumour, which slide labels
+    alone find; this isolates the part that needs outlines to be learnt.
+    """
+    labelled = [(grade_labels(grade, LOW_GRADE), prob) for grade, prob in slides]
+    if not any((labels == 1).any() for labels, _ in labelled):
+        return None
+    return pooled_patch_metrics(labelled)
+
+
 def evaluate_bags(
-    model: MILModel, bags: Sequence[Bag], *, bootstrap: int = 1000, seed: int = 0
+    model: MILModel,
+    bags: Sequence[Bag],
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    grade: Mapping[str, np.ndarray] | None = None,
 ) -> Evaluation:
     """Slide metrics with bootstrap CIs and pooled patch metrics over every bag with labels.
 
     Unlike ``evaluate_entries`` this takes bags already in memory, so one load of the test set
-    serves every arm, and the bags' patch labels can be the generator's ground truth.
+    serves every arm, and the bags' patch labels can be the generator's ground truth. With
+    ``grade`` (patch grades by slide id, covering every bag with patch labels) it also scores
+    low-grade against normal patches.
     """
     was_training = model.training
     model.eval()
@@ -521,7 +684,14 @@ def evaluate_bags(
         for p in preds
         if p.patch_labels is not None and p.patch_tumour_prob is not None
     ]
-    return Evaluation(slide, pooled_patch_metrics(patches))
+    low_grade = None
+    if grade is not None:
+        low_grade = low_grade_patch_metrics(
+            (grade[p.slide_id], p.patch_tumour_prob)
+            for p in preds
+            if p.patch_tumour_prob is not None
+        )
+    return Evaluation(slide, pooled_patch_metrics(patches), low_grade)
 
 
 def train_config(base: TrainConfig, mode: str, seed: int) -> TrainConfig:
@@ -548,7 +718,9 @@ def run_arm(
     began = time.perf_counter()
     result = train(model, data.train, data.val, train_config(base, arm.mode, seed))
     seconds = time.perf_counter() - began
-    evaluation = evaluate_bags(result.model, data.test, bootstrap=bootstrap, seed=seed)
+    evaluation = evaluate_bags(
+        result.model, data.test, bootstrap=bootstrap, seed=seed, grade=data.grade
+    )
     return RunResult(
         arm, seed, evaluation, result.best_epoch, len(result.history), seconds, result.model
     )
@@ -568,6 +740,19 @@ def labelled_patches(bags: Sequence[Bag]) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass(frozen=True)
+class LowGradeCeiling:
+    """The feature space on low-grade tumour: test low-grade against normal patches."""
+
+    high_grade_probe: PatchMetrics
+    """A probe fitted on training-pool high-grade vs normal patches only: the tumour that
+    slide labels point to, so about what weak supervision can be expected to reach here."""
+    full_probe: PatchMetrics
+    """The ceiling's probe (fitted on every labelled pool patch, low-grade ones included)."""
+    n_train_patches: int
+    """Pool patches the high-grade probe was fitted on."""
+
+
+@dataclass(frozen=True)
 class FeatureCeiling:
     """How separable tumour is in the feature space, given unlimited patch labels."""
 
@@ -578,29 +763,70 @@ class FeatureCeiling:
     best_dim: int
     best_dim_auc: float
     """Test AUC of the single feature dimension that separates the training pool best."""
+    low_grade: LowGradeCeiling | None = None
+    """None unless both the pool and the test set have low-grade patches."""
+
+
+def _probe(x: np.ndarray, y: np.ndarray, seed: int) -> Callable[[np.ndarray], np.ndarray]:
+    """A standardised logistic regression fitted on (``x``, ``y``): features → P(positive)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    probe.fit(x, y)
+    return lambda features: probe.predict_proba(features)[:, 1]
+
+
+def _has_low_grade(bags: Sequence[Bag], grade: Mapping[str, np.ndarray]) -> bool:
+    return any((grade[b.entry.slide_id] == LOW_GRADE).any() for b in bags)
+
+
+def _low_grade_ceiling(
+    data: LoadedCohort, full_probs: Sequence[np.ndarray], seed: int
+) -> LowGradeCeiling | None:
+    """Both probes on test low-grade vs normal patches (``full_probs``: the full probe's
+    tumour probabilities per test bag); None without low-grade patches in pool and test."""
+    if not (_has_low_grade(data.probe_train, data.grade) and _has_low_grade(data.test, data.grade)):
+        return None
+    high_grade_bags = [
+        _with_truth(b, grade_labels(data.grade[b.entry.slide_id], HIGH_GRADE))
+        for b in data.probe_train
+    ]
+    x, y = labelled_patches(high_grade_bags)
+    predict = _probe(x, y, seed)
+    test_grade = [data.grade[b.entry.slide_id] for b in data.test]
+    high = low_grade_patch_metrics(
+        (g, predict(b.features.numpy())) for g, b in zip(test_grade, data.test, strict=True)
+    )
+    full = low_grade_patch_metrics(zip(test_grade, full_probs, strict=True))
+    assert high is not None and full is not None  # the test set has low-grade patches
+    return LowGradeCeiling(high, full, len(y))
 
 
 def feature_ceiling(data: LoadedCohort, seed: int = 0) -> FeatureCeiling:
     """The upper bound a patch classifier can reach on these features (no MIL involved)."""
-    from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
 
     x, y = labelled_patches(data.probe_train)
-    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
-    probe.fit(x, y)
+    predict = _probe(x, y, seed)
+    probs = [predict(bag.features.numpy()) for bag in data.test]
     slides = []
-    for bag in data.test:
+    for bag, prob in zip(data.test, probs, strict=True):
         assert bag.patch_labels is not None
-        labels = bag.patch_labels.numpy().astype(np.int64)
-        slides.append((labels, probe.predict_proba(bag.features.numpy())[:, 1]))
+        slides.append((bag.patch_labels.numpy().astype(np.int64), prob))
     train_auc = np.array([roc_auc_score(y, x[:, j]) for j in range(x.shape[1])])
     best = int(np.argmax(np.abs(train_auc - 0.5)))
     sign = 1.0 if train_auc[best] >= 0.5 else -1.0
     x_test, y_test = labelled_patches(data.test)
     best_auc = float(roc_auc_score(y_test, sign * x_test[:, best]))
-    return FeatureCeiling(pooled_patch_metrics(slides), len(y), best, best_auc)
+    return FeatureCeiling(
+        pooled_patch_metrics(slides),
+        len(y),
+        best,
+        best_auc,
+        _low_grade_ceiling(data, probs, seed),
+    )
 
 
 # ------------------------------------------------------------------------------- the table
@@ -623,6 +849,8 @@ class ArmSummary:
     slide_auc: tuple[float, float]
     slide_ci: tuple[float, float]
     patch_auc: tuple[float, float]
+    low_grade_patch_auc: tuple[float, float] | None
+    """None when the test set has no low-grade patches."""
     patch_ap: tuple[float, float]
     patch_dice: tuple[float, float]
     epochs: float
@@ -636,6 +864,11 @@ def summarise(results: Sequence[RunResult]) -> list[ArmSummary]:
     for arm in arms:
         runs = [r for r in results if r.arm == arm]
         slides = [r.evaluation.slide.auc for r in runs]
+        low_grade = [
+            r.evaluation.low_grade_patch.auc
+            for r in runs
+            if r.evaluation.low_grade_patch is not None
+        ]
         out.append(
             ArmSummary(
                 arm=arm,
@@ -646,6 +879,7 @@ def summarise(results: Sequence[RunResult]) -> list[ArmSummary]:
                     statistics.median(m.high for m in slides),
                 ),
                 patch_auc=_mean_sd([r.evaluation.patch.auc for r in runs]),
+                low_grade_patch_auc=_mean_sd(low_grade) if low_grade else None,
                 patch_ap=_mean_sd([r.evaluation.patch.average_precision for r in runs]),
                 patch_dice=_mean_sd([r.evaluation.patch.dice for r in runs]),
                 epochs=statistics.fmean(r.epochs_run for r in runs),
@@ -655,23 +889,24 @@ def summarise(results: Sequence[RunResult]) -> list[ArmSummary]:
     return out
 
 
-def _pm(value: tuple[float, float]) -> str:
+def _pm(value: tuple[float, float] | None) -> str:
     """Four decimals: near the ceiling, three would print every arm as 1.000."""
-    return f"{value[0]:.4f} ± {value[1]:.4f}"
+    return "n/a" if value is None else f"{value[0]:.4f} ± {value[1]:.4f}"
 
 
 def format_table(summaries: Sequence[ArmSummary]) -> str:
     """Markdown table: the figures the README quotes."""
     lines = [
-        "| model | supervision | seeds | slide AUC | slide AUC 95% CI | patch AUC | patch AP "
-        "| patch Dice@0.5 | epochs | s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | supervision | seeds | slide AUC | slide AUC 95% CI | patch AUC "
+        "| low-grade patch AUC | patch AP | patch Dice@0.5 | epochs | s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         lines.append(
             f"| {s.arm.model} | {s.arm.mode} | {s.n_seeds} | {_pm(s.slide_auc)} "
             f"| [{s.slide_ci[0]:.3f}, {s.slide_ci[1]:.3f}] | {_pm(s.patch_auc)} "
-            f"| {_pm(s.patch_ap)} | {_pm(s.patch_dice)} | {s.epochs:.0f} | {s.seconds:.0f} |"
+            f"| {_pm(s.low_grade_patch_auc)} | {_pm(s.patch_ap)} | {_pm(s.patch_dice)} "
+            f"| {s.epochs:.0f} | {s.seconds:.0f} |"
         )
     return "\n".join(lines)
 
@@ -753,7 +988,24 @@ def describe(cohort: PreparedCohort, visible: frozenset[str]) -> list[str]:
             f"  tumour share of tissue on training tumour slides: {positive[0]:.3f} .. "
             f"{positive[-1]:.3f} (median {statistics.median(positive):.3f})"
         )
+    low, high = cohort.spec.low_grade_share_range
+    if high > 0:
+        counts = []
+        for name, splits in (("pool", ("train", "val")), ("test", ("test",))):
+            grades = [cohort.grade[e.slide_id] for split in splits for e in cohort.entries(split)]
+            n_high = sum(int((g == HIGH_GRADE).sum()) for g in grades)
+            n_low = sum(int((g == LOW_GRADE).sum()) for g in grades)
+            counts.append(f"{name} {n_high:,} high-grade / {n_low:,} low-grade patches")
+        lines.append(
+            f"  tumour heterogeneity: {low:.0%}-{high:.0%} of each tumour low-grade; "
+            + ", ".join(counts)
+        )
     return lines
+
+
+def low_grade_text(metrics: PatchMetrics | None) -> str:
+    """ ", low-grade patch AUC x" for a progress line; nothing on a uniform-tumour cohort."""
+    return "" if metrics is None else f", low-grade patch AUC {metrics.auc:.4f}"
 
 
 def _seed_line(r: RunResult) -> str:
@@ -761,15 +1013,14 @@ def _seed_line(r: RunResult) -> str:
     patch = r.evaluation.patch
     return (
         f"  {r.arm.label:<14} seed {r.seed}: slide AUC {auc.value:.4f} "
-        f"[{auc.low:.3f}, {auc.high:.3f}], patch AUC {patch.auc:.4f}, AP "
+        f"[{auc.low:.3f}, {auc.high:.3f}], patch AUC {patch.auc:.4f}"
+        f"{low_grade_text(r.evaluation.low_grade_patch)}, AP "
         f"{patch.average_precision:.4f}, Dice {patch.dice:.4f}, best epoch {r.best_epoch}, "
         f"{r.epochs_run} epochs, {r.seconds:.0f} s"
     )
 
 
 def main(argv: Sequence[str]) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny cohort, a few epochs")
     parser.add_argument("--seeds", type=int, default=None, help="training seeds per arm")
@@ -777,13 +1028,15 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads for training (default 1)"
     )
+    add_low_grade_option(parser)
     args = parser.parse_args(argv)
-    # One bag pair per step is far too small a job to split over cores: with 2 threads on a
-    # shared 2-vCPU machine an epoch took 20-45 s instead of ~1 s (workers wait on each other).
-    torch.set_num_threads(args.threads)
     spec = QUICK_COHORT if args.quick else FULL_COHORT
     if args.encoder:
         spec = CohortSpec.model_validate({**spec.model_dump(), "encoder": args.encoder})
+    spec = apply_low_grade_option(parser, spec, args.low_grade_share)
+    # One bag pair per step is far too small a job to split over cores: with 2 threads on a
+    # shared 2-vCPU machine an epoch took 20-45 s instead of ~1 s (workers wait on each other).
+    torch.set_num_threads(args.threads)
     n_seeds = args.seeds or (1 if args.quick else 3)
     base = TrainConfig(epochs=4, min_epochs=0, patience=4) if args.quick else TrainConfig()
     print("# fedpath accuracy benchmark" + (" (quick)" if args.quick else ""))
@@ -810,6 +1063,15 @@ def main(argv: Sequence[str]) -> int:
         f"{probe.average_precision:.4f}; best single feature (dimension {ceiling.best_dim}, "
         f"chosen on the pool) → test patch AUC {ceiling.best_dim_auc:.4f}"
     )
+    if ceiling.low_grade is not None:
+        low = ceiling.low_grade
+        print(
+            f"  on test low-grade vs normal patches ({low.full_probe.n_tumour:,} low-grade): "
+            f"that probe → AUC {low.full_probe.auc:.4f}; a probe fitted on the "
+            f"{low.n_train_patches:,} high-grade and normal pool patches only (the tumour slide "
+            f"labels point to: about what weak supervision can reach) → AUC "
+            f"{low.high_grade_probe.auc:.4f}"
+        )
     results = []
     for arm in ARMS:
         for seed in range(n_seeds):

@@ -7,13 +7,15 @@ Usage (from the repository root)::
     .venv/bin/python bench/accuracy_federated.py --rounds 30 --local-epochs 2 --seeds 2
 
 The cohort is the one ``bench/accuracy.py`` builds and caches (same generator, same
-preparation, same held-out test sets), with the label layout of issue 4: site A sees the
-outlines of 30 % of its training tumour slides, sites B and C only slide labels; C is the
-smaller hospital, and every hospital has its own stain.
+preparation, same held-out test sets, same heterogeneous tumour: ``--low-grade-share``), with
+the label layout of issue 4: site A sees the outlines of 30 % of its training tumour slides,
+sites B and C only slide labels; C is the smaller hospital, and every hospital has its own
+stain.
 
 Arms, each trained from the same seeded initial model and scored on the pooled held-out test
-set (slide AUC with bootstrap CI, patch AUC against the generator's ground-truth masks) and on
-each hospital's own test set:
+set (slide AUC with bootstrap CI, patch AUC against the generator's ground-truth masks, and
+the low-grade patch AUC: low-grade against normal patches only) and on each hospital's own
+test set:
 
 - centralised: the site-local trainer on the pooled training slides (what sharing slides would
   give), early stopping on the pooled validation slides;
@@ -58,10 +60,13 @@ from accuracy import (
     Evaluation,
     LoadedCohort,
     PreparedCohort,
+    add_low_grade_option,
+    apply_low_grade_option,
     build_cohort,
     describe,
     evaluate_bags,
     load_cohort,
+    low_grade_text,
     machine,
     run_arm,
     visible_annotations,
@@ -209,6 +214,7 @@ def _site_data(data: LoadedCohort, cohort: PreparedCohort, name: str) -> LoadedC
         val=tuple(b for b in data.val if b.entry.slide_id in ids),
         test=data.test,
         probe_train=(),
+        grade=data.grade,
     )
 
 
@@ -223,7 +229,7 @@ def _test_by_site(cohort: PreparedCohort, data: LoadedCohort) -> dict[str, tuple
 def _score(
     model: MILModel, data: LoadedCohort, by_site: Mapping[str, Sequence[Bag]], seed: int
 ) -> tuple[Evaluation, dict[str, Evaluation]]:
-    pooled = evaluate_bags(model, data.test, seed=seed)
+    pooled = evaluate_bags(model, data.test, seed=seed, grade=data.grade)
     sites = {
         name: evaluate_bags(model, bags, bootstrap=200, seed=seed) for name, bags in by_site.items()
     }
@@ -315,6 +321,8 @@ class FedSummary:
     n_seeds: int
     slide_auc: tuple[float, float]
     patch_auc: tuple[float, float]
+    low_grade_patch_auc: tuple[float, float] | None
+    """Pooled test; None when it has no low-grade patches."""
     site_slide_auc: Mapping[str, float]
     site_patch_auc: Mapping[str, float]
     epochs: float
@@ -327,6 +335,7 @@ def summarise(results: Sequence[FedResult]) -> list[FedSummary]:
         runs = [r for r in results if r.arm == arm]
         slide = [r.pooled.slide.auc.value for r in runs]
         patch = [r.pooled.patch.auc for r in runs]
+        low = [r.pooled.low_grade_patch.auc for r in runs if r.pooled.low_grade_patch is not None]
         sites = list(runs[0].by_site)
         out.append(
             FedSummary(
@@ -334,6 +343,7 @@ def summarise(results: Sequence[FedResult]) -> list[FedSummary]:
                 len(runs),
                 (_mean(slide), _sd(slide)),
                 (_mean(patch), _sd(patch)),
+                (_mean(low), _sd(low)) if low else None,
                 {s: _mean([r.by_site[s].slide.auc.value for r in runs]) for s in sites},
                 {s: _mean([r.by_site[s].patch.auc for r in runs]) for s in sites},
                 statistics.fmean(r.epochs for r in runs),
@@ -343,21 +353,26 @@ def summarise(results: Sequence[FedResult]) -> list[FedSummary]:
     return out
 
 
+def _pm(value: tuple[float, float] | None) -> str:
+    return "n/a" if value is None else f"{value[0]:.4f} ± {value[1]:.4f}"
+
+
 def format_table(summaries: Sequence[FedSummary]) -> str:
     sites = list(summaries[0].site_slide_auc) if summaries else []
     head = (
-        "| training | supervision | seeds | slide AUC (pooled test) | patch AUC (pooled test) | "
+        "| training | supervision | seeds | slide AUC (pooled test) | patch AUC (pooled test) "
+        "| low-grade patch AUC (pooled test) | "
         + " | ".join(f"{s} slide / patch AUC" for s in sites)
         + " | epochs | s/run |"
     )
-    lines = [head, "|" + "---|" * (7 + len(sites))]
+    lines = [head, "|" + "---|" * (8 + len(sites))]
     for s in summaries:
         per_site = " | ".join(
             f"{s.site_slide_auc[n]:.3f} / {s.site_patch_auc[n]:.3f}" for n in sites
         )
         lines.append(
-            f"| {s.arm.how} | {s.arm.mode} | {s.n_seeds} | {s.slide_auc[0]:.4f} ± "
-            f"{s.slide_auc[1]:.4f} | {s.patch_auc[0]:.4f} ± {s.patch_auc[1]:.4f} | {per_site} "
+            f"| {s.arm.how} | {s.arm.mode} | {s.n_seeds} | {_pm(s.slide_auc)} "
+            f"| {_pm(s.patch_auc)} | {_pm(s.low_grade_patch_auc)} | {per_site} "
             f"| {s.epochs:.0f} | {s.seconds:.0f} |"
         )
     return "\n".join(lines)
@@ -436,9 +451,11 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds")
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    add_low_grade_option(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
     spec = QUICK_COHORT if args.quick else FULL_COHORT
+    spec = apply_low_grade_option(parser, spec, args.low_grade_share)
+    torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
     n_seeds = args.seeds or (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 30)
     base = TrainConfig(epochs=4, min_epochs=0, patience=4) if args.quick else TrainConfig()
@@ -480,7 +497,8 @@ def main(argv: Sequence[str]) -> int:
                 result = run_local_arm(arm, seed, data, cohort, base, by_site)
             print(
                 f"  {arm.label:<20} seed {seed}: slide AUC {result.pooled.slide.auc.value:.4f}, "
-                f"patch AUC {result.pooled.patch.auc:.4f}, "
+                f"patch AUC {result.pooled.patch.auc:.4f}"
+                f"{low_grade_text(result.pooled.low_grade_patch)}, "
                 + ", ".join(
                     f"{n} {e.slide.auc.value:.3f}/{e.patch.auc:.3f}"
                     for n, e in result.by_site.items()

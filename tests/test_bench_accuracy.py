@@ -1,18 +1,30 @@
-"""The accuracy benchmark's reusable parts: ground truth from masks, splits, label visibility,
-and the whole cohort → train → table path on a tiny cohort with the ``tiny_cnn`` encoder."""
+"""The accuracy benchmark's reusable parts: ground truth and grades from masks, splits, label
+visibility, the low-grade metrics and option, and the whole cohort → train → table path on a
+tiny heterogeneous-tumour cohort with the ``tiny_cnn`` encoder."""
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
+import cv2
+import h5py
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from bench.accuracy import (
     ARMS,
+    FULL_COHORT,
+    HIGH_GRADE,
+    LOW_GRADE,
+    LOW_GRADE_SHARE,
+    NORMAL_GRADE,
+    QUICK_COHORT,
     TUMOUR,
     Arm,
     CohortSpec,
@@ -21,21 +33,33 @@ from bench.accuracy import (
     HospitalSpec,
     PreparedCohort,
     RunResult,
+    _ground_truth,
+    add_low_grade_option,
     annotated_share,
+    apply_low_grade_option,
     build_cohort,
     check_targets,
+    describe,
+    evaluate_bags,
     feature_ceiling,
     format_table,
     load_cohort,
+    low_grade_patch_metrics,
+    low_grade_share,
+    main,
     mask_patch_fraction,
     run_arm,
     summarise,
     validation_split,
     visible_annotations,
 )
+from client.training.bags import Bag
+from client.training.evaluate import predict_bag
 from client.training.site_index import BagEntry
 from client.training.train_config import TrainConfig
 from common.metrics import PatchMetrics, slide_metrics
+from common.mil.config import ModelConfig
+from common.mil.models import build_model
 
 
 def _entry(slide_id: str, label: int, complete: bool | None = None) -> BagEntry:
@@ -77,10 +101,53 @@ def test_validation_split_is_stratified_and_seeded() -> None:
     assert [e.label for e in validation_split(tiny, 0.2, seed=0)[1]] == [1]
 
 
+def _write_mask(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), mask.astype(np.uint8) * 255)
+
+
+def test_ground_truth_grades_patches_from_the_masks(tmp_path: Path) -> None:
+    # Seven 16-px patches in a row over a mask at 4 level-0 px per mask px: 4×4 mask px each.
+    ds, size, n = 4, 16, 7
+    tumour = np.zeros((4, 4 * n), dtype=bool)
+    low = np.zeros_like(tumour)
+    tumour[:, 4:24] = True  # patches 1-5 all tumour
+    tumour[:, 24] = True  # patch 6: a quarter tumour, ambiguous
+    low[:, 4:8] = True  # patch 1: all low-grade
+    low[:, 12:14] = True  # patch 3: half low-grade, half high-grade
+    low[0, 16] = True  # patch 4: 1/16 low-grade, still high-grade
+    low[:, 20:24] = True  # patch 5: 15/16 low-grade
+    low[3, 23] = False
+    site = tmp_path / "site"
+    _write_mask(site / "masks" / "graded_tumour.png", tumour)
+    _write_mask(site / "masks" / "graded_low_grade.png", low)
+    _write_mask(site / "masks" / "uniform_tumour.png", tumour)  # no low-grade file
+    rows = [f"{sid},masks/{sid}_tumour.png,{ds},0.5" for sid in ("graded", "uniform")]
+    header = "slide_id,tumour_mask,mask_downsample,tumour_fraction"
+    (site / "ground_truth.csv").write_text("\n".join([header, *rows]) + "\n")
+    entries = []
+    for sid in ("graded", "uniform"):
+        features = tmp_path / f"{sid}.h5"
+        with h5py.File(features, "w") as fh:
+            fh["coords"] = np.array([[size * i, 0] for i in range(n)])
+            fh.attrs["patch_size_level0"] = size
+        entries.append(replace(_entry(sid, TUMOUR), features=features, num_patches=n))
+
+    truth = _ground_truth(site, entries)
+    graded, uniform = truth["graded"], truth["uniform"]
+    np.testing.assert_array_equal(graded.labels, [0, 1, 1, 1, 1, 1, -1])
+    n_, hi, lo = NORMAL_GRADE, HIGH_GRADE, LOW_GRADE
+    np.testing.assert_array_equal(graded.grade, [n_, lo, hi, -1, hi, lo, -1])
+    assert graded.grade.dtype == np.int8 and graded.tumour_fraction == 0.5
+    # Without a low-grade mask every tumour patch is high-grade: no 2s.
+    np.testing.assert_array_equal(uniform.labels, graded.labels)
+    np.testing.assert_array_equal(uniform.grade, [n_, hi, hi, hi, hi, hi, -1])
+
+
 def _cohort(train: list[BagEntry], name: str = "site_a") -> PreparedCohort:
     spec = CohortSpec(hospitals=(HospitalSpec(name=name, n_pool=len(train), n_test=2),))
     hospital = Hospital(name, tuple(train), (), ())
-    return PreparedCohort(spec, Path("/nonexistent"), (hospital,), {}, {}, 64)
+    return PreparedCohort(spec, Path("/nonexistent"), (hospital,), {}, {}, {}, 64)
 
 
 def test_visible_annotations_share_and_partial_half() -> None:
@@ -96,29 +163,126 @@ def test_visible_annotations_share_and_partial_half() -> None:
     assert visible_annotations(cohort, {"site_a": 0.4}, seed=1) == visible
 
 
+def test_low_grade_patch_metrics_compare_low_grade_with_normal_only() -> None:
+    rng = np.random.default_rng(4)
+    grades = [rng.integers(-1, 3, size=n).astype(np.int8) for n in (30, 1, 45)]
+    probs = [rng.random(g.size) for g in grades]
+    got = low_grade_patch_metrics(zip(grades, probs, strict=True))
+    assert got is not None
+    g, p = np.concatenate(grades), np.concatenate(probs)
+    keep = (g == LOW_GRADE) | (g == NORMAL_GRADE)  # high-grade and −1 patches are left out
+    y = (g[keep] == LOW_GRADE).astype(int)
+    assert got.auc == pytest.approx(roc_auc_score(y, p[keep]))
+    assert got.average_precision == pytest.approx(average_precision_score(y, p[keep]))
+    assert (got.n_labelled, got.n_tumour, got.n_slides) == (keep.sum(), y.sum(), 3)
+    # No low-grade patch anywhere: nothing to score (a uniform-tumour cohort).
+    no_low = [np.where(x == LOW_GRADE, HIGH_GRADE, x).astype(np.int8) for x in grades]
+    assert low_grade_patch_metrics(zip(no_low, probs, strict=True)) is None
+
+
+def test_evaluate_bags_scores_low_grade_only_when_given_grades() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="abmil", feature_dim=8))
+    rng = np.random.default_rng(1)
+    bags, grade = [], {}
+    for i, label in enumerate((0, 1, 1)):
+        g = rng.integers(0, 3, size=20).astype(np.int8) if label else np.zeros(12, np.int8)
+        truth = torch.from_numpy((g > 0).astype(np.int8))
+        entry = replace(_entry(f"s{i}", label), num_patches=g.size)
+        bags.append(Bag(entry, torch.randn(g.size, 8), truth))
+        grade[entry.slide_id] = g
+    plain = evaluate_bags(model, bags, bootstrap=10)  # bench/privacy.py's call
+    assert plain.low_grade_patch is None
+    graded = evaluate_bags(model, bags, bootstrap=10, grade=grade)
+    assert graded.patch == plain.patch
+    model.eval()
+    with torch.no_grad():
+        probs = [predict_bag(model, b).patch_tumour_prob for b in bags]
+    g, p = np.concatenate(list(grade.values())), np.concatenate(probs)
+    keep = g != HIGH_GRADE
+    assert graded.low_grade_patch is not None
+    assert graded.low_grade_patch.auc == pytest.approx(roc_auc_score(g[keep] == 2, p[keep]))
+
+
+def test_low_grade_share_option() -> None:
+    assert low_grade_share("0.4,0.8") == (0.4, 0.8)
+    assert low_grade_share(" 0.3 , 0.6") == (0.3, 0.6)
+    assert low_grade_share("0") == low_grade_share("0,0") == (0.0, 0.0)
+    assert low_grade_share("0.5") == (0.5, 0.5)
+    for bad in ("", "low", "0.4,", "0.1,0.2,0.3", "nan", "0,inf"):
+        with pytest.raises(argparse.ArgumentTypeError, match="LO,HI"):
+            low_grade_share(bad)
+
+    parser = argparse.ArgumentParser()
+    add_low_grade_option(parser)
+    assert parser.parse_args([]).low_grade_share is None
+    assert parser.parse_args(["--low-grade-share", "0.2,0.6"]).low_grade_share == (0.2, 0.6)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--low-grade-share", "a,b"])
+
+    assert FULL_COHORT.low_grade_share_range == QUICK_COHORT.low_grade_share_range
+    assert QUICK_COHORT.low_grade_share_range == LOW_GRADE_SHARE == (0.4, 0.8)
+    assert apply_low_grade_option(parser, QUICK_COHORT, None) is QUICK_COHORT
+    off = apply_low_grade_option(parser, QUICK_COHORT, (0.0, 0.0))
+    assert off.low_grade_share_range == (0.0, 0.0)
+    assert off.hospitals == QUICK_COHORT.hospitals
+    assert off.synth_key() != QUICK_COHORT.synth_key()  # another cohort, another cache
+    # The generator's bounds: at most 0.9 low-grade, and an ordered range.
+    for share in ((0.5, 0.95), (0.8, 0.4), (-0.1, 0.5)):
+        with pytest.raises(SystemExit):
+            apply_low_grade_option(parser, QUICK_COHORT, share)
+
+
+def test_main_refuses_a_bad_low_grade_share_before_any_work(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--low-grade-share", "0.5,0.95"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--low-grade-share" in err and "0.9" in err
+
+
 def _result(
-    model: str, mode: str, seed: int, slide_auc_probs: float, patch_auc: float
+    model: str,
+    mode: str,
+    seed: int,
+    slide_auc_probs: float,
+    patch_auc: float,
+    low_grade_auc: float | None = None,
 ) -> RunResult:
     y = np.array([0, 0, 1, 1])
     p1 = np.array([0.1, slide_auc_probs, 0.6, 0.9])
     slide = slide_metrics(y, np.stack([1 - p1, p1], axis=1), bootstrap=20, seed=0)
     patch = PatchMetrics(patch_auc, patch_auc, 0.5, 100, 10, 4, 0.5)
-    return RunResult(Arm(model, mode), seed, Evaluation(slide, patch), 3, 10, 1.0)
+    low = None
+    if low_grade_auc is not None:
+        low = PatchMetrics(low_grade_auc, low_grade_auc, 0.5, 60, 5, 4, 0.5)
+    return RunResult(Arm(model, mode), seed, Evaluation(slide, patch, low), 3, 10, 1.0)
 
 
 def test_summary_table_and_targets() -> None:
     results = [
-        _result("clam_sb", "weak", 0, 0.2, 0.80),
-        _result("clam_sb", "weak", 1, 0.2, 0.84),
-        _result("clam_sb", "mixed", 0, 0.2, 0.95),
-        _result("clam_sb", "mixed", 1, 0.2, 0.93),
+        _result("clam_sb", "weak", 0, 0.2, 0.80, 0.60),
+        _result("clam_sb", "weak", 1, 0.2, 0.84, 0.70),
+        _result("clam_sb", "mixed", 0, 0.2, 0.95, 0.90),
+        _result("clam_sb", "mixed", 1, 0.2, 0.93, 0.92),
     ]
     summaries = summarise(results)
     assert [(s.arm.mode, s.n_seeds) for s in summaries] == [("weak", 2), ("mixed", 2)]
     assert summaries[1].patch_auc[0] == pytest.approx(0.94)
     assert summaries[1].patch_auc[1] == pytest.approx(np.std([0.95, 0.93], ddof=1))
+    low = summaries[0].low_grade_patch_auc
+    assert low is not None and low[0] == pytest.approx(0.65)
+    assert low[1] == pytest.approx(np.std([0.6, 0.7], ddof=1))
     table = format_table(summaries).splitlines()
     assert len(table) == 4 and table[2].startswith("| clam_sb | weak | 2 | 1.0000 ± 0.0000")
+    assert table[0].split(" | ")[6] == "low-grade patch AUC"
+    assert table[3].split(" | ")[6] == "0.9100 ± 0.0141"
+    # A uniform-tumour cohort has no low-grade patches: the column says so.
+    uniform = summarise([_result("abmil", "weak", 0, 0.2, 0.8)])
+    assert uniform[0].low_grade_patch_auc is None
+    assert format_table(uniform).splitlines()[2].split(" | ")[6] == "n/a"
     checks = {c.name: c for c in check_targets(summaries)}
     assert checks["clam_sb mixed slide AUC"].met
     assert checks["clam_sb mixed patch AUC"].met
@@ -139,6 +303,7 @@ TINY = CohortSpec(
         for name, stain in (("h1", "reference"), ("h2", "purple"))
     ),
     tumour_fraction_range=(0.2, 0.6),
+    low_grade_share_range=LOW_GRADE_SHARE,
     encoder="tiny_cnn",
     bank_size=256,
 )
@@ -162,21 +327,37 @@ def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
     for h in cohort.hospitals:
         assert len(h.train) + len(h.val) == 4 - sum(f.startswith(h.name) for f in cohort.failed)
         assert len(h.test) == 2
-    # Ground truth exists for every test slide; normal slides are all negatives.
+    # Ground truth exists for every test slide; normal slides are all negatives. Grades agree
+    # with it, and the heterogeneous tumour gives both grades in the pool and the test set.
     for e in cohort.entries("test"):
         truth = cohort.truth[e.slide_id]
         assert truth.shape == (e.num_patches,)
         if e.label != TUMOUR:
             assert (truth == 0).all()
+    for split in ("train", "test"):
+        grades = np.concatenate([cohort.grade[e.slide_id] for e in cohort.entries(split)])
+        truth = np.concatenate([cohort.truth[e.slide_id] for e in cohort.entries(split)])
+        assert ((grades == NORMAL_GRADE) == (truth == 0)).all()
+        assert (truth[grades > 0] == 1).all()
+        assert (grades == HIGH_GRADE).any() and (grades == LOW_GRADE).any(), split
     visible = visible_annotations(cohort, {"h1": 1.0}, seed=0)
     data = load_cohort(cohort, visible)
     shown = {b.entry.slide_id for b in data.train if b.patch_labels is not None}
     assert shown == visible and all(b.patch_labels is None for b in data.val)
     assert all(b.patch_labels is not None for b in data.test)
 
+    assert any("tumour heterogeneity: 40%-80%" in line for line in describe(cohort, visible))
+
     ceiling = feature_ceiling(data)
     assert ceiling.n_train_patches > 0 and 0 <= ceiling.best_dim < 64
     assert 0.0 <= ceiling.probe.auc <= 1.0 and 0.0 <= ceiling.best_dim_auc <= 1.0
+    low = ceiling.low_grade
+    assert low is not None and 0 < low.n_train_patches < ceiling.n_train_patches
+    test_grades = np.concatenate([data.grade[b.entry.slide_id] for b in data.test])
+    for probe in (low.full_probe, low.high_grade_probe):
+        assert probe.n_tumour == (test_grades == LOW_GRADE).sum()
+        assert probe.n_labelled == np.isin(test_grades, (NORMAL_GRADE, LOW_GRADE)).sum()
+        assert 0.0 <= probe.auc <= 1.0
 
     base = TrainConfig(epochs=2, min_epochs=0, patience=2)
     results = [run_arm(arm, 0, data, cohort.feature_dim, base, bootstrap=20) for arm in ARMS]
@@ -184,6 +365,7 @@ def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
     assert [s.arm for s in summaries] == list(ARMS)
     for s in summaries:
         assert math.isfinite(s.slide_auc[0]) and math.isfinite(s.patch_auc[0])
+        assert s.low_grade_patch_auc is not None and math.isfinite(s.low_grade_patch_auc[0])
     assert len(format_table(summaries).splitlines()) == 2 + len(ARMS)
     assert len(check_targets(summaries)) == 6
 

@@ -20,6 +20,7 @@ from accuracy_federated import (
     _test_by_site,
     check_targets,
     format_table,
+    main,
     run_federated_arm,
     summarise,
     write_site_views,
@@ -29,12 +30,15 @@ from test_bench_accuracy import TINY
 from client.training.site_index import load_site_index
 
 
-def _summary(how: str, mode: str, slide: float, patch_b: float) -> FedSummary:
+def _summary(
+    how: str, mode: str, slide: float, patch_b: float, low_grade: float | None = None
+) -> FedSummary:
     return FedSummary(
         FedArm(how, mode),
         1,
         (slide, 0.0),
         (0.9, 0.0),
+        None if low_grade is None else (low_grade, 0.01),
         {"site_b": slide, "site_c": slide},
         {"site_b": patch_b, "site_c": patch_b},
         10,
@@ -60,6 +64,22 @@ def test_targets_compare_federated_with_centralised_sites_and_weak() -> None:
     assert checks["fedavg at site_b: patch AUC mixed − weak"].value == pytest.approx(0.05)
     assert "fedmix weak: centralised − federated slide AUC" not in checks  # no such arm
     assert len(format_table(rows).splitlines()) == 2 + len(rows)
+
+
+def test_table_has_the_pooled_low_grade_patch_auc() -> None:
+    table = format_table(
+        [_summary("fedavg", "mixed", 0.9, 0.8, 0.75), _summary("x", "weak", 0.9, 0.8)]
+    )
+    head, rule, with_low, without = (line.split(" | ") for line in table.splitlines())
+    assert head[5] == "low-grade patch AUC (pooled test)"
+    assert with_low[5] == "0.7500 ± 0.0100" and without[5] == "n/a"
+    assert len(rule[0].split("|")) - 2 == len(head)  # one rule cell per column
+
+
+def test_main_refuses_a_bad_low_grade_share(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--quick", "--low-grade-share", "0.8,0.2"])
+    assert exc.value.code == 2 and "--low-grade-share" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -95,4 +115,7 @@ def test_site_views_hide_outlines_and_a_federated_run_scores(tmp_path: Path, flo
     assert set(result.by_site) == {h.name for h in cohort.hospitals}
     assert isinstance(result.pooled, Evaluation)
     assert 0.0 <= result.pooled.slide.auc.value <= 1.0
-    assert len(summarise([result])) == 1
+    low = result.pooled.low_grade_patch  # TINY's tumour is heterogeneous
+    assert low is not None and low.n_tumour > 0 and 0.0 <= low.auc <= 1.0
+    (summary,) = summarise([result])
+    assert summary.low_grade_patch_auc == (low.auc, 0.0)
