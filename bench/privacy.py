@@ -28,9 +28,12 @@ Usage (from the repository root)::
     than the non-private trainer as shipped. The ε printed is what the accountant charges for
     one epoch of this cohort at σ = 1 (and for all epochs run).
 
-(2) Accuracy vs ε on ``bench/accuracy.py``'s three-hospital cohort (generated and prepared
-    with the real pipeline, cached) with the federated label layout of issue 4 (site A sees
-    30 % of its training tumour slides' outlines, B and C only slide labels). For each ε in
+(2) Accuracy vs ε on a three-hospital cohort from ``bench/accuracy.py``'s generator and
+    pipeline (cached), by default ``PRIVACY_COHORT``: 200 / 200 / 100 training slides, the
+    size DP-SGD is meant for (``--cohort accuracy``: the accuracy cohort's 28 / 28 / 14,
+    where the noise a site adds swamps what so few slides can say); the federated label
+    layout of issue 4 (site A sees 30 % of its
+    training tumour slides' outlines, B and C only slide labels). For each ε in
     {1, 4, 8, ∞}: a real federation (``server.federated_run.run_federated`` driving each
     hospital's real ClientApp through ``InProcessGrid``; FedAvg, clam_sb, mixed supervision)
     in which every site trains with slide-level DP-SGD at a target ε *per site*
@@ -73,7 +76,9 @@ from accuracy import (
     FULL_COHORT,
     QUICK_COHORT,
     TUMOUR,
+    CohortSpec,
     Evaluation,
+    HospitalSpec,
     LoadedCohort,
     PreparedCohort,
     build_cohort,
@@ -121,6 +126,37 @@ TIMING_SIGMA = 1.0
 TARGET_RATIO = 2.5
 TARGET_GAP = 0.05
 TARGET_EPSILON = 8.0
+
+PRIVACY_COHORT = CohortSpec(
+    hospitals=tuple(
+        HospitalSpec(
+            name=name,
+            stain=stain,
+            n_pool=n_pool,
+            n_test=n_test,
+            width_range=(2048, 2560),
+            height_range=(2048, 2560),
+        )
+        for name, stain, n_pool, n_test in (
+            ("site_a", "reference", 250, 20),
+            ("site_b", "purple", 250, 20),
+            ("site_c", "pale", 125, 10),
+        )
+    ),
+    tumour_fraction_range=(0.05, 0.8),
+    bank_size=512,
+)
+"""The accuracy cohort's generator at the size DP-SGD is meant for (DESIGN §4.5: hundreds of
+slides per site, expected batches of 16-32): 200 / 200 / 100 training slides of ~45 patches
+(small biopsies, so the cohort still prepares in minutes), stains as in the accuracy cohort.
+The privacy unit is the slide, so what DP costs depends on how many slides a site has, not
+on their size. Tumour covers at least 5 % of the tissue: on a 45-patch slide a smaller focus
+can fall between patches, and a slide label no patch shows would cap every arm's AUC."""
+COHORTS = {"privacy": PRIVACY_COHORT, "accuracy": FULL_COHORT}
+DEFAULT_BATCH = {"privacy": 16, "accuracy": 8, "quick": 8}
+"""Expected Poisson batch per site: DESIGN §4.5's 16 where sites have 100-200 training slides;
+8 on the accuracy cohort, whose smallest site has 14 (a batch of 16 would take it whole every
+step, with no amplification by sampling)."""
 
 Log = Callable[[str], None]
 
@@ -493,6 +529,7 @@ def run_federated_arm(
     batch: int,
     lr: float,
     model: str = "clam_sb",
+    hidden_dim: int = 512,
     supervision: str = "mixed",
 ) -> PrivacyResult:
     """One whole FedAvg run through the real round loop and ClientApps; final model scored."""
@@ -505,6 +542,7 @@ def run_federated_arm(
             "num-server-rounds": rounds,
             "strategy": "fedavg",
             "model": model,
+            "model-hidden-dim": hidden_dim,
             "supervision": supervision,
             "local-epochs": local_epochs,
             "lr": lr,
@@ -551,6 +589,7 @@ def run_centralised_arm(
     batch: int,
     lr: float,
     model: str = "clam_sb",
+    hidden_dim: int = 512,
     supervision: str = "mixed",
 ) -> PrivacyResult:
     """The pooled training slides, ``epochs`` epochs, private at ``arm.epsilon`` (or not).
@@ -560,7 +599,8 @@ def run_centralised_arm(
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_model(ModelConfig(kind=model, feature_dim=feature_dim))  # type: ignore[arg-type]
+        shape = ModelConfig(kind=model, feature_dim=feature_dim, hidden_dim=hidden_dim)  # type: ignore[arg-type]
+        net = build_model(shape)
     base = TrainConfig(epochs=epochs, min_epochs=0, patience=epochs + 1, lr=lr)
     cfg = train_config(base, supervision, seed)
     began = time.perf_counter()
@@ -716,15 +756,15 @@ def main_timing(scale: Scale, epochs: int, no_contrast: bool = False) -> TimingR
 
 
 def main_accuracy(
-    quick: bool,
+    spec: CohortSpec,
     epsilons: Sequence[float],
     n_seeds: int,
     rounds: int,
     local_epochs: int,
     batch: int,
     centralised: bool,
+    hidden_dim: int = 512,
 ) -> list[PrivacySummary]:
-    spec = QUICK_COHORT if quick else FULL_COHORT
     cohort = build_cohort(spec, log=print)
     visible = visible_annotations(cohort, FEDERATED_SHARES, spec.seed)
     base = TrainConfig()
@@ -735,10 +775,11 @@ def main_accuracy(
     for line in describe(cohort, visible):
         print(line)
     print(
-        f"federated: FedAvg, clam_sb, mixed supervision, {rounds} rounds × {local_epochs} local "
-        f"epoch(s), lr {base.lr:g}, all {len(cohort.hospitals)} sites every round, final round "
-        f"scored; DP-SGD per site: dp-target-epsilon, σ solved for {rounds} rounds, expected "
-        f"batch {batch} slides, C 1, δ 1e-5, RDP; centralised: the pooled training slides, "
+        f"federated: FedAvg, clam_sb (hidden width {hidden_dim}), mixed supervision, "
+        f"{rounds} rounds × {local_epochs} local epoch(s), lr {base.lr:g}, all "
+        f"{len(cohort.hospitals)} sites every round, final round scored; DP-SGD per site: "
+        f"dp-target-epsilon, σ solved for {rounds} rounds, expected batch {batch} slides, "
+        f"C 1, δ 1e-5, RDP; centralised: the pooled training slides, "
         f"{rounds * local_epochs} epochs, same DP settings; {n_seeds} seed(s)",
         flush=True,
     )
@@ -761,6 +802,7 @@ def main_accuracy(
                     local_epochs=local_epochs,
                     batch=batch,
                     lr=base.lr,
+                    hidden_dim=hidden_dim,
                 )
             else:
                 result = run_centralised_arm(
@@ -771,6 +813,7 @@ def main_accuracy(
                     epochs=rounds * local_epochs,
                     batch=batch,
                     lr=base.lr,
+                    hidden_dim=hidden_dim,
                 )
             e = result.evaluation
             print(
@@ -823,11 +866,24 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds (default 10)")
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument(
+        "--cohort",
+        choices=sorted(COHORTS),
+        default="privacy",
+        help="accuracy vs ε on the DP-sized cohort (default: 200/200/100 training slides) or "
+        "on bench/accuracy.py's cohort (28/28/14)",
+    )
+    parser.add_argument(
         "--batch-slides",
         type=int,
-        default=8,
-        help="expected Poisson batch per site (default 8: the smallest site has 14 training "
-        "slides, and a batch of 16 would sample it whole every step, with no amplification)",
+        default=None,
+        help="expected Poisson batch per site (default 16 on the privacy cohort, 8 on the "
+        "accuracy cohort and with --quick)",
+    )
+    parser.add_argument(
+        "--hidden-dim",
+        type=int,
+        default=512,
+        help="width of the model's per-patch embedding (run config model-hidden-dim)",
     )
     parser.add_argument(
         "--no-centralised", action="store_true", help="skip the pooled centralised arms"
@@ -859,13 +915,14 @@ def main(argv: Sequence[str]) -> int:
     if not args.skip_accuracy:
         torch.set_num_threads(args.threads)
         main_accuracy(
-            args.quick,
+            QUICK_COHORT if args.quick else COHORTS[args.cohort],
             args.epsilons,
             args.seeds or (1 if args.quick else 2),
             args.rounds or (2 if args.quick else 10),
             args.local_epochs,
-            args.batch_slides,
+            args.batch_slides or DEFAULT_BATCH["quick" if args.quick else args.cohort],
             not args.no_centralised,
+            args.hidden_dim,
         )
     print(f"\nload average at the end: {os.getloadavg()}")
     return 0

@@ -193,6 +193,21 @@ def test_accuracy_table_and_gap_to_non_private() -> None:
     assert target.gap == pytest.approx(0.125) and target.target and not target.met
 
 
+def test_the_privacy_cohort_is_sized_for_dp_sgd() -> None:
+    """DESIGN §4.5: hundreds of slides per site and Poisson batches of 16-32; a batch that is
+    a large share of a site buys no amplification by sampling."""
+    spec = privacy.PRIVACY_COHORT
+    batch = privacy.DEFAULT_BATCH["privacy"]
+    assert 16 <= batch <= 32
+    for hospital in spec.hospitals:
+        n_train = round(hospital.n_pool * (1 - spec.val_share))
+        assert n_train >= 100
+        assert batch / n_train <= 0.16
+    # The accuracy cohort's smallest site (14 training slides) keeps its smaller batch.
+    smallest = min(h.n_pool for h in privacy.FULL_COHORT.hospitals)
+    assert privacy.DEFAULT_BATCH["accuracy"] < round(smallest * (1 - spec.val_share))
+
+
 TINY = CohortSpec(
     hospitals=tuple(
         HospitalSpec(
@@ -235,7 +250,7 @@ def test_private_federation_on_a_tiny_cohort_reports_the_planned_epsilon(
 
     arm = privacy.PrivacyArm("fedavg", 4.0)
     result = privacy.run_federated_arm(
-        arm, 0, cohort, visible, data, rounds=2, local_epochs=1, batch=8, lr=2e-4
+        arm, 0, cohort, visible, data, rounds=2, local_epochs=1, batch=8, lr=2e-4, hidden_dim=32
     )
     assert set(result.spent) == {"site_a", "site_b"}
     dp = privacy.private_dp(4.0, 8, rounds=2)
