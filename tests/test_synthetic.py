@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +16,14 @@ import pytest
 import tifffile
 from pydantic import ValidationError
 
+from client.wsi import synth_texture
 from client.wsi.synth_masks import (
     drop_nested_islands,
     low_grade_mask,
     make_tissue_mask,
     make_tumour_mask,
     mask_polygons,
+    mimic_mask,
     partial_annotation_mask,
 )
 from client.wsi.synth_render import SEAM_BLEND_PX, _ramp_weights
@@ -794,7 +796,7 @@ def test_low_grade_on_a_normal_slide_changes_nothing(tmp_path: Path) -> None:
     assert not list((tmp_path / "b" / "masks").glob("*_low_grade.png"))
 
 
-def test_low_grade_default_is_off_and_bounds_are_checked(tmp_path: Path) -> None:
+def test_low_grade_default_is_off_and_bounds_are_checked() -> None:
     assert SMALL.low_grade_share_range == (0.0, 0.0)
     assert SynthSiteConfig(name="x", n_slides=1).low_grade_share_range == (0.0, 0.0)
     _assert_range_refused(
@@ -805,22 +807,199 @@ def test_low_grade_default_is_off_and_bounds_are_checked(tmp_path: Path) -> None
             ((0.6, 0.3), "not ordered"),
         ),
     )
-    site = SynthSiteConfig(
-        name="x",
-        n_slides=2,
-        tumour_share=1.0,
-        low_grade_share_range=(0.3, 0.5),
-        width_range=(1024, 1024),
-        height_range=(1024, 1024),
-        tumour_fraction_range=(0.2, 0.3),
+
+
+# --------------------------------------------------------------------------------------------
+# Benign mimic of low-grade tumour in normal tissue
+# --------------------------------------------------------------------------------------------
+
+MIMIC = SMALL.model_copy(update={"mimic_share_range": (0.2, 0.3)})
+
+
+def _nuclear_haematoxylin(bank: TextureBank) -> float:
+    """Mean c_H of a bank's nuclei: pixels far above the stroma and cord cytoplasm (c_H
+    0.05-0.1) that every nucleus of these textures exceeds."""
+    haem = bank.data[: bank.size, : bank.size, 0]
+    nuclei = haem > 0.15
+    assert 0.005 < nuclei.mean() < 0.2  # nuclei, neither none nor the background
+    return float(haem[nuclei].mean())
+
+
+def test_mimic_bank_shares_the_low_grade_architecture_with_darker_smaller_nuclei() -> None:
+    """The mimic's bank is a fourth seed child: every other bank keeps its bytes. Its nuclei
+    are the dark, small benign ones (darker than the low-grade bank's pale vesicular nuclei),
+    and everything else is the low-grade texture's: given the low-grade nuclear constants
+    (read at call time) the mimic texture is the low-grade texture, byte for byte."""
+    plain = build_banks(512, 0.5, np.random.SeedSequence(9), low_grade=True)
+    banks = build_banks(512, 0.5, np.random.SeedSequence(9), low_grade=True, mimic=True)
+    for name in ("normal", "tumour", "low_grade"):
+        assert np.array_equal(getattr(plain, name).data, getattr(banks, name).data), name
+    assert plain.mimic is None
+    mimic, low = banks.mimic, banks.low_grade
+    assert mimic is not None and low is not None and mimic.size == 512
+    assert np.array_equal(mimic.data[512:, :512], mimic.data[:TILE, :512])  # periodic
+    assert _nuclear_haematoxylin(mimic) > 1.8 * _nuclear_haematoxylin(low)
+    only_mimic = build_banks(512, 0.5, np.random.SeedSequence(9), mimic=True)
+    assert only_mimic.low_grade is None and only_mimic.mimic is not None
+    assert np.array_equal(only_mimic.mimic.data, mimic.data)
+
+    def texture(fn: Callable[[np.random.Generator, int, float], np.ndarray]) -> np.ndarray:
+        return fn(np.random.default_rng(4), 256, 0.5)
+
+    lookalike = texture(synth_texture._mimic_texture)
+    assert not np.array_equal(lookalike, texture(synth_texture._low_grade_texture))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(synth_texture, "MIMIC_NUCLEUS_UM", synth_texture.LOW_GRADE_NUCLEUS_UM)
+        mp.setattr(synth_texture, "MIMIC_NUCLEUS_H", synth_texture.LOW_GRADE_NUCLEUS_H)
+        mp.setattr(synth_texture, "MIMIC_NUCLEUS_RIM", synth_texture.LOW_GRADE_NUCLEUS_RIM)
+        same = texture(synth_texture._mimic_texture)
+    assert np.array_equal(same, texture(synth_texture._low_grade_texture))
+
+
+def test_mimic_mask_takes_the_requested_share_of_normal_tissue_only() -> None:
+    tissue = np.zeros((96, 96), dtype=bool)
+    tissue[8:90, 6:92] = True
+    tumour = np.zeros_like(tissue)
+    tumour[30:60, 30:70] = True
+    normal = tissue & ~tumour
+    part = mimic_mask(np.random.default_rng(3), tissue, tumour, 0.25, sigma_px=8.0)
+    assert not (part & ~normal).any()  # never glass, never tumour
+    assert part.sum() == round(0.25 * normal.sum())
+    n_parts, _ = cv2.connectedComponents(part.astype(np.uint8))
+    assert n_parts - 1 <= 10  # a few areas, not speckle
+    again = mimic_mask(np.random.default_rng(3), tissue, tumour, 0.25, sigma_px=8.0)
+    assert np.array_equal(part, again)
+    assert not mimic_mask(np.random.default_rng(3), tissue, tumour, 0.0, sigma_px=8.0).any()
+    everywhere = mimic_mask(np.random.default_rng(3), tissue, tissue, 0.3, sigma_px=8.0)
+    assert not everywhere.any()  # all tissue tumour: no normal tissue to mimic in
+
+
+def _level0_of(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    big = np.kron(mask.astype(np.uint8), np.ones((16, 16), np.uint8))
+    return big[: shape[0], : shape[1]].astype(bool)
+
+
+def _retextured(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Share of level-0 pixels well inside ``mask`` (mask px) that differ by more than a
+    JPEG error between slides ``a`` and ``b``: another texture, not a tint."""
+    inside = _level0_of(cv2.erode(mask.astype(np.uint8), np.ones((5, 5), np.uint8)), a.shape)
+    assert inside.sum() > 5_000
+    return float((np.abs(a[inside].astype(int) - b[inside].astype(int)).max(axis=1) > 20).mean())
+
+
+def test_mimic_changes_only_normal_tissue_and_keeps_the_truth(
+    generated: Generated, tmp_path: Path
+) -> None:
+    """With a mimic share the tumour pixels and the glass stay byte-for-byte those of the
+    plain slide, the ground truth (masks, fraction, outlines) is unchanged, the mimic mask
+    covers the requested share of the non-tumour tissue, and the same seed gives the same
+    bytes."""
+    mixed = generate_slide(tmp_path / "a", "s1", MIMIC, seed=11)
+    again = generate_slide(tmp_path / "b", "s1", MIMIC, seed=11)
+    plain = generated.first
+    assert sha256_file(mixed.slide_path) == sha256_file(again.slide_path)
+    assert plain.mimic_mask_path is None and mixed.mimic_mask_path is not None
+    assert again.mimic_mask_path is not None
+    assert mixed.mimic_mask_path.read_bytes() == again.mimic_mask_path.read_bytes()
+    assert mixed.mimic_mask_path == tmp_path / "a" / "masks" / "s1_mimic.png"
+    assert mixed.label == "tumour" and mixed.tumour_fraction == plain.tumour_fraction
+    tissue, tumour = _mask(plain.tissue_mask_path), _mask(plain.tumour_mask_path)
+    assert np.array_equal(_mask(mixed.tissue_mask_path), tissue)
+    assert np.array_equal(_mask(mixed.tumour_mask_path), tumour)
+    assert mixed.geojson_path is not None and plain.geojson_path is not None
+    assert mixed.geojson_path.read_bytes() == plain.geojson_path.read_bytes()
+    mimic = _mask(mixed.mimic_mask_path)
+    assert not (mimic & ~(tissue & ~tumour)).any()
+    assert 0.2 - 0.01 <= mimic.sum() / (tissue & ~tumour).sum() <= 0.3 + 0.01
+
+    a, b = _level0(plain), _level0(mixed)
+    kernel = np.ones((5, 5), np.uint8)
+    deep_tumour = _level0_of(cv2.erode(tumour.astype(np.uint8), kernel), a.shape)
+    glass = _level0_of(1 - cv2.dilate(tissue.astype(np.uint8), kernel), a.shape)
+    near = _level0_of(cv2.dilate(mimic.astype(np.uint8), kernel), a.shape)
+    assert deep_tumour.sum() > 50_000 and glass.sum() > 50_000
+    assert np.array_equal(a[deep_tumour], b[deep_tumour])
+    assert np.array_equal(a[glass], b[glass])
+    assert np.array_equal(a[~near], b[~near])  # JPEG blocks straddle the mimic's edge
+    assert _retextured(a, b, mimic) > 0.3
+
+
+def test_mimic_appears_on_normal_slides_in_the_requested_share(tmp_path: Path) -> None:
+    """A normal slide gets the mimic too (else the mimic would itself be normal-slide
+    evidence); it stays a normal slide with an empty tumour mask and no outlines."""
+    normal = SMALL.model_copy(update={"tumour_fraction": 0.0})
+    plain = generate_slide(tmp_path / "a", "n1", normal, seed=5)
+    cfg = normal.model_copy(update={"mimic_share_range": (0.25, 0.25)})
+    slide = generate_slide(tmp_path / "b", "n1", cfg, seed=5)
+    assert slide.label == "normal" and slide.tumour_fraction == 0.0
+    assert not _mask(slide.tumour_mask_path).any()
+    assert slide.geojson_path is None and slide.asap_xml_path is None
+    tissue = _mask(slide.tissue_mask_path)
+    assert np.array_equal(tissue, _mask(plain.tissue_mask_path))
+    mimic = _mask(slide.mimic_mask_path)
+    assert not (mimic & ~tissue).any()
+    assert mimic.sum() / tissue.sum() == pytest.approx(0.25, abs=0.002)
+    a, b = _level0(plain), _level0(slide)
+    assert _retextured(a, b, mimic) > 0.3
+    outside = _level0_of(cv2.dilate(mimic.astype(np.uint8), np.ones((5, 5), np.uint8)), a.shape)
+    assert np.array_equal(a[~outside], b[~outside])
+
+
+def test_mimic_default_is_off_and_bounds_are_checked(generated: Generated, tmp_path: Path) -> None:
+    assert SMALL.mimic_share_range == (0.0, 0.0)
+    assert SynthSiteConfig(name="x", n_slides=1).mimic_share_range == (0.0, 0.0)
+    explicit_off = SMALL.model_copy(update={"mimic_share_range": (0.0, 0.0)})
+    off = generate_slide(tmp_path / "off", "s1", explicit_off, seed=11)
+    assert sha256_file(off.slide_path) == sha256_file(generated.first.slide_path)
+    assert off.mimic_mask_path is None and generated.first.mimic_mask_path is None
+    assert not list((tmp_path / "off" / "masks").glob("*_mimic.png"))
+    _assert_range_refused(
+        "mimic_share_range",
+        (
+            ((-0.1, 0.3), "mimic share"),
+            ((0.2, 0.6), "mimic share"),
+            ((0.4, 0.2), "not ordered"),
+        ),
     )
-    cohort = SynthCohortConfig(sites=(site,), bank_size=512)
-    plans = plan_site(site, cohort, seed=0)
-    assert all(p.config.low_grade_share_range == (0.3, 0.5) for p in plans)
+    assert SynthSlideConfig(mimic_share_range=(0.5, 0.5)).mimic_share_range == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("field", "what", "tumour_share", "labels"),
+    [
+        ("low_grade_share_range", "low_grade", 1.0, ["tumour", "tumour"]),
+        ("mimic_share_range", "mimic", 0.5, ["normal", "tumour"]),  # on both kinds of slide
+    ],
+)
+def test_site_share_reaches_its_slides_and_stale_masks_are_removed(
+    tmp_path: Path, field: str, what: str, tumour_share: float, labels: list[str]
+) -> None:
+    """A site's low-grade or mimic share reaches every slide's config, and each slide writes
+    its ``_<what>.png`` mask. Regenerating one slide fewer without the option removes both
+    the regenerated slide's mask and the mask of the slide that is gone (site clean-up)."""
+    site = SynthSiteConfig.model_validate(
+        {
+            "name": "x",
+            "n_slides": 2,
+            "tumour_share": tumour_share,
+            field: (0.1, 0.3),
+            "width_range": (1024, 1024),
+            "height_range": (1024, 1024),
+            "tumour_fraction_range": (0.2, 0.3),
+        }
+    )
+    cohort = SynthCohortConfig(sites=(site,), bank_size=256)
+    assert all(getattr(p.config, field) == (0.1, 0.3) for p in plan_site(site, cohort, seed=0))
     slides = generate_site(tmp_path / "x", site, cohort, seed=0)
-    masks = sorted(p.name for p in (tmp_path / "x" / "masks").glob("*_low_grade.png"))
-    assert masks == [f"{s.slide_id}_low_grade.png" for s in slides]
-    # Regenerating without the option removes the now stale low-grade masks.
-    plain = site.model_copy(update={"low_grade_share_range": (0.0, 0.0)})
-    generate_site(tmp_path / "x", plain, SynthCohortConfig(sites=(plain,), bank_size=512), 0)
-    assert not list((tmp_path / "x" / "masks").glob("*_low_grade.png"))
+    assert sorted(s.label for s in slides) == labels
+    masks = sorted(p.name for p in (tmp_path / "x" / "masks").glob(f"*_{what}.png"))
+    assert masks == [f"{s.slide_id}_{what}.png" for s in slides]
+    for s in slides:
+        path = s.low_grade_mask_path if what == "low_grade" else s.mimic_mask_path
+        assert path is not None and path.is_file()
+    plain = site.model_copy(update={field: (0.0, 0.0), "n_slides": 1})
+    (kept,) = generate_site(
+        tmp_path / "x", plain, SynthCohortConfig(sites=(plain,), bank_size=256), 0
+    )
+    assert kept.low_grade_mask_path is None and kept.mimic_mask_path is None
+    assert not list((tmp_path / "x" / "masks").glob(f"*_{what}.png"))

@@ -231,20 +231,48 @@ def make_tumour_mask(
     return drop_nested_islands(mask)
 
 
+def contiguous_share(
+    rng: np.random.Generator, region: np.ndarray, share: float, sigma_px: float
+) -> np.ndarray:
+    """The ``share`` of ``region``'s pixels where a smooth random field is lowest.
+
+    The field's correlation ``sigma_px`` (mask px) makes the result contiguous areas, a few
+    patches across, rather than speckle, and the quantile cut makes it exactly the requested
+    share. Empty when the share rounds to no pixel (or the region is empty).
+    """
+    count = round(share * int(region.sum()))
+    if count <= 0:
+        return np.zeros_like(region, dtype=bool)
+    field = smooth_noise(rng, region.shape, sigma_px)
+    return _keep_top(-field, region.astype(bool), count)
+
+
 def low_grade_mask(
     rng: np.random.Generator, tumour: np.ndarray, share: float, sigma_px: float
 ) -> np.ndarray:
     """The part of ``tumour`` rendered with the subtle (low-grade) morphology.
 
-    The ``share`` of tumour pixels where a smooth random field (correlation ``sigma_px`` mask
-    px) is lowest: contiguous areas, a few patches across, rather than speckle, and exactly
-    the requested share, so the rest (at least ``1 − share``) stays conspicuous.
+    Contiguous areas covering exactly ``share`` of the tumour (``contiguous_share``), so the
+    rest (at least ``1 − share``) stays conspicuous.
     """
-    count = round(share * int(tumour.sum()))
-    if count <= 0:
-        return np.zeros_like(tumour, dtype=bool)
-    field = smooth_noise(rng, tumour.shape, sigma_px)
-    return _keep_top(-field, tumour.astype(bool), count)
+    return contiguous_share(rng, tumour, share, sigma_px)
+
+
+def mimic_mask(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    tumour: np.ndarray,
+    share: float,
+    sigma_px: float,
+) -> np.ndarray:
+    """The part of the non-tumour tissue rendered as the benign mimic of low-grade tumour.
+
+    Contiguous areas covering ``share`` of ``tissue & ~tumour``, on normal slides and in the
+    normal tissue of tumour slides alike: the mimic must not be what tells tumour slides
+    apart, only the cells inside the cords may. Never inside the tumour, whose truth it leaves
+    unchanged.
+    """
+    return contiguous_share(rng, tissue.astype(bool) & ~tumour.astype(bool), share, sigma_px)
 
 
 def partial_annotation_mask(

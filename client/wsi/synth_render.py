@@ -79,6 +79,9 @@ class SlideScene:
     low_grade: np.ndarray | None = None
     """Padded like ``fields``: 0/1 where the tumour has the subtle low-grade morphology
     (``banks.low_grade``) instead of the high-grade one. None: high-grade throughout."""
+    mimic: np.ndarray | None = None
+    """Padded like ``fields``: 0/1 where the normal tissue shows the benign mimic of low-grade
+    tumour (``banks.mimic``); never inside the tumour. None: plain normal tissue."""
 
     def _view(self, col: int, row: int) -> BankView:
         return self.views[(row + 1) * (self.super_cols + 2) + col + 1]
@@ -130,22 +133,37 @@ class SlideScene:
         assert self.density is not None
         return np.clip(self._upsampled(self.density, tx, ty) * TUMOUR_NEST_SHARPNESS, 0.0, 1.0)
 
-    def _tumour_texture(self, tx: int, ty: int) -> np.ndarray:
-        """TILE×TILE×2 tumour concentrations: high-grade, or low-grade where the low-grade
-        mask says so (same edge blend as the tumour border)."""
-        x0, y0 = tx * TILE, ty * TILE
-        tumour = self.texture(self.banks.tumour, x0, y0)
-        if self.low_grade is None or self.banks.low_grade is None:
-            return tumour
+    def _blend_toward(
+        self,
+        conc: np.ndarray,
+        mask: np.ndarray | None,
+        bank: TextureBank | None,
+        tx: int,
+        ty: int,
+    ) -> np.ndarray:
+        """``conc`` (a tile's concentrations, changed in place) blended toward ``bank`` where
+        the padded 0/1 ``mask`` says so, with the same edge blend as the tumour border.
+
+        A tile the mask does not reach is returned untouched, without drawing ``bank``: a
+        slide without the option keeps its bytes and its speed.
+        """
+        if mask is None or bank is None:
+            return conc
         ds = self.downsample
         n = TILE // ds
-        if not self.low_grade[ty * n : ty * n + n + 2, tx * n : tx * n + n + 2].any():
-            return tumour
-        up = self._upsampled(self.low_grade, tx, ty)
+        if not mask[ty * n : ty * n + n + 2, tx * n : tx * n + n + 2].any():
+            return conc
+        up = self._upsampled(mask, tx, ty)
         weight = np.clip((up - 0.5) * (ds / TUMOUR_EDGE_PX) + 0.5, 0.0, 1.0)
-        subtle = self.texture(self.banks.low_grade, x0, y0)
-        tumour += _two_channel(weight) * (subtle - tumour)
-        return tumour
+        other = self.texture(bank, tx * TILE, ty * TILE)
+        conc += _two_channel(weight) * (other - conc)
+        return conc
+
+    def _tumour_texture(self, tx: int, ty: int) -> np.ndarray:
+        """TILE×TILE×2 tumour concentrations: high-grade, or low-grade where the low-grade
+        mask says so."""
+        tumour = self.texture(self.banks.tumour, tx * TILE, ty * TILE)
+        return self._blend_toward(tumour, self.low_grade, self.banks.low_grade, tx, ty)
 
     def render_tile(self, tx: int, ty: int) -> np.ndarray | None:
         """TILE×TILE×3 uint8 RGB of tile (tx, ty); None when it is empty glass."""
@@ -158,6 +176,9 @@ class SlideScene:
         up = up[ds : ds + TILE, ds : ds + TILE]
         x0, y0 = tx * TILE, ty * TILE
         conc = self.texture(self.banks.normal, x0, y0)
+        # The mimic replaces normal tissue only; the tumour blend below then covers it exactly
+        # as it covers plain normal tissue, so tumour pixels do not change.
+        conc = self._blend_toward(conc, self.mimic, self.banks.mimic, tx, ty)
         if sub[..., 1].any():
             tumour = self._tumour_texture(tx, ty)
             alpha = np.clip((up[..., 1] - 0.5) * (ds / TUMOUR_EDGE_PX) + 0.5, 0.0, 1.0)
@@ -189,16 +210,20 @@ def build_scene(
     rng: np.random.Generator,
     density: np.ndarray | None = None,
     low_grade: np.ndarray | None = None,
+    mimic: np.ndarray | None = None,
 ) -> SlideScene:
     """Assemble the padded mask fields and draw one bank view per super-tile.
 
     ``density`` (mask resolution, like ``tumour``) is the infiltrating-tumour nest field; None
     keeps solid tumour everywhere and the scene exactly as without the option. ``low_grade``
     (same grid, 0/1, within ``tumour``) marks the subtle component; it needs
-    ``banks.low_grade``. None keeps every tumour pixel high-grade.
+    ``banks.low_grade``. None keeps every tumour pixel high-grade. ``mimic`` (same grid, 0/1,
+    outside ``tumour``) marks the benign mimic in normal tissue; it needs ``banks.mimic``.
     """
     if low_grade is not None and banks.low_grade is None:
         raise ConfigError("a low-grade tumour mask needs a low-grade texture bank")
+    if mimic is not None and banks.mimic is None:
+        raise ConfigError("a mimic mask needs a mimic texture bank")
     if TILE % downsample:
         raise ConfigError(f"mask downsample {downsample} must divide the tile size {TILE}")
     n = TILE // downsample
@@ -210,12 +235,10 @@ def build_scene(
     pad = ((1, rows * n + 1 - h), (1, cols * n + 1 - w))
     thick = np.pad(thickness, pad, mode="edge")
     fields[..., 2] = thick
-    padded_density = None
-    if density is not None:
-        padded_density = np.pad(density.astype(np.float32), pad, mode="edge")
-    padded_low_grade = None
-    if low_grade is not None:
-        padded_low_grade = np.pad(low_grade.astype(np.float32), pad, mode="edge")
+    padded_density, padded_low_grade, padded_mimic = (
+        None if m is None else np.pad(m.astype(np.float32), pad, mode="edge")
+        for m in (density, low_grade, mimic)
+    )
     size = banks.normal.size
     super_rows, super_cols = math.ceil(height / size), math.ceil(width / size)
     views = tuple(random_views(rng, (super_rows + 2) * (super_cols + 2), size))
@@ -232,4 +255,5 @@ def build_scene(
         background=stain.background_rgb,
         density=padded_density,
         low_grade=padded_low_grade,
+        mimic=padded_mimic,
     )

@@ -1,11 +1,12 @@
 """Periodic H&E concentration textures ("banks") for normal tissue and tumour.
 
 Drawing every nucleus of a 60,000-pixel slide would take minutes; instead each slide gets two
-square, *periodic* texture banks (normal, tumour) of a few mm² drawn once, and level-0 tiles
-are crops of them. Periodicity (FFT noise, nuclei copied across the wrap) means a crop may
-straddle the bank edge without a seam, so a whole super-tile of the slide can map onto one
-bank under a random offset and dihedral transform (see ``BankView``): seams only appear
-between super-tiles, not between tiles, and neighbouring super-tiles look different.
+square, *periodic* texture banks (normal, tumour; optionally the low-grade tumour component
+and its benign mimic) of a few mm² drawn once, and level-0 tiles are crops of them.
+Periodicity (FFT noise, nuclei copied across the wrap) means a crop may straddle the bank edge
+without a seam, so a whole super-tile of the slide can map onto one bank under a random offset
+and dihedral transform (see ``BankView``): seams only appear between super-tiles, not between
+tiles, and neighbouring super-tiles look different.
 
 All sizes are physical (µm) and converted with the slide's µm/px, so a 40× slide shows the
 same cells twice as large as a 20× one, as a real scanner would.
@@ -14,6 +15,7 @@ same cells twice as large as a 20× one, as a real scanner would.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
@@ -48,6 +50,22 @@ LOW_GRADE_NUCLEUS_UM = (3.0, 3.8)
 """Semi-major axis, µm: barely enlarged (high-grade 4.5-7.5, lymphocytes 2.6-3.4)."""
 LOW_GRADE_NUCLEUS_H = (0.25, 0.38)
 """Haematoxylin of the pale vesicular nuclei (high-grade 0.6-1.75, normal 0.9-1.9)."""
+LOW_GRADE_NUCLEUS_RIM: tuple[float, float] | None = (0.25, 0.45)
+"""Haematoxylin added along the membrane: the vesicular nuclei's thin dark rim."""
+
+# The benign mimic (``_mimic_texture``): benign tubules and ducts, sclerosing adenosis, in
+# normal tissue. Slide labels cannot tell it from low-grade carcinoma, so without it "cords of
+# cells in stroma" would be tumour evidence by itself and weak supervision would find the
+# low-grade component for free; with it, only the cells (small, dark, uniform nuclei here,
+# larger pale vesicular ones there) separate them, which patch labels teach. The architecture
+# (cords, lumens, cytoplasm, cell density) is the low-grade texture's: its LOW_GRADE_CORD_* and
+# LOW_GRADE_CELL_* constants, read at call time, drive both.
+MIMIC_NUCLEUS_UM = (2.6, 3.2)
+"""Semi-major axis, µm: small resting epithelium (low-grade 3.0-3.8, lymphocytes 2.6-3.4)."""
+MIMIC_NUCLEUS_H = (0.8, 1.1)
+"""Haematoxylin of the dense, dark benign nuclei (low-grade 0.25-0.38, fibroblasts 0.9-1.3)."""
+MIMIC_NUCLEUS_RIM: tuple[float, float] | None = None
+"""Membrane haematoxylin; None: no vesicular rim (solid chromatin, as benign cells have)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +90,9 @@ class TextureBanks:
     tumour: TextureBank
     low_grade: TextureBank | None = None
     """The subtle (well-differentiated) tumour component; None when the slide has none."""
+    mimic: TextureBank | None = None
+    """Benign cords and tubules in normal tissue that mimic the low-grade component; None when
+    the slide has none."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,16 +386,22 @@ def _tumour_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarr
     return _finish(haem, eosin, mpp)
 
 
-def _low_grade_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
-    """Well-differentiated (low-grade) carcinoma: cords and small tubules in fibrous stroma.
+def _cord_texture(
+    rng: np.random.Generator,
+    size: int,
+    mpp: float,
+    *,
+    nucleus_um: tuple[float, float],
+    nucleus_h: tuple[float, float],
+    rim: tuple[float, float] | None,
+) -> np.ndarray:
+    """Cords and small tubules of epithelium through fibrous stroma, with the given nuclei.
 
-    The subtle component of a heterogeneous tumour. Its cells are not a fainter copy of the
-    high-grade sheets (which weak supervision finds by their crowded, hyperchromatic, purple
-    nuclei) but a different picture: orderly rows of barely enlarged, round, pale vesicular
-    nuclei with fine chromatin and no nucleoli, in cytoplasm as pink as the stroma, running
-    in cords and around small lumens through the same fibrous stroma as normal tissue. Overall
-    it stays pink and sparse like stroma, so a detector of the high-grade pattern scores it as
-    normal, while the beaded rows of round nuclei still tell it apart.
+    One function for the low-grade carcinoma and its benign mimic, so the two share every
+    architectural feature (the same stroma, cords, lumens, cytoplasm and cell density) and
+    differ only in the nuclei: semi-major axis ``nucleus_um`` (µm) and haematoxylin
+    ``nucleus_h``, both drawn uniformly per nucleus, and a vesicular rim of ``rim`` extra
+    haematoxylin (None: solid nuclei). The architecture constants are read at call time.
     """
     haem, eosin, stroma_lumen, _ = _stroma(rng, size, mpp)
     tubules = _spectral_field(rng, size, _px(LOW_GRADE_CORD_UM, mpp))
@@ -396,18 +423,60 @@ def _low_grade_texture(rng: np.random.Generator, size: int, mpp: float) -> np.nd
     keep = (rng.random(n) < band[cy, cx]) & (lumen[cy, cx] < 0.1)
     centers = centers[keep]
     n = len(centers)
-    major = rng.uniform(*LOW_GRADE_NUCLEUS_UM, n) / mpp
+    major = rng.uniform(*nucleus_um, n) / mpp
     minor = major / rng.uniform(1.0, 1.25, n)
     angle = rng.uniform(0, math.pi, n)
-    value = rng.uniform(*LOW_GRADE_NUCLEUS_H, n)
-    rim = rng.uniform(0.25, 0.45, n)
+    value = rng.uniform(*nucleus_h, n)
+    rims = None if rim is None else rng.uniform(*rim, n)
     nuclei = np.zeros((size, size), dtype=np.float32)
-    nuc_mask = _draw_nuclei(nuclei, _Nuclei(centers, major, minor, angle, 0.06, value), rng, rim)
+    nuc_mask = _draw_nuclei(nuclei, _Nuclei(centers, major, minor, angle, 0.06, value), rng, rims)
     chromatin = _spectral_field(rng, size, _px(0.6, mpp))
     inside_nuc = nuc_mask > 0
     haem = np.where(inside_nuc, nuclei * (1.0 + 0.1 * chromatin), haem)
     eosin = np.where(inside_nuc, eosin * 0.55, eosin)
     return _finish(haem, eosin, mpp)
+
+
+def _low_grade_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
+    """Well-differentiated (low-grade) carcinoma: cords and small tubules in fibrous stroma.
+
+    The subtle component of a heterogeneous tumour. Its cells are not a fainter copy of the
+    high-grade sheets (which weak supervision finds by their crowded, hyperchromatic, purple
+    nuclei) but a different picture: orderly rows of barely enlarged, round, pale vesicular
+    nuclei with fine chromatin and no nucleoli, in cytoplasm as pink as the stroma, running
+    in cords and around small lumens through the same fibrous stroma as normal tissue. Overall
+    it stays pink and sparse like stroma, so a detector of the high-grade pattern scores it as
+    normal, while the beaded rows of round nuclei still tell it apart.
+    """
+    return _cord_texture(
+        rng,
+        size,
+        mpp,
+        nucleus_um=LOW_GRADE_NUCLEUS_UM,
+        nucleus_h=LOW_GRADE_NUCLEUS_H,
+        rim=LOW_GRADE_NUCLEUS_RIM,
+    )
+
+
+def _mimic_texture(rng: np.random.Generator, size: int, mpp: float) -> np.ndarray:
+    """Benign mimic of low-grade carcinoma (benign tubules, sclerosing adenosis) in normal tissue.
+
+    The low-grade texture's cords and tubules in the same stroma, lined by benign cells:
+    small, dark, uniform nuclei without a vesicular rim (``MIMIC_*``). A slide label says
+    nothing about which cords are which, a patch label does.
+    """
+    return _cord_texture(
+        rng,
+        size,
+        mpp,
+        nucleus_um=MIMIC_NUCLEUS_UM,
+        nucleus_h=MIMIC_NUCLEUS_H,
+        rim=MIMIC_NUCLEUS_RIM,
+    )
+
+
+_Texture = Callable[[np.random.Generator, int, float], np.ndarray]
+"""A tissue type: (rng, bank side px, µm/px) → periodic (c_H, c_E) bank."""
 
 
 def _finish(haem: np.ndarray, eosin: np.ndarray, mpp: float) -> np.ndarray:
@@ -424,24 +493,33 @@ def _bank(conc: np.ndarray) -> TextureBank:
 
 
 def build_banks(
-    size: int, mpp: float, seed: np.random.SeedSequence, *, low_grade: bool = False
+    size: int,
+    mpp: float,
+    seed: np.random.SeedSequence,
+    *,
+    low_grade: bool = False,
+    mimic: bool = False,
 ) -> TextureBanks:
     """Draw the normal and tumour banks of one slide (deterministic in ``seed``).
 
-    ``low_grade`` adds the subtle tumour component's bank from a third child of ``seed``;
-    spawned children do not depend on how many are spawned, so the other two banks stay
-    the same bytes with or without it.
+    ``low_grade`` adds the subtle tumour component's bank from a third child of ``seed``,
+    ``mimic`` the benign mimic's from a fourth; spawned children do not depend on how many are
+    spawned, so every other bank stays the same bytes with or without them.
     """
     if size % TILE:
         raise ConfigError(f"bank size {size} must be a multiple of {TILE}")
-    children = seed.spawn(3 if low_grade else 2)
-    subtle = None
-    if low_grade:
-        subtle = _bank(_low_grade_texture(np.random.default_rng(children[2]), size, mpp))
+    children = seed.spawn(4 if mimic else 3 if low_grade else 2)
+
+    def extra(wanted: bool, child: int, texture: _Texture) -> TextureBank | None:
+        if not wanted:
+            return None
+        return _bank(texture(np.random.default_rng(children[child]), size, mpp))
+
     return TextureBanks(
         normal=_bank(_normal_texture(np.random.default_rng(children[0]), size, mpp)),
         tumour=_bank(_tumour_texture(np.random.default_rng(children[1]), size, mpp)),
-        low_grade=subtle,
+        low_grade=extra(low_grade, 2, _low_grade_texture),
+        mimic=extra(mimic, 3, _mimic_texture),
     )
 
 

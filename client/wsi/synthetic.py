@@ -12,6 +12,7 @@ Per slide (see ``generate_slide``)::
     masks/<id>_tissue.png       uint8 0/255 at ``mask_downsample`` level-0 px per mask px
     masks/<id>_tumour.png       same grid; all zero on a normal slide
     masks/<id>_low_grade.png    same grid: the tumour's subtle component (only when asked for)
+    masks/<id>_mimic.png        same grid: benign mimic of it in normal tissue (when asked for)
     annotations/<id>.geojson    QuPath outlines of the (possibly partially) annotated tumour
     annotations/<id>.xml        the same outlines in ASAP / Camelyon16 XML
 
@@ -40,6 +41,7 @@ from client.wsi.synth_masks import (
     make_tissue_mask,
     make_tumour_mask,
     mask_polygons,
+    mimic_mask,
     partial_annotation_mask,
     smooth_noise,
     thickness_field,
@@ -69,6 +71,12 @@ MAX_LOW_GRADE_SHARE = 0.9
 LOW_GRADE_AREA_UM = 128.0
 """Correlation length of the field that splits a tumour into low- and high-grade areas: one
 patch of 256 px at 0.5 µm/px, so low-grade areas span a few patches."""
+MAX_MIMIC_SHARE = 0.5
+"""Largest share of a slide's non-tumour tissue that may be the benign mimic: normal tissue
+stays mostly plain stroma, as it is on real slides."""
+MIMIC_AREA_UM = 128.0
+"""Correlation length of the field that places the mimic in normal tissue: areas a few patches
+across, the size of the low-grade areas (``LOW_GRADE_AREA_UM``) they are to be confused with."""
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -145,6 +153,13 @@ class SynthSlideConfig(SynthRenderSettings):
         f"{MAX_LOW_GRADE_SHARE}, so every tumour keeps a conspicuous high-grade part); the "
         "ground truth stays the whole tumour",
     )
+    mimic_share_range: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description="share of the non-tumour tissue rendered as a benign mimic of the low-grade "
+        "morphology (the same cords in stroma, benign nuclei), drawn uniformly per slide "
+        "between these bounds, in contiguous areas, on normal and tumour slides alike (0: "
+        f"none; at most {MAX_MIMIC_SHARE}); it is not tumour: the ground truth is unchanged",
+    )
     annotate: bool = Field(True, description="write GeoJSON/XML outlines for a tumour slide")
     annotated_region_fraction: float = Field(
         1.0,
@@ -171,6 +186,11 @@ class SynthSlideConfig(SynthRenderSettings):
     def _low_grade_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
         return _low_grade_range(value)
 
+    @field_validator("mimic_share_range")
+    @classmethod
+    def _mimic_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _mimic_range(value)
+
     @property
     def resolved_objective(self) -> float:
         return self.objective_power if self.objective_power is not None else 10.0 / self.mpp
@@ -194,6 +214,8 @@ class SynthSlide:
     dimensions: tuple[int, int] = (0, 0)
     low_grade_mask_path: Path | None = None
     """The subtle tumour component (a subset of the tumour mask), when the slide has one."""
+    mimic_mask_path: Path | None = None
+    """The benign mimic (in the tissue, outside the tumour mask), when the slide has one."""
 
 
 def _png(mask: np.ndarray, slide_id: str, what: str) -> bytes:
@@ -201,6 +223,18 @@ def _png(mask: np.ndarray, slide_id: str, what: str) -> bytes:
     if not ok:
         raise SlideError(slide_id, f"PNG encoding of the {what} mask failed")
     return buf.tobytes()
+
+
+def _optional_mask(out_dir: Path, slide_id: str, what: str, mask: np.ndarray | None) -> Path | None:
+    """Write ``masks/<id>_<what>.png`` when the slide has that mask and return its path;
+    otherwise remove a stale one of an earlier run of the same id (it would describe another
+    slide) and return None."""
+    path = out_dir / "masks" / f"{slide_id}_{what}.png"
+    if mask is None:
+        path.unlink(missing_ok=True)
+        return None
+    atomic_write_bytes(path, _png(mask, slide_id, what.replace("_", "-")))
+    return path
 
 
 def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: int) -> SynthSlide:
@@ -216,8 +250,9 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
     ds = cfg.mask_downsample
     root = np.random.SeedSequence(seed)
     # spawn(n)'s children do not depend on n: adding a stream keeps every earlier slide's bytes.
-    streams = root.spawn(8)
-    s_tissue, s_tumour, s_thick, s_banks, s_views, s_partial, s_density, s_grade = streams
+    streams = root.spawn(9)
+    s_tissue, s_tumour, s_thick, s_banks, s_views, s_partial, s_density, s_grade = streams[:8]
+    s_mimic = streams[8]
     shape = (math.ceil(cfg.height_px / ds), math.ceil(cfg.width_px / ds))
 
     tissue = make_tissue_mask(
@@ -237,6 +272,11 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
         grade_rng = np.random.default_rng(s_grade)
         share = float(grade_rng.uniform(*cfg.low_grade_share_range))
         low_grade = low_grade_mask(grade_rng, tumour, share, LOW_GRADE_AREA_UM / (cfg.mpp * ds))
+    mimic = None
+    if cfg.mimic_share_range[1] > 0:
+        mimic_rng = np.random.default_rng(s_mimic)
+        share = float(mimic_rng.uniform(*cfg.mimic_share_range))
+        mimic = mimic_mask(mimic_rng, tissue, tumour, share, MIMIC_AREA_UM / (cfg.mpp * ds))
 
     scene = build_scene(
         width=cfg.width_px,
@@ -245,11 +285,18 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
         tissue=tissue,
         tumour=tumour,
         thickness=thickness_field(np.random.default_rng(s_thick), shape),
-        banks=build_banks(cfg.bank_size, cfg.mpp, s_banks, low_grade=low_grade is not None),
+        banks=build_banks(
+            cfg.bank_size,
+            cfg.mpp,
+            s_banks,
+            low_grade=low_grade is not None,
+            mimic=mimic is not None,
+        ),
         stain=cfg.stain,
         rng=np.random.default_rng(s_views),
         density=tumour_density(np.random.default_rng(s_density), shape, cfg.tumour_density_range),
         low_grade=low_grade,
+        mimic=mimic,
     )
     slide_path = out_dir / "slides" / f"{slide_id}.tiff"
     write_pyramid(
@@ -267,11 +314,8 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
     tumour_path = out_dir / "masks" / f"{slide_id}_tumour.png"
     atomic_write_bytes(tissue_path, _png(tissue, slide_id, "tissue"))
     atomic_write_bytes(tumour_path, _png(tumour, slide_id, "tumour"))
-    low_grade_path = out_dir / "masks" / f"{slide_id}_low_grade.png"
-    if low_grade is not None:
-        atomic_write_bytes(low_grade_path, _png(low_grade, slide_id, "low-grade"))
-    else:
-        low_grade_path.unlink(missing_ok=True)
+    low_grade_path = _optional_mask(out_dir, slide_id, "low_grade", low_grade)
+    mimic_path = _optional_mask(out_dir, slide_id, "mimic", mimic)
 
     geojson_path = out_dir / "annotations" / f"{slide_id}.geojson"
     xml_path = out_dir / "annotations" / f"{slide_id}.xml"
@@ -303,7 +347,8 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
         annotation_complete=complete,
         level0_mpp=cfg.mpp,
         dimensions=(cfg.width_px, cfg.height_px),
-        low_grade_mask_path=low_grade_path if low_grade is not None else None,
+        low_grade_mask_path=low_grade_path,
+        mimic_mask_path=mimic_path,
     )
 
 
@@ -312,11 +357,19 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
 # --------------------------------------------------------------------------------------------
 
 
-def _low_grade_range(value: tuple[float, float]) -> tuple[float, float]:
+def _share_range(value: tuple[float, float], what: str, maximum: float) -> tuple[float, float]:
     lo, hi = _ordered(value)
-    if not (lo >= 0 and hi <= MAX_LOW_GRADE_SHARE):
-        raise ValueError(f"low-grade share must lie in [0, {MAX_LOW_GRADE_SHARE}]; got {value}")
+    if not (lo >= 0 and hi <= maximum):
+        raise ValueError(f"{what} share must lie in [0, {maximum}]; got {value}")
     return lo, hi
+
+
+def _low_grade_range(value: tuple[float, float]) -> tuple[float, float]:
+    return _share_range(value, "low-grade", MAX_LOW_GRADE_SHARE)
+
+
+def _mimic_range(value: tuple[float, float]) -> tuple[float, float]:
+    return _share_range(value, "mimic", MAX_MIMIC_SHARE)
 
 
 def _density_range(value: tuple[float, float]) -> tuple[float, float]:
@@ -395,6 +448,11 @@ class SynthSiteConfig(StrictModel):
     low_grade_share_range: tuple[float, float] = Field(
         (0.0, 0.0), description="bounds of the low-grade share of tumour (see SynthSlideConfig)"
     )
+    mimic_share_range: tuple[float, float] = Field(
+        (0.0, 0.0),
+        description="bounds of the benign mimic's share of non-tumour tissue (see "
+        "SynthSlideConfig)",
+    )
     mpp: float = Field(0.5, gt=0.05, le=10, description="level-0 µm per pixel")
     seed_offset: int = Field(0, ge=0, description="decorrelates sites generated from one seed")
     slides_per_patient: int = Field(1, ge=1, description="consecutive slides share a patient")
@@ -424,6 +482,11 @@ class SynthSiteConfig(StrictModel):
     @classmethod
     def _low_grade_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
         return _low_grade_range(value)
+
+    @field_validator("mimic_share_range")
+    @classmethod
+    def _mimic_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        return _mimic_range(value)
 
     @model_validator(mode="after")
     def _physical_ranges(self) -> SynthSiteConfig:
@@ -517,6 +580,7 @@ def plan_site(site: SynthSiteConfig, cohort: SynthCohortConfig, seed: int) -> li
             tumour_fraction=fraction,
             tumour_density_range=site.tumour_density_range,
             low_grade_share_range=site.low_grade_share_range,
+            mimic_share_range=site.mimic_share_range,
             annotate=i in annotated,
             annotated_region_fraction=site.partial_region_fraction if i in partial else 1.0,
             stain=site.stain,
@@ -555,7 +619,7 @@ def _remove_stale(site_dir: Path, keep: set[Path]) -> None:
     """Delete generator outputs of slides that are no longer part of the site."""
     patterns = {
         "slides": ("*.tiff",),
-        "masks": ("*_tissue.png", "*_tumour.png", "*_low_grade.png"),
+        "masks": ("*_tissue.png", "*_tumour.png", "*_low_grade.png", "*_mimic.png"),
         "annotations": ("*.geojson", "*.xml"),
     }
     for sub, globs in patterns.items():
@@ -596,6 +660,7 @@ def generate_site(
                 s.geojson_path,
                 s.asap_xml_path,
                 s.low_grade_mask_path,
+                s.mimic_mask_path,
             )
             if p is not None
         )
