@@ -7,10 +7,10 @@ Usage (from the repository root)::
     .venv/bin/python bench/accuracy_federated.py --rounds 30 --local-epochs 2 --seeds 2
 
 The cohort is the one ``bench/accuracy.py`` builds and caches (same generator, same
-preparation, same held-out test sets, same heterogeneous tumour: ``--low-grade-share``), with
-the label layout of issue 4: site A sees the outlines of 30 % of its training tumour slides,
-sites B and C only slide labels; C is the smaller hospital, and every hospital has its own
-stain.
+preparation, same held-out test sets, same heterogeneous tumour and benign mimics of it:
+``--low-grade-share``, ``--mimic-share``), with the label layout of issue 4: site A sees the
+outlines of 30 % of its training tumour slides, sites B and C only slide labels; C is the
+smaller hospital, and every hospital has its own stain.
 
 Arms, each trained from the same seeded initial model and scored on the pooled held-out test
 set (slide AUC with bootstrap CI, patch AUC against the generator's ground-truth masks, and
@@ -60,8 +60,8 @@ from accuracy import (
     Evaluation,
     LoadedCohort,
     PreparedCohort,
-    add_low_grade_option,
-    apply_low_grade_option,
+    add_share_options,
+    apply_share_options,
     build_cohort,
     describe,
     evaluate_bags,
@@ -451,10 +451,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds")
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    add_low_grade_option(parser)
+    add_share_options(parser)
     args = parser.parse_args(argv)
     spec = QUICK_COHORT if args.quick else FULL_COHORT
-    spec = apply_low_grade_option(parser, spec, args.low_grade_share)
+    spec = apply_share_options(parser, spec, low_grade=args.low_grade_share, mimic=args.mimic_share)
     torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
     n_seeds = args.seeds or (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 30)

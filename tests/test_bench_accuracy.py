@@ -1,6 +1,7 @@
 """The accuracy benchmark's reusable parts: ground truth and grades from masks, splits, label
-visibility, the low-grade metrics and option, and the whole cohort → train → table path on a
-tiny heterogeneous-tumour cohort with the ``tiny_cnn`` encoder."""
+visibility, the low-grade metrics, the low-grade and mimic share options, and the whole
+cohort → train → table path on a tiny heterogeneous-tumour cohort (with benign mimics in its
+normal tissue) and the ``tiny_cnn`` encoder."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from bench.accuracy import (
     HIGH_GRADE,
     LOW_GRADE,
     LOW_GRADE_SHARE,
+    MIMIC_SHARE,
     NORMAL_GRADE,
     QUICK_COHORT,
     TUMOUR,
@@ -34,9 +36,9 @@ from bench.accuracy import (
     PreparedCohort,
     RunResult,
     _ground_truth,
-    add_low_grade_option,
+    add_share_options,
     annotated_share,
-    apply_low_grade_option,
+    apply_share_options,
     build_cohort,
     check_targets,
     describe,
@@ -45,11 +47,12 @@ from bench.accuracy import (
     format_table,
     load_cohort,
     low_grade_patch_metrics,
-    low_grade_share,
     main,
     mask_patch_fraction,
     run_arm,
+    share_range,
     summarise,
+    synth_config,
     validation_split,
     visible_annotations,
 )
@@ -204,17 +207,19 @@ def test_evaluate_bags_scores_low_grade_only_when_given_grades() -> None:
     assert graded.low_grade_patch.auc == pytest.approx(roc_auc_score(g[keep] == 2, p[keep]))
 
 
-def test_low_grade_share_option() -> None:
-    assert low_grade_share("0.4,0.8") == (0.4, 0.8)
-    assert low_grade_share(" 0.3 , 0.6") == (0.3, 0.6)
-    assert low_grade_share("0") == low_grade_share("0,0") == (0.0, 0.0)
-    assert low_grade_share("0.5") == (0.5, 0.5)
+def test_share_range_parses_lo_hi_or_one_share() -> None:
+    assert share_range("0.4,0.8") == (0.4, 0.8)
+    assert share_range(" 0.3 , 0.6") == (0.3, 0.6)
+    assert share_range("0") == share_range("0,0") == (0.0, 0.0)
+    assert share_range("0.5") == (0.5, 0.5)
     for bad in ("", "low", "0.4,", "0.1,0.2,0.3", "nan", "0,inf"):
         with pytest.raises(argparse.ArgumentTypeError, match="LO,HI"):
-            low_grade_share(bad)
+            share_range(bad)
 
+
+def test_low_grade_share_option() -> None:
     parser = argparse.ArgumentParser()
-    add_low_grade_option(parser)
+    add_share_options(parser)
     assert parser.parse_args([]).low_grade_share is None
     assert parser.parse_args(["--low-grade-share", "0.2,0.6"]).low_grade_share == (0.2, 0.6)
     with pytest.raises(SystemExit):
@@ -222,25 +227,61 @@ def test_low_grade_share_option() -> None:
 
     assert FULL_COHORT.low_grade_share_range == QUICK_COHORT.low_grade_share_range
     assert QUICK_COHORT.low_grade_share_range == LOW_GRADE_SHARE == (0.4, 0.8)
-    assert apply_low_grade_option(parser, QUICK_COHORT, None) is QUICK_COHORT
-    off = apply_low_grade_option(parser, QUICK_COHORT, (0.0, 0.0))
+    assert apply_share_options(parser, QUICK_COHORT) is QUICK_COHORT
+    off = apply_share_options(parser, QUICK_COHORT, low_grade=(0.0, 0.0))
     assert off.low_grade_share_range == (0.0, 0.0)
+    assert off.mimic_share_range == QUICK_COHORT.mimic_share_range  # the other option: as was
     assert off.hospitals == QUICK_COHORT.hospitals
     assert off.synth_key() != QUICK_COHORT.synth_key()  # another cohort, another cache
     # The generator's bounds: at most 0.9 low-grade, and an ordered range.
     for share in ((0.5, 0.95), (0.8, 0.4), (-0.1, 0.5)):
         with pytest.raises(SystemExit):
-            apply_low_grade_option(parser, QUICK_COHORT, share)
+            apply_share_options(parser, QUICK_COHORT, low_grade=share)
 
 
-def test_main_refuses_a_bad_low_grade_share_before_any_work(
-    capsys: pytest.CaptureFixture[str],
+def test_mimic_share_option_reaches_every_generated_site() -> None:
+    parser = argparse.ArgumentParser()
+    add_share_options(parser)
+    assert parser.parse_args([]).mimic_share is None
+    assert parser.parse_args(["--mimic-share", "0.05,0.3"]).mimic_share == (0.05, 0.3)
+    assert parser.parse_args(["--mimic-share", "0"]).mimic_share == (0.0, 0.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--mimic-share", "some"])
+
+    # The benchmark cohorts have the mimic; a spec that does not ask for it has none.
+    assert FULL_COHORT.mimic_share_range == QUICK_COHORT.mimic_share_range == MIMIC_SHARE
+    assert MIMIC_SHARE == (0.1, 0.25)
+    assert CohortSpec(hospitals=QUICK_COHORT.hospitals).mimic_share_range == (0.0, 0.0)
+    # Both pool and test sites of every hospital get it: test normal tissue has mimics too.
+    sites = synth_config(QUICK_COHORT).sites
+    assert len(sites) == 2 * len(QUICK_COHORT.hospitals)
+    assert all(site.mimic_share_range == MIMIC_SHARE for site in sites)
+
+    both = apply_share_options(parser, QUICK_COHORT, low_grade=(0.5, 0.6), mimic=(0.2, 0.4))
+    assert (both.low_grade_share_range, both.mimic_share_range) == ((0.5, 0.6), (0.2, 0.4))
+    assert all(site.mimic_share_range == (0.2, 0.4) for site in synth_config(both).sites)
+    off = apply_share_options(parser, QUICK_COHORT, mimic=(0.0, 0.0))
+    assert off.mimic_share_range == (0.0, 0.0)
+    assert off.low_grade_share_range == LOW_GRADE_SHARE
+    assert off.synth_key() != QUICK_COHORT.synth_key()
+    # The generator's bounds: at most 0.5 of the normal tissue, and an ordered range.
+    for share in ((0.2, 0.6), (0.3, 0.1), (-0.1, 0.2)):
+        with pytest.raises(SystemExit):
+            apply_share_options(parser, QUICK_COHORT, mimic=share)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "bound"),
+    [("--low-grade-share", "0.5,0.95", "0.9"), ("--mimic-share", "0.2,0.7", "0.5")],
+)
+def test_main_refuses_a_bad_share_before_any_work(
+    capsys: pytest.CaptureFixture[str], option: str, value: str, bound: str
 ) -> None:
     with pytest.raises(SystemExit) as exc:
-        main(["--quick", "--low-grade-share", "0.5,0.95"])
+        main(["--quick", option, value])
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--low-grade-share" in err and "0.9" in err
+    assert option in err and bound in err
 
 
 def _result(
@@ -304,6 +345,7 @@ TINY = CohortSpec(
     ),
     tumour_fraction_range=(0.2, 0.6),
     low_grade_share_range=LOW_GRADE_SHARE,
+    mimic_share_range=MIMIC_SHARE,
     encoder="tiny_cnn",
     bank_size=256,
 )
@@ -346,7 +388,9 @@ def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
     assert shown == visible and all(b.patch_labels is None for b in data.val)
     assert all(b.patch_labels is not None for b in data.test)
 
-    assert any("tumour heterogeneity: 40%-80%" in line for line in describe(cohort, visible))
+    lines = describe(cohort, visible)
+    assert any("tumour heterogeneity: 40%-80%" in line for line in lines)
+    assert any("benign mimic of low-grade tumour: 10%-25%" in line for line in lines)
 
     ceiling = feature_ceiling(data)
     assert ceiling.n_train_patches > 0 and 0 <= ceiling.best_dim < 64
