@@ -22,28 +22,36 @@ What it does, in one run:
    conspicuous high-grade. That part alone explains every tumour slide's label, so weak
    supervision can ignore the low-grade part; outlines cover all of it, so mixed supervision
    has a reason to learn it. (With uniform tumour weak supervision reached the ceiling.) And
-   10-25 % of the non-tumour tissue of every slide, normal and tumour alike
-   (``--mimic-share``), is a benign mimic of the low-grade morphology (the same cords in the
-   same stroma, benign nuclei), as benign tubules and adenosis are in real tissue: without it
-   cords of cells appeared only on tumour slides, so "not plain stroma" was tumour evidence
-   and weak supervision found the low-grade part anyway (low-grade patch AUC 0.97). Slide
-   labels cannot tell the mimic from low-grade tumour; patch labels can.
+   part of the non-tumour tissue is a benign mimic of the low-grade morphology (the same
+   cords in the same stroma, benign nuclei), as benign tubules and adenosis are in real
+   tissue: 5-15 % of a normal slide (``--mimic-share``) and 30-50 % of a tumour slide's
+   normal tissue (``--tumour-slide-mimic-share``), because such change is commoner beside
+   carcinoma. Without any mimic, cords of cells appeared only on tumour slides, so "not plain
+   stroma" was tumour evidence and weak supervision found the low-grade part anyway
+   (low-grade patch AUC 0.97); with the same share on every slide, the normal slides taught
+   weak MIL that the mimic is benign. Slide labels cannot tell a mimic that goes with the
+   label from low-grade tumour; patch labels can.
 2. Decides which training slides' outlines training may see. Every tumour slide of the
    training pool is generated with outlines (half of them partial: the manifest marks those
    ``annotation_complete=false``), but only a chosen share per hospital is *visible*; the rest
    are handed to the trainer as slide-label-only bags. Visibility is a training-time choice,
    so several label scenarios (issue 3: 20 % of tumour slides overall; the federated layout:
-   30 % at site A, none at B and C) share one prepared cohort.
+   30 % at site A, none at B and C) share one prepared cohort. Here the same share of the
+   validation tumour slides shows its outlines too.
 3. Trains every arm (model × supervision mode × seed) with the site-local trainer
    (``client.training.trainer.train``, DESIGN §4.4 defaults: Adam 2e-4, ≤ 200 epochs, early
-   stopping on the validation slide loss) on the pooled training slides (the centralised
+   stopping after epoch 50 with patience 20) on the pooled training slides (the centralised
    case), and evaluates on the pooled test set: slide AUC with a bootstrap 95 % CI, and
    pooled patch AUC / AP against the generator's *ground-truth* tumour masks on *every* test
    slide (all patches of a normal slide are negatives; patches with a tumour share strictly
    between 0 and 0.5 are ambiguous and left out, as ``prepare`` does for outlines), and the
    low-grade patch AUC: the same pooled AUC on low-grade against normal patches only (a
    tumour patch is low-grade when more than 80 % of its tumour is, high-grade below 20 %),
-   where weak and mixed supervision should differ.
+   where weak and mixed supervision should differ. Early stopping goes by the validation
+   slide loss for weak arms, and for mixed arms by ``stopping_loss="supervised"``: the slide
+   loss weighted with the patch loss of the outlined validation slides, as training weighs
+   them. On the slide loss alone a mixed arm kept an epoch from before its instance
+   classifier had learnt the patches (abmil: epoch 8 of 50, patch AUC below weak's).
 4. Prints a feature-space ceiling alongside: a logistic-regression probe trained on the
    ground-truth labels of every training-pool patch (information no MIL arm gets), scored on
    the same test patches, and the test AUC of the single best feature dimension. It tells a
@@ -114,10 +122,16 @@ more than 0.8 is: in between it shows both morphologies and belongs to neither c
 LOW_GRADE_SHARE = (0.4, 0.8)
 """The benchmark cohort's share of each tumour rendered low-grade: with uniform tumour, weak
 supervision reached the ceiling and weak vs mixed compared nothing (bench/README.md)."""
-MIMIC_SHARE = (0.1, 0.25)
-"""The benchmark cohort's share of every slide's non-tumour tissue rendered as the benign
-mimic of low-grade tumour: with none, weak MIL still ranked low-grade above normal patches at
-AUC 0.97, because cords of cells in stroma only ever occurred on tumour slides."""
+MIMIC_SHARE = (0.05, 0.15)
+"""The benchmark cohort's share of a normal slide's tissue rendered as the benign mimic of
+low-grade tumour: with none, weak MIL still ranked low-grade above normal patches at AUC 0.97,
+because cords of cells in stroma only ever occurred on tumour slides."""
+TUMOUR_SLIDE_MIMIC_SHARE = (0.3, 0.5)
+"""The mimic's share of the non-tumour tissue of a tumour slide: benign proliferative change
+is commoner beside carcinoma (a field effect). With the same 10-25 % everywhere, weak MIL
+learnt the mimic was benign from the normal slides and stayed within 0.04 patch AUC of mixed
+supervision (bench/README.md); a mimic that goes with the slide label is what only outlines
+can tell from the tumour."""
 
 Log = Callable[[str], None]
 
@@ -160,8 +174,12 @@ class CohortSpec(StrictModel):
     mimic_share_range: tuple[float, float] = Field(
         (0.0, 0.0),
         description="share of every slide's non-tumour tissue rendered as a benign mimic of "
-        "the low-grade morphology (see SynthSlideConfig): not tumour, and found on normal and "
-        "tumour slides alike, so only patch labels tell it from low-grade tumour",
+        "the low-grade morphology (see SynthSlideConfig): not tumour, so only patch labels "
+        "tell it from low-grade tumour",
+    )
+    tumour_slide_mimic_share_range: tuple[float, float] | None = Field(
+        None,
+        description="that share on tumour slides, when it differs (None: mimic_share_range)",
     )
     partial_share: float = Field(
         0.5, ge=0, le=1, description="share of training tumour slides outlined only partially"
@@ -218,9 +236,11 @@ FULL_COHORT = CohortSpec(
     ),
     low_grade_share_range=LOW_GRADE_SHARE,
     mimic_share_range=MIMIC_SHARE,
+    tumour_slide_mimic_share_range=TUMOUR_SLIDE_MIMIC_SHARE,
 )
 """90 pool slides (72 train + 18 validation) and 40 test slides, half tumour everywhere, each
-tumour 40-80 % low-grade, 10-25 % of the normal tissue a benign mimic of it: about 28,000
+tumour 40-80 % low-grade, 5-15 % of a normal slide's tissue and 30-50 % of a tumour slide's
+normal tissue a benign mimic of it: about 28,000
 patches, a few minutes of EfficientNet-Lite0 on two cores."""
 
 QUICK_COHORT = CohortSpec(
@@ -241,6 +261,7 @@ QUICK_COHORT = CohortSpec(
     ),
     low_grade_share_range=LOW_GRADE_SHARE,
     mimic_share_range=MIMIC_SHARE,
+    tumour_slide_mimic_share_range=TUMOUR_SLIDE_MIMIC_SHARE,
 )
 
 
@@ -276,9 +297,19 @@ def add_share_options(parser: argparse.ArgumentParser) -> None:
         type=share_range,
         default=None,
         metavar="LO,HI",
-        help="share of every slide's non-tumour tissue rendered as a benign mimic of the "
+        help="share of a normal slide's tissue rendered as a benign mimic of the "
         f"low-grade morphology, drawn per slide (default {MIMIC_SHARE[0]:g},"
-        f"{MIMIC_SHARE[1]:g}; 0: none)",
+        f"{MIMIC_SHARE[1]:g}; 0: none); also the tumour slides' unless "
+        "--tumour-slide-mimic-share is given",
+    )
+    parser.add_argument(
+        "--tumour-slide-mimic-share",
+        type=share_range,
+        default=None,
+        metavar="LO,HI",
+        help="the mimic's share of a tumour slide's non-tumour tissue (default "
+        f"{TUMOUR_SLIDE_MIMIC_SHARE[0]:g},{TUMOUR_SLIDE_MIMIC_SHARE[1]:g}, or the "
+        "--mimic-share range when only that is given)",
     )
 
 
@@ -288,14 +319,19 @@ def apply_share_options(
     *,
     low_grade: tuple[float, float] | None = None,
     mimic: tuple[float, float] | None = None,
+    tumour_slide_mimic: tuple[float, float] | None = None,
 ) -> CohortSpec:
-    """``spec`` with the ``--low-grade-share`` and ``--mimic-share`` ranges (None: unchanged),
-    each validated now by the generator's own model: a range it refuses (unordered, above its
-    maximum share) is a usage error naming the option before any work is done, not a
-    traceback."""
+    """``spec`` with the ``--low-grade-share``, ``--mimic-share`` and
+    ``--tumour-slide-mimic-share`` ranges (None: unchanged; a ``--mimic-share`` alone applies
+    to tumour slides too, as the option says), each validated now by the generator's own
+    model: a range it refuses (unordered, above its maximum share) is a usage error naming
+    the option before any work is done, not a traceback."""
+    if mimic is not None and tumour_slide_mimic is None:
+        tumour_slide_mimic = mimic  # one --mimic-share: the same share on every slide
     for field_name, option, share in (
         ("low_grade_share_range", "--low-grade-share", low_grade),
         ("mimic_share_range", "--mimic-share", mimic),
+        ("tumour_slide_mimic_share_range", "--tumour-slide-mimic-share", tumour_slide_mimic),
     ):
         if share is None:
             continue
@@ -305,6 +341,19 @@ def apply_share_options(
         except ValidationError as exc:
             parser.error(f"{option}: {exc.errors()[0]['msg']}")
     return spec
+
+
+def apply_parsed_shares(
+    parser: argparse.ArgumentParser, spec: CohortSpec, args: argparse.Namespace
+) -> CohortSpec:
+    """``apply_share_options`` with the options ``add_share_options`` put on ``parser``."""
+    return apply_share_options(
+        parser,
+        spec,
+        low_grade=args.low_grade_share,
+        mimic=args.mimic_share,
+        tumour_slide_mimic=args.tumour_slide_mimic_share,
+    )
 
 
 def _test_site(name: str) -> str:
@@ -324,6 +373,7 @@ def synth_config(spec: CohortSpec) -> SynthCohortConfig:
             "tumour_density_range": spec.tumour_density_range,
             "low_grade_share_range": spec.low_grade_share_range,
             "mimic_share_range": spec.mimic_share_range,
+            "tumour_slide_mimic_share_range": spec.tumour_slide_mimic_share_range,
             "tumour_share": 0.5,
         }
         sites.append(
@@ -563,29 +613,47 @@ def build_cohort(spec: CohortSpec, cache: Path = CACHE, log: Log = _quiet) -> Pr
 
 
 def visible_annotations(
-    cohort: PreparedCohort, shares: Mapping[str, float], seed: int
+    cohort: PreparedCohort,
+    shares: Mapping[str, float],
+    seed: int,
+    *,
+    splits: Sequence[str] = ("train",),
 ) -> frozenset[str]:
-    """Training slides whose outlines training may use: per hospital ``round(share·n)`` of its
-    training tumour slides (``shares`` by hospital name, absent = 0), half of them (rounded
-    down) partially outlined when the hospital has such slides."""
+    """Pool slides whose outlines training may use: per hospital and split ``round(share·n)``
+    of its tumour slides in that split (``shares`` by hospital name, absent = 0), half of them
+    (rounded down) partially outlined when the hospital has such slides. The training split's
+    choice does not depend on whether "val" is among ``splits``."""
     visible: set[str] = set()
     for i, hospital in enumerate(cohort.hospitals):
-        tumour = [e for e in hospital.train if e.label == TUMOUR and e.has_patch_labels]
-        count = round(shares.get(hospital.name, 0.0) * len(tumour))
-        rng = np.random.default_rng([seed, i])
-        partial = [e.slide_id for e in tumour if e.annotation_complete is False]
-        complete = [e.slide_id for e in tumour if e.annotation_complete is True]
-        n_partial = min(count // 2, len(partial))
-        n_complete = min(count - n_partial, len(complete))
-        n_partial = min(count - n_complete, len(partial))
-        for pool, n in ((partial, n_partial), (complete, n_complete)):
-            visible.update(str(s) for s in rng.choice(pool, size=n, replace=False))
+        for split in splits:
+            entries = {"train": hospital.train, "val": hospital.val}[split]
+            stream = [seed, i] if split == "train" else [seed, i, 1]
+            visible |= _outlined(entries, shares.get(hospital.name, 0.0), stream)
     return frozenset(visible)
 
 
-def annotated_share(cohort: PreparedCohort, visible: frozenset[str]) -> tuple[int, int, int]:
-    """(visible outlines, of which partial, training tumour slides) over the pooled train set."""
-    tumour = [e for e in cohort.entries("train") if e.label == TUMOUR]
+def _outlined(entries: Sequence[BagEntry], share: float, stream: list[int]) -> set[str]:
+    """``round(share·n)`` of the n outlined tumour slides among ``entries``, drawn from
+    ``stream``: half (rounded down) partial ones when there are such, the rest complete."""
+    tumour = [e for e in entries if e.label == TUMOUR and e.has_patch_labels]
+    count = round(share * len(tumour))
+    rng = np.random.default_rng(stream)
+    partial = [e.slide_id for e in tumour if e.annotation_complete is False]
+    complete = [e.slide_id for e in tumour if e.annotation_complete is True]
+    n_partial = min(count // 2, len(partial))
+    n_complete = min(count - n_partial, len(complete))
+    n_partial = min(count - n_complete, len(partial))
+    visible: set[str] = set()
+    for pool, n in ((partial, n_partial), (complete, n_complete)):
+        visible.update(str(s) for s in rng.choice(pool, size=n, replace=False))
+    return visible
+
+
+def annotated_share(
+    cohort: PreparedCohort, visible: frozenset[str], split: str = "train"
+) -> tuple[int, int, int]:
+    """(visible outlines, of which partial, tumour slides) over the pooled ``split``."""
+    tumour = [e for e in cohort.entries(split) if e.label == TUMOUR]
     shown = [e for e in tumour if e.slide_id in visible]
     partial = sum(1 for e in shown if e.annotation_complete is False)
     return len(shown), partial, len(tumour)
@@ -603,8 +671,9 @@ def _with_truth(bag: Bag, truth: np.ndarray) -> Bag:
 
 @dataclass(frozen=True)
 class LoadedCohort:
-    """Bags in memory, ready for many training runs: train bags show only visible outlines,
-    validation bags none, test bags carry the ground truth (for evaluation only)."""
+    """Bags in memory, ready for many training runs: train and validation bags show only the
+    visible outlines (``visible_annotations``), test bags carry the ground truth (for
+    evaluation only)."""
 
     train: tuple[Bag, ...]
     val: tuple[Bag, ...]
@@ -624,7 +693,7 @@ def load_cohort(cohort: PreparedCohort, visible: frozenset[str]) -> LoadedCohort
     test_bags = [load_bag(e, dim) for e in cohort.entries("test")]
     return LoadedCohort(
         train=tuple(b if b.entry.slide_id in visible else _hidden(b) for b in train_bags),
-        val=tuple(_hidden(b) for b in val_bags),
+        val=tuple(b if b.entry.slide_id in visible else _hidden(b) for b in val_bags),
         test=tuple(_with_truth(b, cohort.truth[b.entry.slide_id]) for b in test_bags),
         probe_train=tuple(
             _with_truth(b, cohort.truth[b.entry.slide_id]) for b in train_bags + val_bags
@@ -1023,6 +1092,12 @@ def describe(cohort: PreparedCohort, visible: frozenset[str]) -> list[str]:
         f"  training outlines visible: {shown} of {tumour} tumour slides "
         f"({shown / max(tumour, 1):.0%}; {partial} partial)"
     )
+    shown_val, partial_val, tumour_val = annotated_share(cohort, visible, "val")
+    if shown_val:
+        lines.append(
+            f"  validation outlines visible: {shown_val} of {tumour_val} tumour slides "
+            f"({partial_val} partial), for the mixed arms' stopping loss"
+        )
     if positive:
         lines.append(
             f"  tumour share of tissue on training tumour slides: {positive[0]:.3f} .. "
@@ -1040,11 +1115,13 @@ def describe(cohort: PreparedCohort, visible: frozenset[str]) -> list[str]:
             f"  tumour heterogeneity: {low:.0%}-{high:.0%} of each tumour low-grade; "
             + ", ".join(counts)
         )
-    low, high = cohort.spec.mimic_share_range
-    if high > 0:
+    normal = cohort.spec.mimic_share_range
+    tumour = cohort.spec.tumour_slide_mimic_share_range or normal
+    if max(normal[1], tumour[1]) > 0:
         lines.append(
-            f"  benign mimic of low-grade tumour: {low:.0%}-{high:.0%} of the non-tumour tissue "
-            "of every slide, normal and tumour (ground truth: normal)"
+            f"  benign mimic of low-grade tumour (ground truth: normal): {normal[0]:.0%}-"
+            f"{normal[1]:.0%} of a normal slide's tissue, {tumour[0]:.0%}-{tumour[1]:.0%} of a "
+            "tumour slide's non-tumour tissue"
         )
     return lines
 
@@ -1079,16 +1156,18 @@ def main(argv: Sequence[str]) -> int:
     spec = QUICK_COHORT if args.quick else FULL_COHORT
     if args.encoder:
         spec = CohortSpec.model_validate({**spec.model_dump(), "encoder": args.encoder})
-    spec = apply_share_options(parser, spec, low_grade=args.low_grade_share, mimic=args.mimic_share)
+    spec = apply_parsed_shares(parser, spec, args)
     # One bag pair per step is far too small a job to split over cores: with 2 threads on a
     # shared 2-vCPU machine an epoch took 20-45 s instead of ~1 s (workers wait on each other).
     torch.set_num_threads(args.threads)
     n_seeds = args.seeds or (1 if args.quick else 3)
-    base = TrainConfig(epochs=4, min_epochs=0, patience=4) if args.quick else TrainConfig()
+    base = TrainConfig(stopping_loss="supervised")
+    if args.quick:
+        base = base.model_copy(update={"epochs": 4, "min_epochs": 0, "patience": 4})
     print("# fedpath accuracy benchmark" + (" (quick)" if args.quick else ""))
     print(f"machine: {machine()}")
     cohort = build_cohort(spec, log=print)
-    visible = visible_annotations(cohort, ISSUE3_SHARES, spec.seed)
+    visible = visible_annotations(cohort, ISSUE3_SHARES, spec.seed, splits=("train", "val"))
     print(
         f"cohort {spec.synth_key()} under {cohort.root}, encoder {spec.encoder} "
         f"({cohort.feature_dim}-d), seed {spec.seed}:"
@@ -1097,8 +1176,10 @@ def main(argv: Sequence[str]) -> int:
         print(line)
     print(
         f"training: centralised (pooled hospitals), lr {base.lr:g}, ≤ {base.epochs} epochs, "
-        f"early stopping on validation slide loss (patience {base.patience} after epoch "
-        f"{base.min_epochs}), {n_seeds} seed(s) per arm"
+        f"early stopping on the validation loss (weak: slide CE; mixed: "
+        f"{base.supervision.bag_weight:g} x slide CE + {1 - base.supervision.bag_weight:g} x "
+        "patch CE of the outlined validation slides; patience "
+        f"{base.patience} after epoch {base.min_epochs}), {n_seeds} seed(s) per arm"
     )
     data = load_cohort(cohort, visible)
     ceiling = feature_ceiling(data)

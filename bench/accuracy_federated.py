@@ -8,7 +8,8 @@ Usage (from the repository root)::
 
 The cohort is the one ``bench/accuracy.py`` builds and caches (same generator, same
 preparation, same held-out test sets, same heterogeneous tumour and benign mimics of it:
-``--low-grade-share``, ``--mimic-share``), with the label layout of issue 4: site A sees the
+``--low-grade-share``, ``--mimic-share``, ``--tumour-slide-mimic-share``), with the label
+layout of issue 4: site A sees the
 outlines of 30 % of its training tumour slides, sites B and C only slide labels; C is the
 smaller hospital, and every hospital has its own stain.
 
@@ -61,7 +62,7 @@ from accuracy import (
     LoadedCohort,
     PreparedCohort,
     add_share_options,
-    apply_share_options,
+    apply_parsed_shares,
     build_cohort,
     describe,
     evaluate_bags,
@@ -454,7 +455,7 @@ def main(argv: Sequence[str]) -> int:
     add_share_options(parser)
     args = parser.parse_args(argv)
     spec = QUICK_COHORT if args.quick else FULL_COHORT
-    spec = apply_share_options(parser, spec, low_grade=args.low_grade_share, mimic=args.mimic_share)
+    spec = apply_parsed_shares(parser, spec, args)
     torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
     n_seeds = args.seeds or (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 30)

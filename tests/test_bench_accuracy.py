@@ -28,6 +28,7 @@ from bench.accuracy import (
     NORMAL_GRADE,
     QUICK_COHORT,
     TUMOUR,
+    TUMOUR_SLIDE_MIMIC_SHARE,
     Arm,
     CohortSpec,
     Evaluation,
@@ -147,9 +148,11 @@ def test_ground_truth_grades_patches_from_the_masks(tmp_path: Path) -> None:
     np.testing.assert_array_equal(uniform.grade, [n_, hi, hi, hi, hi, hi, -1])
 
 
-def _cohort(train: list[BagEntry], name: str = "site_a") -> PreparedCohort:
+def _cohort(
+    train: list[BagEntry], name: str = "site_a", val: list[BagEntry] | None = None
+) -> PreparedCohort:
     spec = CohortSpec(hospitals=(HospitalSpec(name=name, n_pool=len(train), n_test=2),))
-    hospital = Hospital(name, tuple(train), (), ())
+    hospital = Hospital(name, tuple(train), tuple(val or ()), ())
     return PreparedCohort(spec, Path("/nonexistent"), (hospital,), {}, {}, {}, 64)
 
 
@@ -164,6 +167,23 @@ def test_visible_annotations_share_and_partial_half() -> None:
     assert annotated_share(cohort, visible) == (4, 2, 10)
     assert visible_annotations(cohort, {}, seed=1) == frozenset()
     assert visible_annotations(cohort, {"site_a": 0.4}, seed=1) == visible
+
+
+def test_validation_outlines_are_drawn_apart_from_the_training_ones() -> None:
+    """With "val" among the splits the same share of validation tumour slides shows its
+    outlines, and the training slides chosen are those chosen without it."""
+    train = [_entry(f"c{i}", TUMOUR, True) for i in range(6)]
+    train += [_entry(f"n{i}", 0) for i in range(6)]
+    val = [_entry(f"vc{i}", TUMOUR, True) for i in range(5)]
+    val += [_entry(f"vp{i}", TUMOUR, False) for i in range(5)] + [_entry("vn", 0)]
+    cohort = _cohort(train, val=val)
+    only_train = visible_annotations(cohort, {"site_a": 0.5}, seed=3)
+    both = visible_annotations(cohort, {"site_a": 0.5}, seed=3, splits=("train", "val"))
+    assert only_train < both
+    shown_val = both - only_train
+    assert len(shown_val) == 5 and all(v.startswith("v") for v in shown_val)
+    assert annotated_share(cohort, both, "val") == (5, 2, 10)
+    assert annotated_share(cohort, both) == annotated_share(cohort, only_train) == (3, 0, 6)
 
 
 def test_low_grade_patch_metrics_compare_low_grade_with_normal_only() -> None:
@@ -250,29 +270,50 @@ def test_mimic_share_option_reaches_every_generated_site() -> None:
 
     # The benchmark cohorts have the mimic; a spec that does not ask for it has none.
     assert FULL_COHORT.mimic_share_range == QUICK_COHORT.mimic_share_range == MIMIC_SHARE
-    assert MIMIC_SHARE == (0.1, 0.25)
-    assert CohortSpec(hospitals=QUICK_COHORT.hospitals).mimic_share_range == (0.0, 0.0)
+    assert MIMIC_SHARE == (0.05, 0.15)
+    assert TUMOUR_SLIDE_MIMIC_SHARE == (0.3, 0.5)
+    for spec in (FULL_COHORT, QUICK_COHORT):
+        assert spec.tumour_slide_mimic_share_range == TUMOUR_SLIDE_MIMIC_SHARE
+    bare = CohortSpec(hospitals=QUICK_COHORT.hospitals)
+    assert bare.mimic_share_range == (0.0, 0.0) and bare.tumour_slide_mimic_share_range is None
     # Both pool and test sites of every hospital get it: test normal tissue has mimics too.
     sites = synth_config(QUICK_COHORT).sites
     assert len(sites) == 2 * len(QUICK_COHORT.hospitals)
     assert all(site.mimic_share_range == MIMIC_SHARE for site in sites)
+    assert all(site.tumour_slide_mimic_share_range == TUMOUR_SLIDE_MIMIC_SHARE for site in sites)
 
+    # --mimic-share alone: the same share on every slide, tumour slides included.
     both = apply_share_options(parser, QUICK_COHORT, low_grade=(0.5, 0.6), mimic=(0.2, 0.4))
     assert (both.low_grade_share_range, both.mimic_share_range) == ((0.5, 0.6), (0.2, 0.4))
+    assert both.tumour_slide_mimic_share_range == (0.2, 0.4)
     assert all(site.mimic_share_range == (0.2, 0.4) for site in synth_config(both).sites)
+    assert all(s.tumour_slide_mimic_share_range == (0.2, 0.4) for s in synth_config(both).sites)
+    tumour_only = apply_share_options(parser, QUICK_COHORT, tumour_slide_mimic=(0.1, 0.2))
+    assert tumour_only.mimic_share_range == MIMIC_SHARE
+    assert tumour_only.tumour_slide_mimic_share_range == (0.1, 0.2)
+    assert tumour_only.synth_key() != QUICK_COHORT.synth_key()
+    args = parser.parse_args(["--tumour-slide-mimic-share", "0.2,0.3"])
+    assert args.tumour_slide_mimic_share == (0.2, 0.3) and args.mimic_share is None
     off = apply_share_options(parser, QUICK_COHORT, mimic=(0.0, 0.0))
     assert off.mimic_share_range == (0.0, 0.0)
+    assert off.tumour_slide_mimic_share_range == (0.0, 0.0)
     assert off.low_grade_share_range == LOW_GRADE_SHARE
     assert off.synth_key() != QUICK_COHORT.synth_key()
     # The generator's bounds: at most 0.5 of the normal tissue, and an ordered range.
     for share in ((0.2, 0.6), (0.3, 0.1), (-0.1, 0.2)):
         with pytest.raises(SystemExit):
             apply_share_options(parser, QUICK_COHORT, mimic=share)
+        with pytest.raises(SystemExit):
+            apply_share_options(parser, QUICK_COHORT, tumour_slide_mimic=share)
 
 
 @pytest.mark.parametrize(
     ("option", "value", "bound"),
-    [("--low-grade-share", "0.5,0.95", "0.9"), ("--mimic-share", "0.2,0.7", "0.5")],
+    [
+        ("--low-grade-share", "0.5,0.95", "0.9"),
+        ("--mimic-share", "0.2,0.7", "0.5"),
+        ("--tumour-slide-mimic-share", "0.2,0.7", "0.5"),
+    ],
 )
 def test_main_refuses_a_bad_share_before_any_work(
     capsys: pytest.CaptureFixture[str], option: str, value: str, bound: str
@@ -390,7 +431,9 @@ def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
 
     lines = describe(cohort, visible)
     assert any("tumour heterogeneity: 40%-80%" in line for line in lines)
-    assert any("benign mimic of low-grade tumour: 10%-25%" in line for line in lines)
+    mimic_line = "benign mimic of low-grade tumour (ground truth: normal): 5%-15% of a normal"
+    assert any(line.strip().startswith(mimic_line) for line in lines)
+    assert any("5%-15% of a tumour slide's non-tumour tissue" in line for line in lines)
 
     ceiling = feature_ceiling(data)
     assert ceiling.n_train_patches > 0 and 0 <= ceiling.best_dim < 64

@@ -76,9 +76,11 @@ def test_table_has_the_pooled_low_grade_patch_auc() -> None:
     assert len(rule[0].split("|")) - 2 == len(head)  # one rule cell per column
 
 
-@pytest.mark.parametrize("option", ["--low-grade-share", "--mimic-share"])
+@pytest.mark.parametrize(
+    "option", ["--low-grade-share", "--mimic-share", "--tumour-slide-mimic-share"]
+)
 def test_main_refuses_a_bad_share(capsys: pytest.CaptureFixture[str], option: str) -> None:
-    """Both share options are the federated benchmark's too, validated before any work."""
+    """Every share option is the federated benchmark's too, validated before any work."""
     with pytest.raises(SystemExit) as exc:
         main(["--quick", option, "0.4,0.2"])
     assert exc.value.code == 2 and option in capsys.readouterr().err

@@ -964,6 +964,40 @@ def test_mimic_default_is_off_and_bounds_are_checked(generated: Generated, tmp_p
     assert SynthSlideConfig(mimic_share_range=(0.5, 0.5)).mimic_share_range == (0.5, 0.5)
 
 
+def test_tumour_slides_can_carry_more_mimic_than_normal_slides(tmp_path: Path) -> None:
+    """``tumour_slide_mimic_share_range`` sets the mimic's share on tumour slides only (a
+    field effect the slide label goes with); normal slides keep ``mimic_share_range``, here
+    none at all. Unset, a tumour slide is byte-for-byte the one ``mimic_share_range`` makes.
+    A site passes the range to every slide, and its bounds are the mimic's."""
+    field = {"mimic_share_range": (0.0, 0.0), "tumour_slide_mimic_share_range": (0.4, 0.4)}
+    tumour_slide = generate_slide(tmp_path / "t", "t1", SMALL.model_copy(update=field), seed=11)
+    tissue, tumour = _mask(tumour_slide.tissue_mask_path), _mask(tumour_slide.tumour_mask_path)
+    assert tumour_slide.label == "tumour" and tumour_slide.mimic_mask_path is not None
+    mimic = _mask(tumour_slide.mimic_mask_path)
+    assert not (mimic & ~(tissue & ~tumour)).any()
+    assert mimic.sum() / (tissue & ~tumour).sum() == pytest.approx(0.4, abs=0.002)
+    same = SMALL.model_copy(update={"mimic_share_range": (0.4, 0.4)})
+    reference = generate_slide(tmp_path / "r", "t1", same, seed=11)
+    assert sha256_file(reference.slide_path) == sha256_file(tumour_slide.slide_path)
+
+    normal_cfg = SMALL.model_copy(update={**field, "tumour_fraction": 0.0})
+    normal = generate_slide(tmp_path / "n", "n1", normal_cfg, seed=5)
+    assert normal.label == "normal" and normal.mimic_mask_path is None
+    plain = generate_slide(
+        tmp_path / "p", "n1", SMALL.model_copy(update={"tumour_fraction": 0.0}), 5
+    )
+    assert sha256_file(normal.slide_path) == sha256_file(plain.slide_path)
+
+    assert SMALL.tumour_slide_mimic_share_range is None
+    site = SynthSiteConfig(name="x", n_slides=3, tumour_share=0.5, **field)
+    plans = plan_site(site, SynthCohortConfig(sites=(site,), bank_size=256), seed=0)
+    assert all(p.config.tumour_slide_mimic_share_range == (0.4, 0.4) for p in plans)
+    _assert_range_refused(
+        "tumour_slide_mimic_share_range",
+        (((0.2, 0.6), "mimic share"), ((0.4, 0.2), "not ordered")),
+    )
+
+
 @pytest.mark.parametrize(
     ("field", "what", "tumour_share", "labels"),
     [

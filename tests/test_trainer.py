@@ -426,3 +426,77 @@ def test_fast_bf16_cpu_reads_vendor_and_flags(tmp_path, monkeypatch: pytest.Monk
     assert trainer.fast_bf16_cpu(tmp_path / "missing") is False
     monkeypatch.setattr(trainer, "amx_available", lambda: True)
     assert trainer.fast_bf16_cpu(tmp_path / "missing") is True
+
+
+# --------------------------------------------------------------------------------------------
+# Which validation loss chooses the epoch
+# --------------------------------------------------------------------------------------------
+
+
+def test_evaluate_reports_the_pooled_patch_loss_of_labelled_patches() -> None:
+    """Patch CE is pooled over the labelled patches of the bags that have patch labels
+    (-1: ambiguous, left out), computed from the instance logits; NaN without any."""
+    model = _model().eval()
+    bags = list(VAL[:6])
+    first = next(i for i, b in enumerate(bags) if b.patch_labels is not None)
+    labels = bags[first].patch_labels
+    assert labels is not None
+    ambiguous = labels.clone()
+    ambiguous[1] = -1
+    bags[first] = Bag(bags[first].entry, bags[first].features, ambiguous)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for bag in bags:
+            if bag.patch_labels is None:
+                continue
+            out = model(bag.features[None], torch.ones(1, bag.num_patches, dtype=torch.bool))
+            logits = out.instance_logits[0].double()
+            known = bag.patch_labels >= 0
+            target = bag.patch_labels[known].long()
+            total += float(
+                torch.nn.functional.cross_entropy(logits[known], target, reduction="sum")
+            )
+            count += int(known.sum())
+    val = evaluate(model, bags)
+    assert count > 0 and val.patch_loss == pytest.approx(total / count, rel=1e-9)
+    unlabelled = [Bag(b.entry, b.features, None) for b in bags]
+    assert math.isnan(evaluate(model, unlabelled).patch_loss)
+
+
+def test_stopping_loss_weighs_patches_only_when_asked_in_mixed_mode() -> None:
+    val = trainer.ValidationMetrics(loss=0.4, auc=1.0, patch_auc=0.8, patch_loss=0.9)
+    mixed = SupervisionConfig(mode="mixed", bag_weight=0.7)
+    weak = SupervisionConfig(mode="weak", bag_weight=0.7)
+    assert trainer.stopping_loss(val, _cfg(supervision=mixed)) == 0.4  # default: CLAM's
+    supervised = _cfg(supervision=mixed, stopping_loss="supervised")
+    assert trainer.stopping_loss(val, supervised) == pytest.approx(0.7 * 0.4 + 0.3 * 0.9)
+    assert trainer.stopping_loss(val, _cfg(supervision=weak, stopping_loss="supervised")) == 0.4
+    no_patches = replace(val, patch_loss=math.nan)
+    assert trainer.stopping_loss(no_patches, supervised) == 0.4
+    with pytest.raises(ValidationError):
+        _cfg(stopping_loss="patch")
+
+
+def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
+    """Validation slide labels flipped, patch labels right: the slide loss is lowest early,
+    so the default keeps an early epoch; the supervised loss (bag weight 0.2 here) goes by the
+    patches and keeps a later one. The chosen epoch is the argmin of what each run reports
+    as its stopping loss; a weak run ignores the patch labels and keeps the slide loss."""
+    val = _bags(12, seed=2, flip=True)
+    mixed = SupervisionConfig(mode="mixed", bag_weight=0.2)
+    by_slide = train(_model(), TRAIN, val, _cfg(epochs=12, supervision=mixed))
+    supervised = _cfg(epochs=12, supervision=mixed, stopping_loss="supervised")
+    by_patch = train(_model(), TRAIN, val, supervised)
+    for result in (by_slide, by_patch):
+        best = min(result.history, key=lambda m: m.val_stopping_loss)
+        assert result.best_epoch == best.epoch
+    assert all(m.val_stopping_loss == m.val_loss for m in by_slide.history)
+    for m in by_patch.history:
+        assert m.val_stopping_loss == pytest.approx(0.2 * m.val_loss + 0.8 * m.val_patch_loss)
+    assert by_patch.best_epoch > by_slide.best_epoch
+    assert evaluate(by_patch.model, val).patch_loss < evaluate(by_slide.model, val).patch_loss
+    weak = SupervisionConfig(mode="weak", bag_weight=0.2)
+    weak_run = train(
+        _model(), TRAIN, val, _cfg(epochs=3, supervision=weak, stopping_loss="supervised")
+    )
+    assert all(m.val_stopping_loss == m.val_loss for m in weak_run.history)

@@ -35,7 +35,16 @@ class TrainConfig(StrictModel):
     )
     weight_decay: float = Field(1e-5, ge=0, description="Adam (L2) weight decay")
     patience: int = Field(
-        20, ge=1, description="epochs without a lower validation slide loss before stopping"
+        20, ge=1, description="epochs without a lower validation loss before stopping"
+    )
+    stopping_loss: Literal["slide", "supervised"] = Field(
+        "slide",
+        description="validation loss that early stopping and the best epoch go by: slide = "
+        "the slide CE (CLAM, DESIGN §4.4); supervised = c_bag x slide CE + (1 - c_bag) x "
+        "patch CE on the validation slides with patch labels, in mixed mode (the slide CE "
+        "reaches its minimum once slides are told apart, often long before the instance "
+        "classifier has learnt the patches; weak mode and slide-label-only validation sets "
+        "fall back to the slide CE)",
     )
     min_epochs: int = Field(
         50,

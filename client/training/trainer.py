@@ -44,6 +44,7 @@ __all__ = [
     "physical_batches",
     "resolve_precision",
     "step_lr",
+    "stopping_loss",
     "train",
 ]
 
@@ -68,6 +69,10 @@ class EpochMetrics:
     val_patch_auc: float
     seconds: float
     n_steps: int
+    val_patch_loss: float = math.nan
+    """Patch CE over the labelled patches of validation slides with patch labels."""
+    val_stopping_loss: float = math.nan
+    """The loss early stopping and the best-epoch choice compare (``stopping_loss``)."""
 
     def to_json(self) -> dict[str, Any]:
         """Strict-JSON dict (JSON has no NaN)."""
@@ -82,11 +87,29 @@ class EpochMetrics:
 
 @dataclass(frozen=True)
 class ValidationMetrics:
-    """Slide CE loss (mean over bags), slide AUC and pooled patch AUC of one evaluation pass."""
+    """Slide CE loss (mean over bags), slide AUC and pooled patch AUC of one evaluation pass,
+    and the instance classifier's CE over every labelled patch (-1: ambiguous, left out) of
+    the bags with patch labels, pooled: NaN when no bag has a labelled patch."""
 
     loss: float
     auc: float
     patch_auc: float
+    patch_loss: float = math.nan
+
+
+def stopping_loss(val: ValidationMetrics, cfg: TrainConfig) -> float:
+    """The validation loss that picks the best epoch and triggers early stopping.
+
+    ``cfg.stopping_loss`` "slide" is CLAM's slide CE. "supervised" weighs it with the patch
+    CE as training weighs the bag and instance losses (c_bag, 1 − c_bag), but only in mixed
+    mode and when validation slides have patch labels; otherwise it is the slide CE too. A
+    weak-mode run never looks at patch labels, not even to choose its epoch.
+    """
+    mixed = cfg.supervision.mode == "mixed"
+    if cfg.stopping_loss == "slide" or not mixed or math.isnan(val.patch_loss):
+        return val.loss
+    c = cfg.supervision.bag_weight
+    return c * val.loss + (1.0 - c) * val.patch_loss
 
 
 @dataclass(frozen=True)
@@ -259,6 +282,8 @@ def evaluate(
     probs: list[np.ndarray] = []
     labels: list[int] = []
     patches: list[tuple[np.ndarray, np.ndarray]] = []
+    patch_nll = 0.0
+    n_patch = 0
     try:
         with torch.no_grad():
             for bag in bags:
@@ -269,9 +294,15 @@ def evaluate(
                 probs.append(torch.softmax(out.logits.double(), dim=1)[0].cpu().numpy())
                 labels.append(int(bag.entry.label))
                 if bag.patch_labels is not None:
-                    tumour = torch.softmax(
-                        out.instance_logits[0, : bag.num_patches].double(), dim=-1
-                    )[:, 1]
+                    logits = out.instance_logits[0, : bag.num_patches].double()
+                    tumour = torch.softmax(logits, dim=-1)[:, 1]
+                    patch_labels = bag.patch_labels.to(logits.device).long()
+                    known = patch_labels >= 0
+                    if bool(known.any()):
+                        patch_nll += float(
+                            F.cross_entropy(logits[known], patch_labels[known], reduction="sum")
+                        )
+                        n_patch += int(known.sum())
                     patches.append(
                         (bag.patch_labels.cpu().numpy().astype(np.int64), tumour.cpu().numpy())
                     )
@@ -279,7 +310,8 @@ def evaluate(
         model.train(was_training)
     auc = slide_metrics(np.asarray(labels), np.stack(probs), bootstrap=0).auc.value
     patch_auc = pooled_patch_metrics(patches).auc if patches else math.nan
-    return ValidationMetrics(float(np.mean(losses)), float(auc), float(patch_auc))
+    patch_loss = patch_nll / n_patch if n_patch else math.nan
+    return ValidationMetrics(float(np.mean(losses)), float(auc), float(patch_auc), patch_loss)
 
 
 def _train_epoch(
@@ -361,7 +393,8 @@ def train(
     Runs epochs ``start_epoch .. start_epoch + cfg.epochs - 1``. ``start_epoch`` continues the
     oversampling decay and random streams of a longer run (federated rounds); the optimiser
     starts fresh on every call. With validation bags the weights of the epoch with the lowest
-    validation slide loss are restored at the end, and training stops once ``cfg.patience``
+    validation loss (:func:`stopping_loss`: the slide loss unless ``cfg.stopping_loss`` says
+    otherwise) are restored at the end, and training stops once ``cfg.patience``
     epochs pass without a strictly lower loss, provided at least ``cfg.min_epochs`` epochs
     (counted from epoch 0) are done. Without validation bags every epoch runs and the last
     weights are kept. ``on_epoch`` is called once per epoch with its metrics.
@@ -433,6 +466,7 @@ def run_epochs(
         began = time.perf_counter()
         (loss, bag_loss, inst_loss, att_loss), n_steps = one_epoch(epoch)
         val = validate()
+        score = stopping_loss(val, cfg)
         metrics = EpochMetrics(
             epoch=epoch,
             train_loss=float(loss),
@@ -444,14 +478,16 @@ def run_epochs(
             val_patch_auc=val.patch_auc,
             seconds=time.perf_counter() - began,
             n_steps=n_steps,
+            val_patch_loss=val.patch_loss,
+            val_stopping_loss=score,
         )
         history.append(metrics)
         if on_epoch is not None:
             on_epoch(metrics)
         if not val_bags:
             continue
-        if val.loss < best_loss:  # NaN never counts as an improvement
-            best_loss, best_epoch, since_best = val.loss, epoch, 0
+        if score < best_loss:  # NaN never counts as an improvement
+            best_loss, best_epoch, since_best = score, epoch, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             since_best += 1

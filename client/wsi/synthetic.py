@@ -29,11 +29,11 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import cv2
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from client.wsi.annotations import write_asap_xml, write_qupath_geojson
 from client.wsi.synth_masks import (
@@ -77,6 +77,10 @@ stays mostly plain stroma, as it is on real slides."""
 MIMIC_AREA_UM = 128.0
 """Correlation length of the field that places the mimic in normal tissue: areas a few patches
 across, the size of the low-grade areas (``LOW_GRADE_AREA_UM``) they are to be confused with."""
+
+MimicShare = Annotated[tuple[float, float], AfterValidator(lambda value: _mimic_range(value))]
+"""A mimic share range, checked as ``mimic_share_range`` is (``_mimic_range``, defined with
+the other range checks below)."""
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -159,6 +163,12 @@ class SynthSlideConfig(SynthRenderSettings):
         "morphology (the same cords in stroma, benign nuclei), drawn uniformly per slide "
         "between these bounds, in contiguous areas, on normal and tumour slides alike (0: "
         f"none; at most {MAX_MIMIC_SHARE}); it is not tumour: the ground truth is unchanged",
+    )
+    tumour_slide_mimic_share_range: MimicShare | None = Field(
+        None,
+        description="the mimic's share range on tumour slides, when it differs (None: "
+        "mimic_share_range): benign proliferative change is commoner in tumour-bearing "
+        "tissue, a field effect slide labels cannot tell from the tumour itself",
     )
     annotate: bool = Field(True, description="write GeoJSON/XML outlines for a tumour slide")
     annotated_region_fraction: float = Field(
@@ -273,9 +283,12 @@ def generate_slide(out_dir: Path, slide_id: str, cfg: SynthSlideConfig, seed: in
         share = float(grade_rng.uniform(*cfg.low_grade_share_range))
         low_grade = low_grade_mask(grade_rng, tumour, share, LOW_GRADE_AREA_UM / (cfg.mpp * ds))
     mimic = None
-    if cfg.mimic_share_range[1] > 0:
+    mimic_range = cfg.mimic_share_range
+    if is_tumour and cfg.tumour_slide_mimic_share_range is not None:
+        mimic_range = cfg.tumour_slide_mimic_share_range
+    if mimic_range[1] > 0:
         mimic_rng = np.random.default_rng(s_mimic)
-        share = float(mimic_rng.uniform(*cfg.mimic_share_range))
+        share = float(mimic_rng.uniform(*mimic_range))
         mimic = mimic_mask(mimic_rng, tissue, tumour, share, MIMIC_AREA_UM / (cfg.mpp * ds))
 
     scene = build_scene(
@@ -453,6 +466,10 @@ class SynthSiteConfig(StrictModel):
         description="bounds of the benign mimic's share of non-tumour tissue (see "
         "SynthSlideConfig)",
     )
+    tumour_slide_mimic_share_range: MimicShare | None = Field(
+        None,
+        description="those bounds on tumour slides, when they differ (see SynthSlideConfig)",
+    )
     mpp: float = Field(0.5, gt=0.05, le=10, description="level-0 µm per pixel")
     seed_offset: int = Field(0, ge=0, description="decorrelates sites generated from one seed")
     slides_per_patient: int = Field(1, ge=1, description="consecutive slides share a patient")
@@ -581,6 +598,7 @@ def plan_site(site: SynthSiteConfig, cohort: SynthCohortConfig, seed: int) -> li
             tumour_density_range=site.tumour_density_range,
             low_grade_share_range=site.low_grade_share_range,
             mimic_share_range=site.mimic_share_range,
+            tumour_slide_mimic_share_range=site.tumour_slide_mimic_share_range,
             annotate=i in annotated,
             annotated_region_fraction=site.partial_region_fraction if i in partial else 1.0,
             stain=site.stain,
