@@ -459,11 +459,13 @@ def main(argv: Sequence[str]) -> int:
     torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
     n_seeds = args.seeds or (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 30)
-    base = TrainConfig(epochs=4, min_epochs=0, patience=4) if args.quick else TrainConfig()
+    base = TrainConfig(stopping_loss="supervised")  # as bench/accuracy.py's mixed arms
+    if args.quick:
+        base = base.model_copy(update={"epochs": 4, "min_epochs": 0, "patience": 4})
     print("# fedpath federated accuracy benchmark" + (" (quick)" if args.quick else ""))
     print(f"machine: {machine()}")
     cohort = build_cohort(spec, log=print)
-    visible = visible_annotations(cohort, FEDERATED_SHARES, spec.seed)
+    visible = visible_annotations(cohort, FEDERATED_SHARES, spec.seed, splits=("train", "val"))
     print(f"cohort {spec.synth_key()} under {cohort.root}, {cohort.feature_dim}-d features:")
     for line in describe(cohort, visible):
         print(line)
@@ -475,7 +477,8 @@ def main(argv: Sequence[str]) -> int:
     print(
         f"federated: {rounds} rounds × {args.local_epochs} local epochs, lr {base.lr:g}, "
         f"all {len(views)} sites every round; local arms: ≤ {base.epochs} epochs with early "
-        f"stopping (patience {base.patience}); {n_seeds} seed(s) per arm"
+        f"stopping (patience {base.patience}; mixed arms on the supervised validation loss); "
+        f"{n_seeds} seed(s) per arm"
     )
     data = load_cohort(cohort, visible)
     by_site = _test_by_site(cohort, data)
