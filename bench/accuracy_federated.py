@@ -9,9 +9,8 @@ Usage (from the repository root)::
 The cohort is the one ``bench/accuracy.py`` builds and caches (same generator, same
 preparation, same held-out test sets, same heterogeneous tumour and benign mimics of it:
 ``--low-grade-share``, ``--mimic-share``, ``--tumour-slide-mimic-share``), with the label
-layout of issue 4: site A sees the
-outlines of 30 % of its training tumour slides, sites B and C only slide labels; C is the
-smaller hospital, and every hospital has its own stain.
+layout of issue 4: site A sees the outlines of 30 % of its training tumour slides, sites B
+and C only slide labels; C is the smaller hospital, and every hospital has its own stain.
 
 Arms, each trained from the same seeded initial model and scored on the pooled held-out test
 set (slide AUC with bootstrap CI, patch AUC against the generator's ground-truth masks, and
@@ -459,7 +458,7 @@ def main(argv: Sequence[str]) -> int:
     torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
     n_seeds = args.seeds or (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 30)
-    base = TrainConfig(stopping_loss="supervised")  # as bench/accuracy.py's mixed arms
+    base = TrainConfig(stopping_loss="patch")  # as bench/accuracy.py's mixed arms
     if args.quick:
         base = base.model_copy(update={"epochs": 4, "min_epochs": 0, "patience": 4})
     print("# fedpath federated accuracy benchmark" + (" (quick)" if args.quick else ""))
@@ -477,7 +476,7 @@ def main(argv: Sequence[str]) -> int:
     print(
         f"federated: {rounds} rounds × {args.local_epochs} local epochs, lr {base.lr:g}, "
         f"all {len(views)} sites every round; local arms: ≤ {base.epochs} epochs with early "
-        f"stopping (patience {base.patience}; mixed arms on the supervised validation loss); "
+        f"stopping (patience {base.patience}; mixed arms on the validation patch loss); "
         f"{n_seeds} seed(s) per arm"
     )
     data = load_cohort(cohort, visible)

@@ -473,8 +473,12 @@ def test_stopping_loss_weighs_patches_only_when_asked_in_mixed_mode() -> None:
     assert trainer.stopping_loss(val, _cfg(supervision=weak, stopping_loss="supervised")) == 0.4
     no_patches = replace(val, patch_loss=math.nan)
     assert trainer.stopping_loss(no_patches, supervised) == 0.4
+    patch = _cfg(supervision=mixed, stopping_loss="patch")
+    assert trainer.stopping_loss(val, patch) == 0.9
+    assert trainer.stopping_loss(no_patches, patch) == 0.4
+    assert trainer.stopping_loss(val, _cfg(supervision=weak, stopping_loss="patch")) == 0.4
     with pytest.raises(ValidationError):
-        _cfg(stopping_loss="patch")
+        _cfg(stopping_loss="attention")
 
 
 def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
@@ -494,6 +498,12 @@ def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
     for m in by_patch.history:
         assert m.val_stopping_loss == pytest.approx(0.2 * m.val_loss + 0.8 * m.val_patch_loss)
     assert by_patch.best_epoch > by_slide.best_epoch
+    patch_only = train(
+        _model(), TRAIN, val, _cfg(epochs=12, supervision=mixed, stopping_loss="patch")
+    )
+    best = min(patch_only.history, key=lambda m: m.val_patch_loss)
+    assert patch_only.best_epoch == best.epoch > by_slide.best_epoch
+    assert all(m.val_stopping_loss == m.val_patch_loss for m in patch_only.history)
     assert evaluate(by_patch.model, val).patch_loss < evaluate(by_slide.model, val).patch_loss
     weak = SupervisionConfig(mode="weak", bag_weight=0.2)
     weak_run = train(

@@ -37,14 +37,15 @@ class TrainConfig(StrictModel):
     patience: int = Field(
         20, ge=1, description="epochs without a lower validation loss before stopping"
     )
-    stopping_loss: Literal["slide", "supervised"] = Field(
+    stopping_loss: Literal["slide", "supervised", "patch"] = Field(
         "slide",
         description="validation loss that early stopping and the best epoch go by: slide = "
         "the slide CE (CLAM, DESIGN §4.4); supervised = c_bag x slide CE + (1 - c_bag) x "
-        "patch CE on the validation slides with patch labels, in mixed mode (the slide CE "
-        "reaches its minimum once slides are told apart, often long before the instance "
-        "classifier has learnt the patches; weak mode and slide-label-only validation sets "
-        "fall back to the slide CE)",
+        "patch CE on the validation slides with patch labels; patch = that patch CE alone "
+        "(localisation first: the slide CE often reaches its minimum once slides are told "
+        "apart, long before the instance classifier has learnt the patches). supervised and "
+        "patch apply in mixed mode only; weak mode and slide-label-only validation sets fall "
+        "back to the slide CE",
     )
     min_epochs: int = Field(
         50,

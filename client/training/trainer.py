@@ -101,13 +101,16 @@ def stopping_loss(val: ValidationMetrics, cfg: TrainConfig) -> float:
     """The validation loss that picks the best epoch and triggers early stopping.
 
     ``cfg.stopping_loss`` "slide" is CLAM's slide CE. "supervised" weighs it with the patch
-    CE as training weighs the bag and instance losses (c_bag, 1 − c_bag), but only in mixed
-    mode and when validation slides have patch labels; otherwise it is the slide CE too. A
-    weak-mode run never looks at patch labels, not even to choose its epoch.
+    CE as training weighs the bag and instance losses (c_bag, 1 − c_bag); "patch" is the
+    patch CE alone. Both only in mixed mode and when validation slides have patch labels;
+    otherwise it is the slide CE. A weak-mode run never looks at patch labels, not even to
+    choose its epoch.
     """
     mixed = cfg.supervision.mode == "mixed"
     if cfg.stopping_loss == "slide" or not mixed or math.isnan(val.patch_loss):
         return val.loss
+    if cfg.stopping_loss == "patch":
+        return val.patch_loss
     c = cfg.supervision.bag_weight
     return c * val.loss + (1.0 - c) * val.patch_loss
 
