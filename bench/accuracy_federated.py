@@ -2,11 +2,13 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/accuracy_federated.py          # bench/accuracy.py's 3-site cohort
+    .venv/bin/python bench/accuracy_federated.py          # SUBTLE_COHORT (bench/accuracy.py)
+    .venv/bin/python bench/accuracy_federated.py --cohort field-effect  # FULL_COHORT
     .venv/bin/python bench/accuracy_federated.py --quick  # tiny cohort, few rounds: a smoke run
     .venv/bin/python bench/accuracy_federated.py --rounds 30 --local-epochs 2 --seeds 2
 
-The cohort is the one ``bench/accuracy.py`` builds and caches (same generator, same
+The cohort is one ``bench/accuracy.py`` builds and caches (``--cohort``: by default
+SUBTLE_COHORT, whose small hospital cannot learn the slide task alone; same generator, same
 preparation, same held-out test sets, same heterogeneous tumour and benign mimics of it:
 ``--low-grade-share``, ``--mimic-share``, ``--tumour-slide-mimic-share``), with the label
 layout of issue 4: site A sees the outlines of 30 % of its training tumour slides, sites B
@@ -53,13 +55,14 @@ from pathlib import Path
 import h5py
 import torch
 from accuracy import (
-    FULL_COHORT,
+    COHORTS,
     QUICK_COHORT,
     TUMOUR,
     Arm,
     Evaluation,
     LoadedCohort,
     PreparedCohort,
+    add_cohort_option,
     add_share_options,
     apply_parsed_shares,
     build_cohort,
@@ -447,13 +450,14 @@ def arms(hospitals: Sequence[str]) -> list[FedArm]:
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny cohort, few rounds")
+    add_cohort_option(parser, default="subtle")
     parser.add_argument("--seeds", type=int, default=None, help="training seeds per arm")
     parser.add_argument("--rounds", type=int, default=None, help="federated rounds")
     parser.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     add_share_options(parser)
     args = parser.parse_args(argv)
-    spec = QUICK_COHORT if args.quick else FULL_COHORT
+    spec = QUICK_COHORT if args.quick else COHORTS[args.cohort]
     spec = apply_parsed_shares(parser, spec, args)
     torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
     n_seeds = args.seeds or (1 if args.quick else 2)

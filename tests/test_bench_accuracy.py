@@ -20,6 +20,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from bench.accuracy import (
     ARMS,
+    COHORTS,
     FULL_COHORT,
     HIGH_GRADE,
     LOW_GRADE,
@@ -27,6 +28,7 @@ from bench.accuracy import (
     MIMIC_SHARE,
     NORMAL_GRADE,
     QUICK_COHORT,
+    SUBTLE_COHORT,
     TUMOUR,
     TUMOUR_SLIDE_MIMIC_SHARE,
     Arm,
@@ -37,6 +39,7 @@ from bench.accuracy import (
     PreparedCohort,
     RunResult,
     _ground_truth,
+    add_cohort_option,
     add_share_options,
     annotated_share,
     apply_share_options,
@@ -462,3 +465,31 @@ def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
     build_cohort(TINY, tmp_path, log=lines.append)
     assert "synthetic slides cached" in lines[0]
     assert all(" 0 patches embedded" in line for line in lines if "patches embedded" in line)
+
+
+def test_cohort_option_names_both_full_cohorts() -> None:
+    parser = argparse.ArgumentParser()
+    add_cohort_option(parser, default="field-effect")
+    assert COHORTS[parser.parse_args([]).cohort] is FULL_COHORT
+    assert COHORTS[parser.parse_args(["--cohort", "subtle"]).cohort] is SUBTLE_COHORT
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cohort", "easy"])
+    assert SUBTLE_COHORT.synth_key() != FULL_COHORT.synth_key()  # its own cache
+
+
+def test_subtle_cohort_is_issue_4s_layout_with_mimic_on_every_slide() -> None:
+    """What SUBTLE_COHORT's docstring promises, and that the generator accepts it."""
+    names = [h.name for h in SUBTLE_COHORT.hospitals]
+    assert names == ["site_a", "site_b", "site_c"]
+    assert len({h.stain for h in SUBTLE_COHORT.hospitals}) == 3  # a stain per hospital
+    pools = {h.name: h.n_pool for h in SUBTLE_COHORT.hospitals}
+    assert pools["site_c"] < min(pools["site_a"], pools["site_b"])  # C is the small one
+    assert sum(h.n_pool for h in SUBTLE_COHORT.hospitals) * (1 - SUBTLE_COHORT.val_share) >= 60
+    assert sum(h.n_test for h in SUBTLE_COHORT.hospitals) == 50
+    sites = synth_config(SUBTLE_COHORT).sites
+    assert len(sites) == 6
+    for site in sites:
+        assert site.low_grade_share_range == (0.8, 0.9)
+        assert site.tumour_fraction_range == (0.01, 0.3)
+        assert site.mimic_share_range == (0.1, 0.3)  # normal slides carry the mimic too
+        assert site.tumour_slide_mimic_share_range is None  # ... and tumour slides the same

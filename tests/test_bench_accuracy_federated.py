@@ -123,3 +123,9 @@ def test_site_views_hide_outlines_and_a_federated_run_scores(tmp_path: Path, flo
     assert low is not None and low.n_tumour > 0 and 0.0 <= low.auc <= 1.0
     (summary,) = summarise([result])
     assert summary.low_grade_patch_auc == (low.auc, 0.0)
+
+
+def test_main_refuses_an_unknown_cohort(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--cohort", "easy"])
+    assert exc.value.code == 2 and "--cohort" in capsys.readouterr().err
