@@ -222,19 +222,27 @@ def generator_fingerprint() -> str:
     )
 
 
-FULL_COHORT = CohortSpec(
-    hospitals=(
-        HospitalSpec(name="site_a", stain="reference", n_pool=36, n_test=16),
-        HospitalSpec(name="site_b", stain="purple", n_pool=36, n_test=16),
+def three_hospitals(
+    n_pool: int, n_test: int, small_pool: int, small_test: int
+) -> tuple[HospitalSpec, ...]:
+    """Issue 4's hospitals, one stain each: sites A and B alike, and site C, the small
+    hospital, with fewer and smaller slides (the full-size cohorts differ only in counts)."""
+    return (
+        HospitalSpec(name="site_a", stain="reference", n_pool=n_pool, n_test=n_test),
+        HospitalSpec(name="site_b", stain="purple", n_pool=n_pool, n_test=n_test),
         HospitalSpec(
             name="site_c",
             stain="pale",
-            n_pool=18,
-            n_test=8,
+            n_pool=small_pool,
+            n_test=small_test,
             width_range=(4096, 6144),
             height_range=(4096, 5120),
         ),
-    ),
+    )
+
+
+FULL_COHORT = CohortSpec(
+    hospitals=three_hospitals(36, 16, small_pool=18, small_test=8),
     low_grade_share_range=LOW_GRADE_SHARE,
     mimic_share_range=MIMIC_SHARE,
     tumour_slide_mimic_share_range=TUMOUR_SLIDE_MIMIC_SHARE,
@@ -266,18 +274,7 @@ QUICK_COHORT = CohortSpec(
 
 
 SUBTLE_COHORT = CohortSpec(
-    hospitals=(
-        HospitalSpec(name="site_a", stain="reference", n_pool=40, n_test=20),
-        HospitalSpec(name="site_b", stain="purple", n_pool=40, n_test=20),
-        HospitalSpec(
-            name="site_c",
-            stain="pale",
-            n_pool=12,
-            n_test=10,
-            width_range=(4096, 6144),
-            height_range=(4096, 5120),
-        ),
-    ),
+    hospitals=three_hospitals(40, 20, small_pool=12, small_test=10),
     tumour_fraction_range=(0.01, 0.3),
     low_grade_share_range=(0.8, 0.9),
     mimic_share_range=(0.1, 0.3),
