@@ -3,6 +3,7 @@
 Usage (from the repository root)::
 
     .venv/bin/python bench/accuracy.py                 # full run (see bench/README.md)
+    .venv/bin/python bench/accuracy.py --cohort field-effect   # tumours 40-80 % low-grade
     .venv/bin/python bench/accuracy.py --quick         # tiny cohort, a few epochs: a smoke run
     .venv/bin/python bench/accuracy.py --seeds 5       # more training seeds per arm
     .venv/bin/python bench/accuracy.py --low-grade-share 0   # uniform (high-grade) tumour
@@ -17,14 +18,14 @@ What it does, in one run:
    held-out test set generated as a separate site, so no test slide can leak into training.
    Generated and prepared data are cached under ``bench/_cache/accuracy/<key>/``, the key
    being a hash of the cohort spec, the generator's source and the preparation settings:
-   reruns skip synthesis and embedding. Tumour is heterogeneous: 40-80 % of each tumour
-   (``--low-grade-share``) is rendered with a subtle low-grade morphology, the rest
-   conspicuous high-grade. That part alone explains every tumour slide's label, so weak
-   supervision can ignore the low-grade part; outlines cover all of it, so mixed supervision
-   has a reason to learn it. (With uniform tumour weak supervision reached the ceiling.) And
-   part of the non-tumour tissue of each tumour slide is a benign mimic of the low-grade
-   morphology (the same cords in the same stroma, benign nuclei), as benign tubules and
-   adenosis beside carcinoma are in real tissue: 30-50 % of it
+   reruns skip synthesis and embedding. Tumour is heterogeneous: 80-90 % of each tumour
+   (``--low-grade-share``; 40-80 % with ``--cohort field-effect``) is rendered with a subtle
+   low-grade morphology, the rest conspicuous high-grade. That part alone explains every
+   tumour slide's label, so weak supervision can ignore the low-grade part; outlines cover all
+   of it, so mixed supervision has a reason to learn it. (With uniform tumour weak supervision
+   reached the ceiling.) And part of the non-tumour tissue of each tumour slide is a benign
+   mimic of the low-grade morphology (the same cords in the same stroma, benign nuclei), as
+   benign tubules and adenosis beside carcinoma are in real tissue: 30-50 % of it
    (``--tumour-slide-mimic-share``), and none of a normal slide (``--mimic-share``). Without
    any mimic, cords of cells appeared only on tumour slides, so "not plain stroma" was tumour
    evidence and weak supervision found the low-grade part anyway (low-grade patch AUC 0.97);
@@ -288,7 +289,19 @@ from a normal one by a few patches that look like benign change. Sites A and B (
 slides each) still learn that; site C, the small hospital (12 pool slides: 9 train, 3
 validation), does not. The pooled test set has 50 slides."""
 
-COHORTS = {"field-effect": FULL_COHORT, "subtle": SUBTLE_COHORT}
+LOW_GRADE_COHORT = CohortSpec.model_validate(
+    {**FULL_COHORT.model_dump(), "low_grade_share_range": (0.8, 0.9)}
+)
+"""Issue 3's default cohort: FULL_COHORT's slides, field-effect mimic and all, with tumours
+80-90 % low-grade instead of 40-80 %. Low-grade carcinoma beside benign change of the same
+architecture is where slide labels fail to localise tumour in real tissue. On FULL_COHORT the
+conspicuous high-grade part (20-60 % of each tumour) guided CLAM's instance loss to most of the
+low-grade part as well, and weak clam_sb came within 0.045 patch AUC of the linear-probe
+ceiling that mixed clam_sb reached. Here the high-grade part is a small focus (about one
+tumour patch in nine), the slide labels point at the mimic as much as at the low-grade tumour,
+and only outlines tell the two apart (bench/README.md)."""
+
+COHORTS = {"field-effect": FULL_COHORT, "subtle": SUBTLE_COHORT, "low-grade": LOW_GRADE_COHORT}
 """The full-size cohorts by their ``--cohort`` name."""
 
 
@@ -299,8 +312,9 @@ def add_cohort_option(parser: argparse.ArgumentParser, default: str) -> None:
         choices=tuple(COHORTS),
         default=default,
         help="field-effect: FULL_COHORT (mimic on tumour slides only, tumours up to 80 %% "
-        "of the tissue); subtle: SUBTLE_COHORT (small, mostly low-grade tumours, mimic on "
-        f"every slide, a 12-slide site C); default {default}",
+        "of the tissue, 40-80 %% of each low-grade); low-grade: LOW_GRADE_COHORT (the same "
+        "with tumours 80-90 %% low-grade); subtle: SUBTLE_COHORT (small, mostly low-grade "
+        f"tumours, mimic on every slide, a 12-slide site C); default {default}",
     )
 
 
@@ -1190,7 +1204,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads for training (default 1)"
     )
-    add_cohort_option(parser, default="field-effect")
+    add_cohort_option(parser, default="low-grade")
     add_share_options(parser)
     args = parser.parse_args(argv)
     spec = QUICK_COHORT if args.quick else COHORTS[args.cohort]

@@ -18,12 +18,14 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+import bench.accuracy as accuracy_module
 from bench.accuracy import (
     ARMS,
     COHORTS,
     FULL_COHORT,
     HIGH_GRADE,
     LOW_GRADE,
+    LOW_GRADE_COHORT,
     LOW_GRADE_SHARE,
     MIMIC_SHARE,
     NORMAL_GRADE,
@@ -467,14 +469,55 @@ def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
     assert all(" 0 patches embedded" in line for line in lines if "patches embedded" in line)
 
 
-def test_cohort_option_names_both_full_cohorts() -> None:
+def test_cohort_option_names_every_full_cohort() -> None:
     parser = argparse.ArgumentParser()
     add_cohort_option(parser, default="field-effect")
     assert COHORTS[parser.parse_args([]).cohort] is FULL_COHORT
     assert COHORTS[parser.parse_args(["--cohort", "subtle"]).cohort] is SUBTLE_COHORT
+    assert COHORTS[parser.parse_args(["--cohort", "low-grade"]).cohort] is LOW_GRADE_COHORT
     with pytest.raises(SystemExit):
         parser.parse_args(["--cohort", "easy"])
-    assert SUBTLE_COHORT.synth_key() != FULL_COHORT.synth_key()  # its own cache
+    keys = {spec.synth_key() for spec in (FULL_COHORT, SUBTLE_COHORT, LOW_GRADE_COHORT)}
+    assert len(keys) == 3  # each its own cache
+
+
+def test_low_grade_cohort_is_the_field_effect_one_with_mostly_low_grade_tumours() -> None:
+    """LOW_GRADE_COHORT changes one thing of FULL_COHORT, as its docstring says: the same
+    slides as ``--cohort field-effect --low-grade-share 0.8,0.9`` (one cache for both)."""
+    parser = argparse.ArgumentParser()
+    add_share_options(parser)
+    by_option = apply_share_options(parser, FULL_COHORT, low_grade=(0.8, 0.9))
+    assert by_option == LOW_GRADE_COHORT
+    assert by_option.synth_key() == LOW_GRADE_COHORT.synth_key()
+    differing = {
+        name
+        for name in CohortSpec.model_fields
+        if getattr(FULL_COHORT, name) != getattr(LOW_GRADE_COHORT, name)
+    }
+    assert differing == {"low_grade_share_range"}
+    for site in synth_config(LOW_GRADE_COHORT).sites:
+        assert site.low_grade_share_range == (0.8, 0.9)
+        assert site.mimic_share_range == (0.0, 0.0)  # normal slides: no mimic
+        assert site.tumour_slide_mimic_share_range == TUMOUR_SLIDE_MIMIC_SHARE  # field effect
+
+
+def test_accuracy_benchmark_defaults_to_the_low_grade_cohort(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 3's table is on LOW_GRADE_COHORT: ``main`` without --cohort builds that one."""
+    built: list[CohortSpec] = []
+
+    class Built(Exception):
+        pass
+
+    def stop(spec: CohortSpec, log: object = None) -> None:
+        built.append(spec)
+        raise Built
+
+    monkeypatch.setattr(accuracy_module, "build_cohort", stop)
+    with pytest.raises(Built):
+        main([])
+    assert built == [LOW_GRADE_COHORT]
 
 
 def test_subtle_cohort_is_issue_4s_layout_with_mimic_on_every_slide() -> None:
