@@ -53,6 +53,12 @@ class RunConfig(StrictModel):
     local_epochs: int = Field(2, ge=1, description="epochs each site trains per round")
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(1e-5, ge=0)
+    max_train_patches: int = Field(
+        2048,
+        ge=0,
+        description="patches a local training step samples from a larger slide, afresh every "
+        "epoch (0: every patch; validation always scores every patch)",
+    )
     seed: int = Field(0, ge=0, description="seeds the initial model and every site's sampling")
     labels: str = Field("normal,tumour", description="comma-separated slide labels, in order")
     split_folds: int = Field(5, ge=2)
@@ -170,6 +176,7 @@ class RunConfig(StrictModel):
             epochs=self.local_epochs,
             lr=self.lr,
             weight_decay=self.weight_decay,
+            max_train_patches=self.max_train_patches or None,
             seed=self.seed,
             supervision=SupervisionConfig(mode=self.supervision),
         )

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from client.training.bags import (
+    Bag,
     BagSkips,
     SkippedBag,
     bucket_length,
     collate,
     iter_usable_bags,
     load_bag,
+    sample_patches,
 )
 from client.training.site_index import BagEntry
 from common.errors import ConfigError, FeatureBagError
@@ -202,3 +204,46 @@ def test_collate_in_bfloat16_buckets_with_zero_padding(tmp_path: Path) -> None:
         alone.features.shape == (1, 34, 4) and alone.features.data_ptr() != long.features.data_ptr()
     )
     assert collate([long], bucket=True).features.shape == (1, 34, 4)
+
+
+def _numbered_bag(n: int, labelled: bool = True) -> Bag:
+    """Row i of the features is i everywhere, its patch label i % 2: rows can be traced."""
+    entry = BagEntry(
+        slide_id="numbered",
+        label=1,
+        features=Path("numbered.h5"),
+        split=None,
+        patient_id=None,
+        has_patch_labels=labelled,
+        annotation_complete=True if labelled else None,
+        num_patches=n,
+    )
+    features = torch.arange(n, dtype=torch.float32)[:, None].repeat(1, 3)
+    labels = (torch.arange(n) % 2).to(torch.int8) if labelled else None
+    return Bag(entry, features, labels)
+
+
+def test_sample_patches_keeps_a_random_ordered_subset_with_its_labels() -> None:
+    bag = _numbered_bag(200)
+    picked = sample_patches(bag, 32, torch.Generator().manual_seed(0))
+    rows = picked.features[:, 0].long()
+    assert picked.num_patches == 32 and picked.entry == bag.entry
+    assert torch.equal(picked.features, bag.features[rows])
+    assert bool((rows[1:] > rows[:-1]).all())  # distinct, in slide order
+    assert picked.patch_labels is not None
+    assert torch.equal(picked.patch_labels, bag.patch_labels[rows])
+    again = sample_patches(bag, 32, torch.Generator().manual_seed(0))
+    other = sample_patches(bag, 32, torch.Generator().manual_seed(1))
+    assert torch.equal(again.features, picked.features)  # seeded
+    assert not torch.equal(other.features, picked.features)
+    unlabelled = sample_patches(_numbered_bag(200, labelled=False), 32, torch.Generator())
+    assert unlabelled.patch_labels is None and unlabelled.num_patches == 32
+
+
+def test_sample_patches_leaves_small_bags_and_no_cap_alone() -> None:
+    bag = _numbered_bag(40)
+    generator = torch.Generator().manual_seed(0)
+    state = generator.get_state()
+    assert sample_patches(bag, 40, generator) is bag
+    assert sample_patches(bag, None, generator) is bag
+    assert torch.equal(generator.get_state(), state)  # no random draw spent on them

@@ -25,7 +25,7 @@ from client.training.private_trainer import (
 )
 from common.errors import ConfigError
 from common.mil.losses import mixed_supervision_loss
-from tests.test_trainer import _bags, _cfg, _model
+from tests.test_trainer import _bags, _cfg, _forward_lengths, _model
 
 TRAIN = _bags(24, seed=1)
 VAL = _bags(12, seed=2)
@@ -408,3 +408,19 @@ def test_dp_config_and_plan_validation() -> None:
 
 def _with_delta(delta: float) -> DPConfig:
     return DPConfig(enabled=True, noise_multiplier=1.0, delta=delta)
+
+
+def test_private_steps_train_on_the_sampled_patches_only() -> None:
+    model = _model("clam_sb")
+    seen = _forward_lengths(model)
+    cfg = _cfg(epochs=1, precision="float32", max_train_patches=16)
+    train_private(model, TRAIN[:12], VAL[:4], cfg, DP, secret_seed=11)
+    trained = [n for training, n in seen if training]
+    assert trained and max(trained) == 16  # one slide per pass, 16 of its 20-60 patches
+    assert max(n for training, n in seen if not training) > 16
+    every = train_private(_model("clam_sb"), TRAIN[:12], [], _cfg(epochs=1), DP, secret_seed=11)
+    capped = train_private(
+        _model("clam_sb"), TRAIN[:12], [], _cfg(epochs=1, max_train_patches=60), DP, secret_seed=11
+    )
+    for key, value in every.result.model.state_dict().items():
+        assert torch.equal(value, capped.result.model.state_dict()[key]), key

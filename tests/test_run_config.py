@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from client.training.train_config import TrainConfig
 from common.errors import ConfigError
 from server.config import RunConfig
 
@@ -36,6 +37,7 @@ def test_hyphenated_keys_and_round_trip() -> None:
         ("labels", "tumour", "at least two distinct"),
         ("run-name", "../x", "plain directory name"),
         ("model-hidden-dim", 4, "model-hidden-dim: Input should be greater than or equal to 8"),
+        ("max-train-patches", -1, "max-train-patches: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_values_are_reported_with_their_key(key: str, value: object, needle: str) -> None:
@@ -52,3 +54,12 @@ def test_model_and_train_configs_follow_the_run() -> None:
     assert narrow.hidden_dim == 64 and narrow.feature_dim == 32
     train = cfg.train_config()
     assert train.epochs == 3 and train.supervision.mode == "weak"
+    assert train.max_train_patches == TrainConfig().max_train_patches == 2048
+
+
+@pytest.mark.parametrize(("value", "expected"), [(512, 512), (0, None)])
+def test_max_train_patches_reaches_the_trainer_and_zero_means_every_patch(
+    value: int, expected: int | None
+) -> None:
+    cfg = RunConfig.from_run_config({"max-train-patches": value})
+    assert cfg.train_config().max_train_patches == expected

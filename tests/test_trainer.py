@@ -242,6 +242,7 @@ def test_config_defaults_follow_design() -> None:
     assert cfg.steps_per_epoch is None and cfg.grad_clip is None
     assert cfg.supervision == SupervisionConfig()
     assert cfg.precision == "auto" and cfg.max_batch_patches == 8192
+    assert cfg.max_train_patches == 2048  # not in DESIGN: bench/training.py's speed-up
     assert cfg.lr_scaling == "sqrt"
 
 
@@ -510,3 +511,32 @@ def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
         _model(), TRAIN, val, _cfg(epochs=3, supervision=weak, stopping_loss="supervised")
     )
     assert all(m.val_stopping_loss == m.val_loss for m in weak_run.history)
+
+
+def _forward_lengths(model: MILModel) -> list[tuple[bool, int]]:
+    """(training?, padded bag length) of every forward pass the model runs from now on."""
+    seen: list[tuple[bool, int]] = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[1])))
+    return seen
+
+
+def test_training_steps_see_at_most_max_train_patches_of_a_slide() -> None:
+    model = _model()
+    seen = _forward_lengths(model)
+    train(model, TRAIN, VAL, _cfg(epochs=2, precision="float32", max_train_patches=16))
+    trained = [n for training, n in seen if training]
+    validated = [n for training, n in seen if not training]
+    assert trained and max(trained) == 16  # TRAIN bags have 20-60 patches
+    assert max(validated) > 16  # validation scores every patch
+
+
+def test_a_cap_above_every_slide_trains_exactly_as_every_patch() -> None:
+    """Sampling has its own random stream: runs on small slides are what they were."""
+    runs = {
+        cap: train(_model(), TRAIN, VAL, _cfg(epochs=2, max_train_patches=cap))
+        for cap in (None, 60, 16)
+    }
+    every, above, below = (runs[c].model.state_dict() for c in (None, 60, 16))
+    for key, value in every.items():
+        assert torch.equal(value, above[key]), key
+    assert any(not torch.equal(v, below[k]) for k, v in every.items())

@@ -220,6 +220,24 @@ def _bag_content(path: Path) -> BagContent:
     return content
 
 
+def sample_patches(bag: Bag, max_patches: int | None, generator: torch.Generator) -> Bag:
+    """``bag`` with a random ``max_patches`` of its patches (all of them when it has no more).
+
+    Training on a fresh random subset of each large slide every epoch, as STAMP does, costs a
+    fraction of the per-patch compute that dominates an epoch, and acts as augmentation;
+    evaluation always sees every patch. Patch labels are subset with the features, and the
+    kept patches stay in slide order. A slide's share of tumour patches is kept in
+    expectation, but a tumour of only a few patches can be left out of a step: ``None``
+    trains on every patch.
+    """
+    n = bag.num_patches
+    if max_patches is None or n <= max_patches:
+        return bag
+    keep = torch.randperm(n, generator=generator)[:max_patches].sort().values
+    labels = None if bag.patch_labels is None else bag.patch_labels[keep]
+    return Bag(entry=bag.entry, features=bag.features[keep], patch_labels=labels)
+
+
 def bucket_length(n: int) -> int:
     """``n`` rounded up to one of 16 lengths per octave (at most 6.25 % more rows).
 

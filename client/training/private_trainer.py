@@ -52,7 +52,7 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from client.training.bags import Bag
+from client.training.bags import Bag, sample_patches
 from client.training.dp_config import DPConfig
 from client.training.privacy_accountant import (
     Mechanism,
@@ -71,6 +71,7 @@ from client.training.trainer import (
     _private_torch_rng,
     _to_device,
     evaluate,
+    patch_sampler,
     resolve_precision,
     run_epochs,
     step_lr,
@@ -266,6 +267,7 @@ def _private_epoch(
     )
     torch.manual_seed(dropout_seed)  # dropout; the caller forked the global RNG
     instances = torch.Generator().manual_seed(instance_seed)
+    patches = patch_sampler(cfg.seed, epoch)
     n = len(bags)
     steps = sampling_plan(n, dp.expected_batch_slides)[1]
     sampler = UniformWithReplacementSampler(
@@ -283,7 +285,8 @@ def _private_epoch(
     for chosen in sampler:
         per_slide: list[list[torch.Tensor]] = [[] for _ in params]
         for i in chosen:
-            grads, losses = slide_gradient(model, bags[int(i)], cfg, instances, precision)
+            bag = sample_patches(bags[int(i)], cfg.max_train_patches, patches)
+            grads, losses = slide_gradient(model, bag, cfg, instances, precision)
             for column, g in zip(per_slide, grads, strict=True):
                 column.append(g)
             sums += losses

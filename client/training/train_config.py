@@ -66,6 +66,14 @@ class TrainConfig(StrictModel):
         description="per-patch layers under bfloat16 autocast, or float32; auto = bfloat16 on a "
         "CPU with AMX (where it is several times faster), float32 anywhere else",
     )
+    max_train_patches: int | None = Field(
+        2048,
+        ge=1,
+        description="patches a training step takes from a larger slide, drawn at random and "
+        "afresh every epoch (STAMP trains on 512): the per-patch layers are an epoch's cost; "
+        "validation and inference use every patch; None = every patch (a tumour of a "
+        "handful of patches in a huge slide is then never left out of a step)",
+    )
     max_batch_patches: int = Field(
         8192,
         ge=1,

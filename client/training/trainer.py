@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.training.bags import Bag, BagBatch, collate
+from client.training.bags import Bag, BagBatch, collate, sample_patches
 from client.training.train_config import TrainConfig
 from common.cpuinfo import read_cpuinfo
 from common.metrics import pooled_patch_metrics, slide_metrics
@@ -253,6 +253,14 @@ def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int, int]:
     return int(a), int(b), int(c)
 
 
+def patch_sampler(seed: int, epoch: int) -> torch.Generator:
+    """The generator that picks each large slide's training patches in one epoch
+    (:func:`~client.training.bags.sample_patches`): its own stream, so runs whose slides are
+    all small draw exactly the dropout and instance samples they drew before it existed."""
+    (state,) = np.random.SeedSequence([seed, epoch, 11]).generate_state(1)
+    return torch.Generator().manual_seed(int(state))
+
+
 def _to_device(batch: BagBatch, device: torch.device) -> BagBatch:
     if device.type == "cpu":
         return batch
@@ -338,6 +346,7 @@ def _train_epoch(
     rng = np.random.default_rng(np_seed)
     torch.manual_seed(torch_seed)  # dropout; global state is forked by the caller
     generator = torch.Generator().manual_seed(gen_seed)
+    patches = patch_sampler(cfg.seed, epoch)
     schedule = epoch_schedule(labels, annotated, epoch, cfg.supervision, rng, cfg.steps_per_epoch)
     model.train()
     instance_logits_used = model.has_instance_task
@@ -347,9 +356,10 @@ def _train_epoch(
             param_group["lr"] = step_lr(cfg, len(group))
         optimiser.zero_grad(set_to_none=True)
         step = np.zeros(4, dtype=np.float64)
-        lengths = [bags[i].num_patches for i in group]
+        step_bags = [sample_patches(bags[i], cfg.max_train_patches, patches) for i in group]
+        lengths = [bag.num_patches for bag in step_bags]
         for positions in physical_batches(lengths, cfg.max_batch_patches):
-            batch = _to_device(_collate([bags[group[p]] for p in positions], precision), device)
+            batch = _to_device(_collate([step_bags[p] for p in positions], precision), device)
             with _autocast(device, precision):
                 out = model(batch.features, batch.mask)
             parts = mixed_supervision_loss(
