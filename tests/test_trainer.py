@@ -530,6 +530,14 @@ def test_training_steps_see_at_most_max_train_patches_of_a_slide() -> None:
     assert max(validated) > 16  # validation scores every patch
 
 
+def test_max_train_patches_zero_means_every_patch_and_negatives_are_refused() -> None:
+    assert TrainConfig(max_train_patches=0).max_train_patches is None
+    assert TrainConfig.model_validate({"max_train_patches": 0}).max_train_patches is None
+    assert TrainConfig(max_train_patches=None).max_train_patches is None
+    with pytest.raises(ValidationError):
+        TrainConfig(max_train_patches=-5)
+
+
 def test_a_cap_above_every_slide_trains_exactly_as_every_patch() -> None:
     """Sampling has its own random stream: runs on small slides are what they were."""
     runs = {

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from common.configbase import StrictModel
 from common.mil.config import SupervisionConfig
@@ -71,8 +71,8 @@ class TrainConfig(StrictModel):
         ge=1,
         description="patches a training step takes from a larger slide, drawn at random and "
         "afresh every epoch (STAMP trains on 512): the per-patch layers are an epoch's cost; "
-        "validation and inference use every patch; None = every patch (a tumour of a "
-        "handful of patches in a huge slide is then never left out of a step)",
+        "validation and inference use every patch; 0 or None = every patch (a tumour of "
+        "a handful of patches in a huge slide is then never left out of a step)",
     )
     max_batch_patches: int = Field(
         8192,
@@ -80,3 +80,10 @@ class TrainConfig(StrictModel):
         description="padded patches (B x longest bag) per forward pass: a step's slides are "
         "packed longest first into passes of at most this size, a longer slide runs alone",
     )
+
+    @field_validator("max_train_patches", mode="before")
+    @classmethod
+    def _zero_is_every_patch(cls, value: object) -> object:
+        """TOML has no null: ``max_train_patches = 0`` in a ``[train]`` table is "every
+        patch", as the run config's ``max-train-patches = 0`` is."""
+        return None if value == 0 else value
