@@ -335,11 +335,11 @@ def seconds_to_loss(epochs: Sequence[ArmEpoch], initial_loss: float, target: flo
     """
     if initial_loss <= target:
         return 0.0
-    elapsed, before = 0.0, initial_loss
+    elapsed, before = 0.0, initial_loss  # before > target on every pass of the loop
     for record in epochs:
         if record.val.loss <= target:
-            share = (before - target) / (before - record.val.loss) if before > target else 0.0
-            return elapsed + min(share, 1.0) * record.seconds
+            share = (before - target) / (before - record.val.loss)  # in (0, 1]
+            return elapsed + share * record.seconds
         elapsed += record.seconds
         before = record.val.loss
     return None
@@ -347,7 +347,7 @@ def seconds_to_loss(epochs: Sequence[ArmEpoch], initial_loss: float, target: flo
 
 @dataclass(frozen=True)
 class EqualLossSpeedup:
-    """How much sooner ours reaches its own final validation loss than the baseline does."""
+    """How much sooner ours reaches its own best validation loss than the baseline does."""
 
     target_loss: float
     ours_seconds: float

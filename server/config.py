@@ -176,7 +176,7 @@ class RunConfig(StrictModel):
             epochs=self.local_epochs,
             lr=self.lr,
             weight_decay=self.weight_decay,
-            max_train_patches=self.max_train_patches or None,
+            max_train_patches=self.max_train_patches,  # 0: every patch (TrainConfig)
             seed=self.seed,
             supervision=SupervisionConfig(mode=self.supervision),
         )
