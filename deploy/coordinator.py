@@ -57,6 +57,9 @@ def wait_until(check: Any, what: str, timeout: float, poll: float = 2.0) -> Any:
 
 def coordinate(args: argparse.Namespace, cli: FlwrCli) -> str:
     """Register, wait for the nodes, run; the run's final status."""
+    from server.config import RunConfig
+
+    RunConfig.from_run_config(dict(args.settings), source="--set")  # refuse before any wait
     wait_until(
         lambda: cli.flwr("supernode", "list", CONNECTION).get("success"),
         f"the SuperLink at {args.superlink}",

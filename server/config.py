@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
 
 from client.training.dp_config import DPConfig
 from client.training.train_config import TrainConfig
@@ -25,6 +25,9 @@ from server.replies import DEFAULT_POLL_INTERVAL
 
 __all__ = ["RunConfig"]
 
+DAY = 86_400.0
+"""Upper bound of every wait: a longer one is a typo (or a unit mix-up), never a plan."""
+
 
 def _hyphenated(text: str, data: Mapping[str, Any]) -> str:
     """Name fields as the user wrote them (``num-server-rounds``), not as Python does."""
@@ -34,53 +37,75 @@ def _hyphenated(text: str, data: Mapping[str, Any]) -> str:
 
 
 class RunConfig(StrictModel):
-    """One federated run: rounds, strategy, local training, robustness bounds, outputs."""
+    """One federated run: rounds, strategy, local training, robustness bounds, outputs.
 
-    num_server_rounds: int = Field(3, ge=1, description="rounds of train + evaluate")
+    Every number has a finite upper bound: ``num-server-rounds=1e9`` or ``fedmix-lambda=inf``
+    would be submitted and run (or hang) for ever, so they are refused here, before anything
+    reaches the SuperLink, with the key named. No float may be NaN or infinite.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    num_server_rounds: int = Field(3, ge=1, le=10_000, description="rounds of train + evaluate")
     strategy: Literal["fedavg", "fedmix"] = "fedmix"
-    fedmix_lambda: float = Field(10.0, ge=0, description="λ of FedMix (paper: 10 or 2)")
-    fedmix_beta: float = Field(1.5, gt=0, description="β of FedMix (paper: 1.5 or 3)")
+    fedmix_lambda: float = Field(10.0, ge=0, le=1000, description="λ of FedMix (paper: 10 or 2)")
+    fedmix_beta: float = Field(1.5, gt=0, le=20, description="β of FedMix (paper: 1.5 or 3)")
 
     model: Literal["abmil", "clam_sb", "clam_mb"] = "clam_sb"
     model_size: Literal["small", "big"] = "small"
     model_hidden_dim: int = Field(
         512,
         ge=8,
+        le=8192,
         description="width of the per-patch embedding h' (fewer parameters: less DP noise "
         "in total for the same per-coordinate noise)",
     )
     supervision: Literal["weak", "mixed"] = "mixed"
-    local_epochs: int = Field(2, ge=1, description="epochs each site trains per round")
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
+    local_epochs: int = Field(2, ge=1, le=1000, description="epochs each site trains per round")
+    lr: float = Field(2e-4, gt=0, le=1.0)
+    weight_decay: float = Field(1e-5, ge=0, le=1.0)
     max_train_patches: int = Field(
         2048,
         ge=0,
+        le=10_000_000,
         description="patches a local training step samples from a larger slide, afresh every "
         "epoch (0: every patch; validation always scores every patch)",
     )
-    seed: int = Field(0, ge=0, description="seeds the initial model and every site's sampling")
+    seed: int = Field(
+        0, ge=0, le=2**32 - 1, description="seeds the initial model and every site's sampling"
+    )
     labels: str = Field("normal,tumour", description="comma-separated slide labels, in order")
-    split_folds: int = Field(5, ge=2)
-    split_fold: int = Field(0, ge=0)
+    split_folds: int = Field(5, ge=2, le=100)
+    split_fold: int = Field(0, ge=0, le=99)
 
-    min_sites: int = Field(2, ge=1, description="sites that must be connected to start a round")
+    min_sites: int = Field(
+        2, ge=1, le=10_000, description="sites that must be connected to start a round"
+    )
     sample_fraction: float = Field(1.0, gt=0, le=1, description="share of sites asked per round")
     min_fit_fraction: float = Field(
         0.5, gt=0, le=1, description="share of the asked sites that must answer a round"
     )
     connect_timeout: float = Field(
-        300.0, gt=0, description="seconds to wait for min-sites to connect before giving up"
+        300.0,
+        gt=0,
+        le=7 * DAY,
+        description="seconds to wait for min-sites to connect before giving up",
     )
-    round_timeout: float = Field(900.0, gt=0, description="seconds a round waits for replies")
-    query_timeout: float = Field(120.0, gt=0, description="seconds for the harmonisation query")
+    round_timeout: float = Field(
+        900.0, gt=0, le=7 * DAY, description="seconds a round waits for replies"
+    )
+    query_timeout: float = Field(
+        120.0, gt=0, le=DAY, description="seconds for the harmonisation query"
+    )
     reply_poll_interval: float = Field(
         DEFAULT_POLL_INTERVAL,
         gt=0,
         le=10,
         description="seconds between pulls for replies (Flower's own loop waits 3 s)",
     )
-    max_round_attempts: int = Field(3, ge=1, description="tries of one round before the run fails")
+    max_round_attempts: int = Field(
+        3, ge=1, le=100, description="tries of one round before the run fails"
+    )
     runs_dir: str = Field(
         "runs", description="where run directories are created (relative: to the ServerApp's cwd)"
     )
@@ -98,10 +123,10 @@ class RunConfig(StrictModel):
         "off", description="client-level DP at the server: off, or fixed-clipping (clip + noise)"
     )
     client_dp_clip_norm: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="C: L2 bound of each site's model update"
+        1.0, gt=0, le=1e6, description="C: L2 bound of each site's model update"
     )
     client_dp_noise_multiplier: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="σ: noise std in units of the sensitivity"
+        1.0, gt=0, le=1e4, description="σ: noise std in units of the sensitivity"
     )
     client_dp_delta: float = Field(
         1e-5, gt=0, lt=1, description="δ at which the federation's ε is reported"
@@ -110,19 +135,21 @@ class RunConfig(StrictModel):
     # Slide-level DP-SGD at every site (issue 6.1, ``client.training.private_trainer``): one
     # slide = one privacy unit. Off unless a noise multiplier or a target ε is set (> 0).
     dp_noise_multiplier: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="σ of slide-level DP-SGD (0 = off)"
+        0.0, ge=0, le=1e4, description="σ of slide-level DP-SGD (0 = off)"
     )
     dp_target_epsilon: float = Field(
         0.0,
         ge=0,
-        allow_inf_nan=False,
+        le=1e4,
         description="ε each site reaches after num-server-rounds; σ is solved (0 = off)",
     )
     dp_max_grad_norm: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="C: every slide's gradient is clipped to it"
+        1.0, gt=0, le=1e6, description="C: every slide's gradient is clipped to it"
     )
     dp_delta: float = Field(1e-5, gt=0, lt=1, description="δ of each site's (ε, δ); < 1/N")
-    dp_batch_slides: int = Field(16, ge=1, description="expected Poisson batch of slides")
+    dp_batch_slides: int = Field(
+        16, ge=1, le=100_000, description="expected Poisson batch of slides"
+    )
     dp_accountant: Literal["rdp", "prv"] = Field("rdp", description="Opacus accountant")
 
     @model_validator(mode="after")

@@ -63,3 +63,65 @@ def test_max_train_patches_reaches_the_trainer_and_zero_means_every_patch(
 ) -> None:
     cfg = RunConfig.from_run_config({"max-train-patches": value})
     assert cfg.train_config().max_train_patches == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "needle"),
+    [
+        ("num-server-rounds", 1e9, "num-server-rounds: Input should be less than or equal to"),
+        ("fedmix-lambda", float("inf"), "fedmix-lambda: Input should be a finite number"),
+        ("fedmix-beta", float("nan"), "fedmix-beta: Input should be a finite number"),
+        ("round-timeout", 1e12, "round-timeout: Input should be less than or equal to"),
+        ("lr", float("inf"), "lr: Input should be a finite number"),
+        ("local-epochs", float("inf"), "local-epochs: Input should be a finite number"),
+        ("seed", 2**64, "seed: Input should be less than or equal to"),
+    ],
+)
+def test_huge_and_non_finite_numbers_are_refused_with_their_key(
+    key: str, value: object, needle: str
+) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        RunConfig.from_run_config({key: value}, source="-c options")
+
+
+def test_every_numeric_setting_has_a_finite_upper_bound() -> None:
+    """A new numeric key without a bound would let a typo like 1e9 reach the SuperLink."""
+    import annotated_types
+
+    for name, field in RunConfig.model_fields.items():
+        if field.annotation not in (int, float):
+            continue
+        upper = [
+            m for m in field.metadata if isinstance(m, annotated_types.Le | annotated_types.Lt)
+        ]
+        assert upper, f"{name} has no upper bound"
+    assert RunConfig.model_config.get("allow_inf_nan") is False
+
+
+def test_fedpath_run_refuses_bad_numbers_before_contacting_the_superlink(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.cli import main
+
+    home = tmp_path / "home"
+    for override in ("num-server-rounds=1e9", "fedmix-lambda=inf"):
+        code = main(
+            ["run", "--superlink", "127.0.0.1:9", "--insecure", "--flwr-home", str(home),
+             "-c", override]
+        )  # fmt: skip
+        out = capsys.readouterr().out
+        assert code == 2, out
+        assert override.split("=")[0] in out
+    assert not home.exists(), "nothing may be written or submitted for a refused config"
+
+
+def test_compose_coordinator_refuses_bad_numbers_before_waiting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deploy.coordinator import main
+
+    key = tmp_path / "a.pub"
+    argv = ["--superlink", "127.0.0.1:9", "--ca", str(tmp_path / "ca.pem"), "--app", "."]
+    code = main([*argv, "--set", "fedmix-lambda=inf", "--connect-timeout", "600", str(key)])
+    assert code == 2
+    assert "fedmix-lambda: Input should be a finite number" in capsys.readouterr().err
