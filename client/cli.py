@@ -37,7 +37,21 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--tissue-preset", choices=("default", "biopsy"), help="biopsy keeps small fragments"
     )
-    group.add_argument("--labels", help="comma-separated slide labels (default normal,tumour)")
+    group.add_argument(
+        "--labels",
+        help="comma-separated slide labels, the normal one first (default normal,tumour)",
+    )
+    group.add_argument(
+        "--tumour-classes",
+        help="comma-separated annotation classes/groups that are tumour, case-insensitive "
+        "(default Tumor,Tumour,Carcinoma,Metastasis,metastases,_0,_1)",
+    )
+    group.add_argument(
+        "--on-no-tumour-region",
+        choices=("fail", "slide_label_only"),
+        help="a tumour slide whose annotation holds no tumour region: fail it (default) or "
+        "prepare it with its slide label only",
+    )
     group.add_argument("--no-qc", action="store_true", help="skip QC pictures and contours")
 
 
@@ -55,10 +69,21 @@ def _prepare_overrides(args: argparse.Namespace) -> dict[str, Any]:
         },
         "labels": tuple(s.strip() for s in args.labels.split(",")) if args.labels else None,
         "write_qc": False if args.no_qc else None,
+        "annotation": {
+            "tumour_classes": _names(args.tumour_classes),
+            "on_no_tumour_region": args.on_no_tumour_region,
+        },
     }
     if args.tissue_preset:
         overrides["tissue"] = TissueConfig.preset(args.tissue_preset).model_dump()
     return overrides
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    """A comma-separated list of names; None (keep the config's) when not given."""
+    if text is None:
+        return None
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def _prepare_config(args: argparse.Namespace) -> Any:
@@ -85,6 +110,15 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     console.print(summary_table(summary))
     console.print(summary_line(summary))
     console.print(f"outputs: {summary.out_dir}  (site summary: {summary.out_dir / 'site.json'})")
+    label_only = [
+        r.slide_id for r in summary.records if r.annotation and not r.annotation["patch_labels"]
+    ]
+    if label_only:
+        console.print(
+            f"[bold yellow]{len(label_only)} slide(s) prepared with their slide label only[/] "
+            f"(their annotation has no tumour region): {', '.join(label_only)}; see "
+            f"{summary.out_dir / 'status'}"
+        )
     if summary.failed:
         rows = sum(1 for r in summary.failed if r.stage == "manifest")
         console.print(

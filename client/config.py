@@ -15,10 +15,10 @@ from pydantic import Field, model_validator
 from common.configbase import StrictModel
 
 DEFAULT_TUMOUR_CLASSES: tuple[str, ...] = (
-    "tumor",
-    "tumour",
-    "carcinoma",
-    "metastasis",
+    "Tumor",
+    "Tumour",
+    "Carcinoma",
+    "Metastasis",
     "metastases",
     "_0",
     "_1",
@@ -26,9 +26,29 @@ DEFAULT_TUMOUR_CLASSES: tuple[str, ...] = (
 """Annotation class / group names counted as tumour (compared case-insensitively).
 
 QuPath's built-in class is "Tumor"; Camelyon16 ASAP files use groups "_0" and "_1" for tumour
-and "_2" for exclusions."""
+and "_2" for exclusions, Camelyon17 files the group "metastases". The name "Unclassified"
+stands for outlines without a class (QuPath) or group (ASAP's "None")."""
 
-DEFAULT_EXCLUSION_CLASSES: tuple[str, ...] = ("_2", "exclusion", "exclude", "ignore")
+DEFAULT_EXCLUSION_CLASSES: tuple[str, ...] = ("_2", "Exclusion", "Exclude", "Ignore")
+"""Regions cut out of the tumour outlines (Camelyon16's group "_2")."""
+
+DEFAULT_OTHER_CLASSES: tuple[str, ...] = (
+    "Stroma",
+    "Immune cells",
+    "Necrosis",
+    "Other",
+    "Region*",
+    "Ignore*",
+    "Positive",
+    "Negative",
+    "Tissue",
+)
+"""Classes known not to be tumour (QuPath's built-in list, and "Tissue" of tissue detection):
+their outlines are ignored like those of any non-tumour class, but they are not reported as
+unknown classes in ``status/<id>.json``."""
+
+UNCLASSIFIED = "Unclassified"
+"""How outlines without a class are named in settings and reports (QuPath's own word)."""
 
 
 class ResolutionConfig(StrictModel):
@@ -94,8 +114,28 @@ class TissueConfig(StrictModel):
 class AnnotationConfig(StrictModel):
     """How tumour outlines become per-patch labels (DESIGN §3)."""
 
-    tumour_classes: tuple[str, ...] = DEFAULT_TUMOUR_CLASSES
-    exclusion_classes: tuple[str, ...] = DEFAULT_EXCLUSION_CLASSES
+    tumour_classes: tuple[str, ...] = Field(
+        DEFAULT_TUMOUR_CLASSES,
+        min_length=1,
+        description=(
+            "class/group names whose outlines are tumour (case-insensitive; 'Unclassified' "
+            "means outlines without a class)"
+        ),
+    )
+    exclusion_classes: tuple[str, ...] = Field(
+        DEFAULT_EXCLUSION_CLASSES, description="class/group names cut out of the tumour region"
+    )
+    other_classes: tuple[str, ...] = Field(
+        DEFAULT_OTHER_CLASSES,
+        description="classes known not to be tumour: ignored without being reported as unknown",
+    )
+    on_no_tumour_region: Literal["fail", "slide_label_only"] = Field(
+        "fail",
+        description=(
+            "a slide labelled other than the first label whose annotation holds no tumour "
+            "region: fail it, or prepare it without patch labels (slide label only)"
+        ),
+    )
     positive_fraction: float = Field(
         0.5, gt=0, le=1, description="tumour fraction at or above which a patch is labelled 1"
     )
@@ -155,6 +195,22 @@ class EmbeddingConfig(StrictModel):
             "falls back to eager PyTorch when the model cannot be traced faithfully"
         ),
     )
+
+    @model_validator(mode="after")
+    def _disjoint_classes(self) -> AnnotationConfig:
+        """A name both tumour and exclusion would make an outline cut itself out: refused.
+        ``other_classes`` only silences the unknown-class report, so the other lists win."""
+        for name in ("tumour_classes", "exclusion_classes", "other_classes"):
+            if any(not v.strip() for v in getattr(self, name)):
+                raise ValueError(f"{name} holds an empty name")
+        tumour = {c.strip().lower() for c in self.tumour_classes}
+        both = [c for c in self.exclusion_classes if c.strip().lower() in tumour]
+        if both:
+            raise ValueError(
+                f"class(es) {', '.join(repr(c) for c in both)} in both tumour_classes and "
+                "exclusion_classes"
+            )
+        return self
 
 
 class PrepareConfig(StrictModel):

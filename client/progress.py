@@ -9,6 +9,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -87,7 +88,7 @@ class RichPrepareEvents:
         if record.state == "failed":
             self._progress.console.print(
                 f"{self._site}[bold red]failed[/] {record.slide_id} "
-                f"(at {record.stage}): {record.reason}"
+                f"(at {record.stage}): {escape(record.reason or '')}"
             )
 
 
@@ -114,7 +115,7 @@ def summary_table(summary: PrepareSummary, title: str = "Preparation summary") -
             "" if record.tumour_patches is None else str(record.tumour_patches),
             mpp,
             f"{sum(record.seconds.values()):.1f}" if record.seconds else "",
-            record.reason or "",
+            escape(record.reason or ""),  # a reason may quote "[annotation]" or a path
         )
     return table
 

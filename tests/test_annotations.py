@@ -429,10 +429,6 @@ def _tumour_doc(geometry: dict[str, Any] | None) -> list[dict[str, Any]]:
             "feature 1 .*invalid polygon: Hole lies outside shell",
         ),
         (
-            json.dumps(_tumour_doc({"type": "LineString", "coordinates": [[0, 0], [1, 1]]})),
-            "feature 1 .*LineString has no area",
-        ),
-        (
             json.dumps(_tumour_doc({"type": "Circle", "coordinates": [0, 0]})),
             "unsupported geometry type 'Circle'",
         ),
@@ -449,7 +445,6 @@ def _tumour_doc(geometry: dict[str, Any] | None) -> list[dict[str, Any]]:
             "annotation 0 .*coordinate 1 has a missing or non-numeric",
         ),
         (asap_doc([("_0", "Polygon", [])]), "annotation 0 .*missing coordinates"),
-        (asap_doc([("_0", "Dot", [(0, 1, 1)])]), "annotation 0 .*type Dot has no area"),
         (
             asap_doc(
                 [
@@ -650,3 +645,191 @@ def test_partial_annotation_end_to_end(tmp_path: Path) -> None:
     frac = tumour_fraction(loaded, coords, 256, (1024, 512), CFG)
     assert patch_labels(frac, False, CFG).tolist() == [1, 1, -1, -1, 1, 1, -1, -1]
     assert patch_labels(frac, True, CFG).tolist() == [1, 1, 0, 0, 1, 1, 0, 0]
+
+
+# --------------------------------------------------------------------------------------------
+# What a file holds besides tumour, and whether it may label a tumour slide (issue 20, point 1)
+# --------------------------------------------------------------------------------------------
+
+
+def test_points_and_lines_beside_a_tumour_polygon_are_ignored_and_counted(tmp_path: Path) -> None:
+    point = {"type": "Point", "coordinates": [5, 5]}
+    collection = {
+        "type": "GeometryCollection",
+        "geometries": [
+            polygon_geometry(square(50, 50, 10)),
+            {"type": "Point", "coordinates": [1, 1]},
+        ],
+    }
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            feature(polygon_geometry(square(0, 0, 10)), classification={"name": "Tumor"}),
+            feature(point, classification={"name": "Tumor"}),
+            feature(
+                {"type": "LineString", "coordinates": [[0, 0], [9, 9]]}, classification="Tumor"
+            ),
+            feature(collection, classification={"name": "Tumor"}),
+            feature({"type": "MultiPoint", "coordinates": [[1, 1]]}, classification="Stroma"),
+        ],
+    }
+    loaded = load_annotation(write_json(tmp_path / "a.geojson", doc), CFG)
+    assert len(loaded.tumour) == 2  # the polygons are kept
+    # Only outlines of a tumour or exclusion class are counted: a Stroma point is not ours.
+    assert loaded.ignored_geometries == {"Point": 2, "LineString": 1}
+    assert loaded.classes_found == {"Tumor": 4, "Stroma": 1}
+
+
+def test_asap_dots_and_point_sets_of_a_tumour_group_are_ignored_and_counted(
+    tmp_path: Path,
+) -> None:
+    text = asap_doc(
+        [
+            ("_0", "Polygon", [(0, 0, 0), (1, 100, 0), (2, 100, 100)]),
+            ("_0", "Dot", [(0, 5, 5)]),
+            ("_1", "PointSet", [(0, 5, 5), (1, 6, 6)]),
+            ("None", "Polygon", [(0, 0, 0), (1, 1, 1)]),
+        ]
+    )
+    path = tmp_path / "a.xml"
+    path.write_text(text)
+    loaded = load_annotation(path, CFG)
+    assert len(loaded.tumour) == 1
+    assert loaded.ignored_geometries == {"Dot": 1, "PointSet": 1}
+    # ASAP's group "None" is no class: reported as unclassified, not as an unknown class.
+    assert loaded.classes_found == {"_0": 2, "_1": 1, "Unclassified": 1}
+    assert loaded.unknown_classes == ()
+
+
+def test_classes_found_and_unknown_classes_are_reported(tmp_path: Path) -> None:
+    doc = [
+        feature(polygon_geometry(square(0, 0, 10)), classification={"name": "Stroma"}),
+        feature(polygon_geometry(square(0, 0, 10)), classification={"name": "Tumorgewebe"}),
+        feature(polygon_geometry(square(0, 0, 10)), classification={"name": "Stroma"}),
+        feature(polygon_geometry(square(0, 0, 10))),
+        feature(polygon_geometry(square(0, 0, 10)), classification={"name": "Tissue"}),
+        feature(polygon_geometry(square(0, 0, 10)), classification={"name": "Stroma"}),
+    ]
+    loaded = load_annotation(write_json(tmp_path / "a.geojson", doc), CFG)
+    assert loaded.tumour == ()
+    assert loaded.classes_found == {"Stroma": 3, "Tumorgewebe": 1, "Unclassified": 1, "Tissue": 1}
+    assert loaded.unknown_classes == ("Tumorgewebe",)  # Stroma, Tissue: QuPath's known classes
+
+
+def test_tumour_classes_are_a_setting_matched_case_insensitively(tmp_path: Path) -> None:
+    doc = [
+        feature(polygon_geometry(square(0, 0, 10)), classification={"name": "TUMORGEWEBE"}),
+        feature(polygon_geometry(square(20, 0, 10))),
+        feature(polygon_geometry(square(40, 0, 10)), classification={"name": "Tumor"}),
+    ]
+    path = write_json(tmp_path / "a.geojson", doc)
+    german = load_annotation(path, AnnotationConfig(tumour_classes=("Tumorgewebe",)))
+    assert len(german.tumour) == 1 and german.unknown_classes == ("Tumor",)
+    unclassified = load_annotation(path, AnnotationConfig(tumour_classes=("unclassified",)))
+    assert len(unclassified.tumour) == 1
+
+
+def _stroma_only(tmp_path: Path) -> Path:
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            *[feature(polygon_geometry(square(0, 0, 10)), classification="Stroma")] * 3,
+            feature(polygon_geometry(square(0, 0, 10))),
+        ],
+    }
+    return write_json(tmp_path / "x.geojson", doc)
+
+
+def test_a_tumour_slide_without_tumour_region_fails_naming_the_classes_found(
+    tmp_path: Path,
+) -> None:
+    path = _stroma_only(tmp_path)
+    with pytest.raises(AnnotationError) as info:
+        ann.annotation_outcome(path, CFG, (1000, 1000), tumour_slide=True)
+    assert str(info.value) == (
+        f"annotation {path}: no tumour region on a tumour slide: classes found "
+        '"Stroma" (3), unclassified (1); tumour classes are Tumor, Tumour, Carcinoma, '
+        "Metastasis, metastases, _0, _1 (set [annotation] tumour_classes or --tumour-classes; "
+        "or --on-no-tumour-region slide_label_only to prepare it with its slide label only)"
+    )
+
+
+def test_a_tumour_slide_without_tumour_region_can_keep_its_slide_label_only(
+    tmp_path: Path,
+) -> None:
+    cfg = AnnotationConfig(on_no_tumour_region="slide_label_only")
+    outcome = ann.annotation_outcome(_stroma_only(tmp_path), cfg, (1000, 1000), tumour_slide=True)
+    assert not outcome.patch_labels
+    summary = outcome.summary()
+    assert summary["patch_labels"] is False and summary["tumour_regions"] == 0
+    assert summary["classes_found"] == {"Stroma": 3, "Unclassified": 1}
+    assert summary["note"].startswith("slide label only, no patch labels: annotation x.geojson")
+    coords = grid(1000, 1000, 256, 256)
+    kept, fraction, labels = ann.slide_patch_labels(outcome, coords, 256, (1000, 1000), True, cfg)
+    assert kept is outcome and fraction is None and labels is None
+
+
+def test_a_normal_slide_without_tumour_region_is_all_normal(tmp_path: Path) -> None:
+    outcome = ann.annotation_outcome(_stroma_only(tmp_path), CFG, (1000, 1000), tumour_slide=False)
+    coords = grid(1000, 1000, 256, 256)
+    outcome, _fraction, labels = ann.slide_patch_labels(
+        outcome, coords, 256, (1000, 1000), True, CFG
+    )
+    assert outcome.patch_labels and labels is not None and (labels == 0).all()
+
+
+@pytest.mark.parametrize(
+    ("doc", "found"),
+    [
+        ({"type": "FeatureCollection", "features": []}, "the file holds no outline"),
+        (
+            [feature({"type": "Point", "coordinates": [5, 5]}, classification="Tumor")],
+            'classes found "Tumor" (1); ignored (no area): 1 Point',
+        ),
+    ],
+    ids=["empty_collection", "tumour_point_only"],
+)
+def test_an_annotation_with_nothing_of_tumour_area_fails_a_tumour_slide(
+    tmp_path: Path, doc: Any, found: str
+) -> None:
+    path = write_json(tmp_path / "a.geojson", doc)
+    with pytest.raises(AnnotationError, match="no tumour region on a tumour slide") as info:
+        ann.annotation_outcome(path, CFG, (1000, 1000), tumour_slide=True)
+    assert f"tumour slide: {found}; tumour classes are" in str(info.value)
+
+
+def test_tumour_wholly_inside_an_exclusion_is_no_tumour_region(tmp_path: Path) -> None:
+    doc = [
+        feature(polygon_geometry(square(10, 10, 10)), classification="Tumor"),
+        feature(polygon_geometry(square(0, 0, 100)), classification="_2"),
+    ]
+    path = write_json(tmp_path / "a.geojson", doc)
+    with pytest.raises(AnnotationError, match="inside an exclusion outline"):
+        ann.annotation_outcome(path, CFG, (1000, 1000), tumour_slide=True)
+
+
+def test_tumour_outlines_touching_no_patch_are_no_tumour_region(tmp_path: Path) -> None:
+    doc = [feature(polygon_geometry(square(900, 900, 50)), classification="Tumor")]
+    path = write_json(tmp_path / "a.geojson", doc)
+    coords = np.array([[0, 0], [256, 0]])  # the only tissue patches, far from the outline
+    outcome = ann.annotation_outcome(path, CFG, (1000, 1000), tumour_slide=True)
+    with pytest.raises(AnnotationError, match="touch none of its 2 tissue patches"):
+        ann.slide_patch_labels(outcome, coords, 256, (1000, 1000), True, CFG)
+    # A tumour smaller than half a patch touches one: that patch is unknown (-1), which is true.
+    small = [feature(polygon_geometry(square(10, 10, 20)), classification="Tumor")]
+    outcome = ann.annotation_outcome(
+        write_json(tmp_path / "s.geojson", small), CFG, (1000, 1000), tumour_slide=True
+    )
+    _, _, labels = ann.slide_patch_labels(outcome, coords, 256, (1000, 1000), True, CFG)
+    assert labels is not None and labels.tolist() == [-1, 0]
+
+
+def test_class_lists_are_checked() -> None:
+    with pytest.raises(ValueError, match=r"'_0'.* in both tumour_classes and exclusion_classes"):
+        AnnotationConfig(exclusion_classes=("_0",))
+    with pytest.raises(ValueError, match="at least 1 item"):
+        AnnotationConfig(tumour_classes=())
+    with pytest.raises(ValueError, match="tumour_classes holds an empty name"):
+        AnnotationConfig(tumour_classes=("Tumor", " "))
+    # A tumour class that QuPath ships as "other" simply becomes tumour.
+    assert AnnotationConfig(tumour_classes=("Stroma",)).tumour_classes == ("Stroma",)

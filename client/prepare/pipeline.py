@@ -40,7 +40,7 @@ from client.prepare.records import (
     SilentEvents,
     SlideRecord,
 )
-from client.wsi.annotations import load_annotation, patch_labels, tumour_fraction
+from client.wsi.annotations import AnnotationOutcome, annotation_outcome, slide_patch_labels
 from client.wsi.patching import patch_grid, write_coords_h5
 from client.wsi.qc import qc_background, render_qc_png, tissue_contours_geojson
 from client.wsi.reader import WsiReader
@@ -163,6 +163,7 @@ def _existing_result(layout: SiteLayout, row: ManifestRow, config_hash: str) -> 
         tumour_patches=attrs.get("tumour_patches"),
         mpp=attrs.get("level0_mpp"),
         mpp_source=attrs.get("mpp_source"),
+        has_patch_labels=bool(attrs.get("has_patch_labels", False)),
     )
 
 
@@ -199,18 +200,24 @@ def _prepare_slide(
                 raise EmptyTissueError(row.slide_id, _empty_tissue_reason(mask.mask, cfg))
             labels: np.ndarray | None = None
             fraction: np.ndarray | None = None
+            outcome: AnnotationOutcome | None = None
             if row.annotation is not None:
                 stage = "annotation"
                 with _timed(seconds, "annotation"):
-                    annotation = load_annotation(row.annotation, cfg.annotation, info.dimensions)
-                    fraction = tumour_fraction(
-                        annotation,
+                    outcome = annotation_outcome(
+                        row.annotation,
+                        cfg.annotation,
+                        info.dimensions,
+                        tumour_slide=row.label != cfg.labels[0],
+                    )
+                    outcome, fraction, labels = slide_patch_labels(
+                        outcome,
                         grid.coords,
                         grid.patch_size_level0,
                         info.dimensions,
+                        bool(row.annotation_complete),
                         cfg.annotation,
                     )
-                    labels = patch_labels(fraction, bool(row.annotation_complete), cfg.annotation)
             stage = "embedding"
             events.slide_started(row.slide_id, int(grid.coords.shape[0]))
             tumour_patches = int((labels == 1).sum()) if labels is not None else None
@@ -285,6 +292,9 @@ def _prepare_slide(
         seconds={k: round(v, 4) for k, v in seconds.items()},
         mpp=info.mpp,
         mpp_source=info.mpp_source,
+        reason=outcome.note if outcome is not None else None,
+        has_patch_labels=labels is not None,
+        annotation=outcome.summary() if outcome is not None else None,
     )
 
 
@@ -438,7 +448,7 @@ def _write_site_files(
     writer.writerow(INDEX_COLUMNS)
     for row in usable:
         record = by_id[row.slide_id]
-        has_labels = row.annotation is not None
+        has_labels = record.has_patch_labels
         writer.writerow(
             [
                 row.slide_id,
@@ -472,7 +482,7 @@ def _write_site_files(
             "usable": len(usable),
             "failed": sum(1 for r in records if r.state == "failed"),
             "by_label": label_counts,
-            "with_patch_labels": sum(1 for row in usable if row.annotation is not None),
+            "with_patch_labels": sum(1 for row in usable if by_id[row.slide_id].has_patch_labels),
         },
         "patches": sum(by_id[row.slide_id].num_patches for row in usable),
         "prepared_at": _now(),

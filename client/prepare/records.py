@@ -42,6 +42,11 @@ class SlideRecord:
     seconds: dict[str, float] = field(default_factory=dict)
     mpp: float | None = None
     mpp_source: str | None = None
+    has_patch_labels: bool = False
+    """The feature bag holds patch labels (an annotation may give none: ``annotation``)."""
+    annotation: dict[str, Any] | None = None
+    """What the slide's annotation held (classes found, unknown classes, outlines ignored)
+    and whether it labelled the patches; None without annotation."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,8 @@ downstream needs to know where an outline came from. Everything about the files 
 lives here: the format is sniffed from the content, oversized files and XML with a DTD are
 refused before parsing, class names are matched to tumour/exclusion, and every ring and
 polygon is validated (and clipped to the slide) with a message naming the offending feature.
+What the file held besides (every class found, points and lines drawn in a tumour class, which
+have no area and are ignored) is counted, so that the pipeline can say it instead of guessing.
 The writers produce files the readers, QuPath and ASAP all load back.
 """
 
@@ -15,7 +17,9 @@ import json
 import uuid
 import xml.etree.ElementTree as ET
 import xml.parsers.expat
+from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,7 @@ import shapely
 from shapely.geometry import Polygon as ShapelyPolygon
 from shapely.geometry import box as shapely_box
 
-from client.config import AnnotationConfig
+from client.config import UNCLASSIFIED, AnnotationConfig
 from client.wsi.polygons import Polygon, TumourAnnotation
 from common.atomic import atomic_write_text
 from common.errors import AnnotationError
@@ -157,17 +161,20 @@ def load_annotation(
 
     The format is sniffed from the content (a ``.json`` saved from ASAP by mistake still
     loads). Only features of a tumour or exclusion class are validated: an unrelated outline
-    (e.g. QuPath's "Tissue") cannot make a slide fail. With ``slide_dims`` polygons are clipped
-    to the slide, and one lying wholly outside is an error, since it means the file belongs to
-    another slide or uses other coordinates.
+    (e.g. QuPath's "Tissue") cannot make a slide fail. Points and lines of those classes have
+    no area and are skipped, counted by geometry type in ``ignored_geometries``: a QuPath
+    point annotation beside a tumour outline must not cost the outline. With ``slide_dims``
+    polygons are clipped to the slide, and one lying wholly outside is an error, since it means
+    the file belongs to another slide or uses other coordinates.
     """
     path = Path(path)
     data = _read_bounded(path)
     head = _sniff(data)
+    found = _Found()
     if head == "<":
-        raw = _parse_asap(data, path, cfg)
+        raw = _parse_asap(data, path, cfg, found)
     elif head in "{[":
-        raw = _parse_geojson(data, path, cfg)
+        raw = _parse_geojson(data, path, cfg, found)
     else:
         raise AnnotationError(str(path), "neither GeoJSON nor XML (unrecognised first character)")
     bounds = None
@@ -181,7 +188,26 @@ def load_annotation(
     for where, kind, rings in raw:
         polys = _validated_polygons(rings, where, path, bounds)
         (tumour if kind == "tumour" else exclusions).extend(polys)
-    return TumourAnnotation(source=path, tumour=tuple(tumour), exclusions=tuple(exclusions))
+    return TumourAnnotation(
+        source=path,
+        tumour=tuple(tumour),
+        exclusions=tuple(exclusions),
+        classes_found=dict(found.classes),
+        unknown_classes=tuple(
+            name for name in found.classes if name != UNCLASSIFIED and not _is_known(name, cfg)
+        ),
+        ignored_geometries=dict(found.ignored),
+    )
+
+
+@dataclass
+class _Found:
+    """What a parser saw besides the polygons it returns, in file order."""
+
+    classes: Counter[str] = field(default_factory=Counter)
+    """Outlines per class name as written (``UNCLASSIFIED`` for those without one)."""
+    ignored: Counter[str] = field(default_factory=Counter)
+    """Outlines of a tumour or exclusion class skipped for having no area, by geometry type."""
 
 
 _RawPolygon = tuple[str, str, list[Any]]
@@ -218,17 +244,33 @@ def _sniff(data: bytes) -> str:
     return text[:1] if text else ""
 
 
-def _classify(name: str | None, cfg: AnnotationConfig) -> str | None:
-    """Match a class/group name case-insensitively; a QuPath derived class "Tumor: Positive"
-    counts as its base class."""
-    if not name:
-        return None
-    candidates = {name.strip().lower(), name.split(":", 1)[0].strip().lower()}
-    if candidates & {c.lower() for c in cfg.tumour_classes}:
+def _class_name(name: str | None) -> str:
+    """The name reported and matched: stripped, ``UNCLASSIFIED`` when there is none."""
+    name = (name or "").strip()
+    return name or UNCLASSIFIED
+
+
+def _candidates(name: str) -> set[str]:
+    """A QuPath derived class "Tumor: Positive" also counts as its base class "Tumor"."""
+    return {name.lower(), name.split(":", 1)[0].strip().lower()}
+
+
+def _matches(name: str, classes: Sequence[str]) -> bool:
+    return bool(_candidates(name) & {c.strip().lower() for c in classes})
+
+
+def _classify(name: str, cfg: AnnotationConfig) -> str | None:
+    """Match a class/group name case-insensitively: "tumour", "exclusion" or None (ignored)."""
+    if _matches(name, cfg.tumour_classes):
         return "tumour"
-    if candidates & {c.lower() for c in cfg.exclusion_classes}:
+    if _matches(name, cfg.exclusion_classes):
         return "exclusion"
     return None
+
+
+def _is_known(name: str, cfg: AnnotationConfig) -> bool:
+    """In one of the configured lists: anything else is reported as an unknown class."""
+    return _classify(name, cfg) is not None or _matches(name, cfg.other_classes)
 
 
 # GeoJSON ------------------------------------------------------------------------------------
@@ -236,7 +278,9 @@ def _classify(name: str | None, cfg: AnnotationConfig) -> str | None:
 _NO_AREA_GEOMETRIES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString"})
 
 
-def _parse_geojson(data: bytes, path: Path, cfg: AnnotationConfig) -> list[_RawPolygon]:
+def _parse_geojson(
+    data: bytes, path: Path, cfg: AnnotationConfig, found: _Found
+) -> list[_RawPolygon]:
     try:
         doc = json.loads(data)
     except (ValueError, RecursionError) as exc:
@@ -259,7 +303,8 @@ def _parse_geojson(data: bytes, path: Path, cfg: AnnotationConfig) -> list[_RawP
         if not isinstance(feature, dict):
             raise AnnotationError(str(path), f"feature {i} is not a JSON object")
         props = feature.get("properties")
-        name = _geojson_class(props if isinstance(props, dict) else {})
+        name = _class_name(_geojson_class(props if isinstance(props, dict) else {}))
+        found.classes[name] += 1
         kind = _classify(name, cfg)
         if kind is None:
             continue
@@ -267,7 +312,7 @@ def _parse_geojson(data: bytes, path: Path, cfg: AnnotationConfig) -> list[_RawP
         geometry = feature.get("geometry")
         if not isinstance(geometry, dict):
             raise AnnotationError(str(path), f"{where}: missing geometry")
-        for j, rings in enumerate(_geojson_polygons(geometry, where, path)):
+        for j, rings in enumerate(_geojson_polygons(geometry, where, path, found)):
             out.append((f"{where} polygon {j}", kind, rings))
     return out
 
@@ -291,7 +336,9 @@ def _geojson_class(props: dict[str, Any]) -> str | None:
     return None
 
 
-def _geojson_polygons(geometry: dict[str, Any], where: str, path: Path) -> Iterator[list[Any]]:
+def _geojson_polygons(
+    geometry: dict[str, Any], where: str, path: Path, found: _Found
+) -> Iterator[list[Any]]:
     gtype = geometry.get("type")
     if gtype == "GeometryCollection":
         parts = geometry.get("geometries")
@@ -300,12 +347,11 @@ def _geojson_polygons(geometry: dict[str, Any], where: str, path: Path) -> Itera
         for part in parts:
             if not isinstance(part, dict):
                 raise AnnotationError(str(path), f"{where}: malformed geometry in collection")
-            yield from _geojson_polygons(part, where, path)
+            yield from _geojson_polygons(part, where, path, found)
         return
     if gtype in _NO_AREA_GEOMETRIES:
-        raise AnnotationError(
-            str(path), f"{where}: geometry {gtype} has no area; outline regions as polygons"
-        )
+        found.ignored[str(gtype)] += 1
+        return
     if gtype not in ("Polygon", "MultiPolygon"):
         raise AnnotationError(str(path), f"{where}: unsupported geometry type {gtype!r}")
     coords = geometry.get("coordinates")
@@ -323,6 +369,8 @@ def _geojson_polygons(geometry: dict[str, Any], where: str, path: Path) -> Itera
 # ASAP XML -----------------------------------------------------------------------------------
 
 _ASAP_AREA_TYPES = frozenset({"polygon", "spline", "rectangle"})
+_ASAP_NO_GROUP = "None"
+"""ASAP's group of an annotation put in no group: reported as unclassified."""
 
 
 def _refuse_dtd(data: bytes, path: Path) -> None:
@@ -349,7 +397,7 @@ def _refuse_dtd(data: bytes, path: Path) -> None:
         raise AnnotationError(str(path), f"unparsable XML ({exc} in the XML declaration)") from None
 
 
-def _parse_asap(data: bytes, path: Path, cfg: AnnotationConfig) -> list[_RawPolygon]:
+def _parse_asap(data: bytes, path: Path, cfg: AnnotationConfig, found: _Found) -> list[_RawPolygon]:
     _refuse_dtd(data, path)
     try:
         root = ET.fromstring(data)
@@ -362,15 +410,16 @@ def _parse_asap(data: bytes, path: Path, cfg: AnnotationConfig) -> list[_RawPoly
     out: list[_RawPolygon] = []
     for i, ann in enumerate(root.iter("Annotation")):
         group = ann.get("PartOfGroup", "None")
-        kind = _classify(group, cfg)
+        name = _class_name(None if group.strip() == _ASAP_NO_GROUP else group)
+        found.classes[name] += 1
+        kind = _classify(name, cfg)
         if kind is None:
             continue
         where = f"annotation {i} ({ann.get('Name', 'unnamed')!r}, group {group})"
         atype = ann.get("Type", "Polygon")
         if atype.lower() not in _ASAP_AREA_TYPES:
-            raise AnnotationError(
-                str(path), f"{where}: type {atype} has no area; outline regions as polygons"
-            )
+            found.ignored[atype] += 1  # Dot, PointSet, Measurement: no area
+            continue
         out.append((where, kind, [_asap_ring(ann, where, path)]))
     return out
 

@@ -6,12 +6,16 @@ to know whether an outline came from QuPath or ASAP), :mod:`client.wsi.annotatio
 reads and writes the two file formats, and :mod:`client.wsi.coverage` turns a region into
 per-patch coverage in one rasterisation pass instead of a polygon clip per patch. What stays
 here is what is specific to tumour labelling: combining tumour and exclusion outlines into one
-region, snapping fractions, and thresholding them into labels. The names that moved are
+region, snapping fractions, thresholding them into labels, and deciding whether a slide's
+annotation may give patch labels at all (:func:`annotation_outcome`: a tumour slide whose
+outlines hold no tumour must not become a slide of normal patches). The names that moved are
 re-exported so that ``from client.wsi.annotations import …`` keeps working.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +23,7 @@ import shapely
 from shapely.errors import GEOSException
 from shapely.geometry import Polygon as ShapelyPolygon
 
-from client.config import AnnotationConfig
+from client.config import UNCLASSIFIED, AnnotationConfig
 from client.wsi.annotation_formats import (
     ASAP_EXCLUSION_GROUP,
     MAX_ANNOTATION_BYTES,
@@ -37,10 +41,14 @@ __all__ = [
     "MAX_ANNOTATION_BYTES",
     "QUPATH_CLASS_COLOURS",
     "RASTER_TILE_PX",
+    "AnnotationOutcome",
     "Polygon",
     "TumourAnnotation",
+    "annotation_outcome",
+    "describe_found",
     "load_annotation",
     "patch_labels",
+    "slide_patch_labels",
     "tumour_fraction",
     "write_asap_xml",
     "write_qupath_geojson",
@@ -134,3 +142,147 @@ def patch_labels(fraction: np.ndarray, complete: bool, cfg: AnnotationConfig) ->
         labels[fraction <= cfg.negative_fraction] = 0
     labels[fraction >= cfg.positive_fraction] = 1
     return labels
+
+
+# --------------------------------------------------------------------------------------------
+# Whether an annotation may label a slide's patches
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnnotationOutcome:
+    """What one slide's annotation gave: its outlines, and whether they may label patches.
+
+    ``patch_labels`` is False when a tumour slide's annotation holds no tumour region and the
+    user chose ``on_no_tumour_region = "slide_label_only"``; ``note`` then says why, for the
+    slide's status and the summary.
+    """
+
+    annotation: TumourAnnotation
+    tumour_slide: bool
+    patch_labels: bool
+    note: str | None = None
+    tumour_patches: int | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """The facts written to ``status/<id>.json`` (no coordinates, nothing to trust blindly)."""
+        a = self.annotation
+        return {
+            "file": a.source.name,
+            "tumour_regions": len(a.tumour),
+            "exclusion_regions": len(a.exclusions),
+            "classes_found": dict(a.classes_found),
+            "unknown_classes": list(a.unknown_classes),
+            "ignored_geometries": dict(a.ignored_geometries),
+            "patch_labels": self.patch_labels,
+            "note": self.note,
+        }
+
+
+def annotation_outcome(
+    path: Path,
+    cfg: AnnotationConfig,
+    slide_dims: tuple[int, int],
+    *,
+    tumour_slide: bool,
+) -> AnnotationOutcome:
+    """Load a slide's annotation and decide whether it may label the slide's patches.
+
+    A slide labelled tumour whose annotation yields no tumour region (no outline of a tumour
+    class, an empty file, outlines wholly cut out by exclusions) would otherwise be prepared
+    as every patch normal: a wrong label that mixed supervision trusts. It raises
+    ``AnnotationError`` naming the classes found, or, with ``on_no_tumour_region =
+    "slide_label_only"``, gives an outcome without patch labels. On a normal slide an
+    annotation without tumour is what one expects: every patch normal.
+    """
+    annotation = load_annotation(path, cfg, slide_dims)
+    if not tumour_slide:
+        return AnnotationOutcome(annotation, tumour_slide, patch_labels=True)
+    problem = _no_tumour_problem(annotation, slide_dims)
+    if problem is None:
+        return AnnotationOutcome(annotation, tumour_slide, patch_labels=True)
+    return _without_patch_labels(annotation, problem, cfg)
+
+
+def slide_patch_labels(
+    outcome: AnnotationOutcome,
+    coords: np.ndarray,
+    patch_size_level0: int,
+    slide_dims: tuple[int, int],
+    complete: bool,
+    cfg: AnnotationConfig,
+) -> tuple[AnnotationOutcome, np.ndarray | None, np.ndarray | None]:
+    """Per-patch tumour fractions and labels of a slide, or ``(outcome, None, None)``.
+
+    A tumour slide whose outlines exist but touch no tissue patch (drawn beside the tissue,
+    or with other coordinates) would be all normal too: it is handled like a slide without
+    tumour region, and the returned outcome says so. Outlines that touch patches but fill
+    none to ``positive_fraction`` (a micrometastasis smaller than a patch) are kept: those
+    patches are unknown (−1), which is true.
+    """
+    if not outcome.patch_labels:
+        return outcome, None, None
+    fraction = tumour_fraction(outcome.annotation, coords, patch_size_level0, slide_dims, cfg)
+    labels = patch_labels(fraction, complete, cfg)
+    tumour_patches = int((labels == 1).sum())
+    if outcome.tumour_slide and len(fraction) and not fraction.any():
+        problem = (
+            f"{_NO_TUMOUR} (its {len(outcome.annotation.tumour)} tumour outline(s) touch none "
+            f"of its {len(fraction)} tissue patches: wrong slide or wrong coordinates?)"
+        )
+        return _without_patch_labels(outcome.annotation, problem, cfg), None, None
+    note = outcome.note
+    ignored = outcome.annotation.ignored_geometries
+    if ignored and note is None:
+        listed = ", ".join(f"{n} {kind}" for kind, n in ignored.items())
+        note = f"annotation {outcome.annotation.source.name}: ignored (no area): {listed}"
+    kept = AnnotationOutcome(outcome.annotation, outcome.tumour_slide, True, note, tumour_patches)
+    return kept, fraction, labels
+
+
+def _no_tumour_problem(annotation: TumourAnnotation, slide_dims: tuple[int, int]) -> str | None:
+    """Why this annotation holds no tumour region, or None when it holds one."""
+    if not annotation.tumour:
+        return _NO_TUMOUR
+    if _tumour_region(annotation, slide_dims).area <= 0:
+        return f"{_NO_TUMOUR} (every tumour outline lies inside an exclusion outline)"
+    return None
+
+
+_NO_TUMOUR = "no tumour region on a tumour slide"
+
+
+def _without_patch_labels(
+    annotation: TumourAnnotation, problem: str, cfg: AnnotationConfig
+) -> AnnotationOutcome:
+    """Fail, or keep only the slide label, as ``cfg.on_no_tumour_region`` says."""
+    found = describe_found(annotation)
+    if cfg.on_no_tumour_region == "fail":
+        raise AnnotationError(
+            str(annotation.source),
+            f"{problem}: {found}; tumour classes are "
+            f"{', '.join(cfg.tumour_classes)} (set [annotation] tumour_classes or "
+            "--tumour-classes; or --on-no-tumour-region slide_label_only to prepare it "
+            "with its slide label only)",
+        )
+    note = (
+        f"slide label only, no patch labels: annotation {annotation.source.name}: "
+        f"{problem}: {found}"
+    )
+    return AnnotationOutcome(annotation, True, patch_labels=False, note=note)
+
+
+def describe_found(annotation: TumourAnnotation) -> str:
+    """'classes found "Stroma" (3), unclassified (1)', and the outlines ignored for no area."""
+    if annotation.classes_found:
+        parts = [
+            f"unclassified ({n})" if name == UNCLASSIFIED else f'"{name}" ({n})'
+            for name, n in annotation.classes_found.items()
+        ]
+        text = "classes found " + ", ".join(parts)
+    else:
+        text = "the file holds no outline"
+    if annotation.ignored_geometries:
+        ignored = ", ".join(f"{n} {kind}" for kind, n in annotation.ignored_geometries.items())
+        text += f"; ignored (no area): {ignored}"
+    return text

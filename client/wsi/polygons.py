@@ -9,7 +9,7 @@ and the synthetic-slide generator can all share it without importing each other.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +36,22 @@ class Polygon:
 
 @dataclass(frozen=True)
 class TumourAnnotation:
-    """Everything one annotation file says about tumour; empty ``tumour`` means no tumour."""
+    """Everything one annotation file says about tumour; empty ``tumour`` means no tumour.
+
+    The other fields say what else the file held, so that a file yielding no tumour can be
+    explained ("classes found: Stroma (3)") rather than silently read as all normal.
+    """
 
     source: Path
     tumour: tuple[Polygon, ...]
     exclusions: tuple[Polygon, ...]
+    classes_found: dict[str, int] = field(default_factory=dict, compare=False)
+    """Outlines per class or group name as written, in file order ("Unclassified": none)."""
+    unknown_classes: tuple[str, ...] = ()
+    """Names found that are in none of the configured class lists."""
+    ignored_geometries: dict[str, int] = field(default_factory=dict, compare=False)
+    """Outlines of a tumour or exclusion class skipped because they have no area (points,
+    lines), by geometry type."""
 
 
 def _as_ring(ring: object, what: str) -> np.ndarray:
