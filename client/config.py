@@ -88,7 +88,22 @@ class TissueConfig(StrictModel):
     use_otsu: bool = False
     closing_px: int = Field(4, ge=0, description="morphological closing kernel, mask-level px")
     min_tissue_area: float = Field(
-        100.0, ge=0, description="a_t: drop components smaller than a_t·512² level-0 px"
+        100.0,
+        ge=0,
+        description=(
+            "a_t: components of at least a_t·512² level-0 px are always kept (CLAM's rule); "
+            "with min_tissue_area_relative unset, smaller ones are dropped"
+        ),
+    )
+    min_tissue_area_relative: float | None = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description=(
+            "also keep a component of at least this share of the slide's largest one, so a "
+            "biopsy or a small region is not dropped whole as debris; None: CLAM's absolute "
+            "a_t only"
+        ),
     )
     max_hole_area: float = Field(
         16.0, ge=0, description="a_h: fill holes smaller than a_h·512² level-0 px"
@@ -103,11 +118,24 @@ class TissueConfig(StrictModel):
             raise ValueError(f"median_kernel must be odd, got {self.median_kernel}")
         return self
 
+    def min_component_px(self, largest_px: float, px_per_ref_area: float) -> float:
+        """Smallest component area kept, in mask px, given the largest component's area.
+
+        ``min(a_t·512², relative·largest)``: on a resection whose largest piece is at least
+        a_t·512²/relative this is CLAM's a_t exactly; on a biopsy or a small region the
+        threshold shrinks with the tissue, so the specimen itself is never called debris.
+        """
+        absolute = self.min_tissue_area * px_per_ref_area
+        if self.min_tissue_area_relative is None:
+            return absolute
+        return min(absolute, self.min_tissue_area_relative * largest_px)
+
     @classmethod
     def preset(cls, name: Literal["default", "biopsy"]) -> TissueConfig:
-        """Named presets: ``biopsy`` keeps small fragments (a_t = 1)."""
+        """Named presets: ``biopsy`` keeps every fragment of at least 512² px (a_t = 1, no
+        relative rule), as CLAM's biopsy preset does."""
         if name == "biopsy":
-            return cls(min_tissue_area=1.0)
+            return cls(min_tissue_area=1.0, min_tissue_area_relative=None)
         return cls()
 
 

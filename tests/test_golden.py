@@ -65,3 +65,45 @@ def test_tiny_slide_matches_golden(tmp_path: Path) -> None:
     assert got["coords"] == want["coords"]
     np.testing.assert_allclose(got["tissue_fraction"], want["tissue_fraction"], atol=1e-4)
     assert len(want["coords"]) > 10  # the golden slide must exercise patching at all
+
+
+# Large resections, as generated slides: 12 × 8 mm at 20× (0.5 µm/px) in one, three and eight
+# pieces, and 6 × 4 mm at 40× (0.25 µm/px). CLAM's absolute a_t was tuned on such slides; the
+# default rule (relative to the largest piece) must keep the same patches there.
+LARGE_SLIDES = {
+    "resection_20x_1": SynthSlideConfig(width_px=24576, height_px=16384, tissue_pieces=1),
+    "resection_20x_3": SynthSlideConfig(width_px=24576, height_px=16384, tissue_pieces=3),
+    "resection_20x_8": SynthSlideConfig(
+        width_px=24576, height_px=16384, tissue_pieces=8, tissue_fraction=0.7
+    ),
+    "resection_40x_3": SynthSlideConfig(width_px=24576, height_px=16384, mpp=0.25, tissue_pieces=3),
+}
+
+
+def _kept_patches(slide_path: Path, tissue: TissueConfig) -> set[tuple[int, int]]:
+    cfg = PrepareConfig(tissue=tissue)
+    with WsiReader(slide_path) as reader:
+        info = reader.info
+        plan = plan_read(info.mpp, info.level_downsamples, cfg.resolution)
+        mask = tissue_mask_for_slide(reader, tissue)
+        grid = patch_grid(
+            mask,
+            info.dimensions,
+            plan.patch_size_level0,
+            plan.step_level0,
+            tissue.min_tissue_fraction,
+        )
+    return {(int(x), int(y)) for x, y in grid.coords}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LARGE_SLIDES))
+def test_default_tissue_rule_keeps_clams_patches_on_large_slides(tmp_path: Path, name: str) -> None:
+    slide = generate_slide(
+        tmp_path, name, LARGE_SLIDES[name].model_copy(update={"annotate": False}), SEED
+    )
+    default = _kept_patches(slide.slide_path, TissueConfig())
+    clam = _kept_patches(slide.slide_path, TissueConfig(min_tissue_area_relative=None))
+    assert len(clam) > 500, "the slide must be large enough for CLAM's default to apply"
+    changed = len(default ^ clam) / len(clam)
+    assert changed <= 0.01, (name, len(default), len(clam), changed)

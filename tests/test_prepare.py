@@ -290,8 +290,9 @@ def test_real_slides_with_and_without_mpp(tmp_path: Path) -> None:
     header = "slide_id,path,label,mpp\n"
     body = "".join(f"{r['slide_id']},{SHARED_SLIDES / r['path']},{r['label']},\n" for r in rows)
     manifest.write_text(header + body)
-    # Both are small regions (a few mm² of tissue): the default a_t would call them debris.
-    cfg = TINY
+    # Both are small regions (a few mm² of tissue): CLAM's absolute a_t called them debris;
+    # the default tissue settings (relative to the largest piece) must find their tissue.
+    cfg = PrepareConfig(embedding=TINY.embedding)
     summary = prepare_site(manifest, tmp_path / "out", cfg, slide_root=SHARED_SLIDES)
     cmu, tcga = summary.records
     assert cmu.state == "done" and cmu.mpp == pytest.approx(0.499) and cmu.mpp_source == "slide"
@@ -338,3 +339,25 @@ def test_second_prepare_on_the_same_directory_is_refused(
     ):
         prepare_site(manifest, tmp_path / "out", TINY)
     assert not (tmp_path / "out" / "site.json").exists()
+
+
+@pytest.mark.slow
+def test_fedpath_prepare_with_default_settings_finds_tissue_on_a_small_real_region(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 20.5: with every default (only the test encoder chosen), the 2220×2967 px
+    CMU-1-Small-Region is prepared, not failed with "no tissue found"."""
+    if not SHARED_SLIDES.is_dir():
+        pytest.skip(f"real slides not available at {SHARED_SLIDES}")
+    from client.cli import main
+
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(
+        f"slide_id,path,label\ncmu,{SHARED_SLIDES / 'cmu-1-small-region.svs'},normal\n"
+    )
+    argv = ["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "out")]
+    code = main([*argv, "--slide-root", str(SHARED_SLIDES), "--encoder", "tiny_cnn"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    status = json.loads((tmp_path / "out" / "status" / "cmu.json").read_text())
+    assert status["state"] == "done" and status["num_patches"] >= 40, status

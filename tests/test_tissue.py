@@ -25,8 +25,9 @@ CMU = DATA / "slides" / "cmu-1-small-region.svs"
 
 GLASS = (245, 245, 245)
 STAIN = (220, 120, 180)
-# Only the area filters act: no blur, no closing, so pixel counts are exact.
-RAW = {"median_kernel": 1, "closing_px": 0}
+# Only the area filters act: no blur, no closing, so pixel counts are exact; CLAM's absolute
+# a_t rule (the relative one has its own tests).
+RAW = {"median_kernel": 1, "closing_px": 0, "min_tissue_area_relative": None}
 
 
 def canvas(height: int, width: int) -> np.ndarray:
@@ -281,10 +282,44 @@ def test_real_single_level_slide() -> None:
     with WsiReader(CMU) as reader:
         biopsy = tissue_mask_for_slide(reader, TissueConfig.preset("biopsy"))
         default = tissue_mask_for_slide(reader, TissueConfig())
+        clam = tissue_mask_for_slide(reader, TissueConfig(min_tissue_area_relative=None))
     assert biopsy.mask.shape == (47, 35)
     assert 0.2 < biopsy.mask.mean() < 0.6
-    # The whole region (6.6 M px) is smaller than a_t = 100·512² (26 M px): CLAM drops it too.
-    assert not default.mask.any()
+    # The whole region (6.6 M px) is smaller than a_t = 100·512² (26 M px): CLAM's absolute
+    # rule drops it; the default (relative to the largest piece) keeps what the biopsy preset
+    # keeps.
+    assert not clam.mask.any()
+    np.testing.assert_array_equal(default.mask, biopsy.mask)
+
+
+def test_relative_rule_keeps_a_small_specimen_and_drops_its_debris() -> None:
+    # At 64×: a_t = 100 is 6,400 mask px. A 40×40 specimen (1,600 px) with 12 px and 20 px
+    # crumbs: 1 % of the largest is 16 px, so the 12 px crumb goes and the rest stays.
+    rgb = canvas(100, 100)
+    rgb[10:50, 10:50] = STAIN
+    rgb[70:73, 70:74] = STAIN  # 12 px: dropped
+    rgb[80:84, 10:15] = STAIN  # 20 px: kept
+    raw = {"median_kernel": 1, "closing_px": 0, "max_hole_area": 0}
+    mask = segment_tissue(rgb, 64.0, TissueConfig(**raw))
+    assert mask.sum() == 1600 + 20
+    assert not mask[70:73, 70:74].any()
+    clam = TissueConfig(min_tissue_area_relative=None, **raw)
+    assert not segment_tissue(rgb, 64.0, clam).any()
+
+
+def test_relative_rule_is_clams_on_a_large_resection() -> None:
+    """When 1 % of the largest piece exceeds a_t·512², the threshold is CLAM's a_t exactly:
+    a resection's debris goes as before, whatever its size below a_t."""
+    rgb = canvas(1000, 1000)  # 64,000 × 64,000 level-0 px at 64×
+    rgb[50:900, 50:850] = STAIN  # 680,000 mask px: 1 % is 6,800 > a_t's 6,400
+    rgb[920:990, 50:140] = STAIN  # 6,300 px: below a_t, dropped by both
+    rgb[920:990, 200:300] = STAIN  # 7,000 px: above a_t, kept by both
+    rgb[950:953, 500:503] = STAIN  # a 9 px crumb
+    raw = {"median_kernel": 1, "closing_px": 0, "max_hole_area": 0}
+    default = segment_tissue(rgb, 64.0, TissueConfig(**raw))
+    clam = segment_tissue(rgb, 64.0, TissueConfig(min_tissue_area_relative=None, **raw))
+    np.testing.assert_array_equal(default, clam)
+    assert default.sum() == 680_000 + 7_000
 
 
 @pytest.mark.parametrize("kernel", [1, 3, 5, 7, 9])

@@ -301,6 +301,13 @@ def _prepare_slide(
 def _empty_tissue_reason(mask: np.ndarray, cfg: PrepareConfig) -> str:
     """Say which threshold emptied the slide, and the setting that would change it."""
     tissue = cfg.tissue
+    if not mask.any() and tissue.min_tissue_area_relative is not None:
+        # The relative rule always keeps the largest component: nothing was coloured enough.
+        return (
+            "no tissue found: no region has saturation above "
+            f"{tissue.saturation_threshold} (glass only, or a very faint stain: lower "
+            "tissue.saturation_threshold or set tissue.use_otsu)"
+        )
     if not mask.any():
         min_area_mpx = tissue.min_tissue_area * 512 * 512 / 1e6
         # Suggest the biopsy preset only when it would keep smaller fragments than now.

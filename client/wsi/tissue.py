@@ -6,6 +6,12 @@ threshold 8, closing 4 px, drop components < a_t·512² level-0 px, fill holes <
 result is a raster mask rather than contours: the patch grid then measures the tissue fraction
 of every patch with one integral image instead of point-in-polygon tests.
 
+CLAM's a_t is absolute (100·512² = 26 Mpx): on a biopsy or a small region the whole specimen is
+below it and nothing is found. By default the threshold is therefore ``min(a_t·512², 1 % of
+the largest component)``: identical to CLAM on a resection whose largest piece is at least 100×
+a_t·512², and proportionate on smaller specimens (``TissueConfig.min_tissue_area_relative``;
+None restores the absolute rule).
+
 Areas are filtered on connected components (foreground 8-connected, background 4-connected:
 the pairing that makes "hole" a well-defined, topologically consistent notion). A component's
 area is its pixel count, which already excludes its holes, matching CLAM's contour area minus
@@ -89,10 +95,17 @@ def _median_then_threshold(channel: np.ndarray, kernel: int, threshold: int) -> 
     return (counts > (kernel * kernel) // 2).astype(np.uint8)
 
 
-def _drop_small_components(mask: np.ndarray, min_area_px: float) -> np.ndarray:
-    if min_area_px <= 1:
-        return mask
+def _drop_small_components(
+    mask: np.ndarray, cfg: TissueConfig, px_per_ref_area: float
+) -> np.ndarray:
+    """Drop components below ``cfg.min_component_px`` (relative to the largest one)."""
+    if cfg.min_tissue_area * px_per_ref_area <= 1:
+        return mask  # nothing can be below the threshold (it is at most the absolute one)
     _, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    if areas.size == 0:
+        return mask
+    min_area_px = cfg.min_component_px(float(areas.max()), px_per_ref_area)
     keep = stats[:, cv2.CC_STAT_AREA] >= min_area_px
     keep[0] = False  # label 0 is the background
     return keep[labels].astype(np.uint8)
@@ -137,7 +150,7 @@ def segment_tissue(rgb: np.ndarray, downsample: float, cfg: TissueConfig) -> np.
     if cfg.closing_px > 1:
         mask = _close(mask, cfg.closing_px)
     px_per_ref_area = REF_PATCH_AREA_LEVEL0 / (downsample * downsample)
-    mask = _drop_small_components(mask, cfg.min_tissue_area * px_per_ref_area)
+    mask = _drop_small_components(mask, cfg, px_per_ref_area)
     mask = _fill_small_holes(mask, cfg.max_hole_area * px_per_ref_area)
     return mask.astype(bool)
 
