@@ -34,12 +34,11 @@ def add_server_commands(sub: Any) -> None:
         "report",
         help="render a federated run's HTML report with plots",
         description="Read config.json, metrics.jsonl and final.json of a run directory and "
-        "write report.html and plots/*.png (loss, AUC, aggregation weights, ε): what every "
-        "round did, the privacy guarantee and the final test table. Works on a run that is "
-        "still going or was interrupted.",
+        "write report.html, one self-contained file that can be mailed on its own (plots of "
+        "loss, AUC, aggregation weights and ε embedded, no absolute path of this machine): "
+        "what every round did, the privacy guarantee, the settings that applied and the final "
+        "test table. Works on a run that is still going or was interrupted.",
     )
     report.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="run directory")
-    report.add_argument(
-        "--out", type=Path, help="folder for report.html and plots/ (default: RUN_DIR)"
-    )
+    report.add_argument("--out", type=Path, help="folder for report.html (default: RUN_DIR)")
     report.set_defaults(handler=cmd_report)

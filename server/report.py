@@ -1,4 +1,4 @@
-"""The run report: one HTML page and a few PNGs rendered from a run directory alone.
+"""The run report: one self-contained HTML file rendered from a run directory alone.
 
 A coordinator opens it after (or during) a federated run to see what happened: the settings
 and the privacy guarantee, every round (which sites were asked, which answered, which failed
@@ -7,25 +7,35 @@ test table. It is rendered only from ``config.json``, ``metrics.jsonl`` and ``fi
 (``server.run_files``), so it can be produced again at any time, on any machine, from a copied
 run directory, without Flower or the hospitals.
 
-The page is self-contained except for the PNGs, which it links relatively (``plots/*.png``),
-so the report folder can be zipped and mailed. No JavaScript and no external resources: it is
-opened on hospital and coordinator machines that may be offline or locked down. Every string
-that comes from a run file (site names, failure reasons, settings) is HTML-escaped, because a
-site name or an exception message is data, not markup.
+``report.html`` is one file that is mailed on its own: the plots are PNG data URIs inside it,
+there is no JavaScript and no external resource (it is opened on hospital and coordinator
+machines that may be offline or locked down), and it names no absolute path of the machine
+that rendered it: the run directory, its parent folder and the home folder are shown relative
+(``checkpoints/…``, ``..``, ``~``), any other absolute path in a setting by its last component.
+Settings that the run did not use (FedMix λ/β in a FedAvg run, DP settings with DP off, the
+trainer's early stopping, which a federated round never does) are listed apart with the reason,
+not among the settings in effect. Every string that comes from a run file (site names, failure
+reasons, settings) is HTML-escaped, because a site name or an exception message is data, not
+markup.
 
 Plots use matplotlib's object API on an Agg canvas: no pyplot, so no global figure state and no
-display backend. Every file is written atomically, the PNGs before the page that links them.
+display backend. Every axis has a title with its unit. The page is written atomically.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import html
 import io
+import json
 import math
+import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from matplotlib import colormaps
@@ -35,12 +45,24 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from common import __version__
-from common.atomic import atomic_write_bytes, atomic_write_text
-from server.run_files import EvalMetrics, RoundRecord, RunFiles, TrainMetrics, read_run
+from common.atomic import atomic_write_text
+from server.run_files import (
+    FINAL_FILE,
+    EvalMetrics,
+    RoundRecord,
+    RunFiles,
+    TrainMetrics,
+    read_run,
+)
 
 REPORT_FILE = "report.html"
-PLOTS_DIR = "plots"
-PLOT_DPI = 110
+LEGACY_PLOTS_DIR = "plots"
+LEGACY_PLOT_FILES = ("loss.png", "auc.png", "weights.png", "epsilon.png")
+"""Earlier versions wrote the plots next to the page; a new render removes those files."""
+PLOT_DPI = 130
+CSS_PX_PER_INCH = 96
+"""The ``<img>`` is shown at the figure's size in CSS pixels; the extra dots keep it sharp on
+high-density screens."""
 ANNOTATE_MAX_ROUNDS = 15
 """Up to this many rounds every round is a tick and the weight bars carry their values and
 retry/failure marks; beyond it they would overlap."""
@@ -107,6 +129,16 @@ def _has_values(values: Iterable[float]) -> bool:
 # Plots.
 
 
+ROUND_AXIS = "federated round (no.)"
+TRAIN_LOSS_AXIS = "training loss (mean per slide)"
+VAL_LOSS_AXIS = "validation loss (slide cross-entropy, nats)"
+SLIDE_AUC_AXIS = "validation slide AUC (0–1)"
+PATCH_AUC_AXIS = "validation patch AUC (0–1)"
+EPSILON_AXIS = "cumulative ε (dimensionless)"
+WEIGHT_AXIS = "aggregation weight (share, 0–1)"
+"""Axis titles with their unit (or scale, for a unitless number): a plot mailed on its own or
+pasted into a slide still says what it shows."""
+
 GLOBAL_LABEL = "all sites (server aggregate)"
 GLOBAL_MODEL = "global model evaluated at each site"
 LOCAL_MODEL = "each site's model after its local training"
@@ -134,9 +166,9 @@ class Panel:
 
 @dataclass(frozen=True)
 class Plot:
-    """A PNG written under ``plots/`` and how the page introduces it."""
+    """One figure of the page (embedded as a PNG data URI) and how the page introduces it."""
 
-    file: str
+    name: str
     title: str
     caption: str
 
@@ -158,6 +190,27 @@ def _png(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=PLOT_DPI, metadata={"Software": None})
     return buffer.getvalue()
+
+
+@dataclass(frozen=True)
+class EmbeddedPlot:
+    """A rendered figure as the page embeds it: PNG bytes and its display size in CSS px."""
+
+    plot: Plot
+    png: bytes
+    width: int
+    height: int
+
+    def data_uri(self) -> str:
+        return "data:image/png;base64," + base64.b64encode(self.png).decode("ascii")
+
+
+def embed(plot: Plot, fig: Figure) -> EmbeddedPlot:
+    """Render ``fig`` to PNG; the page shows it at the figure's size (96 CSS px per inch)."""
+    width, height = fig.get_size_inches()
+    return EmbeddedPlot(
+        plot, _png(fig), round(width * CSS_PX_PER_INCH), round(height * CSS_PX_PER_INCH)
+    )
 
 
 def _round_axis(ax: Any, rounds: Sequence[int]) -> None:
@@ -216,14 +269,15 @@ def _legend_entries(panels: Iterable[Panel]) -> tuple[list[Line2D], list[str]]:
 
 
 def line_figure(rows: Sequence[Sequence[Panel]], rounds: Sequence[int]) -> Figure:
-    """Rows of one or two panels over a shared round axis; panels in a row share their y axis.
+    """Rows of one or two panels over the same rounds; panels in a row share their y axis.
 
     A row holds one metric; its two panels are the global model and the local models, so the
-    same y scale makes them directly comparable. A row with one panel spans the width.
+    same y scale makes them directly comparable. A row with one panel spans the width. Every
+    panel has its own round axis with ticks and title, so a panel read alone is labelled.
     """
     mosaic = [[f"{r}.0", f"{r}.{len(row) - 1}"] for r, row in enumerate(rows)]
-    fig = Figure(figsize=(12.0, 0.6 + 3.2 * len(rows)), layout="constrained")
-    axes = fig.subplot_mosaic(mosaic, sharex=True)
+    fig = Figure(figsize=(12.0, 0.9 + 3.4 * len(rows)), layout="constrained")
+    axes = fig.subplot_mosaic(mosaic)
     for r, row in enumerate(rows):
         for c, panel in enumerate(row):
             ax = axes[f"{r}.{c}"]
@@ -233,8 +287,7 @@ def line_figure(rows: Sequence[Sequence[Panel]], rounds: Sequence[int]) -> Figur
                 _draw_series(ax, rounds, s)
             ax.set_title(panel.title, loc="left", fontsize=10.5)
             ax.set_ylabel(panel.ylabel)
-            if r == len(rows) - 1:
-                ax.set_xlabel("round")
+            ax.set_xlabel(ROUND_AXIS)
             _round_axis(ax, rounds)
     fig.legend(*_legend_entries(p for row in rows for p in row), loc="outside right upper")
     return fig
@@ -306,9 +359,9 @@ def loss_rows(
     """Training loss (local training only), then validation loss (global and local models)."""
     return _rows(
         [
-            _metric_row("last-epoch loss", "training loss", rounds, sites, colours,
+            _metric_row("last-epoch loss", TRAIN_LOSS_AXIS, rounds, sites, colours,
                         global_key="train_loss", evaluate_key=None, train_key="train_loss"),
-            _metric_row("loss", "validation loss", rounds, sites, colours,
+            _metric_row("loss", VAL_LOSS_AXIS, rounds, sites, colours,
                         global_key="val_loss", evaluate_key="loss", train_key="val_loss"),
         ]
     )  # fmt: skip
@@ -320,9 +373,9 @@ def auc_rows(
     """Validation slide AUC, then patch AUC (localisation), global and local models."""
     return _rows(
         [
-            _metric_row("slide AUC", "validation AUC", rounds, sites, colours,
+            _metric_row("slide AUC", SLIDE_AUC_AXIS, rounds, sites, colours,
                         global_key="val_auc", evaluate_key="auc", train_key="val_auc"),
-            _metric_row("patch AUC", "validation AUC", rounds, sites, colours,
+            _metric_row("patch AUC", PATCH_AUC_AXIS, rounds, sites, colours,
                         global_key="val_patch_auc", evaluate_key="patch_auc",
                         train_key="val_patch_auc"),
         ]
@@ -340,7 +393,7 @@ def epsilon_rows(
         title += f" (δ = {next(iter(deltas.values())):.0e})"
     else:
         lines = [replace(s, label=f"{s.label} (δ = {deltas[s.label]:.0e})") for s in lines]
-    return _rows([_panels([Panel(title, "ε", lines)])])
+    return _rows([_panels([Panel(title, EPSILON_AXIS, lines)])])
 
 
 def _text_colour(background: Any) -> str:
@@ -393,8 +446,8 @@ def weights_figure(rounds: Sequence[RoundRecord], sites: Sequence[str], colours:
                 )
     ax.set_ylim(0, 1.15)
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-    ax.set_ylabel("weight")
-    ax.set_xlabel("round")
+    ax.set_ylabel(WEIGHT_AXIS)
+    ax.set_xlabel(ROUND_AXIS)
     ax.set_title("aggregation weights per round", loc="left", fontsize=11)
     _round_axis(ax, xs)
     ax.grid(False, axis="x")
@@ -403,8 +456,8 @@ def weights_figure(rounds: Sequence[RoundRecord], sites: Sequence[str], colours:
     return fig
 
 
-def write_plots(run: RunFiles, rounds: Sequence[RoundRecord], plots_dir: Path) -> list[Plot]:
-    """Render every plot the run has data for; return them in page order."""
+def figures(run: RunFiles, rounds: Sequence[RoundRecord]) -> list[tuple[Plot, Figure]]:
+    """Every plot the run has data for, in page order (a plot without data is left out)."""
     sites = run.site_names()
     colours = site_colours(sites)
     xs = [r.round for r in rounds]
@@ -413,23 +466,22 @@ def write_plots(run: RunFiles, rounds: Sequence[RoundRecord], plots_dir: Path) -
         " aggregate over the sites in black; right: each site's own model after its local"
         " training. A dotted stretch bridges rounds in which a site did not reply."
     )
-    written: list[Plot] = []
+    made: list[tuple[Plot, Figure]] = []
 
     def emit(plot: Plot, fig: Figure | None) -> None:
         if fig is not None:
-            atomic_write_bytes(plots_dir / plot.file, _png(fig))
-            written.append(plot)
+            made.append((plot, fig))
 
     def lines(rows: list[list[Panel]]) -> Figure | None:
         return line_figure(rows, xs) if rows else None
 
     emit(
-        Plot("loss.png", "Loss", "Training and validation loss per round." + gaps),
+        Plot("loss", "Loss", "Training and validation loss per round." + gaps),
         lines(loss_rows(rounds, sites, colours)),
     )
     emit(
         Plot(
-            "auc.png",
+            "auc",
             "AUC",
             "Validation slide AUC and patch AUC (localisation, where sites have patch labels)"
             " per round." + gaps,
@@ -439,7 +491,7 @@ def write_plots(run: RunFiles, rounds: Sequence[RoundRecord], plots_dir: Path) -
     has_weights = any(r.weights for r in rounds)
     emit(
         Plot(
-            "weights.png",
+            "weights",
             "Aggregation weights",
             "Each bar is one round's weights (they sum to 1); a site that failed gets none.",
         ),
@@ -447,13 +499,18 @@ def write_plots(run: RunFiles, rounds: Sequence[RoundRecord], plots_dir: Path) -
     )
     emit(
         Plot(
-            "epsilon.png",
+            "epsilon",
             "Privacy spent",
             "Cumulative ε of each site over all its local training so far.",
         ),
         lines(epsilon_rows(rounds, sites, colours)),
     )
-    return written
+    return made
+
+
+def render_plots(run: RunFiles) -> list[EmbeddedPlot]:
+    """The run's plots as PNGs for the page."""
+    return [embed(plot, fig) for plot, fig in figures(run, rounds_for_plots(run))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,7 +617,7 @@ def run_title(run: RunFiles) -> str:
     return f"run directory {run.run_dir.name}"
 
 
-def header_html(run: RunFiles) -> str:
+def header_html(run: RunFiles, scrub: PathScrub) -> str:
     """Title, status, the main facts, the privacy guarantee and the run settings."""
     cfg = run.config
     css, sentence = status_text(run)
@@ -587,7 +644,131 @@ def header_html(run: RunFiles) -> str:
         f"{title}{banner}{_kv_grid(facts)}"
         f'<h2>Privacy guarantee</h2><p class="privacy">{esc(guarantee_text(run))}</p>'
         f"{privacy_summary_html(run)}{client_level_html(run)}"
-        f"<h2>Run settings</h2>{_kv_grid(sorted(cfg.run_config.items()))}"
+        f"<h2>Run settings</h2>"
+        f"{settings_html(cfg.run_config, unused_run_settings(cfg.run_config), scrub)}"
+        f'<p class="note">{esc(PATH_SETTINGS_NOTE)}</p>'
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Settings that apply, and those that do not.
+
+NO_EARLY_STOPPING = (
+    "a federated round trains local-epochs with no validation inside the round, so there is "
+    "no early stopping and no best-epoch choice: the server's round count decides"
+)
+DP_SGD_SAMPLING = (
+    "slide-level DP-SGD draws each step's slides by Poisson sampling, one slide per forward "
+    "pass, and clips each slide's gradient to dp-max-grad-norm"
+)
+PATH_SETTINGS_NOTE = (
+    "Paths are shown relative to the run directory (.. is the folder that holds it, ~ the "
+    "home folder); other absolute paths by their last part: the report names no absolute "
+    "path of the machine it was rendered on."
+)
+
+
+def _number(value: Any) -> float:
+    """A numeric setting as a float (0 for anything else: the off value of every DP knob)."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return 0.0
+
+
+def unused_run_settings(run_config: dict[str, Any]) -> dict[str, str]:
+    """Run-config keys this run did not use, each with the reason (from the run's own values).
+
+    A key only listed here was recorded (config.json holds every key with its default) but
+    could not have changed the run: showing it among the settings in effect would suggest it
+    did.
+    """
+    unused: dict[str, str] = {}
+    strategy = run_config.get("strategy")
+    if strategy is not None and strategy != "fedmix":
+        for key in ("fedmix-lambda", "fedmix-beta"):
+            unused[key] = f"λ and β weigh FedMix only; the strategy is {strategy}"
+    if run_config.get("client-dp", "off") == "off":
+        for key in run_config:
+            if key.startswith("client-dp-"):
+                unused[key] = "client-level DP is off (client-dp = off)"
+    sigma = _number(run_config.get("dp-noise-multiplier"))
+    target = _number(run_config.get("dp-target-epsilon"))
+    if sigma == 0 and target == 0:
+        for key in run_config:
+            if key.startswith("dp-") and key not in ("dp-noise-multiplier", "dp-target-epsilon"):
+                unused[key] = (
+                    "slide-level DP-SGD is off (dp-noise-multiplier and dp-target-epsilon are 0)"
+                )
+    elif sigma == 0:
+        unused["dp-noise-multiplier"] = "σ is solved from dp-target-epsilon"
+    if run_config.get("resume") == "":
+        unused["resume"] = "not a resumed run"
+    if run_config.get("simulation-data") == "":
+        unused["simulation-data"] = "not a simulation: each SuperNode names its own data"
+    return unused
+
+
+def unused_train_settings(
+    train_config: dict[str, Any], run_config: dict[str, Any]
+) -> dict[str, str]:
+    """Keys of the recorded trainer config (flattened) that a federated round does not use."""
+    unused = {
+        key: NO_EARLY_STOPPING
+        for key in ("patience", "min_epochs", "stopping_loss")
+        if key in train_config
+    }
+    supervision = train_config.get("supervision")
+    if isinstance(supervision, dict) and supervision.get("mode") == "weak":
+        for key in ("annotated_positives", "attention_weight", "oversample_weight",
+                    "oversample_decay"):  # fmt: skip
+            if key in supervision:
+                unused[f"supervision.{key}"] = "supervision is weak: patch labels are not used"
+    dp_on = _number(run_config.get("dp-noise-multiplier")) > 0 or (
+        _number(run_config.get("dp-target-epsilon")) > 0
+    )
+    if dp_on:
+        for key in ("grad_clip", "steps_per_epoch", "max_batch_patches"):
+            if key in train_config:
+                unused[key] = DP_SGD_SAMPLING
+        if isinstance(supervision, dict):
+            for key in ("pair_normal_tumour", "oversample_weight", "oversample_decay"):
+                if key in supervision:
+                    unused[f"supervision.{key}"] = DP_SGD_SAMPLING
+    return unused
+
+
+def is_absolute_path(text: str) -> bool:
+    """True for a POSIX or Windows absolute path (the run may come from either kind of host)."""
+    return PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute()
+
+
+def shown_path(value: Any, scrub: PathScrub) -> Any:
+    """A string setting as the page shows it: run-relative where :class:`PathScrub` can make it
+    so, and an absolute path it cannot (a data folder elsewhere) by its last part: ``…/name``."""
+    if not isinstance(value, str):
+        return value
+    value = scrub(value)
+    if not is_absolute_path(value):
+        return value
+    name = re.split(r"[\\/]", value.rstrip("\\/"))[-1]
+    return f"…/{name}" if name and not name.endswith(":") else "…"
+
+
+def settings_html(
+    settings: dict[str, Any], unused: dict[str, str], scrub: PathScrub, *, flatten: bool = False
+) -> str:
+    """The settings in effect as a grid; those the run did not use apart, with the reason."""
+    items = _flatten(settings) if flatten else sorted(settings.items())
+    used = [(k, shown_path(v, scrub)) for k, v in items if k not in unused]
+    skipped = [(k, shown_path(v, scrub)) for k, v in items if k in unused]
+    shown = _kv_grid(used)
+    if not skipped:
+        return shown
+    rows = [[key, _setting(value), unused[key]] for key, value in skipped]
+    return (
+        f"{shown}<details><summary>{len(skipped)} recorded setting(s) did not apply to this "
+        f"run</summary>{table(['setting', 'value', 'why it did not apply'], rows, 99)}"
+        "</details>"
     )
 
 
@@ -644,48 +825,121 @@ def privacy_summary_html(run: RunFiles) -> str:
     return str(table(["site", "ε spent", "δ", "as of round"], rows))
 
 
-METRIC_HEADERS = ["slides", "loss", "slide AUC", "patch AUC", "balanced accuracy", "F1"]
+METRIC_HEADERS = {
+    "num_examples": "slides",
+    "loss": "loss",
+    "auc": "slide AUC",
+    "patch_auc": "patch AUC",
+    "balanced_accuracy": "balanced accuracy",
+    "f1": "F1",
+    "brier": "Brier score",
+    "ece": "ECE",
+    "threshold": "threshold",
+    "temperature": "temperature",
+}
+"""Column order and headers of the metrics fedpath knows; any other key final.json holds is
+shown after them under its own name, so a metric added to the run files appears here without
+a change to the report."""
+_ACRONYMS = {"auc": "AUC", "ece": "ECE", "f1": "F1", "ci": "CI", "nll": "NLL", "ap": "AP"}
 
 
-def _metric_cells(m: EvalMetrics) -> list[str]:
-    return [
-        str(m.num_examples),
-        fmt(m.loss),
-        fmt(m.auc),
-        fmt(m.patch_auc),
-        fmt(m.balanced_accuracy),
-        fmt(m.f1),
-    ]
+def metric_header(key: str) -> str:
+    """``patch_auc_pooled`` → ``patch AUC pooled``: a readable header for any metric key."""
+    if key in METRIC_HEADERS:
+        return METRIC_HEADERS[key]
+    return " ".join(_ACRONYMS.get(word, word) for word in key.split("_"))
+
+
+def metric_text(value: Any) -> str:
+    """Any JSON metric value as a cell: numbers to 4 places, a (low, high) pair as a range, a
+    ``{"value", "low", "high"}`` record as ``value (low – high)``."""
+    if value is None:
+        return NA
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return fmt(value)
+    if isinstance(value, list):
+        if len(value) == 2 and all(isinstance(v, int | float) for v in value):
+            return f"{metric_text(value[0])} – {metric_text(value[1])}"
+        return ", ".join(metric_text(v) for v in value) or NA
+    if isinstance(value, dict):
+        if "value" in value:
+            text = metric_text(value["value"])
+            low, high = value.get("low"), value.get("high")
+            if isinstance(low, int | float) and isinstance(high, int | float):
+                text += f" ({metric_text(float(low))} – {metric_text(float(high))})"
+            return text
+        return "; ".join(f"{k} {metric_text(v)}" for k, v in value.items()) or NA
+    return str(value)
+
+
+def _raw_final(run: RunFiles) -> dict[str, Any]:
+    """``final.json`` as written, for the metric keys the typed reader does not know (yet)."""
+    try:
+        data = json.loads((run.run_dir / FINAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def metric_columns(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Every metric key of the rows: fedpath's known ones in their order, then others sorted."""
+    present = {key for row in rows for key in row}
+    known = [key for key in METRIC_HEADERS if key in present]
+    return known + sorted(present - set(METRIC_HEADERS))
+
+
+GLOBAL_TEST_NOTE = (
+    "The last row is the server's aggregate of the sites' test results (final.json's "
+    "global_test); a metric without a name that says otherwise is the mean of the sites' "
+    "values weighted by their test slides, not a metric over all slides at once."
+)
 
 
 def final_html(run: RunFiles) -> str:
-    """The final test table: each site, then all sites pooled."""
+    """The final test table: each site, then the server's aggregate; every metric key shown."""
     final = run.final
     if final is None:
         return f"<h2>Final test results</h2><p>{esc(status_text(run)[1])}</p>"
-    rows: list[list[Any]] = [
-        [site, *_metric_cells(final.test[site])] for site in run.site_names() if site in final.test
+    raw = _raw_final(run)
+    tests = raw.get("test") if isinstance(raw.get("test"), dict) else {}
+    per_site = [
+        (site, tests[site])
+        for site in run.site_names()
+        if site in final.test and isinstance(tests.get(site), dict)
     ]
-    if final.global_test is not None:
-        rows.append(
-            [Html("<strong>all sites (pooled)</strong>"), *_metric_cells(final.global_test)]
-        )
-    if not rows:
+    overall = raw.get("global_test") if final.global_test is not None else None
+    rows_data = [m for _, m in per_site] + ([overall] if isinstance(overall, dict) else [])
+    if not rows_data:
         return "<h2>Final test results</h2><p>The run ended without test results.</p>"
+    columns = metric_columns(rows_data)
+    rows: list[list[Any]] = [
+        [site, *(metric_text(m.get(key)) for key in columns)] for site, m in per_site
+    ]
+    note = ""
+    if isinstance(overall, dict):
+        rows.append(
+            [Html("<strong>all sites</strong>"), *(metric_text(overall.get(k)) for k in columns)]
+        )
+        note = f'<p class="note">{esc(GLOBAL_TEST_NOTE)}</p>'
     return (
         "<h2>Final test results</h2><p>The final global model on each site's test split.</p>"
-        f"{table(['site', *METRIC_HEADERS], rows)}"
+        f"{table(['site', *(metric_header(k) for k in columns)], rows)}{note}"
     )
 
 
-def plots_html(plots: Sequence[Plot]) -> str:
-    """The figures, linked relatively so the report folder can be moved as a whole."""
+def plots_html(plots: Sequence[EmbeddedPlot], tokens: dict[str, str]) -> str:
+    """The figures; each ``<img>`` holds a placeholder token that becomes its data URI last."""
     if not plots:
         return "<h2>Curves</h2><p>No round has completed yet: nothing to plot.</p>"
     figures = "".join(
-        f'<figure><h3>{esc(p.title)}</h3><img src="{PLOTS_DIR}/{esc(p.file)}" '
-        f'alt="{esc(p.title)}"><figcaption>{esc(p.caption)}</figcaption></figure>'
-        for p in plots
+        f'<figure><h3>{esc(e.plot.title)}</h3><img src="{tokens[e.plot.name]}" '
+        f'width="{e.width}" height="{e.height}" alt="{esc(e.plot.title)}">'
+        f"<figcaption>{esc(e.plot.caption)}</figcaption></figure>"
+        for e in plots
     )
     return f"<h2>Curves</h2>{figures}"
 
@@ -900,14 +1154,20 @@ def sites_html(run: RunFiles) -> str:
     return f"<h2>Sites</h2>{table(headers, rows, numeric_from=3)}"
 
 
-def configs_html(run: RunFiles) -> str:
+def configs_html(run: RunFiles, scrub: PathScrub) -> str:
     """The model and training configuration the sites trained with."""
     if run.config is None:
         return ""
     parts = []
-    for title, data in (("Model", run.config.model_config_), ("Training", run.config.train_config)):
-        if data:
-            parts.append(f"<h3>{title}</h3>{_kv_grid(_flatten(data))}")
+    model, train = run.config.model_config_, run.config.train_config
+    if model:
+        parts.append(f"<h3>Model</h3>{settings_html(model, {}, scrub, flatten=True)}")
+    if train:
+        unused = unused_train_settings(train, run.config.run_config)
+        parts.append(
+            "<h3>Local training (each site, each round)</h3><p>epochs is the local epochs of "
+            f"one round.</p>{settings_html(train, unused, scrub, flatten=True)}"
+        )
     return f"<h2>Model and training configuration</h2>{''.join(parts)}" if parts else ""
 
 
@@ -934,47 +1194,119 @@ tbody tr:nth-child(even) { background: #fafafa; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .warn { color: #b22222; }
 figure { margin: 1em 0; }
-figure img { max-width: 100%; border: 1px solid #ddd; }
+figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+.note { font-size: 0.9em; color: #555; }
+details { margin: 0.4em 0; font-size: 0.92em; }
+summary { cursor: pointer; color: #555; }
 figcaption { font-size: 0.9em; color: #555; }
 footer { margin-top: 2em; font-size: 0.85em; color: #777; }
 """
 
 
-def build_html(run: RunFiles, plots: Sequence[Plot]) -> str:
-    """The whole page as one string (no external resources, no script)."""
+class PathScrub:
+    """Rewrites the absolute paths of the rendering machine that a run's text may hold.
+
+    Failure reasons and settings are written by the ServerApp on the coordinator's machine and
+    can name its folders (a checkpoint that could not be read, ``runs-dir``, ``resume``). The
+    page is mailed, so they are shown relative to the run directory: the run directory's
+    content as ``checkpoints/…``, the run directory itself by its name, its parent folder as
+    ``..`` and the home folder as ``~``. Both the path as given and as resolved (symlinks) are
+    rewritten, in plain and in HTML-escaped form; a match must start and end at a path
+    boundary, so ``/runs/demo`` is not rewritten inside ``/data/runs/demo-2``.
+    """
+
+    def __init__(self, run_dir: Path, home: Path | None = None) -> None:
+        resolved = run_dir.resolve()
+        name = resolved.name or "."
+        pairs: dict[str, str] = {}
+        for root in dict.fromkeys([run_dir.absolute(), resolved]):
+            pairs[str(root)] = name
+            parent = root.parent
+            if parent != Path(parent.anchor):
+                pairs[str(parent)] = ".."
+        if home is None:
+            try:
+                home = Path.home()
+            except (RuntimeError, KeyError):  # no HOME and no passwd entry
+                home = None
+        if home is not None and home.is_absolute() and home != Path(home.anchor):
+            pairs.setdefault(str(home), "~")
+        self._rules: list[tuple[re.Pattern[str], str]] = []
+        for old, new in sorted(pairs.items(), key=lambda item: len(item[0]), reverse=True):
+            for form_old, form_new in {(old, new), (esc(old), esc(new))}:
+                inside = "" if new == name else new + "/"
+                self._rules.append((re.compile(_BEFORE + re.escape(form_old) + r"[/\\]"), inside))
+                self._rules.append((re.compile(_BEFORE + re.escape(form_old) + _AFTER), form_new))
+
+    def __call__(self, text: str) -> str:
+        for pattern, replacement in self._rules:
+            text = pattern.sub(lambda _m, r=replacement: r, text)
+        return text
+
+
+_BEFORE = r"(?<![\w.\-/\\])"
+_AFTER = r"(?![\w.\-])"
+
+
+def build_html(run: RunFiles, plots: Sequence[EmbeddedPlot]) -> str:
+    """The whole page as one string: no external resource, no script, no absolute path.
+
+    The page is built with a placeholder per image, rewritten by :class:`PathScrub` and only
+    then given the images' data URIs, so base64 text can never be mistaken for a path.
+    """
+    scrub = PathScrub(run.run_dir)
     rendered = f"{utc_time(time.time())} UTC"
+    nonce = secrets.token_hex(8)
+    tokens = {e.plot.name: f"fedpath-plot-{nonce}-{e.plot.name}" for e in plots}
     body = "".join(
         [
-            header_html(run),
+            header_html(run, scrub),
             final_html(run),
-            plots_html(plots),
+            plots_html(plots, tokens),
             rounds_html(run),
             site_rounds_html(run),
             sites_html(run),
-            configs_html(run),
+            configs_html(run, scrub),
         ]
     )
-    return (
+    page = scrub(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>fedpath {esc(run_title(run))}</title><style>{CSS}</style></head>"
         f"<body>{body}<footer>Rendered {esc(rendered)} by fedpath {esc(__version__)} from "
-        f"config.json, metrics.jsonl and final.json of {esc(run.run_dir)}.</footer>"
-        "</body></html>\n"
+        f"config.json, metrics.jsonl and final.json of the run directory "
+        f"{esc(run.run_dir.resolve().name)}. This page is one self-contained file: it can be "
+        "mailed or moved on its own.</footer></body></html>\n"
     )
+    for e in plots:
+        page = page.replace(tokens[e.plot.name], e.data_uri(), 1)
+    return page
+
+
+def remove_legacy_plots(out: Path) -> None:
+    """Delete the ``plots/*.png`` an earlier fedpath wrote next to the page (and the folder if
+    that leaves it empty): the page no longer links them, and stale curves beside a fresh
+    report would mislead whoever opens the folder. Other files are left alone."""
+    folder = out / LEGACY_PLOTS_DIR
+    if not folder.is_dir():
+        return
+    for name in LEGACY_PLOT_FILES:
+        (folder / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty: someone keeps other files there
+        folder.rmdir()
 
 
 def write_report(run: RunFiles, out_dir: str | Path | None = None) -> Path:
     """Write the report of an already-read run (``out_dir`` defaults to its run directory)."""
     out = Path(out_dir) if out_dir is not None else run.run_dir
-    plots = write_plots(run, rounds_for_plots(run), out / PLOTS_DIR)
     page = out / REPORT_FILE
-    atomic_write_text(page, build_html(run, plots))
+    atomic_write_text(page, build_html(run, render_plots(run)))
+    remove_legacy_plots(out)
     return page
 
 
 def render_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Write ``report.html`` and ``plots/*.png`` (into ``run_dir`` unless ``out_dir``).
+    """Write the self-contained ``report.html`` into ``run_dir`` (or ``out_dir``).
 
     Raises ``ConfigError`` when the run directory or one of its files is malformed. Returns the
     path of the page.

@@ -1,4 +1,4 @@
-"""``fedpath report``: run files read strictly, the page and PNGs rendered from them alone.
+"""``fedpath report``: run files read strictly, one self-contained page rendered from them alone.
 
 Run directories are written by hand here, to the ServerApp's contract (config.json,
 metrics.jsonl, final.json): 3 sites, 3 rounds, one site failing in round 2, round 2 retried,
@@ -8,7 +8,12 @@ markup, to prove every string from a run file is escaped.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
+import re
+import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +22,7 @@ import pytest
 
 from client.cli import EXIT_OK, EXIT_USAGE, main
 from common.errors import ConfigError
-from server.report import mpl_text, render_report
+from server.report import PathScrub, figures, mpl_text, render_report, rounds_for_plots
 from server.run_files import read_final, read_metrics, read_run
 
 SITES = ["site_a", "<b>x</b>", "site_c"]
@@ -137,9 +142,38 @@ def make_run(root: Path, *, privacy: bool = True, final: bool = True, rounds: in
     return root
 
 
-def _assert_png(path: Path) -> None:
-    image = mpimg.imread(path)
+def _assert_png(data: bytes) -> None:
+    image = mpimg.imread(io.BytesIO(data), format="png")
     assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 400
+
+
+class _References(HTMLParser):
+    """Every attribute of the page that can make a browser load something, and the alt text
+    of each image (its plot's title)."""
+
+    LOADING = frozenset(
+        {"src", "href", "srcset", "data", "poster", "action", "background", "xlink:href"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.references: list[tuple[str, str, str]] = []
+        self.images: dict[str, bytes] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        for name, value in attrs:
+            if name in self.LOADING:
+                self.references.append((tag, name, value or ""))
+        src = values.get("src") or ""
+        if tag == "img" and src.startswith("data:image/png;base64,"):
+            self.images[values.get("alt") or ""] = base64.b64decode(src.split(",", 1)[1])
+
+
+def _references(text: str) -> _References:
+    parser = _References()
+    parser.feed(text)
+    return parser
 
 
 # -------------------------------------------------------------------------------------------
@@ -205,9 +239,11 @@ def test_report_files_and_escaped_content(tmp_path: Path) -> None:
     page = render_report(run_dir)
     assert page == run_dir / "report.html"
     text = page.read_text(encoding="utf-8")
-    for name in ("loss", "auc", "weights", "epsilon"):
-        assert f'src="plots/{name}.png"' in text
-        _assert_png(run_dir / "plots" / f"{name}.png")
+    images = _references(text).images
+    assert sorted(images) == ["AUC", "Aggregation weights", "Loss", "Privacy spent"]
+    for data in images.values():
+        _assert_png(data)
+    assert not (run_dir / "plots").exists()
     assert "&lt;b&gt;x&lt;/b&gt;" in text and "<b>x</b>" not in text
     assert "timeout after 600 s &lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "<script" not in text.lower()
@@ -218,7 +254,7 @@ def test_report_files_and_escaped_content(tmp_path: Path) -> None:
     assert PRIVACY_TEXT.replace("δ", "δ") in text
     assert "2 (retried)" in text
     assert "fedmix-lambda" in text and "0.8765" in text
-    assert "all sites (pooled)" in text
+    assert "<strong>all sites</strong>" in text and "not a metric over all slides" in text
     assert "checkpoints/round_0003.pt" in text
     assert not list(run_dir.rglob(".fedpath-tmp-*"))
 
@@ -228,10 +264,10 @@ def test_report_without_privacy_or_final(tmp_path: Path) -> None:
     text = render_report(run_dir).read_text(encoding="utf-8")
     assert "run in progress or interrupted after round 2 of 3" in text
     assert "No site reported a privacy budget" in text
-    assert "epsilon.png" not in text
-    assert not (run_dir / "plots" / "epsilon.png").exists()
-    for name in ("loss", "auc", "weights"):
-        _assert_png(run_dir / "plots" / f"{name}.png")
+    images = _references(text).images
+    assert sorted(images) == ["AUC", "Aggregation weights", "Loss"]  # no ε to plot
+    for data in images.values():
+        _assert_png(data)
 
 
 def test_report_before_any_round_and_into_another_folder(tmp_path: Path) -> None:
@@ -374,3 +410,142 @@ def test_skipped_slides_are_counted_per_site_and_round(tmp_path: Path) -> None:
     # A run from before the metric existed shows n/a and no warning.
     plain = render_report(make_run(tmp_path / "old")).read_text(encoding="utf-8")
     assert "failed validation" not in plain
+
+
+# -------------------------------------------------------------------------------------------
+# One self-contained file (issue 20.14).
+
+
+def _set_run_config(run_dir: Path, **changes: Any) -> None:
+    config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    config["run_config"].update({k.replace("_", "-"): v for k, v in changes.items()})
+    config["train_config"].update({"epochs": 2, "patience": 20, "min_epochs": 50,
+                                   "stopping_loss": "slide", "grad_clip": None})  # fmt: skip
+    (run_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
+
+
+def test_report_is_one_file_that_opens_alone_and_names_no_local_path(tmp_path: Path) -> None:
+    """Mailed on its own: every plot inside the page, nothing loaded from anywhere, and no
+    absolute path of the machine that rendered it, although the run's own files name them."""
+    run_dir = make_run(tmp_path / "run")
+    _set_run_config(
+        run_dir,
+        runs_dir=str(tmp_path),
+        resume=str(tmp_path / "run-before"),
+        simulation_data="/srv/federation/sim-sites",
+    )
+    final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
+    final["reason"] = f"{run_dir / 'checkpoints' / 'round_0002.pt'}: cannot be read ({run_dir})"
+    final["status"] = "failed"
+    (run_dir / "final.json").write_text(json.dumps(final), encoding="utf-8")
+    (run_dir / "plots").mkdir()
+    (run_dir / "plots" / "loss.png").write_bytes(b"stale plot of an older fedpath")
+    page = render_report(run_dir)
+    mailed = tmp_path / "inbox"
+    mailed.mkdir()
+    shutil.copy(page, mailed / "report.html")
+    assert [p.name for p in mailed.iterdir()] == ["report.html"]
+    text = (mailed / "report.html").read_text(encoding="utf-8")
+
+    refs = _references(text)
+    for tag, attribute, value in refs.references:
+        assert value.startswith("data:image/png;base64,"), (tag, attribute, value[:80])
+    assert sorted(refs.images) == ["AUC", "Aggregation weights", "Loss", "Privacy spent"]
+    for data in refs.images.values():
+        _assert_png(data)
+    assert re.search(r"url\(|@import|<link|<script|<iframe", text, re.IGNORECASE) is None
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+    assert str(Path.home()) + "/" not in text
+    assert "/srv/federation" not in text and "…/sim-sites" in text
+    assert "checkpoints/round_0002.pt: cannot be read (run)" in text
+    assert '<span class="key">runs-dir</span> ..</div>' in text
+    assert '<span class="key">resume</span> ../run-before</div>' in text
+    assert not (run_dir / "plots").exists(), "the stale plots of an older report are removed"
+
+
+def test_path_scrub_rewrites_whole_path_components_only(tmp_path: Path) -> None:
+    run_dir = tmp_path / "runs" / "demo"
+    scrub = PathScrub(run_dir, home=tmp_path / "home" / "coord")
+    runs = tmp_path / "runs"
+    assert scrub(f"{run_dir}/final.json") == "final.json"
+    assert scrub(f"resume={run_dir}") == "resume=demo"
+    assert scrub(f"{runs}/demo-2/final.json") == "../demo-2/final.json"
+    assert scrub(f"{runs}") == ".."
+    assert scrub(f"{tmp_path}/home/coord/.fedpath") == "~/.fedpath"
+    assert scrub(f"/mnt{run_dir}/x") == f"/mnt{run_dir}/x", "not a path of this machine's run"
+    assert scrub(f"{runs}x/y") == f"{runs}x/y"
+
+
+def _unused_table(text: str) -> str:
+    start = text.find("did not apply to this run</summary>")
+    return text[start : text.index("</details>", start)] if start >= 0 else ""
+
+
+def _settings_in_effect(text: str) -> str:
+    start = text.index("<h2>Run settings</h2>")
+    return text[start : text.index("</div></div>", start)]
+
+
+def test_settings_the_run_did_not_use_are_listed_apart_with_the_reason(tmp_path: Path) -> None:
+    """FedAvg: no λ/β; DP off: no DP knobs; a federated round never stops early."""
+    run_dir = make_run(tmp_path / "fedavg")
+    _set_run_config(
+        run_dir,
+        strategy="fedavg",
+        client_dp="off",
+        client_dp_clip_norm=1.0,
+        dp_noise_multiplier=0.0,
+        dp_target_epsilon=0.0,
+        dp_max_grad_norm=1.0,
+        dp_delta=1e-5,
+    )
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    in_effect, unused = _settings_in_effect(text), _unused_table(text)
+    for key in ("fedmix-lambda", "fedmix-beta", "client-dp-clip-norm", "dp-max-grad-norm",
+                "dp-delta"):  # fmt: skip
+        assert f">{key}<" not in in_effect and f"<td>{key}</td>" in unused, key
+    assert "λ and β weigh FedMix only; the strategy is fedavg" in unused
+    assert "slide-level DP-SGD is off" in unused and "client-level DP is off" in unused
+    assert '<span class="key">local-epochs</span> 2' in in_effect
+    training = text[text.index("<h3>Local training") :]
+    for key in ("patience", "min_epochs", "stopping_loss"):
+        assert f'<span class="key">{key}</span>' not in training
+        assert f"<td>{key}</td>" in _unused_table(training)
+    assert "no early stopping" in training
+
+    fedmix = make_run(tmp_path / "fedmix")
+    _set_run_config(fedmix, dp_noise_multiplier=1.1, dp_target_epsilon=0.0, dp_delta=1e-5)
+    text = render_report(fedmix).read_text(encoding="utf-8")
+    in_effect = _settings_in_effect(text)
+    for key in ("fedmix-lambda", "fedmix-beta", "dp-delta"):
+        assert f'<span class="key">{key}</span>' in in_effect, key
+        assert f"<td>{key}</td>" not in _unused_table(text)
+
+
+def test_every_axis_has_a_title_with_its_unit(tmp_path: Path) -> None:
+    run = read_run(make_run(tmp_path / "run"))
+    made = figures(run, rounds_for_plots(run))
+    assert [plot.name for plot, _ in made] == ["loss", "auc", "weights", "epsilon"]
+    for plot, fig in made:
+        for ax in fig.axes:
+            assert ax.get_xlabel() == "federated round (no.)", plot.name
+            assert re.fullmatch(r".+ \(.+\)", ax.get_ylabel()), (plot.name, ax.get_ylabel())
+
+
+def test_final_table_shows_every_metric_key_of_final_json(tmp_path: Path) -> None:
+    """Metrics added to final.json later (calibration, intervals) appear without a code change."""
+    run_dir = make_run(tmp_path / "run")
+    final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
+    for i, site in enumerate(SITES):
+        final["test"][site] |= {"brier": 0.1 + i / 100, "ece": 0.05, "threshold": 0.42,
+                                "patch_auc_pooled": 0.777}  # fmt: skip
+    final["global_test"] |= {"auc_ci": [0.61, 0.97], "brand_new_metric": {"value": 0.5}}
+    (run_dir / "final.json").write_text(json.dumps(final), encoding="utf-8")
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    section = text[text.index("<h2>Final test results") : text.index("<h2>Curves")]
+    headers = re.findall(r"<th>([^<]*)</th>", section)
+    assert headers == ["site", "slides", "loss", "slide AUC", "patch AUC", "balanced accuracy",
+                       "F1", "Brier score", "ECE", "threshold", "AUC CI", "brand new metric",
+                       "patch AUC pooled"]  # fmt: skip
+    assert "0.1100" in section and "0.7770" in section and "0.6100 – 0.9700" in section
+    assert "0.5000" in section and '<td class="num">0.4200</td>' in section
