@@ -180,3 +180,75 @@ def test_symlink_escaping_root_is_refused(tmp_path: Path) -> None:
 )
 def test_parse_bool(text: str, expected: bool | None) -> None:
     assert parse_bool(text) is expected
+
+
+# --------------------------------------------------------------------------------------------
+# What Excel writes (issue 20, point 6)
+# --------------------------------------------------------------------------------------------
+
+_ROWS = "slide_id{d}path{d}label{d}mpp\na{d}a.svs{d}tumour{d}0.25\nb{d}b.svs{d}normal{d}\n"
+
+
+def _write_bytes(tmp_path: Path, data: bytes) -> Path:
+    path = _write(tmp_path, "")
+    path.write_bytes(data)
+    return path
+
+
+def test_a_semicolon_separated_manifest_with_an_unambiguous_header_is_accepted(
+    tmp_path: Path,
+) -> None:
+    # Excel in a decimal-comma locale: ';' between fields, ',' in numbers.
+    path = _write(tmp_path, _ROWS.format(d=";").replace("0.25", "0,25"))
+    a, b = load_manifest(path, LABELS).rows
+    assert (a.slide_id, a.label, a.mpp, b.slide_id) == ("a", "tumour", 0.25, "b")
+    assert a.path == (tmp_path / "a.svs").resolve()
+
+
+def test_a_tab_separated_utf16_manifest_excel_unicode_text_is_accepted(tmp_path: Path) -> None:
+    path = _write_bytes(tmp_path, _ROWS.format(d="\t").encode("utf-16"))  # with its BOM
+    assert [r.slide_id for r in load_manifest(path, LABELS).rows] == ["a", "b"]
+
+
+def test_utf8_with_byte_order_mark_is_accepted(tmp_path: Path) -> None:
+    path = _write_bytes(tmp_path, _ROWS.format(d=",").encode("utf-8-sig"))
+    assert load_manifest(path, LABELS).rows[0].slide_id == "a"
+
+
+def test_a_semicolon_header_with_an_unknown_name_is_refused_saying_how_it_was_read(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path, "slide_id;path;label;colour\na;a.svs;tumour;red\n")
+    problems = _problems(path)
+    assert problems[0] == (
+        "line 1: read as semicolon-separated (its names are separated by ';', not by commas); "
+        "a semicolon-separated manifest is accepted only when every column name is known"
+    )
+    assert problems[1].startswith("line 1: unknown column(s): 'colour'")
+
+
+def test_a_comma_in_a_number_of_a_comma_separated_file_says_to_use_a_point(
+    tmp_path: Path,
+) -> None:
+    path = _write(tmp_path, 'slide_id,path,label,mpp\na,a.svs,tumour,"0,25"\n')
+    assert _problems(path)[0] == (
+        "line 2 (a): mpp '0,25' is not a number (write it with a decimal point)"
+    )
+    assert _problems(path)[-1] == "no row is usable: nothing to prepare"
+
+
+def test_a_windows_1252_manifest_is_refused_naming_the_byte_and_the_fix(tmp_path: Path) -> None:
+    data = "slide_id,path,label\na,a.svs,normal\nb,b.svs,normal\nc,caf\u00e9.svs,normal\n"
+    path = _write_bytes(tmp_path, data.encode("cp1252"))
+    assert _problems(path) == [
+        "slides.csv is not UTF-8 (byte 0xE9 at line 4, column 6 looks like Windows-1252/Latin-1 "
+        '"é"); save it as "CSV UTF-8 (Comma delimited)" in Excel (Save As), or convert it with '
+        "`iconv -f cp1252 -t utf-8 slides.csv > utf8-slides.csv`"
+    ]
+
+
+def test_utf16_without_byte_order_mark_is_named(tmp_path: Path) -> None:
+    path = _write_bytes(tmp_path, _ROWS.format(d="\t").encode("utf-16-le"))
+    problem = _problems(path)[0]
+    assert "looks like UTF-16 without a byte-order mark" in problem
+    assert "iconv -f utf-16le -t utf-8 slides.csv" in problem

@@ -8,6 +8,12 @@ slides. Only problems that make every row doubtful (not a readable CSV file, a b
 usable row at all) raise ``ManifestError``. Slide ids become file names, so they are restricted
 to a safe alphabet, and slide paths must stay inside the slide root (a manifest must not be
 able to make fedpath read ``/etc/shadow`` or write outside its output directory).
+
+Manifests are mostly written in Excel, whose defaults in much of Europe are a ``;`` separator
+and a Windows code page: the separator is accepted when the header leaves no doubt, a
+byte-order mark (UTF-8 or UTF-16) is read as such, and text in any other encoding is refused
+with the byte at fault and how to re-save it, never guessed (a guessed é in a path would
+name another file).
 """
 
 from __future__ import annotations
@@ -30,6 +36,10 @@ OPTIONAL_COLUMNS: tuple[str, ...] = (
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SLIDE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DELIMITERS: tuple[str, ...] = (",", ";", "\t")
+"""Comma first: it wins whenever its header is valid. Excel writes ``;`` where the decimal
+separator is a comma, and a tab for "Unicode text"."""
+_DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab"}
 _TRUE = {"true", "yes", "1", "y", "t"}
 _FALSE = {"false", "no", "0", "n", "f"}
 MAX_MANIFEST_BYTES = 50 * 1024 * 1024
@@ -130,13 +140,13 @@ def load_manifest(
         raise ManifestError(str(path), [f"file is larger than {MAX_MANIFEST_BYTES} bytes"])
     base = manifest_path.parent
     root = Path(slide_root).expanduser().resolve() if slide_root is not None else base
-    try:
-        text = manifest_path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as exc:
-        problem = f"not UTF-8 text ({exc.reason} at byte {exc.start})"
-        raise ManifestError(str(path), [problem]) from exc
+    text = decode_manifest(manifest_path.read_bytes(), manifest_path.name, str(path))
+    lines = text.splitlines()
+    if not lines:
+        raise ManifestError(str(path), ["file is empty (no header row)"])
+    delimiter, header_problems = sniff_delimiter(lines[0])
 
-    reader = csv.reader(text.splitlines())
+    reader = csv.reader(lines, delimiter=delimiter)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
@@ -144,7 +154,6 @@ def load_manifest(
     except csv.Error as exc:
         raise ManifestError(str(path), [f"line 1: not valid CSV ({exc})"]) from exc
 
-    header_problems: list[str] = []
     known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     if missing:
@@ -166,7 +175,7 @@ def load_manifest(
     except csv.Error as exc:
         raise ManifestError(str(path), [*header_problems, f"not valid CSV ({exc})"]) from exc
     checked = [
-        _check_record(line, values, header, tuple(labels), base, root, check_files)
+        _check_record(line, values, header, tuple(labels), base, root, check_files, delimiter)
         for line, values in records
         if any(v.strip() for v in values)  # blank lines are harmless
     ]
@@ -200,6 +209,7 @@ def _check_record(
     base: Path,
     root: Path,
     check_files: bool,
+    delimiter: str = ",",
 ) -> _Checked:
     """Validate one record; a record with the wrong field count keeps its id if it has one."""
     if len(values) != len(header):
@@ -208,7 +218,7 @@ def _check_record(
         problem = f"line {line}: has {len(values)} fields, the header has {len(header)}"
         return _Checked(line, slide_id, None, (problem,))
     cells = {h: v.strip() for h, v in zip(header, values, strict=True)}
-    row, problems = _validate_row(line, cells, labels, base, root, check_files)
+    row, problems = _validate_row(line, cells, labels, base, root, check_files, delimiter)
     return _Checked(line, cells["slide_id"], row, tuple(problems))
 
 
@@ -253,6 +263,7 @@ def _validate_row(
     base: Path,
     root: Path,
     check_files: bool,
+    delimiter: str = ",",
 ) -> tuple[ManifestRow | None, list[str]]:
     """Check one row; returns the row (or None when unusable) and its problems."""
     problems: list[str] = []
@@ -307,10 +318,13 @@ def _validate_row(
     mpp: float | None = None
     raw_mpp = cells.get("mpp", "")
     if raw_mpp:
+        # Where ';' separates fields, Excel writes decimal commas; unambiguous there.
+        number = raw_mpp.replace(",", ".", 1) if delimiter != "," else raw_mpp
         try:
-            mpp = float(raw_mpp)
+            mpp = float(number)
         except ValueError:
-            problems.append(f"{where}: mpp '{raw_mpp}' is not a number")
+            hint = " (write it with a decimal point)" if "," in raw_mpp else ""
+            problems.append(f"{where}: mpp '{raw_mpp}' is not a number{hint}")
         else:
             if not 0.01 <= mpp <= 100:
                 problems.append(f"{where}: mpp {mpp} is outside 0.01-100 µm/px")
@@ -332,3 +346,97 @@ def _validate_row(
         ),
         problems,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and separator: what Excel writes
+# --------------------------------------------------------------------------------------------
+
+
+def decode_manifest(data: bytes, name: str, shown: str) -> str:
+    """The manifest's text: UTF-8 (with or without byte-order mark) or BOM-marked UTF-16.
+
+    Anything else is refused naming the first byte that is not UTF-8, with the character it
+    would be in Windows-1252 (what Excel's "CSV" writes in Western Europe) and the two ways to
+    fix the file. UTF-16 without a mark (many zero bytes) is named as such.
+    """
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            problem = f"starts with a UTF-16 byte-order mark but is not UTF-16 text ({exc.reason})"
+            raise ManifestError(shown, [problem]) from None
+    if data.count(b"\x00") > len(data) // 4:  # ASCII in UTF-16: every other byte is zero
+        problem = (
+            f"{name} is not UTF-8: it looks like UTF-16 without a byte-order mark (Excel's "
+            '"Unicode Text"); ' + _FIX.format(enc="utf-16le", name=name)
+        )
+        raise ManifestError(shown, [problem])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(shown, [_not_utf8_problem(data, exc, name)]) from None
+
+
+_FIX = (
+    'save it as "CSV UTF-8 (Comma delimited)" in Excel (Save As), or convert it with '
+    "`iconv -f {enc} -t utf-8 {name} > utf8-{name}`"
+)
+
+
+def _not_utf8_problem(data: bytes, exc: UnicodeDecodeError, name: str) -> str:
+    start = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+    byte = data[start]
+    line = data.count(b"\n", 0, start) + 1
+    line_start = data.rfind(b"\n", 0, start) + 1
+    column = len(data[line_start:start].decode("utf-8-sig", errors="replace")) + 1
+    try:
+        char = bytes([byte]).decode("cp1252")
+    except UnicodeDecodeError:
+        char = ""
+    looks = f' looks like Windows-1252/Latin-1 "{char}"' if char.isprintable() and char else ""
+    return (
+        f"{name} is not UTF-8 (byte 0x{byte:02X} at line {line}, column {column}{looks}); "
+        + _FIX.format(enc="cp1252", name=name)
+    )
+
+
+def sniff_delimiter(header_line: str) -> tuple[str, list[str]]:
+    """The field separator, and a note to put before header problems (empty when none).
+
+    A comma whose header is valid wins. Otherwise ``;`` or a tab is taken only when the header
+    splits on it into known columns, the required ones included, and does not split on a
+    comma: then no reading but one is possible. When no separator gives a valid header, the
+    one naming the most known columns is used, so the problems listed are about the real
+    column names, and the note says which separator was assumed.
+    """
+    known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+
+    def names(delimiter: str) -> list[str]:
+        try:
+            row = next(csv.reader([header_line], delimiter=delimiter), [])
+        except csv.Error:
+            return []
+        return [n.strip() for n in row]
+
+    def valid(columns: list[str]) -> bool:
+        return (
+            set(columns) <= known
+            and set(REQUIRED_COLUMNS) <= set(columns)
+            and len(set(columns)) == len(columns)
+        )
+
+    if valid(names(",")):
+        return ",", []
+    for delimiter in DELIMITERS[1:]:
+        if len(names(",")) == 1 and valid(names(delimiter)):
+            return delimiter, []
+    best = max(DELIMITERS, key=lambda d: sum(1 for n in names(d) if n in known))
+    if best == "," or sum(1 for n in names(best) if n in known) == 0:
+        return ",", []
+    note = (
+        f"line 1: read as {_DELIMITER_NAMES[best]}-separated (its names are separated by "
+        f"{best!r}, not by commas); a {_DELIMITER_NAMES[best]}-separated manifest is "
+        "accepted only when every column name is known"
+    )
+    return best, [note]
