@@ -6,7 +6,8 @@ wires files, options and terminal output; training is ``client.training.trainer.
 scoring is ``client.training.evaluate`` and the pictures are ``client.training.heatmaps``.
 
 A run directory holds ``metrics.jsonl`` (one line per epoch, rewritten atomically so a crash
-never leaves a torn line), ``model.pt`` (weights + model config), ``config.json`` (full config,
+never leaves a torn line), ``model.pt`` (weights + model config + the slide calibration fitted
+on the validation split, which ``eval`` applies), ``config.json`` (full config,
 labels and the slide ids of every split, so ``eval`` scores exactly the slides held out) and,
 after ``eval``, ``predictions_<split>.csv`` and ``eval_<split>.json``; ``heatmaps`` writes
 ``heatmaps/<slide_id>.png`` (by default inside the run). All of it stays on the hospital's disk.
@@ -40,8 +41,11 @@ from common.mil.config import ModelConfig
 
 if TYPE_CHECKING:
     from client.training.bags import BagSkips
+    from client.training.evaluate import EvaluationResult
     from client.training.heatmaps import HeatmapRecord
     from client.training.site_index import BagEntry
+    from common.calibration import SlideCalibration
+    from common.metrics import MetricWithCI
     from common.mil.models import MILModel
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
@@ -108,10 +112,26 @@ def _skipped_line(skips: BagSkips) -> str:
     )
 
 
+def _calibration_line(
+    scores: EvaluationResult, calibration: SlideCalibration, labels: Sequence[str]
+) -> str:
+    """Validation balanced accuracy, Brier and ECE before and after calibration, one line."""
+    from client.training.evaluate import metrics_of
+
+    after = metrics_of(scores.predictions, bootstrap=0, labels=labels, calibration=calibration)
+    before = after.uncalibrated or after.slide
+    return (
+        f"  val balanced accuracy {_float(before.balanced_accuracy.value)} → "
+        f"{_float(after.slide.balanced_accuracy.value)}, Brier {_float(before.brier)} → "
+        f"{_float(after.slide.brier)}, ECE {_float(before.ece)} → {_float(after.slide.ece)} "
+        "(uncalibrated → calibrated)"
+    )
+
+
 def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    from client.training.evaluate import save_checkpoint
+    from client.training.evaluate import evaluate_bags, fit_on_predictions, save_checkpoint
     from client.training.site_index import load_site_index, split_entries
     from client.training.trainer import EpochMetrics, train
     from common import __version__
@@ -166,7 +186,13 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
 
         result = train(model, train_bags, val_bags, cfg.train, on_epoch=on_epoch)
 
-    save_checkpoint(run / MODEL_FILE, result.model, cfg.model)
+    # Post-hoc calibration of the restored best model on the validation split (no slide of
+    # it is trained on): a temperature for the slide logits and a decision threshold.
+    val_scores = evaluate_bags(result.model, val_bags, bootstrap=0) if val_bags else None
+    calibration = fit_on_predictions(
+        val_scores.predictions if val_scores is not None else [], labels
+    )
+    save_checkpoint(run / MODEL_FILE, result.model, cfg.model, calibration)
     atomic_write_json(
         run / CONFIG_FILE,
         {
@@ -181,6 +207,7 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
             "skipped": _skipped_json(skips),
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,
+            "calibration": calibration.model_dump(mode="json"),
         },
     )
     best = next(m for m in result.history if m.epoch == result.best_epoch)
@@ -189,6 +216,9 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
         f"{' (stopped early)' if result.stopped_early else ''}: "
         f"val loss {_float(best.val_loss)}, val AUC {_float(best.val_auc)}"
     )
+    console.print(f"calibration on the val split: {calibration.describe()}")
+    if val_scores is not None and calibration.fitted:
+        console.print(_calibration_line(val_scores, calibration, labels))
     console.print(f"run: {run}  (model {run / MODEL_FILE}, metrics {run / METRICS_FILE})")
     if skips.skipped:
         console.print(_skipped_line(skips))
@@ -256,7 +286,12 @@ def _split_entries(
 
 
 def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
-    from client.training.evaluate import SlidePrediction, evaluate_entries, predictions_csv
+    from client.training.evaluate import (
+        SlidePrediction,
+        evaluate_entries,
+        load_calibration,
+        predictions_csv,
+    )
     from client.training.site_index import load_site_index
     from common.atomic import atomic_write_json, atomic_write_text
 
@@ -264,6 +299,7 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
     run: Path = args.run
     opened = _open_run(run, data)
     labels = opened.labels
+    calibration = None if args.uncalibrated else load_calibration(run / MODEL_FILE)
     chosen = _split_entries(load_site_index(data, labels), opened.config, args.split, data, run)
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap must be >= 0, got {args.bootstrap}")
@@ -283,10 +319,12 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
             feature_dim=opened.model_cfg.feature_dim,
             bootstrap=args.bootstrap,
             on_slide=on_slide,
+            labels=labels,
+            calibration=calibration,
         )
     csv_path = run / f"predictions_{args.split}.csv"
     json_path = run / f"eval_{args.split}.json"
-    atomic_write_text(csv_path, predictions_csv(result.predictions, labels))
+    atomic_write_text(csv_path, predictions_csv(result.predictions, labels, calibration))
     atomic_write_json(
         json_path,
         {
@@ -297,27 +335,74 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
         },
     )
 
-    table = Table(title=f"{args.split}: {len(chosen)} slides")
-    for column in ("metric", "value", "95% CI"):
-        table.add_column(column)
-    for name, metric in (
-        ("slide AUC", result.slide.auc),
-        ("balanced accuracy", result.slide.balanced_accuracy),
-        ("F1", result.slide.f1),
-    ):
-        ci = f"{_float(metric.low)} – {_float(metric.high)}"
-        table.add_row(name, _float(metric.value), ci if math.isfinite(metric.low) else "n/a")
-    if result.patch is not None:
-        p = result.patch
-        for name, value in (("patch AUC", p.auc), ("patch AP", p.average_precision)):
-            table.add_row(name, _float(value), "")
-        table.add_row("patch Dice", _float(p.dice), f"({p.n_labelled} labelled patches)")
-    console.print(table)
+    console.print(_eval_table(args.split, result, labels))
+    for line in _calibration_notes(result, args.uncalibrated):
+        console.print(line)
     console.print(f"wrote {csv_path} and {json_path}")
     if skips.skipped:
         console.print(_skipped_line(skips))
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _eval_table(split: str, result: EvaluationResult, labels: Sequence[str]) -> Table:
+    """Slide metrics with their intervals (or why there is none), then patch metrics.
+
+    Rows marked ``*`` depend on the calibration (the threshold or the probabilities); AUC does
+    not (a temperature keeps the ranking).
+    """
+    slide = result.slide
+    counts = " / ".join(f"{n} {labels[i]}" for i, n in enumerate(slide.class_counts))
+    mark = "*" if result.calibrated else ""
+    table = Table(title=f"{split}: {slide.n_slides} slides ({counts})")
+    for column in ("metric", "value", "95% CI"):
+        table.add_column(column)
+    rows: list[tuple[str, MetricWithCI]] = [("slide AUC", slide.auc)]
+    rows.append((f"balanced accuracy{mark}", slide.balanced_accuracy))
+    if slide.n_classes == 2 and len(slide.recall) == 2:
+        rows.append((f"sensitivity ({labels[1]}){mark}", slide.recall[1]))
+        rows.append((f"specificity ({labels[0]}){mark}", slide.recall[0]))
+    else:
+        rows += [(f"recall {labels[i]}{mark}", r) for i, r in enumerate(slide.recall)]
+    rows.append((f"F1{mark}", slide.f1))
+    for name, metric in rows:
+        table.add_row(name, _float(metric.value), metric.interval_text())
+    table.add_row(f"Brier score{mark}", _float(slide.brier), "")
+    table.add_row(f"ECE{mark}", _float(slide.ece), "")
+    if result.patch is not None:
+        p = result.patch
+        for name, value in (("patch AUC", p.auc), ("patch AP", p.average_precision)):
+            table.add_row(name, _float(value), "")
+        table.add_row("patch Dice", _float(p.dice), f"({p.n_labelled} labelled patches)")
+    return table
+
+
+def _calibration_notes(result: EvaluationResult, refused: bool) -> list[str]:
+    """Which numbers are calibrated, how, and what they were before."""
+    if refused:
+        return ["uncalibrated (--uncalibrated): model probabilities, decision at the argmax"]
+    cal = result.calibration
+    if cal is None:
+        return [
+            "uncalibrated: this model.pt holds no calibration (trained by an older fedpath); "
+            "run `fedpath local train` again to fit one on the val split"
+        ]
+    if not cal.fitted:
+        return [f"uncalibrated (T = 1, argmax): the val split could not fit one: {cal.reason}"]
+    raw = result.uncalibrated
+    assert raw is not None
+    lines = [f"* calibrated on the val split: {cal.describe()}"]
+    lines.append(
+        f"  uncalibrated (T = 1, argmax): balanced accuracy "
+        f"{_float(raw.balanced_accuracy.value)}, Brier {_float(raw.brier)}, "
+        f"ECE {_float(raw.ece)}"
+    )
+    if cal.temperature_at_bound:
+        lines.append(
+            "  the temperature is at its upper search bound: on the val split the model "
+            "ranks slides no better than chance"
+        )
+    return lines
 
 
 def _select_slides(entries: list[BagEntry], wanted: str | None, split: str) -> list[BagEntry]:
@@ -432,7 +517,15 @@ def add_local_commands(sub: Any) -> None:
     ev.add_argument("--run", type=Path, required=True, help="run directory of `local train`")
     ev.add_argument("--split", choices=EVAL_SPLITS, default="test", help="slides to score")
     ev.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples of the CIs (1000)"
+        "--bootstrap",
+        type=int,
+        default=1000,
+        help="bootstrap resamples of the intervals that need them (F1; AUC of >2 labels) (1000)",
+    )
+    ev.add_argument(
+        "--uncalibrated",
+        action="store_true",
+        help="ignore the calibration stored with the model (raw probabilities, argmax)",
     )
     ev.set_defaults(handler=cmd_local_eval)
 

@@ -85,7 +85,7 @@ def _make_site(root: Path, *, with_site_json: bool = True) -> list[dict[str, str
     return rows
 
 
-def test_local_train_then_eval(tmp_path: Path) -> None:
+def test_local_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, run = tmp_path / "site", tmp_path / "run"
     rows = _make_site(data)
     argv = ["local", "train", "--data", str(data), "--out", str(run)]
@@ -107,7 +107,8 @@ def test_local_train_then_eval(tmp_path: Path) -> None:
     model, model_cfg = load_checkpoint(run / "model.pt")
     assert model_cfg.feature_dim == DIM and not model.training
 
-    assert main(["local", "eval", "--data", str(data), "--run", str(run), "--split", "test"]) == 0
+    eval_argv = ["local", "eval", "--data", str(data), "--run", str(run), "--split", "test"]
+    assert main([*eval_argv, "--uncalibrated"]) == 0
     with (run / "predictions_test.csv").open(newline="", encoding="utf-8") as fh:
         preds = list(csv.DictReader(fh))
     assert [p["slide_id"] for p in preds] == test_ids
@@ -117,9 +118,14 @@ def test_local_train_then_eval(tmp_path: Path) -> None:
         assert total == pytest.approx(1.0, abs=1e-5)
         expected = "tumour" if float(p["prob_tumour"]) > float(p["prob_normal"]) else "normal"
         assert p["pred"] == expected
+    capsys.readouterr()
+    assert main(eval_argv) == 0
+    assert "n/a (2 normal / 2 tumour slides; need ≥ 10" in capsys.readouterr().out
     report = json.loads((run / "eval_test.json").read_text(encoding="utf-8"))
     auc = report["slide_metrics"]["auc"]
-    assert auc["low"] <= auc["value"] <= auc["high"]
+    # 2 normal / 2 tumour test slides: no interval, and the reason instead (issue 20.15).
+    assert auc["low"] is None and auc["high"] is None
+    assert auc["ci_reason"] == "2 normal / 2 tumour slides; need ≥ 10 per class"
     assert report["slide_metrics"]["n_slides"] == 4
     assert report["slide_metrics"]["bootstrap"] == 1000
     # Test slides s12, s13 are annotated (i % 4 in {0, 1}): 24 + 25 labelled patches.

@@ -18,9 +18,12 @@ from common.metrics import (
     MetricWithCI,
     PatchMetrics,
     SlideMetrics,
+    auc_interval,
+    mover_mean_interval,
     patch_metrics,
     pooled_patch_metrics,
     slide_metrics,
+    wilson_interval,
 )
 
 
@@ -93,7 +96,7 @@ def test_three_class_auc_is_macro_one_vs_rest() -> None:
     assert m.auc.value == pytest.approx(sum(per_class) / 3)
 
 
-def test_bootstrap_ci_contains_estimate_and_is_deterministic() -> None:
+def test_intervals_contain_the_estimate_and_are_deterministic() -> None:
     rng = np.random.default_rng(11)
     y = rng.integers(0, 2, size=60)
     p1 = np.clip(0.3 * y + rng.random(60) * 0.7, 0, 1)
@@ -107,27 +110,108 @@ def test_bootstrap_ci_contains_estimate_and_is_deterministic() -> None:
         assert ma.low < ma.high
         assert ma.low >= 0.0 and ma.high <= 1.0
         assert ma == getattr(b, metric)
-        assert ma.n_boot == 120  # 60 slides of both classes: no resample is single-class
-    assert (a.auc.low, a.auc.high) != (c.auc.low, c.auc.high)
+    # Analytic where a small-sample method exists; F1 alone is bootstrapped.
+    assert a.auc.method.startswith("Newcombe") and a.auc.n_boot == 0
+    assert a.balanced_accuracy.method == "MOVER-Wilson"
+    assert a.f1.method == "bootstrap percentile" and a.f1.n_boot == 120
+    assert (a.f1.low, a.f1.high) != (c.f1.low, c.f1.high)
+    assert a.auc == c.auc  # no resampling in it
+
+
+def test_two_test_slides_give_no_interval_but_say_why() -> None:
+    """Issue 20.15: `local eval` on 2 slides printed "1.0000 – 1.0000"."""
+    m = slide_metrics(
+        np.array([0, 1]), _binary_probs([0.2, 0.9]), bootstrap=1000, labels=("normal", "tumour")
+    )
+    assert m.auc.value == 1.0
+    for metric in (m.auc, m.balanced_accuracy, m.f1, *m.recall):
+        assert math.isnan(metric.low) and math.isnan(metric.high)
+        assert metric.ci_reason is not None
+    assert m.auc.interval_text() == "n/a (1 normal / 1 tumour slides; need ≥ 10 per class)"
+    assert m.balanced_accuracy.interval_text() == (
+        "n/a (1 normal / 1 tumour slides; need ≥ 5 per class)"
+    )
+    assert m.recall[1].interval_text() == "n/a (1 tumour slides; need ≥ 5 per class)"
+
+
+def test_the_minimum_is_per_class_not_per_set() -> None:
+    """40 slides, but only 9 of one class: the AUC interval is still not estimable."""
+    y = np.array([0] * 31 + [1] * 9)
+    p1 = np.linspace(0.05, 0.95, 40)
+    m = slide_metrics(y, _binary_probs(p1.tolist()), bootstrap=50, labels=("normal", "tumour"))
+    assert m.auc.ci_reason == "31 normal / 9 tumour slides; need ≥ 10 per class"
+    assert m.balanced_accuracy.has_interval and m.recall[1].has_interval  # 9 >= 5
+    y10 = np.array([0] * 30 + [1] * 10)
+    assert slide_metrics(y10, _binary_probs(p1.tolist()), bootstrap=50).auc.has_interval
+
+
+def test_a_perfect_auc_on_ten_per_class_has_a_real_lower_bound() -> None:
+    """At AUC 1 the bootstrap and the Wald interval collapse to 1 – 1; the score one does not.
+
+    Solved by hand from Newcombe's variance for 10 vs 10: the lower bound is about 0.817.
+    """
+    y = np.array([0] * 10 + [1] * 10)
+    m = slide_metrics(y, _binary_probs([0.1] * 10 + [0.9] * 10), bootstrap=200)
+    assert m.auc.value == 1.0 and m.auc.high == pytest.approx(1.0)
+    assert m.auc.low == pytest.approx(0.817, abs=0.005)
+
+
+def test_wilson_and_mover_against_hand_computed_values() -> None:
+    # Wilson at 95 %: 3/3 → (0.4385, 1); 10/10 → (0.7225, 1); 5/10 → (0.2366, 0.7634).
+    assert wilson_interval(3, 3) == pytest.approx((0.43850, 1.0), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4)
+    assert wilson_interval(5, 10) == pytest.approx((0.23659, 0.76341), abs=1e-4)
+    # MOVER of the mean of two: each side combines the two half-widths in quadrature.
+    lo, hi = mover_mean_interval([0.5, 1.0], [(0.23659, 0.76341), (0.72247, 1.0)])
+    assert lo == pytest.approx(0.75 - math.hypot(0.26341 / 2, 0.27753 / 2), abs=1e-4)
+    assert hi == pytest.approx(0.75 + math.hypot(0.26341 / 2, 0.0), abs=1e-4)
+
+
+def test_auc_interval_is_close_to_hanley_mcneil_away_from_the_edges() -> None:
+    """Mid-range, the score interval and the Wald one with Hanley–McNeil's SE nearly agree."""
+    auc, n1, n0 = 0.75, 50, 50
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0)
+    lo, hi = auc_interval(auc, n1, n0)
+    assert lo == pytest.approx(auc - 1.96 * math.sqrt(var), abs=0.02)
+    assert hi == pytest.approx(auc + 1.96 * math.sqrt(var), abs=0.02)
+    assert lo < auc < hi
+
+
+def test_threshold_brier_and_ece() -> None:
+    # Issue 20.17: every slide at 0.85-0.94, half of them normal: argmax says "all tumour".
+    y = np.array([0, 0, 1, 1])
+    probs = _binary_probs([0.85, 0.88, 0.91, 0.94])
+    at_argmax = slide_metrics(y, probs, bootstrap=0)
+    assert at_argmax.balanced_accuracy.value == 0.5 and at_argmax.auc.value == 1.0
+    assert at_argmax.threshold is None
+    tuned = slide_metrics(y, probs, bootstrap=0, threshold=0.9)
+    assert tuned.balanced_accuracy.value == 1.0 and tuned.threshold == 0.9
+    assert tuned.brier == pytest.approx(np.mean([0.85**2, 0.88**2, 0.09**2, 0.06**2]))
+    # Bin 0.8-0.9 holds 0.85, 0.88 (no tumour), bin 0.9-1.0 holds 0.91, 0.94 (2 tumours).
+    assert tuned.ece == pytest.approx((abs(0.85 + 0.88 - 0) + abs(0.91 + 0.94 - 2)) / 4)
+    assert tuned.recall[0].value == 1.0 and tuned.recall[1].value == 1.0
 
 
 def test_wider_ci_level_gives_wider_interval() -> None:
-    m90 = slide_metrics(Y3, P3, bootstrap=100, seed=1, ci=0.90)
-    m99 = slide_metrics(Y3, P3, bootstrap=100, seed=1, ci=0.99)
-    assert m99.balanced_accuracy.low <= m90.balanced_accuracy.low
-    assert m99.balanced_accuracy.high >= m90.balanced_accuracy.high
+    y = np.tile(Y3, 4)
+    p = np.tile(P3, (4, 1))  # 16 slides of each class
+    m90 = slide_metrics(y, p, bootstrap=100, seed=1, ci=0.90)
+    m99 = slide_metrics(y, p, bootstrap=100, seed=1, ci=0.99)
+    for metric in ("auc", "balanced_accuracy"):
+        assert getattr(m99, metric).low <= getattr(m90, metric).low
+        assert getattr(m99, metric).high >= getattr(m90, metric).high
+    assert m90.auc.method == "bootstrap percentile"  # macro one-vs-rest: no analytic interval
 
 
 def test_bootstrap_skips_single_class_resamples_for_auc_only() -> None:
-    y = np.array([0, 0, 0, 0, 0, 1])
-    probs = _binary_probs([0.1, 0.2, 0.3, 0.6, 0.4, 0.7])
-    m = slide_metrics(y, probs, bootstrap=200, seed=7)
-    # Replay the same resamples: AUC uses exactly those that drew the positive slide.
+    y = np.array([0] * 10 + [1] * 10 + [2] * 10)
+    p = np.tile(P3[:10], (3, 1))
+    m = slide_metrics(y, p, bootstrap=200, seed=7)
+    # Replay the same resamples: AUC uses exactly those that drew every class.
     rng = np.random.default_rng(7)
-    expected = sum(int(np.unique(y[rng.integers(0, 6, size=6)]).size == 2) for _ in range(200))
-    assert 0 < expected < 200
-    assert m.auc.n_boot == expected
-    assert m.balanced_accuracy.n_boot == 200 and m.f1.n_boot == 200
+    expected = sum(int(np.unique(y[rng.integers(0, 30, size=30)]).size == 3) for _ in range(200))
+    assert m.auc.n_boot == expected and m.f1.n_boot == 200
 
 
 def test_single_class_slides_auc_nan_with_reason() -> None:

@@ -5,6 +5,11 @@ federated client's local test: the functions here take a model and bag entries, 
 data and never print. Bags are loaded and scored one at a time (batch of one, no padding), so
 memory is bounded by the largest slide however large the test set is.
 
+With a :class:`common.calibration.SlideCalibration` (fitted on the validation split by ``local
+train`` and stored in the checkpoint, or fitted by a federation from its sites' sums) the slide
+metrics are computed on the calibrated probabilities at the calibrated threshold, and the
+uncalibrated ones are kept next to them, so every output can say which is which.
+
 Checkpoints store the weights and the model config as plain JSON types only, so they load with
 ``torch.load(weights_only=True)`` (no pickled code runs when a hospital opens a model file it
 was sent) and the architecture is rebuilt from the config rather than unpickled.
@@ -27,8 +32,9 @@ from pydantic import ValidationError
 from client.training.bags import Bag, load_bag
 from client.training.site_index import BagEntry
 from common.atomic import atomic_path
+from common.calibration import SlideCalibration, fit_calibration, scaled_probs
 from common.errors import ConfigError
-from common.metrics import PatchMetrics, SlideMetrics, pooled_patch_metrics, slide_metrics
+from common.metrics import PatchMetrics, SlideMetrics, pooled_patch_metrics, predict, slide_metrics
 from common.mil.config import ModelConfig
 from common.mil.models import MILModel, build_model
 from common.safe_load import pickled_reference
@@ -38,6 +44,8 @@ __all__ = [
     "SlidePrediction",
     "evaluate_bags",
     "evaluate_entries",
+    "fit_on_predictions",
+    "load_calibration",
     "load_checkpoint",
     "predict_bag",
     "predictions_csv",
@@ -57,10 +65,18 @@ class SlidePrediction:
     """``[N]`` 1/0/−1 patch labels of the bag, or ``None`` for an unannotated slide."""
     patch_tumour_prob: np.ndarray | None
     """``[N]`` instance tumour probability per real patch (``None`` without patch labels)."""
+    logits: np.ndarray | None = None
+    """``[C]`` slide logits (what a temperature divides); ``None`` when only probs are known."""
 
     @property
     def pred(self) -> int:
         return int(np.argmax(self.probs))
+
+    def slide_logits(self) -> np.ndarray:
+        """The logits, or log-probabilities (equal up to a shift, which softmax ignores)."""
+        if self.logits is not None:
+            return np.asarray(self.logits, dtype=np.float64)
+        return np.log(np.maximum(np.asarray(self.probs, dtype=np.float64), 1e-300))
 
 
 @dataclass(frozen=True)
@@ -69,13 +85,34 @@ class EvaluationResult:
 
     predictions: tuple[SlidePrediction, ...]
     slide: SlideMetrics
+    """Calibrated when ``calibration`` is a fitted one, else of the raw probabilities."""
     patch: PatchMetrics | None
     """Pooled patch metrics over the annotated slides; ``None`` when none is annotated."""
+    calibration: SlideCalibration | None = None
+    uncalibrated: SlideMetrics | None = None
+    """The raw probabilities' metrics at the argmax, when ``slide`` is calibrated."""
+
+    @property
+    def calibrated(self) -> bool:
+        return self.calibration is not None and self.calibration.fitted
+
+    def probs(self) -> np.ndarray:
+        """``[B, C]`` probabilities the slide metrics are of (calibrated when ``calibrated``)."""
+        if not self.calibrated:
+            return np.stack([p.probs for p in self.predictions])
+        assert self.calibration is not None
+        logits = np.stack([p.slide_logits() for p in self.predictions])
+        return scaled_probs(logits, self.calibration.temperature)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "n_slides": len(self.predictions),
+            "calibrated": self.calibrated,
+            "calibration": None if self.calibration is None else self.calibration.model_dump(),
             "slide_metrics": self.slide.to_json(),
+            "slide_metrics_uncalibrated": (
+                None if self.uncalibrated is None else self.uncalibrated.to_json()
+            ),
             "pooled_patch_metrics": self.patch.to_json() if self.patch is not None else None,
         }
 
@@ -85,12 +122,15 @@ def predict_bag(model: MILModel, bag: Bag) -> SlidePrediction:
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     out = model(bag.features.unsqueeze(0).to(device), None)
-    probs = torch.softmax(out.logits[0].double(), dim=-1).cpu().numpy()
+    logits = out.logits[0].double()
+    probs = torch.softmax(logits, dim=-1).cpu().numpy()
     labels = tumour = None
     if bag.patch_labels is not None:
         labels = bag.patch_labels.cpu().numpy().astype(np.int64)
         tumour = torch.softmax(out.instance_logits[0].double(), dim=-1)[:, 1].cpu().numpy()
-    return SlidePrediction(bag.entry.slide_id, int(bag.entry.label), probs, labels, tumour)
+    return SlidePrediction(
+        bag.entry.slide_id, int(bag.entry.label), probs, labels, tumour, logits.cpu().numpy()
+    )
 
 
 def evaluate_entries(
@@ -101,6 +141,8 @@ def evaluate_entries(
     bootstrap: int = 1000,
     seed: int = 0,
     on_slide: Callable[[SlidePrediction], None] | None = None,
+    labels: Sequence[str] | None = None,
+    calibration: SlideCalibration | None = None,
 ) -> EvaluationResult:
     """Load and score ``entries`` one bag at a time in eval mode, then compute the metrics.
 
@@ -113,7 +155,15 @@ def evaluate_entries(
     if not entries:
         raise ValueError("no slides to evaluate")
     bags = (load_bag(entry, feature_dim) for entry in entries)
-    return evaluate_bags(model, bags, bootstrap=bootstrap, seed=seed, on_slide=on_slide)
+    return evaluate_bags(
+        model,
+        bags,
+        bootstrap=bootstrap,
+        seed=seed,
+        on_slide=on_slide,
+        labels=labels,
+        calibration=calibration,
+    )
 
 
 def evaluate_bags(
@@ -123,6 +173,8 @@ def evaluate_bags(
     bootstrap: int = 1000,
     seed: int = 0,
     on_slide: Callable[[SlidePrediction], None] | None = None,
+    labels: Sequence[str] | None = None,
+    calibration: SlideCalibration | None = None,
 ) -> EvaluationResult:
     """Score ``bags`` as they come, then compute the metrics (see :func:`evaluate_entries`).
 
@@ -144,45 +196,102 @@ def evaluate_bags(
         model.train(was_training)
     if not predictions:
         raise ValueError("no slides to evaluate")
-    return _metrics(predictions, bootstrap=bootstrap, seed=seed)
+    return metrics_of(
+        predictions, bootstrap=bootstrap, seed=seed, labels=labels, calibration=calibration
+    )
 
 
-def _metrics(
-    predictions: Iterable[SlidePrediction], *, bootstrap: int, seed: int
+def metrics_of(
+    predictions: Iterable[SlidePrediction],
+    *,
+    bootstrap: int,
+    seed: int = 0,
+    labels: Sequence[str] | None = None,
+    calibration: SlideCalibration | None = None,
 ) -> EvaluationResult:
+    """The metrics of scored slides; calibrated ones too when ``calibration`` is fitted."""
     preds = tuple(predictions)
     y = np.asarray([p.label for p in preds], dtype=np.int64)
-    probs = np.stack([p.probs for p in preds])
-    slides = slide_metrics(y, probs, bootstrap=bootstrap, seed=seed)
+    raw = slide_metrics(
+        y, np.stack([p.probs for p in preds]), bootstrap=bootstrap, seed=seed, labels=labels
+    )
     annotated = [
         (p.patch_labels, p.patch_tumour_prob)
         for p in preds
         if p.patch_labels is not None and p.patch_tumour_prob is not None
     ]
     patch = pooled_patch_metrics(annotated) if annotated else None
-    return EvaluationResult(preds, slides, patch)
+    result = EvaluationResult(preds, raw, patch, calibration)
+    if not result.calibrated:
+        return result
+    assert calibration is not None
+    calibrated = slide_metrics(
+        y,
+        result.probs(),
+        bootstrap=bootstrap,
+        seed=seed,
+        labels=labels,
+        threshold=calibration.threshold,
+    )
+    return EvaluationResult(preds, calibrated, patch, calibration, raw)
 
 
-def predictions_csv(predictions: Sequence[SlidePrediction], labels: Sequence[str]) -> str:
-    """CSV text ``slide_id,label,prob_<label>...,pred`` with label names, not indices."""
+def fit_on_predictions(
+    predictions: Sequence[SlidePrediction], labels: Sequence[str] | None = None
+) -> SlideCalibration:
+    """Temperature and threshold fitted on scored validation slides (none: not fitted)."""
+    if not predictions:
+        return SlideCalibration(reason="no validation slides")
+    logits = np.stack([p.slide_logits() for p in predictions])
+    y = np.asarray([p.label for p in predictions], dtype=np.int64)
+    return fit_calibration(logits, y, labels)
+
+
+def predictions_csv(
+    predictions: Sequence[SlidePrediction],
+    labels: Sequence[str],
+    calibration: SlideCalibration | None = None,
+) -> str:
+    """CSV text ``slide_id,label,prob_<label>...,pred`` with label names, not indices.
+
+    With a fitted ``calibration`` the ``prob_`` columns are the calibrated probabilities,
+    ``pred`` is the decision at the calibrated threshold, and ``raw_prob_<label>`` columns keep
+    the model's own probabilities.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["slide_id", "label", *(f"prob_{name}" for name in labels), "pred"])
+    fitted = calibration is not None and calibration.fitted
+    header = ["slide_id", "label", *(f"prob_{name}" for name in labels), "pred"]
+    writer.writerow(header + ([f"raw_prob_{name}" for name in labels] if fitted else []))
     for p in predictions:
         if len(p.probs) != len(labels):
             raise ValueError(f"{p.slide_id}: {len(p.probs)} probabilities for {len(labels)} labels")
-        writer.writerow(
-            [p.slide_id, labels[p.label], *(f"{float(x):.6f}" for x in p.probs), labels[p.pred]]
-        )
+        raw = [f"{float(x):.6f}" for x in p.probs]
+        if not fitted:
+            writer.writerow([p.slide_id, labels[p.label], *raw, labels[p.pred]])
+            continue
+        assert calibration is not None
+        cal = scaled_probs(p.slide_logits()[None, :], calibration.temperature)
+        pred = int(predict(cal, calibration.threshold)[0])
+        row = [p.slide_id, labels[p.label], *(f"{float(x):.6f}" for x in cal[0]), labels[pred]]
+        writer.writerow(row + raw)
     return buffer.getvalue()
 
 
-def save_checkpoint(path: str | Path, model: MILModel, model_config: ModelConfig) -> None:
-    """Write weights + model config atomically, loadable with ``weights_only=True``."""
-    payload = {
+def save_checkpoint(
+    path: str | Path,
+    model: MILModel,
+    model_config: ModelConfig,
+    calibration: SlideCalibration | None = None,
+) -> None:
+    """Write weights + model config (+ calibration) atomically, loadable with
+    ``weights_only=True``."""
+    payload: dict[str, Any] = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_config": model_config.model_dump(mode="json"),
     }
+    if calibration is not None:
+        payload["calibration"] = calibration.model_dump(mode="json")
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
@@ -219,3 +328,22 @@ def load_checkpoint(path: str | Path) -> tuple[MILModel, ModelConfig]:
         raise ConfigError(f"{file}: weights do not match its model_config ({exc})") from exc
     model.eval()
     return model, cfg
+
+
+def load_calibration(path: str | Path) -> SlideCalibration | None:
+    """The calibration stored with a checkpoint, ``None`` for one saved without (older runs).
+
+    ``ConfigError`` naming the file when the stored calibration is malformed.
+    """
+    file = Path(path)
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # load_checkpoint gives the detailed refusal; keep this one short
+        raise ConfigError(f"{file}: not a readable fedpath checkpoint ({exc})") from exc
+    raw = payload.get("calibration") if isinstance(payload, dict) else None
+    if raw is None:
+        return None
+    try:
+        return SlideCalibration.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{file}: invalid calibration ({exc})") from exc
