@@ -8,7 +8,10 @@ SuperNode then replaces this process (``execve``), so systemd supervises Flower 
 from __future__ import annotations
 
 import argparse
+import errno
+import fcntl
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -79,12 +82,58 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def check_port_free(port: int) -> None:
+    """Refuse a local API port another process holds (the SuperNode would die in a traceback).
+
+    The SuperNode serves its ClientApp API on 127.0.0.1:PORT, binding with SO_REUSEADDR as
+    uvicorn does, so a port in TIME_WAIT is not mistaken for a port in use.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigError(f"--port {port}: cannot be used ({exc.strerror})") from exc
+            raise ConfigError(
+                f"port {port} on 127.0.0.1 is already in use (another `fedpath node` on this "
+                f"machine, or the previous one still running): stop that one, or give this "
+                f"node its own local port, e.g. --port {port + 1}"
+            ) from exc
+
+
+def lock_node_key(key: Path) -> int:
+    """Hold an exclusive lock on the node key for the SuperNode's lifetime; the fd.
+
+    One key is one node: the SuperLink refuses a second SuperNode with a key that is online,
+    but only with "Failed to activate SuperNode", the same words it uses for an unregistered
+    key. On one machine the lock tells the two apart before anything starts. The fd stays
+    open through ``execve``, so the lock lives exactly as long as the SuperNode.
+    """
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise ConfigError(
+            f"--key {key} is already used by another `fedpath node` running on this machine: "
+            "one SuperNode per key (the SuperLink refuses a second node with a key that is "
+            "connected); stop the other one, or give this hospital its own key "
+            "(`fedpath keys new`, then `fedpath keys register` at the coordinator)"
+        ) from exc
+    os.set_inheritable(fd, True)
+    return fd
+
+
 def cmd_node(args: argparse.Namespace, console: Console) -> int:
     argv = supernode_argv(args)
     console.print(f"SuperNode for {args.site or args.data.name} → {args.superlink}")
     if args.print_only:
         console.print(" ".join(argv))
         return EXIT_OK
+    check_port_free(args.port)
+    if not args.insecure:
+        lock_node_key(Path(args.key))
     from server.local_network import flower_env
 
     sys.stdout.flush()

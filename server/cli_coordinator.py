@@ -1,4 +1,4 @@
-"""Coordinator commands: ``fedpath link``, ``fedpath run``, ``fedpath status``.
+"""Coordinator commands: ``fedpath link``, ``run``, ``stop``, ``status``.
 
 Thin, safe wrappers over Flower's own tools. ``link`` starts the SuperLink with the settings a
 hospital network needs by default (TLS, SuperNode authentication, a state database, runtime
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -65,9 +66,35 @@ def superlink_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _check_certificates(args: argparse.Namespace, console: Console) -> None:
+    """Refuse expired (or not yet valid) TLS files; warn loudly when they expire soon.
+
+    An expired certificate would let the SuperLink start and then fail every hospital's
+    handshake with an error that blames the network.
+    """
+    from server.security import EXPIRY_WARNING_DAYS, certificate_problems
+
+    errors, warnings = certificate_problems([args.ca, args.cert])
+    if errors:
+        raise ConfigError(
+            "refusing to start the SuperLink: "
+            + "; ".join(errors)
+            + ". Issue new files with `fedpath certs` (a new CA: every hospital needs the "
+            "new ca.pem)"
+        )
+    for warning in warnings:
+        console.print(
+            f"[bold yellow]WARNING: {warning} (< {EXPIRY_WARNING_DAYS} days): hospitals "
+            "cannot connect once it has expired; renew it with `fedpath certs` now[/]",
+            soft_wrap=True,
+        )
+
+
 def cmd_link(args: argparse.Namespace, console: Console) -> int:
     args.state.mkdir(parents=True, exist_ok=True)
     argv = superlink_argv(args)
+    if not args.insecure:
+        _check_certificates(args, console)
     console.print(
         f"SuperLink on {args.host}:{args.port}, state {args.state}; "
         f"TLS {'off' if args.insecure else 'on'}, "
@@ -83,16 +110,58 @@ def cmd_link(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK  # pragma: no cover - execve does not return
 
 
+FLWR_HOME_ENV = "FEDPATH_FLWR_HOME"
+"""Environment variable that moves fedpath's Flower home (default ``~/.fedpath/flwr-home``)."""
+
+
+def flwr_home(given: Path | None) -> Path:
+    """fedpath's own Flower home: ``--flwr-home``, else ``$FEDPATH_FLWR_HOME``, else
+    ``~/.fedpath/flwr-home``. It holds the ``local`` connection to the SuperLink named on the
+    command line (rewritten by every command) and ``sites.json`` (node id → hospital)."""
+    if given is not None:
+        return Path(given).expanduser()
+    return Path(
+        os.environ.get(FLWR_HOME_ENV) or Path.home() / ".fedpath" / "flwr-home"
+    ).expanduser()
+
+
 def _cli(args: argparse.Namespace) -> Any:
     from server.local_network import FlwrCli
 
     ca = None
     if not args.insecure:
         ca = _require_file(args.ca, "--ca", "the CA certificate the coordinator gave you")
-    home = Path(args.flwr_home or Path.home() / ".fedpath" / "flwr-home").expanduser()
-    cli = FlwrCli(home, args.superlink, ca)
+    cli = FlwrCli(flwr_home(args.flwr_home), args.superlink, ca)
     cli.write_connection()
     return cli
+
+
+def _connection_flags(args: argparse.Namespace) -> str:
+    """The connection options to repeat in a hint, exactly as this command got them."""
+    flags = f"--superlink {shlex.quote(args.superlink)}"
+    flags += " --insecure" if args.insecure else f" --ca {shlex.quote(str(args.ca))}"
+    if args.flwr_home is not None:
+        flags += f" --flwr-home {shlex.quote(str(args.flwr_home))}"
+    return flags
+
+
+def _flwr_log_hint(cli: Any, run_id: int) -> str:
+    """A `flwr log` command that works when pasted: fedpath's Flower home, its connection."""
+    flwr = Path(sys.executable).with_name("flwr")
+    home, flwr_bin = shlex.quote(str(cli.flwr_home)), shlex.quote(str(flwr))
+    return f"FLWR_HOME={home} {flwr_bin} log {run_id} local --show"
+
+
+def _listed(cli: Any, args: argparse.Namespace, *command: str) -> dict[str, Any]:
+    """``flwr COMMAND local``; ``NetworkError`` with one line saying why when it fails."""
+    from server.local_network import NetworkError
+    from server.security import explain_connection_failure
+
+    answer = cli.flwr(*command, "local", timeout=60.0)
+    if not answer.get("success"):
+        message = str(answer.get("error-message") or answer)
+        raise NetworkError(explain_connection_failure(args.superlink, cli.tls_ca, message))
+    return answer
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -111,6 +180,124 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def round_line(record: dict[str, Any], total: int) -> str:
+    """One finished round as ``fedpath run`` prints it (from its ``metrics.jsonl`` line)."""
+    glob = record.get("global") or {}
+    sampled, replied = record.get("sampled") or [], record.get("replied") or []
+    epsilons = [float(p["epsilon"]) for p in (record.get("privacy") or {}).values()]
+    client = record.get("client_dp") or {}
+    parts = [
+        f"round {record.get('round')}/{total}: {len(replied)}/{len(sampled)} sites answered",
+        f"train loss {_num(glob.get('train_loss'))}",
+        f"val AUC {_num(glob.get('val_auc'))}",
+    ]
+    if epsilons:
+        parts.append(f"slide-level ε so far ≤ {max(epsilons):.2f}")
+    if client.get("epsilon") is not None:
+        parts.append(f"client-level ε so far {float(client['epsilon']):.2f}")
+    if record.get("failed"):
+        parts.append(f"failed: {', '.join(sorted(record['failed']))}")
+    if record.get("budget_exhausted"):
+        parts.append(f"budget exhausted: {', '.join(sorted(record['budget_exhausted']))}")
+    return ", ".join(parts)
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{float(value):.3f}"
+
+
+class _RunFollower:
+    """What ``fedpath run`` learns while it waits: the run directory and its rounds."""
+
+    def __init__(self, cli: Any, run_id: int, total: int, console: Console) -> None:
+        self.cli, self.run_id, self.total, self.console = cli, run_id, total, console
+        self.run_dir: Path | None = None
+        self.log_text = ""
+        self.shown = 0
+
+    def refresh_log(self) -> None:
+        from server.local_network import NetworkError
+        from server.run_log import RUN_DIR_PREFIX
+
+        try:
+            self.log_text = self.cli.run_log_text(self.run_id)
+        except NetworkError:
+            return
+        for line in self.log_text.splitlines():
+            _, found, rest = line.partition(f"[fedpath] {RUN_DIR_PREFIX}")
+            if found and rest.strip():
+                self.run_dir = Path(rest.strip())
+
+    def poll(self) -> None:
+        from server.demo_federation import read_rounds
+
+        if self.run_dir is None:
+            self.refresh_log()
+        if self.run_dir is None or not self.run_dir.is_dir():
+            return
+        try:
+            rounds = read_rounds(self.run_dir)
+        except (OSError, ValueError):
+            return  # a round line being replaced: read it next time
+        for record in rounds[self.shown :]:
+            self.console.print(round_line(record, self.total), soft_wrap=True)
+        self.shown = max(self.shown, len(rounds))
+
+    def fedpath_lines(self, needle: str) -> list[str]:
+        marker = "[fedpath] "
+        return [
+            line.split(marker, 1)[1].strip()
+            for line in self.log_text.splitlines()
+            if marker in line and needle in line
+        ]
+
+
+def _final_record(run_dir: Path | None) -> dict[str, Any] | None:
+    import json
+
+    from server.run_log import FINAL_FILE
+
+    if run_dir is None or not (run_dir / FINAL_FILE).is_file():
+        return None
+    try:
+        data = json.loads((run_dir / FINAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _explain_outcome(
+    status: str, follower: _RunFollower, args: argparse.Namespace, console: Console
+) -> None:
+    """Why a run did not complete, from its final.json, else from the ServerApp's log."""
+    follower.refresh_log()
+    follower.poll()
+    run_id, run_dir = follower.run_id, follower.run_dir
+    final = _final_record(run_dir)
+    reason = (final or {}).get("reason")
+    if not reason:
+        failed = follower.fedpath_lines("run failed")
+        reason = failed[-1] if failed else None
+    if not reason and status == "finished:stopped":
+        reason = "stopped on request (`fedpath stop` or `flwr stop`)"
+    rounds = (final or {}).get("rounds_completed", follower.shown)
+    console.print(
+        f"[bold red]run {run_id} did not complete ({status}) after {rounds} round(s)[/]",
+        soft_wrap=True,
+    )
+    console.print(
+        f"reason: {reason or 'not recorded by the ServerApp (see its log below)'}", soft_wrap=True
+    )
+    if run_dir is not None:
+        console.print(f"run directory (on the SuperLink host): {run_dir}", soft_wrap=True)
+        console.print(
+            f"continue it: fedpath run {_connection_flags(args)} "
+            f"--resume {shlex.quote(str(run_dir))}",
+            soft_wrap=True,
+        )
+    console.print(f"ServerApp log: {_flwr_log_hint(follower.cli, run_id)}", soft_wrap=True)
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from server.config import RunConfig
     from server.demo_federation import app_directory
@@ -118,33 +305,98 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     overrides = parse_overrides(args.config_override or [])
     if args.resume:
         overrides["resume"] = str(args.resume)
-    RunConfig.from_run_config(overrides, source="-c options")  # fail here, not in the ServerApp
+    cfg = RunConfig.from_run_config(overrides, source="-c options")  # fail here, not later
     cli = _cli(args)
+    _listed(cli, args, "ls")  # reachable, TLS right: say so now, not as "submission failed"
     run_id = cli.submit(app_directory(), overrides)
     console.print(f"run {run_id} submitted to {args.superlink}")
+    console.print(
+        f"  stop it with: fedpath stop {run_id} {_connection_flags(args)}", soft_wrap=True
+    )
+    follower = _RunFollower(cli, run_id, cfg.num_server_rounds, console)
     began = time.monotonic()
     last = ""
-
-    def show(status: str) -> None:
-        nonlocal last
+    while True:
+        status = cli.run_status(run_id)
         if status != last:
             console.print(f"[{time.monotonic() - began:6.0f} s] run {run_id}: {status}")
             last = status
-
-    status = cli.wait_for_run(run_id, args.timeout, poll=5.0, on_poll=show)
+        follower.poll()
+        if status.startswith("finished"):
+            break
+        if time.monotonic() - began > args.timeout:
+            console.print(
+                f"[bold yellow]stopped following run {run_id} after {args.timeout:.0f} s "
+                f"(--timeout); the run goes on on the SuperLink ({status}).[/]",
+                soft_wrap=True,
+            )
+            console.print(f"follow it: fedpath status {_connection_flags(args)}", soft_wrap=True)
+            console.print(
+                f"stop it:   fedpath stop {run_id} {_connection_flags(args)}", soft_wrap=True
+            )
+            return EXIT_FAILED
+        time.sleep(args.poll)
     if status != "finished:completed":
-        console.print(
-            f"[bold red]run {run_id} did not complete ({status})[/]; see `flwr log {run_id}` "
-            "and final.json in its run directory on the SuperLink host"
-        )
+        _explain_outcome(status, follower, args, console)
         return EXIT_FAILED
-    console.print(f"run {run_id} completed; render its report with `fedpath report RUN_DIR`")
+    follower.refresh_log()
+    reports = follower.fedpath_lines("report: ")
+    console.print(f"run {run_id} completed", soft_wrap=True)
+    if follower.run_dir is not None:
+        console.print(f"run directory (on the SuperLink host): {follower.run_dir}", soft_wrap=True)
+    if reports:
+        console.print(reports[-1], soft_wrap=True)
+    else:
+        console.print(
+            "the report was not rendered: fedpath report RUN_DIR writes it", soft_wrap=True
+        )
     return EXIT_OK
 
 
-def cmd_status(args: argparse.Namespace, console: Console) -> int:
+def cmd_stop(args: argparse.Namespace, console: Console) -> int:
     cli = _cli(args)
-    runs = cli.flwr("ls", "local").get("runs") or []
+    _listed(cli, args, "ls")
+    status = cli.run_status(args.run_id)
+    if status.startswith("finished"):
+        console.print(f"run {args.run_id} has already finished ({status}); nothing to stop")
+        return EXIT_FAILED
+    cli.stop_run(args.run_id)
+    deadline = time.monotonic() + args.wait
+    while not (status := cli.run_status(args.run_id)).startswith("finished"):
+        if time.monotonic() > deadline:
+            console.print(
+                f"[bold red]run {args.run_id} was asked to stop but is still {status} after "
+                f"{args.wait:.0f} s[/]; check again with `fedpath status`",
+                soft_wrap=True,
+            )
+            return EXIT_FAILED
+        time.sleep(1.0)
+    console.print(f"run {args.run_id} stopped ({status})")
+    return EXIT_OK
+
+
+def _last_seen(node: dict[str, Any]) -> str:
+    """When the SuperLink last heard from a node, as Flower records it."""
+    status = str(node.get("status", ""))
+    online_at, offline_at = node.get("online-at"), node.get("offline-at")
+    if status == "online":
+        return f"now (online since {online_at})" if online_at and online_at != "N/A" else "now"
+    if offline_at and offline_at != "N/A":
+        return str(offline_at)
+    return "never connected"
+
+
+def cmd_status(args: argparse.Namespace, console: Console) -> int:
+    from server.local_network import NetworkError
+    from server.security import read_site_names
+
+    cli = _cli(args)
+    try:
+        runs = _listed(cli, args, "ls").get("runs") or []
+        nodes = _listed(cli, args, "supernode", "list").get("nodes") or []
+    except NetworkError as exc:
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        return EXIT_FAILED
     table = Table(title=f"runs on {args.superlink}")
     for column in ("run id", "status", "elapsed s", "started"):
         table.add_column(column)
@@ -156,17 +408,28 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             str(run.get("running-at") or run.get("pending-at") or ""),
         )
     console.print(table)
-    nodes = cli.flwr("supernode", "list", "local").get("nodes") or []
+    names = read_site_names(cli.flwr_home, args.superlink)
     sites = Table(title="SuperNodes (hospitals)")
-    for column in ("node id", "status", "last seen"):
+    for column in ("site", "node id", "status", "last seen"):
         sites.add_column(column)
     for node in nodes:
+        node_id = str(node.get("node-id", ""))
+        entry = names.get(int(node_id)) if node_id.isdigit() else None
         sites.add_row(
-            str(node.get("node-id", node.get("node_id", ""))),
+            entry["site"] if entry else "?",
+            node_id,
             str(node.get("status", "")),
-            str(node.get("last-activated-at", node.get("online-until", ""))),
+            _last_seen(node),
         )
     console.print(sites)
+    if any(
+        not str(n.get("node-id", "")).isdigit() or int(n["node-id"]) not in names for n in nodes
+    ):
+        console.print(
+            f"? = a node id whose key was not registered with `fedpath keys register` using "
+            f"this Flower home ({cli.flwr_home})",
+            soft_wrap=True,
+        )
     return EXIT_OK
 
 
@@ -211,13 +474,22 @@ def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     parser.add_argument("--ca", type=Path, help="CA certificate of the SuperLink (TLS)")
     parser.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
+    add_flwr_home_option(parser)
+
+
+def add_flwr_home_option(parser: argparse.ArgumentParser) -> None:
+    """``--flwr-home``: the same option on every command that talks to the SuperLink."""
     parser.add_argument(
-        "--flwr-home", type=Path, help="Flower CLI home to use (default ~/.fedpath/flwr-home)"
+        "--flwr-home",
+        type=Path,
+        help=f"fedpath's Flower home: the connection it writes for `flwr` and the node id → "
+        f"site names of `fedpath keys register` (default ${FLWR_HOME_ENV}, else "
+        "~/.fedpath/flwr-home)",
     )
 
 
 def add_coordinator_commands(sub: Any) -> None:
-    """Register ``link``, ``run`` and ``status``."""
+    """Register ``link``, ``run``, ``stop``, ``simulate`` and ``status``."""
     link = sub.add_parser(
         "link",
         help="run the SuperLink (coordinator)",
@@ -259,8 +531,28 @@ def add_coordinator_commands(sub: Any) -> None:
         help="run setting (see [tool.flwr.app.config]); repeatable",
     )
     run.add_argument("--resume", type=Path, help="run directory to continue (on the SuperLink)")
-    run.add_argument("--timeout", type=float, default=24 * 3600, help="give up after (s)")
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=24 * 3600,
+        help="stop following the run after this many seconds (it goes on; see `fedpath stop`)",
+    )
+    run.add_argument("--poll", type=float, default=5.0, help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)
+
+    stop = sub.add_parser(
+        "stop",
+        help="stop a federated run on the SuperLink",
+        description="Ask the SuperLink to stop RUN (`flwr stop`) and wait until it reports "
+        "the run finished. Its run directory keeps the rounds done: `fedpath run --resume "
+        "RUN_DIR` continues it.",
+    )
+    stop.add_argument("run_id", type=int, metavar="RUN", help="run id (`fedpath status`)")
+    _connection_options(stop)
+    stop.add_argument(
+        "--wait", type=float, default=60.0, help="seconds to wait for the run to stop (60)"
+    )
+    stop.set_defaults(handler=cmd_stop)
 
     simulate = sub.add_parser(
         "simulate",

@@ -10,7 +10,6 @@ the public halves), so each gets its own verb and help page.
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +45,12 @@ def _refused(exc: Exception, console: Console) -> int:
 def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     from cryptography import x509
 
-    from server.security import KeyExistsError, certificate_sans, create_certificates
+    from server.security import (
+        KeyExistsError,
+        certificate_sans,
+        certificate_validity,
+        create_certificates,
+    )
 
     try:
         files = create_certificates(args.out, args.san, existing=_existing(args))
@@ -60,6 +64,10 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     console.print(f"  SuperLink cert   {files.server_cert}")
     console.print(f"  SuperLink key    {files.server_key}")
     console.print(f"  valid for: {', '.join(sorted(certificate_sans(cert)))}", soft_wrap=True)
+    for label, path in (("CA", files.ca_cert), ("SuperLink", files.server_cert)):
+        validity = certificate_validity(path)
+        colour = "green" if validity.usable and validity.days_left >= 30 else "bold red"
+        console.print(f"  {label:<10} [{colour}]{validity.describe()}[/]", soft_wrap=True)
     if files.created and args.overwrite:
         console.print(
             "[yellow]A new CA was made: every hospital needs the new ca.pem before it can "
@@ -95,22 +103,50 @@ def cmd_keys_new(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_keys_register(args: argparse.Namespace, console: Console) -> int:
+    """Register the keys and remember which node id is which hospital (for `status`)."""
+    from server.cli_coordinator import flwr_home
     from server.local_network import CONNECTION, FlwrCli
-    from server.security import RegistrationError, register_public_keys
+    from server.security import (
+        RegistrationError,
+        explain_connection_failure,
+        key_site_name,
+        public_key_fingerprint,
+        read_site_names,
+        record_site_names,
+        register_public_keys,
+    )
 
-    with tempfile.TemporaryDirectory(prefix="fedpath-flwr-home-") as home:
-        cli = FlwrCli(Path(home), args.superlink, args.ca)
-        cli.write_connection()
-        try:
-            done = register_public_keys(
-                cli, args.public_keys, connection=CONNECTION, timeout=args.timeout
-            )
-            failures: dict[Path, str] = {}
-        except RegistrationError as exc:
-            done, failures = exc.registered, exc.failures
+    if not args.ca.is_file():
+        console.print(f"[bold red]error:[/] --ca {args.ca} does not exist", soft_wrap=True)
+        return EXIT_USAGE
+    cli = FlwrCli(flwr_home(args.flwr_home), args.superlink, args.ca)
+    cli.write_connection()
+    answer = cli.flwr("supernode", "list", CONNECTION, timeout=args.timeout)
+    if not answer.get("success"):
+        reason = explain_connection_failure(
+            args.superlink, args.ca, str(answer.get("error-message") or answer)
+        )
+        console.print(f"[bold red]error:[/] {reason}; no key was registered", soft_wrap=True)
+        return EXIT_PARTIAL
+    try:
+        done = register_public_keys(
+            cli, args.public_keys, connection=CONNECTION, timeout=args.timeout
+        )
+        failures: dict[Path, str] = {}
+    except RegistrationError as exc:
+        done, failures = exc.registered, exc.failures
+    record_site_names(cli.flwr_home, args.superlink, done)
+    known = {
+        e["fingerprint"]: node for node, e in read_site_names(cli.flwr_home, args.superlink).items()
+    }
     for item in done:
-        what = "already registered" if item.already_registered else f"node id {item.node_id}"
-        console.print(f"[green]ok[/]     {item.public_key}: {what}", soft_wrap=True)
+        site = key_site_name(item.public_key)
+        if item.already_registered:
+            node = known.get(public_key_fingerprint(item.public_key))
+            what = "already registered" + (f" (node id {node})" if node is not None else "")
+        else:
+            what = f"node id {item.node_id}"
+        console.print(f"[green]ok[/]     {site} {item.public_key}: {what}", soft_wrap=True)
     for path, reason in failures.items():
         console.print(f"[bold red]failed[/] {path}: {reason}", soft_wrap=True)
     if failures:
@@ -173,4 +209,7 @@ def add_security_commands(sub: Any) -> None:
     register.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per key before giving up (60)"
     )
+    from server.cli_coordinator import add_flwr_home_option
+
+    add_flwr_home_option(register)
     register.set_defaults(handler=cmd_keys_register)

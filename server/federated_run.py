@@ -21,7 +21,7 @@ from server.client_dp import ClientDPSettings, ClientDPStrategy, client_epsilon
 from server.config import RunConfig
 from server.guarantee import ClientLevelSpent, planned_guarantee, run_guarantee
 from server.rounds import Federation, RunFailed, harmonised_summary
-from server.run_log import FINAL_FILE, METRICS_FILE, RunLog
+from server.run_log import FINAL_FILE, METRICS_FILE, RUN_DIR_PREFIX, RunLog
 from server.strategies import FedAvgStrategy, build_strategy
 
 __all__ = ["RunFailed", "build_run_strategy", "resolve_run_dir", "run_federated"]
@@ -104,6 +104,9 @@ def run_federated(
             f'continue it with -c resume="{run_dir}"'
         )
     run_dir.mkdir(parents=True, exist_ok=True)
+    # The first line of the ServerApp's log: `fedpath run` reads it (through `flwr log`) to
+    # find this directory, whose relative runs-dir only the ServerApp can resolve.
+    report(f"{RUN_DIR_PREFIX}{run_dir}")
     log = RunLog(run_dir)
     strategy = build_run_strategy(cfg)
     federation = Federation(grid=grid, cfg=cfg, log=log, strategy=strategy, report=report)

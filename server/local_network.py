@@ -135,6 +135,34 @@ class FlwrCli:
             )
         return answer
 
+    def run_log_text(self, run_id: int, timeout: float = 60.0) -> str:
+        """The run's ServerApp log as ``flwr log RUN --show`` prints it (plain text).
+
+        ``flwr log`` has no JSON output; an unreachable SuperLink gives its error text.
+        """
+        argv = [_bin("flwr"), "log", str(run_id), CONNECTION, "--show"]
+        try:
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                env=self.env(),
+                cwd=self.workdir or Path.cwd(),
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise NetworkError(f"`flwr log {run_id}` did not answer in {timeout:.0f} s") from exc
+        return done.stdout + done.stderr
+
+    def stop_run(self, run_id: int) -> None:
+        """``flwr stop RUN``: ask the SuperLink to stop the run; ``NetworkError`` if refused."""
+        answer = self.flwr("stop", str(run_id), CONNECTION)
+        if not answer.get("success"):
+            raise NetworkError(
+                f"run {run_id} could not be stopped: {answer.get('error-message', answer)}"
+            )
+
     def connected_nodes(self) -> int:
         """How many SuperNodes the SuperLink currently lists as online."""
         answer = self.flwr("supernode", "list", CONNECTION)

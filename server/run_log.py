@@ -16,9 +16,11 @@ from typing import Any
 from common.atomic import atomic_write_json, atomic_write_text
 from common.errors import ConfigError
 
-__all__ = ["RunLog", "strict_json"]
+__all__ = ["RUN_DIR_PREFIX", "RunLog", "strict_json"]
 
 CONFIG_FILE, METRICS_FILE, FINAL_FILE = "config.json", "metrics.jsonl", "final.json"
+RUN_DIR_PREFIX = "run directory: "
+"""How the ServerApp's log names the run directory (``fedpath run`` looks for it)."""
 
 
 def strict_json(value: Any) -> Any:

@@ -112,8 +112,12 @@ def test_run_overrides_are_toml_values() -> None:
 
 @pytest.mark.slow
 @pytest.mark.integration
-def test_fedpath_run_exit_code_follows_flwr_ls(tmp_path: Path) -> None:
-    """0 for a completed run, 1 for a failed one (here: a site with other features)."""
+def test_fedpath_run_exit_code_follows_flwr_ls(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """0 for a completed run, 1 for a failed one (here: a site with other features); the
+    output shows every round, the run directory and report, and for the failed run the
+    reason from its own files and a `flwr log` command that works when pasted."""
     from client.cli import main
     from server.local_network import LocalNetwork
 
@@ -153,7 +157,12 @@ def test_fedpath_run_exit_code_follows_flwr_ls(tmp_path: Path) -> None:
                 "connect-timeout=120.0",
             ]
         )
-        assert ok == 0
+        out = capsys.readouterr().out
+        assert ok == 0, out
+        assert "round 1/1: 2/2 sites answered, train loss" in out
+        ok_dir = tmp_path / "runs" / "ok"
+        assert f"run directory (on the SuperLink host): {ok_dir.resolve()}" in out
+        assert f"report: {ok_dir.resolve() / 'report.html'}" in out
         net.start_supernode("site_odd", odd)
         time_limit = 60
         import time
@@ -162,7 +171,26 @@ def test_fedpath_run_exit_code_follows_flwr_ls(tmp_path: Path) -> None:
         while net.connected_nodes() < 3 and time.monotonic() < deadline:
             time.sleep(1)
         failed = main([*common, "-c", runs, "-c", 'run-name="bad"', "-c", "min-sites=3"])
-        assert failed == 1
+        out = capsys.readouterr().out
+        assert failed == 1, out
+        assert "did not complete (finished:failed) after 0 round(s)" in out
+        assert "reason: the sites' prepared data do not match" in out
+        assert "site_odd: feature_dim is 8" in out
+        bad_dir = (tmp_path / "runs" / "bad").resolve()
+        assert f"run directory (on the SuperLink host): {bad_dir}" in out
+        hint = next(line for line in out.splitlines() if line.startswith("ServerApp log: "))
+        import subprocess
+
+        shown = subprocess.run(
+            hint.removeprefix("ServerApp log: "),
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=tmp_path,
+            check=False,
+        )
+        assert "[fedpath] run failed after 0 round(s)" in shown.stdout, shown
     assert (tmp_path / "runs" / "ok" / "final.json").is_file()
     assert "site_odd: feature_dim is 8" in (tmp_path / "runs" / "bad" / "final.json").read_text()
 
