@@ -2,14 +2,17 @@
 
 Stages: synthesise slides → ``fedpath prepare`` per hospital → a SuperLink and one SuperNode
 per hospital on loopback → one federated FedMix run submitted with ``flwr run`` → run report.
-Every stage shows progress; at the end one table per site (test AUC, patch AUC, weight) and
-the time per stage. Every process the demo starts is stopped when it ends, fails or is
-interrupted.
+Every stage shows progress; at the end one table per site (test AUC, patch AUC, weight, with
+a line saying what the weight is) and the time per stage. Every hospital's test slides carry
+complete outlines (``client.cli_synth.demo_cohort_config``), so patch AUC is measured at each
+one; the prepared-hospitals table shows which split the outlined slides are in. Every process
+the demo starts is stopped when it ends, fails or is interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import time
@@ -49,8 +52,12 @@ def _prepare_sites(
     site_dirs = generate_cohort(args, out / "hospitals", console)
     stage_seconds["synthesise"] = time.perf_counter() - began
 
-    table = Table(title="prepared hospitals")
-    for column in ("site", "slides", "tumour / normal", "annotated", "patches", "patches/s"):
+    table = Table(
+        title="prepared hospitals",
+        caption="outlined: slides with patch labels in the train / val / test split",
+    )
+    columns = ("site", "slides", "tumour / normal", "outlined", "patches", "patches/s")
+    for column in columns:
         table.add_column(column, justify="left" if column == "site" else "right")
     prepared: dict[str, Path] = {}
     failed = 0
@@ -69,13 +76,37 @@ def _prepare_sites(
             site_dir.name,
             str(site["slides"]["usable"]),
             f"{by_label.get('tumour', 0)} / {by_label.get('normal', 0)}",
-            str(site["slides"]["with_patch_labels"]),
+            outlined_by_split(summary.out_dir),
             str(site["patches"]),
             f"{summary.patches_per_second:.1f}",
         )
         prepared[site_dir.name] = summary.out_dir
     console.print(table)
     return prepared, failed
+
+
+def outlined_by_split(prepared: Path) -> str:
+    """``train / val / test`` counts of the prepared slides that carry patch labels.
+
+    Read from the site's own index (``prepared.csv``), the file training reads: it shows that
+    the outlines of the test slides are not in the training split.
+    """
+    from client.prepare.records import INDEX_FILE
+
+    counts = dict.fromkeys(("train", "val", "test"), 0)
+    unsplit = 0
+    with (prepared / INDEX_FILE).open(newline="", encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            if (row.get("has_patch_labels") or "").strip().lower() != "true":
+                continue
+            split = row.get("split") or ""
+            if split in counts:
+                counts[split] += 1
+            else:
+                unsplit += 1
+    if unsplit:
+        return f"{sum(counts.values()) + unsplit} (no split column)"
+    return " / ".join(str(n) for n in counts.values())
 
 
 def _federate(
@@ -90,7 +121,7 @@ def _federate(
         "local-epochs": args.local_epochs,
         "min-sites": len(prepared),
         "min-fit-fraction": 0.6,
-        "split-folds": 3,  # the smallest synthetic site has 3 slides per label
+        # No split-folds: every demo manifest gives each slide its split (outlined test slides).
         "connect-timeout": 120.0,
         "round-timeout": 600.0,
         "runs-dir": str((out / "runs").resolve()),
@@ -130,10 +161,38 @@ def _federate(
     return result, result.seconds
 
 
+def weight_note(run_config: dict[str, Any]) -> str:
+    """One line saying what the final table's weight column is, for the run's strategy."""
+    if run_config.get("strategy", "fedmix") == "fedavg":
+        return (
+            "weight: the site's share in the last round's model average, n/Σn "
+            "(FedAvg; n: training slides)"
+        )
+    lam, beta = run_config.get("fedmix-lambda", 10.0), run_config.get("fedmix-beta", 1.5)
+    return (
+        f"weight: the site's share in the last round's model average, ∝ n/Σn + "
+        f"{lam:g}·L^{beta:g}/ΣL^{beta:g} (FedMix; n: training slides, L: training loss)"
+    )
+
+
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's recorded settings (``config.json``), or none when the run never started."""
+    try:
+        data = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    settings = data.get("run_config") if isinstance(data, dict) else None
+    return settings if isinstance(settings, dict) else {}
+
+
 def _final_table(result: Any) -> Table:
-    table = Table(title=f"federated model ({len(result.rounds)} rounds): held-out test slides")
-    for column in ("site", "test slides", "slide AUC", "patch AUC", "balanced acc.", "weight"):
-        table.add_column(column, justify="left" if column == "site" else "right")
+    table = Table(
+        title=f"federated model ({len(result.rounds)} rounds): held-out test slides",
+        caption=weight_note(_run_config(result.run_dir)),
+    )
+    table.add_column("site", no_wrap=True)
+    for column in ("test slides", "slide AUC", "patch AUC", "balanced acc.", "weight"):
+        table.add_column(column, justify="right")
     final = result.final or {}
     weights = result.rounds[-1]["weights"] if result.rounds else {}
     for site, m in sorted((final.get("test") or {}).items()):

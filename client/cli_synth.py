@@ -53,11 +53,38 @@ def cmd_synth_slide(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def _cohort_config(args: argparse.Namespace) -> Any:
+DEMO_SPLIT_SHARES = (1 / 3, 1 / 3)
+"""The demo's train/val/test thirds: its smallest site (C) has 3 slides of each label."""
+
+
+def demo_cohort_config(cfg: Any) -> Any:
+    """The demo's cohort: a fixed split in every manifest and complete outlines on every tumour
+    slide of the test split, so the final table measures localisation (patch AUC) at every
+    hospital. The training label levels stay as configured (the reference cohort: A outlines
+    30 % of its tumour training slides, B and C give slide labels only); test slides are never
+    trained on, so their outlines teach nothing. A site's own ``split_shares`` are kept."""
+    from client.wsi.synthetic import SynthCohortConfig, SynthSiteConfig
+
+    sites = tuple(
+        SynthSiteConfig.model_validate(
+            {
+                **site.model_dump(),
+                "split_shares": site.split_shares or DEMO_SPLIT_SHARES,
+                "outline_test": True,
+            }
+        )
+        for site in cfg.sites
+    )
+    return SynthCohortConfig.model_validate({**cfg.model_dump(), "sites": sites})
+
+
+def _cohort_config(args: argparse.Namespace, *, demo: bool = False) -> Any:
     from client.wsi.synthetic import SynthCohortConfig
     from common.configio import build_config
 
     cfg = build_config(SynthCohortConfig, args.config_cohort)
+    if demo:
+        cfg = demo_cohort_config(cfg)
     if args.slides_per_site:
         # Keep the reference proportions: the smallest site stays about half the size.
         largest = max(site.n_slides for site in cfg.sites)
@@ -71,10 +98,12 @@ def _cohort_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
-def _generate_cohort(args: argparse.Namespace, out: Path, console: Console) -> list[Path]:
+def _generate_cohort(
+    args: argparse.Namespace, out: Path, console: Console, *, demo: bool = False
+) -> list[Path]:
     from client.wsi.synthetic import generate_cohort
 
-    cfg = _cohort_config(args)
+    cfg = _cohort_config(args, demo=demo)
     total = sum(site.n_slides for site in cfg.sites)
     started = time.perf_counter()
     with Progress(
@@ -138,7 +167,8 @@ def add_synth_commands(
         "demo",
         help="three synthetic hospitals on this machine: prepare, federate, report",
         description=(
-            "Generate a synthetic three-hospital cohort (different label levels and stain), "
+            "Generate a synthetic three-hospital cohort (different label levels and stain; "
+            "each hospital's test slides outlined, so patch AUC is measured everywhere), "
             "run `fedpath prepare` for each hospital, start a SuperLink and one SuperNode per "
             "hospital on loopback, run a federated FedMix run, write its report and stop "
             "every process."
@@ -156,7 +186,10 @@ def add_synth_commands(
     def run_demo(a: argparse.Namespace, c: Console) -> int:
         from client.cli_demo import cmd_demo
 
-        return cmd_demo(a, c, prepare_overrides, _generate_cohort)
+        def demo_cohort(a: argparse.Namespace, out: Path, c: Console) -> list[Path]:
+            return _generate_cohort(a, out, c, demo=True)
+
+        return cmd_demo(a, c, prepare_overrides, demo_cohort)
 
     demo.set_defaults(handler=run_demo)
 

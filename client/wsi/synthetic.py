@@ -439,7 +439,11 @@ class SynthSiteConfig(StrictModel):
     n_slides: int = Field(ge=1, le=10_000)
     tumour_share: float = Field(0.5, ge=0, le=1, description="share of slides that are tumour")
     annotated_share: float = Field(
-        0.0, ge=0, le=1, description="share of tumour slides with tumour outlines"
+        0.0,
+        ge=0,
+        le=1,
+        description="share of tumour slides with tumour outlines (with split_shares: of the "
+        "tumour slides of the train split)",
     )
     partial_share: float = Field(
         0.0, ge=0, le=1, description="share of annotated slides outlined only partially"
@@ -473,6 +477,17 @@ class SynthSiteConfig(StrictModel):
     mpp: float = Field(0.5, gt=0.05, le=10, description="level-0 µm per pixel")
     seed_offset: int = Field(0, ge=0, description="decorrelates sites generated from one seed")
     slides_per_patient: int = Field(1, ge=1, description="consecutive slides share a patient")
+    split_shares: tuple[float, float] | None = Field(
+        None,
+        description="(train, val) shares of each label's patients, the rest is the test split, "
+        "written to the manifest's split column; None: no split column (training then makes "
+        "k folds)",
+    )
+    outline_test: bool = Field(
+        False,
+        description="outline every tumour slide of the test split completely, the ground truth "
+        "patch AUC is measured on (test slides are never trained on); needs split_shares",
+    )
 
     @field_validator("stain", mode="before")
     @classmethod
@@ -505,8 +520,19 @@ class SynthSiteConfig(StrictModel):
     def _mimic_bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
         return _mimic_range(value)
 
+    @field_validator("split_shares")
+    @classmethod
+    def _split_bounds(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not (0 < value[0] <= 1 and 0 <= value[1] <= 1 - value[0]):
+            raise ValueError(
+                f"split_shares {value} must be (train, val) with train > 0 and train + val <= 1"
+            )
+        return value
+
     @model_validator(mode="after")
     def _physical_ranges(self) -> SynthSiteConfig:
+        if self.outline_test and self.split_shares is None:
+            raise ValueError("outline_test needs split_shares: without them no slide is test")
         if self.width_range[0] < TILE or self.height_range[0] < TILE:
             raise ValueError(f"slides must be at least {TILE} px on each side")
         if not (self.tissue_fraction_range[0] > 0 and self.tissue_fraction_range[1] <= 0.85):
@@ -565,6 +591,8 @@ class SlidePlan:
     patient_id: str
     config: SynthSlideConfig
     seed: int
+    split: str | None = None
+    """train, val or test when the site has ``split_shares`` (the manifest's split column)."""
 
 
 def _choose(rng: np.random.Generator, pool: np.ndarray, share: float) -> set[int]:
@@ -572,14 +600,51 @@ def _choose(rng: np.random.Generator, pool: np.ndarray, share: float) -> set[int
     return {int(i) for i in rng.choice(pool, size=count, replace=False)} if count else set()
 
 
+def plan_splits(
+    site: SynthSiteConfig, shares: tuple[float, float], tumour: set[int], seed: int
+) -> list[str]:
+    """train/val/test per slide (``shares`` of train and val, the rest test): whole patients,
+    stratified by whether a patient has a tumour slide, from a random stream of their own
+    (the other draws of the site do not move)."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, site.seed_offset, 2]))
+    n_patients = math.ceil(site.n_slides / site.slides_per_patient)
+    slides = [
+        range(p * site.slides_per_patient, min((p + 1) * site.slides_per_patient, site.n_slides))
+        for p in range(n_patients)
+    ]
+    with_tumour = [any(i in tumour for i in s) for s in slides]
+    split = [""] * site.n_slides
+    train_share, val_share = shares
+    for group in (True, False):
+        patients = [p for p in range(n_patients) if with_tumour[p] == group]
+        order = [patients[j] for j in rng.permutation(len(patients))]
+        n_train = min(len(order), max(1, round(train_share * len(order)))) if order else 0
+        n_val = min(len(order) - n_train, round(val_share * len(order)))
+        for rank, patient in enumerate(order):
+            name = "train" if rank < n_train else "val" if rank < n_train + n_val else "test"
+            for i in slides[patient]:
+                split[i] = name
+    return split
+
+
 def plan_site(site: SynthSiteConfig, cohort: SynthCohortConfig, seed: int) -> list[SlidePlan]:
-    """Decide every slide of a site up front, so one slide's failure cannot shift the others."""
+    """Decide every slide of a site up front, so one slide's failure cannot shift the others.
+
+    With ``split_shares`` the outlines follow the split: ``annotated_share`` (and the partial
+    ones among them) of the train split's tumour slides, and with ``outline_test`` complete
+    outlines on every tumour slide of the test split; validation slides get none.
+    """
     rng = np.random.default_rng(np.random.SeedSequence([seed, site.seed_offset, 0]))
     n = site.n_slides
     everyone = np.arange(n)
     tumour = _choose(rng, everyone, site.tumour_share)
-    annotated = _choose(rng, np.array(sorted(tumour), dtype=int), site.annotated_share)
+    shares = site.split_shares
+    splits = None if shares is None else plan_splits(site, shares, tumour, seed)
+    trainable = tumour if splits is None else {i for i in tumour if splits[i] == "train"}
+    annotated = _choose(rng, np.array(sorted(trainable), dtype=int), site.annotated_share)
     partial = _choose(rng, np.array(sorted(annotated), dtype=int), site.partial_share)
+    if splits is not None and site.outline_test:
+        annotated |= {i for i in tumour if splits[i] == "test"}
     lo, hi = site.tumour_fraction_range
     plans = []
     for i in range(n):
@@ -616,6 +681,7 @@ def plan_site(site: SynthSiteConfig, cohort: SynthCohortConfig, seed: int) -> li
                 patient_id=f"{site.name}_p{i // site.slides_per_patient:03d}",
                 config=slide_cfg,
                 seed=slide_seed,
+                split=None if splits is None else splits[i],
             )
         )
     return plans
@@ -691,6 +757,7 @@ def generate_site(
                 "annotation": _rel(s.geojson_path, site_dir),
                 "annotation_complete": complete,
                 "patient_id": plan.patient_id,
+                **({} if plan.split is None else {"split": plan.split}),
             }
         )
         truth.append(
@@ -705,7 +772,8 @@ def generate_site(
             }
         )
     _remove_stale(site_dir, keep)
-    atomic_write_text(site_dir / "slides.csv", _csv(manifest, MANIFEST_COLUMNS))
+    split_column = ("split",) if site.split_shares is not None else ()
+    atomic_write_text(site_dir / "slides.csv", _csv(manifest, MANIFEST_COLUMNS + split_column))
     atomic_write_text(site_dir / "ground_truth.csv", _csv(truth, GROUND_TRUTH_COLUMNS))
     return [s for _, s in slides]
 
