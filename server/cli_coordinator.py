@@ -214,6 +214,7 @@ class _RunFollower:
         self.run_dir: Path | None = None
         self.log_text = ""
         self.shown = 0
+        self.remote_noted = False
 
     def refresh_log(self) -> None:
         from server.local_network import NetworkError
@@ -233,7 +234,10 @@ class _RunFollower:
 
         if self.run_dir is None:
             self.refresh_log()
-        if self.run_dir is None or not self.run_dir.is_dir():
+        if self.run_dir is None:
+            return
+        if not self.run_dir.is_dir():
+            self._poll_log()
             return
         try:
             rounds = read_rounds(self.run_dir)
@@ -242,6 +246,22 @@ class _RunFollower:
         for record in rounds[self.shown :]:
             self.console.print(round_line(record, self.total), soft_wrap=True)
         self.shown = max(self.shown, len(rounds))
+
+    def _poll_log(self) -> None:
+        """Progress when the run directory is on another machine: the ServerApp's round
+        lines (no per-site counts or ε: those are in its metrics.jsonl)."""
+        if not self.remote_noted:
+            self.console.print(
+                f"(the run directory {self.run_dir} is not on this machine: progress from the "
+                "ServerApp's log)",
+                soft_wrap=True,
+            )
+            self.remote_noted = True
+        self.refresh_log()
+        done = self.fedpath_lines(" done in ")
+        for line in done[self.shown :]:
+            self.console.print(line, soft_wrap=True)
+        self.shown = max(self.shown, len(done))
 
     def fedpath_lines(self, needle: str) -> list[str]:
         marker = "[fedpath] "

@@ -302,3 +302,32 @@ def test_status_register_node_stop_and_timeout_against_a_tls_superlink(tmp_path:
         finally:
             os.killpg(node.pid, 15)
             node.wait(timeout=30)
+
+
+def test_progress_comes_from_the_serverapp_log_when_the_run_dir_is_elsewhere(
+    tmp_path: Path,
+) -> None:
+    """`fedpath run` on another host than the SuperLink cannot read metrics.jsonl."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from server.cli_coordinator import _RunFollower
+
+    class Log:
+        text = "INFO : [fedpath] run directory: /srv/elsewhere/flwr-7\n"
+
+        def run_log_text(self, run_id: int) -> str:
+            return self.text
+
+    log = Log()
+    out = StringIO()
+    follower = _RunFollower(log, 7, 3, Console(file=out, width=80))
+    follower.poll()
+    assert follower.run_dir == Path("/srv/elsewhere/flwr-7")
+    log.text += "INFO : [fedpath] round 1/3 done in 4.0 s: train loss 0.6000, val AUC 0.700\n"
+    follower.poll()
+    follower.poll()
+    printed = out.getvalue()
+    assert "is not on this machine" in printed
+    assert printed.count("round 1/3 done in 4.0 s: train loss 0.6000") == 1
