@@ -714,6 +714,9 @@ def test_classes_found_and_unknown_classes_are_reported(tmp_path: Path) -> None:
     assert loaded.tumour == ()
     assert loaded.classes_found == {"Stroma": 3, "Tumorgewebe": 1, "Unclassified": 1, "Tissue": 1}
     assert loaded.unknown_classes == ("Tumorgewebe",)  # Stroma, Tissue: QuPath's known classes
+    assert ann.describe_found(loaded) == (
+        'classes found "Stroma" (3), "Tumorgewebe" (1, unknown), unclassified (1), "Tissue" (1)'
+    )
 
 
 def test_tumour_classes_are_a_setting_matched_case_insensitively(tmp_path: Path) -> None:

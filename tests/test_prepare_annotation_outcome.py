@@ -198,4 +198,4 @@ def test_tumour_classes_option_and_toml_setting(
     # With only Stroma as tumour, QuPath's "Tumor" is an unknown class: its slide fails.
     point = _status(out, "tumour_point")
     assert point["state"] == "failed"
-    assert 'classes found "Tumor" (2); tumour classes are Stroma (set' in point["reason"]
+    assert 'classes found "Tumor" (2, unknown); tumour classes are Stroma (set' in point["reason"]

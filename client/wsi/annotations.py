@@ -273,10 +273,14 @@ def _without_patch_labels(
 
 
 def describe_found(annotation: TumourAnnotation) -> str:
-    """'classes found "Stroma" (3), unclassified (1)', and the outlines ignored for no area."""
+    """'classes found "Stroma" (3), "Tumorgewebe" (1, unknown), unclassified (1)', and the
+    outlines ignored for having no area. "unknown": in none of the configured class lists."""
     if annotation.classes_found:
+        unknown = set(annotation.unknown_classes)
         parts = [
-            f"unclassified ({n})" if name == UNCLASSIFIED else f'"{name}" ({n})'
+            f"unclassified ({n})"
+            if name == UNCLASSIFIED
+            else f'"{name}" ({n}{", unknown" if name in unknown else ""})'
             for name, n in annotation.classes_found.items()
         ]
         text = "classes found " + ", ".join(parts)
