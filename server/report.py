@@ -701,6 +701,8 @@ def unused_run_settings(run_config: dict[str, Any]) -> dict[str, str]:
                 )
     elif sigma == 0:
         unused["dp-noise-multiplier"] = "σ is solved from dp-target-epsilon"
+    elif target == 0:
+        unused["dp-target-epsilon"] = "σ is given by dp-noise-multiplier"
     if run_config.get("resume") == "":
         unused["resume"] = "not a resumed run"
     if run_config.get("simulation-data") == "":

@@ -517,9 +517,14 @@ def test_settings_the_run_did_not_use_are_listed_apart_with_the_reason(tmp_path:
     _set_run_config(fedmix, dp_noise_multiplier=1.1, dp_target_epsilon=0.0, dp_delta=1e-5)
     text = render_report(fedmix).read_text(encoding="utf-8")
     in_effect = _settings_in_effect(text)
-    for key in ("fedmix-lambda", "fedmix-beta", "dp-delta"):
+    for key in ("fedmix-lambda", "fedmix-beta", "dp-delta", "dp-noise-multiplier"):
         assert f'<span class="key">{key}</span>' in in_effect, key
         assert f"<td>{key}</td>" not in _unused_table(text)
+    assert "<td>dp-target-epsilon</td>" in _unused_table(text)
+    assert "σ is given by dp-noise-multiplier" in text
+    training = text[text.index("<h3>Local training") :]
+    assert "<td>grad_clip</td>" in _unused_table(training)
+    assert "slides by Poisson sampling, one slide per forward pass" in training
 
 
 def test_every_axis_has_a_title_with_its_unit(tmp_path: Path) -> None:
