@@ -836,3 +836,19 @@ def test_class_lists_are_checked() -> None:
         AnnotationConfig(tumour_classes=("Tumor", " "))
     # A tumour class that QuPath ships as "other" simply becomes tumour.
     assert AnnotationConfig(tumour_classes=("Stroma",)).tumour_classes == ("Stroma",)
+
+
+def test_tumour_outlined_on_a_normal_slide_is_said(tmp_path: Path) -> None:
+    doc = [
+        feature(polygon_geometry(square(0, 0, 512)), classification="Tumor"),
+        feature({"type": "Point", "coordinates": [900, 900]}, classification="Tumor"),
+    ]
+    path = write_json(tmp_path / "n.geojson", doc)
+    outcome = ann.annotation_outcome(path, CFG, (1000, 1000), tumour_slide=False)
+    coords = grid(1000, 1000, 256, 256)
+    outcome, _, labels = ann.slide_patch_labels(outcome, coords, 256, (1000, 1000), True, CFG)
+    assert labels is not None and int((labels == 1).sum()) == 4
+    assert outcome.note == (
+        "annotation n.geojson outlines tumour on 4 patch(es) of a slide with the first (normal) "
+        "label: check the slide's label; annotation n.geojson: ignored (no area): 1 Point"
+    )

@@ -231,11 +231,19 @@ def slide_patch_labels(
             f"of its {len(fraction)} tissue patches: wrong slide or wrong coordinates?)"
         )
         return _without_patch_labels(outcome.annotation, problem, cfg), None, None
-    note = outcome.note
+    notes = [outcome.note] if outcome.note else []
+    name = outcome.annotation.source.name
+    if not outcome.tumour_slide and tumour_patches:
+        # Not refused: with labels such as "luad,lusc" the first label has tumour too.
+        notes.append(
+            f"annotation {name} outlines tumour on {tumour_patches} patch(es) of a slide with "
+            "the first (normal) label: check the slide's label"
+        )
     ignored = outcome.annotation.ignored_geometries
-    if ignored and note is None:
+    if ignored:
         listed = ", ".join(f"{n} {kind}" for kind, n in ignored.items())
-        note = f"annotation {outcome.annotation.source.name}: ignored (no area): {listed}"
+        notes.append(f"annotation {name}: ignored (no area): {listed}")
+    note = "; ".join(notes) or None
     kept = AnnotationOutcome(outcome.annotation, outcome.tumour_slide, True, note, tumour_patches)
     return kept, fraction, labels
 
