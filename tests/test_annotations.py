@@ -852,3 +852,27 @@ def test_tumour_outlined_on_a_normal_slide_is_said(tmp_path: Path) -> None:
         "annotation n.geojson outlines tumour on 4 patch(es) of a slide with the first (normal) "
         "label: check the slide's label; annotation n.geojson: ignored (no area): 1 Point"
     )
+
+
+def test_asap_nested_groups_take_the_class_of_their_parent_group(tmp_path: Path) -> None:
+    text = asap_doc(
+        [
+            ("region 1", "Polygon", [(0, 0, 0), (1, 100, 0), (2, 100, 100)]),
+            ("loop a", "Polygon", [(0, 0, 0), (1, 50, 0), (2, 50, 50)]),
+            ("lymph", "Polygon", [(0, 0, 0), (1, 50, 0), (2, 50, 50)]),
+        ]
+    ).replace(
+        "</AnnotationGroups>",
+        '<Group Name="region 1" PartOfGroup="Tumor" Color="#f00"><Attributes /></Group>'
+        '<Group Name="Tumor" PartOfGroup="None" Color="#f00"><Attributes /></Group>'
+        # A cycle (a hand-edited file) must end, and leave the group unknown.
+        '<Group Name="loop a" PartOfGroup="loop b" Color="#f00"><Attributes /></Group>'
+        '<Group Name="loop b" PartOfGroup="loop a" Color="#f00"><Attributes /></Group>'
+        "</AnnotationGroups>",
+    )
+    path = tmp_path / "nested.xml"
+    path.write_text(text)
+    loaded = load_annotation(path, CFG)
+    assert len(loaded.tumour) == 1
+    assert loaded.classes_found == {"region 1": 1, "loop a": 1, "lymph": 1}
+    assert loaded.unknown_classes == ("loop a", "lymph")

@@ -193,9 +193,7 @@ def load_annotation(
         tumour=tuple(tumour),
         exclusions=tuple(exclusions),
         classes_found=dict(found.classes),
-        unknown_classes=tuple(
-            name for name in found.classes if name != UNCLASSIFIED and not _is_known(name, cfg)
-        ),
+        unknown_classes=tuple(found.unknown),
         ignored_geometries=dict(found.ignored),
     )
 
@@ -208,6 +206,22 @@ class _Found:
     """Outlines per class name as written (``UNCLASSIFIED`` for those without one)."""
     ignored: Counter[str] = field(default_factory=Counter)
     """Outlines of a tumour or exclusion class skipped for having no area, by geometry type."""
+    unknown: dict[str, None] = field(default_factory=dict)
+    """Class names in none of the configured lists (an ordered set)."""
+
+    def saw(self, name: str, chain: Sequence[str], cfg: AnnotationConfig) -> str | None:
+        """Count one outline of class ``name`` and classify it by the first name of ``chain``
+        (the name, then any parent groups) that a configured list knows."""
+        self.classes[name] += 1
+        for link in chain:
+            kind = _classify(link, cfg)
+            if kind is not None:
+                return kind
+            if _matches(link, cfg.other_classes):
+                return None
+        if name != UNCLASSIFIED:
+            self.unknown[name] = None
+        return None
 
 
 _RawPolygon = tuple[str, str, list[Any]]
@@ -268,11 +282,6 @@ def _classify(name: str, cfg: AnnotationConfig) -> str | None:
     return None
 
 
-def _is_known(name: str, cfg: AnnotationConfig) -> bool:
-    """In one of the configured lists: anything else is reported as an unknown class."""
-    return _classify(name, cfg) is not None or _matches(name, cfg.other_classes)
-
-
 # GeoJSON ------------------------------------------------------------------------------------
 
 _NO_AREA_GEOMETRIES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString"})
@@ -304,8 +313,7 @@ def _parse_geojson(
             raise AnnotationError(str(path), f"feature {i} is not a JSON object")
         props = feature.get("properties")
         name = _class_name(_geojson_class(props if isinstance(props, dict) else {}))
-        found.classes[name] += 1
-        kind = _classify(name, cfg)
+        kind = found.saw(name, [name], cfg)
         if kind is None:
             continue
         where = f"feature {i} ({name})"
@@ -407,12 +415,12 @@ def _parse_asap(data: bytes, path: Path, cfg: AnnotationConfig, found: _Found) -
         raise AnnotationError(
             str(path), f"XML root <{root.tag}> is not <ASAP_Annotations> (not an ASAP file)"
         )
+    parents = {g.get("Name", "").strip(): g.get("PartOfGroup", "") for g in root.iter("Group")}
     out: list[_RawPolygon] = []
     for i, ann in enumerate(root.iter("Annotation")):
-        group = ann.get("PartOfGroup", "None")
+        group = ann.get("PartOfGroup", _ASAP_NO_GROUP)
         name = _class_name(None if group.strip() == _ASAP_NO_GROUP else group)
-        found.classes[name] += 1
-        kind = _classify(name, cfg)
+        kind = found.saw(name, _asap_group_chain(name, parents), cfg)
         if kind is None:
             continue
         where = f"annotation {i} ({ann.get('Name', 'unnamed')!r}, group {group})"
@@ -422,6 +430,17 @@ def _parse_asap(data: bytes, path: Path, cfg: AnnotationConfig, found: _Found) -
             continue
         out.append((where, kind, [_asap_ring(ann, where, path)]))
     return out
+
+
+def _asap_group_chain(name: str, parents: dict[str, str]) -> list[str]:
+    """A group and the groups it is part of, innermost first: ASAP nests groups, so regions
+    drawn in a group "region 1" inside a group "Tumor" are tumour."""
+    chain = [name]
+    parent = parents.get(name, "").strip()
+    while parent and parent != _ASAP_NO_GROUP and parent not in chain:
+        chain.append(parent)
+        parent = parents.get(parent, "").strip()
+    return chain
 
 
 def _asap_ring(ann: ET.Element, where: str, path: Path) -> list[tuple[float, float]]:
