@@ -207,7 +207,9 @@ def _final_table(result: Any) -> Table:
     g = final.get("global_test") or {}
     if g:
         table.add_row(
-            "all (weighted)",
+            # final.json says how it pooled (newer runs: over all slides and patches); older
+            # runs wrote the sites' values weighted by their test slides.
+            "all (pooled)" if g.get("pooling") else "all (weighted)",
             str(g.get("num_examples")),
             _fmt(g.get("auc")),
             _fmt(g.get("patch_auc")),

@@ -894,42 +894,94 @@ def metric_columns(rows: Iterable[dict[str, Any]]) -> list[str]:
     return known + sorted(present - set(METRIC_HEADERS))
 
 
-GLOBAL_TEST_NOTE = (
-    "The last row is the server's aggregate of the sites' test results (final.json's "
-    "global_test); a metric without a name that says otherwise is the mean of the sites' "
-    "values weighted by their test slides, not a metric over all slides at once."
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+LEGACY_GLOBAL_TEST_NOTE = (
+    "final.json does not say how its all-sites row (global_test) was computed; fedpath "
+    "versions that do not say wrote the mean of the sites' values weighted by their test "
+    "slides, not a metric over all slides at once."
 )
+FINAL_KEYS_SHOWN_ELSEWHERE = frozenset(
+    {"status", "reason", "rounds_completed", "num_rounds", "test", "global_test",
+     "privacy_guarantee", "privacy"}
+)  # fmt: skip
+
+
+def _global_test_note(overall: dict[str, Any]) -> str:
+    """How the all-sites row was computed, in final.json's own words when it has them."""
+    pooling = overall.get("pooling")
+    text = f"All sites: {pooling}" if isinstance(pooling, str) and pooling else None
+    return f'<p class="note">{esc(text or LEGACY_GLOBAL_TEST_NOTE)}</p>'
+
+
+def all_metrics_html(rows: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Every key of every row, one metric per line and one column per row (sites, all sites):
+    a metric a newer fedpath adds to final.json shows here without a change to the report."""
+    keys = metric_columns(m for _, m in rows)
+    body = [[metric_header(key), *(metric_text(m.get(key)) for _, m in rows)] for key in keys]
+    return (
+        "<details><summary>Every test metric final.json holds "
+        f"({len(keys)} keys)</summary>"
+        f"{table(['metric', *(name for name, _ in rows)], body)}</details>"
+    )
+
+
+def other_final_html(raw: dict[str, Any]) -> str:
+    """Blocks of final.json no other section shows (calibration, a newer writer's records)."""
+    parts = []
+    scalars = []
+    for key in sorted(set(raw) - FINAL_KEYS_SHOWN_ELSEWHERE):
+        value = raw[key]
+        if isinstance(value, dict):
+            if value:
+                parts.append(f"<h3>{esc(metric_header(key))}</h3>{_kv_grid(_flatten(value))}")
+        else:
+            scalars.append((key, metric_text(value) if _is_number(value) else value))
+    if scalars:
+        parts.append(_kv_grid(scalars))
+    return "".join(parts)
 
 
 def final_html(run: RunFiles) -> str:
-    """The final test table: each site, then the server's aggregate; every metric key shown."""
+    """The final test table: each site, then all sites; every metric key of final.json shown.
+
+    The table's columns are the headline metrics fedpath knows (in a fixed order); every key
+    of final.json's test records, known or not, is listed below it, so a metric added to the
+    run files later (calibration, intervals) appears without a change here.
+    """
     final = run.final
     if final is None:
         return f"<h2>Final test results</h2><p>{esc(status_text(run)[1])}</p>"
     raw = _raw_final(run)
     tests = raw.get("test") if isinstance(raw.get("test"), dict) else {}
-    per_site = [
+    records: list[tuple[str, dict[str, Any]]] = [
         (site, tests[site])
         for site in run.site_names()
         if site in final.test and isinstance(tests.get(site), dict)
     ]
     overall = raw.get("global_test") if final.global_test is not None else None
-    rows_data = [m for _, m in per_site] + ([overall] if isinstance(overall, dict) else [])
-    if not rows_data:
-        return "<h2>Final test results</h2><p>The run ended without test results.</p>"
-    columns = metric_columns(rows_data)
-    rows: list[list[Any]] = [
-        [site, *(metric_text(m.get(key)) for key in columns)] for site, m in per_site
-    ]
-    note = ""
     if isinstance(overall, dict):
-        rows.append(
-            [Html("<strong>all sites</strong>"), *(metric_text(overall.get(k)) for k in columns)]
-        )
-        note = f'<p class="note">{esc(GLOBAL_TEST_NOTE)}</p>'
+        records.append(("all sites", overall))
+    others = other_final_html(raw)
+    if not records:
+        return f"<h2>Final test results</h2><p>The run ended without test results.</p>{others}"
+    headline = [
+        key for key in METRIC_HEADERS if any(_is_number(m.get(key)) for _, m in records)
+    ] or metric_columns(m for _, m in records)
+    rows: list[list[Any]] = [
+        [
+            Html("<strong>all sites</strong>") if m is overall else name,
+            *(metric_text(m.get(key)) for key in headline),
+        ]
+        for name, m in records
+    ]
+    note = _global_test_note(overall) if isinstance(overall, dict) else ""
     return (
         "<h2>Final test results</h2><p>The final global model on each site's test split.</p>"
-        f"{table(['site', *(metric_header(k) for k in columns)], rows)}{note}"
+        f"{table(['site', *(metric_header(k) for k in headline)], rows)}{note}"
+        f"{all_metrics_html(records)}{others}"
     )
 
 

@@ -140,7 +140,7 @@ def _demo_run(tmp_path: Path, strategy: str) -> DemoRun:
             "site_a": {"num_examples": 4, **metrics, "patch_auc": 0.8123},
             "site_b": {"num_examples": 4, **metrics, "patch_auc": 0.7351},
         },
-        "global_test": {"num_examples": 8, **metrics, "patch_auc": 0.7734},
+        "global_test": {"num_examples": 8, **metrics, "patch_auc": 0.7734, "pooling": "all"},
     }
     rounds = [{"weights": {"site_a": 0.55, "site_b": 0.45}}]
     return DemoRun("finished:completed", run_dir, rounds, final, {})
@@ -154,6 +154,7 @@ def test_final_table_shows_patch_auc_and_says_what_the_weight_is(
     console.print(_final_table(_demo_run(tmp_path, strategy)))
     text = console.export_text()
     assert "0.812" in text and "0.735" in text and "0.773" in text
+    assert "all (pooled)" in text
     site_rows = [line for line in text.splitlines() if "site_" in line]
     assert len(site_rows) == 2 and not any("n/a" in line for line in site_rows)
     assert all(len(line) <= 80 for line in text.splitlines())

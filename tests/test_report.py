@@ -538,19 +538,39 @@ def test_every_axis_has_a_title_with_its_unit(tmp_path: Path) -> None:
 
 
 def test_final_table_shows_every_metric_key_of_final_json(tmp_path: Path) -> None:
-    """Metrics added to final.json later (calibration, intervals) appear without a code change."""
+    """Metrics and blocks added to final.json later (calibration, intervals, pooled counts)
+    appear without a code change: headline metrics in the table, every key listed below it."""
     run_dir = make_run(tmp_path / "run")
     final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
     for i, site in enumerate(SITES):
         final["test"][site] |= {"brier": 0.1 + i / 100, "ece": 0.05, "threshold": 0.42,
                                 "patch_auc_pooled": 0.777}  # fmt: skip
-    final["global_test"] |= {"auc_ci": [0.61, 0.97], "brand_new_metric": {"value": 0.5}}
+    final["global_test"] |= {
+        "auc_ci": [0.61, 0.97],
+        "brand_new_metric": {"value": 0.5},
+        "pooling": "pooled over every <test> slide from the sites' counts",
+    }
+    final["calibration"] = {"temperature": 1.25, "description": "T = 1.25 from val NLL"}
+    final["a_future_flag"] = True
     (run_dir / "final.json").write_text(json.dumps(final), encoding="utf-8")
     text = render_report(run_dir).read_text(encoding="utf-8")
     section = text[text.index("<h2>Final test results") : text.index("<h2>Curves")]
-    headers = re.findall(r"<th>([^<]*)</th>", section)
-    assert headers == ["site", "slides", "loss", "slide AUC", "patch AUC", "balanced accuracy",
-                       "F1", "Brier score", "ECE", "threshold", "AUC CI", "brand new metric",
-                       "patch AUC pooled"]  # fmt: skip
-    assert "0.1100" in section and "0.7770" in section and "0.6100 – 0.9700" in section
-    assert "0.5000" in section and '<td class="num">0.4200</td>' in section
+    headline = section[: section.index("</table>")]
+    assert re.findall(r"<th>([^<]*)</th>", headline) == [
+        "site", "slides", "loss", "slide AUC", "patch AUC", "balanced accuracy", "F1",
+        "Brier score", "ECE", "threshold",
+    ]  # fmt: skip
+    assert "0.1100" in headline and '<td class="num">0.4200</td>' in headline
+    assert "All sites: pooled over every &lt;test&gt; slide from the sites&#x27; counts" in section
+    every = section[section.index("Every test metric final.json holds") :]
+    assert re.findall(r"<th>([^<]*)</th>", every) == ["metric", *SITES_ESCAPED, "all sites"]
+    for header, value in (("patch AUC pooled", "0.7770"), ("AUC CI", "0.6100 – 0.9700"),
+                          ("brand new metric", "0.5000")):  # fmt: skip
+        assert re.search(f"<td>{header}</td>.*?{value}", every), header
+    assert "<h3>calibration</h3>" in section and "T = 1.25 from val NLL" in section
+    assert '<span class="key">calibration.temperature</span>' not in section  # flattened
+    assert '<span class="key">temperature</span> 1.25' in section
+    assert '<span class="key">a_future_flag</span> true' in section
+
+
+SITES_ESCAPED = ["site_a", "&lt;b&gt;x&lt;/b&gt;", "site_c"]
