@@ -125,10 +125,15 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
             f"[bold red]{len(summary.failed)} slide(s) failed[/]"
             + (f" ({rows} for manifest problems, not prepared at all)" if rows else "")
             + f"; see the reasons above and {summary.out_dir / 'status'}. Fix them and re-run: "
-            "finished slides are skipped."
+            "finished slides are reused."
         )
-        return EXIT_PARTIAL
-    return EXIT_OK
+    if summary.site_error:
+        console.print(
+            f"[bold red]error:[/] {summary.site_error}; the slide index and site summary are "
+            "not up to date: free space or fix permissions and re-run (finished slides are "
+            "reused)"
+        )
+    return EXIT_PARTIAL if summary.failed or summary.site_error else EXIT_OK
 
 
 def cmd_encoders(args: argparse.Namespace, console: Console) -> int:
@@ -163,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Validate the manifest, then for each slide: read it with OpenSlide, segment "
             "tissue, cut patches, turn annotations into patch labels, embed the patches and "
-            "write an HDF5 feature bag. Resumable: finished slides are skipped."
+            "write an HDF5 feature bag. Resumable: finished slides are reused."
         ),
     )
     prepare.add_argument(

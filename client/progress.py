@@ -23,7 +23,7 @@ from rich.table import Table
 
 from client.prepare.records import PrepareSummary, SlideRecord
 
-_STATE_STYLE = {"done": "green", "skipped": "cyan", "failed": "bold red"}
+_STATE_STYLE = {"done": "green", "reused": "cyan", "failed": "bold red"}
 
 
 class RichPrepareEvents:
@@ -124,7 +124,7 @@ def summary_line(summary: PrepareSummary) -> str:
     """Totals in one line, for logs and the demo's final table."""
     rate = summary.patches_per_second
     return (
-        f"{summary.count('done')} done, {summary.count('skipped')} skipped, "
+        f"{summary.count('done')} done, {summary.count('reused')} reused, "
         f"{summary.count('failed')} failed; {summary.embedded_patches} patches embedded"
         + (f" at {rate:.1f} patches/s" if rate else "")
         + f" ({summary.encoder}, {summary.precision}); {summary.seconds:.1f} s"

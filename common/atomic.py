@@ -4,46 +4,109 @@ Every artefact is written to a hidden temporary file in the destination director
 into place only once it is complete; ``os.replace`` is atomic on POSIX within one filesystem.
 On any exception the temporary file is removed, so an interrupted or failed job leaves nothing
 behind that could later be mistaken for a finished output.
+
+A write that the operating system refuses (disk full, file too large, permission denied, a
+read-only mount) becomes one ``OutputWriteError`` naming the *final* file and the OS error, so
+the operator reads ``cannot write /data/x.h5: No space left on device (ENOSPC)`` once, not a
+traceback about a temporary name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from common.errors import FedpathError
+
 TMP_PREFIX = ".fedpath-tmp-"
+
+_ERRNO_IN_TEXT = re.compile(r"errno = (\d+)")
+"""HDF5 reports the failing system call as ``errno = 27, error message = '...'`` in its text."""
+
+
+def os_error_text(error: BaseException) -> str:
+    """``File too large (EFBIG)`` for an OSError, or an HDF5 error that carries an errno."""
+    code = getattr(error, "errno", None)
+    if not isinstance(code, int):
+        found = _ERRNO_IN_TEXT.search(str(error))
+        code = int(found.group(1)) if found else None
+    if isinstance(code, int) and code > 0:
+        name = errno.errorcode.get(code)
+        return os.strerror(code) + (f" ({name})" if name else "")
+    return str(error) or type(error).__name__
+
+
+class OutputWriteError(FedpathError, OSError):
+    """An output file could not be written; names the file and the operating system's reason.
+
+    Also an ``OSError``, so code that already handles failed writes as such keeps working.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], error: BaseException) -> None:
+        self.path = str(path)
+        self.reason = os_error_text(error)
+        super().__init__(f"cannot write {self.path}: {self.reason}")
+        code = getattr(error, "errno", None)
+        self.errno = code if isinstance(code, int) else None
+
+    def __str__(self) -> str:
+        return f"cannot write {self.path}: {self.reason}"
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a temporary; on a read-only or vanished directory there is nothing more to do."""
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 @contextlib.contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``final``; rename it to ``final`` if the block succeeds."""
+    """Yield a temporary path next to ``final``; rename it to ``final`` if the block succeeds.
+
+    Creating the folder or the temporary, and the final rename, raise ``OutputWriteError``;
+    an exception of the block itself is re-raised as it is, after the temporary is removed.
+    """
     final_path = Path(final)
-    final_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=TMP_PREFIX, suffix=final_path.suffix, dir=final_path.parent
-    )
-    os.close(fd)
+    try:
+        try:
+            final_path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file stands where a folder of the path must be
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=TMP_PREFIX, suffix=final_path.suffix, dir=final_path.parent
+        )
+        os.close(fd)
+    except OSError as exc:
+        raise OutputWriteError(final_path, exc) from exc
     tmp = Path(tmp_name)
     try:
         yield tmp
-        os.replace(tmp, final_path)
+        try:
+            os.replace(tmp, final_path)
+        except OSError as exc:
+            raise OutputWriteError(final_path, exc) from exc
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        _remove_quietly(tmp)
         raise
 
 
 def atomic_write_bytes(final: str | os.PathLike[str], data: bytes) -> None:
     """Write ``data`` to ``final`` atomically, flushed to disk before the rename."""
-    with atomic_path(final) as tmp, open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
+    with atomic_path(final) as tmp:
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise OutputWriteError(final, exc) from exc
 
 
 def atomic_write_text(final: str | os.PathLike[str], text: str) -> None:
@@ -64,6 +127,9 @@ def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
         return removed
     for path in root.rglob(f"{TMP_PREFIX}*"):
         if path.is_file():
-            path.unlink()
+            try:
+                path.unlink()
+            except OSError as exc:
+                raise OutputWriteError(path, exc) from exc
             removed.append(path)
     return removed

@@ -10,7 +10,9 @@ Plain CLAM/TRIDENT files (``features`` + ``coords`` only) are readable too.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,7 @@ import h5py
 import numpy as np
 
 from common import __version__
-from common.atomic import atomic_path
+from common.atomic import OutputWriteError, atomic_path
 from common.errors import FeatureBagError
 
 REQUIRED_ATTRS: tuple[str, ...] = (
@@ -124,6 +126,179 @@ def validate_bag(bag: FeatureBag, where: str) -> None:
         raise FeatureBagError(where, "patch_labels must be -1, 0 or 1")
 
 
+class _GuardedFile(io.RawIOBase):
+    """The file object HDF5 writes through: a refused write is recorded, never raised into HDF5.
+
+    libhdf5 does not survive a failing ``write(2)``: its metadata cache is left dirty, every
+    later close retries the flush, h5py prints "Exception ignored" from ``__dealloc__`` and
+    the interpreter can segfault at exit. Through this object HDF5 never sees an error: the
+    first ``OSError`` (ENOSPC, EFBIG, EIO, ...) is kept in ``failure``, the bytes of that and
+    every later write are kept in memory so that HDF5 reads back what it wrote and can close
+    cleanly, and the caller raises one ``OutputWriteError`` and deletes the temporary.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._fd = os.open(path, os.O_RDWR)
+        self._pos = 0
+        self._size = os.fstat(self._fd).st_size
+        self._overlay: list[tuple[int, bytes]] = []
+        self.failure: OSError | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def _record(self, error: OSError) -> None:
+        if self.failure is None:
+            self.failure = error
+
+    def write(self, data: Any) -> int:  # type: ignore[override]
+        chunk = bytes(data)
+        if self.failure is None:
+            try:
+                done = 0
+                while done < len(chunk):
+                    done += os.pwrite(self._fd, chunk[done:], self._pos + done)
+            except OSError as exc:
+                self._record(exc)
+        if self.failure is not None:
+            self._overlay.append((self._pos, chunk))
+        self._pos += len(chunk)
+        self._size = max(self._size, self._pos)
+        return len(chunk)
+
+    def readinto(self, buffer: Any) -> int:  # type: ignore[override]
+        view = memoryview(buffer).cast("B")
+        wanted = len(view)
+        data = bytearray(wanted)
+        try:
+            got = os.pread(self._fd, wanted, self._pos)
+            data[: len(got)] = got
+        except OSError as exc:
+            self._record(exc)
+        for offset, chunk in self._overlay:  # bytes HDF5 wrote after the failure
+            start, end = max(offset, self._pos), min(offset + len(chunk), self._pos + wanted)
+            if start < end:
+                data[start - self._pos : end - self._pos] = chunk[start - offset : end - offset]
+        view[:] = data
+        self._pos += wanted
+        return wanted
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        if self.failure is None:
+            try:
+                os.ftruncate(self._fd, size)
+            except OSError as exc:
+                self._record(exc)
+        self._size = size
+        return size
+
+    def flush(self) -> None:
+        """HDF5 flushes through ``write``; durability is ``sync``'s job."""
+
+    def sync(self) -> None:
+        if self.failure is None:
+            try:
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._record(exc)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                os.close(self._fd)
+            except OSError as exc:
+                self._record(exc)
+        super().close()
+
+
+class AtomicH5File:
+    """An HDF5 file written to a temporary and renamed into place, failing cleanly.
+
+    ``with AtomicH5File(path) as out: out.file.create_dataset(...)``. A write the system
+    refuses raises exactly one ``OutputWriteError`` naming ``path`` and the OS error (from
+    ``check()`` as soon as it is noticed, or at the end of the block), after the HDF5 file is
+    closed once and the temporary removed; libhdf5 never sees the failure (``_GuardedFile``).
+    """
+
+    CHUNK_CACHE_BYTES = 16 * 1024 * 1024
+    """Raw-data chunk cache: a 256-row chunk of 1,280-d float32 (1.3 MB) stays cached while it
+    is filled batch by batch, instead of being read back and rewritten for every batch."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._stack: contextlib.ExitStack | None = None
+        self._guard: _GuardedFile | None = None
+        self._file: h5py.File | None = None
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None:
+            raise RuntimeError("AtomicH5File.file used outside its context")
+        return self._file
+
+    def check(self) -> None:
+        """Raise ``OutputWriteError`` if a write has already been refused."""
+        if self._guard is not None and self._guard.failure is not None:
+            raise OutputWriteError(self.path, self._guard.failure)
+
+    def __enter__(self) -> AtomicH5File:
+        stack = contextlib.ExitStack()
+        try:
+            tmp = stack.enter_context(atomic_path(self.path))
+            try:
+                self._guard = _GuardedFile(tmp)
+            except OSError as exc:
+                raise OutputWriteError(self.path, exc) from exc
+            self._file = h5py.File(self._guard, "w", rdcc_nbytes=self.CHUNK_CACHE_BYTES)
+        except BaseException:
+            self._release()
+            stack.__exit__(*sys.exc_info())
+            raise
+        self._stack = stack
+        return self
+
+    def _release(self) -> None:
+        """Close the HDF5 file, then the descriptor, each exactly once."""
+        file, self._file = self._file, None
+        guard = self._guard
+        try:
+            if file is not None:
+                file.close()
+        finally:
+            if guard is not None:
+                if file is not None:
+                    guard.sync()
+                guard.close()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        stack, self._stack = self._stack, None
+        assert stack is not None
+        try:
+            self._release()
+            if exc_type is None:
+                self.check()
+        except BaseException as error:
+            stack.__exit__(type(error), error, error.__traceback__)
+            raise
+        stack.__exit__(exc_type, exc, tb)
+
+
 class FeatureBagWriter:
     """Streams one slide's features into a temporary HDF5 file, then renames it into place.
 
@@ -155,15 +330,25 @@ class FeatureBagWriter:
         self._fraction = tumour_fraction
         self._dtype = np.dtype(dtype)
         self._written = 0
-        self._stack: contextlib.ExitStack | None = None
+        self._out: AtomicH5File | None = None
         self._dataset: h5py.Dataset | None = None
 
     def __enter__(self) -> FeatureBagWriter:
-        stack = contextlib.ExitStack()
-        tmp = stack.enter_context(atomic_path(self._path))
-        fh = stack.enter_context(h5py.File(tmp, "w"))
+        out = AtomicH5File(self._path).__enter__()
+        try:
+            self._dataset = self._create(out.file)
+            out.check()
+        except BaseException as error:
+            self._dataset = None
+            out.__exit__(type(error), error, error.__traceback__)
+            raise
+        self._out = out
+        return self
+
+    def _create(self, fh: h5py.File) -> h5py.Dataset:
+        """Every dataset but the features' rows, and the attributes."""
         chunk_rows = max(1, min(self._n, 256))
-        self._dataset = fh.create_dataset(
+        dataset = fh.create_dataset(
             "features",
             shape=(self._n, self._dim),
             dtype=self._dtype,
@@ -176,8 +361,7 @@ class FeatureBagWriter:
             fh.create_dataset("tumour_fraction", data=np.asarray(self._fraction, dtype=np.float32))
         for key, value in self._attrs.items():
             fh.attrs[key] = value
-        self._stack = stack
-        return self
+        return dataset
 
     def write(self, features: np.ndarray) -> None:
         """Append the next block of rows (B×D)."""
@@ -193,17 +377,19 @@ class FeatureBagWriter:
             raise FeatureBagError(str(self._path), "encoder produced NaN or Inf features")
         self._dataset[self._written : end] = block.astype(self._dtype, copy=False)
         self._written = end
+        assert self._out is not None
+        self._out.check()  # a full disk stops the slide now, not after hours of embedding
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        assert self._stack is not None
-        stack, self._stack, self._dataset = self._stack, None, None
+        assert self._out is not None
+        out, self._out, self._dataset = self._out, None, None
         if exc_type is None and self._written != self._n:
             err = FeatureBagError(
                 str(self._path), f"only {self._written} of {self._n} rows were written"
             )
-            stack.__exit__(type(err), err, None)
+            out.__exit__(type(err), err, None)
             raise err
-        stack.__exit__(exc_type, exc, tb)
+        out.__exit__(exc_type, exc, tb)
 
 
 def iter_bag_paths(directory: str | os.PathLike[str]) -> Iterator[Path]:

@@ -589,11 +589,11 @@ def test_a_rerun_after_fixing_the_manifest_prepares_the_fixed_rows(
     summary = prepare_site(manifest, out, TINY)
     states = {r.slide_id: r.state for r in summary.records}
     assert states == {
-        "m_first": "skipped",
+        "m_first": "reused",
         "a": "done",
         "a2": "done",
         "b": "done",
-        "m_last": "skipped",
+        "m_last": "reused",
     }
     assert json.loads((out / "status" / "a.json").read_text())["state"] == "done"
     with (out / "prepared.csv").open() as fh:
@@ -624,7 +624,7 @@ def test_fedpath_prepare_lists_the_manifest_problems_first_and_exits_1(
     assert duplicate in text and label in text
     assert text.index(label) < text.index("Preparation summary")
     assert "2 slide(s) failed (2 for manifest problems, not prepared at all)" in text
-    assert "1 done, 0 skipped, 2 failed" in text
+    assert "1 done, 0 reused, 2 failed" in text
     assert (tmp_path / "out" / "features" / "tiny_cnn" / "ok.h5").is_file()
 
 

@@ -107,12 +107,12 @@ def test_prepare_exit_1_when_a_slide_fails(
     ]
     code, out = _run(args, capsys)
     assert code == EXIT_PARTIAL
-    assert "1 done, 0 skipped, 1 failed" in out
+    assert "1 done, 0 reused, 1 failed" in out
     assert "bad" in out and "not a slide format OpenSlide can read" in out
     # Fix the manifest and re-run: the finished slide is skipped, the exit code is clean.
     manifest.write_text(manifest.read_text().replace("bad,slides/bad.svs,normal,,\n", ""))
     code, out = _run(args, capsys)
-    assert code == EXIT_OK and "0 done, 1 skipped, 0 failed" in out
+    assert code == EXIT_OK and "0 done, 1 reused, 0 failed" in out
 
 
 @pytest.mark.slow

@@ -164,7 +164,7 @@ def test_resume_skips_finished_slides_and_redoes_changed_ones(
     bag_path = out / "features" / "tiny_cnn" / "normal.h5"
     stamp = bag_path.stat().st_mtime_ns
     second = prepare_site(manifest, out, TINY)
-    assert [r.state for r in second.records] == ["skipped", "skipped"]
+    assert [r.state for r in second.records] == ["reused", "reused"]
     assert second.records[1].num_patches == first.records[1].num_patches
     assert bag_path.stat().st_mtime_ns == stamp
     stricter = TINY.tissue.model_copy(update={"min_tissue_fraction": 0.5})
@@ -303,7 +303,7 @@ def test_real_slides_with_and_without_mpp(tmp_path: Path) -> None:
     manifest.write_text(header + body.replace(f"{rows[1]['label']},\n", "tumour,1.0\n"))
     summary = prepare_site(manifest, tmp_path / "out", cfg, slide_root=SHARED_SLIDES)
     cmu, tcga = summary.records
-    assert cmu.state == "skipped"
+    assert cmu.state == "reused"
     assert tcga.state == "done" and tcga.mpp_source == "override" and tcga.num_patches > 20
     bag = read_feature_bag(tmp_path / "out" / "features" / "tiny_cnn" / "tcga.h5")
     assert bag.attrs["patch_size_level0"] == 128  # 256 px at 0.5 µm/px = 128 px at 1 µm/px

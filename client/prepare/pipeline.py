@@ -7,7 +7,11 @@ The run is built for unattended use on a CPU-only machine:
   is recorded with its reason, its outputs are left untouched, and the next slide goes on;
 - every output is written atomically, the feature bag first, so a killed run leaves nothing
   that a resumed run would trust;
-- a slide whose feature bag already carries this run's config hash is skipped (resume);
+- a slide whose feature bag already carries this run's config hash and whose file is still the
+  one the bag was made from (``client.prepare.fingerprint``) is reused (resume); its status file
+  keeps the record of the run that prepared it, with ``last_checked`` added;
+- a write the system refuses (disk full, file too large, read-only) fails that slide with one
+  message naming the file (``OutputWriteError``) and leaves no temporary behind;
 - ``site.json`` holds only aggregate facts (no slide ids) because it is what the server's
   harmonisation check reads.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -30,6 +35,7 @@ import numpy as np
 from client.config import PrepareConfig, TissueConfig
 from client.embed.extract import RESAMPLING, choose_precision, extract_features
 from client.embed.registry import LoadedEncoder, load_encoder
+from client.prepare.fingerprint import SlideFingerprint, fingerprint
 from client.prepare.manifest import Manifest, ManifestRow, RejectedRow, load_manifest
 from client.prepare.records import (
     INDEX_COLUMNS,
@@ -47,11 +53,17 @@ from client.wsi.reader import WsiReader
 from client.wsi.resolution import plan_read
 from client.wsi.tissue import tissue_mask_for_slide
 from common import __version__
-from common.atomic import atomic_write_json, atomic_write_text, remove_stale_temporaries
+from common.atomic import (
+    OutputWriteError,
+    atomic_write_json,
+    atomic_write_text,
+    os_error_text,
+    remove_stale_temporaries,
+)
 from common.errors import EmptyTissueError, FedpathError, SlideError
 from common.featurebag import FeatureBagWriter, read_attrs
-from common.hashing import sha256_file, sha256_json
-from common.locking import exclusive_directory
+from common.hashing import SAMPLE_SCHEME, sha256_file, sha256_json
+from common.locking import LOCK_NAME, exclusive_directory
 
 
 @dataclass(frozen=True)
@@ -113,12 +125,12 @@ def features_config(cfg: PrepareConfig, encoder: LoadedEncoder, precision: str) 
 
 
 def slide_config_sha256(site_config: dict[str, Any], row: ManifestRow) -> str:
-    """Hash of everything one slide's outputs depend on: site config, slide file, annotation."""
-    stat = row.path.stat()
+    """Hash of everything one slide's outputs depend on but its file: site config, the row's
+    settings, the annotation's content. The slide file is compared separately (``_reuse``)."""
     return sha256_json(
         {
             "site": site_config,
-            "slide": {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+            "slide_sample_scheme": SAMPLE_SCHEME,
             "mpp_override": row.mpp,
             "annotation_sha256": sha256_file(row.annotation) if row.annotation else None,
             "annotation_complete": row.annotation_complete,
@@ -144,27 +156,91 @@ class _SlideFailure(Exception):
         self.error = error
 
 
-def _existing_result(layout: SiteLayout, row: ManifestRow, config_hash: str) -> SlideRecord | None:
-    """A 'skipped' record when this slide's outputs are complete for ``config_hash``."""
+@dataclass(frozen=True)
+class _Reuse:
+    """A finished slide to keep: this run's record and the status file to write."""
+
+    record: SlideRecord
+    status: dict[str, Any]
+
+
+def _reuse(
+    layout: SiteLayout,
+    row: ManifestRow,
+    config_hash: str,
+    slide: SlideFingerprint,
+    now: str,
+) -> _Reuse | str:
+    """The reuse of a finished slide's outputs, or why they cannot be reused.
+
+    Reused when the bag carries ``config_hash`` and the slide is the file it was made from:
+    same total size, and either the same (size, mtime, ctime, inode) of every file (the fast
+    path, no byte read) or, after a copy, move, restore or ``touch``, the same sampled content
+    hash. The status file keeps the record of the run that prepared the slide; ``last_checked``
+    and ``last_run_outcome`` say what this run did.
+    """
     features, coords = layout.features(row.slide_id), layout.coords(row.slide_id)
     if not (features.is_file() and coords.is_file()):
-        return None
+        return "not prepared yet"
     try:
         attrs = read_attrs(features)
     except FedpathError:
-        return None  # unreadable leftovers are simply rebuilt
+        return "its feature file cannot be read"  # unreadable leftovers are simply rebuilt
     if attrs.get("config_sha256") != config_hash:
-        return None
-    return SlideRecord(
+        return "settings, encoder or annotation changed"
+    if attrs.get("slide_sample_scheme") != SAMPLE_SCHEME or attrs.get("slide_bytes") != slide.size:
+        return "slide file changed (size)"
+    previous = _read_status(layout.status(row.slide_id))
+    same_bag = previous is not None and previous.get("prepared_at") == attrs.get("prepared_at")
+    checked = {attrs.get("slide_stat_sha256")}
+    if same_bag and previous is not None:
+        checked.add(previous.get("slide_stat_sha256"))
+    if slide.stat_sha256 not in checked and slide.sample_sha256() != attrs.get(
+        "slide_sample_sha256"
+    ):
+        return "slide file changed (content differs from when it was prepared)"
+    if same_bag and previous is not None and previous.get("state") == "done":
+        status = dict(previous)
+    else:  # the status file is missing or older than the bag: rebuild it from the bag
+        status = {
+            "slide_id": row.slide_id,
+            "state": "done",
+            "num_patches": int(attrs.get("num_patches", 0)),
+            "tumour_patches": attrs.get("tumour_patches"),
+            "mpp": attrs.get("level0_mpp"),
+            "mpp_source": attrs.get("mpp_source"),
+            "has_patch_labels": bool(attrs.get("has_patch_labels", False)),
+            "seconds": {},
+            "prepared_at": attrs.get("prepared_at"),
+            "recorded_at": attrs.get("prepared_at"),
+        }
+    status.update(
+        line=row.line,
+        last_checked=now,
+        last_run_outcome="reused",
+        slide_stat_sha256=slide.stat_sha256,
+    )
+    record = SlideRecord(
         slide_id=row.slide_id,
-        state="skipped",
-        reason="already prepared with the same configuration",
+        state="reused",
+        reason=f"prepared {attrs.get('prepared_at') or 'earlier'}; slide and settings unchanged",
         num_patches=int(attrs.get("num_patches", 0)),
         tumour_patches=attrs.get("tumour_patches"),
         mpp=attrs.get("level0_mpp"),
         mpp_source=attrs.get("mpp_source"),
         has_patch_labels=bool(attrs.get("has_patch_labels", False)),
+        annotation=status.get("annotation"),
     )
+    return _Reuse(record, status)
+
+
+def _read_status(path: Path) -> dict[str, Any] | None:
+    """A slide's status file, or None when it is missing or not a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _prepare_slide(
@@ -175,8 +251,11 @@ def _prepare_slide(
     precision: str,
     config_hash: str,
     events: PrepareEvents,
+    slide_attrs: dict[str, Any],
 ) -> SlideRecord:
-    """Prepare one slide; raises ``_SlideFailure`` naming the stage on any expected error."""
+    """Prepare one slide; raises ``_SlideFailure`` naming the stage on any expected error.
+
+    ``slide_attrs`` (the slide file's fingerprint, the preparation time) go into the bag."""
     seconds: dict[str, float] = {}
     stage = "open"
     written: list[Path] = []
@@ -235,6 +314,7 @@ def _prepare_slide(
                 "precision": precision,
                 "num_patches": int(grid.coords.shape[0]),
                 "has_patch_labels": labels is not None,
+                **slide_attrs,
             }
             if labels is not None:
                 attrs["annotation_complete"] = bool(row.annotation_complete)
@@ -358,9 +438,24 @@ def prepare_site(
     sink: PrepareEvents = events if events is not None else SilentEvents()
     parsed = load_manifest(manifest, cfg.labels, slide_root=slide_root)
     out = Path(out_dir).expanduser().resolve()
-    with exclusive_directory(out, "prepare"):
+    with _owned_output(out):
         remove_stale_temporaries(out)
         return _prepare_locked(parsed, out, cfg, sink, started, overwrite)
+
+
+@contextmanager
+def _owned_output(out: Path) -> Iterator[None]:
+    """Hold ``out``'s lock; an output folder that cannot be created or written to is one
+    ``OutputWriteError`` naming it (nothing was prepared), not a traceback."""
+    lock = exclusive_directory(out, "prepare")
+    try:
+        lock.__enter__()
+    except OSError as exc:
+        raise OutputWriteError(out / LOCK_NAME, exc) from exc
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _prepare_locked(
@@ -383,25 +478,26 @@ def _prepare_locked(
     records = [_record_rejected(rejected, layout, sink) for rejected in parsed.rejected]
     embed_seconds = 0.0
     for row in parsed.rows:
-        config_hash = slide_config_sha256(site_config, row)
-        record = None if overwrite else _existing_result(layout, row, config_hash)
-        if record is None:
-            try:
-                record = _prepare_slide(row, layout, cfg, encoder, precision, config_hash, sink)
-            except _SlideFailure as failure:
-                record = SlideRecord(
-                    slide_id=row.slide_id,
-                    state="failed",
-                    reason=_failure_reason(failure.error),
-                    stage=failure.stage,
-                )
+        record, status = _process_row(
+            row, layout, cfg, encoder, precision, site_config, sink, overwrite
+        )
         embed_seconds += record.seconds.get("embedding", 0.0)
-        status = {**record.to_json(), "line": row.line, "recorded_at": _now()}
-        atomic_write_json(layout.status(row.slide_id), status)
+        try:
+            atomic_write_json(layout.status(row.slide_id), status)
+        except OutputWriteError as exc:
+            # The outputs are complete (a later run reuses them) but this run cannot say so:
+            # the slide is left out of prepared.csv rather than listed without a record.
+            record = SlideRecord(
+                slide_id=row.slide_id, state="failed", reason=str(exc), stage="status"
+            )
         records.append(record)
         sink.slide_finished(record)
 
-    _write_site_files(parsed, layout, cfg, encoder, precision, cosine, site_config, records)
+    site_error = None
+    try:
+        _write_site_files(parsed, layout, cfg, encoder, precision, cosine, site_config, records)
+    except OutputWriteError as exc:
+        site_error = str(exc)
     return PrepareSummary(
         out_dir=out,
         records=tuple(records),
@@ -410,7 +506,78 @@ def _prepare_locked(
         bf16_cosine=cosine,
         seconds=time.perf_counter() - started,
         embed_seconds=embed_seconds,
+        site_error=site_error,
     )
+
+
+def _process_row(
+    row: ManifestRow,
+    layout: SiteLayout,
+    cfg: PrepareConfig,
+    encoder: LoadedEncoder,
+    precision: str,
+    site_config: dict[str, Any],
+    sink: PrepareEvents,
+    overwrite: bool,
+) -> tuple[SlideRecord, dict[str, Any]]:
+    """Reuse, prepare, or fail one valid row; returns its record and its status file."""
+    now = _now()
+    try:
+        slide = fingerprint(row.path)
+        config_hash = slide_config_sha256(site_config, row)
+        why = "--overwrite" if overwrite else _reuse(layout, row, config_hash, slide, now)
+        if isinstance(why, _Reuse):
+            return why.record, why.status
+        slide_attrs = {**slide.attrs(slide.sample_sha256()), "prepared_at": now}
+    except OSError as exc:
+        name = exc.filename or row.path
+        failed = SlideRecord(
+            slide_id=row.slide_id,
+            state="failed",
+            reason=f"cannot read {name}: {os_error_text(exc)}",
+            stage="open",
+        )
+        return failed, _status(failed, row, now)
+    try:
+        record = _prepare_slide(
+            row, layout, cfg, encoder, precision, config_hash, sink, slide_attrs
+        )
+        if fingerprint(row.path).stat_sha256 != slide.stat_sha256:
+            for path in layout.outputs(row.slide_id):
+                path.unlink(missing_ok=True)
+            raise _SlideFailure(
+                "outputs",
+                SlideError(
+                    row.slide_id,
+                    "the slide file changed while it was being prepared; its outputs were "
+                    "removed: run again once the file is complete",
+                ),
+            )
+    except (_SlideFailure, OSError) as failure:
+        error = failure.error if isinstance(failure, _SlideFailure) else failure
+        stage = failure.stage if isinstance(failure, _SlideFailure) else "open"
+        failed = SlideRecord(
+            slide_id=row.slide_id,
+            state="failed",
+            reason=_failure_reason(error),
+            stage=stage,
+        )
+        return failed, _status(failed, row, now)
+    status = {**_status(record, row, now), "prepared_at": now, "why_prepared": why}
+    status["slide_stat_sha256"] = slide.stat_sha256
+    return record, status
+
+
+def _status(record: SlideRecord, row: ManifestRow, now: str) -> dict[str, Any]:
+    """The status file of a slide this run prepared or failed."""
+    outcome = "prepared" if record.state == "done" else record.state
+    return {
+        **record.to_json(),
+        "line": row.line,
+        "recorded_at": now,
+        "last_checked": now,
+        "last_run_outcome": outcome,
+    }
 
 
 def _record_rejected(rejected: RejectedRow, layout: SiteLayout, sink: PrepareEvents) -> SlideRecord:
@@ -422,13 +589,24 @@ def _record_rejected(rejected: RejectedRow, layout: SiteLayout, sink: PrepareEve
         reason="; ".join(rejected.problems),
         stage="manifest",
     )
+    now = _now()
     status = {
         **record.to_json(),
         "line": rejected.line,
         "lines": list(rejected.lines),
-        "recorded_at": _now(),
+        "recorded_at": now,
+        "last_checked": now,
+        "last_run_outcome": "failed",
     }
-    atomic_write_json(layout.rejected_status(rejected), status)
+    try:
+        atomic_write_json(layout.rejected_status(rejected), status)
+    except OutputWriteError as exc:
+        record = SlideRecord(
+            slide_id=record.slide_id,
+            state="failed",
+            reason=f"{record.reason}; and {exc}",
+            stage=record.stage,
+        )
     sink.slide_finished(record)
     return record
 

@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-SlideState = Literal["done", "skipped", "failed"]
+SlideState = Literal["done", "reused", "failed"]
+"""What this run did with a slide: prepared it, reused its finished outputs, or failed it. A
+reused slide's status file keeps ``state: done`` and the record of the run that prepared it."""
 
 SITE_FILE = "site.json"
 """Aggregate facts of a prepared site (what the server's harmonisation check compares)."""
@@ -63,6 +65,8 @@ class PrepareSummary:
     bf16_cosine: float | None
     seconds: float
     embed_seconds: float
+    site_error: str | None = None
+    """Why ``prepared.csv`` / ``site.json`` could not be written (the run then exits 1)."""
 
     def count(self, state: SlideState) -> int:
         return sum(1 for r in self.records if r.state == state)
@@ -73,7 +77,7 @@ class PrepareSummary:
 
     @property
     def embedded_patches(self) -> int:
-        """Patches embedded in this run (skipped slides excluded)."""
+        """Patches embedded in this run (reused slides excluded)."""
         return sum(r.num_patches for r in self.records if r.state == "done")
 
     @property

@@ -36,9 +36,8 @@ from client.wsi.reader import SlideInfo
 from client.wsi.resolution import ReadPlan
 from client.wsi.tissue import TissueMask
 from common import __version__
-from common.atomic import atomic_path
 from common.errors import FeatureBagError
-from common.featurebag import plain_value
+from common.featurebag import AtomicH5File, plain_value
 
 _FRACTION_EPS = 1e-9
 """Slack when comparing fractions to the threshold: exact ties must not be lost to rounding."""
@@ -200,7 +199,8 @@ def write_coords_h5(path: Path, grid: PatchGrid, plan: ReadPlan, info: SlideInfo
             "do not describe the same patches",
         )
     attrs = coords_attrs(grid, plan, info)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as fh:
+    with AtomicH5File(path) as out:  # a refused write: one OutputWriteError, no temporary
+        fh = out.file
         coords = fh.create_dataset("coords", data=grid.coords.astype(np.int64))
         fh.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
         for key, value in attrs.items():
