@@ -92,17 +92,17 @@ class TissueConfig(StrictModel):
         ge=0,
         description=(
             "a_t: components of at least a_t·512² level-0 px are always kept (CLAM's rule); "
-            "with min_tissue_area_relative unset, smaller ones are dropped"
+            "with min_tissue_area_relative = 0, smaller ones are dropped"
         ),
     )
-    min_tissue_area_relative: float | None = Field(
+    min_tissue_area_relative: float = Field(
         0.01,
         ge=0,
         le=1,
         description=(
             "also keep a component of at least this share of the slide's largest one, so a "
-            "biopsy or a small region is not dropped whole as debris; None: CLAM's absolute "
-            "a_t only"
+            "biopsy or a small region is not dropped whole as debris; 0: CLAM's absolute a_t "
+            "only"
         ),
     )
     max_hole_area: float = Field(
@@ -126,7 +126,7 @@ class TissueConfig(StrictModel):
         threshold shrinks with the tissue, so the specimen itself is never called debris.
         """
         absolute = self.min_tissue_area * px_per_ref_area
-        if self.min_tissue_area_relative is None:
+        if self.min_tissue_area_relative == 0:
             return absolute
         return min(absolute, self.min_tissue_area_relative * largest_px)
 
@@ -135,7 +135,7 @@ class TissueConfig(StrictModel):
         """Named presets: ``biopsy`` keeps every fragment of at least 512² px (a_t = 1, no
         relative rule), as CLAM's biopsy preset does."""
         if name == "biopsy":
-            return cls(min_tissue_area=1.0, min_tissue_area_relative=None)
+            return cls(min_tissue_area=1.0, min_tissue_area_relative=0.0)
         return cls()
 
 
@@ -186,6 +186,22 @@ class AnnotationConfig(StrictModel):
             raise ValueError("negative_fraction must be below positive_fraction")
         return self
 
+    @model_validator(mode="after")
+    def _disjoint_classes(self) -> AnnotationConfig:
+        """A name both tumour and exclusion would make an outline cut itself out: refused.
+        ``other_classes`` only silences the unknown-class report, so the other lists win."""
+        for name in ("tumour_classes", "exclusion_classes", "other_classes"):
+            if any(not v.strip() for v in getattr(self, name)):
+                raise ValueError(f"{name} holds an empty name")
+        tumour = {c.strip().lower() for c in self.tumour_classes}
+        both = [c for c in self.exclusion_classes if c.strip().lower() in tumour]
+        if both:
+            raise ValueError(
+                f"class(es) {', '.join(repr(c) for c in both)} in both tumour_classes and "
+                "exclusion_classes"
+            )
+        return self
+
 
 class EmbeddingConfig(StrictModel):
     """Which encoder embeds the patches and how the pipeline runs it."""
@@ -223,22 +239,6 @@ class EmbeddingConfig(StrictModel):
             "falls back to eager PyTorch when the model cannot be traced faithfully"
         ),
     )
-
-    @model_validator(mode="after")
-    def _disjoint_classes(self) -> AnnotationConfig:
-        """A name both tumour and exclusion would make an outline cut itself out: refused.
-        ``other_classes`` only silences the unknown-class report, so the other lists win."""
-        for name in ("tumour_classes", "exclusion_classes", "other_classes"):
-            if any(not v.strip() for v in getattr(self, name)):
-                raise ValueError(f"{name} holds an empty name")
-        tumour = {c.strip().lower() for c in self.tumour_classes}
-        both = [c for c in self.exclusion_classes if c.strip().lower() in tumour]
-        if both:
-            raise ValueError(
-                f"class(es) {', '.join(repr(c) for c in both)} in both tumour_classes and "
-                "exclusion_classes"
-            )
-        return self
 
 
 class PrepareConfig(StrictModel):

@@ -27,7 +27,7 @@ GLASS = (245, 245, 245)
 STAIN = (220, 120, 180)
 # Only the area filters act: no blur, no closing, so pixel counts are exact; CLAM's absolute
 # a_t rule (the relative one has its own tests).
-RAW = {"median_kernel": 1, "closing_px": 0, "min_tissue_area_relative": None}
+RAW = {"median_kernel": 1, "closing_px": 0, "min_tissue_area_relative": 0}
 
 
 def canvas(height: int, width: int) -> np.ndarray:
@@ -282,7 +282,7 @@ def test_real_single_level_slide() -> None:
     with WsiReader(CMU) as reader:
         biopsy = tissue_mask_for_slide(reader, TissueConfig.preset("biopsy"))
         default = tissue_mask_for_slide(reader, TissueConfig())
-        clam = tissue_mask_for_slide(reader, TissueConfig(min_tissue_area_relative=None))
+        clam = tissue_mask_for_slide(reader, TissueConfig(min_tissue_area_relative=0))
     assert biopsy.mask.shape == (47, 35)
     assert 0.2 < biopsy.mask.mean() < 0.6
     # The whole region (6.6 M px) is smaller than a_t = 100·512² (26 M px): CLAM's absolute
@@ -303,7 +303,7 @@ def test_relative_rule_keeps_a_small_specimen_and_drops_its_debris() -> None:
     mask = segment_tissue(rgb, 64.0, TissueConfig(**raw))
     assert mask.sum() == 1600 + 20
     assert not mask[70:73, 70:74].any()
-    clam = TissueConfig(min_tissue_area_relative=None, **raw)
+    clam = TissueConfig(min_tissue_area_relative=0, **raw)
     assert not segment_tissue(rgb, 64.0, clam).any()
 
 
@@ -317,7 +317,7 @@ def test_relative_rule_is_clams_on_a_large_resection() -> None:
     rgb[950:953, 500:503] = STAIN  # a 9 px crumb
     raw = {"median_kernel": 1, "closing_px": 0, "max_hole_area": 0}
     default = segment_tissue(rgb, 64.0, TissueConfig(**raw))
-    clam = segment_tissue(rgb, 64.0, TissueConfig(min_tissue_area_relative=None, **raw))
+    clam = segment_tissue(rgb, 64.0, TissueConfig(min_tissue_area_relative=0, **raw))
     np.testing.assert_array_equal(default, clam)
     assert default.sum() == 680_000 + 7_000
 

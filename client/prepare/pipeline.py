@@ -381,7 +381,7 @@ def _prepare_slide(
 def _empty_tissue_reason(mask: np.ndarray, cfg: PrepareConfig) -> str:
     """Say which threshold emptied the slide, and the setting that would change it."""
     tissue = cfg.tissue
-    if not mask.any() and tissue.min_tissue_area_relative is not None:
+    if not mask.any() and tissue.min_tissue_area_relative > 0:
         # The relative rule always keeps the largest component: nothing was coloured enough.
         return (
             "no tissue found: no region has saturation above "

@@ -10,7 +10,7 @@ CLAM's a_t is absolute (100·512² = 26 Mpx): on a biopsy or a small region the 
 below it and nothing is found. By default the threshold is therefore ``min(a_t·512², 1 % of
 the largest component)``: identical to CLAM on a resection whose largest piece is at least 100×
 a_t·512², and proportionate on smaller specimens (``TissueConfig.min_tissue_area_relative``;
-None restores the absolute rule).
+0 restores the absolute rule).
 
 Areas are filtered on connected components (foreground 8-connected, background 4-connected:
 the pairing that makes "hole" a well-defined, topologically consistent notion). A component's
