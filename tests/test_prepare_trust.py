@@ -333,3 +333,29 @@ def test_a_status_file_that_cannot_be_written_fails_its_slide(
         text = _assert_clean_failure(result, out)
     assert f"failed s1 (at status): cannot write {out / 'status' / 's1.json'}: " in text
     assert not (out / "prepared.csv").read_text().strip().split("\n")[1:]
+
+
+def test_a_slide_that_changes_while_it_is_prepared_fails_and_leaves_no_outputs(
+    tmp_path: Path, slides: tuple[Path, list[SynthSlide]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scanner or a copy still writing the file: the bag would describe neither version."""
+    from client.prepare import pipeline
+
+    site, paths = _site(tmp_path, slides)
+    real = pipeline._prepare_slide
+
+    def prepare_while_written(*args: object, **kwargs: object) -> object:
+        record = real(*args, **kwargs)  # type: ignore[arg-type]
+        with paths[0].open("ab") as fh:  # the copy goes on writing the first slide
+            fh.write(b"\0" * 10)
+        return record
+
+    monkeypatch.setattr(pipeline, "_prepare_slide", prepare_while_written)
+    out = tmp_path / "out"
+    summary = prepare_site(site / "slides.csv", out, TINY)
+    first = summary.records[0]
+    assert (first.state, first.stage) == ("failed", "outputs")
+    assert first.reason is not None
+    assert first.reason.startswith("the slide file changed while it was being prepared")
+    left = [p.relative_to(out) for p in out.rglob("s1.*") if p.parent.name != "status"]
+    assert not left
