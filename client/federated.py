@@ -7,8 +7,9 @@ node's resident worker keeps the bags of the current run between its messages, b
 keyed by file identity (:mod:`client.training.bag_cache`). The split is recomputed from the
 same seed, so every round of a run trains and validates on the same slides.
 
-Only aggregate numbers come back from here (counts, losses, AUCs): per-slide predictions never
-leave this module's callers' process.
+Only aggregate numbers come back from here (counts, losses, AUCs, and the histograms and sums
+of ``common.federation.COUNT_LISTS``/``SUM_LISTS`` the server pools and calibrates with):
+per-slide predictions never leave this module's callers' process.
 
 A slide whose feature file cannot be used (NaN features, another encoder, a truncated file) is
 left out of the round and reported through ``on_skip`` (by default a warning in the
@@ -38,12 +39,22 @@ from client.privacy_ledger import (
     run_epsilon,
 )
 from client.training.bags import BagSkips, OnSkip
-from client.training.evaluate import evaluate_bags
+from client.training.evaluate import EvaluationResult, evaluate_bags
 from client.training.privacy_accountant import check_delta
 from client.training.site_index import BagEntry, load_site_index, split_entries
 from client.training.trainer import evaluate, train
+from common.calibration import (
+    N_PATCH_BINS,
+    N_SCORE_BINS,
+    PATCH_EDGES,
+    TEMPERATURES,
+    log_odds,
+    nll_on_grid,
+    score_histogram,
+)
 from common.errors import ConfigError
-from common.federation import SKIPPED_METRIC, RoundInstructions
+from common.federation import ECE_BINS, SKIPPED_METRIC, MetricValue, RoundInstructions
+from common.metrics import calibration_bins, predict
 from common.mil.models import MILModel, build_model
 
 __all__ = [
@@ -325,45 +336,126 @@ def evaluate_on_site(
     instructions: RoundInstructions,
     state: Mapping[str, np.ndarray],
     on_skip: OnSkip | None = None,
-) -> dict[str, float]:
+) -> dict[str, MetricValue]:
     """Score the global model on the site's ``eval_split``; aggregate metrics only.
 
-    A split without slides (e.g. a tiny site with no test fold) reports ``num-examples`` 0 and
-    NaN metrics rather than failing, so the server can tell "nothing to score" from an error.
-    Slides with unusable feature files are skipped as in :func:`train_on_site`.
+    With ``instructions.calibration`` (the final test) the slide metrics are of the calibrated
+    probabilities at the calibrated threshold; the ``-raw`` ones stay the model's own.
+    A split without slides (e.g. a tiny site with no test fold) reports ``num-examples`` 0,
+    NaN metrics and all-zero counts rather than failing, so the server can tell "nothing to
+    score" from an error. Slides with unusable feature files are skipped as in
+    :func:`train_on_site`.
     """
     began = time.perf_counter()
     splits = load_splits(data_dir, instructions)
     entries = splits.val if instructions.eval_split == "val" else splits.test
-    nan = math.nan
+    n_labels = len(instructions.labels)
     if not entries:
-        return {
-            "num-examples": 0.0,
-            SKIPPED_METRIC: 0.0,
-            "loss": nan,
-            "auc": nan,
-            "patch-auc": nan,
-            "balanced-accuracy": nan,
-            "f1": nan,
-            "seconds": time.perf_counter() - began,
-        }
+        return {**_empty_evaluation(n_labels), "seconds": time.perf_counter() - began}
     model = load_global_model(instructions, state)
     dim = instructions.model.feature_dim
     skips = BagSkips(on_skip)
     # One read per bag: unusable files are skipped while scoring, not in a pass of their own.
     bags = skips.iter_bags(instructions.eval_split, entries, dim)
-    result = evaluate_bags(model, bags, bootstrap=0)
-    # Slide cross-entropy from the same forward passes (no second pass over the bags).
-    loss = float(
-        np.mean([-math.log(max(float(p.probs[p.label]), 1e-300)) for p in result.predictions])
+    result = evaluate_bags(
+        model,
+        bags,
+        bootstrap=0,
+        labels=instructions.labels,
+        calibration=instructions.calibration,
     )
     return {
         "num-examples": float(len(result.predictions)),
         SKIPPED_METRIC: float(len(skips.skipped)),
-        "loss": float(loss),
-        "auc": float(result.slide.auc.value),
-        "patch-auc": float(result.patch.auc) if result.patch is not None else nan,
-        "balanced-accuracy": float(result.slide.balanced_accuracy.value),
-        "f1": float(result.slide.f1.value),
+        **_evaluation_sums(result, n_labels),
         "seconds": time.perf_counter() - began,
     }
+
+
+def _empty_evaluation(n_labels: int) -> dict[str, MetricValue]:
+    nan = math.nan
+    out: dict[str, MetricValue] = {
+        "num-examples": 0.0,
+        SKIPPED_METRIC: 0.0,
+        **dict.fromkeys(
+            (
+                "loss",
+                "auc",
+                "patch-auc",
+                "balanced-accuracy",
+                "f1",
+                "brier",
+                "ece",
+                "balanced-accuracy-raw",
+                "brier-raw",
+                "ece-raw",
+            ),
+            nan,
+        ),
+    }
+    out.update({k: [0] * N_SCORE_BINS for k in ("slide-hist-pos", "slide-hist-neg")})
+    out.update({k: [0] * N_PATCH_BINS for k in ("patch-hist-tumour", "patch-hist-normal")})
+    out["class-counts"] = [0] * n_labels
+    out["confusion"] = [0] * (n_labels * n_labels)
+    out["ece-count"] = [0] * ECE_BINS
+    out["ece-events"] = [0] * ECE_BINS
+    out["ece-prob-sum"] = [0.0] * ECE_BINS
+    out["nll-grid"] = [0.0] * len(TEMPERATURES)
+    return out
+
+
+def _evaluation_sums(result: EvaluationResult, n_labels: int) -> dict[str, MetricValue]:
+    """The site's scalar metrics and the counts and sums the server pools over sites."""
+    preds = result.predictions
+    y = np.asarray([p.label for p in preds], dtype=np.int64)
+    logits = np.stack([p.slide_logits() for p in preds])
+    probs = result.probs()  # calibrated when the instructions carry a calibration
+    # Slide cross-entropy from the same forward passes (no second pass over the bags).
+    loss = float(np.mean(-np.log(np.maximum(probs[np.arange(len(y)), y], 1e-300))))
+    raw = result.uncalibrated or result.slide
+    threshold = result.calibration.threshold if result.calibrated and result.calibration else None
+    pred = predict(probs, threshold)
+    confusion = np.bincount(y * n_labels + pred, minlength=n_labels * n_labels)
+    count, prob_sum, events = calibration_bins(y, probs)
+    zeros = np.zeros(N_SCORE_BINS, dtype=np.int64)
+    pos = neg = zeros
+    if n_labels == 2:
+        d = log_odds(logits)
+        pos, neg = score_histogram(d[y == 1]), score_histogram(d[y == 0])
+    tumour_patches, normal_patches = _patch_histograms(result)
+    return {
+        "loss": loss,
+        "auc": float(result.slide.auc.value),
+        "patch-auc": float(result.patch.auc) if result.patch is not None else math.nan,
+        "balanced-accuracy": float(result.slide.balanced_accuracy.value),
+        "f1": float(result.slide.f1.value),
+        "brier": float(result.slide.brier),
+        "ece": float(result.slide.ece),
+        "balanced-accuracy-raw": float(raw.balanced_accuracy.value),
+        "brier-raw": float(raw.brier),
+        "ece-raw": float(raw.ece),
+        "slide-hist-pos": pos.tolist(),
+        "slide-hist-neg": neg.tolist(),
+        "patch-hist-tumour": tumour_patches.tolist(),
+        "patch-hist-normal": normal_patches.tolist(),
+        "class-counts": np.bincount(y, minlength=n_labels).tolist(),
+        "confusion": confusion.tolist(),
+        "ece-count": count.tolist(),
+        "ece-events": events.tolist(),
+        "ece-prob-sum": prob_sum.tolist(),
+        "nll-grid": nll_on_grid(logits, y).tolist(),
+    }
+
+
+def _patch_histograms(result: EvaluationResult) -> tuple[np.ndarray, np.ndarray]:
+    """Labelled patches by instance tumour log-odds: (tumour, normal) counts on the grid."""
+    tumour = np.zeros(N_PATCH_BINS, dtype=np.int64)
+    normal = np.zeros(N_PATCH_BINS, dtype=np.int64)
+    for p in result.predictions:
+        if p.patch_labels is None or p.patch_tumour_prob is None:
+            continue
+        prob = np.clip(np.asarray(p.patch_tumour_prob, dtype=np.float64), 1e-300, 1.0 - 1e-16)
+        d = np.log(prob) - np.log1p(-prob)
+        tumour += score_histogram(d[p.patch_labels == 1], PATCH_EDGES)
+        normal += score_histogram(d[p.patch_labels == 0], PATCH_EDGES)
+    return tumour, normal

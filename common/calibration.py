@@ -37,6 +37,12 @@ TEMPERATURES: tuple[float, ...] = tuple(
 SCORE_EDGES: np.ndarray = np.round(np.linspace(-10.0, 10.0, 201), 6)
 """Bin edges of log-odds histograms (step 0.1); with the two open-ended bins 202 bins."""
 N_SCORE_BINS = len(SCORE_EDGES) + 1
+PATCH_EDGES: np.ndarray = np.round(np.linspace(-10.0, 10.0, 2001), 6)
+"""Bin edges of patch log-odds histograms (step 0.01; 2002 bins). Finer than the slides' grid:
+an instance classifier trained on a few annotated slides gives thousands of patches nearly the
+same probability, and in 0.1-wide bins their ties made the pooled patch AUC uncertain by
+± 2 %; patches are many, so the finer grid says nothing about a single one."""
+N_PATCH_BINS = len(PATCH_EDGES) + 1
 MIN_PER_CLASS_CALIBRATION = 5
 """Fewest validation slides of every class a calibration is fitted on: with fewer, one slide
 moves the threshold across the whole gap and the temperature by a factor of several (the
@@ -119,17 +125,21 @@ def log_odds(logits: np.ndarray) -> np.ndarray:
     return z[..., 1] - z[..., 0]
 
 
-def score_histogram(scores: np.ndarray) -> np.ndarray:
-    """Counts of ``scores`` in the :data:`N_SCORE_BINS` bins of :data:`SCORE_EDGES`."""
-    idx = np.searchsorted(SCORE_EDGES, np.asarray(scores, dtype=np.float64), side="right")
-    return np.bincount(idx, minlength=N_SCORE_BINS).astype(np.int64)
+def score_histogram(scores: np.ndarray, edges: np.ndarray = SCORE_EDGES) -> np.ndarray:
+    """Counts of ``scores`` in the bins of ``edges`` plus the two open ends."""
+    idx = np.searchsorted(edges, np.asarray(scores, dtype=np.float64), side="right")
+    return np.bincount(idx, minlength=len(edges) + 1).astype(np.int64)
 
 
-def _check_hists(pos: Sequence[int], neg: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _check_hists(
+    pos: Sequence[int], neg: Sequence[int], bins: int | None = N_SCORE_BINS
+) -> tuple[np.ndarray, np.ndarray]:
     p = np.asarray(pos, dtype=np.float64)
     n = np.asarray(neg, dtype=np.float64)
-    if p.shape != (N_SCORE_BINS,) or n.shape != (N_SCORE_BINS,):
-        raise ValueError(f"histograms must have {N_SCORE_BINS} bins, got {p.shape}, {n.shape}")
+    if p.ndim != 1 or p.shape != n.shape or (bins is not None and p.shape != (bins,)):
+        raise ValueError(
+            f"histograms must have {bins or 'the same number of'} bins, got {p.shape}, {n.shape}"
+        )
     if np.any(p < 0) or np.any(n < 0):
         raise ValueError("histogram counts must be non-negative")
     return p, n
@@ -139,9 +149,10 @@ def auc_from_histograms(pos: Sequence[int], neg: Sequence[int]) -> tuple[float, 
     """``(AUC, tie share)`` from counts of positive and negative scores per bin.
 
     Pairs in one bin count one half, as tied scores do in the Mann–Whitney AUC; the true AUC of
-    the unbinned scores lies within ± tie share / 2. NaN when either class is empty.
+    the unbinned scores lies within ± tie share / 2. NaN when either class is empty. Any grid
+    (slide or patch) as long as both histograms share it.
     """
-    p, n = _check_hists(pos, neg)
+    p, n = _check_hists(pos, neg, None)
     n_pos, n_neg = p.sum(), n.sum()
     if n_pos == 0 or n_neg == 0:
         return math.nan, math.nan

@@ -10,6 +10,12 @@ every round the global model, round number and strategy state are checkpointed s
 
 Only the ``Grid`` is used to talk to sites, so the loop runs unchanged on a real SuperLink, in
 Flower's simulation engine, or against an in-process grid in tests.
+
+The "global" numbers of a round and of the final test are pooled over every site's slides and
+patches from the counts the sites send (:mod:`server.pooled`), not means of site metrics. Before
+the final test the federated model is calibrated from the sites' validation sums (temperature
+from the summed NLL grid, threshold from the summed score histograms), and the test is scored
+with that calibration; ``final.json`` records it.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Rec
 from flwr.serverapp import Grid
 
 from client.training.dp_config import PRIVACY_UNIT
+from common.calibration import SlideCalibration
 from common.errors import FedpathError
 from common.federation import (
     ARRAYS_KEY,
@@ -41,6 +48,7 @@ from common.federation import (
 from server.checkpoints import Checkpoint, save_checkpoint
 from server.config import RunConfig
 from server.harmonise import HARMONISED_FIELDS, SiteFacts, check_harmonised
+from server.pooled import PooledCounts
 from server.replies import Exchange, send_and_collect
 from server.run_log import RunLog
 from server.strategies import FedAvgStrategy
@@ -98,6 +106,8 @@ class Federation:
     """Node id → facts of every node that passed the gate."""
     excluded: dict[int, str] = field(default_factory=dict)
     """Node id → why it may not take part (failed the gate after the run started)."""
+    pooled: dict[tuple[int, str], PooledCounts] = field(default_factory=dict)
+    """(round, split) → the sites' summed counts of the last evaluation of that split."""
 
     # -- sites ---------------------------------------------------------------------------
 
@@ -186,7 +196,12 @@ class Federation:
 
     # -- messages ------------------------------------------------------------------------
 
-    def instructions(self, server_round: int, eval_split: str = "val") -> RoundInstructions:
+    def instructions(
+        self,
+        server_round: int,
+        eval_split: str = "val",
+        calibration: SlideCalibration | None = None,
+    ) -> RoundInstructions:
         return RoundInstructions(
             server_round=server_round,
             model=self.cfg.model_config_for(self.feature_dim()),
@@ -199,6 +214,7 @@ class Federation:
             labels=self.cfg.label_names,
             dp=self.cfg.dp_config(),
             run_key=self.run_key(),
+            calibration=calibration,
         )
 
     def run_key(self) -> str:
@@ -382,24 +398,38 @@ class Federation:
         return {k: v.numpy() for k, v in aggregated.items()}
 
     def evaluate(
-        self, arrays: Mapping[str, np.ndarray], server_round: int, split: str
+        self,
+        arrays: Mapping[str, np.ndarray],
+        server_round: int,
+        split: str,
+        calibration: SlideCalibration | None = None,
     ) -> dict[str, dict[str, float]]:
-        """Per-site metrics of the global model on ``split``; sites that fail are logged."""
+        """Per-site scalar metrics of the global model on ``split``; sites that fail are logged.
+
+        The sites' counts and sums are added up in ``self.pooled[(server_round, split)]``.
+        """
+        n_labels = len(self.cfg.label_names)
+        pooled = self.pooled[(server_round, split)] = PooledCounts(n_labels)
         nodes = [n for n in sorted(int(x) for x in self.grid.get_node_ids()) if n in self.sites]
         if not nodes:
             return {}
-        instructions = self.instructions(server_round, eval_split=split)
+        instructions = self.instructions(server_round, split, calibration)
         good, failed = self._exchange(nodes, arrays, instructions, MessageType.EVALUATE)
         for node, reason in sorted(failed.items()):
             self.report(f"round {server_round}: {self.name(node)} could not evaluate: {reason}")
         out: dict[str, dict[str, float]] = {}
         for reply in good:
             try:
-                metrics = check_reply_metrics(_metrics_of(reply), EVALUATE_METRICS)
+                metrics = check_reply_metrics(_metrics_of(reply), EVALUATE_METRICS, n_labels)
+                missing = sorted(set(EVALUATE_METRICS) - set(metrics))
+                if missing:
+                    raise ValueError(f"missing {missing}")
             except ValueError as exc:
                 self.report(f"{self.name(int(reply.metadata.src_node_id))}: bad metrics: {exc}")
                 continue
-            out[self.name(int(reply.metadata.src_node_id))] = _snake(metrics)
+            pooled.add(metrics)
+            scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
+            out[self.name(int(reply.metadata.src_node_id))] = _snake(scalars)
         return out
 
     def _round_record(
@@ -430,6 +460,7 @@ class Federation:
         for m in evaluation.values():
             m["num_examples"] = int(m.pop(WEIGHT_METRIC.replace("-", "_")))
         val_weights = {s: float(m["num_examples"]) for s, m in evaluation.items()}
+        pooled = self.pooled.get((server_round, "val"), PooledCounts(len(self.cfg.label_names)))
         return {
             "round": server_round,
             "attempt": attempt,
@@ -447,11 +478,11 @@ class Federation:
                 "val_loss": _weighted_mean(
                     (m["loss"], val_weights[s]) for s, m in evaluation.items()
                 ),
-                "val_auc": _weighted_mean(
+                # Over every site's validation slides (patches) at once, from their counts.
+                "val_auc": pooled.slide_auc()[0],
+                "val_patch_auc": pooled.patch_auc()[0],
+                "val_auc_site_mean": _weighted_mean(
                     (m["auc"], val_weights[s]) for s, m in evaluation.items()
-                ),
-                "val_patch_auc": _weighted_mean(
-                    (m["patch_auc"], val_weights[s]) for s, m in evaluation.items()
                 ),
             },
             "privacy": privacy,
@@ -480,15 +511,38 @@ class Federation:
         return arrays
 
     def final_test(self, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Per-site and pooled test metrics of the final global model."""
-        test = self.evaluate(arrays, self.cfg.num_server_rounds, "test")
+        """Calibrate the final model on the sites' validation sums, then test it with that.
+
+        The last round's validation replies are of this very model; after a resume that
+        restarted at the final test they are not in memory, and the sites are asked again.
+        """
+        last = self.cfg.num_server_rounds
+        val = self.pooled.get((last, "val"))
+        if val is None or val.sites == 0:
+            self.evaluate(arrays, last, "val")
+            val = self.pooled[(last, "val")]
+        calibration = val.calibration(self.cfg.label_names)
+        self.report(f"calibration of the final model: {calibration.describe()}")
+        test = self.evaluate(arrays, last, "test", calibration)
         for m in test.values():
             m["num_examples"] = int(m.pop(WEIGHT_METRIC.replace("-", "_")))
-        weights = {s: float(m["num_examples"]) for s, m in test.items()}
-        pooled: dict[str, float] = {"num_examples": int(sum(weights.values()))}
-        for key in ("loss", "auc", "patch_auc", "balanced_accuracy", "f1"):
-            pooled[key] = _weighted_mean((m[key], weights[s]) for s, m in test.items())
-        return {"test": test, "global_test": pooled, "slide_level_dp": self.slide_dp_record()}
+        pooled = self.pooled[(last, "test")].metrics(self.cfg.label_names)
+        return {
+            "test": test,
+            "global_test": pooled,
+            "calibration": {
+                **calibration.model_dump(mode="json"),
+                "description": calibration.describe(),
+                "applies_to": (
+                    "loss, balanced_accuracy, sensitivity, specificity, f1, brier and ece of "
+                    "test and global_test are of the calibrated probabilities at the calibrated "
+                    "threshold; *_raw are the model's own at the argmax; AUCs do not change"
+                    if calibration.fitted
+                    else "nothing: every test metric is of the model's own probabilities"
+                ),
+            },
+            "slide_level_dp": self.slide_dp_record(),
+        }
 
     def slide_dp_record(self) -> dict[str, Any] | None:
         """What final.json says about slide-level DP-SGD: the privacy unit, the accountant,

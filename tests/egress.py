@@ -66,6 +66,24 @@ METRICS_OF: dict[str, tuple[str, ...]] = {
 COUNT_METRICS = frozenset({"num-examples", "skipped-slides"})
 """Metrics that are slide counts: whole and non-negative, so their fraction digits cannot
 carry anything else (e.g. an encoded slide id). Written out here, not imported."""
+SCORE_BINS, PATCH_BINS, GRID_TEMPERATURES, CALIBRATION_BINS = 202, 2002, 81, 10
+"""The fixed lengths of the evaluate reply's aggregate lists (issue 20.16/20.17): 200 slide
+log-odds bins of width 0.1 on [-10, 10] plus two open ends, 2000 patch bins of width 0.01 plus
+two, 81 grid temperatures, 10 ECE bins."""
+COUNT_LIST_METRICS: dict[str, int | str] = {
+    "slide-hist-pos": SCORE_BINS,
+    "slide-hist-neg": SCORE_BINS,
+    "patch-hist-tumour": PATCH_BINS,
+    "patch-hist-normal": PATCH_BINS,
+    "ece-count": CALIBRATION_BINS,
+    "ece-events": CALIBRATION_BINS,
+    "class-counts": "labels",
+    "confusion": "labels²",
+}
+"""Evaluate metrics that are lists of whole non-negative counts, by length. A fixed length that
+does not depend on the data means a list cannot grow to one entry per slide or patch."""
+SUM_LIST_METRICS: dict[str, int] = {"nll-grid": GRID_TEMPERATURES, "ece-prob-sum": CALIBRATION_BINS}
+"""Evaluate metrics that are lists of finite non-negative sums over slides, by length."""
 
 
 @dataclass(frozen=True)
@@ -140,12 +158,35 @@ def _grep(blob: bytes, policy: EgressPolicy, where: str) -> list[str]:
     return [f"{where}: contains {s!r}" for s in policy.forbidden if s.encode() in blob]
 
 
-def _check_metrics(values: Mapping[str, Any], kind: str, where: str) -> list[str]:
+def _list_violation(key: str, value: Any, n_labels: int) -> str | None:
+    """Why an aggregate list metric is not one, or ``None``."""
+    want = COUNT_LIST_METRICS.get(key, SUM_LIST_METRICS.get(key))
+    length = {"labels": n_labels, "labels²": n_labels * n_labels}.get(str(want), want)
+    if not isinstance(value, list):
+        return f"is not a list of {'counts' if key in COUNT_LIST_METRICS else 'sums'}"
+    if len(value) != length:
+        return f"has {len(value)} entries, not the fixed {length}"
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not (v >= 0 and v < 1e300):
+            return f"holds {v!r}, not a finite non-negative number"
+        if key in COUNT_LIST_METRICS and not float(v).is_integer():
+            return f"holds {v!r}, not a whole count"
+    return None
+
+
+def _check_metrics(
+    values: Mapping[str, Any], kind: str, where: str, n_labels: int = 2
+) -> list[str]:
     allowed = METRICS_OF.get(kind, ())
     out = [
         f"{where}: metric {k!r} is not allow-listed for {kind}" for k in values if k not in allowed
     ]
     for key, value in values.items():
+        if kind == MessageType.EVALUATE and (key in COUNT_LIST_METRICS or key in SUM_LIST_METRICS):
+            problem = _list_violation(key, value, n_labels)
+            if problem is not None:
+                out.append(f"{where}: metric {key!r} {problem}")
+            continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             out.append(f"{where}: metric {key!r} is not a scalar ({type(value).__name__})")
         elif key in COUNT_METRICS and not (value >= 0 and float(value).is_integer()):
@@ -237,7 +278,7 @@ def check_reply(message: Message, policy: EgressPolicy) -> EgressReport:
                     key, array.dtype, tuple(array.shape), array.stype, policy, where
                 )
         elif isinstance(record, MetricRecord):
-            report.violations += _check_metrics(dict(record), kind, where)
+            report.violations += _check_metrics(dict(record), kind, where, len(policy.labels))
         elif isinstance(record, ConfigRecord):
             report.violations += _check_facts(dict(record), policy, where)
     return report
@@ -355,7 +396,7 @@ def _check_object(
     if obj_type == "ArrayChunk":
         return [] if kind == MessageType.TRAIN else [f"{where}: array data in a {kind} reply"]
     if obj_type == "MetricRecord":
-        return _check_metrics(dict(MetricRecord.inflate(content)), kind, where)
+        return _check_metrics(dict(MetricRecord.inflate(content)), kind, where, len(policy.labels))
     if obj_type == "ConfigRecord":
         return _check_facts(dict(ConfigRecord.inflate(content)), policy, where)
     return [f"{where}: unexpected object type"]

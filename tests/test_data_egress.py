@@ -115,6 +115,14 @@ def test_a_two_round_run_sends_only_parameters_and_allow_listed_aggregates(
     assert report.replies[MessageType.TRAIN] == 2 * 2
     assert report.replies[MessageType.EVALUATE] >= 2 * 2 + 2
     assert report.bytes_checked > 1000
+    # The pooled metrics' sums were among what was judged (issue 20.16/20.17).
+    evaluated = [
+        dict(r.content.metric_records["metrics"])
+        for r in recorder.replies
+        if r.metadata.message_type == MessageType.EVALUATE
+    ]
+    assert all(len(m["slide-hist-pos"]) == 202 and len(m["nll-grid"]) == 81 for m in evaluated)
+    assert any(sum(m["patch-hist-tumour"]) > 0 for m in evaluated)
 
 
 # -- the checker catches a leak ---------------------------------------------------------------
@@ -293,6 +301,73 @@ def test_a_count_with_a_fraction_is_caught(
     violations = check_reply(reply, _policy(sites, cfg)).violations
     assert "train reply: metric 'skipped-slides' is not a slide count (1.0417)" in violations
     assert "train reply: metric 'num-examples' is not a slide count (-1.0)" in violations
+
+
+def _evaluate_message(cfg: RunConfig) -> Message:
+    message = _train_message(cfg)
+    instructions = json.loads(str(message.content.config_records["config"]["instructions"]))
+    content = RecordDict(
+        {
+            "arrays": message.content.array_records["arrays"],
+            "config": ConfigRecord(
+                {"instructions": json.dumps({**instructions, "eval_split": "test"})}
+            ),
+        }
+    )
+    return Message(content, dst_node_id=7, message_type=MessageType.EVALUATE)
+
+
+def test_per_slide_scores_dressed_as_a_histogram_are_caught(
+    sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The aggregate lists have fixed lengths and hold whole counts: a list of per-slide
+    probabilities under an allowed name, or a new list, cannot pass (issue 20.16)."""
+    import client.federated
+
+    real = client.federated.evaluate_on_site
+
+    def leaky(*args: Any) -> dict[str, Any]:
+        metrics = real(*args)
+        return {**metrics, "slide-hist-pos": [0.91, 0.12, 0.55], "slide-scores": [0.9, 0.1]}
+
+    monkeypatch.setattr(client.federated, "evaluate_on_site", leaky)
+    cfg = _cfg(Path("/unused"))
+    guarded = client_app.app(_evaluate_message(cfg), _context(sites["site_a"]))
+    assert guarded.has_error() and "outside the allow-list" in guarded.error.reason
+
+    _without_client_guard(monkeypatch)
+    reply = client_app.app(_evaluate_message(cfg), _context(sites["site_a"]))
+    assert not reply.has_error(), reply.error
+    violations = check_reply(reply, _policy(sites, cfg)).violations
+    assert "evaluate reply: metric 'slide-scores' is not allow-listed for evaluate" in violations
+    assert "evaluate reply: metric 'slide-hist-pos' has 3 entries, not the fixed 202" in violations
+
+
+def test_a_histogram_of_the_right_length_must_still_hold_whole_counts(
+    sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import client.federated
+
+    real = client.federated.evaluate_on_site
+
+    def leaky(*args: Any) -> dict[str, Any]:
+        metrics = real(*args)
+        hist = [0.0] * 2002
+        hist[:3] = [0.913, 0.127, 0.5]  # three slides' scores in the first bins
+        return {**metrics, "patch-hist-normal": hist, "nll-grid": [-1.0] * 81}
+
+    monkeypatch.setattr(client.federated, "evaluate_on_site", leaky)
+    cfg = _cfg(Path("/unused"))
+    guarded = client_app.app(_evaluate_message(cfg), _context(sites["site_a"]))
+    assert guarded.has_error() and "must hold" in guarded.error.reason
+    _without_client_guard(monkeypatch)
+    reply = client_app.app(_evaluate_message(cfg), _context(sites["site_a"]))
+    violations = check_reply(reply, _policy(sites, cfg)).violations
+    assert "evaluate reply: metric 'patch-hist-normal' holds 0.913, not a whole count" in violations
+    assert (
+        "evaluate reply: metric 'nll-grid' holds -1.0, not a finite non-negative number"
+        in violations
+    )
 
 
 # -- the wire checker (what tests/test_reverse_proxy.py runs on nginx's captured bodies) ------
