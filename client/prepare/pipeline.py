@@ -416,6 +416,8 @@ def _failure_reason(error: Exception) -> str:
         return error.reason
     if isinstance(error, FedpathError):
         return str(error)
+    if isinstance(error, OSError) and error.filename:
+        return f"{error.filename}: {os_error_text(error)}"
     return f"{type(error).__name__}: {error}"
 
 
