@@ -212,3 +212,23 @@ def test_local_train_calibrates_a_shifted_site_and_eval_applies_it(
     assert [r["pred"] for r in rows] == [r["label"] for r in rows]
     assert {"raw_prob_normal", "raw_prob_tumour"} <= set(rows[0])
     assert all(r["prob_tumour"] != r["raw_prob_tumour"] for r in rows)
+
+
+def test_eval_of_a_model_saved_without_calibration_says_it_is_uncalibrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model.pt of an older fedpath has no calibration: eval must not pretend otherwise."""
+    data, run = tmp_path / "site", tmp_path / "run"
+    _shifted_site(data, 0.0)
+    argv = ["local", "train", "--data", str(data), "--out", str(run), "--epochs", "1"]
+    assert main([*argv, "--config", str(data / "train.toml")]) == 0
+    payload = torch.load(run / "model.pt", weights_only=True)
+    del payload["calibration"]
+    torch.save(payload, run / "model.pt")
+    capsys.readouterr()
+    assert main(["local", "eval", "--data", str(data), "--run", str(run)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "uncalibrated: this model.pt holds no calibration" in out
+    assert "*" not in out.split("wrote")[0].replace("**", "")
+    report = json.loads((run / "eval_test.json").read_text(encoding="utf-8"))
+    assert report["calibrated"] is False and report["slide_metrics_uncalibrated"] is None

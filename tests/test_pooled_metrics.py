@@ -114,6 +114,12 @@ def test_global_test_is_over_all_slides_and_patches_and_calibrated(tmp_path: Pat
     decided = (calibrated[:, 1] >= calibration["threshold"]).astype(int)
     assert pooled["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, decided))
     assert pooled["ece"] == pytest.approx(expected_calibration_error(y, calibrated))
+    # Each round's "global" validation AUC is over all sites' validation slides too.
+    last = json.loads((run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])
+    val_logits = np.stack([p.slide_logits() for p in val])
+    truth_val_auc = roc_auc_score([p.label for p in val], val_logits[:, 1] - val_logits[:, 0])
+    assert last["global"]["val_auc"] == pytest.approx(truth_val_auc, abs=0.05)
+    assert "val_auc_site_mean" in last["global"]
     # 12 slides of each class: the pooled intervals exist and hold the estimate.
     assert pooled["auc_low"] <= pooled["auc"] <= pooled["auc_high"]
     assert pooled["balanced_accuracy_low"] <= pooled["balanced_accuracy"]
