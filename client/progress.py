@@ -104,7 +104,9 @@ def summary_table(summary: PrepareSummary, title: str = "Preparation summary") -
         ("seconds", "right"),
         ("reason", "left"),
     ):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        # A reason's file path is one long word: fold it rather than cut it to "…".
+        overflow = "fold" if column == "reason" else "ellipsis"
+        table.add_column(column, justify=justify, overflow=overflow)  # type: ignore[arg-type]
     for record in summary.records:
         style = _STATE_STYLE[record.state]
         mpp = f"{record.mpp:.3f} ({record.mpp_source})" if record.mpp else ""
