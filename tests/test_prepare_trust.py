@@ -359,3 +359,20 @@ def test_a_slide_that_changes_while_it_is_prepared_fails_and_leaves_no_outputs(
     assert first.reason.startswith("the slide file changed while it was being prepared")
     left = [p.relative_to(out) for p in out.rglob("s1.*") if p.parent.name != "status"]
     assert not left
+
+
+@pytest.mark.slow
+def test_an_output_folder_that_cannot_be_written_at_all_is_one_error_line(
+    tmp_path: Path, slides: tuple[Path, list[SynthSlide]]
+) -> None:
+    """Nothing can be attempted: exit 2 (the CLI's "nothing was done" code), one line."""
+    site, _ = _site(tmp_path, slides)
+    out = tmp_path / "out"
+    with _immutable(out):
+        result = _run_prepare(site, out)
+    text = result.stdout + result.stderr
+    assert result.returncode == 2, text
+    assert "Traceback" not in text
+    flat = " ".join(text.split())
+    assert f"error: cannot write {out / '.fedpath.lock'}: " in flat, text
+    assert "(EPERM)" in flat or "(EACCES)" in flat or "(EROFS)" in flat
