@@ -310,6 +310,10 @@ def _explain_outcome(
     )
     if run_dir is not None:
         console.print(f"run directory (on the SuperLink host): {run_dir}", soft_wrap=True)
+    resumable = run_dir is not None and (
+        (run_dir / "config.json").is_file() or int(rounds or 0) > 0
+    )
+    if resumable:
         console.print(
             f"continue it: fedpath run {_connection_flags(args)} "
             f"--resume {shlex.quote(str(run_dir))}",
@@ -326,6 +330,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     if args.resume:
         overrides["resume"] = str(args.resume)
     cfg = RunConfig.from_run_config(overrides, source="-c options")  # fail here, not later
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress reaches a log file as it happens
     cli = _cli(args)
     _listed(cli, args, "ls")  # reachable, TLS right: say so now, not as "submission failed"
     run_id = cli.submit(app_directory(), overrides)

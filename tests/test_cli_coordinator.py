@@ -140,6 +140,8 @@ def test_fedpath_run_exit_code_follows_flwr_ls(
             str(tmp_path / "home"),
             "--timeout",
             "600",
+            "--poll",
+            "1",
         ]
         runs = f'runs-dir="{tmp_path / "runs"}"'
         ok = main(

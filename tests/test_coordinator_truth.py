@@ -288,17 +288,33 @@ def test_status_register_node_stop_and_timeout_against_a_tls_superlink(tmp_path:
             assert "hospital_a" in shown.stdout and "online since" in shown.stdout
 
             runs = f'runs-dir="{tmp_path / "runs"}"'
-            followed = _fedpath("run", *conn, "--ca", str(pki.ca_cert), "--timeout", "2",
-                                "-c", runs, "-c", "min-sites=2")  # fmt: skip
+            run_argv = [*conn, "--ca", str(pki.ca_cert), "-c", runs, "-c", "min-sites=2",
+                        "--poll", "1"]  # fmt: skip
+            followed = _fedpath("run", *run_argv, "--timeout", "2")
             text = " ".join(followed.stdout.split())
             assert followed.returncode == 1, followed.stdout
             assert "the run goes on on the SuperLink" in text
-            stop_hint = next(line for line in followed.stdout.splitlines() if "stop it" in line)
+            assert "stop it:" in text
+
+            # A followed run stopped from elsewhere with the command `fedpath run` printed.
+            following = subprocess.Popen(
+                [FEDPATH, "run", *run_argv, "--timeout", "300"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            assert following.stdout is not None
+            stop_hint = ""
+            while "stop it with:" not in stop_hint:
+                stop_hint = following.stdout.readline()
+                assert stop_hint, "fedpath run ended before printing how to stop the run"
             stop_argv = shlex.split(stop_hint.split(":", 1)[1])
             assert stop_argv[:2] == ["fedpath", "stop"]
             stopped = _fedpath(*stop_argv[1:])  # the hint, exactly as printed
             assert stopped.returncode == 0, stopped.stdout
             assert "stopped (finished:stopped)" in stopped.stdout
+            rest = " ".join(following.communicate(timeout=120)[0].split())
+            assert following.returncode == 1
+            assert "did not complete (finished:stopped)" in rest
+            assert "reason: stopped on request" in rest
         finally:
             os.killpg(node.pid, 15)
             node.wait(timeout=30)
