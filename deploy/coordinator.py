@@ -80,7 +80,13 @@ def coordinate(args: argparse.Namespace, cli: FlwrCli) -> str:
     print(f"{expected} SuperNodes online; submitting {args.app}", flush=True)
     run_id = cli.submit(args.app, dict(args.settings))
     print(f"run {run_id} submitted; following it with flwr ls", flush=True)
-    return cli.wait_for_run(run_id, args.run_timeout)
+    status = cli.wait_for_run(run_id, args.run_timeout)
+    if status != "finished:completed":
+        # Say why where the operator looks (the compose log), not only that it failed.
+        lines = [line for line in cli.run_log_text(run_id).splitlines() if "[fedpath]" in line]
+        for line in lines[-5:]:
+            print(f"ServerApp: {line.split('[fedpath]', 1)[1].strip()}", flush=True)
+    return status
 
 
 def build_parser() -> argparse.ArgumentParser:

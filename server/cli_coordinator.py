@@ -66,6 +66,24 @@ def superlink_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port another process holds (Flower would end in a traceback)."""
+    import errno
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"port {port} on {host} is already in use (another SuperLink, or the "
+                    f"previous one still running): stop it, or choose another with --port"
+                ) from exc
+            raise ConfigError(f"--host {host} --port {port}: cannot listen ({exc})") from exc
+
+
 def _check_certificates(args: argparse.Namespace, console: Console) -> None:
     """Refuse expired (or not yet valid) TLS files; warn loudly when they expire soon.
 
@@ -95,6 +113,8 @@ def cmd_link(args: argparse.Namespace, console: Console) -> int:
     argv = superlink_argv(args)
     if not args.insecure:
         _check_certificates(args, console)
+    if not args.print_only:
+        _check_port_free(args.host, args.port)
     console.print(
         f"SuperLink on {args.host}:{args.port}, state {args.state}; "
         f"TLS {'off' if args.insecure else 'on'}, "

@@ -308,6 +308,13 @@ def verify_signed_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
 def _keep_certificates(files: CertificateFiles, sans: Sequence[str]) -> None:
     """Check that kept files fit: the server certificate covers ``sans`` and the CA signed it."""
     ca_cert, server_cert = _load_cert(files.ca_cert), _load_cert(files.server_cert)
+    errors, _ = certificate_problems([files.ca_cert, files.server_cert])
+    if errors:
+        raise SecurityError(
+            "the existing TLS files cannot be kept: "
+            + "; ".join(errors)
+            + ". Replace them with --overwrite (a new CA: every hospital needs the new ca.pem)"
+        )
     _load_private_pem(files.ca_key)
     server_key = _load_private_pem(files.server_key)
     if not verify_signed_by(server_cert, ca_cert):

@@ -347,3 +347,30 @@ def test_progress_comes_from_the_serverapp_log_when_the_run_dir_is_elsewhere(
     printed = out.getvalue()
     assert "is not on this machine" in printed
     assert printed.count("round 1/3 done in 4.0 s: train loss 0.6000") == 1
+
+
+def test_link_names_a_port_in_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        code = main(
+            ["link", "--state", str(tmp_path / "state"), "--insecure", "--no-node-auth",
+             "--port", str(port)]
+        )  # fmt: skip
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2
+    assert f"port {port} on 127.0.0.1 is already in use" in out and "--port" in out
+
+
+def test_certs_keep_existing_does_not_call_expired_files_valid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = create_certificates(tmp_path / "pki")
+    now = dt.datetime.now(dt.UTC)
+    _self_signed(pki.ca_cert, now - dt.timedelta(days=900), now - dt.timedelta(days=1))
+    code = main(["certs", "--out", str(tmp_path / "pki"), "--keep-existing"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 2
+    assert "cannot be kept" in out and "EXPIRED" in out and "--overwrite" in out
+    assert "kept (already there and valid)" not in out
