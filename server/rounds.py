@@ -409,6 +409,8 @@ class Federation:
         The sites' counts and sums are added up in ``self.pooled[(server_round, split)]``.
         """
         n_labels = len(self.cfg.label_names)
+        # Only this round's sums are ever read again (the final test reads the last round's).
+        self.pooled = {k: v for k, v in self.pooled.items() if k[0] == server_round}
         pooled = self.pooled[(server_round, split)] = PooledCounts(n_labels)
         nodes = [n for n in sorted(int(x) for x in self.grid.get_node_ids()) if n in self.sites]
         if not nodes:
