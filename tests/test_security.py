@@ -389,6 +389,8 @@ def test_unregistered_key_is_refused_and_a_key_keeps_its_node_id(tmp_path: Path)
                 net.address,
                 "--ca",
                 str(certs.ca_cert),
+                "--flwr-home",
+                str(tmp_path / "home"),
                 str(good.public_key),
             ]
         )
