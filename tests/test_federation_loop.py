@@ -78,6 +78,15 @@ def test_full_run_writes_the_run_directory_contract(site_dirs, tmp_path) -> None
     assert final["global_test"]["num_examples"] == sum(
         m["num_examples"] for m in final["test"].values()
     )
+    # Pooled over all sites' test slides, and it says so; the sites' mean has its own name.
+    assert final["global_test"]["pooling"].startswith("pooled over every slide")
+    assert "auc_site_mean" in final["global_test"]
+    # 2 val slides a site: too few to calibrate, and final.json and the log say why.
+    assert final["calibration"]["fitted"] is False
+    assert "need ≥ 5 per class" in final["calibration"]["reason"]
+    assert any(m.startswith("calibration of the final model: uncalibrated") for m in messages)
+    for site in final["test"].values():  # the sums stay out of the per-site records
+        assert not any(isinstance(v, list) for v in site.values())
     assert load_checkpoint(latest_checkpoint(run_dir)).server_round == 2
     assert any("harmonisation passed" in m for m in messages)
 
