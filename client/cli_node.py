@@ -102,6 +102,29 @@ def check_port_free(port: int) -> None:
             ) from exc
 
 
+def check_tls(superlink: str, ca: Path, console: Console) -> None:
+    """Refuse an expired CA or one the SuperLink's certificate does not verify with.
+
+    Without this the SuperNode retries for ever and logs only "connection unavailable". A
+    SuperLink that does not answer yet is no reason to refuse: the daemon waits for it.
+    """
+    from common.tls import EXPIRY_WARNING_DAYS, certificate_problems, diagnose_tls
+
+    errors, warnings = certificate_problems([ca])
+    for warning in warnings:
+        console.print(
+            f"[bold yellow]WARNING: {warning} (< {EXPIRY_WARNING_DAYS} days): ask the "
+            "coordinator for the renewed ca.pem[/]",
+            soft_wrap=True,
+        )
+    cause = errors[0] if errors else diagnose_tls(superlink, ca)
+    if cause is not None:
+        raise ConfigError(
+            f"TLS to the SuperLink at {superlink} cannot work: {cause}. Ask the coordinator "
+            "for the current ca.pem"
+        )
+
+
 def lock_node_key(key: Path) -> int:
     """Hold an exclusive lock on the node key for the SuperNode's lifetime; the fd.
 
@@ -133,6 +156,7 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     check_port_free(args.port)
     if not args.insecure:
+        check_tls(args.superlink, Path(args.ca), console)
         lock_node_key(Path(args.key))
     from server.local_network import flower_env
 

@@ -34,18 +34,29 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.atomic import atomic_path
 from common.errors import FedpathError
+from common.tls import (
+    EXPIRY_WARNING_DAYS,
+    Validity,
+    certificate_problems,
+    certificate_sans,
+    certificate_validity,
+    diagnose_tls,
+    explain_connection_failure,
+    verify_signed_by,
+)
 
 __all__ = [
     "CA_CERT",
     "CA_KEY",
     "DEFAULT_SANS",
+    "EXPIRY_WARNING_DAYS",
     "SERVER_CERT",
     "SERVER_KEY",
     "CertificateFiles",
@@ -203,17 +214,6 @@ def _normalise_sans(sans: Iterable[str]) -> list[str]:
     return out
 
 
-def certificate_sans(cert: x509.Certificate) -> set[str]:
-    """The DNS names and IP addresses a certificate is valid for."""
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    names = set(ext.get_values_for_type(x509.DNSName))
-    names |= {str(ip) for ip in ext.get_values_for_type(x509.IPAddress)}
-    return names
-
-
 def _validity(days: int) -> tuple[dt.datetime, dt.datetime]:
     # Backdated a little so a hospital whose clock is a few minutes behind accepts it.
     now = dt.datetime.now(dt.UTC)
@@ -292,17 +292,6 @@ def _make_server_cert(
         .sign(ca_key, hashes.SHA256())
     )
     return key, cert
-
-
-def verify_signed_by(cert: x509.Certificate, ca_cert: x509.Certificate) -> bool:
-    """True when ``ca_cert``'s key signed ``cert`` (and the issuer names match)."""
-    if cert.issuer != ca_cert.subject:
-        return False
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
 
 
 def _keep_certificates(files: CertificateFiles, sans: Sequence[str]) -> None:
@@ -547,151 +536,6 @@ def register_public_keys(
     if failures:
         raise RegistrationError(failures, done)
     return done
-
-
-# -- certificate validity and TLS diagnosis --------------------------------------------------
-
-EXPIRY_WARNING_DAYS = 30
-"""``fedpath link`` warns when its certificate or CA expires within this many days."""
-
-
-@dataclass(frozen=True)
-class Validity:
-    """When one certificate is valid; ``problem`` is set when it is not (or soon not)."""
-
-    path: Path
-    not_before: dt.datetime
-    not_after: dt.datetime
-    expired: bool
-    not_yet_valid: bool
-    days_left: float
-
-    @property
-    def usable(self) -> bool:
-        return not (self.expired or self.not_yet_valid)
-
-    def describe(self) -> str:
-        """``valid 2026-01-01 – 2028-04-05 (820 days left)``, or why it is not."""
-        span = f"{self.not_before:%Y-%m-%d} – {self.not_after:%Y-%m-%d}"
-        if self.expired:
-            return f"EXPIRED on {self.not_after:%Y-%m-%d %H:%M} UTC (valid {span})"
-        if self.not_yet_valid:
-            return f"NOT YET VALID: valid from {self.not_before:%Y-%m-%d %H:%M} UTC ({span})"
-        return f"valid {span} ({self.days_left:.0f} days left)"
-
-
-def certificate_validity(path: Path, now: dt.datetime | None = None) -> Validity:
-    """The validity period of the PEM certificate at ``path`` against ``now`` (UTC)."""
-    cert = _load_cert(Path(path))
-    now = now or dt.datetime.now(dt.UTC)
-    before, after = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return Validity(
-        path=Path(path),
-        not_before=before,
-        not_after=after,
-        expired=now > after,
-        not_yet_valid=now < before,
-        days_left=(after - now).total_seconds() / 86400,
-    )
-
-
-def certificate_problems(
-    paths: Iterable[Path], warn_days: float = EXPIRY_WARNING_DAYS
-) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about ``paths``: expired or not yet valid / expiring soon."""
-    errors: list[str] = []
-    warnings: list[str] = []
-    for path in paths:
-        validity = certificate_validity(path)
-        if not validity.usable:
-            errors.append(f"{path}: {validity.describe()}")
-        elif validity.days_left < warn_days:
-            warnings.append(
-                f"{path} expires in {validity.days_left:.0f} day(s), on "
-                f"{validity.not_after:%Y-%m-%d %H:%M} UTC"
-            )
-    return errors, warnings
-
-
-def _server_certificate(address: str, timeout: float = 5.0) -> x509.Certificate | None:
-    """The certificate the server at ``HOST:PORT`` presents, fetched without verifying it."""
-    import socket
-    import ssl
-
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        with (
-            socket.create_connection((host, int(port)), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=host) as tls,
-        ):
-            der = tls.getpeercert(binary_form=True)
-    except (OSError, ValueError):
-        return None
-    return x509.load_der_x509_certificate(der) if der else None
-
-
-def diagnose_tls(address: str, ca_path: Path | None) -> str | None:
-    """Why a TLS connection to ``address`` verified with ``ca_path`` fails, if we can tell.
-
-    Flower reports every failed handshake as "connection unavailable"; this names the cause
-    when it is in the certificates: an expired or not-yet-valid CA file, a server certificate
-    the CA did not sign (the wrong ca.pem), an expired server certificate, or a server that
-    names neither the host dialled. ``None`` when the certificates look right (or no TLS).
-    """
-    if ca_path is None:
-        return None
-    ca_path = Path(ca_path)
-    try:
-        ca_validity = certificate_validity(ca_path)
-        ca = _load_cert(ca_path)
-    except SecurityError as exc:
-        return str(exc)
-    if not ca_validity.usable:
-        return f"the CA certificate {ca_path} is {ca_validity.describe()}"
-    server = _server_certificate(address)
-    if server is None:
-        return None
-    if not verify_signed_by(server, ca):
-        return (
-            f"the SuperLink at {address} presents a certificate that {ca_path} did not sign "
-            "(a wrong or replaced ca.pem): use the ca.pem that `fedpath certs` made together "
-            "with the SuperLink's certificate"
-        )
-    now = dt.datetime.now(dt.UTC)
-    if now > server.not_valid_after_utc:
-        return (
-            f"the SuperLink's certificate EXPIRED on {server.not_valid_after_utc:%Y-%m-%d} "
-            "UTC: issue a new one with `fedpath certs` (same CA: delete superlink.pem/.key)"
-        )
-    if now < server.not_valid_before_utc:
-        return f"the SuperLink's certificate is not valid before {server.not_valid_before_utc}"
-    host = address.rpartition(":")[0].strip("[]")
-    names = certificate_sans(server)
-    if host and names and host.lower() not in names:
-        return (
-            f"the SuperLink's certificate does not name {host!r} (it names "
-            f"{', '.join(sorted(names))}): dial one of those, or reissue it with --san {host}"
-        )
-    return None
-
-
-def explain_connection_failure(address: str, ca_path: Path | None, flower_message: str) -> str:
-    """One line saying why ``flwr`` could not talk to the SuperLink at ``address``."""
-    cause = diagnose_tls(address, ca_path)
-    if cause is not None:
-        return f"TLS to the SuperLink at {address} fails: {cause}"
-    text = " ".join(flower_message.split())
-    if "unavailable" in text.lower():
-        return (
-            f"cannot reach the SuperLink at {address} (no answer, connection refused or TLS "
-            "handshake failed): is `fedpath link` running there, is the port open, and "
-            "does --insecure/--ca match how it was started?"
-        )
-    return f"the SuperLink at {address} answered with an error: {text[-300:]}"
 
 
 # -- which node id is which hospital ---------------------------------------------------------

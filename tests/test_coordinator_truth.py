@@ -374,3 +374,26 @@ def test_certs_keep_existing_does_not_call_expired_files_valid(
     assert code == 2
     assert "cannot be kept" in out and "EXPIRED" in out and "--overwrite" in out
     assert "kept (already there and valid)" not in out
+
+
+def test_node_names_a_wrong_or_expired_ca_before_starting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pki = create_certificates(tmp_path / "pki")
+    other = create_certificates(tmp_path / "other")
+    pair = create_node_keys(tmp_path / "keys", ["site_a"])[0]
+    address, listener = _tls_server(pki.server_cert, pki.server_key)
+    try:
+        argv = _node_argv(tmp_path, free_port(), "--key", str(pair.private_key))
+        argv[argv.index("--superlink") + 1] = address
+        assert main([*argv, "--ca", str(other.ca_cert)]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert f"TLS to the SuperLink at {address} cannot work" in out
+        assert f"{other.ca_cert} did not sign" in out
+        now = dt.datetime.now(dt.UTC)
+        old = _self_signed(tmp_path / "old.pem", now - dt.timedelta(days=9),
+                           now - dt.timedelta(days=1))  # fmt: skip
+        assert main([*argv, "--ca", str(old)]) == 2
+        assert "EXPIRED" in capsys.readouterr().out
+    finally:
+        listener.close()
