@@ -444,7 +444,10 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
         return EXIT_FAILED
     table = Table(title=f"runs on {args.superlink}")
-    for column in ("run id", "status", "elapsed s", "started"):
+    # Ids are what `fedpath stop` takes: never truncated to "48265369…".
+    table.add_column("run id", no_wrap=True, min_width=20)
+    table.add_column("status", no_wrap=True, min_width=18)
+    for column in ("elapsed s", "started"):
         table.add_column(column)
     for run in runs:
         table.add_row(
@@ -454,9 +457,17 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
             str(run.get("running-at") or run.get("pending-at") or ""),
         )
     console.print(table)
+    for run in runs:  # Flower's own word on runs that did not complete
+        details = run.get("status-details")
+        if details and details != "N/A" and run.get("status") != "finished:completed":
+            console.print(
+                f"run {run.get('run-id')} ({run.get('status')}): {details}", soft_wrap=True
+            )
     names = read_site_names(cli.flwr_home, args.superlink)
     sites = Table(title="SuperNodes (hospitals)")
-    for column in ("site", "node id", "status", "last seen"):
+    sites.add_column("site")
+    sites.add_column("node id", no_wrap=True, min_width=20)
+    for column in ("status", "last seen"):
         sites.add_column(column)
     for node in nodes:
         node_id = str(node.get("node-id", ""))

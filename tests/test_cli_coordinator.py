@@ -165,6 +165,12 @@ def test_fedpath_run_exit_code_follows_flwr_ls(
         ok_dir = tmp_path / "runs" / "ok"
         assert f"run directory (on the SuperLink host): {ok_dir.resolve()}" in out
         assert f"report: {ok_dir.resolve() / 'report.html'}" in out
+        run_id = next(line.split()[1] for line in out.splitlines() if "submitted to" in line)
+        status = main(["status", *common[1:6]])
+        shown = capsys.readouterr().out
+        assert status == 0, shown
+        assert f"│ {run_id} " in shown, "a run id in `fedpath status` must be whole (80 columns)"
+        assert "finished:completed" in shown and "online" in shown
         net.start_supernode("site_odd", odd)
         time_limit = 60
         import time

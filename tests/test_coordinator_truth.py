@@ -283,6 +283,16 @@ def test_status_register_node_stop_and_timeout_against_a_tls_superlink(tmp_path:
                               "--port", str(free_port()))  # fmt: skip
             assert second.returncode == 2
             assert "already used by another `fedpath node`" in " ".join(second.stdout.split())
+            # From another machine the lock cannot help: Flower refuses the node with the words
+            # it uses for an unregistered key; only the SuperLink's log tells them apart.
+            net.start_supernode("elsewhere", data, private_key=pair.private_key)
+            duplicate = net.processes["node-elsewhere"]
+            deadline = time.monotonic() + 90
+            while duplicate.alive():
+                assert time.monotonic() < deadline, duplicate.tail()
+                time.sleep(1)
+            assert "Failed to activate SuperNode" in duplicate.tail(40)
+            assert "could not be activated" in net.processes["superlink"].tail(400)
             shown = _fedpath("status", *conn, "--ca", str(pki.ca_cert))
             assert shown.returncode == 0
             assert "hospital_a" in shown.stdout and "online since" in shown.stdout
