@@ -342,9 +342,33 @@ def _explain_outcome(
     console.print(f"ServerApp log: {_flwr_log_hint(follower.cli, run_id)}", soft_wrap=True)
 
 
+def _lost_contact(
+    exc: Exception, follower: _RunFollower, args: argparse.Namespace, console: Console
+) -> int:
+    """The SuperLink stopped answering while a run was followed: say what is known."""
+    from server.security import explain_connection_failure
+
+    reason = explain_connection_failure(args.superlink, follower.cli.tls_ca, str(exc))
+    console.print(
+        f"[bold red]lost contact while following run {follower.run_id}:[/] {reason}",
+        soft_wrap=True,
+    )
+    console.print(
+        f"the run may still be going: fedpath status {_connection_flags(args)}", soft_wrap=True
+    )
+    if follower.run_dir is not None:
+        console.print(
+            f"if the SuperLink restarted, continue it: fedpath run {_connection_flags(args)} "
+            f"--resume {shlex.quote(str(follower.run_dir))}",
+            soft_wrap=True,
+        )
+    return EXIT_FAILED
+
+
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
     from server.config import RunConfig
     from server.demo_federation import app_directory
+    from server.local_network import NetworkError
 
     overrides = parse_overrides(args.config_override or [])
     if args.resume:
@@ -363,7 +387,10 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
     began = time.monotonic()
     last = ""
     while True:
-        status = cli.run_status(run_id)
+        try:
+            status = cli.run_status(run_id)
+        except NetworkError as exc:
+            return _lost_contact(exc, follower, args, console)
         if status != last:
             console.print(f"[{time.monotonic() - began:6.0f} s] run {run_id}: {status}")
             last = status

@@ -325,6 +325,19 @@ def test_status_register_node_stop_and_timeout_against_a_tls_superlink(tmp_path:
             assert following.returncode == 1
             assert "did not complete (finished:stopped)" in rest
             assert "reason: stopped on request" in rest
+
+            # The SuperLink goes away while a run is followed: said, with what to do.
+            orphan = subprocess.Popen(
+                [FEDPATH, "run", *run_argv, "--timeout", "300"], stdout=subprocess.PIPE, text=True
+            )
+            assert orphan.stdout is not None
+            while "running" not in (line := orphan.stdout.readline()):
+                assert line, "fedpath run ended before the run was running"
+            net.stop_process("superlink")
+            lost = " ".join(orphan.communicate(timeout=120)[0].split())
+            assert orphan.returncode == 1
+            assert "lost contact while following run" in lost
+            assert "cannot reach the SuperLink" in lost and "fedpath status" in lost
         finally:
             os.killpg(node.pid, 15)
             node.wait(timeout=30)
