@@ -652,6 +652,12 @@ def add_coordinator_commands(sub: Any) -> None:
     simulate.add_argument("--out", type=Path, default=Path("simulation-output"))
     simulate.set_defaults(handler=cmd_simulate)
 
-    status = sub.add_parser("status", help="runs and connected hospitals")
+    status = sub.add_parser(
+        "status",
+        help="runs and connected hospitals",
+        description="List the SuperLink's runs and SuperNodes: each hospital by the name "
+        "`fedpath keys register` recorded, its status and when it was last seen. Exit code 1 "
+        "with one line saying why when the SuperLink cannot be reached or TLS fails.",
+    )
     _connection_options(status)
     status.set_defaults(handler=cmd_status)

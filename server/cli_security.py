@@ -199,7 +199,10 @@ def add_security_commands(sub: Any) -> None:
         description="Run `flwr supernode register` for each public key against the SuperLink "
         "at --superlink over TLS (verified with --ca). With node authentication on, only "
         "registered keys can connect. Every key is tried; keys registered before count as "
-        "done; the ones that fail are listed with Flower's reason (exit code 1).",
+        "done; the ones that fail are listed with Flower's reason (exit code 1). Which node id is "
+        "which hospital (the key's fedpath-SITE comment, else its file name) is kept in "
+        "fedpath's Flower home for `fedpath status`. A SuperLink that cannot be reached, or a "
+        "--ca that does not verify its certificate, is named before any key is tried.",
     )
     register.add_argument("--superlink", required=True, metavar="HOST:PORT")
     register.add_argument(
