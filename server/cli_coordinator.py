@@ -139,10 +139,12 @@ def flwr_home(given: Path | None) -> Path:
     ``~/.fedpath/flwr-home``. It holds the ``local`` connection to the SuperLink named on the
     command line (rewritten by every command) and ``sites.json`` (node id → hospital)."""
     if given is not None:
-        return Path(given).expanduser()
-    return Path(
-        os.environ.get(FLWR_HOME_ENV) or Path.home() / ".fedpath" / "flwr-home"
-    ).expanduser()
+        return Path(given).expanduser().resolve()
+    return (
+        Path(os.environ.get(FLWR_HOME_ENV) or Path.home() / ".fedpath" / "flwr-home")
+        .expanduser()
+        .resolve()
+    )
 
 
 def _cli(args: argparse.Namespace) -> Any:
@@ -157,11 +159,15 @@ def _cli(args: argparse.Namespace) -> Any:
 
 
 def _connection_flags(args: argparse.Namespace) -> str:
-    """The connection options to repeat in a hint, exactly as this command got them."""
+    """The connection options to repeat in a hint, as this command got them (paths made
+    absolute, so the hint works from any folder)."""
     flags = f"--superlink {shlex.quote(args.superlink)}"
-    flags += " --insecure" if args.insecure else f" --ca {shlex.quote(str(args.ca))}"
+    if args.insecure:
+        flags += " --insecure"
+    else:
+        flags += f" --ca {shlex.quote(str(Path(args.ca).resolve()))}"
     if args.flwr_home is not None:
-        flags += f" --flwr-home {shlex.quote(str(args.flwr_home))}"
+        flags += f" --flwr-home {shlex.quote(str(flwr_home(args.flwr_home)))}"
     return flags
 
 

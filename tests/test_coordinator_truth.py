@@ -420,3 +420,21 @@ def test_node_names_a_wrong_or_expired_ca_before_starting(
         assert "EXPIRED" in capsys.readouterr().out
     finally:
         listener.close()
+
+
+def test_printed_commands_work_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hints name the CA and Flower home by absolute paths (pasted elsewhere, they work)."""
+    import argparse
+
+    from server.cli_coordinator import _connection_flags
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(
+        superlink="fl.example.org:9092", insecure=False, ca=Path("pki/ca.pem"),
+        flwr_home=Path("my home"),
+    )  # fmt: skip
+    parsed = shlex.split(_connection_flags(args))
+    assert parsed[parsed.index("--ca") + 1] == str(tmp_path / "pki" / "ca.pem")
+    assert parsed[parsed.index("--flwr-home") + 1] == str(tmp_path / "my home")
