@@ -438,3 +438,40 @@ def test_printed_commands_work_from_any_folder(
     parsed = shlex.split(_connection_flags(args))
     assert parsed[parsed.index("--ca") + 1] == str(tmp_path / "pki" / "ca.pem")
     assert parsed[parsed.index("--flwr-home") + 1] == str(tmp_path / "my home")
+
+
+def test_compose_coordinator_prints_why_a_run_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The compose log is where the operator looks: the ServerApp's reason must be there."""
+    import argparse
+
+    from deploy.coordinator import coordinate
+
+    class Link:
+        def flwr(self, *args: str, **kw: object) -> dict[str, object]:
+            if args[:2] == ("supernode", "register"):
+                return {"success": True, "node-id": 5}
+            return {"success": True, "nodes": []}
+
+        def connected_nodes(self) -> int:
+            return 1
+
+        def submit(self, app: Path, settings: dict[str, object]) -> int:
+            return 9
+
+        def wait_for_run(self, run_id: int, timeout: float) -> str:
+            return "finished:failed"
+
+        def run_log_text(self, run_id: int) -> str:
+            return "INFO : [fedpath] run failed after 0 round(s): site_b: feature_dim is 8\n"
+
+    key = create_node_keys(tmp_path / "keys", ["site_a"])[0].public_key
+    args = argparse.Namespace(
+        superlink="x:1", settings=[], public_keys=[key], ready_file=None, app=tmp_path,
+        connect_timeout=5.0, nodes_timeout=5.0, run_timeout=5.0,
+    )  # fmt: skip
+    assert coordinate(args, Link()) == "finished:failed"  # type: ignore[arg-type]
+    assert "ServerApp: run failed after 0 round(s): site_b: feature_dim is 8" in (
+        capsys.readouterr().out
+    )
