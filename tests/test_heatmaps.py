@@ -10,16 +10,18 @@ file has gone missing.
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import pytest
 from matplotlib import colormaps
 
 from client.cli import main
-from client.config import EmbeddingConfig, PrepareConfig, TissueConfig
+from client.config import AnnotationConfig, EmbeddingConfig, PrepareConfig, TissueConfig
 from client.prepare.pipeline import prepare_site
 from client.training.evaluate import load_checkpoint
 from client.training.heatmaps import (
@@ -28,6 +30,8 @@ from client.training.heatmaps import (
     HeatmapRecord,
     SlideMaps,
     SlideSource,
+    _outline_rings,
+    annotation_settings_of,
     attention_percentiles,
     blend_overlay,
     figure_size_px,
@@ -40,6 +44,7 @@ from client.training.site_index import BagEntry, load_site_index
 from client.wsi.qc import slide_thumbnail
 from client.wsi.reader import WsiReader
 from client.wsi.synthetic import SynthSlide, SynthSlideConfig, generate_slide
+from common.errors import FedpathError
 from common.featurebag import FeatureBagWriter
 from common.mil.config import ModelConfig
 from common.mil.models import build_model
@@ -393,3 +398,40 @@ def test_cli_refuses_unknown_slide_ids(
     assert main([*argv, "--split", "test", "--slides", "t0"]) == 2
     assert "--split all" in capsys.readouterr().out
     assert not (tmp_path / "hm").exists()
+
+
+def _one_square_geojson(path: Path, class_name: str) -> Path:
+    square = [[[100, 100], [400, 100], [400, 400], [100, 400], [100, 100]]]
+    feature = {
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": square},
+        "properties": {"classification": {"name": class_name}},
+    }
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    return path
+
+
+def test_outline_uses_the_tumour_classes_the_bag_was_labelled_with(tmp_path: Path) -> None:
+    """A site whose tumour class is "Tumorgewebe" saw no outline in its heatmaps: they were
+    drawn with the default classes, not with those that labelled the patches."""
+    annotation = _one_square_geojson(tmp_path / "t.geojson", "Tumorgewebe")
+    site = AnnotationConfig(tumour_classes=("Tumorgewebe",))
+    attrs = {"annotation_settings": site.model_dump_json()}
+    assert annotation_settings_of(attrs) == site
+    rings = _outline_rings(annotation, (1000, 1000), annotation_settings_of(attrs))
+    assert len(rings) == 1 and rings[0].shape[1] == 2
+    # a bag prepared before settings were recorded keeps the defaults (no tumour here)
+    assert annotation_settings_of({}) == AnnotationConfig()
+    assert _outline_rings(annotation, (1000, 1000), annotation_settings_of({})) == []
+    with pytest.raises(FedpathError, match="annotation settings are unreadable"):
+        annotation_settings_of({"annotation_settings": '{"tumour_classes": 3}'})
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_prepared_bags_record_their_annotation_settings(trained: dict[str, Path]) -> None:
+    with h5py.File(trained["data"] / "features" / "tiny_cnn" / "t1.h5", "r") as fh:
+        attrs = dict(fh.attrs)
+    assert annotation_settings_of(attrs) == TINY.annotation
+    with h5py.File(trained["data"] / "features" / "tiny_cnn" / "n1.h5", "r") as fh:
+        assert "annotation_settings" not in fh.attrs  # no annotation, nothing to record

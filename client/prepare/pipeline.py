@@ -319,6 +319,9 @@ def _prepare_slide(
             if labels is not None:
                 attrs["annotation_complete"] = bool(row.annotation_complete)
                 attrs["tumour_patches"] = tumour_patches
+            if row.annotation is not None:
+                # heatmaps draw the outline with the classes that labelled the patches
+                attrs["annotation_settings"] = cfg.annotation.model_dump_json()
             with _timed(seconds, "embedding"):
                 feature_path = layout.features(row.slide_id)
                 with FeatureBagWriter(

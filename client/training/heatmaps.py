@@ -335,13 +335,27 @@ def read_patch_images(
     return images
 
 
-def _outline_rings(annotation: Path, dims: tuple[int, int]) -> list[np.ndarray]:
-    """Level-0 rings (exteriors and holes) of the tumour outlines of an annotation file.
+def annotation_settings_of(attrs: dict[str, Any]) -> AnnotationConfig:
+    """The annotation classes ``fedpath prepare`` labelled this bag's patches with.
 
-    Tumour classes are the defaults of :class:`AnnotationConfig` (QuPath "Tumor", Camelyon
-    groups, ...), the same ones ``fedpath prepare`` uses unless its config changed them.
+    A site that set its own ``tumour_classes`` must see the same regions outlined as those
+    its patch labels came from; bags prepared before the settings were recorded use the
+    defaults, which were then the only choice.
     """
-    parsed = load_annotation(annotation, AnnotationConfig(), dims)
+    recorded = attrs.get("annotation_settings")
+    if not recorded:
+        return AnnotationConfig()
+    try:
+        return AnnotationConfig.model_validate_json(str(recorded))
+    except ValueError as exc:
+        raise FedpathError(f"its recorded annotation settings are unreadable ({exc})") from exc
+
+
+def _outline_rings(
+    annotation: Path, dims: tuple[int, int], settings: AnnotationConfig
+) -> list[np.ndarray]:
+    """Level-0 rings (exteriors and holes) of the tumour outlines of an annotation file."""
+    parsed = load_annotation(annotation, settings, dims)
     rings: list[np.ndarray] = []
     for polygon in parsed.tumour:
         rings.append(polygon.exterior)
@@ -643,7 +657,7 @@ def write_slide_heatmap(
     outline: tuple[np.ndarray, ...] | None = None
     if source.annotation is not None:
         try:
-            outline = tuple(_outline_rings(source.annotation, dims))
+            outline = tuple(_outline_rings(source.annotation, dims, annotation_settings_of(attrs)))
         except FedpathError as exc:
             warnings.append(f"outline not drawn: {exc}")
     picture = HeatmapPicture(
