@@ -118,6 +118,11 @@ def test_a_tumour_slide_whose_annotation_has_no_tumour_region_fails_by_default(
         "or --on-no-tumour-region slide_label_only to prepare it with its slide label only)"
     )
     assert f"failed tumour_stroma (at annotation): {stroma['reason']}" in text
+    # the failed slide's status holds what its annotation did hold, as a done slide's does
+    assert stroma["annotation"]["tumour_regions"] == 0
+    assert stroma["annotation"]["classes_found"]["Stroma"] == 3
+    assert stroma["annotation"]["patch_labels"] is False
+    assert stroma["annotation"]["file"] == "stroma.geojson"
     empty = _status(out, "tumour_empty")
     assert empty["state"] == "failed"
     assert "no tumour region on a tumour slide: the file holds no outline" in empty["reason"]

@@ -46,7 +46,12 @@ from client.prepare.records import (
     SilentEvents,
     SlideRecord,
 )
-from client.wsi.annotations import AnnotationOutcome, annotation_outcome, slide_patch_labels
+from client.wsi.annotations import (
+    AnnotationOutcome,
+    NoTumourRegionError,
+    annotation_outcome,
+    slide_patch_labels,
+)
 from client.wsi.patching import patch_grid, write_coords_h5
 from client.wsi.qc import qc_background, render_qc_png, tissue_contours_geojson
 from client.wsi.reader import WsiReader
@@ -566,6 +571,7 @@ def _process_row(
             state="failed",
             reason=_failure_reason(error),
             stage=stage,
+            annotation=error.summary if isinstance(error, NoTumourRegionError) else None,
         )
         return failed, _status(failed, row, now)
     status = {**_status(record, row, now), "prepared_at": now, "why_prepared": why}

@@ -179,6 +179,15 @@ class AnnotationOutcome:
         }
 
 
+class NoTumourRegionError(AnnotationError):
+    """A tumour slide's annotation gives no tumour region; ``summary`` is what it did hold
+    (classes found, unknown ones, ignored geometries), for the failed slide's status file."""
+
+    def __init__(self, path: str, reason: str, summary: dict[str, Any]) -> None:
+        super().__init__(path, reason)
+        self.summary = summary
+
+
 def annotation_outcome(
     path: Path,
     cfg: AnnotationConfig,
@@ -266,12 +275,13 @@ def _without_patch_labels(
     """Fail, or keep only the slide label, as ``cfg.on_no_tumour_region`` says."""
     found = describe_found(annotation)
     if cfg.on_no_tumour_region == "fail":
-        raise AnnotationError(
+        raise NoTumourRegionError(
             str(annotation.source),
             f"{problem}: {found}; tumour classes are "
             f"{', '.join(cfg.tumour_classes)} (set [annotation] tumour_classes or "
             "--tumour-classes; or --on-no-tumour-region slide_label_only to prepare it "
             "with its slide label only)",
+            AnnotationOutcome(annotation, True, patch_labels=False, note=problem).summary(),
         )
     note = (
         f"slide label only, no patch labels: annotation {annotation.source.name}: "
