@@ -105,6 +105,14 @@ class TissueConfig(StrictModel):
             "only"
         ),
     )
+    min_tissue_area_floor: float = Field(
+        1.0,
+        ge=0,
+        description=(
+            "the relative rule never keeps a component below this·512² level-0 px (CLAM's "
+            "biopsy a_t): on glass with a speck of dust the speck is not the slide's tissue"
+        ),
+    )
     max_hole_area: float = Field(
         16.0, ge=0, description="a_h: fill holes smaller than a_h·512² level-0 px"
     )
@@ -121,14 +129,16 @@ class TissueConfig(StrictModel):
     def min_component_px(self, largest_px: float, px_per_ref_area: float) -> float:
         """Smallest component area kept, in mask px, given the largest component's area.
 
-        ``min(a_t·512², relative·largest)``: on a resection whose largest piece is at least
-        a_t·512²/relative this is CLAM's a_t exactly; on a biopsy or a small region the
-        threshold shrinks with the tissue, so the specimen itself is never called debris.
+        ``min(a_t·512², max(relative·largest, floor·512²))``: on a resection whose largest
+        piece is at least a_t·512²/relative this is CLAM's a_t exactly; on a biopsy or a small
+        region the threshold shrinks with the tissue, so the specimen itself is never called
+        debris; the floor keeps a lone speck on empty glass from passing for tissue.
         """
         absolute = self.min_tissue_area * px_per_ref_area
         if self.min_tissue_area_relative == 0:
             return absolute
-        return min(absolute, self.min_tissue_area_relative * largest_px)
+        floor = self.min_tissue_area_floor * px_per_ref_area
+        return min(absolute, max(self.min_tissue_area_relative * largest_px, floor))
 
     @classmethod
     def preset(cls, name: Literal["default", "biopsy"]) -> TissueConfig:

@@ -293,18 +293,30 @@ def test_real_single_level_slide() -> None:
 
 
 def test_relative_rule_keeps_a_small_specimen_and_drops_its_debris() -> None:
-    # At 64×: a_t = 100 is 6,400 mask px. A 40×40 specimen (1,600 px) with 12 px and 20 px
-    # crumbs: 1 % of the largest is 16 px, so the 12 px crumb goes and the rest stays.
-    rgb = canvas(100, 100)
-    rgb[10:50, 10:50] = STAIN
-    rgb[70:73, 70:74] = STAIN  # 12 px: dropped
-    rgb[80:84, 10:15] = STAIN  # 20 px: kept
+    # At 64×: a_t = 100 is 6,400 mask px, the floor (1·512²) 64 px. A 70×70 specimen (4,900
+    # px, below a_t) with 12 px and 80 px crumbs: 1 % of the largest is 49 px, below the
+    # floor, so the 12 px crumb goes and the rest stays.
+    rgb = canvas(200, 200)
+    rgb[10:80, 10:80] = STAIN
+    rgb[150:153, 150:154] = STAIN  # 12 px: dropped
+    rgb[160:168, 10:20] = STAIN  # 80 px: kept
     raw = {"median_kernel": 1, "closing_px": 0, "max_hole_area": 0}
     mask = segment_tissue(rgb, 64.0, TissueConfig(**raw))
-    assert mask.sum() == 1600 + 20
-    assert not mask[70:73, 70:74].any()
+    assert mask.sum() == 4_900 + 80
+    assert not mask[150:153, 150:154].any()
     clam = TissueConfig(min_tissue_area_relative=0, **raw)
     assert not segment_tissue(rgb, 64.0, clam).any()
+
+
+def test_relative_rule_does_not_call_a_speck_on_empty_glass_tissue() -> None:
+    """The largest component is always above 1 % of itself: without a floor a speck of dust
+    on empty glass would be prepared as the slide's tissue instead of failing as empty."""
+    rgb = canvas(200, 200)
+    rgb[50:56, 50:56] = STAIN  # 36 mask px at 64×: below the 64 px floor
+    raw = {"median_kernel": 1, "closing_px": 0, "max_hole_area": 0}
+    assert not segment_tissue(rgb, 64.0, TissueConfig(**raw)).any()
+    rgb[50:60, 50:60] = STAIN  # 100 px: a fragment CLAM's biopsy preset keeps too
+    assert segment_tissue(rgb, 64.0, TissueConfig(**raw)).sum() == 100
 
 
 def test_relative_rule_is_clams_on_a_large_resection() -> None:
