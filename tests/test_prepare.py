@@ -361,3 +361,17 @@ def test_fedpath_prepare_with_default_settings_finds_tissue_on_a_small_real_regi
     assert code == 0, text
     status = json.loads((tmp_path / "out" / "status" / "cmu.json").read_text())
     assert status["state"] == "done" and status["num_patches"] >= 40, status
+
+
+def test_a_speck_on_empty_glass_fails_as_no_tissue_with_default_settings(tmp_path: Path) -> None:
+    """The default relative debris rule would keep the largest component whatever its size:
+    a slide of glass with one speck of dust must still fail as empty, saying why."""
+    rgb = np.full((2048, 2048, 3), 245, np.uint8)
+    rgb[1024:1472, 1024:1472] = (150, 60, 140)  # 0.2 Mpx: patches' worth, yet a speck
+    write_pyramid(tmp_path / "speck.tiff", rgb, levels=3)
+    rows = [{"slide_id": "speck", "path": "speck.tiff", "label": "normal"}]
+    cfg = TINY.model_copy(update={"tissue": TissueConfig()})
+    summary = prepare_site(_manifest(tmp_path, rows), tmp_path / "out", cfg)
+    (record,) = summary.records
+    assert (record.state, record.stage) == ("failed", "tissue")
+    assert "each is a speck smaller than 0.26 Mpx at level 0" in (record.reason or "")

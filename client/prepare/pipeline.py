@@ -390,11 +390,13 @@ def _empty_tissue_reason(mask: np.ndarray, cfg: PrepareConfig) -> str:
     """Say which threshold emptied the slide, and the setting that would change it."""
     tissue = cfg.tissue
     if not mask.any() and tissue.min_tissue_area_relative > 0:
-        # The relative rule always keeps the largest component: nothing was coloured enough.
+        # The relative rule keeps the largest component unless it is below the floor.
+        floor = min(tissue.min_tissue_area_floor, tissue.min_tissue_area)
         return (
             "no tissue found: no region has saturation above "
-            f"{tissue.saturation_threshold} (glass only, or a very faint stain: lower "
-            "tissue.saturation_threshold or set tissue.use_otsu)"
+            f"{tissue.saturation_threshold}, or each is a speck smaller than "
+            f"{floor * 512 * 512 / 1e6:.2f} Mpx at level 0 (glass only, or a very faint "
+            "stain: lower tissue.saturation_threshold or set tissue.use_otsu)"
         )
     if not mask.any():
         min_area_mpx = tissue.min_tissue_area * 512 * 512 / 1e6
