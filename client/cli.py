@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from common.errors import ConfigError, FedpathError, ManifestError
 
@@ -224,17 +225,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = Console(stderr=False, highlight=False)
+
+    def say(head: str, exc: Exception) -> None:
+        # The message is text, not markup ("[annotation] tumour_classes" must survive), and
+        # is not wrapped: paths and commands in it stay whole to be copied.
+        console.print(f"[bold red]{head}[/]{escape(str(exc))}", soft_wrap=True)
+
     try:
         return int(args.handler(args, console))
     except ManifestError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        say("error: ", exc)
         console.print("Nothing was prepared. Fix the manifest and run the command again.")
         return EXIT_USAGE
     except ConfigError as exc:
-        console.print(f"[bold red]configuration error:[/]\n{exc}")
+        say("configuration error:\n", exc)
         return EXIT_USAGE
     except FedpathError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
+        say("error: ", exc)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("interrupted; finished items are kept, re-run to continue")

@@ -171,3 +171,15 @@ def test_encoders_lists_registry_without_loading_weights(
         line = next(row for row in out.splitlines() if name in row)
         assert dim in line
     assert "--weights" in out  # resnet50_trunc says how to provide its weights
+
+
+def test_an_error_is_printed_whole_and_as_text_at_80_columns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Error messages were printed as rich markup and wrapped: "[annotation]" vanished and a
+    long path or a command to copy was broken across lines."""
+    monkeypatch.setenv("COLUMNS", "80")
+    run = tmp_path / "a_rather_long_folder_name_to_pass_eighty_columns" / "[annotation]" / "run"
+    assert main(["report", str(run)]) == 2
+    out = capsys.readouterr().out
+    assert f"run directory {run} does not exist" in out.splitlines()
