@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from common.errors import ConfigError
@@ -474,7 +475,7 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
         runs = _listed(cli, args, "ls").get("runs") or []
         nodes = _listed(cli, args, "supernode", "list").get("nodes") or []
     except NetworkError as exc:
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         return EXIT_FAILED
     table = Table(title=f"runs on {args.superlink}")
     # Ids are what `fedpath stop` takes: never truncated to "48265369…".

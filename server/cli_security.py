@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -37,7 +38,7 @@ def _add_existing_options(parser: argparse.ArgumentParser, what: str) -> None:
 
 
 def _refused(exc: Exception, console: Console) -> int:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
     console.print("Pass --keep-existing to keep them or --overwrite to replace them.")
     return EXIT_USAGE
 
