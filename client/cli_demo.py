@@ -175,6 +175,18 @@ def weight_note(run_config: dict[str, Any]) -> str:
     )
 
 
+def threshold_note(final: dict[str, Any]) -> str:
+    """One line saying at which threshold the balanced accuracy column was measured: the
+    federated model's probabilities are calibrated on the sites' validation slides when they
+    allow it, and the reader must know whether the column is that or the argmax."""
+    calibration = final.get("calibration") or {}
+    if calibration.get("fitted"):
+        description = calibration.get("description")
+        return f"balanced acc.: calibrated on the sites' validation slides: {description}"
+    reason = calibration.get("reason")
+    return "balanced acc.: at the argmax, uncalibrated" + (f" ({reason})" if reason else "")
+
+
 def _run_config(run_dir: Path) -> dict[str, Any]:
     """The run's recorded settings (``config.json``), or none when the run never started."""
     try:
@@ -188,7 +200,7 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 def _final_table(result: Any) -> Table:
     table = Table(
         title=f"federated model ({len(result.rounds)} rounds): held-out test slides",
-        caption=weight_note(_run_config(result.run_dir)),
+        caption=f"{weight_note(_run_config(result.run_dir))}\n{threshold_note(result.final or {})}",
     )
     table.add_column("site", no_wrap=True)
     for column in ("test slides", "slide AUC", "patch AUC", "balanced acc.", "weight"):

@@ -141,6 +141,11 @@ def _demo_run(tmp_path: Path, strategy: str) -> DemoRun:
             "site_b": {"num_examples": 4, **metrics, "patch_auc": 0.7351},
         },
         "global_test": {"num_examples": 8, **metrics, "patch_auc": 0.7734, "pooling": "all"},
+        "calibration": {
+            "fitted": strategy == "fedmix",
+            "description": "temperature T = 2.000, threshold 0.600; fitted on 12 validation slides",
+            "reason": None if strategy == "fedmix" else "3 normal validation slides; need ≥ 5",
+        },
     }
     rounds = [{"weights": {"site_a": 0.55, "site_b": 0.45}}]
     return DemoRun("finished:completed", run_dir, rounds, final, {})
@@ -164,5 +169,12 @@ def test_final_table_shows_patch_auc_and_says_what_the_weight_is(
             "weight: the site's share in the last round's model average, ∝ n/Σn + "
             "10·L^1.5/ΣL^1.5 (FedMix; n: training slides, L: training loss)"
         ) in flat
+        assert (
+            "balanced acc.: calibrated on the sites' validation slides: temperature T = 2.000, "
+            "threshold 0.600; fitted on 12 validation slides"
+        ) in flat
     else:
         assert "model average, n/Σn (FedAvg; n: training slides)" in flat
+        assert (
+            "balanced acc.: at the argmax, uncalibrated (3 normal validation slides; need ≥ 5)"
+        ) in flat
