@@ -47,13 +47,20 @@ from common.calibration import (
     N_PATCH_BINS,
     N_SCORE_BINS,
     PATCH_EDGES,
-    TEMPERATURES,
     log_odds,
     nll_on_grid,
     score_histogram,
 )
 from common.errors import ConfigError
-from common.federation import ECE_BINS, SKIPPED_METRIC, MetricValue, RoundInstructions
+from common.federation import (
+    COUNT_LISTS,
+    EVALUATE_METRICS,
+    SKIPPED_METRIC,
+    SUM_LISTS,
+    WEIGHT_METRIC,
+    MetricValue,
+    RoundInstructions,
+)
 from common.metrics import calibration_bins, predict
 from common.mil.models import MILModel, build_model
 
@@ -373,34 +380,17 @@ def evaluate_on_site(
 
 
 def _empty_evaluation(n_labels: int) -> dict[str, MetricValue]:
-    nan = math.nan
+    """The reply of a site with no slide in the split: every key of the protocol, NaN
+    scalars and zero lists, so the server's pooled sums stay well defined."""
+    lists = {**COUNT_LISTS, **SUM_LISTS}
     out: dict[str, MetricValue] = {
-        "num-examples": 0.0,
-        SKIPPED_METRIC: 0.0,
-        **dict.fromkeys(
-            (
-                "loss",
-                "auc",
-                "patch-auc",
-                "balanced-accuracy",
-                "f1",
-                "brier",
-                "ece",
-                "balanced-accuracy-raw",
-                "brier-raw",
-                "ece-raw",
-            ),
-            nan,
-        ),
+        key: math.nan for key in EVALUATE_METRICS if key not in lists and key != "seconds"
     }
-    out.update({k: [0] * N_SCORE_BINS for k in ("slide-hist-pos", "slide-hist-neg")})
-    out.update({k: [0] * N_PATCH_BINS for k in ("patch-hist-tumour", "patch-hist-normal")})
-    out["class-counts"] = [0] * n_labels
-    out["confusion"] = [0] * (n_labels * n_labels)
-    out["ece-count"] = [0] * ECE_BINS
-    out["ece-events"] = [0] * ECE_BINS
-    out["ece-prob-sum"] = [0.0] * ECE_BINS
-    out["nll-grid"] = [0.0] * len(TEMPERATURES)
+    out.update({WEIGHT_METRIC: 0.0, SKIPPED_METRIC: 0.0})
+    for key, length in COUNT_LISTS.items():
+        size = length or (n_labels * n_labels if key == "confusion" else n_labels)
+        out[key] = [0] * size
+    out.update({key: [0.0] * length for key, length in SUM_LISTS.items()})
     return out
 
 
