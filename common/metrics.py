@@ -545,8 +545,13 @@ def slide_metrics(
             auc_boot.append(_auc(yb, pb))
         f1_boot.append(_f1(yb, predb, n_classes))
 
-    def no_boot_reason() -> str:
-        return "no bootstrap resamples (--bootstrap 0)"
+    def bootstrap_metric(value: float, resamples: list[float]) -> MetricWithCI:
+        """The percentile interval of a metric that has no small-sample method."""
+        if not resamples:
+            reason = "no bootstrap resamples (--bootstrap 0)"
+            return MetricWithCI(value, math.nan, math.nan, 0, ci_reason=reason)
+        low, high = _percentile_ci(resamples, ci)
+        return MetricWithCI(value, low, high, len(resamples), method="bootstrap percentile")
 
     if auc_reason is not None:
         auc = MetricWithCI(auc_value, math.nan, math.nan, 0, auc_reason)
@@ -556,15 +561,7 @@ def slide_metrics(
         low, high = auc_interval(auc_value, counts[1], counts[0], ci)
         auc = MetricWithCI(auc_value, low, high, 0, method="Newcombe score (Hanley–McNeil)")
     else:
-        low, high = _percentile_ci(auc_boot, ci)
-        auc = MetricWithCI(
-            auc_value,
-            low,
-            high,
-            len(auc_boot),
-            method="bootstrap percentile" if auc_boot else "",
-            ci_reason=None if auc_boot else no_boot_reason(),
-        )
+        auc = bootstrap_metric(auc_value, auc_boot)
 
     recalls: list[MetricWithCI] = []
     for c in every:
@@ -593,15 +590,7 @@ def slide_metrics(
     if few_auc is not None:
         f1 = MetricWithCI(f1_value, math.nan, math.nan, 0, ci_reason=few_auc)
     else:
-        low, high = _percentile_ci(f1_boot, ci)
-        f1 = MetricWithCI(
-            f1_value,
-            low,
-            high,
-            len(f1_boot),
-            method="bootstrap percentile" if f1_boot else "",
-            ci_reason=None if f1_boot else no_boot_reason(),
-        )
+        f1 = bootstrap_metric(f1_value, f1_boot)
 
     return SlideMetrics(
         n_slides=n,
