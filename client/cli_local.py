@@ -133,7 +133,7 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
 
     from client.training.evaluate import evaluate_bags, fit_on_predictions, save_checkpoint
     from client.training.site_index import load_site_index, split_entries
-    from client.training.trainer import EpochMetrics, train
+    from client.training.trainer import EpochMetrics, TrainingDivergedError, train
     from common import __version__
     from common.atomic import atomic_write_json, atomic_write_text
     from common.configio import build_config
@@ -184,7 +184,12 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
             status = f"loss {m.train_loss:.4f} val {_float(m.val_loss)} auc {_float(m.val_auc)}"
             progress.update(task, advance=1, status=status)
 
-        result = train(model, train_bags, val_bags, cfg.train, on_epoch=on_epoch)
+        try:
+            result = train(model, train_bags, val_bags, cfg.train, on_epoch=on_epoch)
+        except TrainingDivergedError as exc:
+            before = f"; the epochs before are in {run / METRICS_FILE}" if lines else ""
+            message = f"{exc}. {run / MODEL_FILE} was not written{before}"
+            raise TrainingDivergedError(message) from exc
 
     # Post-hoc calibration of the restored best model on the validation split (no slide of
     # it is trained on): a temperature for the slide logits and a decision threshold.

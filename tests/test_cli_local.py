@@ -201,3 +201,24 @@ def test_eval_shows_a_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "scoring test" in out and "4/4" in out
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_diverged_training_fails_and_saves_no_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], with_val: bool
+) -> None:
+    """Weights gone NaN were saved with exit 0 (no val split) or crashed validation (a val
+    split): now one error naming the epoch and the learning rate, and no model.pt."""
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+    if not with_val:
+        index = data / "prepared.csv"
+        index.write_text(index.read_text(encoding="utf-8").replace(",val,", ",train,"))
+    (data / "diverge.toml").write_text("[train]\nlr = 1e30\nmin_epochs = 0\n")
+    argv = ["local", "train", "--data", str(data), "--out", str(run), "--epochs", "2"]
+    assert main([*argv, "--config", str(data / "diverge.toml")]) == 2
+    out = capsys.readouterr().out
+    assert "error: training diverged in epoch 0: the model's weights are no longer finite" in out
+    assert "lower the learning rate (lr = 1e+30) or set grad_clip" in out
+    assert f"{run / 'model.pt'} was not written" in out
+    assert not (run / "model.pt").exists()

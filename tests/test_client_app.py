@@ -330,3 +330,16 @@ def test_the_forwarding_message_process_imports_no_torch_nor_the_handlers(
         shutil.rmtree(runtime, ignore_errors=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"the forwarding process imported {done.stdout.strip()}"
+
+
+def test_a_site_whose_training_diverges_replies_an_error_not_nan_weights(site: Path) -> None:
+    """NaN weights averaged in would make every site's global model NaN; the site says why."""
+    message = _message(MessageType.TRAIN)
+    config = message.content.config_records["config"]
+    instructions = json.loads(str(config["instructions"]))
+    instructions["train"]["lr"] = 1e30
+    config["instructions"] = json.dumps(instructions)
+    reply = app(message, _context(site))
+    assert reply.has_error(), "a diverged site sent its weights"
+    assert reply.error.reason.startswith("site_a: training diverged in epoch 0")
+    assert "lower the learning rate (lr = 1e+30)" in reply.error.reason

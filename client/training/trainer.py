@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from client.training.bags import Bag, BagBatch, collate, sample_patches
 from client.training.train_config import TrainConfig
 from common.cpuinfo import read_cpuinfo
+from common.errors import FedpathError
 from common.metrics import pooled_patch_metrics, slide_metrics
 from common.mil.losses import mixed_supervision_loss
 from common.mil.models import MILModel
@@ -37,8 +38,10 @@ from common.mil.sampling import epoch_schedule
 __all__ = [
     "EpochMetrics",
     "TrainResult",
+    "TrainingDivergedError",
     "ValidationMetrics",
     "amx_available",
+    "check_finite_weights",
     "evaluate",
     "fast_bf16_cpu",
     "physical_batches",
@@ -450,6 +453,32 @@ def train(
         )
 
 
+class TrainingDivergedError(FedpathError):
+    """The weights stopped being finite: the model is useless and must not be saved or sent."""
+
+
+def check_finite_weights(model: MILModel, epoch: int, loss: float, cfg: TrainConfig) -> None:
+    """Raise :class:`TrainingDivergedError` when a parameter holds NaN or Inf after ``epoch``.
+
+    A diverged model scores every slide NaN: saved, it fails every later evaluation; sent to
+    the server, it turns the global model of every site into NaN. The loss alone cannot tell
+    (a DP-SGD epoch that sampled no slide has a NaN mean loss and unchanged weights).
+    """
+    with torch.no_grad():
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if finite:
+        return
+    hint = (
+        f"lower the learning rate (lr = {cfg.lr:g}) or set grad_clip"
+        if cfg.grad_clip is None
+        else f"lower the learning rate (lr = {cfg.lr:g}) or grad_clip ({cfg.grad_clip:g})"
+    )
+    raise TrainingDivergedError(
+        f"training diverged in epoch {epoch}: the model's weights are no longer finite "
+        f"(mean training loss {loss:.4g}); {hint}"
+    )
+
+
 def run_epochs(
     model: MILModel,
     train_bags: Sequence[Bag],
@@ -478,6 +507,7 @@ def run_epochs(
     for epoch in range(start_epoch, start_epoch + cfg.epochs):
         began = time.perf_counter()
         (loss, bag_loss, inst_loss, att_loss), n_steps = one_epoch(epoch)
+        check_finite_weights(model, epoch, loss, cfg)
         val = validate()
         score = stopping_loss(val, cfg)
         metrics = EpochMetrics(
