@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +227,32 @@ def test_diverged_training_fails_and_saves_no_model(
     assert "lower the learning rate (lr = 1e+30) or set grad_clip" in out
     assert f"{run / 'model.pt'} was not written" in out
     assert not (run / "model.pt").exists()
+
+
+def test_a_model_that_cannot_be_written_is_one_error_line(tmp_path: Path) -> None:
+    """A full disk at model.pt was torch's traceback ("RuntimeError: … unexpected pos …")
+    after the whole training; now one line naming the file and the OS error, exit 2."""
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+
+    def limit() -> None:  # in the child only; ignored SIGXFSZ makes the write fail (EFBIG)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
+
+    command = [sys.executable, "-m", "client.cli", "local", "train", "--data", str(data)]
+    command += ["--out", str(run), "--epochs", "1", "--config", str(data / "train.toml")]
+    result = subprocess.run(
+        command,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, "COLUMNS": "300", "PYTHONDONTWRITEBYTECODE": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+        check=False,
+    )
+    text = result.stdout + result.stderr
+    assert result.returncode == 2, text
+    assert "Traceback" not in text
+    assert f"error: cannot write {run / 'model.pt'}: File too large (EFBIG)" in text
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # no temporary left

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from client.training.bags import Bag, load_bag
 from client.training.site_index import BagEntry
-from common.atomic import atomic_path
+from common.atomic import atomic_write_bytes
 from common.calibration import SlideCalibration, fit_calibration, scaled_probs
 from common.errors import ConfigError
 from common.metrics import PatchMetrics, SlideMetrics, pooled_patch_metrics, predict, slide_metrics
@@ -285,15 +285,21 @@ def save_checkpoint(
     calibration: SlideCalibration | None = None,
 ) -> None:
     """Write weights + model config (+ calibration) atomically, loadable with
-    ``weights_only=True``."""
+    ``weights_only=True``.
+
+    Serialised in memory first: torch's zip writer turns a failed write (a full disk) into a
+    bare ``RuntimeError`` ("unexpected pos …"); written as bytes, it is an ``OutputWriteError``
+    naming the file and the OS error.
+    """
     payload: dict[str, Any] = {
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "model_config": model_config.model_dump(mode="json"),
     }
     if calibration is not None:
         payload["calibration"] = calibration.model_dump(mode="json")
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | Path) -> tuple[MILModel, ModelConfig]:
