@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from client.training.evaluate import EvaluationResult
     from client.training.heatmaps import HeatmapRecord
     from client.training.site_index import BagEntry
+    from client.training.trainer import TrainResult
     from common.calibration import SlideCalibration
     from common.metrics import MetricWithCI
     from common.mil.models import MILModel
@@ -125,6 +126,31 @@ def _calibration_line(
         f"{_float(after.slide.balanced_accuracy.value)}, Brier {_float(before.brier)} → "
         f"{_float(after.slide.brier)}, ECE {_float(before.ece)} → {_float(after.slide.ece)} "
         "(uncalibrated → calibrated)"
+    )
+
+
+def _best_epoch_line(result: TrainResult, cfg: TrainConfig) -> str:
+    """Which epoch's weights were kept, counted from 1 as a reader counts, and why.
+
+    Without a finite validation loss nothing was chosen (the last weights are kept and early
+    stopping never ran), which must not read as a "best" epoch. With ``stopping_loss`` other
+    than the slide loss, the loss that chose the epoch is shown next to the slide loss.
+    """
+    n = len(result.history)
+    best = next(m for m in result.history if m.epoch == result.best_epoch)
+    at = f"epoch {best.epoch - result.history[0].epoch + 1} of {n}"
+    at += f' ("epoch": {best.epoch} in {METRICS_FILE})'
+    if not math.isfinite(best.val_stopping_loss):
+        return (
+            f"no validation loss (no usable val slide): kept the weights of the last {at}; "
+            "no best-epoch choice, no early stopping"
+        )
+    chosen_by = ""
+    if cfg.stopping_loss != "slide" and best.val_stopping_loss != best.val_loss:
+        chosen_by = f"val {cfg.stopping_loss} loss {_float(best.val_stopping_loss)} (chose it), "
+    return (
+        f"best {at}{' (stopped early)' if result.stopped_early else ''}: {chosen_by}"
+        f"val slide loss {_float(best.val_loss)}, val AUC {_float(best.val_auc)}"
     )
 
 
@@ -215,12 +241,7 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
             "calibration": calibration.model_dump(mode="json"),
         },
     )
-    best = next(m for m in result.history if m.epoch == result.best_epoch)
-    console.print(
-        f"best epoch {best.epoch} of {len(result.history)}"
-        f"{' (stopped early)' if result.stopped_early else ''}: "
-        f"val loss {_float(best.val_loss)}, val AUC {_float(best.val_auc)}"
-    )
+    console.print(_best_epoch_line(result, cfg.train))
     console.print(f"calibration on the val split: {calibration.describe()}")
     if val_scores is not None and calibration.fitted:
         console.print(_calibration_line(val_scores, calibration, labels))

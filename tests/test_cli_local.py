@@ -256,3 +256,36 @@ def test_a_model_that_cannot_be_written_is_one_error_line(tmp_path: Path) -> Non
     assert "Traceback" not in text
     assert f"error: cannot write {run / 'model.pt'}: File too large (EFBIG)" in text
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # no temporary left
+
+
+def test_train_says_which_epoch_was_kept_and_why(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed "best epoch 1 of 2: val loss n/a" for a run without val slides (nothing was
+    chosen: the last weights are kept) and counted epochs from 0 ("best epoch 2 of 3" was the
+    third); the patch stopping loss that chose the epoch was not shown."""
+    data = tmp_path / "site"
+    _make_site(data)
+    toml = data / "patch.toml"
+    toml.write_text(TOML.replace("[train]", '[train]\nstopping_loss = "patch"'))
+    argv = ["local", "train", "--data", str(data), "--epochs", "3", "--config", str(toml)]
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    # min_epochs = patience = 100: no early stop; the loss of the kept epoch is the lowest.
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kept = min(records, key=lambda r: r["val_stopping_loss"])
+    assert (
+        f'best epoch {kept["epoch"] + 1} of 3 ("epoch": {kept["epoch"]} in metrics.jsonl): ' in out
+    )
+    assert f"val patch loss {kept['val_stopping_loss']:.4f} (chose it), val slide loss " in out
+
+    index = data / "prepared.csv"
+    index.write_text(index.read_text(encoding="utf-8").replace(",val,", ",train,"))
+    argv[-1] = str(data / "train.toml")
+    assert main([*argv, "--out", str(tmp_path / "noval")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert (
+        "no validation loss (no usable val slide): kept the weights of the last epoch 3 of 3 "
+        '("epoch": 2 in metrics.jsonl); no best-epoch choice, no early stopping'
+    ) in out
+    assert "best epoch" not in out
