@@ -289,3 +289,29 @@ def test_train_says_which_epoch_was_kept_and_why(
         '("epoch": 2 in metrics.jsonl); no best-epoch choice, no early stopping'
     ) in out
     assert "best epoch" not in out
+
+
+def test_eval_of_slides_that_were_not_held_out_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--split all` / `val` printed the same table as the test split, with no word that the
+    model was trained on (or tuned on) those slides; now the screen and eval_<split>.json
+    say it, and the test split has no such note."""
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+    argv = ["local", "train", "--data", str(data), "--out", str(run), "--epochs", "1"]
+    assert main([*argv, "--config", str(data / "train.toml")]) == 0
+    capsys.readouterr()
+    notes = {}
+    for split in ("all", "val", "test"):
+        argv = ["local", "eval", "--data", str(data), "--run", str(run), "--split", split]
+        assert main([*argv, "--bootstrap", "10"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        notes[split] = json.loads((run / f"eval_{split}.json").read_text())["not_held_out"]
+        assert (notes[split] is None) == ("not a held-out estimate" not in out)
+    assert notes["all"] == (
+        "8 of these 16 slides were trained on; 4 are val slides, which chose the kept epoch: "
+        "these numbers are optimistic. `--split test` scores held-out slides."
+    )
+    assert notes["val"] is not None and notes["val"].startswith("4 are val slides")
+    assert notes["test"] is None
