@@ -19,8 +19,20 @@ from typing import TextIO
 
 __all__ = ["error_reason", "redact", "site_identifiers"]
 
-_PATH = re.compile(r"(?:~|\.{0,2})?/(?:[^\s'\"`:,;()\[\]{}<>]+/?)+")
-"""Absolute, home-relative or ./-relative POSIX paths (what fedpath's messages contain)."""
+_PATH = re.compile(r"[^\s'\"`:,;()\[\]{}<>/]*/(?:[^\s'\"`:,;()\[\]{}<>]+/?)+")
+"""Slash-joined tokens: absolute, home-relative, ./-relative and relative POSIX paths (what
+fedpath's messages contain), taken whole: ``features/x/<id>.h5`` leaves nothing behind."""
+_NOT_A_PATH = re.compile(r"1/N|1/\d+|n/a|µm/px|(?:train|val|test)(?:/(?:train|val|test))+")
+"""Slash-joined words fedpath's own messages use that name no file (δ's bound 1/N = 1/20, a
+resolution in µm/px, "train/val"): turned into ``<file>`` they made the reason unreadable
+("δ = 0.5 is not below 1<file> = 1<file>") and hid nothing."""
+
+
+def _path_or_word(match: re.Match[str]) -> str:
+    token = match.group(0)
+    return token if _NOT_A_PATH.fullmatch(token) else "<file>"
+
+
 _ID_COLUMNS = ("slide_id", "patient_id")
 
 
@@ -45,7 +57,7 @@ def redact(text: str, identifiers: set[str]) -> str:
 
     Longer identifiers are replaced first, so an id that contains another is removed whole.
     """
-    out = _PATH.sub("<file>", text)
+    out = _PATH.sub(_path_or_word, text)
     for ident in sorted(identifiers, key=len, reverse=True):
         out = out.replace(ident, "<slide>")
     return out

@@ -343,3 +343,20 @@ def test_a_site_whose_training_diverges_replies_an_error_not_nan_weights(site: P
     assert reply.has_error(), "a diverged site sent its weights"
     assert reply.error.reason.startswith("site_a: training diverged in epoch 0")
     assert "lower the learning rate (lr = 1e+30)" in reply.error.reason
+
+
+def test_an_error_reply_keeps_words_that_are_not_paths(tmp_path: Path) -> None:
+    """The redaction turned every slash into a file: the coordinator read "δ = 0.5 is not
+    below 1<file> = 1<file> …"; 1/N stays readable, a path (relative ones whole) does not."""
+    data = write_synthetic_site(tmp_path / "a", SPEC, seed=0)
+    node_config = {"data-path": str(data), "site": "site_a", "privacy-delta": 0.5}
+    context = Context(1, 7, node_config, RecordDict(), {})
+    run = {"local-epochs": 1, "dp-noise-multiplier": 1.0, "dp-batch-slides": 2}
+    reply = app(_dp_message(1, run), context)
+    assert reply.has_error()
+    assert reply.error.reason.startswith("site_a: δ = 0.5 is not below 1/N = 1/6 for this site")
+    assert "<file>" not in reply.error.reason
+    (data / "prepared.csv").write_text("slide_id,label\n", encoding="utf-8")
+    reply = app(_message(MessageType.TRAIN), _context(data))
+    assert reply.has_error() and str(data) not in reply.error.reason
+    assert "<file>" in reply.error.reason and "file>/" not in reply.error.reason
