@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,14 @@ def _eps(value: float | None) -> str:
     return "∞" if math.isinf(value) else f"{value:.3f}"
 
 
+def _day(recorded: str) -> str:
+    """The UTC day of an ISO timestamp (the ledger keeps the full time)."""
+    try:
+        return datetime.fromisoformat(recorded).astimezone(UTC).date().isoformat()
+    except ValueError:
+        return recorded
+
+
 def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
     from client.privacy_ledger import LEDGER_FILE, LIFETIME_ACCOUNTANT, summarise
 
@@ -31,20 +40,33 @@ def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
     console.print(f"privacy ledger: {data / LEDGER_FILE}  (privacy unit: one slide)")
     for d in datasets:
         table = Table(title=f"dataset {d.dataset_id} ({d.n_slides} slides, since {d.first_seen})")
-        for column in ("run", "site", "rounds", "releases", "ε", "δ", "accountant", "last"):
-            table.add_column(column, justify="right" if column in ("rounds", "ε") else "left")
+        # At 80 columns every column was cut to "run-3f9…", "hospita…", "2026-1…": the run
+        # key (what ties a line to the coordinator's run) and the date are kept whole.
+        width = max([len("run"), *(len(r.run) for r in d.runs)])
+        table.add_column("run", no_wrap=True, min_width=width)
+        table.add_column("site", overflow="fold")
+        table.add_column("rounds", justify="right")
+        table.add_column("ε", justify="right", no_wrap=True)
+        table.add_column("δ", no_wrap=True)
+        table.add_column("acct.", no_wrap=True)
+        table.add_column("last (UTC)", no_wrap=True, min_width=10)
         for r in d.runs:
             table.add_row(
                 r.run,
                 r.site,
                 str(r.rounds),
-                str(r.releases),
                 _eps(r.epsilon),
                 f"{r.delta:g}",
                 r.accountant.upper(),
-                r.last_recorded,
+                _day(r.last_recorded),
             )
         console.print(table)
+        for r in d.runs:
+            if r.releases != r.rounds:
+                console.print(
+                    f"  run {r.run}: {r.releases} releases in {r.rounds} rounds (a round asked "
+                    "again with another model is a new release; ε counts every release)"
+                )
         delta = "–" if d.lifetime_delta is None else f"{d.lifetime_delta:g}"
         budget = "none set" if d.budget_epsilon is None else f"{d.budget_epsilon:g}"
         console.print(

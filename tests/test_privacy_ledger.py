@@ -237,3 +237,33 @@ def test_fedpath_node_passes_a_validated_budget_in_the_node_config(site: Path) -
     )
     with pytest.raises(ConfigError, match="privacy-budget must be > 0"):
         node_config("--privacy-budget", "0")
+
+
+def test_fedpath_privacy_keeps_run_keys_and_dates_whole_at_80_columns(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """At 80 columns the table cut every cell: 'run-3f9…', 'hospita…', '2026-1…'."""
+    from client.privacy_ledger import reserve_round
+
+    monkeypatch.setenv("COLUMNS", "80")
+    slides = frozenset(f"s{i}" for i in range(20))
+    for run in ("run-3f9c2a1b4d5e6f70", "run-0a1b2c3d4e5f6789"):
+        for rnd in (1, 2):
+            entry = LedgerEntry(
+                run, rnd, f"{run}{rnd}", "hospital_mainz", 1.0, 0.05, 10, 1e-5, 1.0, "rdp", 20
+            )
+            reserve_round(tmp_path, "ds1", slides, entry, NodeBudget(epsilon=8.0))
+    # A round asked again with another model: a second release of round 2.
+    again = LedgerEntry(
+        "run-0a1b2c3d4e5f6789", 2, "other", "hospital_mainz", 1.0, 0.05, 10, 1e-5, 1.0, "rdp", 20
+    )
+    reserve_round(tmp_path, "ds1", slides, again, NodeBudget(epsilon=8.0))
+    assert main(["privacy", str(tmp_path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    day = json.loads((tmp_path / LEDGER_FILE).read_text())["datasets"]["ds1"]["first_seen"][:10]
+    for run in ("run-3f9c2a1b4d5e6f70", "run-0a1b2c3d4e5f6789"):
+        (row,) = [line for line in out.splitlines() if run in line and "│" in line]
+        assert day in row
+    assert "…" not in out
+    assert "run-0a1b2c3d4e5f6789: 3 releases in 2 rounds" in " ".join(out.split())
