@@ -531,7 +531,8 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError(f"--sites must be at least 2, got {args.sites}")
     run_config = simulation_run_config(args.rounds, args.strategy, args.local_epochs)
     console.print(
-        f"simulating {args.sites} synthetic sites in Flower's simulation engine under {args.out}"
+        f"simulating {args.sites} synthetic sites in Flower's simulation engine under {args.out}",
+        soft_wrap=True,
     )
     shown = 0
 
@@ -554,9 +555,18 @@ def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
             f"{len(per_round)} round(s), median {sorted(per_round)[len(per_round) // 2]:.1f} s "
             f"per round with {args.sites} sites; total {result.seconds:.0f} s"
         )
-    console.print(f"run directory: {result.run_dir}")
+    if result.run_dir.is_dir():
+        console.print(f"run directory: {result.run_dir}", soft_wrap=True)
+    else:  # a path that does not exist sends the reader looking for files that never were
+        console.print(
+            f"no run directory: the ServerApp wrote none ({result.run_dir})", soft_wrap=True
+        )
     if result.status != "finished:completed":
         console.print(f"[bold red]the simulation did not complete ({result.status})[/]")
+        reason = result.reason or "not recorded by the ServerApp (see its log)"
+        console.print(f"reason: {escape(reason)}", soft_wrap=True)
+        if result.server_log is not None:
+            console.print(f"ServerApp log: {result.server_log}", soft_wrap=True)
         return EXIT_FAILED
     return EXIT_OK
 

@@ -10,6 +10,7 @@ off (otherwise every run would try to install the app's dependencies from the ne
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
@@ -20,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+from common.atomic import atomic_write_text
 from server.demo_federation import app_directory, read_rounds
-from server.local_network import LocalNetwork
+from server.local_network import LocalNetwork, NetworkError
+from server.run_log import FINAL_FILE
 
 __all__ = ["SimulationResult", "run_simulation", "simulated_site_specs", "simulation_run_config"]
 
@@ -32,6 +35,31 @@ class SimulationResult:
     run_dir: Path
     rounds: list[dict[str, Any]]
     seconds: float
+    reason: str | None = None
+    """Why a run that did not complete stopped: its final.json, else the ServerApp's log."""
+    server_log: Path | None = None
+    """The ServerApp's log of a run that did not complete, kept under the work folder (the
+    simulation's SuperLink is gone when the command returns, and ``flwr log`` with it)."""
+
+
+SERVER_LOG = "serverapp.log"
+
+
+def failure_reason(run_dir: Path, log_text: str) -> str | None:
+    """The reason final.json records, else the ServerApp's last "run failed" line, else its
+    last error line: the run may fail before it writes any file (a refused run config)."""
+    try:
+        final = json.loads((run_dir / FINAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        final = None
+    if isinstance(final, dict) and final.get("reason"):
+        return str(final["reason"])
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()]
+    failed = [line.split("[fedpath] ", 1)[1] for line in lines if "[fedpath] run failed" in line]
+    if failed:
+        return failed[-1]
+    errors = [line for line in lines if "Error" in line or "error:" in line]
+    return errors[-1] if errors else None
 
 
 def simulation_run_config(
@@ -110,5 +138,17 @@ def run_simulation(
             alive=net.processes["superlink"].alive,
             on_poll=lambda _: on_poll(read_rounds(runs_dir / run_name)),
         )
+        log_text = ""
+        if status != "finished:completed":
+            try:
+                log_text = net.cli.run_log_text(run_id)
+            except NetworkError as exc:
+                log_text = f"`flwr log {run_id}` failed: {exc}"
     rounds = read_rounds(runs_dir / run_name)
-    return SimulationResult(status, runs_dir / run_name, rounds, time.perf_counter() - began)
+    seconds = time.perf_counter() - began
+    if status == "finished:completed":
+        return SimulationResult(status, runs_dir / run_name, rounds, seconds)
+    server_log = workdir / SERVER_LOG
+    atomic_write_text(server_log, log_text)
+    reason = failure_reason(runs_dir / run_name, log_text)
+    return SimulationResult(status, runs_dir / run_name, rounds, seconds, reason, server_log)

@@ -32,3 +32,28 @@ def test_simulation_of_four_sites_completes(tmp_path: Path) -> None:
     assert not (out / "network" / "flwr-home" / "runtime-envs").exists(), (
         "the simulation must not install the app's dependencies at run time"
     )
+
+
+def test_a_failed_simulation_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It printed "run directory: …" (a folder never written) and "did not complete
+    (finished:failed)" with no reason; the ServerApp's log went with its SuperLink."""
+    import server.simulate as simulate
+
+    config = simulate.simulation_run_config
+
+    def refused(*args: object, **kwargs: object) -> dict[str, object]:
+        return {**config(*args, **kwargs), "lr": 1e30}  # the ServerApp refuses its run config
+
+    monkeypatch.setattr(simulate, "simulation_run_config", refused)
+    out_dir = tmp_path / "sim"
+    code = main(["simulate", "--sites", "2", "--rounds", "1", "--out", str(out_dir)])
+    out = capsys.readouterr().out
+    assert code == 1, out
+    assert "the simulation did not complete (finished:failed)" in out
+    (reason,) = [line for line in out.splitlines() if line.startswith("reason: ")]
+    assert "lr" in reason and "1e+30" in reason, reason
+    assert f"no run directory: the ServerApp wrote none ({out_dir / 'runs' / 'simulation'})" in out
+    assert f"ServerApp log: {out_dir / 'serverapp.log'}" in out
+    assert "1e+30" in (out_dir / "serverapp.log").read_text(encoding="utf-8")
