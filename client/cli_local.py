@@ -508,6 +508,7 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
     out: Path = args.out if args.out is not None else run / "heatmaps"
 
     failed: list[HeatmapRecord] = []
+    warned: list[HeatmapRecord] = []
     with _progress(console) as progress:
         task = progress.add_task("heatmaps", total=len(chosen), status="")
 
@@ -520,6 +521,8 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
                 status = f"{record.slide_id}: failed"
             for warning in record.warnings:
                 progress.console.print(f"[yellow]{record.slide_id}:[/] {warning}")
+            if record.ok and record.warnings:
+                warned.append(record)
             progress.update(task, advance=1, status=status)
 
         records = write_heatmaps(
@@ -534,6 +537,11 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
         )
     written = len(records) - len(failed)
     console.print(f"wrote {written} heatmap(s) to {out}")
+    if warned:  # a warning scrolled past among many slides must not read as "all fine"
+        console.print(
+            f"[yellow]{len(warned)} of them drawn with a warning[/] (above; the outline of a "
+            f"broken annotation file is left out): {', '.join(r.slide_id for r in warned)}"
+        )
     if failed:
         console.print(
             f"[bold red]{len(failed)} slide(s) failed[/]: {', '.join(r.slide_id for r in failed)}"

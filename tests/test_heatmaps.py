@@ -387,6 +387,27 @@ def test_cli_exits_1_naming_the_slide_that_failed(
 
 @pytest.mark.slow
 @pytest.mark.integration
+def test_cli_summary_names_the_heatmaps_drawn_with_a_warning(
+    trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A broken annotation file gave a warning line that scrolls past among many slides, then
+    "wrote 2 heatmap(s)" as if all were whole; the summary now names the slides concerned."""
+    root = tmp_path / "copy"
+    shutil.copytree(trained["root"], root)
+    (root / "annotations" / "t1.geojson").write_text("{broken", encoding="utf-8")
+    argv = ["local", "heatmaps", "--data", str(trained["data"]), "--run", str(trained["run"])]
+    argv += ["--manifest", str(root / "slides.csv"), "--out", str(tmp_path / "hm")]
+    assert main(argv) == 0  # the maps are drawn: only the outline is missing
+    out = " ".join(capsys.readouterr().out.split())
+    assert "t1: outline not drawn: annotation" in out
+    assert (
+        "wrote 2 heatmap(s) to " + str(tmp_path / "hm") + " 1 of them drawn with a warning "
+        "(above; the outline of a broken annotation file is left out): t1"
+    ) in out
+
+
+@pytest.mark.slow
+@pytest.mark.integration
 def test_cli_refuses_unknown_slide_ids(
     trained: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
