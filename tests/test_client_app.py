@@ -360,3 +360,19 @@ def test_an_error_reply_keeps_words_that_are_not_paths(tmp_path: Path) -> None:
     reply = app(_message(MessageType.TRAIN), _context(data))
     assert reply.has_error() and str(data) not in reply.error.reason
     assert "<file>" in reply.error.reason and "file>/" not in reply.error.reason
+
+
+def test_a_global_model_with_nan_weights_is_named_as_such(site: Path) -> None:
+    """Trained on, NaN weights came back as "training diverged in epoch N" at a site that
+    did nothing wrong; the reply now says the model arrived that way."""
+    message = _message(MessageType.TRAIN)
+    arrays = message.content.array_records["arrays"]
+    key = next(k for k, v in arrays.items() if v.numpy().dtype == np.float32)
+    poisoned = arrays[key].numpy().copy()
+    poisoned.flat[0] = np.nan
+    arrays[key] = Array(poisoned)
+    reply = app(message, _context(site))
+    assert reply.has_error()
+    assert reply.error.reason.startswith(
+        "site_a: the model to train already holds NaN or Inf weights"
+    ), reply.error.reason

@@ -457,6 +457,11 @@ class TrainingDivergedError(FedpathError):
     """The weights stopped being finite: the model is useless and must not be saved or sent."""
 
 
+def _finite(model: MILModel) -> bool:
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def check_finite_weights(model: MILModel, epoch: int, loss: float, cfg: TrainConfig) -> None:
     """Raise :class:`TrainingDivergedError` when a parameter holds NaN or Inf after ``epoch``.
 
@@ -464,9 +469,7 @@ def check_finite_weights(model: MILModel, epoch: int, loss: float, cfg: TrainCon
     the server, it turns the global model of every site into NaN. The loss alone cannot tell
     (a DP-SGD epoch that sampled no slide has a NaN mean loss and unchanged weights).
     """
-    with torch.no_grad():
-        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    if finite:
+    if _finite(model):
         return
     hint = (
         f"lower the learning rate (lr = {cfg.lr:g}) or set grad_clip"
@@ -497,6 +500,11 @@ def run_epochs(
     attention) loss and step count; ``validate()`` scores the current weights. The rules are
     those :func:`train` documents; the model's train/eval mode is restored at the end.
     """
+    if not _finite(model):  # not this training's fault: say so rather than "diverged"
+        raise TrainingDivergedError(
+            "the model to train already holds NaN or Inf weights (it diverged before it got "
+            "here, e.g. a global model averaged from a diverged site); nothing was trained"
+        )
     was_training = model.training
     history: list[EpochMetrics] = []
     best_loss = math.inf
