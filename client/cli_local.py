@@ -366,7 +366,7 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
         },
     )
 
-    console.print(_eval_table(args.split, result, labels))
+    console.print(_eval_table(args.split, result, labels, len(skips.skipped)))
     if not_held_out:
         console.print(f"[bold yellow]not a held-out estimate:[/] {not_held_out}")
     for line in _calibration_notes(result, args.uncalibrated):
@@ -406,7 +406,9 @@ def _not_held_out(
     )
 
 
-def _eval_table(split: str, result: EvaluationResult, labels: Sequence[str]) -> Table:
+def _eval_table(
+    split: str, result: EvaluationResult, labels: Sequence[str], skipped: int = 0
+) -> Table:
     """Slide metrics with their intervals (or why there is none), then patch metrics.
 
     Rows marked ``*`` depend on the calibration (the threshold or the probabilities); AUC does
@@ -415,7 +417,9 @@ def _eval_table(split: str, result: EvaluationResult, labels: Sequence[str]) -> 
     slide = result.slide
     counts = " / ".join(f"{n} {labels[i]}" for i, n in enumerate(slide.class_counts))
     mark = "*" if result.calibrated else ""
-    table = Table(title=f"{split}: {slide.n_slides} slides ({counts})")
+    # The title travels with the table (pasted into a report): it says what was left out.
+    left_out = f"; {skipped} of {slide.n_slides + skipped} skipped, not scored" if skipped else ""
+    table = Table(title=f"{split}: {slide.n_slides} slides ({counts}{left_out})")
     for column in ("metric", "value", "95% CI"):
         table.add_column(column)
     rows: list[tuple[str, MetricWithCI]] = [("slide AUC", slide.auc)]

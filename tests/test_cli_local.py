@@ -315,3 +315,19 @@ def test_eval_of_slides_that_were_not_held_out_says_so(
     )
     assert notes["val"] is not None and notes["val"].startswith("4 are val slides")
     assert notes["test"] is None
+
+
+def test_eval_table_title_says_which_slides_were_left_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a test slide skipped, the table read "test: 3 slides" as if the split had 3."""
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+    argv = ["local", "train", "--data", str(data), "--out", str(run), "--epochs", "1"]
+    assert main([*argv, "--config", str(data / "train.toml")]) == 0
+    (data / "features" / "s13.h5").unlink()
+    capsys.readouterr()
+    argv = ["local", "eval", "--data", str(data), "--run", str(run), "--bootstrap", "10"]
+    assert main(argv) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "test: 3 slides (2 normal / 1 tumour; 1 of 4 skipped, not scored)" in out
