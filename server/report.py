@@ -986,7 +986,7 @@ def final_html(run: RunFiles) -> str:
 
 
 def plots_html(plots: Sequence[EmbeddedPlot], tokens: dict[str, str]) -> str:
-    """The figures; each ``<img>`` holds a placeholder token that becomes its data URI last."""
+    """The figures; each ``<img>`` holds a marker token that becomes its data URI last."""
     if not plots:
         return "<h2>Curves</h2><p>No round has completed yet: nothing to plot.</p>"
     figures = "".join(
@@ -1305,7 +1305,7 @@ _AFTER = r"(?![\w.\-])"
 def build_html(run: RunFiles, plots: Sequence[EmbeddedPlot]) -> str:
     """The whole page as one string: no external resource, no script, no absolute path.
 
-    The page is built with a placeholder per image, rewritten by :class:`PathScrub` and only
+    The page is built with a marker token per image, rewritten by :class:`PathScrub` and only
     then given the images' data URIs, so base64 text can never be mistaken for a path.
     """
     scrub = PathScrub(run.run_dir)
