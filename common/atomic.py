@@ -18,7 +18,7 @@ import errno
 import json
 import os
 import re
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,8 +66,26 @@ def _remove_quietly(path: Path) -> None:
         path.unlink()
 
 
+def _create_temporary(final_path: Path, mode: int) -> Path:
+    """An empty, new temporary beside ``final_path``, created with ``mode`` less the umask.
+
+    ``tempfile.mkstemp`` makes files 0600 whatever the umask: a site prepared by an admin
+    then held a ``site.json`` and feature bags that the node's own user could not read.
+    Files holding secrets pass 0600, so they are never readable by others, not even empty.
+    """
+    for _ in range(100):
+        candidate = final_path.parent / f"{TMP_PREFIX}{secrets.token_hex(6)}{final_path.suffix}"
+        try:
+            fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(final_path.parent))
+
+
 @contextlib.contextmanager
-def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(final: str | os.PathLike[str], mode: int = 0o666) -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it to ``final`` if the block succeeds.
 
     Creating the folder or the temporary, and the final rename, raise ``OutputWriteError``;
@@ -79,13 +97,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             final_path.parent.mkdir(parents=True, exist_ok=True)
         except FileExistsError:  # a file stands where a folder of the path must be
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)) from None
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=TMP_PREFIX, suffix=final_path.suffix, dir=final_path.parent
-        )
-        os.close(fd)
+        tmp = _create_temporary(final_path, mode)
     except OSError as exc:
         raise OutputWriteError(final_path, exc) from exc
-    tmp = Path(tmp_name)
     try:
         yield tmp
         try:

@@ -119,7 +119,7 @@ class KeyExistsError(SecurityError):
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Atomically write ``data`` with ``mode`` set before the file appears under its name."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, mode) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
         try:
             os.fchmod(fd, mode)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -147,3 +149,20 @@ def test_hdf5_write_failure_is_one_error_not_a_crash(tmp_path: Path, limit: int)
     assert result.stderr == ""
     assert result.stdout == f"cannot write {target}: File too large (EFBIG)\n"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_an_atomic_write_gets_the_mode_the_umask_gives(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    """mkstemp made every output 0600: a site prepared by an admin held a site.json and bags
+    that the node's own user (deploy/fedpath-node.service: User=fedpath) could not read."""
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "site.json", {"a": 1})
+        with atomic_path(tmp_path / "bag.h5") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "site.json").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "bag.h5").stat().st_mode) == mode

@@ -424,11 +424,22 @@ def test_key_files_are_written_atomically_without_a_world_readable_moment(
     seen: list[int] = []
     real_replace = os.replace
 
+    created: list[int] = []
+    real_open = os.open
+
     def spy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
         if str(dst).endswith(".key"):
             seen.append(stat.S_IMODE(os.stat(src).st_mode))
         real_replace(src, dst)
 
+    def open_spy(path: str | os.PathLike[str], flags: int, *args: int) -> int:
+        fd = real_open(path, flags, *args)
+        if flags & os.O_CREAT and str(path).endswith(".key"):
+            created.append(stat.S_IMODE(os.fstat(fd).st_mode))  # not even empty and readable
+        return fd
+
     monkeypatch.setattr(os, "replace", spy)
+    monkeypatch.setattr(os, "open", open_spy)
     create_node_keys(tmp_path / "keys", ["site_a"])
     assert seen == [0o600]
+    assert created == [0o600]
