@@ -80,3 +80,7 @@ A fedpath error, bad arrays (``ValueError``) or an unreadable file (``OSError``)
 problem to report; anything else is a bug, left to Flower, which reports it as a ClientApp
 exception. The ClientApp and the resident worker both catch exactly these.
 """
+
+
+class DeviceError(FedpathError):
+    """The requested torch device is malformed or not present on this machine."""
