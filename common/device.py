@@ -10,12 +10,14 @@ nothing).
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 from pydantic import AfterValidator
 
 from common.errors import DeviceError
+
+if TYPE_CHECKING:  # torch is imported where a device is resolved: configs stay torch-free
+    import torch
 
 DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps (auto: a GPU when torch sees one, else the CPU)"
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -34,12 +36,16 @@ DeviceName = Annotated[str, AfterValidator(check_device_name)]
 
 
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
 
 def resolve_device(name: str) -> torch.device:
     """The torch device ``name`` stands for on this machine; raises ``DeviceError`` if absent."""
+    import torch
+
     try:
         wanted = check_device_name(name)
     except ValueError as exc:
@@ -71,6 +77,8 @@ def resolve_device(name: str) -> torch.device:
 
 def describe_device(device: torch.device) -> str:
     """A short human label: 'cpu', 'cuda:0 (NVIDIA A100-SXM4-40GB)', 'mps'."""
+    import torch
+
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
