@@ -196,6 +196,9 @@ class _RssEvents:
         self.rss_at_extraction: int | None = None
         self.max_rss_in_extraction = 0
 
+    def stage_started(self, stage: str, subject: str) -> None:
+        return None
+
     def site_started(self, total_slides: int, encoder: str, precision: str) -> None:
         return None
 

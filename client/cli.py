@@ -96,10 +96,10 @@ def _prepare_config(args: argparse.Namespace) -> Any:
 
 def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     from client.prepare.pipeline import prepare_site
-    from client.progress import RichPrepareEvents, summary_line, summary_table
+    from client.progress import prepare_events, print_summary, summary_line
 
     cfg = _prepare_config(args)
-    with RichPrepareEvents(console) as events:
+    with prepare_events(console) as events:
         summary = prepare_site(
             args.manifest,
             args.out,
@@ -108,7 +108,7 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
             slide_root=args.slide_root,
             overwrite=args.overwrite,
         )
-    console.print(summary_table(summary))
+    print_summary(console, summary)
     console.print(summary_line(summary))
     console.print(f"outputs: {summary.out_dir}  (site summary: {summary.out_dir / 'site.json'})")
     label_only = [

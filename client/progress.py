@@ -1,11 +1,17 @@
-"""Terminal rendering of preparation progress and results (the CLI's side of ``PrepareEvents``).
+"""Rendering of preparation progress and results (the CLI's side of ``PrepareEvents``).
 
 Kept apart from the pipeline so library code never prints: the pipeline emits events, this
-module turns them into rich progress bars and a summary table.
+module turns them into rich progress bars on a terminal, or into plain lines when stdout is a
+log (systemd, nohup, docker logs, ``> log``), where a live bar is only drawn once at the end and
+a table folds a reason into a column a dozen characters wide.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 from rich.console import Console
@@ -21,9 +27,209 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from client.prepare.records import PrepareSummary, SlideRecord
+from client.prepare.records import PrepareEvents, PrepareSummary, SlideRecord
+
+HEARTBEAT_SECONDS = 30.0
+"""Longest silence of a log while a preparation runs: a line at least this often."""
+
+STAGE_TEXT = {
+    "encoder": "loading encoder",
+    "tissue": "segmenting tissue and placing patches",
+    "annotation": "labelling patches from the annotation",
+    "embedding": "embedding patches",
+    "outputs": "writing coordinates and QC pictures",
+}
+"""What a person reads for each stage the pipeline announces (``PrepareEvents.stage_started``)."""
 
 _STATE_STYLE = {"done": "green", "reused": "cyan", "failed": "bold red"}
+
+
+def is_log(console: Console) -> bool:
+    """True when the console writes to a log rather than a person's terminal: live bars and
+    tables are then replaced by plain lines."""
+    return not console.is_terminal or console.is_dumb_terminal
+
+
+def log_writer(console: Console) -> Callable[[str], None]:
+    """Write one plain line: no markup, no wrapping (a path stays whole for grep), flushed."""
+
+    def write(line: str) -> None:
+        console.print(line, markup=False, emoji=False, highlight=False, soft_wrap=True)
+
+    return write
+
+
+@contextmanager
+def prepare_events(console: Console, site: str = "") -> Iterator[PrepareEvents]:
+    """The progress sink ``prepare`` and ``demo`` use: bars on a terminal, lines in a log."""
+    events: RichPrepareEvents | LogPrepareEvents
+    if is_log(console):
+        events = LogPrepareEvents(log_writer(console), site=site)
+    else:
+        events = RichPrepareEvents(console, site)
+    with events:
+        yield events
+
+
+def duration(seconds: float) -> str:
+    """``45 s``, ``12 min 05 s``, ``3 h 02 min``: an ETA a person reads at a glance."""
+    total = max(0, round(seconds))
+    if total < 60:
+        return f"{total} s"
+    minutes, secs = divmod(total, 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def finished_line(record: SlideRecord, site: str = "") -> str:
+    """One line for a slide's outcome; a failure reads ``failed <slide> (at <stage>): <reason>``."""
+    prefix = f"[{site}] " if site else ""
+    if record.state == "failed":
+        return f"{prefix}failed {record.slide_id} (at {record.stage}): {record.reason or ''}"
+    tumour = "" if record.tumour_patches is None else f" ({record.tumour_patches} tumour)"
+    mpp = f", {record.mpp:.3f} µm/px ({record.mpp_source})" if record.mpp else ""
+    note = f"; {record.reason}" if record.reason else ""
+    if record.state == "reused":
+        return (
+            f"{prefix}reused {record.slide_id}: {record.num_patches} patches{tumour}, already "
+            f"prepared with these settings{mpp}{note}"
+        )
+    seconds = sum(record.seconds.values())
+    rate = f", {record.num_patches / seconds:.1f} patches/s" if seconds > 0 else ""
+    return (
+        f"{prefix}done {record.slide_id}: {record.num_patches} patches{tumour} in "
+        f"{seconds:.1f} s{rate}{mpp}{note}"
+    )
+
+
+class LogPrepareEvents:
+    """Plain lines for a log: one when each slide starts and ends, and a heartbeat.
+
+    A heartbeat line comes whenever ``interval`` seconds pass without a line: during
+    embedding it gives patches done / total, the rate and the ETA; during any other long step
+    (loading or exporting an encoder, segmenting a gigapixel slide, writing its QC picture) it
+    says which step is still running. ``tick`` emits it; a background thread calls ``tick``
+    every ``poll`` seconds so a step that reports nothing (one huge batch, an export) is
+    covered too. Tests pass ``clock`` and call ``tick`` themselves (``poll=None``: no thread).
+    """
+
+    def __init__(
+        self,
+        write: Callable[[str], None],
+        *,
+        site: str = "",
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = HEARTBEAT_SECONDS,
+        poll: float | None = 1.0,
+    ) -> None:
+        self._write = write
+        self._site = site
+        self._prefix = f"[{site}] " if site else ""
+        self._clock = clock
+        self._interval = interval
+        self._poll = poll
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_line = clock()
+        self._total_slides = 0
+        self._finished = 0
+        self._slide: str | None = None
+        self._stage: str | None = None
+        self._stage_since = self._last_line
+        self._patches_total = 0
+        self._patches_done = 0
+
+    def __enter__(self) -> LogPrepareEvents:
+        if self._poll is not None:
+            self._thread = threading.Thread(target=self._beat, name="fedpath-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beat(self) -> None:
+        assert self._poll is not None
+        while not self._stop.wait(self._poll):
+            self.tick()
+
+    def _line(self, text: str) -> None:
+        """Write a line and restart the silence count; the caller holds the lock."""
+        self._write(self._prefix + text)
+        self._last_line = self._clock()
+
+    def _where(self) -> str:
+        return f"slide {min(self._finished + 1, self._total_slides)}/{self._total_slides} "
+
+    def stage_started(self, stage: str, subject: str) -> None:
+        with self._lock:
+            self._stage, self._stage_since = stage, self._clock()
+            if stage == "encoder":
+                self._slide = None
+                self._line(f"loading encoder {subject}")
+                return
+            self._slide = subject
+            if stage == "tissue":  # a slide's first step: the log says which slide is on
+                self._line(f"{self._where()}{subject}: {STAGE_TEXT[stage]}")
+
+    def site_started(self, total_slides: int, encoder: str, precision: str) -> None:
+        with self._lock:
+            self._total_slides = total_slides
+            self._stage = None
+            self._line(f"encoder {encoder} ({precision}); {total_slides} slide(s) to prepare")
+
+    def slide_started(self, slide_id: str, num_patches: int) -> None:
+        with self._lock:
+            self._slide, self._stage, self._stage_since = slide_id, "embedding", self._clock()
+            self._patches_total, self._patches_done = num_patches, 0
+            self._line(f"{self._where()}{slide_id}: started, {num_patches} patches to embed")
+
+    def patches_embedded(self, count: int) -> None:
+        with self._lock:
+            self._patches_done += count
+        self.tick()
+
+    def slide_finished(self, record: SlideRecord) -> None:
+        with self._lock:
+            self._finished += 1
+            self._slide, self._stage = None, None
+            self._write(finished_line(record, self._site))
+            self._last_line = self._clock()
+
+    def tick(self) -> None:
+        """Write a heartbeat line if ``interval`` seconds passed since the last line."""
+        with self._lock:
+            now = self._clock()
+            if now - self._last_line < self._interval:
+                return
+            self._line(self._heartbeat(now))
+
+    def _heartbeat(self, now: float) -> str:
+        elapsed = now - self._stage_since
+        if self._stage == "embedding" and self._slide is not None:
+            done, total = self._patches_done, self._patches_total
+            head = f"{self._where()}{self._slide}: {done}/{total} patches"
+            if done == 0 or elapsed <= 0:
+                return f"{head} after {duration(elapsed)}, no batch finished yet"
+            rate = done / elapsed
+            percent = f" ({done / total:.0%})" if total else ""
+            eta = duration((total - done) / rate)
+            return f"{head}{percent}, {rate:.1f} patches/s, ETA {eta}"
+        if self._stage is not None:
+            text = STAGE_TEXT.get(self._stage, self._stage)
+            subject = f"{self._where()}{self._slide}: " if self._slide is not None else ""
+            return f"{subject}still {text} after {duration(elapsed)}"
+        return f"still working: {self._finished}/{self._total_slides} slide(s) finished"
 
 
 class RichPrepareEvents:
@@ -31,6 +237,7 @@ class RichPrepareEvents:
 
     def __init__(self, console: Console, site: str = "") -> None:
         self._console = console
+        self._site_name = site
         self._site = f"[{site}] " if site else ""
         self._progress = Progress(
             TextColumn("{task.description}"),
@@ -57,6 +264,18 @@ class RichPrepareEvents:
     ) -> None:
         self._progress.__exit__(exc_type, exc, tb)
 
+    def stage_started(self, stage: str, subject: str) -> None:
+        if stage == "encoder":
+            self._progress.console.print(f"{self._site}loading encoder {escape(subject)}")
+        elif self._patches is not None:
+            self._progress.reset(
+                self._patches,
+                total=None,
+                description=f"{self._site}{escape(subject)}: {STAGE_TEXT.get(stage, stage)}",
+                visible=True,
+                rate="",
+            )
+
     def site_started(self, total_slides: int, encoder: str, precision: str) -> None:
         self._console.print(f"{self._site}encoder [bold]{encoder}[/] ({precision})")
         self._slides = self._progress.add_task(f"{self._site}slides", total=total_slides, rate="")
@@ -69,8 +288,9 @@ class RichPrepareEvents:
             self._progress.reset(
                 self._patches,
                 total=num_patches,
-                description=f"{self._site}{slide_id}",
+                description=f"{self._site}{escape(slide_id)}",
                 visible=True,
+                rate="",
             )
 
     def patches_embedded(self, count: int) -> None:
@@ -87,13 +307,16 @@ class RichPrepareEvents:
             self._progress.advance(self._slides)
         if record.state == "failed":
             self._progress.console.print(
-                f"{self._site}[bold red]failed[/] {record.slide_id} "
+                f"{self._site}[bold red]failed[/] {escape(record.slide_id)} "
                 f"(at {record.stage}): {escape(record.reason or '')}"
             )
 
 
 def summary_table(summary: PrepareSummary, title: str = "Preparation summary") -> Table:
-    """One row per slide: state, patches, tumour patches, resolution, time, reason."""
+    """One row per slide: state, patches, tumour patches, resolution, time.
+
+    The reasons are not a column (at 80 columns it was 13 characters wide and a path folded
+    over a dozen lines): ``reason_lines`` prints them below, one line each."""
     table = Table(title=title, show_lines=False)
     for column, justify in (
         ("slide", "left"),
@@ -102,24 +325,43 @@ def summary_table(summary: PrepareSummary, title: str = "Preparation summary") -
         ("tumour", "right"),
         ("µm/px (source)", "left"),
         ("seconds", "right"),
-        ("reason", "left"),
     ):
-        # A reason's file path is one long word: fold it rather than cut it to "…".
-        overflow = "fold" if column == "reason" else "ellipsis"
-        table.add_column(column, justify=justify, overflow=overflow)  # type: ignore[arg-type]
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for record in summary.records:
         style = _STATE_STYLE[record.state]
         mpp = f"{record.mpp:.3f} ({record.mpp_source})" if record.mpp else ""
         table.add_row(
-            record.slide_id,
+            escape(record.slide_id),
             f"[{style}]{record.state}[/]",
             str(record.num_patches) if record.state != "failed" else "",
             "" if record.tumour_patches is None else str(record.tumour_patches),
             mpp,
             f"{sum(record.seconds.values()):.1f}" if record.seconds else "",
-            escape(record.reason or ""),  # a reason may quote "[annotation]" or a path
         )
     return table
+
+
+def reason_lines(summary: PrepareSummary) -> list[str]:
+    """One plain line per slide that has something to say: ``failed <slide> (at <stage>):
+    <reason>`` for a failure, ``note <slide>: <note>`` for a slide prepared with a remark
+    (an annotation outline ignored, a slide label only)."""
+    lines = [finished_line(r) for r in summary.records if r.state == "failed"]
+    lines += [
+        f"note {r.slide_id}: {r.reason}"
+        for r in summary.records
+        if r.state != "failed" and r.reason
+    ]
+    return lines
+
+
+def print_summary(console: Console, summary: PrepareSummary) -> None:
+    """The end of a ``prepare`` run: on a terminal the table, then (terminal and log alike)
+    one unwrapped line per failure or note; a log already holds a line per slide."""
+    if not is_log(console):
+        console.print(summary_table(summary))
+    write = log_writer(console)
+    for line in reason_lines(summary):
+        write(line)
 
 
 def summary_line(summary: PrepareSummary) -> str:

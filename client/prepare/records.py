@@ -90,6 +90,12 @@ class PrepareSummary:
 class PrepareEvents(Protocol):
     """Progress callbacks; the CLI draws progress bars with them, library code stays silent."""
 
+    def stage_started(self, stage: str, subject: str) -> None:
+        """A step that may take long began: ``encoder`` (subject: the encoder asked for),
+        ``tissue``, ``annotation``, ``outputs`` (subject: the slide id); ``embedding`` is
+        ``slide_started``. A log says what runs instead of sitting silent."""
+        ...
+
     def site_started(self, total_slides: int, encoder: str, precision: str) -> None: ...
 
     def slide_started(self, slide_id: str, num_patches: int) -> None: ...
@@ -101,6 +107,9 @@ class PrepareEvents(Protocol):
 
 class SilentEvents:
     """Events sink that ignores everything (library default)."""
+
+    def stage_started(self, stage: str, subject: str) -> None:
+        del stage, subject
 
     def site_started(self, total_slides: int, encoder: str, precision: str) -> None:
         del total_slides, encoder, precision

@@ -1,0 +1,259 @@
+"""``fedpath prepare`` in a log (issue 21, point 6).
+
+When stdout is not a terminal (systemd, nohup, docker logs, ``> log``) a run writes plain
+lines: one when a slide starts and one when it ends, a heartbeat at least every 30 s with
+patches done / total, rate and ETA (or the step still running), one unwrapped line per failure,
+and no escape code, carriage return or table. The 30 s are tested with an injected clock.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from client.cli import EXIT_PARTIAL, main
+from client.prepare.records import PrepareSummary, SlideRecord
+from client.progress import (
+    LogPrepareEvents,
+    RichPrepareEvents,
+    duration,
+    prepare_events,
+    print_summary,
+)
+from client.wsi.synthetic import SynthSlideConfig, generate_slide
+
+ROOT = Path(__file__).resolve().parents[1]
+ESCAPES = re.compile(r"\x1b|\r")
+BOX = re.compile("[━─│┃┏┓┗┛┡┩╇]")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _reporter() -> tuple[LogPrepareEvents, list[str], FakeClock]:
+    lines: list[str] = []
+    clock = FakeClock()
+    return LogPrepareEvents(lines.append, clock=clock, poll=None), lines, clock
+
+
+def _done(slide_id: str, patches: int, seconds: float) -> SlideRecord:
+    return SlideRecord(
+        slide_id=slide_id,
+        state="done",
+        num_patches=patches,
+        seconds={"tissue": 2.0, "embedding": seconds - 2.0},
+        mpp=0.25,
+        mpp_source="openslide",
+    )
+
+
+def test_a_long_slide_writes_a_line_every_30_s_with_rate_and_eta() -> None:
+    events, lines, clock = _reporter()
+    events.stage_started("encoder", "uni")
+    events.site_started(2, "uni", "float32")
+    events.stage_started("tissue", "s1")
+    clock.now += 5
+    events.slide_started("s1", 20000)
+    assert lines == [
+        "loading encoder uni",
+        "encoder uni (float32); 2 slide(s) to prepare",
+        "slide 1/2 s1: segmenting tissue and placing patches",
+        "slide 1/2 s1: started, 20000 patches to embed",
+    ]
+    # 200 patches every 10 s (20 patches/s) for 100 s: a line at 30, 60 and 90 s, no more.
+    for _ in range(10):
+        clock.now += 10
+        events.patches_embedded(200)
+    beats = lines[4:]
+    assert beats == [
+        "slide 1/2 s1: 600/20000 patches (3%), 20.0 patches/s, ETA 16 min 10 s",
+        "slide 1/2 s1: 1200/20000 patches (6%), 20.0 patches/s, ETA 15 min 40 s",
+        "slide 1/2 s1: 1800/20000 patches (9%), 20.0 patches/s, ETA 15 min 10 s",
+    ]
+    events.stage_started("outputs", "s1")
+    events.slide_finished(_done("s1", 20000, 1002.0))
+    assert lines[-1] == (
+        "done s1: 20000 patches in 1002.0 s, 20.0 patches/s, 0.250 µm/px (openslide)"
+    )
+    assert not any(ESCAPES.search(line) for line in lines)
+
+
+def test_a_silent_step_gets_a_heartbeat_naming_it() -> None:
+    events, lines, clock = _reporter()
+    events.stage_started("encoder", "virchow2")
+    clock.now += 29
+    events.tick()
+    assert lines == ["loading encoder virchow2"]  # not yet 30 s
+    clock.now += 2
+    events.tick()
+    assert lines[-1] == "still loading encoder after 31 s"
+    events.site_started(1, "virchow2", "bfloat16")
+    events.stage_started("tissue", "big")
+    clock.now += 95
+    events.tick()
+    assert (
+        lines[-1] == "slide 1/1 big: still segmenting tissue and placing patches after 1 min 35 s"
+    )
+    events.slide_started("big", 100000)
+    clock.now += 45
+    events.tick()  # an export or one huge first batch: no batch has finished
+    assert lines[-1] == "slide 1/1 big: 0/100000 patches after 45 s, no batch finished yet"
+
+
+def test_failures_and_reuses_are_one_line_each_with_the_existing_wording() -> None:
+    events, lines, _ = _reporter()
+    events.site_started(3, "tiny_cnn", "float32")
+    reason = (
+        "/data/hospital/slides/a/very/long/path/s2.svs is not a slide format OpenSlide can read"
+    )
+    events.slide_finished(SlideRecord(slide_id="s2", state="failed", stage="open", reason=reason))
+    events.slide_finished(SlideRecord(slide_id="s3", state="reused", num_patches=7))
+    assert lines[1:] == [
+        f"failed s2 (at open): {reason}",
+        "reused s3: 7 patches, already prepared with these settings",
+    ]
+
+
+def test_the_heartbeat_thread_covers_a_step_that_reports_nothing() -> None:
+    lines: list[str] = []
+    with LogPrepareEvents(lines.append, interval=0.05, poll=0.01) as events:
+        events.stage_started("encoder", "uni2_h")
+        deadline = time.monotonic() + 5
+        while len(lines) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert lines[0] == "loading encoder uni2_h"
+    assert lines[1].startswith("still loading encoder after ")
+
+
+def test_duration_reads_at_a_glance() -> None:
+    assert [duration(s) for s in (0, 59.4, 61, 3599, 3600 * 3 + 125)] == [
+        "0 s",
+        "59 s",
+        "1 min 01 s",
+        "59 min 59 s",
+        "3 h 02 min",
+    ]
+
+
+def test_a_log_gets_lines_and_a_terminal_gets_bars() -> None:
+    log = Console(file=io.StringIO(), width=80)
+    with prepare_events(log) as events:
+        assert isinstance(events, LogPrepareEvents)
+    tty = Console(file=io.StringIO(), width=80, force_terminal=True)
+    with prepare_events(tty) as events:
+        assert isinstance(events, RichPrepareEvents)
+
+
+def _summary(records: tuple[SlideRecord, ...]) -> PrepareSummary:
+    return PrepareSummary(
+        out_dir=Path("/out"),
+        records=records,
+        encoder="tiny_cnn",
+        precision="float32",
+        bf16_cosine=None,
+        seconds=3.0,
+        embed_seconds=2.0,
+    )
+
+
+def test_the_summary_prints_each_reason_whole_on_one_line_at_80_columns() -> None:
+    reason = (
+        "annotation /data/hospital/annotations/s2.geojson: no tumour region on a tumour slide: "
+        'classes found "Stroma" (3); tumour classes are Tumor, Tumour'
+    )
+    summary = _summary(
+        (
+            SlideRecord(slide_id="s2", state="failed", stage="annotation", reason=reason),
+            SlideRecord(slide_id="s1", state="done", num_patches=4, reason="1 Point ignored"),
+        )
+    )
+    for terminal in (True, False):
+        console = Console(file=io.StringIO(), width=80, force_terminal=terminal)
+        print_summary(console, summary)
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", text)
+        assert f"failed s2 (at annotation): {reason}" in plain.splitlines()
+        assert "note s1: 1 Point ignored" in plain.splitlines()
+        # the table is for a person at a terminal; a log has had a line per slide already
+        assert bool(BOX.search(text)) is terminal
+
+
+def _site(root: Path) -> Path:
+    """One good synthetic slide, one file that is not a slide, one row naming no file."""
+    generate_slide(root, "good", SynthSlideConfig(width_px=1024, height_px=1024), 0)
+    (root / "slides" / "bad.svs").write_text("not a slide")
+    manifest = root / "slides.csv"
+    manifest.write_text(
+        "slide_id,path,label\n"
+        "good,slides/good.tiff,normal\n"
+        "bad,slides/bad.svs,normal\n"
+        "gone,slides/gone.svs,normal\n"
+    )
+    return manifest
+
+
+def _assert_log(text: str, manifest: Path) -> None:
+    assert not ESCAPES.search(text), repr(text)
+    assert not BOX.search(text), text  # no table, no bar
+    lines = text.splitlines()
+    bad = manifest.parent / "slides" / "bad.svs"
+    failed_bad = (
+        f"failed bad (at open): {bad} is not a slide format OpenSlide can read "
+        "(Unsupported or missing image file)"
+    )
+    gone = manifest.parent / "slides" / "gone.svs"
+    failed_gone = f"failed gone (at manifest): line 4 (gone): slide file not found: {gone}"
+    # each failure is one whole line, when it happens and again at the end
+    assert lines.count(failed_bad) == 2, text
+    assert lines.count(failed_gone) == 2, text
+    assert "slide 2/3 good: segmenting tissue and placing patches" in lines
+    started = [line for line in lines if line.startswith("slide 2/3 good: started, ")]
+    assert started and started[0].endswith(" patches to embed")
+    done = [line for line in lines if line.startswith("done good: ")]
+    assert len(done) == 1 and re.search(r" patches in [0-9.]+ s, [0-9.]+ patches/s", done[0])
+    assert "1 done, 0 reused, 2 failed" in text
+
+
+@pytest.mark.integration
+def test_prepare_writes_plain_lines_when_stdout_is_not_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    manifest = _site(tmp_path / "site")
+    argv = ["prepare", "--manifest", str(manifest), "--out", str(tmp_path / "out")]
+    code = main([*argv, "--encoder", "tiny_cnn", "--tissue-preset", "biopsy"])
+    assert code == EXIT_PARTIAL
+    _assert_log(capsys.readouterr().out, manifest)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_prepare_redirected_to_a_file_is_a_readable_log(tmp_path: Path) -> None:
+    manifest = _site(tmp_path / "site")
+    log = tmp_path / "prepare.log"
+    command = [sys.executable, "-m", "client.cli", "prepare", "--manifest", str(manifest)]
+    command += ["--out", str(tmp_path / "out"), "--encoder", "tiny_cnn"]
+    command += ["--tissue-preset", "biopsy"]
+    env = {**os.environ, "COLUMNS": "80", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("FORCE_COLOR", None)
+    env.pop("TTY_COMPATIBLE", None)
+    with log.open("w", encoding="utf-8") as fh:
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300
+        )
+    text = log.read_text(encoding="utf-8")
+    assert done.returncode == EXIT_PARTIAL, text
+    _assert_log(text, manifest)
