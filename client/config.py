@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from common.configbase import StrictModel
+from common.device import DEVICE_HELP, DeviceName
 
 DEFAULT_TUMOUR_CLASSES: tuple[str, ...] = (
     "Tumor",
@@ -231,11 +232,28 @@ class EmbeddingConfig(StrictModel):
     )
     reader_threads: int = Field(2, ge=1, le=64)
     queue_batches: int = Field(8, ge=1, le=64, description="bounded read-ahead, in batches")
-    precision: Literal["auto", "float32", "bfloat16"] = Field(
+    device: DeviceName = Field("auto", description=DEVICE_HELP)
+    backend: Literal["auto", "torch", "onnx", "openvino"] = Field(
         "auto",
         description=(
-            "auto: bfloat16 autocast when the CPU supports it and features stay within "
-            "cosine similarity min_bf16_cosine of float32, else float32"
+            "inference engine on the CPU: auto measures PyTorch, ONNX Runtime and OpenVINO once "
+            "per machine and encoder and keeps the fastest whose features stay within cosine "
+            "0.999 of PyTorch float32; GPUs always run PyTorch"
+        ),
+    )
+    export_cache: Path | None = Field(
+        None,
+        description=(
+            "folder for exported encoder graphs and the per-machine backend choice "
+            "(default: $FEDPATH_CACHE_DIR, else $XDG_CACHE_HOME/fedpath, else ~/.cache/fedpath)"
+        ),
+    )
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description=(
+            "auto: on a CPU, bfloat16 autocast when the CPU supports it natively; on a GPU its "
+            "native low precision (bfloat16, else float16); kept only when features stay "
+            "within cosine similarity min_bf16_cosine of float32, else float32"
         ),
     )
     min_bf16_cosine: float = Field(0.999, gt=0, le=1)
@@ -262,3 +280,11 @@ class PrepareConfig(StrictModel):
         ("normal", "tumour"), min_length=2, description="allowed slide label names, in order"
     )
     write_qc: bool = True
+    patch_only: bool = Field(
+        False,
+        description=(
+            "segment, cut patches, label them and draw QC, but embed nothing: the patch files "
+            "(patches/<slide_id>.h5) are for another tool, or a later run without patch_only "
+            "embeds them without cutting again"
+        ),
+    )

@@ -169,7 +169,7 @@ def test_bad_arguments_are_rejected(slide: WsiReader, tiny: LoadedEncoder) -> No
         )
     with pytest.raises(ValueError, match="precision"):
         extract_features(
-            slide, np.zeros((4, 2)), plan, tiny, EmbeddingConfig(), print, precision="float16"
+            slide, np.zeros((4, 2)), plan, tiny, EmbeddingConfig(), print, precision="float64"
         )
 
 

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -60,13 +61,15 @@ from client.wsi.resolution import ReadPlan
 from common.cpuinfo import read_cpuinfo
 from common.errors import FedpathError, SlideReadError
 
-PRECISIONS: tuple[str, ...] = ("float32", "bfloat16")
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 CALIBRATION_PATCHES = 16
 """Patches in the bf16 calibration batch: enough for a stable mean cosine, cheap in float32."""
 JIT_CHECK_ROWS = 2
 """Rows on which a traced graph is compared with the eager model before it is trusted."""
-JIT_MIN_COSINE = {"float32": 0.9999, "bfloat16": 0.99}
+JIT_MIN_COSINE = {"float32": 0.9999, "bfloat16": 0.99, "float16": 0.99}
 """A traced graph that agrees less than this with eager is wrong (tracing bug), not noisy."""
+ENGINE_MIN_COSINE = {"float32": 0.999, "bfloat16": 0.99}
+"""Per-patch cosine to PyTorch float32 an exported engine's features must reach on real data."""
 JIT_WARMUP_RUNS = 3
 """TorchScript profiles the first call(s) and fuses afterwards; warm up before timing/use."""
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
@@ -128,13 +131,19 @@ class Runner:
         *,
         autocast: bool = True,
         normalise: tuple[torch.Tensor, torch.Tensor] | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.module = module
+        self.device = device if device is not None else torch.device("cpu")
         self.precision = precision
         self.mode = mode
         self.batch_size = batch_size
         self.autocast = autocast
-        self.normalise = normalise
+        self.normalise = (
+            None
+            if normalise is None
+            else (normalise[0].to(self.device), normalise[1].to(self.device))
+        )
 
     def __call__(self, batch: torch.Tensor, rows: int | None = None) -> torch.Tensor:
         """Features of the first ``rows`` (default: all) rows of ``batch``."""
@@ -156,20 +165,29 @@ class Runner:
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         # TorchScript may re-specialise a graph on any later call; with oneDNN fusion off at
         # that moment the new plan is unfused and stays slow (seen: 180 → 60 patches/s).
+        on_cpu = self.device.type == "cpu"
         with (
             torch.inference_mode(),
-            _autocast(self.precision if self.autocast else "float32"),
+            _autocast(self.precision if self.autocast else "float32", self.device.type),
             _onednn_fusion(self.mode == "jit"),
         ):
+            if not on_cpu:
+                # from pinned host memory (see _batch_buffers) the copy overlaps with compute
+                batch = batch.to(self.device, non_blocking=True)
             if self.normalise is not None:
                 scale, offset = self.normalise
                 batch = torch.addcmul(offset, batch.float(), scale)
-            return self.module(batch).float()
+            out = self.module(batch).float()
+            return out if on_cpu else out.cpu()
 
 
-def _autocast(precision: str) -> contextlib.AbstractContextManager[object]:
+def _autocast(
+    precision: str, device_type: str = "cpu"
+) -> contextlib.AbstractContextManager[object]:
     if precision == "bfloat16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(device_type, dtype=torch.bfloat16)
+    if precision == "float16":
+        return torch.autocast(device_type, dtype=torch.float16)
     return contextlib.nullcontext()
 
 
@@ -186,8 +204,28 @@ def _onednn_fusion(enabled: bool) -> Iterator[None]:
             torch.jit.enable_onednn_fusion(previous)
 
 
-def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row cosine similarity in float64 (the unit of every feature-faithfulness gate)."""
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-12)
+
+
+_cosines = cosines
+
+
+def planned_runner_key(precision: str) -> tuple[str, str]:
+    """Where ``client.embed.inference.plan_inference`` leaves the runner it chose."""
+    return ("planned", precision)
+
+
+def reader_threads_for(cfg: EmbeddingConfig, device: torch.device) -> int:
+    """Reader threads: as configured on the CPU; on a GPU, every core but one unless set.
+
+    A GPU encodes a batch in milliseconds, so reading (OpenSlide decoding and resizing, which
+    release the GIL) becomes the bottleneck and should use the cores the encoder leaves free.
+    """
+    if device.type == "cpu" or "reader_threads" in cfg.model_fields_set:
+        return cfg.reader_threads
+    return max(cfg.reader_threads, (os.cpu_count() or 2) - 1)
 
 
 def _normalise_tensors(spec: EncoderSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,9 +233,17 @@ def _normalise_tensors(spec: EncoderSpec) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(scale).view(1, 3, 1, 1), torch.from_numpy(offset).view(1, 3, 1, 1)
 
 
-def _eager_runner(encoder: LoadedEncoder, precision: str, *, pixels: bool = False) -> Runner:
+def _eager_runner(
+    encoder: LoadedEncoder,
+    precision: str,
+    *,
+    pixels: bool = False,
+    device: torch.device | None = None,
+) -> Runner:
     normalise = _normalise_tensors(encoder.spec) if pixels else None
-    return Runner(encoder.model, precision, "eager", None, normalise=normalise)
+    if device is not None and device.type != "cpu":
+        encoder.model.to(device)
+    return Runner(encoder.model, precision, "eager", None, normalise=normalise, device=device)
 
 
 def _trace(
@@ -231,7 +277,13 @@ def _trace(
 
 
 def get_runner(
-    encoder: LoadedEncoder, precision: str, batch_size: int, *, jit: bool, pixels: bool = False
+    encoder: LoadedEncoder,
+    precision: str,
+    batch_size: int,
+    *,
+    jit: bool,
+    pixels: bool = False,
+    device: torch.device | None = None,
 ) -> Runner:
     """The fastest faithful runner for ``encoder``, built once and cached on the encoder.
 
@@ -239,14 +291,17 @@ def get_runner(
     otherwise it takes the normalised float batch the encoder's own model takes.
     A traced graph is warmed up on a calibration batch and compared with the eager model on its
     first rows; if tracing fails or disagrees, the eager model is used (same features, slower).
+    On a GPU the eager model runs there under autocast (TorchScript's CPU fusion does not apply).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    key = (precision, batch_size if jit else None, jit, pixels)
+    on_gpu = device is not None and device.type != "cpu"
+    jit = jit and not on_gpu
+    key = (precision, batch_size if jit else None, jit, pixels, str(device or "cpu"))
     cached = encoder.runners.get(key)
     if cached is not None:
         return cached
-    runner = _eager_runner(encoder, precision, pixels=pixels)
+    runner = _eager_runner(encoder, precision, pixels=pixels, device=device)
     if jit:
         images = calibration_images(encoder.spec, batch_size)
         example = images if pixels else normalise_images(encoder.spec, images)
@@ -458,6 +513,8 @@ def extract_features(
 
     ``sink`` receives consecutive (≤ batch_size, D) float32 blocks; ``progress`` the number of
     patches of each finished batch. Raises ``SlideReadError`` when a patch cannot be read.
+    The runner chosen by ``plan_inference`` for ``precision`` is used when there is one (device,
+    engine, batch size); otherwise PyTorch on the CPU as configured.
     """
     start = time.perf_counter()
     coords = np.asarray(coords)
@@ -465,37 +522,78 @@ def extract_features(
         raise ValueError(f"coords must be N×2, got shape {coords.shape}")
     coords = coords.astype(np.int64, copy=False)
     n = int(coords.shape[0])
-    batch = cfg.batch_size
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     with torch_threads(cfg.torch_threads), _onednn_fusion(cfg.jit):
-        runner = get_runner(encoder, precision, batch, jit=cfg.jit, pixels=True)
+        runner = encoder.runners.get(planned_runner_key(precision))
+        if runner is None:
+            runner = get_runner(encoder, precision, cfg.batch_size, jit=cfg.jit, pixels=True)
         if n:
-            _run_pipeline(reader, coords, plan, encoder.spec, cfg, runner, sink, progress)
+            runner = _run_pipeline(reader, coords, plan, encoder, cfg, runner, sink, progress)
     seconds = time.perf_counter() - start
     return ExtractionStats(n, seconds, n / seconds if seconds > 0 else 0.0, precision, runner.mode)
+
+
+def _checked_first_batch(
+    encoder: LoadedEncoder, runner: Any, pixels: torch.Tensor, rows: int, features: torch.Tensor
+) -> tuple[Any, torch.Tensor]:
+    """An exported engine's first real batch, compared with PyTorch float32 before it is kept.
+
+    The calibration batch is synthetic; a slide's own patches are the evidence that matters.
+    On disagreement the encoder falls back to PyTorch for the rest of the process (and this
+    batch is recomputed), so no feature below the gate is ever written.
+    """
+    reference = _eager_runner(encoder, "float32", pixels=True)(pixels, rows)
+    worst = float(cosines(features, reference).min())
+    runner.verified_on_slide = True
+    if worst >= ENGINE_MIN_COSINE.get(runner.precision, ENGINE_MIN_COSINE["float32"]):
+        return runner, features
+    fallback = get_runner(encoder, runner.precision, int(pixels.shape[0]), jit=True, pixels=True)
+    warnings.warn(
+        f"{runner.mode} features reach cosine {worst:.5f} to PyTorch float32 on a slide's first "
+        "batch; PyTorch encodes from here on",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    encoder.runners[planned_runner_key(runner.precision)] = fallback
+    return fallback, fallback(pixels, rows)
+
+
+def _batch_buffer(batch: int, size: int, device: torch.device) -> np.ndarray:
+    """A reusable NHWC uint8 batch buffer; page-locked when batches go to a CUDA GPU."""
+    if device.type == "cuda":
+        return torch.zeros((batch, size, size, 3), dtype=torch.uint8).pin_memory().numpy()
+    return np.zeros((batch, size, size, 3), dtype=np.uint8)
 
 
 def _run_pipeline(
     reader: WsiReader,
     coords: np.ndarray,
     plan: ReadPlan,
-    spec: EncoderSpec,
+    encoder: LoadedEncoder,
     cfg: EmbeddingConfig,
-    runner: Runner,
+    runner: Any,
     sink: Callable[[np.ndarray], None],
     progress: Callable[[int], None] | None,
-) -> None:
-    n, batch = int(coords.shape[0]), cfg.batch_size
+) -> Any:
+    """Read, encode and sink every batch; returns the runner in use at the end."""
+    spec = encoder.spec
+    device = getattr(runner, "device", torch.device("cpu"))
+    n = int(coords.shape[0])
+    batch = runner.batch_size or cfg.batch_size
     n_batches = math.ceil(n / batch)
     depth = min(cfg.queue_batches, n_batches)
     size = spec.input_size
     # depth buffers being filled + one being encoded; the torch views share their memory.
-    arrays = [np.zeros((batch, size, size, 3), dtype=np.uint8) for _ in range(depth + 1)]
+    arrays = [_batch_buffer(batch, size, device) for _ in range(depth + 1)]
     free = deque((a, torch.from_numpy(a).permute(0, 3, 1, 2)) for a in arrays)
     fill = _BatchFiller(reader, plan, spec)
     pending: deque[tuple[Future[int], tuple[np.ndarray, torch.Tensor]]] = deque()
     next_batch = 0
     pool = ThreadPoolExecutor(
-        cfg.reader_threads, thread_name_prefix="fedpath-read", initializer=_yield_to_inference
+        reader_threads_for(cfg, device),
+        thread_name_prefix="fedpath-read",
+        initializer=_yield_to_inference,
     )
     try:
 
@@ -512,11 +610,14 @@ def _run_pipeline(
             future, slot = pending.popleft()
             rows = future.result()
             submit()
-            features = runner(slot[1], rows).numpy()
-            sink(features)
+            encoded = runner(slot[1], rows)
+            if getattr(runner, "verified_on_slide", True) is False:
+                runner, encoded = _checked_first_batch(encoder, runner, slot[1], rows, encoded)
+            sink(encoded.numpy())
             free.append(slot)
             if progress is not None:
                 progress(rows)
     finally:
         fill.stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
+    return runner

@@ -20,6 +20,9 @@ Two inference details live here because they depend on the architecture:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -71,9 +74,18 @@ def fold_conv_bn(parent: nn.Module, conv_name: str, bn_name: str) -> None:
     setattr(parent, bn_name, nn.Identity())
 
 
-def _float32_region() -> torch.autocast:
-    """Autocast switched off: the enclosed layers compute in float32 whatever the caller set."""
-    return torch.autocast("cpu", enabled=False)
+@contextlib.contextmanager
+def _float32_region() -> Iterator[None]:
+    """Autocast switched off: the enclosed layers compute in float32 whatever the caller set.
+
+    Both the CPU and (where present) the CUDA autocast are switched off, so the stem stays
+    float32 on a GPU too.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if torch.cuda.is_available():
+            stack.enter_context(torch.autocast("cuda", enabled=False))
+        yield
 
 
 def _make_layer(inplanes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:

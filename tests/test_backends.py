@@ -1,0 +1,242 @@
+"""CPU inference engines: export cache, feature faithfulness, per-machine choice, fallbacks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.config import EmbeddingConfig, ResolutionConfig
+from client.embed import backends, inference
+from client.embed.backends import EngineRunner, build_engine, export_onnx, export_path
+from client.embed.extract import (
+    calibration_images,
+    cosines,
+    extract_features,
+    get_runner,
+    normalise_images,
+    planned_runner_key,
+)
+from client.embed.inference import batch_for_memory, plan_inference
+from client.embed.registry import LoadedEncoder, load_encoder
+from client.wsi.reader import WsiReader
+from client.wsi.resolution import plan_read
+from common.errors import ConfigError, DeviceError
+from tests.test_extract import _grid, _textured_image
+from tests.tiffs import write_pyramid
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
+
+
+@pytest.fixture
+def tiny() -> LoadedEncoder:
+    return load_encoder("tiny_cnn")  # fresh per test: runners are cached on the encoder
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WsiReader]:
+    path = write_pyramid(tmp_path_factory.mktemp("slide") / "tex.tif", _textured_image())
+    with WsiReader(path) as reader:
+        yield reader
+
+
+def _reference(encoder: LoadedEncoder, images: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return encoder.model(normalise_images(encoder.spec, images))
+
+
+def test_export_is_cached_by_weights(tiny: LoadedEncoder, tmp_path: Path) -> None:
+    path, fresh = export_onnx(tiny, tmp_path)
+    assert fresh and path.is_file() and path == export_path(tiny, tmp_path)
+    mtime = path.stat().st_mtime_ns
+    again, fresh_again = export_onnx(tiny, tmp_path)
+    assert again == path and not fresh_again and path.stat().st_mtime_ns == mtime
+    other = load_encoder("tiny_cnn")
+    with torch.no_grad():
+        next(other.model.parameters()).add_(1.0)
+    changed = LoadedEncoder(other.spec, other.model, "different-weights", None)
+    assert export_path(changed, tmp_path) != path
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "no temporaries"
+
+
+@pytest.mark.parametrize("engine", ["onnx", "openvino"])
+def test_engine_features_match_pytorch_float32(
+    tiny: LoadedEncoder, tmp_path: Path, engine: str
+) -> None:
+    runner, notes = build_engine(engine, tiny, "float32", 2, tmp_path)
+    assert notes and "exported tiny_cnn" in notes[0]
+    images = calibration_images(tiny.spec, 6, seed=3)
+    got = runner(images)
+    assert got.shape == (6, tiny.spec.feature_dim) and got.dtype == torch.float32
+    assert float(cosines(got, _reference(tiny, images)).min()) > 0.99999
+    assert runner(images, rows=4).shape[0] == 4
+
+
+def test_onnx_refuses_bfloat16(tiny: LoadedEncoder, tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="float32 only"):
+        build_engine("onnx", tiny, "bfloat16", 2, tmp_path)
+
+
+def test_corrupt_cached_graph_is_exported_again(tiny: LoadedEncoder, tmp_path: Path) -> None:
+    path, _ = export_onnx(tiny, tmp_path)
+    path.write_bytes(b"not an onnx graph")
+    runner, notes = build_engine("onnx", tiny, "float32", 2, tmp_path)
+    assert any("re-exported" in n for n in notes)
+    images = calibration_images(tiny.spec, 2)
+    assert float(cosines(runner(images), _reference(tiny, images)).min()) > 0.99999
+
+
+def test_unwritable_cache_exports_for_this_run(tiny: LoadedEncoder, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache folder should be")
+    cfg = EmbeddingConfig(backend="onnx", export_cache=blocker, batch_size=4)
+    plan = plan_inference(tiny, cfg)
+    assert plan.backend == "onnx"
+    assert any("not writable" in n and "this run only" in n for n in plan.notes)
+
+
+def test_explicit_engine_is_planned_and_used_by_extraction(
+    tiny: LoadedEncoder, tmp_path: Path, slide: WsiReader
+) -> None:
+    cfg = EmbeddingConfig(backend="onnx", export_cache=tmp_path, batch_size=4, precision="float32")
+    plan = plan_inference(tiny, cfg)
+    assert (plan.backend, plan.device, plan.precision) == ("onnx", "cpu", "float32")
+    assert plan.backend_cosine is not None and plan.backend_cosine > 0.9999
+    assert plan.describe().startswith("onnx on cpu, float32, batch 4")
+    read = plan_read(slide.info.mpp, slide.info.level_downsamples, ResolutionConfig(patch_size=128))
+    coords = _grid(slide, read)[:10]
+    blocks: list[np.ndarray] = []
+    stats = extract_features(slide, coords, read, tiny, cfg, blocks.append, precision="float32")
+    assert stats.mode == "onnx" and stats.num_patches == 10
+    torch_blocks: list[np.ndarray] = []
+    fresh = load_encoder("tiny_cnn")
+    extract_features(
+        slide,
+        coords,
+        read,
+        fresh,
+        EmbeddingConfig(batch_size=4),
+        torch_blocks.append,
+        precision="float32",
+    )
+    got, want = np.concatenate(blocks), np.concatenate(torch_blocks)
+    assert float(cosines(torch.from_numpy(got), torch.from_numpy(want)).min()) > 0.9999
+
+
+def test_auto_measures_once_and_remembers(tiny: LoadedEncoder, tmp_path: Path) -> None:
+    cfg = EmbeddingConfig(export_cache=tmp_path, batch_size=4, precision="float32")
+    first = plan_inference(tiny, cfg)
+    assert set(first.rates) == {"torch", "onnx", "openvino"}
+    assert first.backend == max(first.rates, key=lambda k: first.rates[k])
+    choice = json.loads(backends.choice_path(tiny, tmp_path).read_text())
+    (entry,) = choice.values()
+    assert entry["backend"] == first.backend
+    second = plan_inference(load_encoder("tiny_cnn"), cfg)
+    assert second.backend == first.backend and second.rates == {}
+    assert any("last measured" in n for n in second.notes)
+
+
+def test_engine_failing_the_cosine_gate_is_not_used(
+    tiny: LoadedEncoder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def wrong(*_args: object) -> tuple[EngineRunner, list[str]]:
+        return EngineRunner(lambda px: np.ones((px.shape[0], 64), np.float32), "onnx"), []
+
+    monkeypatch.setattr(inference, "build_engine", wrong)
+    plan = plan_inference(tiny, EmbeddingConfig(backend="onnx", export_cache=tmp_path))
+    assert plan.backend == "torch" and plan.backend_cosine is None
+    assert any("not used" in n and "cosine" in n for n in plan.notes)
+    assert not isinstance(tiny.runners[planned_runner_key("float32")], EngineRunner)
+
+
+def test_engine_wrong_on_real_patches_falls_back_before_writing(
+    tiny: LoadedEncoder, tmp_path: Path, slide: WsiReader
+) -> None:
+    """Right on the calibration batch, wrong on a slide: no wrong feature reaches the sink."""
+    cfg = EmbeddingConfig(backend="onnx", export_cache=tmp_path, batch_size=4)
+    plan_inference(tiny, cfg)
+    good = tiny.runners[planned_runner_key("float32")]
+    assert isinstance(good, EngineRunner)
+    tiny.runners[planned_runner_key("float32")] = EngineRunner(
+        lambda px: -good.run_nhwc(px), "onnx"
+    )
+    read = plan_read(slide.info.mpp, slide.info.level_downsamples, ResolutionConfig(patch_size=128))
+    coords = _grid(slide, read)[:9]
+    blocks: list[np.ndarray] = []
+    with pytest.warns(RuntimeWarning, match="PyTorch encodes from here on"):
+        stats = extract_features(slide, coords, read, tiny, cfg, blocks.append, precision="float32")
+    assert stats.mode != "onnx"
+    want: list[np.ndarray] = []
+    extract_features(
+        slide,
+        coords,
+        read,
+        load_encoder("tiny_cnn"),
+        EmbeddingConfig(batch_size=4),
+        want.append,
+        precision="float32",
+    )
+    got = torch.from_numpy(np.concatenate(blocks))
+    assert float(cosines(got, torch.from_numpy(np.concatenate(want))).min()) > 0.9999
+
+
+def test_torch_backend_skips_engines(tiny: LoadedEncoder, tmp_path: Path) -> None:
+    plan = plan_inference(tiny, EmbeddingConfig(backend="torch", export_cache=tmp_path))
+    assert plan.backend == "torch" and not (tmp_path / "encoders").exists()
+
+
+def test_absent_gpu_is_an_error(tiny: LoadedEncoder) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        plan_inference(tiny, EmbeddingConfig(device="cuda"))
+
+
+def test_engine_on_gpu_is_refused(tiny: LoadedEncoder, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "resolve_device", lambda _name: torch.device("cuda", 0))
+    with pytest.raises(ConfigError, match="runs on the CPU"):
+        plan_inference(tiny, EmbeddingConfig(device="cuda", backend="openvino"))
+
+
+@pytest.mark.parametrize(
+    ("free", "per_patch", "expected"),
+    [(8 * 2**30, 40 * 2**20, 64), (80 * 2**30, 40 * 2**20, 512), (2**20, 2**30, 1)],
+)
+def test_gpu_batch_fits_half_the_free_memory(free: int, per_patch: int, expected: int) -> None:
+    assert batch_for_memory(free, per_patch) == expected
+
+
+def test_reader_threads_follow_the_device() -> None:
+    from client.embed.extract import reader_threads_for
+
+    cfg = EmbeddingConfig()
+    assert reader_threads_for(cfg, torch.device("cpu")) == cfg.reader_threads
+    assert reader_threads_for(cfg, torch.device("cuda", 0)) >= cfg.reader_threads
+    assert reader_threads_for(EmbeddingConfig(reader_threads=1), torch.device("cuda", 0)) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+def test_cuda_plan_and_extraction(tiny: LoadedEncoder, slide: WsiReader) -> None:
+    plan = plan_inference(tiny, EmbeddingConfig(device="cuda"))
+    assert plan.device.startswith("cuda:") and plan.backend == "torch"
+    runner = tiny.runners[planned_runner_key(plan.precision)]
+    read = plan_read(slide.info.mpp, slide.info.level_downsamples, ResolutionConfig(patch_size=128))
+    coords = _grid(slide, read)[:16]
+    blocks: list[np.ndarray] = []
+    cfg = EmbeddingConfig(device="cuda")
+    extract_features(slide, coords, read, tiny, cfg, blocks.append, precision=plan.precision)
+    cpu = load_encoder("tiny_cnn")
+    want: list[np.ndarray] = []
+    extract_features(slide, coords, read, cpu, EmbeddingConfig(), want.append, precision="float32")
+    got = torch.from_numpy(np.concatenate(blocks))
+    assert float(cosines(got, torch.from_numpy(np.concatenate(want))).mean()) > 0.999
+    assert runner.device.type == "cuda"
+
+
+def test_cpu_eager_runner_reports_cpu(tiny: LoadedEncoder) -> None:
+    runner = get_runner(tiny, "float32", 4, jit=False, pixels=True)
+    assert runner.device.type == "cpu"
