@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
@@ -41,7 +41,7 @@ def _prepare_sites(
     """Synthesise and prepare each hospital; (site → prepared dir, failed slide count)."""
     from client.config import PrepareConfig
     from client.prepare.pipeline import prepare_site
-    from client.progress import RichPrepareEvents, summary_line
+    from client.progress import prepare_events, summary_line
     from common.configio import build_config
 
     if args.tissue_preset is None:
@@ -63,7 +63,7 @@ def _prepare_sites(
     failed = 0
     for site_dir in site_dirs:
         began = time.perf_counter()
-        with RichPrepareEvents(console, site_dir.name) as events:
+        with prepare_events(console, site_dir.name) as events:
             summary = prepare_site(
                 site_dir / "slides.csv", out / "prepared" / site_dir.name, cfg, events=events
             )
@@ -127,13 +127,15 @@ def _federate(
         "runs-dir": str((out / "runs").resolve()),
         "run-name": "demo",
     }
-    progress = Progress(
+    from client.progress import bar_or_lines
+
+    progress = bar_or_lines(
+        console,
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
-        console=console,
     )
     with progress:
         task = progress.add_task("federated rounds", total=args.rounds, status="starting")

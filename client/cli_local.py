@@ -40,6 +40,7 @@ from common.errors import ConfigError
 from common.mil.config import ModelConfig
 
 if TYPE_CHECKING:
+    from client.progress import LogProgress
     from client.training.bags import BagSkips
     from client.training.evaluate import EvaluationResult
     from client.training.heatmaps import HeatmapRecord
@@ -79,15 +80,18 @@ def _float(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{x:.4f}"
 
 
-def _progress(console: Console) -> Progress:
-    """One bar with a status text (last epoch's or last slide's outcome) and elapsed time."""
-    return Progress(
+def _progress(console: Console) -> Progress | LogProgress:
+    """One bar with a status text (last epoch's or last slide's outcome) and elapsed time; in
+    a log (stdout not a terminal) one line per epoch or slide instead."""
+    from client.progress import bar_or_lines
+
+    return bar_or_lines(
+        console,
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
-        console=console,
     )
 
 

@@ -16,7 +16,6 @@ from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
-    Progress,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -106,13 +105,15 @@ def _generate_cohort(
     cfg = _cohort_config(args, demo=demo)
     total = sum(site.n_slides for site in cfg.sites)
     started = time.perf_counter()
-    with Progress(
+    from client.progress import bar_or_lines
+
+    with bar_or_lines(
+        console,
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
-        console=console,
     ) as progress:
         task = progress.add_task(f"synthesising {len(cfg.sites)} sites", total=total)
         site_dirs = generate_cohort(

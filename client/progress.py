@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -20,6 +21,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskID,
     TextColumn,
     TimeElapsedColumn,
@@ -230,6 +232,105 @@ class LogPrepareEvents:
             subject = f"{self._where()}{self._slide}: " if self._slide is not None else ""
             return f"{subject}still {text} after {duration(elapsed)}"
         return f"still working: {self._finished}/{self._total_slides} slide(s) finished"
+
+
+class LogProgress:
+    """The part of rich ``Progress`` the commands use, as plain lines for a log.
+
+    A live bar in a log is drawn once, at the end: a training run or a federated demo sat
+    silent until then. Here every step that carries a status (an epoch's losses, a scored
+    slide, a round's AUC) is one line ``<task> <done>/<total>: <status> (<elapsed>)``; steps
+    without one (a synthesised slide) give a line at most every ``interval`` seconds and on the
+    last step.
+    """
+
+    def __init__(
+        self,
+        console: Console,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = HEARTBEAT_SECONDS,
+    ) -> None:
+        self.console = console
+        self._write = log_writer(console)
+        self._clock = clock
+        self._interval = interval
+        self._tasks: list[dict[str, Any]] = []
+        self._last_line = clock()
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        return None
+
+    def add_task(
+        self, description: str, total: float | None = 100.0, completed: float = 0, **fields: Any
+    ) -> TaskID:
+        fields.pop("visible", None)
+        self._tasks.append(
+            {
+                "description": description,
+                "total": total,
+                "completed": completed,
+                "fields": fields,
+                "started": self._clock(),
+            }
+        )
+        return TaskID(len(self._tasks) - 1)
+
+    def advance(self, task_id: TaskID, advance: float = 1) -> None:
+        self.update(task_id, advance=advance)
+
+    def update(
+        self,
+        task_id: TaskID,
+        *,
+        total: float | None = None,
+        completed: float | None = None,
+        advance: float | None = None,
+        description: str | None = None,
+        **fields: Any,
+    ) -> None:
+        task = self._tasks[task_id]
+        fields.pop("visible", None)
+        fields.pop("refresh", None)
+        before = (task["description"], dict(task["fields"]))
+        if total is not None:
+            task["total"] = total
+        if completed is not None:
+            task["completed"] = completed
+        if advance is not None:
+            task["completed"] += advance
+        if description is not None:
+            task["description"] = description
+        task["fields"].update(fields)
+        now = self._clock()
+        said = (task["description"], task["fields"]) != before and any(
+            str(v) for v in task["fields"].values()
+        )
+        last = task["total"] is not None and task["completed"] >= task["total"]
+        if said or last or now - self._last_line >= self._interval:
+            self._line(task, now)
+
+    def _line(self, task: dict[str, Any], now: float) -> None:
+        count = f"{task['completed']:g}" + (f"/{task['total']:g}" if task["total"] else "")
+        status = "; ".join(str(v) for v in task["fields"].values() if str(v))
+        text = f"{task['description']} {count}" + (f": {status}" if status else "")
+        self._write(f"{text} ({duration(now - task['started'])})")
+        self._last_line = now
+
+
+def bar_or_lines(console: Console, *columns: ProgressColumn | str) -> Progress | LogProgress:
+    """A rich bar with ``columns`` on a terminal, ``LogProgress`` lines in a log."""
+    if is_log(console):
+        return LogProgress(console)
+    return Progress(*columns, console=console)
 
 
 class RichPrepareEvents:

@@ -18,12 +18,15 @@ from pathlib import Path
 
 import pytest
 from rich.console import Console
+from rich.progress import Progress
 
 from client.cli import EXIT_PARTIAL, main
 from client.prepare.records import PrepareSummary, SlideRecord
 from client.progress import (
     LogPrepareEvents,
+    LogProgress,
     RichPrepareEvents,
+    bar_or_lines,
     duration,
     prepare_events,
     print_summary,
@@ -257,3 +260,60 @@ def test_prepare_redirected_to_a_file_is_a_readable_log(tmp_path: Path) -> None:
     text = log.read_text(encoding="utf-8")
     assert done.returncode == EXIT_PARTIAL, text
     _assert_log(text, manifest)
+
+
+def test_log_progress_writes_a_line_per_step_with_a_status() -> None:
+    clock = FakeClock()
+    console = Console(file=io.StringIO(), width=80)
+    progress = LogProgress(console, clock=clock)
+    with progress:
+        task = progress.add_task("epochs", total=3, status="")
+        for epoch in range(3):
+            clock.now += 12
+            progress.update(task, advance=1, status=f"loss 0.{5 - epoch}000 val n/a")
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert text.splitlines() == [
+        "epochs 1/3: loss 0.5000 val n/a (12 s)",
+        "epochs 2/3: loss 0.4000 val n/a (24 s)",
+        "epochs 3/3: loss 0.3000 val n/a (36 s)",
+    ]
+
+
+def test_log_progress_without_a_status_writes_every_30_s_and_at_the_end() -> None:
+    clock = FakeClock()
+    console = Console(file=io.StringIO(), width=80)
+    progress = LogProgress(console, clock=clock)
+    task = progress.add_task("synthesising 3 sites", total=20)
+    for _ in range(20):
+        clock.now += 4
+        progress.advance(task)
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert lines == [
+        "synthesising 3 sites 8/20 (32 s)",
+        "synthesising 3 sites 16/20 (1 min 04 s)",
+        "synthesising 3 sites 20/20 (1 min 20 s)",
+    ]
+
+
+def test_bar_or_lines_follows_the_console() -> None:
+    assert isinstance(bar_or_lines(Console(file=io.StringIO())), LogProgress)
+    terminal = Console(file=io.StringIO(), force_terminal=True)
+    assert isinstance(bar_or_lines(terminal), Progress)
+
+
+@pytest.mark.integration
+def test_local_train_in_a_log_writes_a_line_per_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli_local import _make_site
+
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+    argv = ["local", "train", "--data", str(data), "--out", str(run)]
+    argv += ["--config", str(data / "train.toml"), "--epochs", "3"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert not ESCAPES.search(text) and not BOX.search(text), text
+    epochs = [line for line in text.splitlines() if line.startswith("epochs ")]
+    assert [line.split(":")[0] for line in epochs] == ["epochs 1/3", "epochs 2/3", "epochs 3/3"]
+    assert all(" loss " in line and " auc " in line for line in epochs), epochs
