@@ -70,6 +70,7 @@ def _prepare_overrides(args: argparse.Namespace) -> dict[str, Any]:
         },
         "labels": tuple(s.strip() for s in args.labels.split(",")) if args.labels else None,
         "write_qc": False if args.no_qc else None,
+        "patch_only": True if getattr(args, "patch_only", False) else None,
         "annotation": {
             "tumour_classes": _names(args.tumour_classes),
             "on_no_tumour_region": args.on_no_tumour_region,
@@ -109,8 +110,20 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
             overwrite=args.overwrite,
         )
     print_summary(console, summary)
-    console.print(summary_line(summary))
-    console.print(f"outputs: {summary.out_dir}  (site summary: {summary.out_dir / 'site.json'})")
+    if summary.patch_only:
+        _print_patch_only(console, summary)
+    else:
+        console.print(summary_line(summary))
+        console.print(
+            f"outputs: {summary.out_dir}  (site summary: {summary.out_dir / 'site.json'})"
+        )
+        reused = [r.slide_id for r in summary.reused_patches()]
+        if reused:
+            console.print(
+                f"{len(reused)} slide(s) embedded from patches an earlier run cut (segmentation "
+                f"and patching not redone): {_some(reused)}",
+                soft_wrap=True,
+            )
     label_only = [
         r.slide_id for r in summary.records if r.annotation and not r.annotation["patch_labels"]
     ]
@@ -135,6 +148,28 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
             "reused)"
         )
     return EXIT_PARTIAL if summary.failed or summary.site_error else EXIT_OK
+
+
+def _some(ids: list[str], shown: int = 10) -> str:
+    """Up to ``shown`` slide ids, then how many more: a log line stays a line at 2,000 slides."""
+    more = len(ids) - shown
+    return ", ".join(ids[:shown]) + (f" and {more} more (see status/)" if more > 0 else "")
+
+
+def _print_patch_only(console: Console, summary: Any) -> None:
+    """A patch-only run's totals: nothing was embedded, and how to embed the patches later."""
+    console.print(
+        f"patch-only: {summary.count('done')} cut, {summary.count('reused')} reused, "
+        f"{summary.count('failed')} failed; {summary.patches_cut} patches cut, none embedded "
+        f"({summary.seconds:.1f} s)",
+        soft_wrap=True,
+    )
+    console.print(
+        f"outputs: {summary.out_dir / 'patches'} (one .h5 per slide: coords, tissue_fraction, "
+        f"patch_labels) and {summary.out_dir / 'patches.csv'}",
+        soft_wrap=True,
+    )
+    console.print("To embed them: the same command without --patch-only (patches are reused).")
 
 
 def cmd_encoders(args: argparse.Namespace, console: Console) -> int:
@@ -183,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prepare.add_argument(
         "--overwrite", action="store_true", help="redo slides that are already prepared"
+    )
+    prepare.add_argument(
+        "--patch-only",
+        action="store_true",
+        help="segment, cut and label patches and draw QC, embed nothing (patches/<id>.h5, "
+        "patches.csv); a later run without it embeds these patches without cutting again",
     )
     _add_prepare_options(prepare)
     prepare.set_defaults(handler=cmd_prepare)

@@ -49,6 +49,13 @@ class SlideRecord:
     annotation: dict[str, Any] | None = None
     """What the slide's annotation held (classes found, unknown classes, outlines ignored)
     and whether it labelled the patches; None without annotation."""
+    embedded: bool = True
+    """False for a patch-only run: the slide was cut and labelled, no feature bag made."""
+    reused: tuple[str, ...] = ()
+    """Stages taken from an earlier run instead of redone: ``patches`` (segmentation, patching
+    and labels read from the patch file) and ``features`` (the feature bag)."""
+    patches_prepared_at: str | None = None
+    """When the reused patch file was cut (``reused`` holds ``patches``, state ``done``)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,6 +74,8 @@ class PrepareSummary:
     embed_seconds: float
     site_error: str | None = None
     """Why ``prepared.csv`` / ``site.json`` could not be written (the run then exits 1)."""
+    patch_only: bool = False
+    """The run cut patches only (``patches.csv``, no feature bags, no ``site.json``)."""
 
     def count(self, state: SlideState) -> int:
         return sum(1 for r in self.records if r.state == state)
@@ -77,8 +86,19 @@ class PrepareSummary:
 
     @property
     def embedded_patches(self) -> int:
-        """Patches embedded in this run (reused slides excluded)."""
-        return sum(r.num_patches for r in self.records if r.state == "done")
+        """Patches embedded in this run (reused slides and patch-only runs excluded)."""
+        return sum(r.num_patches for r in self.records if r.state == "done" and r.embedded)
+
+    @property
+    def patches_cut(self) -> int:
+        """Patches placed and labelled in this run (not read from an earlier patch file)."""
+        return sum(
+            r.num_patches for r in self.records if r.state == "done" and "patches" not in r.reused
+        )
+
+    def reused_patches(self) -> tuple[SlideRecord, ...]:
+        """Slides embedded in this run from an earlier run's patches (not cut again)."""
+        return tuple(r for r in self.records if r.state == "done" and "patches" in r.reused)
 
     @property
     def patches_per_second(self) -> float:

@@ -19,11 +19,13 @@ fraction of patches at tissue borders by up to a mask pixel per side: with 256-p
 
 The coordinate file (``patches/<slide_id>.h5``) follows CLAM/TRIDENT: dataset ``coords`` with
 its attributes on the dataset (where those readers look), copied to the file root for tools that
-read root attributes, plus ``tissue_fraction``.
+read root attributes, plus ``tissue_fraction``; ``fedpath prepare`` adds the annotation's
+``patch_labels`` and ``tumour_fraction`` and its provenance attributes (README, "Patch files").
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,21 +192,45 @@ def coords_attrs(grid: PatchGrid, plan: ReadPlan, info: SlideInfo) -> dict[str, 
     return attrs
 
 
-def write_coords_h5(path: Path, grid: PatchGrid, plan: ReadPlan, info: SlideInfo) -> None:
-    """Write ``coords`` + ``tissue_fraction`` atomically (a crash leaves no partial file)."""
-    if grid.coords.shape != (len(grid), 2) or grid.tissue_fraction.shape != (len(grid),):
+def write_coords_h5(
+    path: Path,
+    grid: PatchGrid,
+    plan: ReadPlan,
+    info: SlideInfo,
+    *,
+    patch_labels: np.ndarray | None = None,
+    tumour_fraction: np.ndarray | None = None,
+    provenance: Mapping[str, Any] | None = None,
+) -> None:
+    """Write ``coords`` + ``tissue_fraction`` atomically (a crash leaves no partial file).
+
+    ``patch_labels`` (int8: 1 tumour, 0 normal, -1 unknown) and ``tumour_fraction`` are the
+    annotation's labels of the same patches; ``provenance`` (settings hash, slide fingerprint)
+    goes to the file root only, where ``fedpath prepare`` looks before reusing the patches.
+    """
+    n = len(grid)
+    if grid.coords.shape != (n, 2) or grid.tissue_fraction.shape != (n,):
         raise FeatureBagError(
             str(path),
             f"coords {grid.coords.shape} and tissue_fraction {grid.tissue_fraction.shape} "
             "do not describe the same patches",
         )
+    for name, extra in (("patch_labels", patch_labels), ("tumour_fraction", tumour_fraction)):
+        if extra is not None and extra.shape != (n,):
+            raise FeatureBagError(str(path), f"{name} {extra.shape} does not match {n} patches")
     attrs = coords_attrs(grid, plan, info)
     with AtomicH5File(path) as out:  # a refused write: one OutputWriteError, no temporary
         fh = out.file
         coords = fh.create_dataset("coords", data=grid.coords.astype(np.int64))
         fh.create_dataset("tissue_fraction", data=grid.tissue_fraction.astype(np.float32))
+        if patch_labels is not None:
+            fh.create_dataset("patch_labels", data=patch_labels.astype(np.int8))
+        if tumour_fraction is not None:
+            fh.create_dataset("tumour_fraction", data=tumour_fraction.astype(np.float32))
         for key, value in attrs.items():
             coords.attrs[key] = value
+            fh.attrs[key] = value
+        for key, value in (provenance or {}).items():
             fh.attrs[key] = value
 
 
