@@ -458,11 +458,17 @@ def reason_lines(summary: PrepareSummary) -> list[str]:
 def print_summary(console: Console, summary: PrepareSummary) -> None:
     """The end of a ``prepare`` run: on a terminal the table, then (terminal and log alike)
     one unwrapped line per failure or note; a log already holds a line per slide."""
-    if not is_log(console):
-        console.print(summary_table(summary))
     write = log_writer(console)
+    if is_log(console):
+        write("Preparation summary")
+    else:
+        console.print(summary_table(summary))
     for line in reason_lines(summary):
         write(line)
+    if summary.inference:
+        write(f"encoder ran as: {summary.inference}")
+    for note in summary.inference_notes:
+        write(f"  {note}")
 
 
 def summary_line(summary: PrepareSummary) -> str:

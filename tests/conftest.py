@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,3 +16,20 @@ def flower_task() -> Iterator[None]:
 
     with task_identity():
         yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Exported encoder graphs and backend choices go to a session folder, not ~/.cache.
+
+    Subprocesses inherit it, so every `fedpath prepare` a test starts shares one export per
+    encoder instead of exporting and measuring in each.
+    """
+    CACHE_ENV = "FEDPATH_CACHE_DIR"  # client.embed.backends.CACHE_ENV (not imported: torch)
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("fedpath-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous

@@ -70,6 +70,7 @@ from common.hashing import SAMPLE_SCHEME, sha256_file, sha256_json
 from common.locking import LOCK_NAME, exclusive_directory
 
 if TYPE_CHECKING:  # the encoder (torch) is imported only by runs that embed
+    from client.embed.inference import InferencePlan
     from client.embed.registry import LoadedEncoder
 
 
@@ -748,18 +749,21 @@ def _prepare_locked(
     """The body of ``prepare_site``, run while this process owns ``out``."""
 
     encoder: LoadedEncoder | None = None
+    inference: InferencePlan | None = None
     precision, cosine = PATCH_ONLY, None
     site_config: dict[str, Any] = {}
     if cfg.patch_only:  # no encoder: nothing of torch is imported
         layout = SiteLayout(out, encoder_dir_name(cfg.embedding.encoder))
         sink.site_started(len(parsed.rows) + len(parsed.rejected), "none", PATCH_ONLY)
     else:
-        from client.embed.extract import choose_precision
+        from client.embed.inference import plan_inference
         from client.embed.registry import load_encoder
 
         sink.stage_started("encoder", cfg.embedding.encoder)
         encoder = load_encoder(cfg.embedding.encoder, cfg.embedding.weights_path)
-        precision, cosine = choose_precision(encoder, cfg.embedding)
+        sink.stage_started("inference plan", encoder.spec.id)
+        inference = plan_inference(encoder, cfg.embedding)  # device, engine, precision, batch
+        precision, cosine = inference.precision, inference.precision_cosine
         layout = SiteLayout(out, encoder_dir_name(encoder.spec.id))
         site_config = features_config(cfg, encoder, precision)
         sink.site_started(len(parsed.rows) + len(parsed.rejected), encoder.spec.id, precision)
@@ -801,6 +805,8 @@ def _prepare_locked(
         embed_seconds=embed_seconds,
         site_error=site_error,
         patch_only=encoder is None,
+        inference=inference.describe() if inference is not None else "",
+        inference_notes=inference.notes if inference is not None else (),
     )
 
 

@@ -74,6 +74,10 @@ class PrepareSummary:
     embed_seconds: float
     site_error: str | None = None
     """Why ``prepared.csv`` / ``site.json`` could not be written (the run then exits 1)."""
+    inference: str = ""
+    """How the encoder ran: engine, device, precision, batch (``InferencePlan.describe``)."""
+    inference_notes: tuple[str, ...] = ()
+    """What deciding it did: an export, a measurement, an engine refused by the cosine gate."""
     patch_only: bool = False
     """The run cut patches only (``patches.csv``, no feature bags, no ``site.json``)."""
 
