@@ -317,3 +317,22 @@ def test_local_train_in_a_log_writes_a_line_per_epoch(
     epochs = [line for line in text.splitlines() if line.startswith("epochs ")]
     assert [line.split(":")[0] for line in epochs] == ["epochs 1/3", "epochs 2/3", "epochs 3/3"]
     assert all(" loss " in line and " auc " in line for line in epochs), epochs
+
+
+def test_a_terminal_keeps_its_bars_through_every_event() -> None:
+    console = Console(file=io.StringIO(), width=80, force_terminal=True)
+    with RichPrepareEvents(console) as events:
+        events.stage_started("encoder", "tiny_cnn")
+        events.site_started(2, "tiny_cnn", "float32")
+        events.stage_started("tissue", "s1")
+        events.slide_started("s1", 10)
+        events.patches_embedded(10)
+        events.stage_started("outputs", "s1")
+        events.slide_finished(_done("s1", 10, 3.0))
+        events.slide_finished(
+            SlideRecord(slide_id="s2", state="failed", stage="tissue", reason="no tissue found")
+        )
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", console.file.getvalue())  # type: ignore[attr-defined]
+    assert "loading encoder tiny_cnn" in text and "encoder tiny_cnn (float32)" in text
+    assert "failed s2 (at tissue): no tissue found" in text
+    assert "━" in text  # the bars are drawn
