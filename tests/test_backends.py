@@ -240,3 +240,42 @@ def test_cuda_plan_and_extraction(tiny: LoadedEncoder, slide: WsiReader) -> None
 def test_cpu_eager_runner_reports_cpu(tiny: LoadedEncoder) -> None:
     runner = get_runner(tiny, "float32", 4, jit=False, pixels=True)
     assert runner.device.type == "cpu"
+
+
+def _one_slide_manifest(tmp_path: Path) -> Path:
+    (tmp_path / "slides").mkdir()
+    write_pyramid(tmp_path / "slides" / "tex.tif", _textured_image())
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("slide_id,path,label\ntex,slides/tex.tif,normal\n")
+    return manifest
+
+
+def test_prepare_cli_refuses_an_absent_gpu_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.cli import EXIT_USAGE, main
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    out = tmp_path / "out"
+    argv = ["prepare", "--manifest", str(_one_slide_manifest(tmp_path)), "--out", str(out)]
+    code = main([*argv, "--encoder", "tiny_cnn", "--device", "cuda:0"])
+    text = capsys.readouterr().out
+    assert code == EXIT_USAGE
+    assert "device 'cuda:0' asked for, but torch sees no CUDA GPU here" in text
+    assert not list(out.rglob("*.h5")), "nothing embedded"
+
+
+@pytest.mark.slow
+def test_prepare_cli_reports_the_engine_it_ran(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.cli import EXIT_OK, main
+
+    out = tmp_path / "out"
+    argv = ["prepare", "--manifest", str(_one_slide_manifest(tmp_path)), "--out", str(out)]
+    code = main([*argv, "--encoder", "tiny_cnn", "--backend", "onnx", "--patch-size", "64"])
+    text = capsys.readouterr().out
+    assert code == EXIT_OK, text
+    assert "encoder ran as: onnx on cpu, float32, batch 8" in text
+    assert list(out.rglob("tex.h5"))
