@@ -36,12 +36,29 @@ HEARTBEAT_SECONDS = 30.0
 
 STAGE_TEXT = {
     "encoder": "loading encoder",
+    "inference plan": "planning how the encoder runs",
     "tissue": "segmenting tissue and placing patches",
     "annotation": "labelling patches from the annotation",
     "embedding": "embedding patches",
     "outputs": "writing coordinates and QC pictures",
 }
 """What a person reads for each stage the pipeline announces (``PrepareEvents.stage_started``)."""
+
+SLIDE_STAGES = frozenset({"tissue", "annotation", "embedding", "outputs"})
+"""Stages whose subject is a slide id; the others (encoder, inference plan) concern the run."""
+
+
+def site_stage_line(stage: str, subject: str) -> str:
+    """The line that says a run-wide step began (its subject: the encoder)."""
+    if stage == "encoder":
+        return f"loading encoder {subject}"
+    if stage == "inference plan":
+        return (
+            f"planning how {subject} runs: device, precision, engine (the first run on a "
+            "machine exports the encoder and measures the engines)"
+        )
+    return f"{STAGE_TEXT.get(stage, stage)} {subject}"
+
 
 _STATE_STYLE = {"done": "green", "reused": "cyan", "failed": "bold red"}
 
@@ -176,9 +193,9 @@ class LogPrepareEvents:
     def stage_started(self, stage: str, subject: str) -> None:
         with self._lock:
             self._stage, self._stage_since = stage, self._clock()
-            if stage == "encoder":
+            if stage not in SLIDE_STAGES:
                 self._slide = None
-                self._line(f"loading encoder {subject}")
+                self._line(site_stage_line(stage, subject))
                 return
             self._slide = subject
             if stage == "tissue":  # a slide's first step: the log says which slide is on
@@ -366,8 +383,8 @@ class RichPrepareEvents:
         self._progress.__exit__(exc_type, exc, tb)
 
     def stage_started(self, stage: str, subject: str) -> None:
-        if stage == "encoder":
-            self._progress.console.print(f"{self._site}loading encoder {escape(subject)}")
+        if stage not in SLIDE_STAGES:
+            self._progress.console.print(f"{self._site}{escape(site_stage_line(stage, subject))}")
         elif self._patches is not None:
             self._progress.reset(
                 self._patches,

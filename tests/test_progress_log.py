@@ -103,6 +103,11 @@ def test_a_silent_step_gets_a_heartbeat_naming_it() -> None:
     clock.now += 2
     events.tick()
     assert lines[-1] == "still loading encoder after 31 s"
+    events.stage_started("inference plan", "virchow2")  # exports and measures on first use
+    assert lines[-1].startswith("planning how virchow2 runs: device, precision, engine")
+    clock.now += 40
+    events.tick()
+    assert lines[-1] == "still planning how the encoder runs after 40 s"
     events.site_started(1, "virchow2", "bfloat16")
     events.stage_started("tissue", "big")
     clock.now += 95
@@ -222,6 +227,8 @@ def _assert_log(text: str, manifest: Path) -> None:
     # each failure is one whole line, when it happens and again at the end
     assert lines.count(failed_bad) == 2, text
     assert lines.count(failed_gone) == 2, text
+    assert "loading encoder tiny_cnn" in lines
+    assert any(line.startswith("planning how tiny_cnn runs: ") for line in lines), text
     assert "slide 2/3 good: segmenting tissue and placing patches" in lines
     started = [line for line in lines if line.startswith("slide 2/3 good: started, ")]
     assert started and started[0].endswith(" patches to embed")
