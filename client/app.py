@@ -17,7 +17,12 @@ the privacy ledger in the data directory and the run's ``Context.state`` keep wh
 ``torch-threads=N`` caps torch's threads for training and evaluation when several nodes share
 one machine (:mod:`client.threads`); ``bag-cache-mib=N`` caps the memory the resident worker
 keeps a run's feature bags in between messages (default 512, 0 = off;
-:mod:`client.training.bag_cache`).
+:mod:`client.training.bag_cache`). ``device="cuda:1"`` chooses where this hospital trains and
+evaluates (``auto | cpu | cuda | cuda:N | mps``, default auto: a GPU when torch sees one;
+:mod:`client.node_device`); the server's run config cannot choose it. Each train and evaluate
+message writes one line to the SuperNode's log saying which device ran it and in which
+precision; the device is not sent to the server (the reply's metrics are a fixed allow-list of
+numbers).
 
 A handler that fails replies with a Flower error message (reason = the fedpath error text),
 never with partial content: the server logs it and asks that site again next round.
@@ -25,6 +30,7 @@ never with partial content: the server logs it and asks that site again next rou
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -142,17 +148,44 @@ def _site_privacy(context: Context, site: str) -> SitePrivacy:
     return SitePrivacy(budget=budget, run_id=str(context.run_id), site=site, carried=carried)
 
 
+def log_line(text: str) -> None:
+    """One line in the SuperNode's log (this process's stderr, or the resident worker's,
+    which writes where the SuperNode does); never part of a reply."""
+    print(f"fedpath: {text}", file=sys.stderr, flush=True)
+
+
+def _train_line(site: str, instructions: RoundInstructions, device: Any, metrics: dict) -> str:
+    """What the round trained on, for the log: device, precision, slides, seconds."""
+    from client.training.trainer import resolve_precision
+    from common.device import describe_device
+
+    head = f"{site}: train round {instructions.server_round}"
+    if metrics.get("budget-exhausted") == 1.0:
+        return f"{head}: not trained (privacy budget exhausted)"
+    precision = resolve_precision(
+        instructions.train.precision, device, private=instructions.dp.enabled
+    )
+    return (
+        f"{head} on {describe_device(device)} in {precision}: "
+        f"{int(metrics['num-examples'])} slides, {metrics['seconds']:.1f} s"
+    )
+
+
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """Local epochs on the site's training split, starting from the global model."""
     from client.federated import train_on_site
+    from client.node_device import node_device
     from common.federation import ARRAYS_KEY, METRICS_KEY, TRAIN_METRICS
 
     data, site = site_of(context)
     privacy = _site_privacy(context, site)
+    device = node_device(context.node_config)
+    instructions = _instructions(content)
     with torch_threads(node_torch_threads(context.node_config)):
         weights, metrics = train_on_site(
-            data, _instructions(content), _global_state(content), privacy
+            data, instructions, _global_state(content), privacy, device=device
         )
+    log_line(_train_line(site, instructions, device, metrics))
     if privacy.dataset_id is not None:
         from client.privacy_ledger import entries_to_state
 
@@ -168,11 +201,20 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
 def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     """Score the global model on the split the server names (val each round, test at the end)."""
     from client.federated import evaluate_on_site
+    from client.node_device import node_device
+    from common.device import describe_device
     from common.federation import EVALUATE_METRICS, METRICS_KEY
 
-    data, _ = site_of(context)
+    data, site = site_of(context)
+    device = node_device(context.node_config)
+    instructions = _instructions(content)
     with torch_threads(node_torch_threads(context.node_config)):
-        metrics = evaluate_on_site(data, _instructions(content), _global_state(content))
+        metrics = evaluate_on_site(data, instructions, _global_state(content), device=device)
+    log_line(
+        f"{site}: evaluate ({instructions.eval_split}) round {instructions.server_round} on "
+        f"{describe_device(device)} in float32: {int(metrics['num-examples'])} slides, "
+        f"{float(metrics['seconds']):.1f} s"
+    )
     return RecordDict({METRICS_KEY: MetricRecord(check_reply_metrics(metrics, EVALUATE_METRICS))})
 
 

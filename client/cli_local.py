@@ -12,6 +12,11 @@ labels and the slide ids of every split, so ``eval`` scores exactly the slides h
 after ``eval``, ``predictions_<split>.csv`` and ``eval_<split>.json``; ``heatmaps`` writes
 ``heatmaps/<slide_id>.png`` (by default inside the run). All of it stays on the hospital's disk.
 
+``--device`` (``auto | cpu | cuda | cuda:N | mps``; for ``train`` also ``device`` at the top of
+its TOML) chooses where the model runs, resolved before anything is read or written: a GPU
+asked for by name that torch does not see stops the command with nothing done. The device
+that ran is printed and recorded in ``config.json`` / ``eval_<split>.json``.
+
 A slide whose feature file cannot be used is skipped with its reason on screen (recorded in
 ``config.json`` / ``eval_<split>.json``) and the command goes on with the others, ending with
 exit code 1; a split left with no usable slide stops the command.
@@ -36,10 +41,13 @@ from client.prepare.records import SITE_FILE
 from client.site_facts import read_site
 from client.training.train_config import TrainConfig
 from common.configbase import StrictModel
+from common.device import DEVICE_HELP, DeviceName
 from common.errors import ConfigError
 from common.mil.config import ModelConfig
 
 if TYPE_CHECKING:
+    import torch
+
     from client.progress import LogProgress
     from client.training.bags import BagSkips
     from client.training.evaluate import EvaluationResult
@@ -57,10 +65,29 @@ EVAL_SPLITS = ("test", "val", "train", "all")
 
 
 class LocalTrainConfig(StrictModel):
-    """The TOML file of ``fedpath local train``: a ``[model]`` and a ``[train]`` section."""
+    """The TOML file of ``fedpath local train``: a ``[model]`` and a ``[train]`` section, and
+    ``device`` at its top (before the sections, as TOML wants top-level keys).
 
+    ``device`` is not part of ``[train]``: that section is also what a federated run sends to
+    every site, and which of its own devices a hospital trains on is the hospital's choice
+    (the node's ``device`` setting), never the server's.
+    """
+
+    device: DeviceName = Field("auto", description=f"where to train: {DEVICE_HELP}")
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _on_device(name: str) -> tuple[torch.device, str]:
+    """The device ``name`` stands for here and its label; ``DeviceError`` (exit 2) if absent.
+
+    Called before a command reads a bag or writes a file, so asking for a GPU this machine
+    lacks costs nothing and leaves nothing behind.
+    """
+    from common.device import describe_device, resolve_device
+
+    device = resolve_device(name)
+    return device, describe_device(device)
 
 
 def _labels(args_labels: str | None, site: dict[str, Any], where: Path) -> tuple[str, ...]:
@@ -179,8 +206,10 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
             "seed": args.seed,
             "supervision": {"mode": args.mode},
         },
+        "device": args.device,
     }
     cfg = build_config(LocalTrainConfig, args.config, overrides)
+    device, device_label = _on_device(cfg.device)
 
     entries = load_site_index(data, labels)
     try:
@@ -195,7 +224,7 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
     console.print(
         f"site {data}: {len(train_bags)} train / {len(val_bags)} val / "
         f"{len(splits['test'])} test slides; model {cfg.model.kind}, "
-        f"{cfg.train.supervision.mode} supervision"
+        f"{cfg.train.supervision.mode} supervision; device {device_label}"
     )
 
     run: Path = args.out
@@ -203,6 +232,7 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
+    model.to(device)  # after the seeded build: the same initial weights on every device
 
     lines: list[str] = []
     with _progress(console) as progress:
@@ -242,9 +272,12 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
             "skipped": _skipped_json(skips),
             "best_epoch": result.best_epoch,
             "stopped_early": result.stopped_early,
+            "device": result.device,
+            "precision": result.precision,
             "calibration": calibration.model_dump(mode="json"),
         },
     )
+    console.print(f"trained on {result.device} in {result.precision}")
     console.print(_best_epoch_line(result, cfg.train))
     console.print(f"calibration on the val split: {calibration.describe()}")
     if val_scores is not None and calibration.fitted:
@@ -327,7 +360,9 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
 
     data: Path = args.data
     run: Path = args.run
+    device, device_label = _on_device(args.device or "auto")
     opened = _open_run(run, data)
+    opened.model.to(device)
     labels = opened.labels
     calibration = None if args.uncalibrated else load_calibration(run / MODEL_FILE)
     chosen = _split_entries(load_site_index(data, labels), opened.config, args.split, data, run)
@@ -367,6 +402,7 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
             **result.to_json(),
             "skipped": _skipped_json(skips),
             "not_held_out": not_held_out,
+            "device": device_label,
         },
     )
 
@@ -375,6 +411,7 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
         console.print(f"[bold yellow]not a held-out estimate:[/] {not_held_out}")
     for line in _calibration_notes(result, args.uncalibrated):
         console.print(line)
+    console.print(f"scored on {device_label} (float32)")
     console.print(f"wrote {csv_path} and {json_path}")
     if skips.skipped:
         console.print(_skipped_line(skips))
@@ -497,7 +534,9 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
     data: Path = args.data
     run: Path = args.run
     cfg = build_config(HeatmapConfig, None, {"top_k": args.top_k})
+    device, device_label = _on_device(args.device or "auto")
     opened = _open_run(run, data)
+    opened.model.to(device)
     labels = opened.labels
     split = args.split or ("all" if args.slides else "test")
     chosen = _split_entries(load_site_index(data, labels), opened.config, split, data, run)
@@ -544,6 +583,7 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
             on_slide=on_slide,
         )
     written = len(records) - len(failed)
+    console.print(f"model run on {device_label}")
     console.print(f"wrote {written} heatmap(s) to {out}")
     if warned:  # a warning scrolled past among many slides must not read as "all fine"
         console.print(
@@ -557,6 +597,13 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
         )
         return EXIT_PARTIAL
     return EXIT_OK
+
+
+def _add_device(parser: Any, what: str, more: str) -> None:
+    parser.add_argument(
+        "--device",
+        help=f"where to {what}: {DEVICE_HELP}{more} (default auto)",
+    )
 
 
 def add_local_commands(sub: Any) -> None:
@@ -582,6 +629,7 @@ def add_local_commands(sub: Any) -> None:
     tr.add_argument("--fold", type=int, default=0, help="test fold when no split column (0)")
     tr.add_argument("--folds", type=int, default=5, help="number of folds (5)")
     tr.add_argument("--labels", help="comma-separated labels (default: site.json)")
+    _add_device(tr, "train on", "; or device = ... at the top of --config")
     tr.set_defaults(handler=cmd_local_train)
 
     ev = local_sub.add_parser(
@@ -604,6 +652,7 @@ def add_local_commands(sub: Any) -> None:
         action="store_true",
         help="ignore the calibration stored with the model (raw probabilities, argmax)",
     )
+    _add_device(ev, "score on", "")
     ev.set_defaults(handler=cmd_local_eval)
 
     hm = local_sub.add_parser(
@@ -632,4 +681,5 @@ def add_local_commands(sub: Any) -> None:
     hm.add_argument("--slides", help="comma-separated slide ids (e.g. id1,id2)")
     hm.add_argument("--top-k", type=int, default=8, help="top attended patches shown (8)")
     hm.add_argument("--out", type=Path, help="folder for the PNGs (default RUN/heatmaps)")
+    _add_device(hm, "run the model on", "")
     hm.set_defaults(handler=cmd_local_heatmaps)

@@ -46,6 +46,9 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
         from client.threads import NODE_THREADS_KEY, node_torch_threads
 
         node_config[NODE_THREADS_KEY] = node_torch_threads({NODE_THREADS_KEY: threads})
+    device = getattr(args, "device", None)
+    if device is not None:
+        node_config["device"] = check_node_device(device)
     budget = getattr(args, "privacy_budget", None)
     delta = getattr(args, "privacy_delta", None)
     if budget is not None or delta is not None:
@@ -80,6 +83,23 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
         "--auth-supernode-private-key",
         str(args.key),
     ]
+
+
+def check_node_device(name: str) -> str:
+    """The node's ``--device``, spelling checked and, when it names a GPU, present here.
+
+    Refused now rather than at round 1, where the hospital would see only an error reply in
+    the coordinator's log. ``auto`` and ``cpu`` are always there and need no torch import
+    (this command starts fast); a GPU name is resolved by torch (``DeviceError`` if absent).
+    """
+    from client.node_device import NODE_DEVICE_KEY, node_device_name
+
+    wanted = node_device_name({NODE_DEVICE_KEY: name})
+    if wanted not in ("auto", "cpu"):
+        from common.device import resolve_device
+
+        resolve_device(wanted)
+    return wanted
 
 
 def check_port_free(port: int) -> None:
@@ -199,6 +219,11 @@ def add_node_command(sub: Any) -> None:
         type=int,
         help="intra-op threads for training and evaluation (default: every core; set it when "
         "several nodes or other heavy jobs share this machine)",
+    )
+    node.add_argument(
+        "--device",
+        help="where this hospital trains and evaluates: auto | cpu | cuda | cuda:N | mps "
+        "(default auto: a GPU when torch sees one, else the CPU); the server cannot choose it",
     )
     node.add_argument("--print-only", action="store_true", help="print the command, do not run")
     node.set_defaults(handler=cmd_node)

@@ -15,6 +15,11 @@ A slide whose feature file cannot be used (NaN features, another encoder, a trun
 left out of the round and reported through ``on_skip`` (by default a warning in the
 SuperNode's log, naming the file and the problem); the reply carries only how many were
 skipped. The round fails only when a split that has slides has no usable one left.
+
+Training and evaluation run on the ``device`` the caller passes (the ClientApp takes it from
+the node config, :mod:`client.node_device`; default the CPU): the global model is loaded on
+the CPU, checked, then moved there, and the weights that go back are CPU numpy arrays
+whatever device trained them.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from common.calibration import (
     nll_on_grid,
     score_histogram,
 )
+from common.device import describe_device
 from common.errors import ConfigError
 from common.federation import (
     COUNT_LISTS,
@@ -97,8 +103,13 @@ def load_splits(data_dir: Path, instructions: RoundInstructions) -> SiteSplits:
     return SiteSplits(splits["train"], splits["val"], splits["test"])
 
 
-def load_global_model(instructions: RoundInstructions, state: Mapping[str, np.ndarray]) -> MILModel:
-    """Build the run's architecture and load the server's weights into it, checked by name."""
+def load_global_model(
+    instructions: RoundInstructions,
+    state: Mapping[str, np.ndarray],
+    device: torch.device | None = None,
+) -> MILModel:
+    """Build the run's architecture and load the server's weights into it, checked by name;
+    then move it to ``device`` (the trainers and scorers run where the model is)."""
     with torch.random.fork_rng(devices=[]):
         model = build_model(instructions.model)
     own = model.state_dict()
@@ -119,7 +130,7 @@ def load_global_model(instructions: RoundInstructions, state: Mapping[str, np.nd
             )
         tensors[key] = tensor.to(own[key].dtype)
     model.load_state_dict(tensors)
-    return model
+    return model if device is None else model.to(device)
 
 
 def _supervised_loss(history_last: Any, instructions: RoundInstructions) -> float:
@@ -159,6 +170,7 @@ def input_digest(
     instructions: RoundInstructions,
     state: Mapping[str, np.ndarray],
     skipped: Sequence[str] = (),
+    device: str | None = None,
 ) -> str:
     """sha256 of what the site is asked to train (instructions + global model): two messages
     with the same digest make the site release the identical update.
@@ -167,6 +179,12 @@ def input_digest(
     after the file was fixed trains on other slides, so it must be a new ledger entry with its
     own noise, never a second release under the recorded round's seed. With nothing skipped
     the digest is what it always was, so ledgers written before skipping existed still match.
+
+    ``device`` (:func:`common.device.describe_device` of a device other than the CPU) is part
+    of it too: the same secret seed draws different noise on another device, so a round
+    retried after the node moved to a GPU (or another GPU) is a new release with its own
+    ledger entry, never a second, differently noised release counted once. On the CPU the
+    digest is what it was before devices existed.
     """
     digest = hashlib.sha256(instructions.to_json().encode("utf-8"))
     for key in sorted(state):
@@ -175,6 +193,8 @@ def input_digest(
         digest.update(array.tobytes())
     if skipped:
         digest.update(("skipped:" + "\n".join(sorted(skipped))).encode("utf-8"))
+    if device is not None and device != "cpu":
+        digest.update(f"device:{device}".encode())
     return digest.hexdigest()
 
 
@@ -200,6 +220,7 @@ def train_on_site(
     state: Mapping[str, np.ndarray],
     privacy: SitePrivacy | None = None,
     on_skip: OnSkip | None = None,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Train the global model for the round's local epochs; return weights and metrics.
 
@@ -215,12 +236,15 @@ def train_on_site(
     Slides with unusable feature files are skipped (``on_skip`` hears of each; default: the
     log) and are not part of the round's dataset: ``num-examples``, the aggregation weight and
     DP-SGD's sampling rate all count the slides actually trained on.
+
+    The model trains on ``device`` (default: the CPU); the weights come back as CPU arrays.
     """
     began = time.perf_counter()
     privacy = privacy or SitePrivacy(budget=NodeBudget(), run_id="")
     skips = BagSkips(on_skip)
+    device = device if device is not None else torch.device("cpu")
     if instructions.dp.enabled:
-        return _train_private_on_site(data_dir, instructions, state, privacy, began, skips)
+        return _train_private_on_site(data_dir, instructions, state, privacy, began, skips, device)
     if privacy.budget.epsilon is not None:
         raise ConfigError(
             f"this site has a privacy budget (privacy-budget = {privacy.budget.epsilon:g}) but "
@@ -228,7 +252,7 @@ def train_on_site(
             "or dp-target-epsilon set"
         )
     splits = load_splits(data_dir, instructions)
-    model = load_global_model(instructions, state)
+    model = load_global_model(instructions, state, device)
     train_bags = skips.bags("train", splits.train, instructions.model.feature_dim)
     result = train(model, train_bags, [], instructions.train, start_epoch=instructions.start_epoch)
     weights = {k: v.detach().cpu().numpy() for k, v in result.model.state_dict().items()}
@@ -264,6 +288,7 @@ def _train_private_on_site(
     privacy: SitePrivacy,
     began: float,
     skips: BagSkips,
+    device: torch.device,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """DP-SGD on the usable training slides only; the ledger entry is for exactly those.
 
@@ -282,7 +307,7 @@ def _train_private_on_site(
     n_train = len(train_bags)
     if privacy.budget.delta is not None:
         check_delta(privacy.budget.delta, n_train)  # the lifetime δ, like the run's
-    model = load_global_model(instructions, state)
+    model = load_global_model(instructions, state, device)
     check_private_model(model)
     planned = plan_private_training(dp, n_train, instructions.train.epochs)
     # The dataset's identity is the prepared site, skipped slides included: it must not change
@@ -294,7 +319,12 @@ def _train_private_on_site(
     entry = LedgerEntry(
         run=run,
         round=instructions.server_round,
-        input_sha256=input_digest(instructions, state, [s.entry.slide_id for s in skips.skipped]),
+        input_sha256=input_digest(
+            instructions,
+            state,
+            [s.entry.slide_id for s in skips.skipped],
+            describe_device(device),
+        ),
         site=privacy.site or data_dir.name,
         noise_multiplier=planned.noise_multiplier,
         sample_rate=planned.sample_rate,
@@ -343,6 +373,7 @@ def evaluate_on_site(
     instructions: RoundInstructions,
     state: Mapping[str, np.ndarray],
     on_skip: OnSkip | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, MetricValue]:
     """Score the global model on the site's ``eval_split``; aggregate metrics only.
 
@@ -351,7 +382,8 @@ def evaluate_on_site(
     A split without slides (e.g. a tiny site with no test fold) reports ``num-examples`` 0,
     NaN metrics and all-zero counts rather than failing, so the server can tell "nothing to
     score" from an error. Slides with unusable feature files are skipped as in
-    :func:`train_on_site`.
+    :func:`train_on_site`. The model runs on ``device`` (default: the CPU), in float32 as in
+    ``fedpath local eval``.
     """
     began = time.perf_counter()
     splits = load_splits(data_dir, instructions)
@@ -359,7 +391,7 @@ def evaluate_on_site(
     n_labels = len(instructions.labels)
     if not entries:
         return {**_empty_evaluation(n_labels), "seconds": time.perf_counter() - began}
-    model = load_global_model(instructions, state)
+    model = load_global_model(instructions, state, device)
     dim = instructions.model.feature_dim
     skips = BagSkips(on_skip)
     # One read per bag: unusable files are skipped while scoring, not in a pass of their own.

@@ -16,6 +16,9 @@ SuperNode's process and the data directory), a socket in a 0700 directory that a
 the peer's uid, no pickle on the wire, one message at a time, and the worker exits when the
 SuperNode's runtime goes away (checked every second, also mid-message) or after a long idle
 time. A worker that dies is simply started again by the next message.
+
+On a node whose ``device`` is a GPU (:mod:`client.node_device`) the worker is where CUDA is
+initialised, once: its context outlives the messages, the cached GPU memory does not.
 """
 
 from __future__ import annotations
@@ -72,6 +75,17 @@ def _release_memory() -> None:
     _freeze_survivors()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    _release_gpu_memory()
+
+
+def _release_gpu_memory() -> None:
+    """Give the GPU memory torch's caching allocator holds back between messages: a node
+    that trained on the hospital's GPU should not keep it occupied for the hours until the
+    next round (other jobs, or the other nodes of the machine, need it). The CUDA context
+    itself stays, so the next message does not pay for its start-up again."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 def _freeze_survivors() -> None:

@@ -290,10 +290,25 @@ def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(trainer, "fast_bf16_cpu", lambda: True)
     assert resolve_precision("auto", cpu) == "bfloat16"
     assert resolve_precision("float32", cpu) == "float32"
-    assert resolve_precision("auto", torch.device("cuda")) == "float32"  # untested there
     assert train(_model(), TRAIN, [], _cfg(epochs=1)).precision == "bfloat16"
     with pytest.raises(ValueError, match="unknown precision"):
         resolve_precision("float16", cpu)
+
+
+def test_auto_precision_on_a_gpu_is_its_native_low_precision(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """bfloat16 where the GPU computes it natively; else float16 for the plain trainer and
+    float32 for DP-SGD, whose per-slide gradients cannot be loss-scaled; MPS keeps float32."""
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(trainer, "cuda_bf16", lambda device: True)
+    assert resolve_precision("auto", cuda) == "bfloat16"
+    assert resolve_precision("auto", cuda, private=True) == "bfloat16"
+    monkeypatch.setattr(trainer, "cuda_bf16", lambda device: False)
+    assert resolve_precision("auto", cuda) == "float16"
+    assert resolve_precision("auto", cuda, private=True) == "float32"
+    assert resolve_precision("float32", cuda) == "float32"  # asked for explicitly
+    assert resolve_precision("auto", torch.device("mps")) == "float32"
 
 
 def test_bfloat16_training_tracks_float32() -> None:

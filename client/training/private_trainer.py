@@ -38,6 +38,18 @@ float32 vector of norm ≤ C and the sum gets noise of std σ·C, whatever arith
 the unclipped gradient (``tests/test_private_trainer`` checks both under bfloat16). A
 rounded forward pass changes which gradient a slide proposes, never how much it can move
 the update. ``precision="float32"`` is the float32 trainer it always was.
+
+**Devices.** Training runs where the model's parameters are (a CUDA GPU, MPS or the CPU):
+each slide's gradient, the stacked ``grad_sample``, Opacus' per-slide norms, clipping and
+sum, and the noise, drawn from a generator on that same device, never leave it. The
+accounting does not depend on the device: σ, q and the step count are planned before
+training from public settings and N alone. On a GPU ``auto`` precision is bfloat16 where the
+GPU computes it natively and float32 otherwise, never float16
+(:func:`~client.training.trainer.resolve_precision` says why). The same secret seed draws
+different noise on another kind of device, so the federated client counts a round retried
+on another device as a new release (``client.federated.input_digest``). CUDA kernels are
+not all bit-reproducible (atomic additions in some backward passes): a round retried on the
+same GPU releases the same noise on a gradient that may differ in its last bits.
 """
 
 from __future__ import annotations
@@ -182,7 +194,7 @@ def slide_gradient(
     """
     params = _parameters(model)
     device = _device(model)
-    batch = _to_device(_collate([bag], precision), device)
+    batch = _to_device(_collate([bag], precision, device), device)
     with _autocast(device, precision):
         out = model(batch.features, batch.mask)
     parts = mixed_supervision_loss(
@@ -293,7 +305,9 @@ def _private_epoch(
             used += 1
         for p, column in zip(params, per_slide, strict=True):
             p.grad_sample = (
-                torch.stack(column) if column else torch.zeros((0, *p.shape), dtype=p.dtype)
+                torch.stack(column)
+                if column
+                else torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
             )
         for group in optimiser.param_groups:
             group["lr"] = lr
@@ -335,7 +349,7 @@ def train_private(
     planned = plan_private_training(dp, len(train_bags), cfg.epochs)
     seed = secrets.randbits(64) if secret_seed is None else int(secret_seed)
     device = _device(model)
-    precision = resolve_precision(cfg.precision, device)
+    precision = resolve_precision(cfg.precision, device, private=True)
     optimiser = DPOptimizer(
         torch.optim.Adam(_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay),
         noise_multiplier=planned.noise_multiplier,

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from client.training.bags import Bag, BagBatch, collate, sample_patches
 from client.training.train_config import TrainConfig
 from common.cpuinfo import read_cpuinfo
+from common.device import describe_device
 from common.errors import FedpathError
 from common.metrics import pooled_patch_metrics, slide_metrics
 from common.mil.losses import mixed_supervision_loss
@@ -42,6 +43,7 @@ __all__ = [
     "ValidationMetrics",
     "amx_available",
     "check_finite_weights",
+    "cuda_bf16",
     "evaluate",
     "fast_bf16_cpu",
     "physical_batches",
@@ -51,7 +53,9 @@ __all__ = [
     "train",
 ]
 
-Precision = Literal["float32", "bfloat16"]
+Precision = Literal["float32", "bfloat16", "float16"]
+"""What the per-patch layers ran in. ``float16`` is never asked for in a config: ``auto`` picks
+it on a CUDA GPU without native bfloat16, for the plain trainer only (:func:`resolve_precision`)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,8 @@ class TrainResult:
 
     ``best_epoch`` is an absolute epoch index (as in ``history``). ``mean_train_loss_last_epoch``
     is the FedMix ``L_i`` of this site (DESIGN §4.6). ``precision`` is what ``cfg.precision``
-    resolved to on this machine, so a run's record says whether bfloat16 was used.
+    resolved to on this machine, so a run's record says whether bfloat16 was used, and
+    ``device`` which device trained (:func:`common.device.describe_device`).
     """
 
     model: MILModel
@@ -134,6 +139,7 @@ class TrainResult:
     mean_train_loss_last_epoch: float
     n_train_slides: int
     precision: Precision = "float32"
+    device: str = "cpu"
 
 
 def _device(model: MILModel) -> torch.device:
@@ -179,40 +185,68 @@ def fast_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return vendor == "AuthenticAMD" and "avx512_bf16" in flags
 
 
-def resolve_precision(precision: str, device: torch.device) -> Precision:
+def cuda_bf16(device: torch.device) -> bool:
+    """True when the CUDA GPU computes bfloat16 natively (compute capability 8.0, Ampere, and
+    later); older GPUs (V100, T4) only emulate it, slower than their float16 tensor cores."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
+def resolve_precision(precision: str, device: torch.device, *, private: bool = False) -> Precision:
     """The precision ``"auto"`` stands for on ``device``; explicit choices pass through.
 
-    ``auto`` is bfloat16 on a CPU where it is known to be much faster (:func:`fast_bf16_cpu`):
+    On a CPU ``auto`` is bfloat16 where it is known to be much faster (:func:`fast_bf16_cpu`):
     there a training step runs several times faster with validation loss unchanged
-    (bench/training.py). Elsewhere bfloat16 is slower than float32 (Intel AVX512-BF16 alone,
-    or emulated) or untested (CUDA), so ``auto`` keeps float32. The result records which one
+    (bench/training.py); elsewhere bfloat16 is slower than float32 (Intel AVX512-BF16 alone,
+    or emulated), so ``auto`` keeps float32.
+
+    On a CUDA GPU ``auto`` is its native low precision: bfloat16 where it computes it natively
+    (:func:`cuda_bf16`), else float16, which the plain trainer runs with a ``GradScaler``
+    (float16's narrow range would otherwise flush small gradients to zero). DP-SGD
+    (``private``) never takes float16: its per-slide gradients cannot be loss-scaled safely. An
+    unscaled float16 backward loses a slide's small gradients or overflows to Inf, and an Inf
+    norm makes the clipped gradient NaN (Inf x 0), which poisons the noisy sum; a scaler
+    that skips steps and moves its scale when a slide overflows makes a data-dependent
+    decision outside the accountant. So DP-SGD runs bfloat16 (same exponent range as float32)
+    or float32. On MPS ``auto`` keeps float32 (untested there). The result records which one
     ran (``TrainResult.precision``).
     """
     if precision == "auto":
+        if device.type == "cuda":
+            if cuda_bf16(device):
+                return "bfloat16"
+            return "float32" if private else "float16"
         return "bfloat16" if device.type == "cpu" and fast_bf16_cpu() else "float32"
     if precision not in ("float32", "bfloat16"):
         raise ValueError(f"unknown precision {precision!r}")
     return "bfloat16" if precision == "bfloat16" else "float32"
 
 
+_LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _autocast(device: torch.device, precision: Precision) -> AbstractContextManager[Any]:
-    """bfloat16 autocast for the per-patch layers; the model keeps its softmax, pooling and
-    slide head in its own precision."""
+    """Low-precision autocast for the per-patch layers; the model keeps its softmax, pooling
+    and slide head in its own precision."""
     if precision == "float32":
         return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=_LOW_PRECISION[precision])
 
 
-def _collate(bags: Sequence[Bag], precision: Precision) -> BagBatch:
-    """A batch as the precision wants it: float32 as loaded, or bfloat16 in length buckets.
+def _collate(bags: Sequence[Bag], precision: Precision, device: torch.device) -> BagBatch:
+    """A batch as the precision and device want it.
 
-    In bfloat16 the features are cast once while batching (autocast would cast them anyway)
-    and padded to :func:`~client.training.bags.bucket_length`, so oneDNN reuses its compiled
-    kernels across slides of similar length instead of compiling for every new length.
+    float32 is batched as loaded. In a low precision the features are cast once while
+    batching (autocast would cast them anyway, and half the bytes cross the bus to a GPU);
+    on a CPU they are also padded to :func:`~client.training.bags.bucket_length`, so oneDNN
+    reuses its compiled kernels across slides of similar length. A batch bound for a CUDA
+    GPU is built in pinned memory (:func:`~client.training.bags.collate`).
     """
+    pin = device.type == "cuda"
     if precision == "float32":
-        return collate(bags)
-    return collate(bags, dtype=torch.bfloat16, bucket=True)
+        return collate(bags, pin_memory=pin)
+    dtype = _LOW_PRECISION[precision]
+    return collate(bags, dtype=dtype, bucket=device.type == "cpu", pin_memory=pin)
 
 
 def physical_batches(lengths: Sequence[int], max_patches: int) -> list[list[int]]:
@@ -265,13 +299,19 @@ def patch_sampler(seed: int, epoch: int) -> torch.Generator:
 
 
 def _to_device(batch: BagBatch, device: torch.device) -> BagBatch:
+    """The batch on ``device``; copies from pinned memory run asynchronously (the stream
+    orders them before the kernels that read them)."""
     if device.type == "cpu":
         return batch
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device, non_blocking=t.is_pinned())
+
     return BagBatch(
-        features=batch.features.to(device),
-        mask=batch.mask.to(device),
-        labels=batch.labels.to(device),
-        patch_labels=tuple(p.to(device) if p is not None else None for p in batch.patch_labels),
+        features=move(batch.features),
+        mask=move(batch.mask),
+        labels=move(batch.labels),
+        patch_labels=tuple(move(p) if p is not None else None for p in batch.patch_labels),
         annotation_complete=batch.annotation_complete,
         slide_ids=batch.slide_ids,
     )
@@ -301,7 +341,7 @@ def evaluate(
     try:
         with torch.no_grad():
             for bag in bags:
-                batch = _to_device(_collate([bag], precision), device)
+                batch = _to_device(_collate([bag], precision, device), device)
                 with _autocast(device, precision):
                     out = model(batch.features, batch.mask)
                 losses.append(float(F.cross_entropy(out.logits.double(), batch.labels)))
@@ -338,12 +378,16 @@ def _train_epoch(
     cfg: TrainConfig,
     device: torch.device,
     precision: Precision,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, float, float, float, int]:
     """One epoch of steps; returns mean (total, bag, instance, attention) loss and step count.
 
     A step's loss is the mean over its slides whatever the forward passes they were split
     into (:func:`physical_batches`): each pass backpropagates its slides' share of that mean,
     so the accumulated gradient is the one of the whole step in a single padded batch.
+    With ``scaler`` (float16) each pass backpropagates the scaled loss; the step's gradient
+    is unscaled before clipping, and a step whose gradient overflowed is skipped while the
+    scale shrinks (``torch.amp.GradScaler``).
     """
     np_seed, torch_seed, gen_seed = _epoch_seeds(cfg.seed, epoch)
     rng = np.random.default_rng(np_seed)
@@ -362,7 +406,8 @@ def _train_epoch(
         step_bags = [sample_patches(bags[i], cfg.max_train_patches, patches) for i in group]
         lengths = [bag.num_patches for bag in step_bags]
         for positions in physical_batches(lengths, cfg.max_batch_patches):
-            batch = _to_device(_collate([step_bags[p] for p in positions], precision), device)
+            chosen = [step_bags[p] for p in positions]
+            batch = _to_device(_collate(chosen, precision, device), device)
             with _autocast(device, precision):
                 out = model(batch.features, batch.mask)
             parts = mixed_supervision_loss(
@@ -377,7 +422,8 @@ def _train_epoch(
                 generator,
             )
             share = len(positions) / len(group)
-            (parts.total * share).backward()
+            loss = parts.total * share
+            (loss if scaler is None else scaler.scale(loss)).backward()
             step += share * np.array(
                 [
                     float(parts.total.detach()),
@@ -386,9 +432,15 @@ def _train_epoch(
                     float(parts.attention.detach()),
                 ]
             )
+        if scaler is not None:
+            scaler.unscale_(optimiser)
         if cfg.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimiser.step()
+        if scaler is None:
+            optimiser.step()
+        else:
+            scaler.step(optimiser)
+            scaler.update()
         sums += step
     n = len(schedule)
     means = sums / n if n else np.full(4, math.nan)
@@ -419,7 +471,9 @@ def train(
     mode ignores patch labels, so boosting those slides would only skew the slide sample.
 
     ``cfg.precision`` is resolved once (:func:`resolve_precision`) and used for training and
-    validation alike; the result records it.
+    validation alike; the result records it. Training runs on the device the model's
+    parameters are on (move the model first, e.g. to ``common.device.resolve_device``'s
+    choice): batches follow it, and so do the optimiser's state and the dropout RNG.
     """
     if not train_bags:
         raise ValueError("no training bags")
@@ -427,6 +481,7 @@ def train(
         raise ValueError(f"start_epoch must be >= 0; got {start_epoch}")
     device = _device(model)
     precision = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision == "float16" else None
     labels = np.asarray([b.entry.label for b in train_bags], dtype=np.int64)
     mixed = cfg.supervision.mode == "mixed"
     annotated = np.asarray([mixed and b.patch_labels is not None for b in train_bags], dtype=bool)
@@ -436,7 +491,16 @@ def train(
 
         def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
             *losses, n_steps = _train_epoch(
-                model, optimiser, train_bags, labels, annotated, epoch, cfg, device, precision
+                model,
+                optimiser,
+                train_bags,
+                labels,
+                annotated,
+                epoch,
+                cfg,
+                device,
+                precision,
+                scaler,
             )
             return losses, n_steps
 
@@ -557,4 +621,5 @@ def run_epochs(
         mean_train_loss_last_epoch=history[-1].train_loss,
         n_train_slides=len(train_bags),
         precision=precision,
+        device=describe_device(_device(model)),
     )

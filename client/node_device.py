@@ -1,0 +1,47 @@
+"""Which device a hospital's node trains and evaluates on: its node config key ``device``.
+
+The device is the hospital's choice, like its data folder and its thread cap: it is read from
+the SuperNode's node config (``fedpath node --device cuda:1`` writes it there), never from the
+run config or the round instructions, which the server writes for every site alike. The
+spelling and the resolution are ``common.device``'s, as for ``prepare`` and ``local train``.
+
+Kept free of torch at import: the ClientApp's message process imports this module and must
+stay light when it only forwards to the resident worker; torch is imported where the device
+is resolved, inside the handlers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from common.device import DEVICE_HELP, check_device_name
+from common.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["NODE_DEVICE_KEY", "node_device", "node_device_name"]
+
+NODE_DEVICE_KEY = "device"
+
+
+def node_device_name(node_config: Mapping[str, Any]) -> str:
+    """The node's ``device`` setting, normalised (default ``auto``); ConfigError if misspelt."""
+    value = node_config.get(NODE_DEVICE_KEY)
+    if value is None or value == "":
+        return "auto"
+    if not isinstance(value, str):
+        raise ConfigError(f"node config {NODE_DEVICE_KEY} must be {DEVICE_HELP}; got {value!r}")
+    try:
+        return check_device_name(value)
+    except ValueError as exc:
+        raise ConfigError(f"node config {exc}") from exc
+
+
+def node_device(node_config: Mapping[str, Any]) -> torch.device:
+    """The torch device the node's setting stands for here; ``DeviceError`` if it is absent
+    (a GPU asked for by name that torch does not see is never replaced by the CPU)."""
+    from common.device import resolve_device
+
+    return resolve_device(node_device_name(node_config))
