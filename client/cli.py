@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.markup import escape
+from typing import TYPE_CHECKING, Any
 
 from common.errors import ConfigError, FedpathError, ManifestError
+
+if TYPE_CHECKING:  # rich is imported once a command runs: --help needs none of it
+    from rich.console import Console
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE = 0, 1, 2
 
@@ -189,8 +189,11 @@ def cmd_encoders(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; built on demand, never at import."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; built on demand, never at import.
+
+    With ``command`` (the one about to run) only that command's module is imported and its
+    parser built; the other commands are listed by name and help. None builds every parser."""
     parser = argparse.ArgumentParser(
         prog="fedpath",
         description="Federated attention-MIL for computational pathology: hospital and "
@@ -204,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Validate the manifest, then for each slide: read it with OpenSlide, segment "
             "tissue, cut patches, turn annotations into patch labels, embed the patches and "
-            "write an HDF5 feature bag. Resumable: finished slides are reused."
+            "write an HDF5 feature bag. Resumable: finished slides are reused. With "
+            "--patch-only it stops before embedding (no model needed); a later run embeds "
+            "those patches without cutting them again."
         ),
     )
     prepare.add_argument(
@@ -231,40 +236,106 @@ def build_parser() -> argparse.ArgumentParser:
     encoders = sub.add_parser("encoders", help="list the patch encoders available offline")
     encoders.set_defaults(handler=cmd_encoders)
 
+    for adder, commands in _COMMAND_GROUPS:
+        if command is None or command in dict(commands):
+            adder(sub)
+        else:  # listed in --help, never parsed: the module that defines it is not imported
+            for name, help_text in commands:
+                sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _add_synth(sub: Any) -> None:
     from client.cli_synth import add_synth_commands
 
     add_synth_commands(sub, _add_prepare_options, _prepare_overrides)
 
+
+def _add_local(sub: Any) -> None:
     from client.cli_local import add_local_commands
 
     add_local_commands(sub)
 
+
+def _add_report(sub: Any) -> None:
     from server.cli_server import add_server_commands
 
     add_server_commands(sub)
 
+
+def _add_security(sub: Any) -> None:
     from server.cli_security import add_security_commands
 
     add_security_commands(sub)
 
+
+def _add_coordinator(sub: Any) -> None:
     from server.cli_coordinator import add_coordinator_commands
 
     add_coordinator_commands(sub)
 
+
+def _add_node(sub: Any) -> None:
     from client.cli_node import add_node_command
 
     add_node_command(sub)
 
+
+def _add_privacy(sub: Any) -> None:
     from client.cli_privacy import add_privacy_command
 
     add_privacy_command(sub)
-    return parser
+
+
+_COMMAND_GROUPS: tuple[tuple[Callable[[Any], None], tuple[tuple[str, str], ...]], ...] = (
+    (
+        _add_synth,
+        (
+            ("synth", "generate synthetic slides with known ground truth"),
+            ("demo", "three synthetic hospitals on this machine: prepare, federate, report"),
+        ),
+    ),
+    (
+        _add_local,
+        (("local", "site-local baseline: train, evaluate and draw heatmaps on one site"),),
+    ),
+    (_add_report, (("report", "render a federated run's HTML report with plots"),)),
+    (
+        _add_security,
+        (
+            ("certs", "make a CA and the SuperLink's TLS certificate"),
+            ("keys", "SuperNode key pairs: make them, register them"),
+        ),
+    ),
+    (
+        _add_coordinator,
+        (
+            ("link", "run the SuperLink (coordinator)"),
+            ("run", "submit a federated run and follow it"),
+            ("stop", "stop a federated run on the SuperLink"),
+            ("simulate", "the same apps in Flower's simulation engine, many synthetic sites"),
+            ("status", "runs and connected hospitals"),
+        ),
+    ),
+    (
+        _add_node,
+        (("node", "run this hospital's SuperNode (the federated client daemon)"),),
+    ),
+    (_add_privacy, (("privacy", "summarise the privacy ledger of a prepared data directory"),)),
+)
+"""The commands defined in other modules, with their one-line help: the root parser lists them
+all but imports only the module of the command being run (start-up stays well under a second,
+whatever those modules import). ``tests/test_startup.py`` checks the help matches theirs."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpath`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = words[0] if words and not words[0].startswith("-") else ""
+    args = build_parser(command).parse_args(words)
+    from rich.console import Console
+    from rich.markup import escape
+
     console = Console(stderr=False, highlight=False)
 
     def say(head: str, exc: Exception) -> None:
