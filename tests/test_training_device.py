@@ -156,13 +156,14 @@ def test_float16_trains_with_a_grad_scaler(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(torch.amp, "GradScaler", Spy)
     monkeypatch.setattr(trainer, "resolve_precision", lambda *a, **k: "float16")
-    cfg = _cfg(epochs=3, steps_per_epoch=4, max_batch_patches=1)
-    result = train(_model(dropout=0.0), TRAIN, VAL, cfg)
+    cfg = _cfg(epochs=2, steps_per_epoch=3)
+    result = train(_model(dropout=0.0), TRAIN[:8], VAL[:2], cfg)
     assert result.precision == "float16"
     assert scaled and all(s > 1.0 for s in scaled)  # the loss was scaled, not raw float16
     assert all(math.isfinite(m.train_loss) for m in result.history)
     monkeypatch.undo()
-    plain = train(_model(dropout=0.0), TRAIN, VAL, cfg.model_copy(update={"precision": "float32"}))
+    float32 = cfg.model_copy(update={"precision": "float32"})
+    plain = train(_model(dropout=0.0), TRAIN[:8], VAL[:2], float32)
     # Unscaled before Adam: the same steps as float32, up to float16 rounding.
     for a, b in zip(result.history, plain.history, strict=True):
         assert a.train_loss == pytest.approx(b.train_loss, abs=2e-2)
@@ -188,7 +189,7 @@ def _dp_run(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> tuple[Any,
     seen = _spy_noise(monkeypatch)
     dp = DPConfig(enabled=True, noise_multiplier=1.0, expected_batch_slides=4)
     model = _model(dropout=0.0).to(device)
-    result = train_private(model, TRAIN, [], _cfg(epochs=2), dp, secret_seed=7)
+    result = train_private(model, TRAIN[:12], [], _cfg(epochs=2), dp, secret_seed=7)
     return result, seen
 
 
