@@ -482,3 +482,23 @@ def test_reduced_models_export_to_onnx(name: str, tmp_path: Path) -> None:
     x = _batch(entry, n=3)
     (out,) = session.run(None, {"x": x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), _run(model, x), rtol=1e-4, atol=1e-4)
+
+
+def test_layer_scale_folds_exactly_and_the_traced_runner_is_used(tmp_path: Path) -> None:
+    """A frozen linear(x) * gamma broke TorchScript with oneDNN fusion: the pipeline silently
+    fell back to eager. Folding layer-scale keeps the features and the traced graph runs."""
+    from client.embed.extract import get_runner
+
+    entry = _reduced(FOUNDATION_MODELS["uni"])
+    model = _random_model(entry)
+    folded = _random_model(entry)
+    folded.fold_batchnorm()
+    assert not any("ls1" in k or "ls2" in k for k in folded.state_dict())
+    x = _batch(entry)
+    torch.testing.assert_close(_run(folded, x), _run(model, x), rtol=1e-5, atol=1e-5)
+    path = _save(_in_layout(entry, model), tmp_path / "pytorch_model.bin")
+    loaded = load_foundation(entry, path)
+    from client.embed.registry import LoadedEncoder, _foundation_spec
+
+    encoder = LoadedEncoder(_foundation_spec(entry), loaded.model.eval(), loaded.sha256, path)
+    assert get_runner(encoder, "float32", 4, jit=True, pixels=True).mode == "jit"

@@ -72,6 +72,10 @@ class ConchVision(nn.Module):
         self.ln_contrast = nn.LayerNorm(embed_dim)
         self.feature_dim = embed_dim
 
+    def fold_batchnorm(self) -> None:
+        """Inference-graph folding hook: the trunk folds its layer-scale (it has none in CONCH)."""
+        self.trunk.fold_batchnorm()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.trunk.forward_features(x)
         pooled = self.attn_pool_contrast(tokens)[:, 0]
