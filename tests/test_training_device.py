@@ -35,6 +35,7 @@ from common.federation import RoundInstructions
 from tests.round_messages import round_message
 from tests.test_cli_local import _make_site
 from tests.test_trainer import TRAIN, VAL, _cfg, _model
+from tests.test_worker import runtime_dir  # noqa: F401 - a fixture
 
 CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"
@@ -372,3 +373,25 @@ def test_cuda_site_round_sends_cpu_arrays(cuda: torch.device, site: Path) -> Non
     assert next(load_global_model(instructions, state, cuda).parameters()).is_cuda
     scores = evaluate_on_site(site, instructions, state, device=cuda)
     assert scores["num-examples"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.usefixtures("flower_task", "runtime_dir")
+def test_the_resident_worker_trains_on_the_nodes_device(
+    site: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The node's device reaches the handlers in the resident worker (a process of its own,
+    started by the first message), which logs where it trained; an absent GPU is an error
+    reply from there too."""
+    worker = {"resident-worker": True}
+    message = round_message(MessageType.TRAIN, SPEC.feature_dim)
+    reply = app(message, _node_context(site, device="cpu", **worker))
+    assert not reply.has_error(), reply.error
+    assert "fedpath: site_a: train round 1 on cpu in float" in capfd.readouterr().err
+    if torch.cuda.is_available():
+        return  # the worker sees this machine's real GPU: nothing absent to refuse
+    message = round_message(MessageType.TRAIN, SPEC.feature_dim)
+    reply = app(message, _node_context(site, device="cuda:0", **worker))
+    assert reply.has_error()
+    assert "site_a: device 'cuda:0' asked for, but torch sees no CUDA GPU" in reply.error.reason
