@@ -279,3 +279,22 @@ def test_prepare_cli_reports_the_engine_it_ran(
     assert code == EXIT_OK, text
     assert "encoder ran as: onnx on cpu, float32, batch 8" in text
     assert list(out.rglob("tex.h5"))
+
+
+@pytest.mark.slow
+def test_foundation_architectures_run_on_every_engine(tmp_path: Path) -> None:
+    """Each foundation entry's code path (reduced size, random weights) exports and agrees."""
+    from client.embed.foundation import FOUNDATION_MODELS
+    from client.embed.registry import EncoderSpec
+    from tests.test_foundation_encoders import _random_model, _reduced
+
+    for name, full in FOUNDATION_MODELS.items():
+        entry = _reduced(full)
+        spec = EncoderSpec(name, entry.input_size, entry.mean, entry.std, entry.feature_dim, "")
+        encoder = LoadedEncoder(spec, _random_model(entry), f"random-{name}", None)
+        images = calibration_images(spec, 3)
+        reference = _reference(encoder, images)
+        for engine in ("onnx", "openvino"):
+            runner, _ = build_engine(engine, encoder, "float32", 2, tmp_path)
+            worst = float(cosines(runner(images), reference).min())
+            assert worst > 0.9999, f"{name} on {engine}: cosine {worst}"
