@@ -174,18 +174,10 @@ def _print_patch_only(console: Console, summary: Any) -> None:
 
 def cmd_encoders(args: argparse.Namespace, console: Console) -> int:
     del args
-    from rich.table import Table
+    from client.embed.listing import encoder_listing
 
-    from client.embed.registry import available_encoders, describe_encoder
-
-    table = Table(title="Encoders")
-    for column in ("id", "dim", "input", "weights"):
-        table.add_column(column)
-    for name in available_encoders():
-        spec, weights = describe_encoder(name)
-        table.add_row(name, str(spec.feature_dim), f"{spec.input_size} px", weights)
-    console.print(table)
-    console.print("A TorchScript checkpoint can also be given by path (--encoder model.pt).")
+    for line in encoder_listing():
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
 
 

