@@ -3,7 +3,8 @@
 Kept apart from the pipeline so library code never prints: the pipeline emits events, this
 module turns them into rich progress bars on a terminal, or into plain lines when stdout is a
 log (systemd, nohup, docker logs, ``> log``), where a live bar is only drawn once at the end and
-a table folds a reason into a column a dozen characters wide.
+a table folds a reason into a column a dozen characters wide. ``bar_or_lines`` makes the same
+choice for the other commands' bars (local train/eval/heatmaps, synth, demo).
 """
 
 from __future__ import annotations
