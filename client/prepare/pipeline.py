@@ -22,6 +22,7 @@ import csv
 import io
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,12 +46,6 @@ from client.prepare.records import (
     SilentEvents,
     SlideRecord,
 )
-from client.wsi.annotations import (
-    AnnotationOutcome,
-    NoTumourRegionError,
-    annotation_outcome,
-    slide_patch_labels,
-)
 from client.wsi.patching import PatchGrid, patch_grid, write_coords_h5
 from client.wsi.qc import qc_background, render_qc_png, tissue_contours_geojson
 from client.wsi.reader import SlideInfo, WsiReader
@@ -69,9 +64,11 @@ from common.featurebag import FeatureBagWriter, read_attrs
 from common.hashing import SAMPLE_SCHEME, sha256_file, sha256_json
 from common.locking import LOCK_NAME, exclusive_directory
 
-if TYPE_CHECKING:  # the encoder (torch) is imported only by runs that embed
+if TYPE_CHECKING:  # imported where used: a patch-only run imports no torch, and a slide
+    # without annotation no shapely (start-up is most of a patch-only command's time)
     from client.embed.inference import InferencePlan
     from client.embed.registry import LoadedEncoder
+    from client.wsi.annotations import AnnotationOutcome
 
 
 PATCH_ONLY = "patch-only"
@@ -393,6 +390,8 @@ def _cut_patches(
     fraction: np.ndarray | None = None
     outcome: AnnotationOutcome | None = None
     if row.annotation is not None:
+        from client.wsi.annotations import annotation_outcome, slide_patch_labels
+
         stages.append("annotation")
         events.stage_started("annotation", row.slide_id)
         with _timed(seconds, "annotation"):
@@ -869,7 +868,7 @@ def _process_row(
             state="failed",
             reason=_failure_reason(error),
             stage=stage,
-            annotation=error.summary if isinstance(error, NoTumourRegionError) else None,
+            annotation=_no_tumour_summary(error),
         )
         return failed, _status(failed, row, now)
     status = {**_status(record, row, now), "prepared_at": now, "why_prepared": why}
@@ -878,6 +877,14 @@ def _process_row(
     if reusable is None:
         status["why_patches_cut"] = why_cut
     return record, status
+
+
+def _no_tumour_summary(error: Exception) -> dict[str, Any] | None:
+    """The annotation block of a slide failed for having no tumour region (else None)."""
+    annotations = sys.modules.get("client.wsi.annotations")  # not loaded: no annotation read
+    if annotations is not None and isinstance(error, annotations.NoTumourRegionError):
+        return dict(error.summary)
+    return None
 
 
 def _status(record: SlideRecord, row: ManifestRow, now: str) -> dict[str, Any]:
