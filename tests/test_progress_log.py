@@ -343,3 +343,26 @@ def test_a_terminal_keeps_its_bars_through_every_event() -> None:
     assert "loading encoder tiny_cnn" in text and "encoder tiny_cnn (float32)" in text
     assert "failed s2 (at tissue): no tissue found" in text
     assert "━" in text  # the bars are drawn
+
+
+@pytest.mark.integration
+def test_a_real_run_reports_every_patch_it_embeds(tmp_path: Path) -> None:
+    """The heartbeat's counts come from the pipeline's own callbacks: with no interval every
+    batch gives a line, and the last one has embedded all the slide's patches."""
+    from client.config import EmbeddingConfig, PrepareConfig, TissueConfig
+    from client.prepare.pipeline import prepare_site
+
+    manifest = _site(tmp_path / "site")
+    cfg = PrepareConfig(
+        embedding=EmbeddingConfig(encoder="tiny_cnn", batch_size=8, backend="torch"),
+        tissue=TissueConfig.preset("biopsy"),
+    )
+    lines: list[str] = []
+    with LogPrepareEvents(lines.append, interval=0.0, poll=None) as events:
+        summary = prepare_site(manifest, tmp_path / "out", cfg, events=events)
+    good = next(r for r in summary.records if r.slide_id == "good")
+    total = good.num_patches
+    assert total > 8
+    beat = re.compile(rf"slide 2/3 good: (\d+)/{total} patches \(\d+%\), [0-9.]+ patches/s, ETA ")
+    counts = [int(m.group(1)) for m in map(beat.match, lines) if m]
+    assert len(counts) > 1 and counts == sorted(counts) and counts[-1] == total, lines
