@@ -60,6 +60,12 @@ def test_no_model_commands_start_without_torch_or_flower(tmp_path: Path) -> None
     rc, heavy, output = run_cli_probe("keys", "new", "--out", str(tmp_path / "keys"), "site-a")
     assert rc == 0 and (tmp_path / "keys" / "site-a.pub").is_file(), output
     assert not set(heavy) & set(HEAVY), heavy
+    state = tmp_path / "state"
+    rc, heavy, output = run_cli_probe(
+        "link", "--print-only", "--insecure", "--no-node-auth", "--state", str(state)
+    )
+    assert rc == 0 and "flower-superlink" in output, output
+    assert not set(heavy) & set(HEAVY), heavy
     for command in ("link", "status", "node", "local"):
         rc, heavy, output = run_cli_probe(command, "--help")
         assert rc == 0 and "usage: fedpath" in output, output
