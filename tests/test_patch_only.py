@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,26 @@ def test_changed_patching_settings_cut_the_patches_again(
     assert "patching settings" in status["why_patches_cut"]
     with h5py.File(out / "patches" / "normal.h5", "r") as fh:
         assert fh["coords"].shape[0] == before
+
+
+def test_patches_of_another_slide_file_or_an_older_fedpath_are_cut_again(
+    site: tuple[Path, dict[str, SynthSlide]], tmp_path: Path
+) -> None:
+    manifest, slides = site
+    # A private copy of the site: the slide file is replaced below.
+    root = tmp_path / "site"
+    shutil.copytree(manifest.parent, root)
+    out = tmp_path / "out"
+    prepare_site(root / manifest.name, out, PATCH_ONLY)
+    normal = root / slides["normal"].slide_path.relative_to(manifest.parent)
+    tumour = root / slides["tumour"].slide_path.relative_to(manifest.parent)
+    shutil.copyfile(tumour, normal)  # same name, another scan
+    with h5py.File(out / "patches" / "tumour.h5", "a") as fh:
+        del fh.attrs["patches_config_sha256"]  # as written before patch files carried it
+    embedded = prepare_site(root / manifest.name, out, TINY)
+    assert [r.state for r in embedded.records] == ["done", "done"]
+    assert all(r.reused == () for r in embedded.records)
+    tumour_status = json.loads((out / "status" / "tumour.json").read_text())
+    assert "earlier fedpath" in tumour_status["why_patches_cut"]
+    normal_status = json.loads((out / "status" / "normal.json").read_text())
+    assert "slide file changed" in normal_status["why_patches_cut"]

@@ -240,6 +240,8 @@ def _reuse(
         attrs = read_attrs(target)
     except FedpathError:
         return f"its {'patch' if cfg.patch_only else 'feature'} file cannot be read"
+    if cfg.patch_only and key not in attrs:
+        return "its patch file was written by an earlier fedpath (no settings hash)"
     if attrs.get(key) != wanted:
         return "settings, encoder or annotation changed"
     changed = _slide_changed(attrs, slide, layout, row)
@@ -329,6 +331,8 @@ def _reusable_patches(
         attrs = read_attrs(path)
     except FedpathError:
         return "its patch file cannot be read"
+    if "patches_config_sha256" not in attrs:
+        return "its patch file was written by an earlier fedpath (no settings hash)"
     if attrs.get("patches_config_sha256") != patch_hash:
         return "patching settings or annotation changed since the patches were cut"
     changed = _slide_changed(attrs, slide, layout, row)
