@@ -5,6 +5,9 @@ averaging models trained on them produces a model that is wrong everywhere while
 "succeeds". So before round 1 the server compares each site's ``site.json`` facts and refuses to
 start, naming each disagreeing site and field. The reference value of a field is the one most
 sites share (ties: the alphabetically first site's), so one odd site out is named as such.
+The encoder is reported as one fact, by registry id with its weights hash and feature width
+("b: embedded with virchow2 (sha256 9f3a…, 2560-d), but a, c embedded with uni (...)"), which
+is what a coordinator can act on; three lines about raw field values were not.
 """
 
 from __future__ import annotations
@@ -20,6 +23,9 @@ __all__ = ["HARMONISED_FIELDS", "HarmonisationError", "SiteFacts", "check_harmon
 
 HARMONISED_FIELDS = ("encoder", "encoder_sha256", "feature_dim", "target_mpp", "patch_size")
 """Fields that must be identical at every site."""
+
+_ENCODER_FIELDS = ("encoder", "encoder_sha256", "feature_dim")
+"""Compared together and reported as one encoder description per site."""
 
 
 class HarmonisationError(FedpathError):
@@ -52,6 +58,39 @@ def _show(value: Any) -> str:
     return text if len(text) <= 24 else text[:20] + "…" + text[-3:]
 
 
+def _encoder(facts: Mapping[str, Any]) -> str:
+    """``uni (sha256 ab12cd34…, 1024-d)``: the registry id, the weights hash, the width."""
+    name = facts.get("encoder")
+    digest = facts.get("encoder_sha256")
+    dim = facts.get("feature_dim")
+    parts = [f"sha256 {digest[:8]}…" if isinstance(digest, str) and digest else "no sha256"]
+    if dim is not None:
+        parts.append(f"{dim}-d")
+    return f"{name if name else 'an unnamed encoder'} ({', '.join(parts)})"
+
+
+def _encoder_problems(sites: Sequence[SiteFacts]) -> list[str]:
+    values = {s.site: tuple(s.facts.get(f) for f in _ENCODER_FIELDS) for s in sites}
+    ref = _reference(values)
+    agreeing = sorted(site for site, v in values.items() if v == ref)
+    facts = {s.site: s.facts for s in sites}
+    problems = []
+    for site in sorted(values):
+        if values[site] == ref:
+            continue
+        same_id = values[site][0] == ref[0]
+        why = (
+            ": the same encoder with other weights (another download or version of the file?)"
+            if same_id and values[site][1] != ref[1]
+            else ""
+        )
+        problems.append(
+            f"{site}: embedded with {_encoder(facts[site])}, but {', '.join(agreeing)} "
+            f"embedded with {_encoder(facts[agreeing[0]])}{why}"
+        )
+    return problems
+
+
 def _reference(values: Mapping[str, Any]) -> Any:
     counts = Counter(repr(v) for v in values.values())
     best = max(counts.values())
@@ -73,7 +112,10 @@ def check_harmonised(sites: Sequence[SiteFacts], labels: Sequence[str]) -> None:
     names = [s.site for s in sites]
     for name in sorted({n for n in names if names.count(n) > 1}):
         problems.append(f"{name}: more than one connected node calls itself {name!r}")
+    problems += _encoder_problems(sites)
     for field in HARMONISED_FIELDS:
+        if field in _ENCODER_FIELDS:
+            continue
         values = {s.site: s.facts.get(field) for s in sites}
         ref = _reference(values)
         agreeing = sorted(site for site, v in values.items() if v == ref)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,7 @@ def test_fedpath_run_exit_code_follows_flwr_ls(
         assert failed == 1, out
         assert "did not complete (finished:failed) after 0 round(s)" in out
         assert "reason: the sites' prepared data do not match" in out
-        assert "site_odd: feature_dim is 8" in out
+        assert "site_odd: embedded with synthetic (sha256 55555555" in out
         bad_dir = (tmp_path / "runs" / "bad").resolve()
         assert f"run directory (on the SuperLink host): {bad_dir}" in out
         hint = next(line for line in out.splitlines() if line.startswith("ServerApp log: "))
@@ -200,7 +201,8 @@ def test_fedpath_run_exit_code_follows_flwr_ls(
         )
         assert "[fedpath] run failed after 0 round(s)" in shown.stdout, shown
     assert (tmp_path / "runs" / "ok" / "final.json").is_file()
-    assert "site_odd: feature_dim is 8" in (tmp_path / "runs" / "bad" / "final.json").read_text()
+    bad_final = json.loads((tmp_path / "runs" / "bad" / "final.json").read_text())
+    assert "site_odd: embedded with synthetic (sha256 55555555…, 8-d)" in bad_final["reason"]
 
 
 def test_local_network_hands_absolute_paths_to_its_processes(tmp_path: Path, monkeypatch) -> None:

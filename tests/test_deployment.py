@@ -72,4 +72,4 @@ def test_a_harmonisation_failure_is_a_failed_run(tmp_path: Path) -> None:
         assert net.wait_for_run(run_id, timeout=300) == "finished:failed"
     final = json.loads((tmp_path / "runs" / "bad" / "final.json").read_text())
     assert final["status"] == "failed"
-    assert "site_b: feature_dim is 8" in final["reason"]
+    assert "site_b: embedded with synthetic (sha256 55555555…, 8-d), but" in final["reason"]

@@ -129,7 +129,10 @@ def test_harmonisation_mismatch_stops_before_round_one(site_dirs, tmp_path) -> N
     grid = _grid({**site_dirs, "z": odd})
     with pytest.raises(HarmonisationError) as info:
         run_federated(grid, _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
-    assert any(p.startswith("site_z: feature_dim is 8") for p in info.value.problems)
+    assert any(
+        p.startswith("site_z: embedded with synthetic (sha256 55555555…, 8-d), but")
+        for p in info.value.problems
+    )
     assert not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
 
 

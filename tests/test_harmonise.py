@@ -38,10 +38,31 @@ def test_each_disagreeing_site_and_field_is_named() -> None:
         check_harmonised(sites, LABELS)
     problems = info.value.problems
     assert len(problems) == 3
-    assert any(p.startswith("b: encoder_sha256") and "a, c have" in p for p in problems)
+    assert (
+        "b: embedded with efficientnet_lite0 (sha256 bbbbbbbb…, 1280-d), but a embedded with "
+        "efficientnet_lite0 (sha256 aaaaaaaa…, 1280-d): the same encoder with other weights "
+        "(another download or version of the file?)" in problems
+    )
     assert any(p.startswith("c: target_mpp is 1.0") for p in problems)
-    assert any(p.startswith("c: feature_dim is 1024, but a, b have 1280") for p in problems)
+    assert (
+        "c: embedded with efficientnet_lite0 (sha256 aaaaaaaa…, 1024-d), but a embedded with "
+        "efficientnet_lite0 (sha256 aaaaaaaa…, 1280-d)" in problems
+    )
     assert "the run was not started" in str(info.value)
+
+
+def test_sites_with_different_encoders_are_named_by_registry_id() -> None:
+    """One line per odd site naming both encoders by id, weights hash and width; it used to be
+    three lines of raw field values (encoder, encoder_sha256 cut mid-hash, feature_dim)."""
+    uni = {"encoder": "uni", "encoder_sha256": "ab12cd34" + "0" * 56, "feature_dim": 1024}
+    virchow = {"encoder": "virchow2", "encoder_sha256": "9f3a" + "1" * 60, "feature_dim": 2560}
+    sites = [_facts("a", **uni), _facts("b", **virchow), _facts("c", **uni)]
+    with pytest.raises(HarmonisationError) as info:
+        check_harmonised(sites, LABELS)
+    assert info.value.problems == [
+        "b: embedded with virchow2 (sha256 9f3a1111…, 2560-d), but a, c embedded with uni "
+        "(sha256 ab12cd34…, 1024-d)"
+    ]
 
 
 def test_labels_empty_sites_and_duplicate_names() -> None:
