@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -127,7 +128,11 @@ def _bag_skips(console: Console) -> BagSkips:
     from client.training.bags import BagSkips, SkippedBag
 
     def show(skipped: SkippedBag) -> None:
-        console.print(f"[bold red]{skipped.entry.slide_id} skipped:[/] {skipped.error}")
+        # The error is text: a path or "[annotation]" in it is not rich markup.
+        console.print(
+            f"[bold red]{escape(skipped.entry.slide_id)} skipped:[/] {escape(str(skipped.error))}",
+            soft_wrap=True,
+        )
 
     return BagSkips(show)
 
@@ -564,10 +569,15 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
                 status = record.slide_id
             else:
                 failed.append(record)
-                progress.console.print(f"[bold red]{record.slide_id} skipped:[/] {record.error}")
+                progress.console.print(
+                    f"[bold red]{escape(record.slide_id)} skipped:[/] {escape(str(record.error))}",
+                    soft_wrap=True,
+                )
                 status = f"{record.slide_id}: failed"
             for warning in record.warnings:
-                progress.console.print(f"[yellow]{record.slide_id}:[/] {warning}")
+                progress.console.print(
+                    f"[yellow]{escape(record.slide_id)}:[/] {escape(warning)}", soft_wrap=True
+                )
             if record.ok and record.warnings:
                 warned.append(record)
             progress.update(task, advance=1, status=status)

@@ -366,3 +366,19 @@ def test_a_real_run_reports_every_patch_it_embeds(tmp_path: Path) -> None:
     beat = re.compile(rf"slide 2/3 good: (\d+)/{total} patches \(\d+%\), [0-9.]+ patches/s, ETA ")
     counts = [int(m.group(1)) for m in map(beat.match, lines) if m]
     assert len(counts) > 1 and counts == sorted(counts) and counts[-1] == total, lines
+
+
+def test_a_skipped_bag_is_printed_as_text_on_one_line() -> None:
+    """``local train/eval`` printed a skip's reason as rich markup: "[annotation]" or a
+    bracketed folder name vanished from the message, and a long path wrapped in a log."""
+    from client.cli_local import _bag_skips
+    from client.training.bags import SkippedBag
+    from client.training.site_index import BagEntry
+    from common.errors import FeatureBagError
+
+    path = "/data/hospital [site a]/features/a_rather_long_folder_name/s1.h5"
+    entry = BagEntry("s1", 1, Path(path), "train", None, False, None, 10)
+    console = Console(file=io.StringIO(), width=80)
+    _bag_skips(console)(SkippedBag(entry, FeatureBagError(path, "see [annotation] settings")))
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert lines == [f"s1 skipped: feature file {path}: see [annotation] settings"]
