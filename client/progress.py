@@ -356,8 +356,8 @@ class RichPrepareEvents:
 
     def __init__(self, console: Console, site: str = "") -> None:
         self._console = console
-        self._site_name = site
-        self._site = f"[{site}] " if site else ""
+        # markup text: "[site_a]" unescaped is taken for a style and vanishes
+        self._site = escape(f"[{site}]") + " " if site else ""
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),

@@ -382,3 +382,17 @@ def test_a_skipped_bag_is_printed_as_text_on_one_line() -> None:
     _bag_skips(console)(SkippedBag(entry, FeatureBagError(path, "see [annotation] settings")))
     lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
     assert lines == [f"s1 skipped: feature file {path}: see [annotation] settings"]
+
+
+def test_the_demo_site_prefix_survives_on_a_terminal() -> None:
+    """``[site_a]`` was rich markup: the demo's lines lost the site they came from."""
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None)
+    with RichPrepareEvents(console, "site_a") as events:
+        events.site_started(1, "tiny_cnn", "float32")
+        events.slide_finished(
+            SlideRecord(slide_id="s2", state="failed", stage="tissue", reason="no tissue found")
+        )
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", console.file.getvalue())  # type: ignore[attr-defined]
+    assert "[site_a] encoder tiny_cnn (float32)" in text
+    assert "[site_a] failed s2 (at tissue): no tissue found" in text
+    assert "[site_a] slides" in text
