@@ -152,6 +152,29 @@ def model_only(encoder: LoadedEncoder, repeats: int, bf16: bool) -> list[dict[st
     return rows
 
 
+def _random_foundation(name: str) -> LoadedEncoder:
+    """A registry foundation architecture with random weights (no licensed weights needed):
+    its speed per engine is what a hospital with the real weights gets."""
+    from client.embed.foundation import FOUNDATION_MODELS
+    from client.embed.registry import EncoderSpec
+
+    entry = FOUNDATION_MODELS[name]
+    torch.manual_seed(0)
+    model = entry.build().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    spec = EncoderSpec(
+        name,
+        entry.input_size,
+        entry.mean,
+        entry.std,
+        entry.feature_dim,
+        f"{entry.name} ({entry.architecture}), random weights",
+    )
+    return LoadedEncoder(spec, model, f"random-{name}", None)
+
+
 def read_path_throughput(manifest: Path, limit: int) -> float:
     """Patches/s of the pipeline with a do-nothing encoder: reading and resizing only.
 
@@ -340,6 +363,11 @@ def main(quick: bool) -> None:
         f"best faithful engine: {best['name']} {best['ratio']:.2f}× float32 eager "
         f"(target ≥ {MODEL_TARGET}× on a CPU without bf16: {verdict})"
     )
+
+    vit = _random_foundation("phikon")
+    print(f"\n## (a2) model only, a foundation architecture: {vit.spec.description} [patches/s]")
+    for row in model_only(vit, 3, bf16):
+        print(f"{row['name']:<32} {row['rate']:>7.1f} {row['ratio']:>5.2f}× {row['cosine']:>10.5f}")
 
     side = 6144 if quick else 8192
     manifest = synthetic_manifest(side)
