@@ -29,8 +29,9 @@ regenerate from a public seed would protect nothing. The dropout and instance-sa
 streams stay derived from ``cfg.seed`` as in the plain trainer; they need no secrecy.
 
 **Precision** follows ``cfg.precision`` as in the plain trainer (:func:`~client.training.
-trainer.resolve_precision`: ``auto`` is bfloat16 on a CPU where it is much faster, float32
-elsewhere). bfloat16 is CPU autocast around the forward pass only, as in the plain trainer:
+trainer.resolve_precision`: ``auto`` is bfloat16 on a CPU where it is much faster and on a
+GPU that computes it natively, float32 elsewhere, never float16). bfloat16 is autocast around
+the forward pass only, as in the plain trainer:
 the parameters, their per-slide gradients (autograd returns a leaf's gradient in the leaf's
 dtype), the per-slide norms, the clipping to C, the sum and the noise are all float32. The
 guarantee is a property of what is summed, not of how it was computed: every slide adds a
@@ -185,9 +186,9 @@ def slide_gradient(
     its hooks, which mis-pair activations when a layer runs twice but only one call reaches
     the loss (ABMIL's classifier also reads out the instance logits).
 
-    In ``"bfloat16"`` the forward pass runs under CPU autocast on features cast once and
-    padded to a length bucket, exactly as the plain trainer batches them (masked padding rows
-    get zero attention and no loss, so they add nothing to the gradient; the bucket lets
+    In ``"bfloat16"`` the forward pass runs under autocast on features cast once and, on a
+    CPU, padded to a length bucket, exactly as the plain trainer batches them (masked padding
+    rows get zero attention and no loss, so they add nothing to the gradient; the bucket lets
     oneDNN reuse its kernels). The loss is computed outside autocast from the model's
     float32 outputs, and the gradients, taken with respect to the float32 parameters, are
     float32: what Opacus clips and sums does not depend on the forward's precision.

@@ -149,13 +149,17 @@ def _device(model: MILModel) -> torch.device:
 
 @contextmanager
 def _private_torch_rng(device: torch.device) -> Iterator[None]:
-    """Seeding torch inside this block leaves the caller's global RNG state untouched."""
+    """Seeding torch inside this block leaves the caller's global RNG state untouched: the
+    CPU's, and the training device's (dropout on a GPU draws from the GPU's generator)."""
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        devices: list[int] = [index]
+        devices: list[int | str] = [index]
+    elif device.type == "mps":
+        devices = ["mps"]  # one MPS device; its module ignores the id
     else:
         devices = []
-    with torch.random.fork_rng(devices=devices):
+    kind = device.type if devices else None
+    with torch.random.fork_rng(devices=devices, device_type=kind):
         yield
 
 
