@@ -43,7 +43,7 @@ from client.site_facts import read_site
 from client.training.train_config import TrainConfig
 from common.configbase import StrictModel
 from common.device import DEVICE_HELP, DeviceName
-from common.errors import ConfigError
+from common.errors import ConfigError, DeviceError
 from common.mil.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -251,10 +251,10 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
 
         try:
             result = train(model, train_bags, val_bags, cfg.train, on_epoch=on_epoch)
-        except TrainingDivergedError as exc:
+        except (TrainingDivergedError, DeviceError) as exc:
             before = f"; the epochs before are in {run / METRICS_FILE}" if lines else ""
             message = f"{exc}. {run / MODEL_FILE} was not written{before}"
-            raise TrainingDivergedError(message) from exc
+            raise type(exc)(message) from exc
 
     # Post-hoc calibration of the restored best model on the validation split (no slide of
     # it is trained on): a temperature for the slide logits and a decision threshold.

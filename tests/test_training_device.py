@@ -395,3 +395,49 @@ def test_the_resident_worker_trains_on_the_nodes_device(
     reply = app(message, _node_context(site, device="cuda:0", **worker))
     assert reply.has_error()
     assert "site_a: device 'cuda:0' asked for, but torch sees no CUDA GPU" in reply.error.reason
+
+
+# --- a device that runs out of memory ------------------------------------------------------
+
+OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 7.79 GiB total capacity)"
+
+
+def _out_of_memory(*args: Any, **kwargs: Any) -> Any:
+    raise torch.OutOfMemoryError(OOM)
+
+
+def test_out_of_memory_in_local_train_and_eval_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU too small for a batch ends the command with what to change, not a traceback;
+    no model is written."""
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "_train_epoch", _out_of_memory)
+        assert main(_train_argv(data, run, "--device", "cpu")) == 2
+    out = capsys.readouterr().out
+    assert f"error: cpu ran out of memory while training ({OOM}); lower max_batch_patches" in out
+    assert "or train on the CPU (device cpu)" in out and "model.pt was not written" in out
+    assert not (run / "model.pt").exists()
+
+    assert main(_train_argv(data, run, "--device", "cpu")) == 0
+    capsys.readouterr()
+    import client.training.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "predict_bag", _out_of_memory)
+    assert main(["local", "eval", "--data", str(data), "--run", str(run)]) == 2
+    out = capsys.readouterr().out
+    assert "ran out of memory while scoring a slide" in out and "score on the CPU" in out
+    assert not (run / "eval_test.json").exists()
+
+
+@pytest.mark.usefixtures("flower_task")
+def test_out_of_memory_in_a_round_is_an_error_reply(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a ClientApp crash: the coordinator reads why the site failed the round."""
+    monkeypatch.setattr(trainer, "_train_epoch", _out_of_memory)
+    reply = app(round_message(MessageType.TRAIN, SPEC.feature_dim), _node_context(site))
+    assert reply.has_error()
+    assert "ran out of memory while training" in reply.error.reason

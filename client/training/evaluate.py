@@ -31,6 +31,7 @@ from pydantic import ValidationError
 
 from client.training.bags import Bag, load_bag
 from client.training.site_index import BagEntry
+from client.training.trainer import out_of_memory_as_error
 from common.atomic import atomic_write_bytes
 from common.calibration import SlideCalibration, fit_calibration, scaled_probs
 from common.errors import ConfigError
@@ -185,8 +186,11 @@ def evaluate_bags(
     was_training = model.training
     model.eval()
     predictions: list[SlidePrediction] = []
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    hint = "each slide is scored whole in one pass: score on the CPU (device cpu)"
     try:
-        with torch.no_grad():
+        with out_of_memory_as_error(device, "scoring a slide", hint), torch.no_grad():
             for bag in bags:
                 prediction = predict_bag(model, bag)
                 predictions.append(prediction)

@@ -84,10 +84,12 @@ from client.training.trainer import (
     _private_torch_rng,
     _to_device,
     evaluate,
+    out_of_memory_as_error,
     patch_sampler,
     resolve_precision,
     run_epochs,
     step_lr,
+    training_memory_hint,
 )
 from common.errors import ConfigError
 from common.mil.losses import mixed_supervision_loss
@@ -358,7 +360,8 @@ def train_private(
         expected_batch_size=_expected_batch(planned, len(train_bags)),
         loss_reduction="mean",
     )
-    with _private_torch_rng(device):
+    memory = out_of_memory_as_error(device, "training with DP-SGD", training_memory_hint(cfg))
+    with memory, _private_torch_rng(device):
 
         def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
             means, n_steps = _private_epoch(

@@ -30,7 +30,7 @@ from client.training.bags import Bag, BagBatch, collate, sample_patches
 from client.training.train_config import TrainConfig
 from common.cpuinfo import read_cpuinfo
 from common.device import describe_device
-from common.errors import FedpathError
+from common.errors import DeviceError, FedpathError
 from common.metrics import pooled_patch_metrics, slide_metrics
 from common.mil.losses import mixed_supervision_loss
 from common.mil.models import MILModel
@@ -46,6 +46,7 @@ __all__ = [
     "cuda_bf16",
     "evaluate",
     "fast_bf16_cpu",
+    "out_of_memory_as_error",
     "physical_batches",
     "resolve_precision",
     "step_lr",
@@ -161,6 +162,32 @@ def _private_torch_rng(device: torch.device) -> Iterator[None]:
     kind = device.type if devices else None
     with torch.random.fork_rng(devices=devices, device_type=kind):
         yield
+
+
+@contextmanager
+def out_of_memory_as_error(device: torch.device, what: str, hint: str) -> Iterator[None]:
+    """Turn torch's out-of-memory error into a ``DeviceError`` that says what to change.
+
+    A GPU has a fixed memory, often shared with other jobs: a slide or a batch that does not
+    fit would otherwise end a command in a traceback, or a federated round in a ClientApp
+    crash instead of an error reply the coordinator can read.
+    """
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        first = (str(exc).strip().splitlines() or ["out of memory"])[0]
+        raise DeviceError(
+            f"{describe_device(device)} ran out of memory while {what} ({first}); {hint}"
+        ) from exc
+
+
+def training_memory_hint(cfg: TrainConfig) -> str:
+    """What to lower when training does not fit (the settings that bound its memory)."""
+    return (
+        f"lower max_batch_patches ({cfg.max_batch_patches}) or max_train_patches "
+        f"({cfg.max_train_patches or 'every patch'}), free the device's memory (other jobs), "
+        "or train on the CPU (device cpu)"
+    )
 
 
 def amx_available() -> bool:
@@ -490,8 +517,9 @@ def train(
     mixed = cfg.supervision.mode == "mixed"
     annotated = np.asarray([mixed and b.patch_labels is not None for b in train_bags], dtype=bool)
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    memory = out_of_memory_as_error(device, "training", training_memory_hint(cfg))
 
-    with _private_torch_rng(device):
+    with memory, _private_torch_rng(device):
 
         def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
             *losses, n_steps = _train_epoch(
