@@ -40,6 +40,7 @@ def _features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_registry_lists_the_builtin_and_foundation_encoders() -> None:
     assert available_encoders() == [
         "conch",
+        "ctranspath",
         "efficientnet_lite0",
         "h_optimus_0",
         "h_optimus_1",

