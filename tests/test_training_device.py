@@ -441,3 +441,13 @@ def test_out_of_memory_in_a_round_is_an_error_reply(
     reply = app(round_message(MessageType.TRAIN, SPEC.feature_dim), _node_context(site))
     assert reply.has_error()
     assert "ran out of memory while training" in reply.error.reason
+
+
+def test_out_of_memory_drawing_a_heatmap_names_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Recorded as that slide's reason (the other heatmaps are still drawn)."""
+    from client.training.heatmaps import slide_maps
+
+    model = _model()
+    monkeypatch.setattr(type(model), "forward", _out_of_memory)
+    with pytest.raises(DeviceError, match=r"^cpu ran out of memory while scoring the slide"):
+        slide_maps(model, VAL[0])

@@ -35,6 +35,7 @@ from pydantic import Field
 from client.config import AnnotationConfig, ResolutionConfig
 from client.training.bags import Bag, load_bag
 from client.training.site_index import BagEntry
+from client.training.trainer import out_of_memory_as_error
 from client.wsi.annotations import load_annotation
 from client.wsi.patching import read_coords_h5
 from client.wsi.qc import slide_thumbnail
@@ -249,8 +250,9 @@ def slide_maps(model: MILModel, bag: Bag) -> SlideMaps:
     model.eval()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
+    hint = "each slide is scored whole in one pass: draw it on the CPU (--device cpu)"
     try:
-        with torch.no_grad():
+        with out_of_memory_as_error(device, "scoring the slide", hint), torch.no_grad():
             out = model(bag.features.unsqueeze(0).to(device), None)
     finally:
         model.train(was_training)
