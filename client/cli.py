@@ -27,7 +27,11 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
         "--config", type=Path, help="TOML file with [resolution] [tissue] ... sections"
     )
     group.add_argument("--encoder", help="encoder id (see `fedpath encoders`) or checkpoint path")
-    group.add_argument("--weights", type=Path, help="local weights file for the encoder")
+    group.add_argument(
+        "--weights",
+        type=Path,
+        help="the encoder's weights you downloaded: a file, or the snapshot folder",
+    )
     group.add_argument("--target-mpp", type=float, help="µm/px of the patches (default 0.5)")
     group.add_argument("--patch-size", type=int, help="patch side in px at target mpp (256)")
     group.add_argument(

@@ -573,3 +573,41 @@ def test_imagenet_swin_weights_are_refused_for_ctranspath(tmp_path: Path) -> Non
     text = str(info.value)
     assert "missing 14 keys (patch_embed.proj.0.weight, patch_embed.proj.1.bias," in text
     assert "unexpected 2 keys (head.weight, patch_embed.proj.weight)" in text
+
+
+# --- through `fedpath prepare` ----------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_prepare_embeds_with_a_foundation_encoder_from_a_snapshot_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`fedpath prepare --encoder uni2_h --weights FOLDER`: the bags and site.json carry the
+    registry id and the sha256 of the weights file found in the folder."""
+    import h5py
+
+    from client import cli
+
+    entry = _reduced(FOUNDATION_MODELS["uni2_h"])
+    monkeypatch.setitem(FOUNDATION_MODELS, "uni2_h", entry)
+    snapshot = tmp_path / "UNI2-h"
+    weights = _save(_in_layout(entry, _random_model(entry)), snapshot / "pytorch_model.bin")
+    (snapshot / "config.json").write_text("{}")
+    synth = ["synth", "slide", str(tmp_path), "--slide-id", "s1", "--width", "2048"]
+    assert cli.main([*synth, "--height", "2048", "--tumour-fraction", "0.3"]) == 0
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(
+        "slide_id,path,label,annotation,annotation_complete\n"
+        "s1,slides/s1.tiff,tumour,annotations/s1.geojson,true\n"
+    )
+    out = tmp_path / "out"
+    args = ["prepare", "--manifest", str(manifest), "--out", str(out), "--encoder", "uni2_h"]
+    code = cli.main([*args, "--weights", str(snapshot), "--tissue-preset", "biopsy"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    site = json.loads((out / "site.json").read_text())
+    assert site["encoder"] == "uni2_h" and site["encoder_sha256"] == sha256_file(weights)
+    (bag,) = (out / "features").glob("*/s1.h5")
+    with h5py.File(bag, "r") as fh:
+        assert fh["features"].shape[1] == 32 and fh["features"].shape[0] > 0
+        assert fh.attrs["encoder"] == "uni2_h"
