@@ -611,3 +611,17 @@ def test_prepare_embeds_with_a_foundation_encoder_from_a_snapshot_folder(
     with h5py.File(bag, "r") as fh:
         assert fh["features"].shape[1] == 32 and fh["features"].shape[0] > 0
         assert fh.attrs["encoder"] == "uni2_h"
+
+
+def test_huggingface_task_model_prefix_is_accepted(tmp_path: Path) -> None:
+    """Phikon weights saved from ViTForImageClassification: backbone under ``vit.``, a head."""
+    entry = _reduced(FOUNDATION_MODELS["phikon"])
+    reference = _random_model(entry)
+    state = {f"vit.{k}": v for k, v in _in_layout(entry, reference).items()}
+    state["classifier.weight"] = torch.zeros(2, 32)
+    with pytest.raises(EncoderError, match=r"unexpected 1 key \(classifier\.weight\)"):
+        load_foundation(entry, _save(state, tmp_path / "a" / "model.safetensors"))
+    del state["classifier.weight"]
+    loaded = load_foundation(entry, _save(state, tmp_path / "b" / "model.safetensors"))
+    x = _batch(entry)
+    torch.testing.assert_close(_run(loaded.model.eval(), x), _run(reference, x))

@@ -388,7 +388,7 @@ def load_foundation(entry: FoundationModel, weights: Path | None) -> LoadedFound
             "never downloads weights"
         )
     files = locate_weights(Path(weights), entry.id, entry.weight_files)
-    state = read_state_dict(files, entry.id)
+    state = _without_task_prefix(read_state_dict(files, entry.id), entry.layout)
     with torch.device("meta"):
         model = entry.build()
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -406,6 +406,17 @@ def load_foundation(entry: FoundationModel, weights: Path | None) -> LoadedFound
     if callable(init_buffers):
         init_buffers()  # derived buffers were built on the meta device
     return LoadedFoundation(model, files.sha256, files.path)
+
+
+def _without_task_prefix(state: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """HuggingFace weights saved from a task model (``ViTForImageClassification``...) put the
+    backbone under ``vit.`` / ``dinov2.``; the backbone keys are the same after that prefix."""
+    if layout not in ("hf_vit", "hf_dinov2") or "embeddings.cls_token" in state:
+        return state
+    for prefix in ("vit.", "dinov2."):
+        if f"{prefix}embeddings.cls_token" in state:
+            return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
+    return state
 
 
 def _source_keys(
