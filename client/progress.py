@@ -389,11 +389,12 @@ class RichPrepareEvents:
         elif self._patches is not None:
             self._progress.reset(
                 self._patches,
-                total=None,
                 description=f"{self._site}{escape(subject)}: {STAGE_TEXT.get(stage, stage)}",
                 visible=True,
                 rate="",
             )
+            # a pulsing bar with no count: reset() keeps the previous slide's total otherwise
+            next(t for t in self._progress.tasks if t.id == self._patches).total = None
 
     def site_started(self, total_slides: int, encoder: str, precision: str) -> None:
         self._console.print(f"{self._site}encoder [bold]{encoder}[/] ({precision})")
@@ -424,6 +425,8 @@ class RichPrepareEvents:
     def slide_finished(self, record: SlideRecord) -> None:
         if self._slides is not None:
             self._progress.advance(self._slides)
+        if self._patches is not None:  # a finished slide's bar does not linger as if running
+            self._progress.update(self._patches, visible=False)
         if record.state == "failed":
             self._progress.console.print(
                 f"{self._site}[bold red]failed[/] {escape(record.slide_id)} "

@@ -343,6 +343,10 @@ def test_a_terminal_keeps_its_bars_through_every_event() -> None:
     assert "loading encoder tiny_cnn" in text and "encoder tiny_cnn (float32)" in text
     assert "failed s2 (at tissue): no tissue found" in text
     assert "━" in text  # the bars are drawn
+    assert "s1: segmenting tissue and placing patches" in text and " 0/? " in text
+    # the last frame holds the slides bar only: the last slide's bar does not linger
+    last = [line for line in re.split(r"[\r\n]+", text) if line.strip()][-1]
+    assert last.startswith("slides ") and " 2/2 " in last, last
 
 
 @pytest.mark.integration
