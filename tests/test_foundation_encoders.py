@@ -625,3 +625,17 @@ def test_huggingface_task_model_prefix_is_accepted(tmp_path: Path) -> None:
     loaded = load_foundation(entry, _save(state, tmp_path / "b" / "model.safetensors"))
     x = _batch(entry)
     torch.testing.assert_close(_run(loaded.model.eval(), x), _run(reference, x))
+
+
+@pytest.mark.slow
+def test_full_size_phikon_loads_through_the_registry(tmp_path: Path) -> None:
+    """The one full-size model small enough to write and load here (86 M parameters)."""
+    entry = FOUNDATION_MODELS["phikon"]
+    reference = _random_model(entry)
+    path = _save(_in_layout(entry, reference), tmp_path / "phikon" / "model.safetensors")
+    enc = load_encoder("phikon", weights_path=path.parent)
+    assert (enc.weights_sha256, enc.weights_path) == (sha256_file(path), path)
+    x = _batch(entry, n=1)
+    out = _run(enc.model, x)
+    assert out.shape == (1, 768)
+    torch.testing.assert_close(out, _run(reference, x), rtol=1e-4, atol=1e-4)
