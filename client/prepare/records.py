@@ -116,7 +116,8 @@ class PrepareEvents(Protocol):
 
     def stage_started(self, stage: str, subject: str) -> None:
         """A step that may take long began: ``encoder`` (subject: the encoder asked for),
-        ``tissue``, ``annotation``, ``outputs`` (subject: the slide id); ``embedding`` is
+        ``inference plan`` (subject: the encoder id; may export and measure it), ``tissue``,
+        ``annotation``, ``outputs`` (subject: the slide id); ``embedding`` is
         ``slide_started``. A log says what runs instead of sitting silent."""
         ...
 
