@@ -88,9 +88,13 @@ def test_a_long_slide_writes_a_line_every_30_s_with_rate_and_eta() -> None:
     ]
     events.stage_started("outputs", "s1")
     events.slide_finished(_done("s1", 20000, 1002.0))
+    # one slide of two is left: at this slide's pace, about as long again
     assert lines[-1] == (
-        "done s1: 20000 patches in 1002.0 s, 20.0 patches/s, 0.250 µm/px (openslide)"
+        "done s1: 20000 patches in 1002.0 s, 20.0 patches/s, 0.250 µm/px (openslide); "
+        "1/2 slides, about 16 min 42 s left at this pace"
     )
+    events.slide_finished(_done("s2", 100, 10.0))
+    assert lines[-1] == "done s2: 100 patches in 10.0 s, 10.0 patches/s, 0.250 µm/px (openslide)"
     assert not any(ESCAPES.search(line) for line in lines)
 
 
