@@ -404,3 +404,38 @@ def test_the_demo_site_prefix_survives_on_a_terminal() -> None:
     assert "[site_a] encoder tiny_cnn (float32)" in text
     assert "[site_a] failed s2 (at tissue): no tissue found" in text
     assert "[site_a] slides" in text
+
+
+REAL_SLIDE = ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_real_aperio_slide_prepared_into_a_log(tmp_path: Path) -> None:
+    if not REAL_SLIDE.is_file():
+        pytest.skip(f"real test slide not present ({REAL_SLIDE}); see ../shared/data/README.md")
+    site = tmp_path / "site"
+    (site / "slides").mkdir(parents=True)
+    (site / "slides" / REAL_SLIDE.name).write_bytes(REAL_SLIDE.read_bytes())
+    manifest = site / "slides.csv"
+    manifest.write_text(f"slide_id,path,label\ncmu,slides/{REAL_SLIDE.name},normal\n")
+    command = [sys.executable, "-m", "client.cli", "prepare", "--manifest", str(manifest)]
+    command += ["--out", str(tmp_path / "out"), "--encoder", "tiny_cnn"]
+    env = {**os.environ, "COLUMNS": "80", "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("FORCE_COLOR", None)
+    env.pop("TTY_COMPATIBLE", None)
+    log = tmp_path / "prepare.log"
+    with log.open("w", encoding="utf-8") as fh:
+        done = subprocess.run(
+            command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=300
+        )
+    text = log.read_text(encoding="utf-8")
+    assert done.returncode == 0, text
+    assert not ESCAPES.search(text) and not BOX.search(text), text
+    lines = text.splitlines()
+    assert "slide 1/1 cmu: segmenting tissue and placing patches" in lines, text
+    started = next(line for line in lines if line.startswith("slide 1/1 cmu: started, "))
+    total = int(started.split(", ")[1].split()[0])
+    finished = next(line for line in lines if line.startswith("done cmu: "))
+    assert finished.startswith(f"done cmu: {total} patches in "), finished
+    assert finished.endswith(", 0.499 µm/px (slide)"), finished  # the scanner's own MPP
