@@ -117,7 +117,7 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     if summary.patch_only:
         _print_patch_only(console, summary)
     else:
-        console.print(summary_line(summary))
+        console.print(summary_line(summary), soft_wrap=True)  # one line to grep in a log
         console.print(
             f"outputs: {summary.out_dir}  (site summary: {summary.out_dir / 'site.json'})"
         )
@@ -143,7 +143,8 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
             f"[bold red]{len(summary.failed)} slide(s) failed[/]"
             + (f" ({rows} for manifest problems, not prepared at all)" if rows else "")
             + f"; see the reasons above and {summary.out_dir / 'status'}. Fix them and re-run: "
-            "finished slides are reused."
+            "finished slides are reused.",
+            soft_wrap=True,  # the path stays whole
         )
     if summary.site_error:
         console.print(
