@@ -119,16 +119,20 @@ class EvaluationResult:
 
 
 def predict_bag(model: MILModel, bag: Bag) -> SlidePrediction:
-    """Score one bag (caller sets eval mode and ``no_grad``); float64 softmax sums to 1."""
+    """Score one bag (caller sets eval mode and ``no_grad``); float64 softmax sums to 1.
+
+    The outputs are copied to the CPU before they are widened: MPS has no float64, and the
+    copy is of a slide's logits only (N x 2 for the patches).
+    """
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     out = model(bag.features.unsqueeze(0).to(device), None)
-    logits = out.logits[0].double()
+    logits = out.logits[0].cpu().double()
     probs = torch.softmax(logits, dim=-1).cpu().numpy()
     labels = tumour = None
     if bag.patch_labels is not None:
         labels = bag.patch_labels.cpu().numpy().astype(np.int64)
-        tumour = torch.softmax(out.instance_logits[0].double(), dim=-1)[:, 1].cpu().numpy()
+        tumour = torch.softmax(out.instance_logits[0].cpu().double(), dim=-1)[:, 1].numpy()
     return SlidePrediction(
         bag.entry.slide_id, int(bag.entry.label), probs, labels, tumour, logits.cpu().numpy()
     )

@@ -256,11 +256,12 @@ def slide_maps(model: MILModel, bag: Bag) -> SlideMaps:
             out = model(bag.features.unsqueeze(0).to(device), None)
     finally:
         model.train(was_training)
-    probs = torch.softmax(out.logits[0].double(), dim=-1).cpu().numpy()
+    # Widened on the CPU (MPS has no float64): a slide's outputs are small.
+    probs = torch.softmax(out.logits[0].cpu().double(), dim=-1).numpy()
     pred = int(np.argmax(probs))
     branch = pred if out.attention.shape[1] > 1 else 0
-    attention = out.attention[0, branch].double().cpu().numpy()
-    tumour = torch.softmax(out.instance_logits[0].double(), dim=-1)[:, 1].cpu().numpy()
+    attention = out.attention[0, branch].cpu().double().numpy()
+    tumour = torch.softmax(out.instance_logits[0].cpu().double(), dim=-1)[:, 1].numpy()
     return SlideMaps(
         probs=probs,
         attention=attention,

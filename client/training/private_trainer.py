@@ -240,7 +240,7 @@ def clipped_slide_gradient(
     (factor min(1, C / (norm + 1e-6))) for checks and diagnostics.
     """
     flat, losses = slide_gradient(model, bag, cfg, generator, precision)
-    norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in flat)))
+    norm = float(torch.sqrt(sum((g.cpu().double() ** 2).sum() for g in flat)))  # MPS: no f64
     factor = min(1.0, max_grad_norm / (norm + 1e-6))
     return [g * factor for g in flat], losses, norm
 

@@ -375,22 +375,23 @@ def evaluate(
                 batch = _to_device(_collate([bag], precision, device), device)
                 with _autocast(device, precision):
                     out = model(batch.features, batch.mask)
-                losses.append(float(F.cross_entropy(out.logits.double(), batch.labels)))
-                probs.append(torch.softmax(out.logits.double(), dim=1)[0].cpu().numpy())
+                # Scored in float64 on the CPU: a slide's few logits cost nothing to copy,
+                # and MPS has no float64.
+                slide_logits = out.logits.cpu().double()
+                losses.append(float(F.cross_entropy(slide_logits, batch.labels.cpu())))
+                probs.append(torch.softmax(slide_logits, dim=1)[0].numpy())
                 labels.append(int(bag.entry.label))
                 if bag.patch_labels is not None:
-                    logits = out.instance_logits[0, : bag.num_patches].double()
+                    logits = out.instance_logits[0, : bag.num_patches].cpu().double()
                     tumour = torch.softmax(logits, dim=-1)[:, 1]
-                    patch_labels = bag.patch_labels.to(logits.device).long()
+                    patch_labels = bag.patch_labels.long()
                     known = patch_labels >= 0
                     if bool(known.any()):
                         patch_nll += float(
                             F.cross_entropy(logits[known], patch_labels[known], reduction="sum")
                         )
                         n_patch += int(known.sum())
-                    patches.append(
-                        (bag.patch_labels.cpu().numpy().astype(np.int64), tumour.cpu().numpy())
-                    )
+                    patches.append((bag.patch_labels.numpy().astype(np.int64), tumour.numpy()))
     finally:
         model.train(was_training)
     auc = slide_metrics(np.asarray(labels), np.stack(probs), bootstrap=0).auc.value
