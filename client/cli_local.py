@@ -612,7 +612,7 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
 def _add_device(parser: Any, what: str, more: str) -> None:
     parser.add_argument(
         "--device",
-        help=f"where to {what}: {DEVICE_HELP}{more} (default auto)",
+        help=f"device to {what}: {DEVICE_HELP}; default auto{more}",
     )
 
 
@@ -639,7 +639,7 @@ def add_local_commands(sub: Any) -> None:
     tr.add_argument("--fold", type=int, default=0, help="test fold when no split column (0)")
     tr.add_argument("--folds", type=int, default=5, help="number of folds (5)")
     tr.add_argument("--labels", help="comma-separated labels (default: site.json)")
-    _add_device(tr, "train on", "; or device = ... at the top of --config")
+    _add_device(tr, "train on", ", or device = ... at the top of --config")
     tr.set_defaults(handler=cmd_local_train)
 
     ev = local_sub.add_parser(
