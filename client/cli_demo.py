@@ -24,6 +24,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from common.errors import ConfigError
+
 EXIT_OK, EXIT_PARTIAL = 0, 1
 
 
@@ -47,6 +49,11 @@ def _prepare_sites(
     if args.tissue_preset is None:
         args.tissue_preset = "biopsy"  # synthetic slides are biopsy-sized (a few mm² of tissue)
     cfg = build_config(PrepareConfig, args.config, prepare_overrides(args))
+    if cfg.patch_only:
+        raise ConfigError(
+            f"{args.config}: patch_only = true stops before embedding, and the demo trains on "
+            "the embedded features; remove it here (it is for `fedpath prepare`)"
+        )
     out: Path = args.out
     began = time.perf_counter()
     site_dirs = generate_cohort(args, out / "hospitals", console)

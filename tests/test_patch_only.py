@@ -211,3 +211,11 @@ def test_patches_of_another_slide_file_or_an_older_fedpath_are_cut_again(
     assert "earlier fedpath" in tumour_status["why_patches_cut"]
     normal_status = json.loads((out / "status" / "normal.json").read_text())
     assert "slide file changed" in normal_status["why_patches_cut"]
+
+
+def test_demo_refuses_a_patch_only_config(tmp_path: Path) -> None:
+    config = tmp_path / "prepare.toml"
+    config.write_text("patch_only = true\n")
+    rc, _, output = run_cli_probe("demo", "--config", str(config), "--out", str(tmp_path / "d"))
+    assert rc == 2 and "patch_only = true stops before embedding" in output, output
+    assert not (tmp_path / "d").exists()
