@@ -451,3 +451,26 @@ def test_out_of_memory_drawing_a_heatmap_names_the_device(monkeypatch: pytest.Mo
     monkeypatch.setattr(type(model), "forward", _out_of_memory)
     with pytest.raises(DeviceError, match=r"^cpu ran out of memory while scoring the slide"):
         slide_maps(model, VAL[0])
+
+
+@CUDA
+def test_cuda_per_slide_gradient_is_the_cpus(cuda: torch.device) -> None:
+    """DP-SGD's per-sample gradient (one slide per backward pass; equal to Opacus' hooks on
+    the CPU, tests/test_private_trainer.py) is the same gradient when computed on the GPU."""
+    from client.training.private_trainer import clipped_slide_gradient
+
+    cfg = _cfg()
+    model = _model(dropout=0.0).train()
+    on_gpu = _model(dropout=0.0).train().to(cuda)
+    on_gpu.load_state_dict(model.state_dict())
+    for bag in TRAIN[:4]:
+        here, _, norm_here = clipped_slide_gradient(
+            model, bag, cfg, torch.Generator().manual_seed(0), 1e9
+        )
+        there, _, norm_there = clipped_slide_gradient(
+            on_gpu, bag, cfg, torch.Generator().manual_seed(0), 1e9
+        )
+        assert all(g.is_cuda for g in there)
+        for a, b in zip(here, there, strict=True):
+            assert torch.allclose(a, b.cpu(), atol=1e-4)
+        assert norm_there == pytest.approx(norm_here, rel=1e-3)
