@@ -18,10 +18,11 @@ EXIT_OK = 0
 
 
 def cmd_report(args: argparse.Namespace, console: Console) -> int:
-    from server.report import status_text, write_report
     from server.run_files import read_run
 
-    run = read_run(args.run_dir)
+    run = read_run(args.run_dir)  # a wrong folder is said before matplotlib loads (~1.5 s)
+    from server.report import status_text, write_report
+
     page = write_report(run, args.out)
     console.print(status_text(run)[1])
     console.print(f"report: {page}", soft_wrap=True)  # a wrapped path cannot be pasted
