@@ -42,6 +42,8 @@ from client.threads import node_torch_threads, torch_threads
 from common.errors import ConfigError
 
 if TYPE_CHECKING:
+    import torch
+
     from client.federated import SitePrivacy
     from common.federation import RoundInstructions
 
@@ -154,7 +156,9 @@ def log_line(text: str) -> None:
     print(f"fedpath: {text}", file=sys.stderr, flush=True)
 
 
-def _train_line(site: str, instructions: RoundInstructions, device: Any, metrics: dict) -> str:
+def _train_line(
+    site: str, instructions: RoundInstructions, device: torch.device, metrics: Mapping[str, Any]
+) -> str:
     """What the round trained on, for the log: device, precision, slides, seconds."""
     from client.training.trainer import resolve_precision
     from common.device import describe_device
