@@ -234,8 +234,8 @@ class LogPrepareEvents:
             self._last_line = self._clock()
 
     def _site_eta(self) -> str:
-        """``; 3/1000 slides, about 2 h 10 min left at this run's pace`` (from the slides this
-        run prepared; a slide reused later costs less, so it is an upper estimate)."""
+        """``; 3/1000 slides, about 2 h 10 min left at this pace``: the slides left times the
+        mean time of the slides this run prepared (a slide reused later costs less)."""
         left = self._total_slides - self._finished
         if left <= 0 or self._prepared == 0:
             return ""
