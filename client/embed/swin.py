@@ -37,10 +37,22 @@ class SwinConfig:
         return self.embed_dim * 2 ** (len(self.depths) - 1)
 
     def reduced(
-        self, embed_dim: int, depths: tuple[int, ...], num_heads: tuple[int, ...]
+        self,
+        embed_dim: int,
+        depths: tuple[int, ...],
+        num_heads: tuple[int, ...],
+        img_size: int,
+        window: int,
     ) -> SwinConfig:
         """Same code path, narrower and shallower: for tests that load real weights on CI."""
-        return replace(self, embed_dim=embed_dim, depths=depths, num_heads=num_heads)
+        return replace(
+            self,
+            embed_dim=embed_dim,
+            depths=depths,
+            num_heads=num_heads,
+            img_size=img_size,
+            window=window,
+        )
 
 
 class ConvStem(nn.Module):
@@ -71,10 +83,13 @@ class ConvStem(nn.Module):
 
 
 def _relative_index(window: int) -> torch.Tensor:
-    """(w², w²) index into the ((2w-1)², heads) relative position bias table."""
-    coords = torch.stack(
-        torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
-    ).flatten(1)
+    """(w², w²) index into the ((2w-1)², heads) relative position bias table.
+
+    Computed on the CPU (then moved by the caller): indexing on the meta device would pull in
+    torch's reference kernels, seconds of import for a shape check.
+    """
+    axis = torch.arange(window, device="cpu")
+    coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij")).flatten(1)
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
     return rel[:, :, 0] * (2 * window - 1) + rel[:, :, 1]
 
@@ -95,7 +110,7 @@ def _unwindows(x: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
 
 def _shift_mask(size: int, window: int, shift: int) -> torch.Tensor:
     """(nW, w², w²) additive mask: -100 between tokens that came from different regions."""
-    regions = torch.zeros(1, size, size, 1)
+    regions = torch.zeros(1, size, size, 1, device="cpu")
     bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     label = 0
     for rows in bounds:
@@ -104,7 +119,7 @@ def _shift_mask(size: int, window: int, shift: int) -> torch.Tensor:
             label += 1
     flat = _windows(regions, window).squeeze(-1)
     diff = flat.unsqueeze(1) - flat.unsqueeze(2)
-    return torch.where(diff != 0, torch.tensor(-100.0), torch.tensor(0.0))
+    return (diff != 0).float() * -100.0
 
 
 class WindowAttention(nn.Module):
@@ -118,7 +133,8 @@ class WindowAttention(nn.Module):
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window - 1) ** 2, num_heads)
         )
-        self.register_buffer("relative_position_index", _relative_index(window), persistent=False)
+        index = _relative_index(window).to(torch.get_default_device())
+        self.register_buffer("relative_position_index", index, persistent=False)
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
@@ -149,7 +165,7 @@ class SwinBlock(nn.Module):
         self.attn = WindowAttention(dim, window, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, 4 * dim, "gelu")
-        mask = _shift_mask(size, window, shift) if shift else None
+        mask = _shift_mask(size, window, shift).to(torch.get_default_device()) if shift else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
     def init_buffers(self) -> None:
