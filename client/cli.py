@@ -178,10 +178,10 @@ def _print_patch_only(console: Console, summary: Any) -> None:
 
 
 def cmd_encoders(args: argparse.Namespace, console: Console) -> int:
-    del args
-    from client.embed.listing import encoder_listing
+    from client.embed.listing import encoder_details, encoder_listing
 
-    for line in encoder_listing():
+    lines = encoder_details(args.name) if args.name else encoder_listing()
+    for line in lines:
         console.print(line, markup=False, highlight=False, soft_wrap=True)
     return EXIT_OK
 
@@ -231,6 +231,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     prepare.set_defaults(handler=cmd_prepare)
 
     encoders = sub.add_parser("encoders", help="list the patch encoders available offline")
+    encoders.add_argument(
+        "name", nargs="?", help="one encoder id: its architecture, checkpoint file, licence"
+    )
     encoders.set_defaults(handler=cmd_encoders)
 
     for adder, commands in _COMMAND_GROUPS:

@@ -646,3 +646,19 @@ def test_full_size_phikon_loads_through_the_registry(tmp_path: Path) -> None:
     out = _run(enc.model, x)
     assert out.shape == (1, 768)
     torch.testing.assert_close(out, _run(reference, x), rtol=1e-4, atol=1e-4)
+
+
+def test_fedpath_encoders_id_shows_one_entry_with_the_file_to_download(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from client import cli
+
+    assert cli.main(["encoders", "Virchow2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "virchow2: Virchow2" and all(len(line) <= 80 for line in lines)
+    assert "  prepare with --encoder virchow2 --weights /path/to/model.safetensors" in lines
+    assert "  weights      https://huggingface.co/paige-ai/Virchow2" in lines
+    assert any(line.startswith("  trained at   0.5 µm/px, 20x") for line in lines)
+    assert cli.main(["encoders", "vit_huge"]) == 2
+    err = capsys.readouterr()
+    assert "unknown encoder 'vit_huge': not one of conch, ctranspath," in err.out + err.err

@@ -6,7 +6,10 @@ a log file (systemd, docker logs) gets the same lines, with no box characters to
 
 from __future__ import annotations
 
-from client.embed.registry import available_encoders, encoder_info
+import textwrap
+
+from client.embed.foundation import FOUNDATION_MODELS
+from client.embed.registry import available_encoders, canonical_encoder_id, encoder_info
 
 EXAMPLE_WEIGHTS = "/path/to/UNI/pytorch_model.bin"
 
@@ -46,5 +49,50 @@ def encoder_listing() -> list[str]:
     lines += [
         f"  {info.spec.id:<{width}}  {info.source}" for info in infos if info.weights != "built-in"
     ]
-    lines += ["", "A TorchScript checkpoint can also be given by path (--encoder model.pt)."]
+    lines += [
+        "",
+        "A TorchScript checkpoint can also be given by path (--encoder model.pt).",
+        "Details of one encoder (architecture, file to download): fedpath encoders ID",
+    ]
+    return lines
+
+
+def encoder_details(name: str) -> list[str]:
+    """Lines for ``fedpath encoders ID``: everything the registry knows about one encoder.
+
+    Raises ``EncoderError`` for an unknown id (the CLI prints it).
+    """
+    info = encoder_info(name)
+    spec = info.spec
+    key = canonical_encoder_id(name) or spec.id
+    entry = FOUNDATION_MODELS.get(key)
+    mean = ", ".join(str(v) for v in spec.mean)
+    std = ", ".join(str(v) for v in spec.std)
+    facts = [
+        ("architecture", info.architecture),
+        ("output", f"{spec.feature_dim}-d" + (f", {entry.output}" if entry else "")),
+        ("input", f"{spec.input_size} px, mean ({mean}), std ({std})"),
+        (
+            "trained at",
+            f"{info.mpp:g} µm/px, {info.magnification}" if info.mpp is not None else "-",
+        ),
+        ("checkpoint", info.checkpoint),
+        ("licence", info.licence),
+        ("weights", info.source),
+    ]
+    title = f"{key}: {entry.name if entry is not None else spec.description}"
+    lines = textwrap.wrap(title, width=80, subsequent_indent="  ")
+    for label, text in facts:
+        lines += textwrap.wrap(
+            text,
+            width=80,
+            initial_indent=f"  {label:<13}",
+            subsequent_indent=" " * 15,
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
+    if entry is not None:  # unwrapped: it is copied into a command line
+        lines.append(
+            f"  {'prepare with':<13}--encoder {key} --weights /path/to/{entry.weight_files[0]}"
+        )
     return lines

@@ -175,7 +175,10 @@ def encoder_info(name: str) -> EncoderInfo:
     """Registry facts of an encoder (architecture, resolution, licence, weights), no loading."""
     key = canonical_encoder_id(name)
     if key is None:
-        raise EncoderError(f"unknown encoder {name!r}: not one of {available_encoders()}")
+        raise EncoderError(
+            f"unknown encoder {name!r}: not one of {', '.join(available_encoders())} "
+            "(see `fedpath encoders`)"
+        )
     spec = _SPECS[key]
     entry = FOUNDATION_MODELS.get(key)
     if entry is not None:
@@ -244,8 +247,8 @@ def load_encoder(name_or_path: str, weights_path: Path | None = None) -> LoadedE
         path = Path(name_or_path).expanduser()
         if not path.is_file():
             raise EncoderError(
-                f"unknown encoder {name_or_path!r}: not one of {available_encoders()} and no "
-                "checkpoint file exists at that path"
+                f"unknown encoder {name_or_path!r}: not one of "
+                f"{', '.join(available_encoders())} and no checkpoint file exists at that path"
             )
         if weights_path is not None:
             raise EncoderError(
