@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from client.prepare.records import SITE_FILE
+from client.prepare.records import PATCH_INDEX_FILE, SITE_FILE
 from common.errors import ConfigError
 
 __all__ = ["read_site", "site_facts"]
@@ -19,6 +19,12 @@ __all__ = ["read_site", "site_facts"]
 def read_site(data_dir: Path) -> dict[str, Any]:
     """The prepared site's ``site.json``; ``ConfigError`` when missing or unusable."""
     path = data_dir / SITE_FILE
+    if not path.is_file() and (data_dir / PATCH_INDEX_FILE).is_file():
+        raise ConfigError(
+            f"{data_dir} holds patches only ({PATCH_INDEX_FILE}: cut with `fedpath prepare "
+            "--patch-only`), no features yet: run `fedpath prepare` without --patch-only on "
+            "the same --out to embed them"
+        )
     if not path.is_file():
         raise ConfigError(
             f"{data_dir} is not a prepared site: {SITE_FILE} is missing (run `fedpath prepare`)"

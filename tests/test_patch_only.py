@@ -131,6 +131,10 @@ def test_patch_only_cuts_labels_and_draws_qc_without_torch(
     assert [r["slide_id"] for r in index] == ["tumour", "normal"]
     assert index[0]["patches"] == "patches/tumour.h5"
     assert int(index[0]["num_patches"]) == coords.shape[0]
+    # Training on it says what is missing and how to get it, not "not a prepared site".
+    train = ("local", "train", "--data", str(out), "--out", str(tmp_path / "train"))
+    rc, _, output = run_cli_probe(*train)
+    assert rc == 2 and "holds patches only" in output and "without --patch-only" in output
 
 
 def test_prepare_embeds_the_patch_only_patches_without_cutting_again(

@@ -40,6 +40,7 @@ from client.prepare.patchfile import PATCH_FILE_VERSION, PatchFile, read_patch_f
 from client.prepare.records import (
     INDEX_COLUMNS,
     INDEX_FILE,
+    PATCH_INDEX_FILE,
     SITE_FILE,
     PrepareEvents,
     PrepareSummary,
@@ -73,8 +74,6 @@ if TYPE_CHECKING:  # imported where used: a patch-only run imports no torch, and
 
 PATCH_ONLY = "patch-only"
 """The precision a patch-only run reports: it embeds nothing."""
-PATCH_INDEX_FILE = "patches.csv"
-"""A patch-only run's slide index: one row per slide cut, with its patch file."""
 PATCH_INDEX_COLUMNS = (*INDEX_COLUMNS[:-1], "patches")
 
 

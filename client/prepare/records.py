@@ -19,6 +19,8 @@ SITE_FILE = "site.json"
 """Aggregate facts of a prepared site (what the server's harmonisation check compares)."""
 INDEX_FILE = "prepared.csv"
 """The local slide index training reads: one row per usable slide."""
+PATCH_INDEX_FILE = "patches.csv"
+"""A patch-only run's slide index: one row per slide cut, with its patch file."""
 INDEX_COLUMNS = (
     "slide_id",
     "label",
