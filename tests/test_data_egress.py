@@ -170,8 +170,8 @@ def test_an_extra_metric_is_caught(sites: dict[str, Path], monkeypatch: pytest.M
     slide = _first_slide(site)["slide_id"]
     real = client.federated.train_on_site
 
-    def leaky(*args: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        weights, metrics = real(*args)
+    def leaky(*args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        weights, metrics = real(*args, **kwargs)
         return weights, {**metrics, f"score-{slide}": 0.93}
 
     monkeypatch.setattr(client.federated, "train_on_site", leaky)
@@ -194,7 +194,7 @@ def test_the_client_guard_alone_also_refuses_the_extra_metric(
     monkeypatch.setattr(
         client.federated,
         "train_on_site",
-        lambda *a: (real(*a)[0], {**real(*a)[1], "per-slide": 0.5}),
+        lambda *a, **k: (real(*a, **k)[0], {**real(*a, **k)[1], "per-slide": 0.5}),
     )
     reply = client_app.app(_train_message(_cfg(Path("/unused"))), _context(sites["site_a"]))
     assert reply.has_error() and "outside the allow-list" in reply.error.reason
@@ -231,8 +231,8 @@ def test_a_coordinates_array_and_a_reshaped_parameter_are_caught(
 
     real = client.federated.train_on_site
 
-    def leaky(*args: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        weights, metrics = real(*args)
+    def leaky(*args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        weights, metrics = real(*args, **kwargs)
         matrix = next(k for k in sorted(weights) if weights[k].ndim == 2)
         weights = {**weights, matrix: weights[matrix].T.copy()}
         weights["coords"] = np.arange(20, dtype=np.int64).reshape(10, 2) * 256
@@ -291,8 +291,8 @@ def test_a_count_with_a_fraction_is_caught(
 
     real = client.federated.train_on_site
 
-    def leaky(*args: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        weights, metrics = real(*args)
+    def leaky(*args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        weights, metrics = real(*args, **kwargs)
         return weights, {**metrics, "skipped-slides": 1.0417, "num-examples": -1.0}
 
     monkeypatch.setattr(client.federated, "train_on_site", leaky)
@@ -326,8 +326,8 @@ def test_per_slide_scores_dressed_as_a_histogram_are_caught(
 
     real = client.federated.evaluate_on_site
 
-    def leaky(*args: Any) -> dict[str, Any]:
-        metrics = real(*args)
+    def leaky(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        metrics = real(*args, **kwargs)
         return {**metrics, "slide-hist-pos": [0.91, 0.12, 0.55], "slide-scores": [0.9, 0.1]}
 
     monkeypatch.setattr(client.federated, "evaluate_on_site", leaky)
@@ -350,8 +350,8 @@ def test_a_histogram_of_the_right_length_must_still_hold_whole_counts(
 
     real = client.federated.evaluate_on_site
 
-    def leaky(*args: Any) -> dict[str, Any]:
-        metrics = real(*args)
+    def leaky(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        metrics = real(*args, **kwargs)
         hist = [0.0] * 2002
         hist[:3] = [0.913, 0.127, 0.5]  # three slides' scores in the first bins
         return {**metrics, "patch-hist-normal": hist, "nll-grid": [-1.0] * 81}
@@ -414,8 +414,8 @@ def test_the_wire_checker_passes_a_real_reply_and_catches_a_leaky_one(
     slide = _first_slide(site)["slide_id"]
     real = client.federated.train_on_site
 
-    def leaky(*args: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-        weights, metrics = real(*args)
+    def leaky(*args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        weights, metrics = real(*args, **kwargs)
         weights["coords"] = np.arange(20, dtype=np.int64).reshape(10, 2) * 256
         return weights, {**metrics, f"score-{slide}": 0.93}
 
