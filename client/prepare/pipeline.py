@@ -13,7 +13,11 @@ The run is built for unattended use on a CPU-only machine:
 - a write the system refuses (disk full, file too large, read-only) fails that slide with one
   message naming the file (``OutputWriteError``) and leaves no temporary behind;
 - ``site.json`` holds only aggregate facts (no slide ids) because it is what the server's
-  harmonisation check reads.
+  harmonisation check reads;
+- a patch-only run (``patch_only``) stops before the encoder: it writes each slide's patch file
+  (``patches/<id>.h5``: coordinates, labels, the settings hash and the slide's fingerprint),
+  QC pictures and ``patches.csv``, and imports no torch. A later run embeds a patch file cut
+  from the same slide file with the same patching settings instead of segmenting again.
 """
 
 from __future__ import annotations
@@ -354,7 +358,7 @@ def _read_status(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Patches:
     """One slide's patches and their labels, cut in this run or read from its patch file."""
 
