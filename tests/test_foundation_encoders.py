@@ -525,9 +525,10 @@ def test_layer_scale_folds_exactly_and_the_traced_runner_is_used(tmp_path: Path)
     torch.testing.assert_close(_run(folded, x), _run(model, x), rtol=1e-5, atol=1e-5)
     path = _save(_in_layout(entry, model), tmp_path / "pytorch_model.bin")
     loaded = load_foundation(entry, path)
-    from client.embed.registry import LoadedEncoder, _foundation_spec
+    from client.embed.catalog import foundation_spec
+    from client.embed.registry import LoadedEncoder
 
-    encoder = LoadedEncoder(_foundation_spec(entry), loaded.model.eval(), loaded.sha256, path)
+    encoder = LoadedEncoder(foundation_spec(entry), loaded.model.eval(), loaded.sha256, path)
     assert get_runner(encoder, "float32", 4, jit=True, pixels=True).mode == "jit"
 
 
@@ -538,7 +539,7 @@ def test_fedpath_encoders_lists_every_entry_in_80_columns(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from client import cli
-    from client.embed import registry
+    from client.embed import catalog
 
     assert cli.main(["encoders"]) == 0
     out = capsys.readouterr().out
@@ -559,7 +560,7 @@ def test_fedpath_encoders_lists_every_entry_in_80_columns(
     assert "fedpath prepare --encoder uni --weights /path/to/UNI/pytorch_model.bin" in out
     assert rows["efficientnet_lite0"].split()[5] == "packaged"  # installed in this venv
     # Without the weights package it must not claim "packaged".
-    monkeypatch.setattr(registry, "_efficientnet_packaged", lambda: False)
+    monkeypatch.setattr(catalog, "_efficientnet_packaged", lambda: False)
     assert cli.main(["encoders"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("efficientnet_lite0"))
@@ -662,3 +663,22 @@ def test_fedpath_encoders_id_shows_one_entry_with_the_file_to_download(
     assert cli.main(["encoders", "vit_huge"]) == 2
     err = capsys.readouterr()
     assert "unknown encoder 'vit_huge': not one of conch, ctranspath," in err.out + err.err
+
+
+def test_fedpath_encoders_starts_without_importing_torch() -> None:
+    """Listing encoders needs no model: it took 2.7 s here when it imported torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from client.cli import main\n"
+        "assert main(['encoders']) == 0 and main(['encoders', 'uni']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert "uni2_h" in result.stdout

@@ -2,14 +2,19 @@
 
 Plain aligned columns rather than a drawn table: nothing wraps in an 80-column terminal, and
 a log file (systemd, docker logs) gets the same lines, with no box characters to mangle.
+Reads only the catalog, so the command starts without importing torch.
 """
 
 from __future__ import annotations
 
 import textwrap
 
-from client.embed.foundation import FOUNDATION_MODELS
-from client.embed.registry import available_encoders, canonical_encoder_id, encoder_info
+from client.embed.catalog import (
+    FOUNDATION_MODELS,
+    available_encoders,
+    canonical_encoder_id,
+    encoder_info,
+)
 
 EXAMPLE_WEIGHTS = "/path/to/UNI/pytorch_model.bin"
 

