@@ -1,12 +1,10 @@
-"""The pathology foundation encoders hospitals use, one entry each, loaded from local weights.
+"""Building the pathology foundation encoders and loading them from the hospital's weights.
 
-Each entry records what a feature file's provenance and a coordinator need to know without
-reading any weights: the architecture and its hyper-parameters (from the model's published
-timm/HuggingFace configuration), the input size and normalisation its authors use, the
-resolution it was trained at, its output width, the layout of its checkpoint, its licence and
-the page where a hospital requests and downloads the weights. fedpath never downloads them: the
-hospital accepts the licence on that page, downloads the file or snapshot folder itself and
-passes it with ``--weights``.
+The entries themselves (architecture hyper-parameters from each model's published timm /
+HuggingFace configuration, input size, normalisation, resolution trained at, output width,
+checkpoint layout, licence, download page) are plain data in ``client.embed.catalog``. fedpath
+never downloads weights: the hospital accepts the licence on the model's page, downloads the
+file or snapshot folder itself and passes it with ``--weights``.
 
 Models are built on the meta device and the checkpoint's tensors are assigned to them, so a
 1.1-billion-parameter encoder is never initialised randomly first (no time, no second copy in
