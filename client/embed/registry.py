@@ -8,9 +8,10 @@ in every feature bag and in the server's harmonisation check (DESIGN §3, §4.2)
 Weights are only ever read from local files (a pip-installed package, or a path the hospital
 provides), with ``weights_only=True`` or the safetensors reader so a checkpoint cannot execute
 code when loaded. The pathology foundation models (UNI, UNI2-h, Virchow2, H-optimus-0/1,
-Prov-GigaPath, Phikon/Phikon-v2, CONCH) are registered in ``client.embed.foundation`` and load
-from the file or snapshot folder the hospital downloaded; any other model can come in as a
-TorchScript archive, which carries its own architecture.
+Prov-GigaPath, Phikon/Phikon-v2, CONCH, CTransPath) are described in ``client.embed.catalog``
+(torch-free: what ``fedpath encoders`` prints) and built by ``client.embed.foundation`` from the
+file or snapshot folder the hospital downloaded; any other model can come in as a TorchScript
+archive, which carries its own architecture.
 """
 
 from __future__ import annotations
