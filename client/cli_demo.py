@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -75,7 +76,8 @@ def _prepare_sites(
                 site_dir / "slides.csv", out / "prepared" / site_dir.name, cfg, events=events
             )
         stage_seconds[f"prepare {site_dir.name}"] = time.perf_counter() - began
-        console.print(summary_line(summary))
+        # which hospital the totals are of, on one line (the site's name is text, not markup)
+        console.print(escape(f"[{site_dir.name}] {summary_line(summary)}"), soft_wrap=True)
         failed += summary.count("failed")
         site = json.loads((summary.out_dir / "site.json").read_text(encoding="utf-8"))
         by_label = site["slides"]["by_label"]

@@ -239,8 +239,9 @@ class LogPrepareEvents:
         left = self._total_slides - self._finished
         if left <= 0 or self._prepared == 0:
             return ""
-        eta = duration(left * self._prepared_seconds / self._prepared)
-        return f"; {self._finished}/{self._total_slides} slides, about {eta} left at this pace"
+        seconds = left * self._prepared_seconds / self._prepared
+        eta = f"about {duration(seconds)}" if seconds >= 1 else "less than a second"
+        return f"; {self._finished}/{self._total_slides} slides, {eta} left at this pace"
 
     def tick(self) -> None:
         """Write a heartbeat line if ``interval`` seconds passed since the last line."""

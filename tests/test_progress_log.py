@@ -95,7 +95,16 @@ def test_a_long_slide_writes_a_line_every_30_s_with_rate_and_eta() -> None:
     )
     events.slide_finished(_done("s2", 100, 10.0))
     assert lines[-1] == "done s2: 100 patches in 10.0 s, 10.0 patches/s, 0.250 µm/px (openslide)"
-    assert not any(ESCAPES.search(line) for line in lines)
+
+
+def test_a_site_of_fast_slides_says_less_than_a_second_is_left() -> None:
+    events, lines, _ = _reporter()
+    events.site_started(3, "tiny_cnn", "float32")
+    quick = SlideRecord(slide_id="s1", state="done", num_patches=3, seconds={"embedding": 0.3})
+    events.slide_finished(quick)  # 2 slides left at 0.3 s each
+    assert lines[-1].endswith("; 1/3 slides, less than a second left at this pace"), lines
+    events.slide_finished(_done("s2", 30, 4.7))  # mean (0.3 + 4.7) / 2 s for the last one
+    assert lines[-1].endswith("; 2/3 slides, about 2 s left at this pace"), lines
 
 
 def test_a_silent_step_gets_a_heartbeat_naming_it() -> None:
@@ -443,3 +452,29 @@ def test_a_real_aperio_slide_prepared_into_a_log(tmp_path: Path) -> None:
     finished = next(line for line in lines if line.startswith("done cmu: "))
     assert finished.startswith(f"done cmu: {total} patches in "), finished
     assert finished.endswith(", 0.499 µm/px (slide)"), finished  # the scanner's own MPP
+
+
+@pytest.mark.integration
+def test_the_demo_says_which_hospital_its_totals_are_of(tmp_path: Path) -> None:
+    """The demo printed each hospital's totals without its name, folded at 80 columns."""
+    import argparse
+
+    from client.cli_demo import _prepare_sites
+
+    def one_site(args: argparse.Namespace, out: Path, console: Console) -> list[Path]:
+        site = out / "site_q"
+        generate_slide(site, "q1", SynthSlideConfig(width_px=1024, height_px=1024), 0)
+        (site / "slides.csv").write_text(
+            "slide_id,path,label,split\nq1,slides/q1.tiff,normal,test\n"
+        )
+        return [site]
+
+    args = argparse.Namespace(tissue_preset=None, config=None, out=tmp_path)
+    console = Console(file=io.StringIO(), width=80)
+    overrides = {"embedding": {"encoder": "tiny_cnn"}}
+    prepared, failed = _prepare_sites(args, console, lambda _: overrides, one_site, {})
+    assert failed == 0 and set(prepared) == {"site_q"}
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    totals = [line for line in lines if " done, 0 reused, 0 failed; " in line]
+    assert len(totals) == 1 and totals[0].startswith("[site_q] 1 done, "), lines
+    assert totals[0].endswith(" s") and "(tiny_cnn, float32)" in totals[0], totals
