@@ -12,6 +12,7 @@ is resolved, inside the handlers.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -39,9 +40,22 @@ def node_device_name(node_config: Mapping[str, Any]) -> str:
         raise ConfigError(f"node config {exc}") from exc
 
 
+CUBLAS_WORKSPACE = ":4096:8"
+"""What NVIDIA documents for reproducible cuBLAS results (a fixed workspace per stream)."""
+
+
 def node_device(node_config: Mapping[str, Any]) -> torch.device:
     """The torch device the node's setting stands for here; ``DeviceError`` if it is absent
-    (a GPU asked for by name that torch does not see is never replaced by the CPU)."""
-    from common.device import resolve_device
+    (a GPU asked for by name that torch does not see is never replaced by the CPU).
 
-    return resolve_device(node_device_name(node_config))
+    On a CUDA GPU it also sets ``CUBLAS_WORKSPACE_CONFIG`` (unless the hospital set it),
+    which cuBLAS reads when this process first uses it: DP-SGD rounds must be bit-for-bit
+    reproducible on a retry (:func:`client.training.private_trainer.deterministic_on`), and
+    the node resolves its device before anything touches the GPU.
+    """
+    from common import device as devices
+
+    resolved = devices.resolve_device(node_device_name(node_config))
+    if resolved.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    return resolved

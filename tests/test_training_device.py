@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -170,16 +171,18 @@ def test_float16_trains_with_a_grad_scaler(monkeypatch: pytest.MonkeyPatch) -> N
         assert a.train_loss == pytest.approx(b.train_loss, abs=2e-2)
 
 
-def _spy_noise(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, set[str]]]:
-    """Record, at every noisy step, the noise generator's device and the grad_samples' ones."""
+def _spy_noise(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, set[str], bool]]:
+    """Record, at every noisy step, the noise generator's device, the grad_samples' ones and
+    whether torch's deterministic algorithms are on."""
     from opacus.optimizers import DPOptimizer
 
-    seen: list[tuple[str, set[str]]] = []
+    seen: list[tuple[str, set[str], bool]] = []
     real = DPOptimizer.add_noise
 
     def add_noise(self: DPOptimizer) -> None:
         devices = {str(p.grad_sample.device) for p in self.params}
-        seen.append((str(self.generator.device), devices))
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        seen.append((str(self.generator.device), devices, deterministic))
         real(self)
 
     monkeypatch.setattr(DPOptimizer, "add_noise", add_noise)
@@ -198,7 +201,8 @@ def test_dp_noise_and_per_slide_gradients_are_on_the_models_device(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     private, seen = _dp_run(torch.device("cpu"), monkeypatch)
-    assert seen and all(gen == "cpu" and grads == {"cpu"} for gen, grads in seen)
+    assert seen and all(gen == "cpu" and grads == {"cpu"} for gen, grads, _ in seen)
+    assert not any(det for *_, det in seen)  # CPU kernels are reproducible as they are
     assert private.result.device == "cpu"
     assert private.mechanism.steps == len(seen)  # one noisy step per planned step
 
@@ -341,7 +345,9 @@ def test_cuda_dp_sgd_keeps_noise_and_gradients_on_the_gpu_and_the_accounting(
     cuda: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     private, seen = _dp_run(cuda, monkeypatch)
-    assert seen and all(gen.startswith("cuda") and grads == {"cuda:0"} for gen, grads in seen)
+    assert seen and all(gen.startswith("cuda") and grads == {"cuda:0"} for gen, grads, _ in seen)
+    assert all(det for *_, det in seen)  # a retried round computes the same gradient
+    assert not torch.are_deterministic_algorithms_enabled()  # restored
     assert private.result.precision in ("bfloat16", "float32")  # never float16 under DP
     monkeypatch.undo()
     on_cpu, _ = _dp_run(torch.device("cpu"), monkeypatch)
@@ -474,3 +480,33 @@ def test_cuda_per_slide_gradient_is_the_cpus(cuda: torch.device) -> None:
         for a, b in zip(here, there, strict=True):
             assert torch.allclose(a, b.cpu(), atol=1e-4)
         assert norm_there == pytest.approx(norm_here, rel=1e-3)
+
+
+def test_dp_on_a_gpu_runs_deterministic_algorithms_and_restores_the_setting() -> None:
+    """A retried DP round reuses its noise seed: on CUDA its gradient must not vary with the
+    order of atomic additions. The switch needs no GPU to be checked."""
+    from client.training.private_trainer import deterministic_on
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_on(torch.device("cpu")):
+        assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_on(torch.device("cuda", 0)):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_cuda_node_makes_cublas_reproducible_unless_the_hospital_chose(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import common.device
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    node_device({"device": "cpu"})
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    monkeypatch.setattr(common.device, "resolve_device", lambda name: torch.device("cuda", 0))
+    assert node_device({"device": "cuda"}) == torch.device("cuda", 0)
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    node_device({"device": "cuda"})
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

@@ -48,16 +48,19 @@ training from public settings and N alone. On a GPU ``auto`` precision is bfloat
 GPU computes it natively and float32 otherwise, never float16
 (:func:`~client.training.trainer.resolve_precision` says why). The same secret seed draws
 different noise on another kind of device, so the federated client counts a round retried
-on another device as a new release (``client.federated.input_digest``). CUDA kernels are
-not all bit-reproducible (atomic additions in some backward passes): a round retried on the
-same GPU releases the same noise on a gradient that may differ in its last bits.
+on another device as a new release (``client.federated.input_digest``). On a CUDA GPU the
+training runs with torch's deterministic algorithms (:func:`deterministic_on`): some CUDA
+backward passes (the instance loss's indexing) otherwise add with atomics in a varying order,
+and a round retried on the same GPU would release the same noise on a gradient that differs
+in its last bits (the difference of two such releases has no noise left in it).
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,6 +102,7 @@ __all__ = [
     "PrivateTrainResult",
     "check_private_model",
     "clipped_slide_gradient",
+    "deterministic_on",
     "plan_private_training",
     "train_private",
 ]
@@ -168,6 +172,30 @@ def plan_private_training(dp: DPConfig, n_slides: int, epochs: int) -> Mechanism
             dp.target_epsilon, dp.delta, q, steps * dp.planned_rounds, dp.accountant
         )
     return Mechanism(noise_multiplier=float(sigma), sample_rate=q, steps=steps)
+
+
+@contextmanager
+def deterministic_on(device: torch.device) -> Iterator[None]:
+    """torch's deterministic algorithms inside the block when ``device`` is a CUDA GPU.
+
+    A retried DP round reuses its recorded secret seed, so it must compute the same gradient
+    bit for bit: two releases with the same noise on different gradients reveal their
+    difference exactly. CPU kernels already are reproducible; CUDA's index and scatter
+    backward passes are not unless asked. ``warn_only``: an operation without a deterministic
+    CUDA version warns in the SuperNode's log instead of failing the round (cuBLAS itself
+    is made reproducible by ``CUBLAS_WORKSPACE_CONFIG``, set by :mod:`client.node_device`
+    before CUDA starts). The caller's setting is restored afterwards.
+    """
+    if device.type != "cuda":
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def _parameters(model: MILModel) -> list[torch.nn.Parameter]:
@@ -361,7 +389,7 @@ def train_private(
         loss_reduction="mean",
     )
     memory = out_of_memory_as_error(device, "training with DP-SGD", training_memory_hint(cfg))
-    with memory, _private_torch_rng(device):
+    with memory, deterministic_on(device), _private_torch_rng(device):
 
         def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
             means, n_steps = _private_epoch(
