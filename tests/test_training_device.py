@@ -135,15 +135,33 @@ def test_an_absent_gpu_stops_eval_and_heatmaps_before_anything_is_written(
 # --- the trainers on the device they are given ---------------------------------------------
 
 
-def test_training_follows_the_models_device_and_records_it() -> None:
+def _spy_adam(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The devices of Adam's moment estimates after every step."""
+    devices: set[str] = set()
+    real = torch.optim.Adam.step
+
+    def step(self: torch.optim.Adam, *args: Any, **kwargs: Any) -> Any:
+        out = real(self, *args, **kwargs)
+        devices.update(str(state["exp_avg"].device) for state in self.state.values())
+        return out
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    return devices
+
+
+def test_training_follows_the_models_device_and_records_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     seen: list[torch.device] = []
     model = _model()
+    optimiser = _spy_adam(monkeypatch)
 
     def on_epoch(_: Any) -> None:
         seen.append(next(model.parameters()).device)
 
     result = train(model, TRAIN[:6], VAL[:4], _cfg(epochs=1), on_epoch=on_epoch)
     assert seen == [torch.device("cpu")] and result.device == "cpu"
+    assert optimiser == {"cpu"}
 
 
 def test_float16_trains_with_a_grad_scaler(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,9 +341,10 @@ def cuda() -> Iterator[torch.device]:
 
 @CUDA
 def test_cuda_training_runs_on_the_gpu_in_its_native_low_precision(
-    cuda: torch.device,
+    cuda: torch.device, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[str] = []
+    optimiser = _spy_adam(monkeypatch)
     model = _model().to(cuda)
     result = train(
         model,
@@ -335,6 +354,7 @@ def test_cuda_training_runs_on_the_gpu_in_its_native_low_precision(
         on_epoch=lambda _: seen.append(next(model.parameters()).device.type),
     )
     assert seen == ["cuda"] * 3 and result.device.startswith("cuda:0 (")
+    assert optimiser == {"cuda:0"}
     assert result.precision in ("bfloat16", "float16")
     assert all(math.isfinite(m.train_loss) and math.isfinite(m.val_loss) for m in result.history)
     assert result.history[-1].train_loss < result.history[0].train_loss + 0.5
