@@ -327,6 +327,10 @@ def test_snapshot_folder_loads_its_weights_file(tmp_path: Path) -> None:
         assert loaded.path == weights and loaded.sha256 == sha256_file(weights)
     x = _batch(entry)
     torch.testing.assert_close(_run(loaded.model.eval(), x), _run(reference, x))
+    second = tmp_path / "models--paige-ai--Virchow2" / "snapshots" / "def456"
+    _save(_in_layout(entry, reference), second / "model.safetensors")
+    with pytest.raises(EncoderError, match=r"holds 2 downloaded snapshots \(abc123, def456\)"):
+        load_foundation(entry, tmp_path / "models--paige-ai--Virchow2")
 
 
 def test_folder_prefers_the_published_file_name(tmp_path: Path) -> None:

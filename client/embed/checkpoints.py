@@ -61,7 +61,7 @@ def locate_weights(path: Path, encoder_id: str, preferred: tuple[str, ...]) -> W
         raise EncoderError(f"{encoder_id}: weights path {path} does not exist")
     if not path.is_dir():
         raise EncoderError(f"{encoder_id}: weights path {path} is neither a file nor a folder")
-    folder = _enter_hf_cache(path)
+    folder = _enter_hf_cache(path, encoder_id)
     for name in preferred:
         if (folder / name).is_file():
             return _describe((folder / name,), folder / name)
@@ -84,12 +84,19 @@ def locate_weights(path: Path, encoder_id: str, preferred: tuple[str, ...]) -> W
     )
 
 
-def _enter_hf_cache(folder: Path) -> Path:
+def _enter_hf_cache(folder: Path, encoder_id: str) -> Path:
     snapshots = folder / "snapshots"
-    if snapshots.is_dir():
-        inside = [p for p in snapshots.iterdir() if p.is_dir()]
-        if len(inside) == 1:
-            return inside[0]
+    if not snapshots.is_dir():
+        return folder
+    inside = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(inside) == 1:
+        return inside[0]
+    if len(inside) > 1:
+        names = ", ".join(p.name for p in inside)
+        raise EncoderError(
+            f"{encoder_id}: {folder} holds {len(inside)} downloaded snapshots ({names}); pass "
+            f"the one to use: --weights {folder}/snapshots/<name>"
+        )
     return folder
 
 
