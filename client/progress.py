@@ -276,7 +276,9 @@ class LogProgress:
     silent until then. Here every step that carries a status (an epoch's losses, a scored
     slide, a round's AUC) is one line ``<task> <done>/<total>: <status> (<elapsed>)``; steps
     without one (a synthesised slide) give a line at most every ``interval`` seconds and on the
-    last step.
+    last step. A step longer than ``interval`` (a long epoch, a round waiting for its sites)
+    gets a ``still running`` line from a background thread that calls ``tick`` every ``poll``
+    seconds (tests pass ``clock``, ``poll=None`` and call ``tick`` themselves).
     """
 
     def __init__(
@@ -285,15 +287,23 @@ class LogProgress:
         *,
         clock: Callable[[], float] = time.monotonic,
         interval: float = HEARTBEAT_SECONDS,
+        poll: float | None = 1.0,
     ) -> None:
         self.console = console
         self._write = log_writer(console)
         self._clock = clock
         self._interval = interval
+        self._poll = poll
         self._tasks: list[dict[str, Any]] = []
         self._last_line = clock()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __enter__(self) -> LogProgress:
+        if self._poll is not None:
+            self._thread = threading.Thread(target=self._beat, name="fedpath-progress", daemon=True)
+            self._thread.start()
         return self
 
     def __exit__(
@@ -302,22 +312,42 @@ class LogProgress:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        return None
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beat(self) -> None:
+        assert self._poll is not None
+        while not self._stop.wait(self._poll):
+            self.tick()
+
+    def tick(self) -> None:
+        """A ``still running`` line for the unfinished task if ``interval`` s passed silent."""
+        with self._lock:
+            now = self._clock()
+            running = [t for t in self._tasks if t["total"] is None or t["completed"] < t["total"]]
+            if not running or now - self._last_line < self._interval:
+                return
+            task = running[-1]
+            elapsed = duration(now - task["started"])
+            self._write(f"{task['description']} {_count(task)}: still running ({elapsed})")
+            self._last_line = now
 
     def add_task(
         self, description: str, total: float | None = 100.0, completed: float = 0, **fields: Any
     ) -> TaskID:
         fields.pop("visible", None)
-        self._tasks.append(
-            {
-                "description": description,
-                "total": total,
-                "completed": completed,
-                "fields": fields,
-                "started": self._clock(),
-            }
-        )
-        return TaskID(len(self._tasks) - 1)
+        with self._lock:
+            self._tasks.append(
+                {
+                    "description": description,
+                    "total": total,
+                    "completed": completed,
+                    "fields": fields,
+                    "started": self._clock(),
+                }
+            )
+            return TaskID(len(self._tasks) - 1)
 
     def advance(self, task_id: TaskID, advance: float = 1) -> None:
         self.update(task_id, advance=advance)
@@ -332,7 +362,18 @@ class LogProgress:
         description: str | None = None,
         **fields: Any,
     ) -> None:
-        task = self._tasks[task_id]
+        with self._lock:
+            self._update(self._tasks[task_id], total, completed, advance, description, fields)
+
+    def _update(
+        self,
+        task: dict[str, Any],
+        total: float | None,
+        completed: float | None,
+        advance: float | None,
+        description: str | None,
+        fields: dict[str, Any],
+    ) -> None:
         fields.pop("visible", None)
         fields.pop("refresh", None)
         before = (task["description"], dict(task["fields"]))
@@ -354,11 +395,15 @@ class LogProgress:
             self._line(task, now)
 
     def _line(self, task: dict[str, Any], now: float) -> None:
-        count = f"{task['completed']:g}" + (f"/{task['total']:g}" if task["total"] else "")
+        count = _count(task)
         status = "; ".join(str(v) for v in task["fields"].values() if str(v))
         text = f"{task['description']} {count}" + (f": {status}" if status else "")
         self._write(f"{text} ({duration(now - task['started'])})")
         self._last_line = now
+
+
+def _count(task: dict[str, Any]) -> str:
+    return f"{task['completed']:g}" + (f"/{task['total']:g}" if task["total"] else "")
 
 
 def bar_or_lines(console: Console, *columns: ProgressColumn | str) -> Progress | LogProgress:

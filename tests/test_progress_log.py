@@ -289,7 +289,7 @@ def test_prepare_redirected_to_a_file_is_a_readable_log(tmp_path: Path) -> None:
 def test_log_progress_writes_a_line_per_step_with_a_status() -> None:
     clock = FakeClock()
     console = Console(file=io.StringIO(), width=80)
-    progress = LogProgress(console, clock=clock)
+    progress = LogProgress(console, clock=clock, poll=None)
     with progress:
         task = progress.add_task("epochs", total=3, status="")
         for epoch in range(3):
@@ -306,7 +306,7 @@ def test_log_progress_writes_a_line_per_step_with_a_status() -> None:
 def test_log_progress_without_a_status_writes_every_30_s_and_at_the_end() -> None:
     clock = FakeClock()
     console = Console(file=io.StringIO(), width=80)
-    progress = LogProgress(console, clock=clock)
+    progress = LogProgress(console, clock=clock, poll=None)
     task = progress.add_task("synthesising 3 sites", total=20)
     for _ in range(20):
         clock.now += 4
@@ -317,6 +317,36 @@ def test_log_progress_without_a_status_writes_every_30_s_and_at_the_end() -> Non
         "synthesising 3 sites 16/20 (1 min 04 s)",
         "synthesising 3 sites 20/20 (1 min 20 s)",
     ]
+
+
+def test_log_progress_says_a_long_step_is_still_running() -> None:
+    clock = FakeClock()
+    console = Console(file=io.StringIO(), width=80)
+    progress = LogProgress(console, clock=clock, poll=None)
+    task = progress.add_task("epochs", total=10, status="")
+    clock.now += 20
+    progress.update(task, advance=1, status="loss 0.5000")
+    for _ in range(5):  # the second epoch takes 100 s: a line 40 s and 80 s into it
+        clock.now += 20
+        progress.tick()
+    progress.update(task, advance=1, status="loss 0.4000")
+    lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
+    assert lines == [
+        "epochs 1/10: loss 0.5000 (20 s)",
+        "epochs 1/10: still running (1 min 00 s)",
+        "epochs 1/10: still running (1 min 40 s)",
+        "epochs 2/10: loss 0.4000 (2 min 00 s)",
+    ]
+
+
+def test_log_progress_heartbeat_thread_runs_while_the_caller_is_busy() -> None:
+    console = Console(file=io.StringIO(), width=80)
+    with LogProgress(console, interval=0.05, poll=0.01) as progress:
+        progress.add_task("federated rounds", total=3, status="round 1 running")
+        deadline = time.monotonic() + 5
+        while "still running" not in console.file.getvalue() and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.01)
+    assert "federated rounds 0/3: still running (" in console.file.getvalue()  # type: ignore[attr-defined]
 
 
 def test_bar_or_lines_follows_the_console() -> None:
