@@ -549,7 +549,7 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
     # Slide files are named by the manifest only; missing files are reported per slide below.
     manifest = load_manifest(args.manifest, labels, slide_root=args.slide_root, check_files=False)
     for problem in manifest.problems:  # those rows' slides fail below as "not in the manifest"
-        console.print(f"[yellow]manifest {args.manifest}:[/] {problem}")
+        console.print(f"[yellow]manifest {escape(str(args.manifest))}:[/] {escape(problem)}")
     layout = SiteLayout(data, encoder_dir="")  # only its patches/<id>.h5 path is used
     sources = {
         row.slide_id: SlideSource(

@@ -508,3 +508,25 @@ def test_the_demo_says_which_hospital_its_totals_are_of(tmp_path: Path) -> None:
     totals = [line for line in lines if " done, 0 reused, 0 failed; " in line]
     assert len(totals) == 1 and totals[0].startswith("[site_q] 1 done, "), lines
     assert totals[0].endswith(" s") and "(tiny_cnn, float32)" in totals[0], totals
+
+
+@pytest.mark.integration
+def test_heatmaps_print_a_manifest_problem_as_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A manifest problem quoting "[annotation]" lost it (rich markup) in local heatmaps."""
+    from tests.test_cli_local import _make_site
+
+    data, run = tmp_path / "site", tmp_path / "run"
+    _make_site(data)
+    train = ["local", "train", "--data", str(data), "--out", str(run)]
+    assert main([*train, "--config", str(data / "train.toml"), "--epochs", "1"]) == 0
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text(
+        "slide_id,path,label\ns13,s13.svs,tumour\ns12,s12.svs,tumour [annotation]\n"
+    )
+    capsys.readouterr()
+    argv = ["local", "heatmaps", "--data", str(data), "--run", str(run)]
+    main([*argv, "--manifest", str(manifest), "--out", str(tmp_path / "hm")])
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"manifest {manifest}: line 3 (s12): unknown label 'tumour [annotation]'" in out, out
