@@ -459,7 +459,7 @@ class RichPrepareEvents:
             next(t for t in self._progress.tasks if t.id == self._patches).total = None
 
     def site_started(self, total_slides: int, encoder: str, precision: str) -> None:
-        self._console.print(f"{self._site}encoder [bold]{encoder}[/] ({precision})")
+        self._console.print(f"{self._site}encoder [bold]{escape(encoder)}[/] ({precision})")
         self._slides = self._progress.add_task(f"{self._site}slides", total=total_slides, rate="")
         self._patches = self._progress.add_task(
             f"{self._site}patches", total=None, rate="", visible=False
