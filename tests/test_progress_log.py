@@ -530,3 +530,11 @@ def test_heatmaps_print_a_manifest_problem_as_text(
     main([*argv, "--manifest", str(manifest), "--out", str(tmp_path / "hm")])
     out = " ".join(capsys.readouterr().out.split())
     assert f"manifest {manifest}: line 3 (s12): unknown label 'tumour [annotation]'" in out, out
+
+
+def test_an_encoder_path_with_brackets_is_printed_whole_on_a_terminal() -> None:
+    console = Console(file=io.StringIO(), width=100, force_terminal=True, color_system=None)
+    with RichPrepareEvents(console) as events:
+        events.site_started(0, "/models/[v2]/encoder.pt", "float32")
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", console.file.getvalue())  # type: ignore[attr-defined]
+    assert "encoder /models/[v2]/encoder.pt (float32)" in text, text
