@@ -298,3 +298,47 @@ def test_foundation_architectures_run_on_every_engine(tmp_path: Path) -> None:
             runner, _ = build_engine(engine, encoder, "float32", 2, tmp_path)
             worst = float(cosines(runner(images), reference).min())
             assert worst > 0.9999, f"{name} on {engine}: cosine {worst}"
+
+
+@pytest.mark.parametrize(
+    ("encoder", "mpp", "said"),
+    [
+        ("uni", 0.5, False),
+        ("uni", 0.55, False),
+        ("uni", 1.0, True),
+        ("ctranspath", 0.5, True),
+        ("efficientnet_lite0", 2.0, False),
+        ("UNI2-h", 0.25, True),
+    ],
+)
+def test_patches_at_another_scale_than_the_encoder_learnt_are_named(
+    encoder: str, mpp: float, said: bool
+) -> None:
+    from client.embed.catalog import resolution_mismatch
+
+    note = resolution_mismatch(encoder, mpp)
+    assert (note is not None) == said
+    if note:
+        assert f"cut at {mpp:g} µm/px" in note and "--target-mpp" in note
+
+
+def test_scale_note_reaches_the_prepare_summary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from client.config import PrepareConfig
+    from client.embed import catalog
+    from client.prepare.pipeline import prepare_site
+
+    seen: list[tuple[str, float]] = []
+
+    def note(name: str, mpp: float) -> str:
+        seen.append((name, mpp))
+        return "tiny_cnn was trained on patches at 1 µm/px but patches are cut at 0.5 µm/px"
+
+    monkeypatch.setattr(catalog, "resolution_mismatch", note)
+    cfg = PrepareConfig.model_validate(
+        {"embedding": {"encoder": "tiny_cnn", "backend": "torch"}, "write_qc": False}
+    )
+    summary = prepare_site(_one_slide_manifest(tmp_path), tmp_path / "out", cfg)
+    assert seen == [("tiny_cnn", 0.5)]
+    assert any("cut at 0.5 µm/px" in n for n in summary.inference_notes)

