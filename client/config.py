@@ -219,7 +219,11 @@ class EmbeddingConfig(StrictModel):
 
     encoder: str = Field("efficientnet_lite0", description="registry id or path to a checkpoint")
     weights_path: Path | None = Field(
-        None, description="local weights file for encoders whose weights are not packaged"
+        None,
+        description=(
+            "local weights file or downloaded snapshot folder, for encoders whose weights are "
+            "not packaged"
+        ),
     )
     batch_size: int = Field(
         8,
