@@ -377,6 +377,7 @@ class LogProgress:
         fields.pop("visible", None)
         fields.pop("refresh", None)
         before = (task["description"], dict(task["fields"]))
+        was_done = task["total"] is not None and task["completed"] >= task["total"]
         if total is not None:
             task["total"] = total
         if completed is not None:
@@ -390,8 +391,8 @@ class LogProgress:
         said = (task["description"], task["fields"]) != before and any(
             str(v) for v in task["fields"].values()
         )
-        last = task["total"] is not None and task["completed"] >= task["total"]
-        if said or last or now - self._last_line >= self._interval:
+        done = task["total"] is not None and task["completed"] >= task["total"]
+        if said or (done and not was_done) or now - self._last_line >= self._interval:
             self._line(task, now)
 
     def _line(self, task: dict[str, Any], now: float) -> None:

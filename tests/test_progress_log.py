@@ -311,6 +311,7 @@ def test_log_progress_without_a_status_writes_every_30_s_and_at_the_end() -> Non
     for _ in range(20):
         clock.now += 4
         progress.advance(task)
+    progress.update(task, completed=20)  # nothing new: no line
     lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
     assert lines == [
         "synthesising 3 sites 8/20 (32 s)",
