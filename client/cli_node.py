@@ -102,6 +102,17 @@ def check_node_device(name: str) -> str:
     return wanted
 
 
+def device_label(name: str) -> str:
+    """What the journal shows for the node's ``--device``: the GPU by name when one is named
+    (``cuda:1 (NVIDIA L40S)``), else the setting (``auto`` is resolved per message)."""
+    wanted = check_node_device(name)
+    if wanted in ("auto", "cpu"):
+        return "the CPU" if wanted == "cpu" else "auto (a GPU when torch sees one, else the CPU)"
+    from common.device import describe_device, resolve_device
+
+    return describe_device(resolve_device(wanted))
+
+
 def check_port_free(port: int) -> None:
     """Refuse a local API port another process holds (the SuperNode would die in a traceback).
 
@@ -171,6 +182,8 @@ def lock_node_key(key: Path) -> int:
 def cmd_node(args: argparse.Namespace, console: Console) -> int:
     argv = supernode_argv(args)
     console.print(f"SuperNode for {args.site or args.data.name} → {args.superlink}")
+    if getattr(args, "device", None):
+        console.print(f"training and evaluation on {device_label(args.device)}")
     if args.print_only:
         console.print(" ".join(argv))
         return EXIT_OK

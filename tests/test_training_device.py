@@ -328,6 +328,20 @@ def test_node_command_writes_and_checks_the_device(tmp_path: Path, no_gpu: None)
         cli_node.supernode_argv(argparse.Namespace(**args, insecure=True, device="cuda:0"))
     with pytest.raises(ConfigError, match="device must be"):
         cli_node.supernode_argv(argparse.Namespace(**args, insecure=True, device="gpu"))
+    assert cli_node.device_label("CPU") == "the CPU"
+    assert cli_node.device_label("auto").startswith("auto (a GPU when torch sees one")
+
+
+def test_node_command_says_where_it_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_gpu: None
+) -> None:
+    data = write_synthetic_site(tmp_path / "site_a", SyntheticSiteSpec(n_slides=4), seed=0)
+    argv = ["node", "--superlink", "l:9092", "--data", str(data), "--insecure", "--print-only"]
+    assert main([*argv, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "training and evaluation on the CPU" in out and 'device="cpu"' in out
+    assert main([*argv, "--device", "cuda"]) == 2
+    assert "error: device 'cuda' asked for, but torch sees no CUDA GPU" in capsys.readouterr().out
 
 
 # --- on a real GPU ---------------------------------------------------------------------------
