@@ -64,7 +64,9 @@ class TrainConfig(StrictModel):
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="per-patch layers under bfloat16 autocast, or float32; auto = bfloat16 on a "
-        "CPU with AMX (where it is several times faster), float32 anywhere else",
+        "CPU with AMX (where it is several times faster) and on a GPU with native bfloat16, "
+        "float16 with loss scaling on an older CUDA GPU (float32 under DP-SGD), float32 "
+        "anywhere else; the site's device decides, the setting only says auto or which",
     )
     max_train_patches: int | None = Field(
         2048,
