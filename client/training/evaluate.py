@@ -192,9 +192,8 @@ def evaluate_bags(
     predictions: list[SlidePrediction] = []
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    hint = "each slide is scored whole in one pass: score on the CPU (device cpu)"
     try:
-        with out_of_memory_as_error(device, "scoring a slide", hint), torch.no_grad():
+        with out_of_memory_as_error(device, "scoring a slide"), torch.no_grad():
             for bag in bags:
                 prediction = predict_bag(model, bag)
                 predictions.append(prediction)

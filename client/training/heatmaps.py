@@ -250,9 +250,8 @@ def slide_maps(model: MILModel, bag: Bag) -> SlideMaps:
     model.eval()
     param = next(model.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
-    hint = "each slide is scored whole in one pass: draw it on the CPU (--device cpu)"
     try:
-        with out_of_memory_as_error(device, "scoring the slide", hint), torch.no_grad():
+        with out_of_memory_as_error(device, "scoring the slide"), torch.no_grad():
             out = model(bag.features.unsqueeze(0).to(device), None)
     finally:
         model.train(was_training)

@@ -165,19 +165,25 @@ def _private_torch_rng(device: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def out_of_memory_as_error(device: torch.device, what: str, hint: str) -> Iterator[None]:
+def out_of_memory_as_error(device: torch.device, what: str, hint: str = "") -> Iterator[None]:
     """Turn torch's out-of-memory error into a ``DeviceError`` that says what to change.
 
     A GPU has a fixed memory, often shared with other jobs: a slide or a batch that does not
     fit would otherwise end a command in a traceback, or a federated round in a ClientApp
-    crash instead of an error reply the coordinator can read.
+    crash instead of an error reply the coordinator can read. ``hint`` names the settings
+    that bound the memory; the way out that depends on the device is added here.
     """
     try:
         yield
     except torch.OutOfMemoryError as exc:
         first = (str(exc).strip().splitlines() or ["out of memory"])[0]
+        if device.type == "cpu":
+            way_out = "free memory on this machine (other jobs)"
+        else:
+            way_out = "free the device's memory (other jobs) or use the CPU (device cpu)"
+        todo = f"{hint}, or {way_out}" if hint else way_out
         raise DeviceError(
-            f"{describe_device(device)} ran out of memory while {what} ({first}); {hint}"
+            f"{describe_device(device)} ran out of memory while {what} ({first}); {todo}"
         ) from exc
 
 
@@ -185,8 +191,7 @@ def training_memory_hint(cfg: TrainConfig) -> str:
     """What to lower when training does not fit (the settings that bound its memory)."""
     return (
         f"lower max_batch_patches ({cfg.max_batch_patches}) or max_train_patches "
-        f"({cfg.max_train_patches or 'every patch'}), free the device's memory (other jobs), "
-        "or train on the CPU (device cpu)"
+        f"({cfg.max_train_patches or 'every patch'})"
     )
 
 
