@@ -561,3 +561,19 @@ def test_out_of_memory_on_a_gpu_points_to_the_cpu() -> None:
     assert str(caught.value).endswith(
         "; free the device's memory (other jobs) or use the CPU (device cpu)"
     )
+
+
+def test_out_of_memory_in_dp_training_names_the_setting_that_bounds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """DP-SGD runs one slide per pass: only the patches sampled per slide bound its memory."""
+    import client.training.private_trainer as private_trainer
+
+    monkeypatch.setattr(private_trainer, "_private_epoch", _out_of_memory)
+    dp = DPConfig(enabled=True, noise_multiplier=1.0, expected_batch_slides=4)
+    with pytest.raises(DeviceError) as caught:
+        train_private(_model(dropout=0.0), TRAIN[:8], [], _cfg(epochs=1), dp, secret_seed=1)
+    message = str(caught.value)
+    assert message.startswith("cpu ran out of memory while training with DP-SGD (CUDA out")
+    assert "lower max_train_patches (2048), or free memory" in message
+    assert "max_batch_patches" not in message

@@ -92,7 +92,6 @@ from client.training.trainer import (
     resolve_precision,
     run_epochs,
     step_lr,
-    training_memory_hint,
 )
 from common.errors import ConfigError
 from common.mil.losses import mixed_supervision_loss
@@ -388,7 +387,9 @@ def train_private(
         expected_batch_size=_expected_batch(planned, len(train_bags)),
         loss_reduction="mean",
     )
-    memory = out_of_memory_as_error(device, "training with DP-SGD", training_memory_hint(cfg))
+    # One slide per pass (max_batch_patches plays no part): its sampled patches bound memory.
+    hint = f"lower max_train_patches ({cfg.max_train_patches or 'every patch'})"
+    memory = out_of_memory_as_error(device, "training with DP-SGD", hint)
     with memory, deterministic_on(device), _private_torch_rng(device):
 
         def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
