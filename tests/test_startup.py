@@ -60,6 +60,9 @@ def test_no_model_commands_start_without_torch_or_flower(tmp_path: Path) -> None
     rc, heavy, output = run_cli_probe("keys", "new", "--out", str(tmp_path / "keys"), "site-a")
     assert rc == 0 and (tmp_path / "keys" / "site-a.pub").is_file(), output
     assert not set(heavy) & set(HEAVY), heavy
+    rc, heavy, output = run_cli_probe("encoders")
+    assert rc == 0 and "efficientnet_lite0" in output, output
+    assert not set(heavy) & set(HEAVY), heavy
     rc, heavy, output = run_cli_probe("report", str(tmp_path))
     assert rc == 2, output
     assert not set(heavy) & {*HEAVY, "matplotlib"}, heavy  # the folder is checked first
