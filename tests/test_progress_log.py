@@ -502,7 +502,7 @@ def test_the_demo_says_which_hospital_its_totals_are_of(tmp_path: Path) -> None:
 
     args = argparse.Namespace(tissue_preset=None, config=None, out=tmp_path)
     console = Console(file=io.StringIO(), width=80)
-    overrides = {"embedding": {"encoder": "tiny_cnn"}}
+    overrides = {"embedding": {"encoder": "tiny_cnn", "backend": "torch"}}
     prepared, failed = _prepare_sites(args, console, lambda _: overrides, one_site, {})
     assert failed == 0 and set(prepared) == {"site_q"}
     lines = console.file.getvalue().splitlines()  # type: ignore[attr-defined]
