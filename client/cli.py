@@ -35,10 +35,27 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--target-mpp", type=float, help="µm/px of the patches (default 0.5)")
     group.add_argument("--patch-size", type=int, help="patch side in px at target mpp (256)")
     group.add_argument(
-        "--precision", choices=("auto", "float32", "bfloat16"), help="encoder arithmetic"
+        "--precision",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        help="encoder arithmetic (auto: low precision only where native and faithful)",
     )
-    group.add_argument("--batch-size", type=int, help="patches per encoder batch (64)")
-    group.add_argument("--reader-threads", type=int, help="threads decoding patches (2)")
+    group.add_argument(
+        "--device",
+        help="auto | cpu | cuda | cuda:N | mps (auto: a GPU when torch sees one, else the CPU)",
+    )
+    group.add_argument(
+        "--backend",
+        choices=("auto", "torch", "onnx", "openvino"),
+        help="CPU inference engine (auto: the fastest measured here, features checked)",
+    )
+    group.add_argument(
+        "--batch-size",
+        type=int,
+        help="patches per encoder batch (8 on a CPU; on a GPU: sized to its memory)",
+    )
+    group.add_argument(
+        "--reader-threads", type=int, help="threads decoding patches (2; GPU: cores - 1)"
+    )
     group.add_argument(
         "--tissue-preset", choices=("default", "biopsy"), help="biopsy keeps small fragments"
     )
@@ -69,6 +86,8 @@ def _prepare_overrides(args: argparse.Namespace) -> dict[str, Any]:
             "encoder": args.encoder,
             "weights_path": str(args.weights) if args.weights else None,
             "precision": args.precision,
+            "device": args.device,
+            "backend": args.backend,
             "batch_size": args.batch_size,
             "reader_threads": args.reader_threads,
         },
