@@ -123,6 +123,8 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     from client.progress import prepare_events, print_summary, summary_line
 
     cfg = _prepare_config(args)
+    if cfg.patch_only:
+        _note_embedding_flags(args, console)
     with prepare_events(console) as events:
         summary = prepare_site(
             args.manifest,
@@ -178,6 +180,25 @@ def _some(ids: list[str], shown: int = 10) -> str:
     """Up to ``shown`` slide ids, then how many more: a log line stays a line at 2,000 slides."""
     more = len(ids) - shown
     return ", ".join(ids[:shown]) + (f" and {more} more (see status/)" if more > 0 else "")
+
+
+def _note_embedding_flags(args: argparse.Namespace, console: Console) -> None:
+    """Say that embedding flags wait for the embedding run, instead of ignoring them silently."""
+    flags = {
+        "--encoder": args.encoder,
+        "--weights": args.weights,
+        "--device": args.device,
+        "--backend": args.backend,
+        "--precision": args.precision,
+        "--batch-size": args.batch_size,
+    }
+    given = [flag for flag, value in flags.items() if value is not None]
+    if given:
+        console.print(
+            f"note: {', '.join(given)} apply when the patches are embedded (the same command "
+            "without --patch-only); this run embeds nothing",
+            soft_wrap=True,
+        )
 
 
 def _print_patch_only(console: Console, summary: Any) -> None:

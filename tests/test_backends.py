@@ -342,3 +342,15 @@ def test_scale_note_reaches_the_prepare_summary(
     summary = prepare_site(_one_slide_manifest(tmp_path), tmp_path / "out", cfg)
     assert seen == [("tiny_cnn", 0.5)]
     assert any("cut at 0.5 µm/px" in n for n in summary.inference_notes)
+
+
+def test_patch_only_says_embedding_flags_wait_for_the_embedding_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from client.cli import EXIT_OK, main
+
+    argv = ["prepare", "--manifest", str(_one_slide_manifest(tmp_path)), "--out", str(tmp_path)]
+    code = main([*argv, "--patch-only", "--device", "cuda", "--encoder", "uni"])
+    text = capsys.readouterr().out
+    assert code == EXIT_OK, text
+    assert "note: --encoder, --device apply when the patches are embedded" in text
