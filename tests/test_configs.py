@@ -38,7 +38,9 @@ def test_design_defaults() -> None:
         (TissueConfig, {"median_kernel": 6}),
         (TissueConfig, {"min_tissue_fraction": 1.5}),
         (AnnotationConfig, {"positive_fraction": 0.2, "negative_fraction": 0.3}),
-        (EmbeddingConfig, {"precision": "float16"}),
+        (EmbeddingConfig, {"precision": "float64"}),
+        (EmbeddingConfig, {"device": "gpu"}),
+        (EmbeddingConfig, {"backend": "tensorrt"}),
         (EmbeddingConfig, {"batchsize": 3}),
     ],
 )
