@@ -7,8 +7,10 @@ could not be prepared); 2 nothing was done because the input or configuration is
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -125,7 +127,7 @@ def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
     cfg = _prepare_config(args)
     if cfg.patch_only:
         _note_embedding_flags(args, console)
-    with prepare_events(console) as events:
+    with _stop_on_sigterm(), prepare_events(console) as events:
         summary = prepare_site(
             args.manifest,
             args.out,
@@ -180,6 +182,33 @@ def _some(ids: list[str], shown: int = 10) -> str:
     """Up to ``shown`` slide ids, then how many more: a log line stays a line at 2,000 slides."""
     more = len(ids) - shown
     return ", ".join(ids[:shown]) + (f" and {more} more (see status/)" if more > 0 else "")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``systemctl stop``, ``docker stop``, ``kill``) during ``prepare``."""
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Stop ``prepare`` on SIGTERM as on Ctrl-C: temporaries removed, a line in the log.
+
+    Python's default for SIGTERM ends the process at once, skipping every ``finally``, so
+    a stopped service left half-written temporaries and a log that ended mid-slide.
+    """
+
+    def stop(signum: int, frame: object) -> None:
+        del frame
+        raise Terminated(signal.Signals(signum).name)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (a test runner, an embedding application)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _note_embedding_flags(args: argparse.Namespace, console: Console) -> None:
@@ -395,6 +424,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedpathError as exc:
         say("error: ", exc)
         return EXIT_USAGE
+    except Terminated as exc:
+        console.print(f"stopped ({exc}); finished items are kept, re-run to continue")
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         console.print("interrupted; finished items are kept, re-run to continue")
         return 130

@@ -354,3 +354,38 @@ def test_patch_only_says_embedding_flags_wait_for_the_embedding_run(
     text = capsys.readouterr().out
     assert code == EXIT_OK, text
     assert "note: --encoder, --device apply when the patches are embedded" in text
+
+
+@pytest.mark.slow
+def test_prepare_stopped_by_sigterm_says_so_and_leaves_no_temporary(tmp_path: Path) -> None:
+    """systemctl stop / docker stop send SIGTERM: the log says so, no half-written file stays."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from common.atomic import TMP_PREFIX
+
+    (tmp_path / "slides").mkdir()
+    write_pyramid(tmp_path / "slides" / "big.tif", _textured_image(4096, 4096))
+    manifest = tmp_path / "slides.csv"
+    manifest.write_text("slide_id,path,label\nbig,slides/big.tif,normal\n")
+    out, log = tmp_path / "out", tmp_path / "prepare.log"
+    argv = [sys.executable, "-m", "client.cli", "prepare", "--manifest", str(manifest)]
+    argv += ["--out", str(out), "--backend", "torch", "--patch-size", "64", "--batch-size", "1"]
+    root = Path(__file__).resolve().parents[1]
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=root)
+        deadline = time.monotonic() + 120
+        while "patches to embed" not in log.read_text() and time.monotonic() < deadline:
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    text = log.read_text()
+    assert code == 128 + signal.SIGTERM, text
+    assert "stopped (SIGTERM); finished items are kept, re-run to continue" in text
+    assert "Traceback" not in text
+    assert not [p for p in out.rglob("*") if p.name.startswith(TMP_PREFIX)]
