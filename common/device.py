@@ -16,9 +16,6 @@ from pydantic import AfterValidator
 
 from common.errors import DeviceError
 
-if TYPE_CHECKING:  # torch is imported where a device is resolved: configs stay light
-    import torch
-
 if TYPE_CHECKING:  # torch is imported where a device is resolved: configs stay torch-free
     import torch
 
@@ -41,16 +38,12 @@ DeviceName = Annotated[str, AfterValidator(check_device_name)]
 def _mps_available() -> bool:
     import torch
 
-    import torch
-
     backend = getattr(torch.backends, "mps", None)
     return bool(backend is not None and backend.is_available())
 
 
 def resolve_device(name: str) -> torch.device:
     """The torch device ``name`` stands for on this machine; raises ``DeviceError`` if absent."""
-    import torch
-
     import torch
 
     try:
@@ -84,8 +77,6 @@ def resolve_device(name: str) -> torch.device:
 
 def describe_device(device: torch.device) -> str:
     """A short human label: 'cpu', 'cuda:0 (NVIDIA A100-SXM4-40GB)', 'mps'."""
-    import torch
-
     import torch
 
     if device.type == "cuda":
