@@ -234,7 +234,16 @@ class EmbeddingConfig(StrictModel):
             "with the traced encoder (measured: bench/embedding.py)"
         ),
     )
-    reader_threads: int = Field(2, ge=1, le=64)
+    reader_threads: int = Field(
+        2, ge=1, le=256, description="patch readers (on a GPU, unless set: every core but one)"
+    )
+    readers: Literal["auto", "threads", "processes"] = Field(
+        "auto",
+        description=(
+            "how readers run: threads beside a CPU encoder (they share its cores), worker "
+            "processes beside a GPU on ≥ 4 cores (auto), so reading keeps the GPU fed"
+        ),
+    )
     queue_batches: int = Field(8, ge=1, le=64, description="bounded read-ahead, in batches")
     device: DeviceName = Field("auto", description=DEVICE_HELP)
     backend: Literal["auto", "torch", "onnx", "openvino"] = Field(

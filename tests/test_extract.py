@@ -409,7 +409,7 @@ def test_torchscript_encoder_runs_in_the_pipeline(slide: WsiReader, tmp_path: Pa
 def test_resampling_is_bilinear_up_to_2x_and_area_beyond() -> None:
     import cv2
 
-    from client.embed.extract import resample_interpolation
+    from client.embed.readers import resample_interpolation
 
     assert resample_interpolation(256, 224) == cv2.INTER_LINEAR
     assert resample_interpolation(448, 224) == cv2.INTER_LINEAR

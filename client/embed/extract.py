@@ -54,12 +54,18 @@ import numpy as np
 import torch
 
 from client.config import EmbeddingConfig
+from client.embed.readers import (
+    BatchFiller,
+    ProcessReaders,
+    ReaderJob,
+    shared_batches,
+    use_processes,
+)
 from client.embed.registry import EncoderSpec, LoadedEncoder
 from client.threads import torch_threads
 from client.wsi.reader import WsiReader
 from client.wsi.resolution import ReadPlan
 from common.cpuinfo import read_cpuinfo
-from common.errors import FedpathError, SlideReadError
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 CALIBRATION_PATCHES = 16
@@ -440,64 +446,6 @@ RESAMPLING = "8-bit: linear up to 2x, area beyond; then normalised in float32"
 """Recorded in every feature file's config hash: changing the rule re-embeds resumed slides."""
 
 
-def resample_interpolation(read_size: int, input_size: int) -> int:
-    """OpenCV interpolation for resizing a ``read_size`` patch to the encoder's input.
-
-    Bilinear sampling only aliases once the scale drops below 1/2 (each output pixel then skips
-    input pixels); between 1/2 and 1 it weights every input pixel, like the triangle filter of
-    an antialiased resize, at less than half INTER_AREA's cost (0.19 vs 0.43 ms per 256→224
-    patch here; features at cosine 0.9995 of INTER_AREA's on real H&E tiles). The reader
-    shares two cores with the encoder, so this is what lifts the pipeline towards the model's
-    own throughput. Stronger downscales keep INTER_AREA, the faithful box filter.
-    """
-    if read_size > 2 * input_size:
-        return cv2.INTER_AREA
-    return cv2.INTER_LINEAR
-
-
-class _Cancelled(Exception):
-    """Raised inside a reader task once the pipeline is shutting down."""
-
-
-class _BatchFiller:
-    """Reads one batch of 8-bit patches into a uint8 buffer; runs in a reader thread."""
-
-    def __init__(self, reader: WsiReader, plan: ReadPlan, spec: EncoderSpec) -> None:
-        self.reader = reader
-        self.level = plan.level
-        self.read = (plan.read_size, plan.read_size)
-        self.size = spec.input_size
-        self.interpolation = resample_interpolation(plan.read_size, self.size)
-        self.stop = threading.Event()
-
-    def __call__(self, coords: np.ndarray, buffer: np.ndarray) -> int:
-        for row, (x, y) in enumerate(coords.tolist()):
-            if self.stop.is_set():
-                raise _Cancelled
-            try:
-                # A read-only view of a cached tile when the patch is one whole tile: the resize
-                # below copies it into the batch anyway.
-                rgb = self.reader.read_region((x, y), self.level, self.read, copy=False)
-                if rgb.shape != (self.read[1], self.read[0], 3) or rgb.dtype != np.uint8:
-                    raise ValueError(f"expected {self.read} uint8 RGB, got {rgb.shape} {rgb.dtype}")
-                out = buffer[row]
-                if self.read[0] == self.size:
-                    out[...] = rgb
-                else:
-                    result = cv2.resize(
-                        rgb, (self.size, self.size), dst=out, interpolation=self.interpolation
-                    )
-                    if not np.may_share_memory(result, out):
-                        out[...] = result
-            except FedpathError:
-                raise
-            except Exception as exc:
-                raise SlideReadError(
-                    self.reader.info.slide_id, f"patch at ({x}, {y}) level {self.level}: {exc}"
-                ) from exc
-        return len(coords)
-
-
 def extract_features(
     reader: WsiReader,
     coords: np.ndarray,
@@ -577,47 +525,97 @@ def _run_pipeline(
     progress: Callable[[int], None] | None,
 ) -> Any:
     """Read, encode and sink every batch; returns the runner in use at the end."""
-    spec = encoder.spec
     device = getattr(runner, "device", torch.device("cpu"))
-    n = int(coords.shape[0])
     batch = runner.batch_size or cfg.batch_size
-    n_batches = math.ceil(n / batch)
-    depth = min(cfg.queue_batches, n_batches)
-    size = spec.input_size
-    # depth buffers being filled + one being encoded; the torch views share their memory.
+    depth = min(cfg.queue_batches, math.ceil(int(coords.shape[0]) / batch))
+    size = encoder.spec.input_size
+    workers = reader_threads_for(cfg, device)
+    if use_processes(cfg.readers, device.type):
+        # depth buffers being filled + one being encoded, shared with the reader processes
+        with shared_batches(depth + 1, batch, size) as shared:
+            job = ReaderJob(
+                str(reader.path), reader.info.slide_id, plan, size, shared.names(), batch
+            )
+            processes = ProcessReaders(job, workers)
+            try:
+                return _feed(
+                    coords,
+                    batch,
+                    depth,
+                    shared.arrays,
+                    processes.submit,
+                    processes.rows,
+                    encoder,
+                    runner,
+                    sink,
+                    progress,
+                )
+            finally:
+                processes.shutdown()
     arrays = [_batch_buffer(batch, size, device) for _ in range(depth + 1)]
-    free = deque((a, torch.from_numpy(a).permute(0, 3, 1, 2)) for a in arrays)
-    fill = _BatchFiller(reader, plan, spec)
-    pending: deque[tuple[Future[int], tuple[np.ndarray, torch.Tensor]]] = deque()
-    next_batch = 0
+    fill = BatchFiller(reader, plan, size)
     pool = ThreadPoolExecutor(
-        reader_threads_for(cfg, device),
-        thread_name_prefix="fedpath-read",
-        initializer=_yield_to_inference,
+        workers, thread_name_prefix="fedpath-read", initializer=_yield_to_inference
     )
     try:
-
-        def submit() -> None:
-            nonlocal next_batch
-            while next_batch < n_batches and len(pending) < depth and free:
-                slot = free.popleft()
-                block = coords[next_batch * batch : (next_batch + 1) * batch]
-                pending.append((pool.submit(fill, block, slot[0]), slot))
-                next_batch += 1
-
-        submit()
-        while pending:
-            future, slot = pending.popleft()
-            rows = future.result()
-            submit()
-            encoded = runner(slot[1], rows)
-            if getattr(runner, "verified_on_slide", True) is False:
-                runner, encoded = _checked_first_batch(encoder, runner, slot[1], rows, encoded)
-            sink(encoded.numpy())
-            free.append(slot)
-            if progress is not None:
-                progress(rows)
+        return _feed(
+            coords,
+            batch,
+            depth,
+            arrays,
+            lambda i, block: pool.submit(fill, block, arrays[i]),
+            lambda future: future.result(),
+            encoder,
+            runner,
+            sink,
+            progress,
+        )
     finally:
         fill.stop.set()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _feed(
+    coords: np.ndarray,
+    batch: int,
+    depth: int,
+    arrays: list[np.ndarray],
+    submit_fill: Callable[[int, np.ndarray], Future[Any]],
+    rows_of: Callable[[Future[Any]], int],
+    encoder: LoadedEncoder,
+    runner: Any,
+    sink: Callable[[np.ndarray], None],
+    progress: Callable[[int], None] | None,
+) -> Any:
+    """Keep ``depth`` batches being read while one is encoded; sink them in order.
+
+    ``arrays`` are the reusable NHWC uint8 buffers (their torch views share the memory);
+    ``submit_fill(i, block)`` starts filling buffer ``i``, ``rows_of`` waits for it.
+    """
+    n_batches = math.ceil(int(coords.shape[0]) / batch)
+    views = [torch.from_numpy(a).permute(0, 3, 1, 2) for a in arrays]
+    free = deque(range(len(arrays)))
+    pending: deque[tuple[Future[Any], int]] = deque()
+    next_batch = 0
+
+    def submit() -> None:
+        nonlocal next_batch
+        while next_batch < n_batches and len(pending) < depth and free:
+            index = free.popleft()
+            block = coords[next_batch * batch : (next_batch + 1) * batch]
+            pending.append((submit_fill(index, block), index))
+            next_batch += 1
+
+    submit()
+    while pending:
+        future, index = pending.popleft()
+        rows = rows_of(future)
+        submit()
+        encoded = runner(views[index], rows)
+        if getattr(runner, "verified_on_slide", True) is False:
+            runner, encoded = _checked_first_batch(encoder, runner, views[index], rows, encoded)
+        sink(encoded.numpy())
+        free.append(index)
+        if progress is not None:
+            progress(rows)
     return runner

@@ -8,7 +8,6 @@ after their features were compared with PyTorch float32 on a calibration batch.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +35,9 @@ from client.embed.extract import (
     get_runner,
     normalise_images,
     planned_runner_key,
+    reader_threads_for,
 )
+from client.embed.readers import use_processes
 from client.embed.registry import LoadedEncoder
 from client.threads import torch_threads
 from common.device import describe_device, resolve_device
@@ -62,6 +63,7 @@ class InferencePlan:
     reader_threads: int
     rates: dict[str, float] = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    reader_processes: bool = False
 
     def describe(self) -> str:
         """One line for logs: 'onnx on cpu, float32, batch 8, 2 reader threads'."""
@@ -82,6 +84,7 @@ class InferencePlan:
             "backend_cosine": self.backend_cosine,
             "batch_size": self.batch_size,
             "reader_threads": self.reader_threads,
+            "reader_processes": self.reader_processes,
             "measured_patches_per_second": self.rates,
             "notes": list(self.notes),
         }
@@ -166,15 +169,17 @@ def plan_inference(encoder: LoadedEncoder, cfg: EmbeddingConfig) -> InferencePla
             if "batch_size" in explicit
             else _gpu_batch_size(encoder, device, precision)
         )
-        readers = (
-            cfg.reader_threads
-            if "reader_threads" in explicit
-            else max(cfg.reader_threads, (os.cpu_count() or 2) - 1)
-        )
         runner = get_runner(encoder, precision, batch, jit=False, pixels=True, device=device)
         encoder.runners[planned_runner_key(precision)] = runner
         return InferencePlan(
-            describe_device(device), precision, cosine, "torch", None, batch, readers
+            describe_device(device),
+            precision,
+            cosine,
+            "torch",
+            None,
+            batch,
+            reader_threads_for(cfg, device),
+            reader_processes=use_processes(cfg.readers, device.type),
         )
 
     batch = cfg.batch_size
@@ -192,6 +197,7 @@ def plan_inference(encoder: LoadedEncoder, cfg: EmbeddingConfig) -> InferencePla
         cfg.reader_threads,
         rates,
         tuple(notes),
+        reader_processes=use_processes(cfg.readers, "cpu"),
     )
 
 
