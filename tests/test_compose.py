@@ -350,7 +350,14 @@ def test_unit_runs_fedpath_node_with_its_settings_from_the_environment_file() ->
     assert sorted(used) == sorted(env), "the example file sets exactly what ExecStart uses"
     argv = re.sub(r"\$\{(\w+)\}", lambda m: env[m.group(1)], exec_start).split()
     assert Path(argv[0]).name == "fedpath" and argv[1] == "node"
-    assert set(_flags(argv[1:])[1]) == {"--superlink", "--data", "--key", "--ca", "--site", "--device"}
+    assert set(_flags(argv[1:])[1]) == {
+        "--superlink",
+        "--data",
+        "--key",
+        "--ca",
+        "--site",
+        "--device",
+    }
     assert settings["EnvironmentFile"] == ["/etc/fedpath/node.env"]
     assert settings["Restart"] == ["on-failure"]
     assert settings["User"] != ["root"]
