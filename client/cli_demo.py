@@ -78,6 +78,10 @@ def _prepare_sites(
         stage_seconds[f"prepare {site_dir.name}"] = time.perf_counter() - began
         # which hospital the totals are of, on one line (the site's name is text, not markup)
         console.print(escape(f"[{site_dir.name}] {summary_line(summary)}"), soft_wrap=True)
+        if summary.inference:
+            console.print(
+                escape(f"[{site_dir.name}] encoder ran as: {summary.inference}"), soft_wrap=True
+            )
         failed += summary.count("failed")
         site = json.loads((summary.out_dir / "site.json").read_text(encoding="utf-8"))
         by_label = site["slides"]["by_label"]

@@ -509,6 +509,8 @@ def test_the_demo_says_which_hospital_its_totals_are_of(tmp_path: Path) -> None:
     totals = [line for line in lines if " done, 0 reused, 0 failed; " in line]
     assert len(totals) == 1 and totals[0].startswith("[site_q] 1 done, "), lines
     assert totals[0].endswith(" s") and "(tiny_cnn, float32)" in totals[0], totals
+    ran = [line for line in lines if "encoder ran as:" in line]
+    assert ran == ["[site_q] encoder ran as: torch on cpu, float32, batch 8, 2 reader thread(s)"]
 
 
 @pytest.mark.integration
