@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from rich.console import Console
 from rich.markup import escape
@@ -124,7 +124,42 @@ def finished_line(record: SlideRecord, site: str = "") -> str:
     )
 
 
-class LogPrepareEvents:
+class _Heartbeat:
+    """A background thread calling ``tick`` every ``poll`` seconds while the block runs.
+
+    ``poll=None`` starts no thread (tests call ``tick`` themselves with a fake clock).
+    """
+
+    _poll: float | None
+    _stop: threading.Event
+    _thread: threading.Thread | None
+
+    def tick(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        if self._poll is not None:
+            self._thread = threading.Thread(target=self._beat, name="fedpath-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _beat(self) -> None:
+        assert self._poll is not None
+        while not self._stop.wait(self._poll):
+            self.tick()
+
+
+class LogPrepareEvents(_Heartbeat):
     """Plain lines for a log: one when each slide starts and ends, and a heartbeat.
 
     A heartbeat line comes whenever ``interval`` seconds pass without a line: during
@@ -163,27 +198,6 @@ class LogPrepareEvents:
         self._patches_done = 0
         self._prepared = 0
         self._prepared_seconds = 0.0
-
-    def __enter__(self) -> LogPrepareEvents:
-        if self._poll is not None:
-            self._thread = threading.Thread(target=self._beat, name="fedpath-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _beat(self) -> None:
-        assert self._poll is not None
-        while not self._stop.wait(self._poll):
-            self.tick()
 
     def _line(self, text: str) -> None:
         """Write a line and restart the silence count; the caller holds the lock."""
@@ -269,7 +283,7 @@ class LogPrepareEvents:
         return f"still working: {self._finished}/{self._total_slides} slide(s) finished"
 
 
-class LogProgress:
+class LogProgress(_Heartbeat):
     """The part of rich ``Progress`` the commands use, as plain lines for a log.
 
     A live bar in a log is drawn once, at the end: a training run or a federated demo sat
@@ -299,27 +313,6 @@ class LogProgress:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> LogProgress:
-        if self._poll is not None:
-            self._thread = threading.Thread(target=self._beat, name="fedpath-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-
-    def _beat(self) -> None:
-        assert self._poll is not None
-        while not self._stop.wait(self._poll):
-            self.tick()
 
     def tick(self) -> None:
         """A ``still running`` line for the unfinished task if ``interval`` s passed silent."""

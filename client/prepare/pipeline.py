@@ -957,19 +957,22 @@ def _write_patch_index(manifest: Manifest, layout: SiteLayout, records: list[Sli
         record = by_id[row.slide_id]
         if record.state == "failed":
             continue
-        writer.writerow(
-            [
-                row.slide_id,
-                row.label,
-                row.split or "",
-                row.patient_id or "",
-                "" if row.annotation_complete is None else str(row.annotation_complete).lower(),
-                str(record.has_patch_labels).lower(),
-                record.num_patches,
-                os.path.relpath(layout.coords(row.slide_id), layout.root),
-            ]
-        )
+        writer.writerow(_index_row(row, record, layout.coords(row.slide_id), layout.root))
     atomic_write_text(layout.root / PATCH_INDEX_FILE, buffer.getvalue())
+
+
+def _index_row(row: ManifestRow, record: SlideRecord, path: Path, root: Path) -> list[Any]:
+    """One slide's line in ``prepared.csv`` / ``patches.csv`` (same columns, other file)."""
+    return [
+        row.slide_id,
+        row.label,
+        row.split or "",
+        row.patient_id or "",
+        "" if row.annotation_complete is None else str(row.annotation_complete).lower(),
+        str(record.has_patch_labels).lower(),
+        record.num_patches,
+        os.path.relpath(path, root),
+    ]
 
 
 def _write_site_files(
@@ -990,19 +993,7 @@ def _write_site_files(
     writer.writerow(INDEX_COLUMNS)
     for row in usable:
         record = by_id[row.slide_id]
-        has_labels = record.has_patch_labels
-        writer.writerow(
-            [
-                row.slide_id,
-                row.label,
-                row.split or "",
-                row.patient_id or "",
-                "" if row.annotation_complete is None else str(row.annotation_complete).lower(),
-                str(has_labels).lower(),
-                record.num_patches,
-                os.path.relpath(layout.features(row.slide_id), layout.root),
-            ]
-        )
+        writer.writerow(_index_row(row, record, layout.features(row.slide_id), layout.root))
     atomic_write_text(layout.root / INDEX_FILE, buffer.getvalue())
 
     label_counts = {label: 0 for label in cfg.labels}
