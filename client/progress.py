@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import TracebackType
@@ -124,7 +125,7 @@ def finished_line(record: SlideRecord, site: str = "") -> str:
     )
 
 
-class _Heartbeat:
+class _Heartbeat(ABC):
     """A background thread calling ``tick`` every ``poll`` seconds while the block runs.
 
     ``poll=None`` starts no thread (tests call ``tick`` themselves with a fake clock).
@@ -134,8 +135,9 @@ class _Heartbeat:
     _stop: threading.Event
     _thread: threading.Thread | None
 
+    @abstractmethod
     def tick(self) -> None:
-        raise NotImplementedError
+        """Write a line if the reporter has been silent for its interval."""
 
     def __enter__(self) -> Self:
         if self._poll is not None:

@@ -215,9 +215,6 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-12)
 
 
-_cosines = cosines
-
-
 def planned_runner_key(precision: str) -> tuple[str, str]:
     """Where ``client.embed.inference.plan_inference`` leaves the runner it chose."""
     return ("planned", precision)
@@ -330,7 +327,7 @@ def get_runner(
         if traced is not None:
             rows = min(JIT_CHECK_ROWS, batch_size)
             reference = runner(example[:rows])
-            if bool((_cosines(out[:rows], reference) >= JIT_MIN_COSINE[precision]).all()):
+            if bool((cosines(out[:rows], reference) >= JIT_MIN_COSINE[precision]).all()):
                 runner = traced
     encoder.runners[key] = runner
     return runner
@@ -396,7 +393,7 @@ def measure_bf16_cosine(encoder: LoadedEncoder, cfg: EmbeddingConfig) -> tuple[f
         reference = _eager_runner(encoder, "float32")(normalise_images(encoder.spec, images))
         runner = get_runner(encoder, "bfloat16", cfg.batch_size, jit=cfg.jit, pixels=True)
         candidate = runner(images)
-    cos = _cosines(candidate, reference)
+    cos = cosines(candidate, reference)
     return float(cos.mean()), float(cos.min())
 
 

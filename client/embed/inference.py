@@ -142,12 +142,6 @@ def _time(runner: Runner | EngineRunner, images: torch.Tensor) -> float:
     return TIMING_RUNS * images.shape[0] / (time.perf_counter() - start)
 
 
-def _engine_cosine(
-    runner: EngineRunner, encoder: LoadedEncoder, images: torch.Tensor, reference: torch.Tensor
-) -> float:
-    return float(cosines(runner(images), reference).min())
-
-
 def plan_inference(encoder: LoadedEncoder, cfg: EmbeddingConfig) -> InferencePlan:
     """Decide device, precision, engine and batch size; cache the chosen runner on the encoder.
 
@@ -244,7 +238,7 @@ def _choose_cpu_backend(
             notes.append(f"backend {name} unavailable: {exc}")
             continue
         notes.extend(how)
-        cos = _engine_cosine(runner, encoder, images, reference)
+        cos = float(cosines(runner(images), reference).min())
         if cos < gate:
             notes.append(
                 f"backend {name} not used: its features reach cosine {cos:.5f} to PyTorch "
