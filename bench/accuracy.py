@@ -40,7 +40,7 @@ What it does, in one run:
    30 % at site A, none at B and C) share one prepared cohort. Here the same share of the
    validation tumour slides shows its outlines too.
 3. Trains every arm (model × supervision mode × seed) with the site-local trainer
-   (``client.training.trainer.train``, DESIGN §4.4 defaults: Adam 2e-4, ≤ 200 epochs, early
+   (``fedpath.client.training.trainer.train``, DESIGN §4.4 defaults: Adam 2e-4, ≤ 200 epochs, early
    stopping after epoch 50 with patience 20) on the pooled training slides (the centralised
    case), and evaluates on the pooled test set: slide AUC with a bootstrap 95 % CI, and
    pooled patch AUC / AP against the generator's *ground-truth* tumour masks on *every* test
@@ -87,21 +87,21 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
-from client.config import AnnotationConfig, EmbeddingConfig, PrepareConfig, TissueConfig
-from client.prepare.pipeline import prepare_site
-from client.training.bags import Bag, load_bag
-from client.training.evaluate import predict_bag
-from client.training.site_index import BagEntry, load_site_index
-from client.training.train_config import TrainConfig
-from client.training.trainer import train
-from client.wsi.annotations import patch_labels
-from client.wsi.synthetic import SynthCohortConfig, SynthSiteConfig, generate_cohort
-from common.configbase import StrictModel
-from common.featurebag import read_attrs
-from common.hashing import sha256_json
-from common.metrics import PatchMetrics, SlideMetrics, pooled_patch_metrics, slide_metrics
-from common.mil.config import ModelConfig, SupervisionConfig
-from common.mil.models import MILModel, build_model
+from fedpath.client.config import AnnotationConfig, EmbeddingConfig, PrepareConfig, TissueConfig
+from fedpath.client.prepare.pipeline import prepare_site
+from fedpath.client.training.bags import Bag, load_bag
+from fedpath.client.training.evaluate import predict_bag
+from fedpath.client.training.site_index import BagEntry, load_site_index
+from fedpath.client.training.trainer import train
+from fedpath.client.wsi.annotations import patch_labels
+from fedpath.common.configbase import StrictModel
+from fedpath.common.featurebag import read_attrs
+from fedpath.common.hashing import sha256_json
+from fedpath.common.metrics import PatchMetrics, SlideMetrics, pooled_patch_metrics, slide_metrics
+from fedpath.common.mil.config import ModelConfig, SupervisionConfig
+from fedpath.common.mil.models import MILModel, build_model
+from fedpath.common.train_config import TrainConfig
+from fedpath.synthetic.slides import SynthCohortConfig, SynthSiteConfig, generate_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "accuracy"

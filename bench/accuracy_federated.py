@@ -75,17 +75,17 @@ from accuracy import (
     visible_annotations,
 )
 
-from client.prepare.records import INDEX_COLUMNS, INDEX_FILE, SITE_FILE
-from client.training.bags import Bag
-from client.training.site_index import BagEntry
-from client.training.train_config import TrainConfig
-from common.atomic import atomic_path, atomic_write_text
-from common.hashing import sha256_json
-from common.mil.models import MILModel, build_model
-from server.checkpoints import latest_checkpoint, load_checkpoint
-from server.config import RunConfig
-from server.federated_run import run_federated
-from server.inprocess_grid import InProcessGrid, InProcessSite, task_identity
+from fedpath.client.prepare.records import INDEX_COLUMNS, INDEX_FILE, SITE_FILE
+from fedpath.client.training.bags import Bag
+from fedpath.client.training.site_index import BagEntry
+from fedpath.common.atomic import atomic_path, atomic_write_text
+from fedpath.common.hashing import sha256_json
+from fedpath.common.mil.models import MILModel, build_model
+from fedpath.common.train_config import TrainConfig
+from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite, task_identity
+from fedpath.server.checkpoints import latest_checkpoint, load_checkpoint
+from fedpath.server.config import RunConfig
+from fedpath.server.federated_run import run_federated
 
 FEDERATED_SHARES = {"site_a": 0.3}
 """Issue 4: site A outlines 30 % of its training tumour slides; B and C none."""

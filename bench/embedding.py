@@ -43,17 +43,17 @@ import numpy as np
 import psutil
 import torch
 
-from client.config import EmbeddingConfig, PrepareConfig, ResolutionConfig
-from client.embed.backends import build_engine
-from client.embed.extract import (
+from fedpath.client.config import EmbeddingConfig, PrepareConfig, ResolutionConfig
+from fedpath.client.embed.backends import build_engine
+from fedpath.client.embed.extract import (
     calibration_images,
     cosines,
     cpu_supports_bf16,
     get_runner,
     normalise_images,
 )
-from client.embed.registry import DEFAULT_ENCODER, LoadedEncoder, load_encoder
-from client.prepare.records import SilentEvents
+from fedpath.client.embed.registry import DEFAULT_ENCODER, LoadedEncoder, load_encoder
+from fedpath.client.prepare.records import SilentEvents
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "embedding"
@@ -155,8 +155,8 @@ def model_only(encoder: LoadedEncoder, repeats: int, bf16: bool) -> list[dict[st
 def _random_foundation(name: str) -> LoadedEncoder:
     """A registry foundation architecture with random weights (no licensed weights needed):
     its speed per engine is what a hospital with the real weights gets."""
-    from client.embed.foundation import FOUNDATION_MODELS
-    from client.embed.registry import EncoderSpec
+    from fedpath.client.embed.foundation import FOUNDATION_MODELS
+    from fedpath.client.embed.registry import EncoderSpec
 
     entry = FOUNDATION_MODELS[name]
     torch.manual_seed(0)
@@ -181,13 +181,13 @@ def read_path_throughput(manifest: Path, limit: int, readers: str = "threads") -
     Reading and inference share the same cores, so the end-to-end rate cannot beat
     1 / (1/model + 1/read) unless the encoder leaves cores idle: this gives that bound.
     """
-    from client.config import TissueConfig
-    from client.embed.extract import extract_features
-    from client.embed.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
-    from client.wsi.patching import patch_grid
-    from client.wsi.reader import WsiReader
-    from client.wsi.resolution import plan_read
-    from client.wsi.tissue import tissue_mask_for_slide
+    from fedpath.client.config import TissueConfig
+    from fedpath.client.embed.extract import extract_features
+    from fedpath.client.embed.registry import IMAGENET_MEAN, IMAGENET_STD, EncoderSpec
+    from fedpath.client.wsi.patching import patch_grid
+    from fedpath.client.wsi.reader import WsiReader
+    from fedpath.client.wsi.resolution import plan_read
+    from fedpath.client.wsi.tissue import tissue_mask_for_slide
 
     with open(manifest, newline="") as fh:
         row = next(csv.DictReader(fh))
@@ -241,7 +241,7 @@ def _peak_rss() -> int:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One prepare_site run on one slide; returns throughput and memory figures."""
-    from client.prepare.pipeline import prepare_site
+    from fedpath.client.prepare.pipeline import prepare_site
 
     cfg = PrepareConfig.model_validate(
         {
@@ -270,7 +270,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def synthetic_manifest(side: int, tissue_fraction: float = 0.5) -> Path:
     """A one-slide manifest for a cached synthetic slide of ``side``×``side`` level-0 px."""
-    from client.wsi.synthetic import SynthSlideConfig, generate_slide
+    from fedpath.synthetic.slides import SynthSlideConfig, generate_slide
 
     slide_id = f"synth-{side}-{int(tissue_fraction * 100)}"
     directory = CACHE / slide_id
@@ -316,7 +316,7 @@ def _mib(n: int | None) -> str:
 
 
 def _cpu_line() -> str:
-    from common.cpuinfo import read_cpuinfo
+    from fedpath.common.cpuinfo import read_cpuinfo
 
     _, flags = read_cpuinfo()
     with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:

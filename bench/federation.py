@@ -12,7 +12,7 @@ Two parts, each comparing ours to a floor measured in the same run:
 
 1. Start-up. Fresh interpreters (``python -c``) import: nothing; ``flwr.clientapp``; what the
    ``flwr-clientapp`` process imports before it loads any app; ``client.app`` as the SuperNode
-   loads it; that plus the handlers' lazy imports (``client.federated``: torch, h5py, the
+   loads it; that plus the handlers' lazy imports (``fedpath.client.federated``: torch, h5py, the
    trainer, the metrics); torch and sklearn.metrics alone; torch plus the first
    ``torch.optim`` optimiser (its first call imports ``torch._dynamo``); and whole message
    processes: Flower's runtime plus the no-op ClientApp (the floor), plus ours as it runs
@@ -23,8 +23,8 @@ Two parts, each comparing ours to a floor measured in the same run:
    ``python -X importtime`` of a train-message process then says where the import time goes
    and which third-party packages our modules pull in directly.
 
-2. Deployment. One SuperLink and three SuperNodes on loopback (``server.local_network``), each
-   node pointing at a synthetic prepared site (``client.synthetic_site``, cached under
+2. Deployment. One SuperLink and three SuperNodes on loopback (``deploy.local_network``), each
+   node pointing at a synthetic prepared site (``fedpath.synthetic.site``, cached under
    ``bench/_cache/federation/``). In rotating order: our app (``flwr run .``, FedMix,
    clam_sb small, 1 local epoch) on nodes with the resident worker (``fedpath node``'s
    default), our app on a second network whose nodes run every message in a fresh process
@@ -72,9 +72,10 @@ from typing import Any
 from simulation import report as simulation_report
 from simulation import time_simulation
 
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from server.local_network import CONNECTION, LocalNetwork, NetworkError
-from server.replies import DEFAULT_POLL_INTERVAL
+from fedpath.deploy.local_network import LocalNetwork
+from fedpath.server.flwr_cli import CONNECTION, NetworkError
+from fedpath.server.replies import DEFAULT_POLL_INTERVAL
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "federation"
@@ -134,11 +135,11 @@ STARTUP = [
     Startup("bare", "bare interpreter (python -c pass)", "pass"),
     Startup("flwr", "import flwr.clientapp", "import flwr.clientapp"),
     Startup("runtime", "flwr-clientapp runtime (Flower's process, no app)", FLWR_RUNTIME),
-    Startup("app", "import client.app (our module level)", "import client.app"),
+    Startup("app", "import fedpath.client.app (our module level)", "import fedpath.client.app"),
     Startup(
         "handler",
-        "client.app + handler imports (client.federated)",
-        "import client.app, client.federated",
+        "fedpath.client.app + handler imports (fedpath.client.federated)",
+        "import fedpath.client.app, fedpath.client.federated",
     ),
     Startup("torch", "import torch", "import torch"),
     Startup("adam", "import torch + first torch.optim.Adam()", f"import torch; {FIRST_ADAM}"),
@@ -149,17 +150,18 @@ STARTUP = [
     Startup(
         "forward",
         "fedpath message forwarded to the resident worker",
-        f"{FLWR_RUNTIME}, client.app, client.worker_client, client.error_reply",
+        f"{FLWR_RUNTIME}, fedpath.client.app, fedpath.client.worker_client, "
+        "fedpath.client.error_reply",
     ),
     Startup(
         "evaluate",
         "fedpath evaluate message: runtime + app + handler",
-        f"{FLWR_RUNTIME}, client.app, client.federated",
+        f"{FLWR_RUNTIME}, fedpath.client.app, fedpath.client.federated",
     ),
     Startup(
         "train",
         "fedpath train message: ... + first optimiser",
-        f"{FLWR_RUNTIME}, client.app, client.federated, torch; {FIRST_ADAM}",
+        f"{FLWR_RUNTIME}, fedpath.client.app, fedpath.client.federated, torch; {FIRST_ADAM}",
     ),
 ]
 BY_KEY = {v.key: v for v in STARTUP}
@@ -311,8 +313,8 @@ def model_shapes(feature_dim: int) -> list[list[int]]:
     """Shapes of our model's arrays: the no-op app sends the same payload."""
     import torch
 
-    from common.mil.models import build_model
-    from server.config import RunConfig
+    from fedpath.common.mil.models import build_model
+    from fedpath.server.config import RunConfig
 
     model = build_model(RunConfig().model_config_for(feature_dim))
     state: dict[str, torch.Tensor] = model.state_dict()
@@ -501,7 +503,8 @@ def print_startup(times: dict[str, list[float]], repeats: int) -> dict[str, floa
         f"train +{med['train'] - med['noop']:.2f} s ({med['train'] / med['noop']:.1f}x)"
     )
     print(
-        f"   ours: client.app {med['app'] - med['bare']:.2f} s over bare (flwr.clientapp alone "
+        f"   ours: fedpath.client.app {med['app'] - med['bare']:.2f} s over bare "
+        f"(flwr.clientapp alone "
         f"{med['flwr'] - med['bare']:.2f}); handler imports {med['handler'] - med['app']:.2f} s "
         f"(torch alone {med['torch'] - med['bare']:.2f}, sklearn.metrics alone "
         f"{med['sklearn'] - med['bare']:.2f}); first torch.optim optimiser "

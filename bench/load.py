@@ -7,9 +7,9 @@ Usage (from the repository root)::
 
 What it measures:
 
-(a) 20 heterogeneous synthetic sites (``server.simulate.simulated_site_specs``, the sites
+(a) 20 heterogeneous synthetic sites (``fedpath.deploy.simulate.simulated_site_specs``, the sites
     ``fedpath simulate`` trains on) x 10 rounds through the real round loop, strategy and
-    ClientApp, delivered in-process (``server.inprocess_grid.InProcessGrid``): s/round and
+    ClientApp, delivered in-process (``fedpath.deploy.inprocess_grid.InProcessGrid``): s/round and
     the peak RSS of the process that coordinates and runs all twenty sites' messages. The
     transport is in-process on purpose: what grows with the number of sites and rounds is
     our code (aggregation, run log, checkpoints, the per-message data loading), not Flower's
@@ -128,7 +128,7 @@ def _forgetful_grid(sites: dict[int, Any]) -> Any:
     import psutil
     from flwr.app import Message
 
-    from server.inprocess_grid import InProcessGrid
+    from fedpath.deploy.inprocess_grid import InProcessGrid
 
     class Forgetful(InProcessGrid):
         def __init__(self) -> None:
@@ -151,10 +151,10 @@ def _forgetful_grid(sites: dict[int, Any]) -> Any:
 
 def many_sites_child(spec: dict[str, Any]) -> dict[str, Any]:
     """In the child process: write the sites and run the federation; return what it cost."""
-    from server.config import RunConfig
-    from server.federated_run import run_federated
-    from server.inprocess_grid import InProcessSite, task_identity
-    from server.simulate import simulated_site_specs, write_sites
+    from fedpath.deploy.inprocess_grid import InProcessSite, task_identity
+    from fedpath.deploy.simulate import simulated_site_specs, write_sites
+    from fedpath.server.config import RunConfig
+    from fedpath.server.federated_run import run_federated
 
     workdir, n_sites, seed = Path(spec["workdir"]), int(spec["n_sites"]), int(spec["seed"])
     specs = simulated_site_specs(n_sites, seed, int(spec["feature_dim"]))
@@ -242,7 +242,7 @@ def _measured_grid(sites: dict[int, Any], big_node: int) -> Any:
     """
     from flwr.app import Message
 
-    from server.inprocess_grid import InProcessGrid
+    from fedpath.deploy.inprocess_grid import InProcessGrid
 
     class Measured(InProcessGrid):
         def __init__(self) -> None:
@@ -274,7 +274,7 @@ def _write_big_sites(root: Path, patches: int, n_bags: int, feature_dim: int) ->
 
     Cached: six 100,000-patch bags take a while to write on a busy machine.
     """
-    from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+    from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
     big_spec = SyntheticSiteSpec(
         n_slides=n_bags,
@@ -300,9 +300,9 @@ def big_site_child(spec: dict[str, Any]) -> dict[str, Any]:
     """In the child process: one federated round over the big and the normal site."""
     import psutil
 
-    from server.config import RunConfig
-    from server.federated_run import run_federated
-    from server.inprocess_grid import InProcessSite, task_identity
+    from fedpath.deploy.inprocess_grid import InProcessSite, task_identity
+    from fedpath.server.config import RunConfig
+    from fedpath.server.federated_run import run_federated
 
     big, small = Path(spec["big"]), Path(spec["small"])
     runs = Path(spec["runs"])

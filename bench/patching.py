@@ -5,14 +5,14 @@ Usage (from the repository root)::
     .venv/bin/python bench/patching.py            # large slide, >= 40,000 kept patches
     .venv/bin/python bench/patching.py --quick    # small slide, a smoke run of a few seconds
 
-What it does. A synthetic slide is generated once with ``client.wsi.synthetic.generate_slide``
+What it does. A synthetic slide is generated once with ``fedpath.synthetic.slides.generate_slide``
 and cached under ``bench/_cache/patching/`` (the large one takes a while the first time). Both
 methods then work on the *same tissue mask* (ours, from ``tissue_mask_for_slide``) and the
 *same candidate grid* (256-px patches at 0.5 µm/px, step = patch, over the tissue bounding
 box), so the only difference is how a grid point is judged:
 
 - ours: the exact tissue fraction of every candidate from one integral image of the mask,
-  kept when >= 0.25 (``client.wsi.patching.patch_grid``), vectorised;
+  kept when >= 0.25 (``fedpath.client.wsi.patching.patch_grid``), vectorised;
 - CLAM-style baseline: ``cv2.findContours`` of the mask (RETR_CCOMP: outer contours and their
   holes, scaled to level 0), then for every grid point near a contour CLAM's ``four_pt`` check
   (``isInContourV3_Easy``: keep when any of the 4 points at ±patch/4 around the patch centre is
@@ -65,11 +65,11 @@ import cv2
 import h5py
 import numpy as np
 
-from client.config import ResolutionConfig, TissueConfig
-from client.wsi.patching import patch_grid
-from client.wsi.reader import WsiReader
-from client.wsi.resolution import ReadPlan, plan_read
-from client.wsi.tissue import TissueMask, tissue_mask_for_slide
+from fedpath.client.config import ResolutionConfig, TissueConfig
+from fedpath.client.wsi.patching import patch_grid
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.resolution import ReadPlan, plan_read
+from fedpath.client.wsi.tissue import TissueMask, tissue_mask_for_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "patching"
@@ -121,7 +121,7 @@ def machine() -> str:
 
 def ensure_slide(spec: BenchSlide) -> Path:
     """Generate the benchmark slide once; later runs reuse the cached file."""
-    from client.wsi.synthetic import SynthSlideConfig, generate_slide
+    from fedpath.synthetic.slides import SynthSlideConfig, generate_slide
 
     out_dir = CACHE / spec.name
     marker = out_dir / "slide.path"
@@ -287,9 +287,9 @@ def clam_process(slide: Path, out: Path) -> int:
 
 
 def fedpath_command() -> list[str]:
-    """The ``fedpath`` console script of this interpreter (``-m client.cli`` without one)."""
+    """The ``fedpath`` console script of this interpreter (else ``-m fedpath.deploy.cli``)."""
     script = Path(sys.executable).with_name("fedpath")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "client.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "fedpath.deploy.cli"]
 
 
 def timed_process(argv: list[str]) -> float:

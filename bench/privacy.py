@@ -14,9 +14,9 @@ Usage (from the repository root)::
     is shared and noisy, so neighbouring epochs of all arms see the same load and the ratio
     is taken per epoch pair):
 
-    - non-private: ``client.training.trainer.train`` as shipped (normal + tumour pairs per
+    - non-private: ``fedpath.client.training.trainer.train`` as shipped (normal + tumour pairs per
       step, precision "auto");
-    - DP-SGD as shipped: ``client.training.private_trainer.train_private`` (Poisson sampling
+    - DP-SGD as shipped: ``fedpath.client.training.private_trainer.train_private`` (Poisson sampling
       of 16 slides per step, one slide per backward pass = its per-sample gradient, clip
       C = 1, Gaussian noise σ = 1), precision "auto" too: bfloat16 autocast around each
       slide's forward pass where the plain trainer uses it, clipping and noise in float32;
@@ -34,7 +34,7 @@ Usage (from the repository root)::
     where the noise a site adds swamps what so few slides can say); the federated label
     layout of issue 4 (site A sees 30 % of its
     training tumour slides' outlines, B and C only slide labels). For each ε in
-    {1, 4, 8, ∞}: a real federation (``server.federated_run.run_federated`` driving each
+    {1, 4, 8, ∞}: a real federation (``fedpath.server.federated_run.run_federated`` driving each
     hospital's real ClientApp through ``InProcessGrid``; FedAvg, clam_sb, mixed supervision)
     in which every site trains with slide-level DP-SGD at a target ε *per site*
     (``dp-target-epsilon``: each site solves σ for its own sampling rate and all the run's
@@ -99,24 +99,24 @@ from training import (
     run_arms,
 )
 
-from client.embed.extract import cpu_supports_bf16
-from client.training.bags import Bag, load_bag
-from client.training.dp_config import DPConfig
-from client.training.privacy_accountant import Mechanism, epsilon, sampling_plan
-from client.training.private_trainer import (
+from fedpath.client.embed.extract import cpu_supports_bf16
+from fedpath.client.training.bags import Bag, load_bag
+from fedpath.client.training.privacy_accountant import Mechanism, epsilon, sampling_plan
+from fedpath.client.training.private_trainer import (
     PrivateTrainResult,
     plan_private_training,
     train_private,
 )
-from client.training.train_config import TrainConfig
-from client.training.trainer import EpochMetrics, evaluate, resolve_precision, train
-from common.atomic import atomic_path, atomic_write_text
-from common.mil.config import ModelConfig
-from common.mil.models import MILModel, build_model
-from server.checkpoints import latest_checkpoint, load_checkpoint
-from server.config import RunConfig
-from server.federated_run import run_federated
-from server.inprocess_grid import InProcessGrid, InProcessSite, task_identity
+from fedpath.client.training.trainer import EpochMetrics, evaluate, resolve_precision, train
+from fedpath.common.atomic import atomic_path, atomic_write_text
+from fedpath.common.dp_config import DPConfig
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.mil.models import MILModel, build_model
+from fedpath.common.train_config import TrainConfig
+from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite, task_identity
+from fedpath.server.checkpoints import latest_checkpoint, load_checkpoint
+from fedpath.server.config import RunConfig
+from fedpath.server.federated_run import run_federated
 
 FEDERATED_SHARES = {"site_a": 0.3}
 """Issue 4's label layout: site A outlines 30 % of its training tumour slides; B and C none."""

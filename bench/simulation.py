@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.simulate import run_simulation, simulation_run_config
+from fedpath.deploy.simulate import run_simulation, simulation_run_config
 
 
 @dataclass(frozen=True)

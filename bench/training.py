@@ -9,9 +9,9 @@ Usage (from the repository root)::
 What it measures, all in one run:
 
 (a) Loading: a synthetic cohort is written once as real feature-bag HDF5 files with the
-    project's writer (``common.featurebag.FeatureBagWriter``, cached under
+    project's writer (``fedpath.common.featurebag.FeatureBagWriter``, cached under
     ``bench/_cache/training/``) and loaded with the project's loader
-    (``client.training.bags.load_bag``), as ``fedpath local train`` does: GB/s.
+    (``fedpath.client.training.bags.load_bag``), as ``fedpath local train`` does: GB/s.
     The cohort: 200 training slides (half tumour) of 1,280-d float32 features, lengths spread
     evenly over 2,500-7,500 patches (mean 5,000, so padding has something to waste), plus 40
     validation slides. Features are N(0, 1) with a per-slide offset; in a tumour slide 5-30 %
@@ -21,7 +21,7 @@ What it measures, all in one run:
     noisy: each arm waits for the others' epoch before running its next one, so neighbouring
     epochs of all arms see the same load), from the same initial weights:
 
-    - ours: ``client.training.trainer.train`` as shipped (``TrainConfig`` defaults: normal +
+    - ours: ``fedpath.client.training.trainer.train`` as shipped (``TrainConfig`` defaults: normal +
       tumour pairs per step, precision "auto");
     - ours on every patch (``max_train_patches=None``): separates what the shipped patch
       sampling (2,048 random patches per slide and step) buys from the rest;
@@ -69,11 +69,10 @@ import torch
 from embedding import _load_average, _peak_rss
 from patching import machine as cpu_and_versions
 
-from client.embed.extract import cpu_supports_bf16
-from client.training.bags import Bag, collate, load_bag
-from client.training.site_index import BagEntry
-from client.training.train_config import TrainConfig
-from client.training.trainer import (
+from fedpath.client.embed.extract import cpu_supports_bf16
+from fedpath.client.training.bags import Bag, collate, load_bag
+from fedpath.client.training.site_index import BagEntry
+from fedpath.client.training.trainer import (
     EpochMetrics,
     ValidationMetrics,
     _epoch_seeds,
@@ -82,11 +81,12 @@ from client.training.trainer import (
     step_lr,
     train,
 )
-from common.featurebag import FeatureBagWriter
-from common.mil.config import ModelConfig
-from common.mil.losses import mixed_supervision_loss
-from common.mil.models import MILModel, build_model
-from common.mil.sampling import epoch_schedule
+from fedpath.common.featurebag import FeatureBagWriter
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.mil.losses import mixed_supervision_loss
+from fedpath.common.mil.models import MILModel, build_model
+from fedpath.common.mil.sampling import epoch_schedule
+from fedpath.common.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "training"

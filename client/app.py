@@ -2,9 +2,9 @@
 
 A SuperNode starts this app in a fresh process for every message, so the module imports only
 Flower's light message types at import time; torch, h5py and the trainer are imported inside
-the handlers (``client.federated``), and so are the message schema's pydantic models
-(``common.federation``). A node started with ``resident-worker=true`` (the default of
-``fedpath node``) runs the handlers in its resident worker instead (:mod:`client.worker`),
+the handlers (``fedpath.client.federated``), and so are the message schema's pydantic models
+(``fedpath.common.federation``). A node started with ``resident-worker=true`` (the default of
+``fedpath node``) runs the handlers in its resident worker instead (:mod:`fedpath.client.worker`),
 which keeps those imports loaded between messages; the message process then only forwards,
 and imports nothing but Flower, numpy and the socket protocol (``tests/test_client_app.py``
 checks it).
@@ -15,7 +15,7 @@ taken from the message except the instructions every site receives. A hospital s
 lifetime slide-level privacy budget there too (``privacy-budget=8.0 privacy-delta=1e-5``):
 the privacy ledger in the data directory and the run's ``Context.state`` keep what was spent.
 ``torch-threads=N`` caps torch's threads for training and evaluation when several nodes share
-one machine (:mod:`client.threads`); ``bag-cache-mib=N`` caps the memory the resident worker
+one machine (:mod:`fedpath.client.threads`); ``bag-cache-mib=N`` caps the memory the resident worker
 keeps a run's feature bags in between messages (default 512, 0 = off;
 :mod:`client.training.bag_cache`). ``device="cuda:1"`` chooses where this hospital trains and
 evaluates (``auto | cpu | cuda | cuda:N | mps``, default auto: a GPU when torch sees one;
@@ -38,14 +38,14 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.threads import node_torch_threads, torch_threads
-from common.errors import ConfigError
+from fedpath.client.threads import node_torch_threads, torch_threads
+from fedpath.common.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
-    from client.federated import SitePrivacy
-    from common.federation import RoundInstructions
+    from fedpath.client.federated import SitePrivacy
+    from fedpath.common.federation import RoundInstructions
 
 app = ClientApp()
 
@@ -89,20 +89,20 @@ def site_of(context: Context) -> tuple[Path, str]:
 def check_reply_metrics(metrics: Mapping[str, Any], allowed: tuple[str, ...]) -> dict[str, float]:
     """The egress allow-list every reply passes (``common.federation``), imported when a reply
     is built: the forwarding message process never builds one."""
-    from common.federation import check_reply_metrics as check
+    from fedpath.common.federation import check_reply_metrics as check
 
     return check(metrics, allowed)
 
 
 def _instructions(content: RecordDict) -> RoundInstructions:
-    from common.federation import CONFIG_KEY, INSTRUCTIONS_FIELD, RoundInstructions
+    from fedpath.common.federation import CONFIG_KEY, INSTRUCTIONS_FIELD, RoundInstructions
 
     config = content.config_records.get(CONFIG_KEY)
     return RoundInstructions.from_json(None if config is None else config.get(INSTRUCTIONS_FIELD))
 
 
 def _global_state(content: RecordDict) -> dict:
-    from common.federation import ARRAYS_KEY
+    from fedpath.common.federation import ARRAYS_KEY
 
     arrays = content.array_records.get(ARRAYS_KEY)
     if arrays is None:
@@ -113,15 +113,15 @@ def _global_state(content: RecordDict) -> dict:
 def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[..., Message]:
     """Turn a fedpath error into an error reply naming the site (the server logs it).
 
-    The reason is redacted (:mod:`client.error_reply`): it leaves the hospital, so it names
+    The reason is redacted (:mod:`fedpath.client.error_reply`): it leaves the hospital, so it names
     no slide, patient or file; the full message goes to the SuperNode's log.
     """
 
     def wrapped(message: Message, context: Context) -> Message:
         from flwr.app import Error
 
-        from client.error_reply import error_reason
-        from common.errors import SITE_REPLY_ERRORS, FedpathError
+        from fedpath.client.error_reply import error_reason
+        from fedpath.common.errors import SITE_REPLY_ERRORS, FedpathError
 
         try:
             return handler(message, context)
@@ -141,8 +141,8 @@ def _guarded(handler: Callable[[Message, Context], Message]) -> Callable[..., Me
 def _site_privacy(context: Context, site: str) -> SitePrivacy:
     """The hospital's budget (node config ``privacy-budget``, ``privacy-delta``) and the run's
     privacy entries kept in ``Context.state`` (the ledger on disk is merged with them)."""
-    from client.federated import SitePrivacy
-    from client.privacy_ledger import STATE_KEY, NodeBudget, entries_from_state
+    from fedpath.client.federated import SitePrivacy
+    from fedpath.client.privacy_ledger import STATE_KEY, NodeBudget, entries_from_state
 
     budget = NodeBudget.from_node_config(context.node_config)
     record = context.state.config_records.get(STATE_KEY)
@@ -160,8 +160,8 @@ def _train_line(
     site: str, instructions: RoundInstructions, device: torch.device, metrics: Mapping[str, Any]
 ) -> str:
     """What the round trained on, for the log: device, precision, slides, seconds."""
-    from client.training.trainer import resolve_precision
-    from common.device import describe_device
+    from fedpath.client.training.trainer import resolve_precision
+    from fedpath.common.device import describe_device
 
     head = f"{site}: train round {instructions.server_round}"
     if metrics.get("budget-exhausted") == 1.0:
@@ -177,9 +177,9 @@ def _train_line(
 
 def train_content(content: RecordDict, context: Context) -> RecordDict:
     """Local epochs on the site's training split, starting from the global model."""
-    from client.federated import train_on_site
-    from client.node_device import node_device
-    from common.federation import ARRAYS_KEY, METRICS_KEY, TRAIN_METRICS
+    from fedpath.client.federated import train_on_site
+    from fedpath.client.node_device import node_device
+    from fedpath.common.federation import ARRAYS_KEY, METRICS_KEY, TRAIN_METRICS
 
     data, site = site_of(context)
     privacy = _site_privacy(context, site)
@@ -191,7 +191,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
         )
     log_line(_train_line(site, instructions, device, metrics))
     if privacy.dataset_id is not None:
-        from client.privacy_ledger import entries_to_state
+        from fedpath.client.privacy_ledger import entries_to_state
 
         entries_to_state(context.state, privacy.dataset_id, privacy.run_entries)
     return RecordDict(
@@ -204,10 +204,10 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
 
 def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     """Score the global model on the split the server names (val each round, test at the end)."""
-    from client.federated import evaluate_on_site
-    from client.node_device import node_device
-    from common.device import describe_device
-    from common.federation import EVALUATE_METRICS, METRICS_KEY
+    from fedpath.client.federated import evaluate_on_site
+    from fedpath.client.node_device import node_device
+    from fedpath.common.device import describe_device
+    from fedpath.common.federation import EVALUATE_METRICS, METRICS_KEY
 
     data, site = site_of(context)
     device = node_device(context.node_config)
@@ -224,8 +224,8 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
 
 def query_content(content: RecordDict, context: Context) -> RecordDict:
     """The site's aggregate preparation facts, for the server's harmonisation gate."""
-    from client.site_facts import site_facts
-    from common.federation import CONFIG_KEY, FACTS_FIELD, facts_to_json
+    from fedpath.client.site_facts import site_facts
+    from fedpath.common.federation import CONFIG_KEY, FACTS_FIELD, facts_to_json
 
     data, site = site_of(context)
     facts = site_facts(data, site)
@@ -238,12 +238,12 @@ CONTENT_HANDLERS: dict[str, Callable[[RecordDict, Context], RecordDict]] = {
     "query": query_content,
 }
 """What each message type does, as a function of content and context: run here, or in the
-node's resident worker (:mod:`client.worker`), which imports torch once for all messages."""
+node's resident worker (:mod:`fedpath.client.worker`), which imports torch once for all messages."""
 
 
 def _run(op: str, message: Message, context: Context) -> Message:
     """Run ``op`` in the resident worker when the node enabled it, else in this process."""
-    from client.worker_client import call_worker, worker_enabled
+    from fedpath.client.worker_client import call_worker, worker_enabled
 
     if worker_enabled(context):
         content = call_worker(op, message.content, context, site_of(context)[0])

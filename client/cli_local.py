@@ -2,7 +2,7 @@
 
 A hospital trains on its own prepared site with exactly the trainer the federated client uses,
 so the local baseline and the federated result differ only in federation. This module only
-wires files, options and terminal output; training is ``client.training.trainer.train``,
+wires files, options and terminal output; training is ``fedpath.client.training.trainer.train``,
 scoring is ``client.training.evaluate`` and the pictures are ``client.training.heatmaps``.
 
 A run directory holds ``metrics.jsonl`` (one line per epoch, rewritten atomically so a crash
@@ -38,29 +38,29 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from client.prepare.records import SITE_FILE
-from client.site_facts import read_site
-from client.training.train_config import TrainConfig
-from common.configbase import StrictModel
-from common.device import DEVICE_HELP, DeviceName
-from common.errors import ConfigError, DeviceError
-from common.mil.config import ModelConfig
+from fedpath.client.prepare.records import SITE_FILE
+from fedpath.client.site_facts import read_site
+from fedpath.common.configbase import StrictModel
+from fedpath.common.device_name import DEVICE_HELP, DeviceName
+from fedpath.common.errors import ConfigError, DeviceError
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.train_config import TrainConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from client.progress import LogProgress
-    from client.training.bags import BagSkips
-    from client.training.evaluate import EvaluationResult
-    from client.training.heatmaps import HeatmapRecord
-    from client.training.site_index import BagEntry
-    from client.training.trainer import TrainResult
-    from common.calibration import SlideCalibration
-    from common.metrics import MetricWithCI
-    from common.mil.models import MILModel
+    from fedpath.client.progress import LogProgress
+    from fedpath.client.training.bags import BagSkips
+    from fedpath.client.training.evaluate import EvaluationResult
+    from fedpath.client.training.heatmaps import HeatmapRecord
+    from fedpath.client.training.site_index import BagEntry
+    from fedpath.client.training.trainer import TrainResult
+    from fedpath.common.calibration import SlideCalibration
+    from fedpath.common.metrics import MetricWithCI
+    from fedpath.common.mil.models import MILModel
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
-"""As in ``client.cli``: 1 means the command ran but some slides failed."""
+"""As in ``fedpath.deploy.cli``: 1 means the command ran but some slides failed."""
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.pt", "config.json", "metrics.jsonl"
 EVAL_SPLITS = ("test", "val", "train", "all")
 
@@ -85,7 +85,7 @@ def _on_device(name: str) -> tuple[torch.device, str]:
     Called before a command reads a bag or writes a file, so asking for a GPU this machine
     lacks costs nothing and leaves nothing behind.
     """
-    from common.device import describe_device, resolve_device
+    from fedpath.common.device import describe_device, resolve_device
 
     device = resolve_device(name)
     return device, describe_device(device)
@@ -111,7 +111,7 @@ def _float(x: float) -> str:
 def _progress(console: Console) -> Progress | LogProgress:
     """One bar with a status text (last epoch's or last slide's outcome) and elapsed time; in
     a log (stdout not a terminal) one line per epoch or slide instead."""
-    from client.progress import bar_or_lines
+    from fedpath.client.progress import bar_or_lines
 
     return bar_or_lines(
         console,
@@ -125,7 +125,7 @@ def _progress(console: Console) -> Progress | LogProgress:
 
 def _bag_skips(console: Console) -> BagSkips:
     """Skipped slides printed as they happen (the run goes on) and remembered for the record."""
-    from client.training.bags import BagSkips, SkippedBag
+    from fedpath.client.training.bags import BagSkips, SkippedBag
 
     def show(skipped: SkippedBag) -> None:
         # The error is text: a path or "[annotation]" in it is not rich markup.
@@ -153,7 +153,7 @@ def _calibration_line(
     scores: EvaluationResult, calibration: SlideCalibration, labels: Sequence[str]
 ) -> str:
     """Validation balanced accuracy, Brier and ECE before and after calibration, one line."""
-    from client.training.evaluate import metrics_of
+    from fedpath.client.training.evaluate import metrics_of
 
     after = metrics_of(scores.predictions, bootstrap=0, labels=labels, calibration=calibration)
     before = after.uncalibrated or after.slide
@@ -193,13 +193,13 @@ def _best_epoch_line(result: TrainResult, cfg: TrainConfig) -> str:
 def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    from client.training.evaluate import evaluate_bags, fit_on_predictions, save_checkpoint
-    from client.training.site_index import load_site_index, split_entries
-    from client.training.trainer import EpochMetrics, TrainingDivergedError, train
-    from common import __version__
-    from common.atomic import atomic_write_json, atomic_write_text
-    from common.configio import build_config
-    from common.mil.models import build_model
+    from fedpath.client.training.evaluate import evaluate_bags, fit_on_predictions, save_checkpoint
+    from fedpath.client.training.site_index import load_site_index, split_entries
+    from fedpath.client.training.trainer import EpochMetrics, TrainingDivergedError, train
+    from fedpath.common import __version__
+    from fedpath.common.atomic import atomic_write_json, atomic_write_text
+    from fedpath.common.configio import build_config
+    from fedpath.common.mil.models import build_model
 
     data: Path = args.data
     site = read_site(data)
@@ -319,7 +319,7 @@ class _TrainedRun:
 
 def _open_run(run: Path, data: Path) -> _TrainedRun:
     """Read the site and run; refuse a site whose features are not the model's width."""
-    from client.training.evaluate import load_checkpoint
+    from fedpath.client.training.evaluate import load_checkpoint
 
     site = read_site(data)
     config = _read_run_config(run)
@@ -354,14 +354,14 @@ def _split_entries(
 
 
 def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
-    from client.training.evaluate import (
+    from fedpath.client.training.evaluate import (
         SlidePrediction,
         evaluate_entries,
         load_calibration,
         predictions_csv,
     )
-    from client.training.site_index import load_site_index
-    from common.atomic import atomic_write_json, atomic_write_text
+    from fedpath.client.training.site_index import load_site_index
+    from fedpath.common.atomic import atomic_write_json, atomic_write_text
 
     data: Path = args.data
     run: Path = args.run
@@ -530,11 +530,11 @@ def _select_slides(entries: list[BagEntry], wanted: str | None, split: str) -> l
 
 
 def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
-    from client.prepare.manifest import load_manifest
-    from client.prepare.pipeline import SiteLayout
-    from client.training.heatmaps import HeatmapConfig, SlideSource, write_heatmaps
-    from client.training.site_index import load_site_index
-    from common.configio import build_config
+    from fedpath.client.prepare.manifest import load_manifest
+    from fedpath.client.prepare.pipeline import SiteLayout
+    from fedpath.client.training.heatmaps import HeatmapConfig, SlideSource, write_heatmaps
+    from fedpath.client.training.site_index import load_site_index
+    from fedpath.common.configio import build_config
 
     data: Path = args.data
     run: Path = args.run

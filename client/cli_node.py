@@ -18,15 +18,15 @@ from typing import Any
 
 from rich.console import Console
 
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 EXIT_OK = 0
 
 
 def supernode_argv(args: argparse.Namespace) -> list[str]:
     """Validate the hospital's setup and build the ``flower-supernode`` command line."""
-    from client.prepare.records import INDEX_FILE, SITE_FILE
-    from server.local_network import toml_value
+    from fedpath.client.prepare.records import INDEX_FILE, SITE_FILE
+    from fedpath.common.flower_env import toml_value
 
     data: Path = args.data.expanduser().resolve()
     for name in (SITE_FILE, INDEX_FILE):
@@ -43,7 +43,7 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     }
     threads = getattr(args, "torch_threads", None)
     if threads is not None:
-        from client.threads import NODE_THREADS_KEY, node_torch_threads
+        from fedpath.client.threads import NODE_THREADS_KEY, node_torch_threads
 
         node_config[NODE_THREADS_KEY] = node_torch_threads({NODE_THREADS_KEY: threads})
     device = getattr(args, "device", None)
@@ -52,7 +52,7 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     budget = getattr(args, "privacy_budget", None)
     delta = getattr(args, "privacy_delta", None)
     if budget is not None or delta is not None:
-        from client.privacy_ledger import NodeBudget
+        from fedpath.client.privacy_ledger import NodeBudget
 
         extra = {"privacy-budget": budget, "privacy-delta": delta}
         NodeBudget.from_node_config(extra)  # refuse a bad budget now, not at round 1
@@ -92,11 +92,11 @@ def check_node_device(name: str) -> str:
     the coordinator's log. ``auto`` and ``cpu`` are always there and need no torch import
     (this command starts fast); a GPU name is resolved by torch (``DeviceError`` if absent).
     """
-    from client.node_device import NODE_DEVICE_KEY, node_device_name
+    from fedpath.client.node_device import NODE_DEVICE_KEY, node_device_name
 
     wanted = node_device_name({NODE_DEVICE_KEY: name})
     if wanted not in ("auto", "cpu"):
-        from common.device import resolve_device
+        from fedpath.common.device import resolve_device
 
         resolve_device(wanted)
     return wanted
@@ -108,7 +108,7 @@ def device_label(name: str) -> str:
     wanted = check_node_device(name)
     if wanted in ("auto", "cpu"):
         return "the CPU" if wanted == "cpu" else "auto (a GPU when torch sees one, else the CPU)"
-    from common.device import describe_device, resolve_device
+    from fedpath.common.device import describe_device, resolve_device
 
     return describe_device(resolve_device(wanted))
 
@@ -139,7 +139,7 @@ def check_tls(superlink: str, ca: Path, console: Console) -> None:
     Without this the SuperNode retries for ever and logs only "connection unavailable". A
     SuperLink that does not answer yet is no reason to refuse: the daemon waits for it.
     """
-    from common.tls import EXPIRY_WARNING_DAYS, certificate_problems, diagnose_tls
+    from fedpath.common.tls import EXPIRY_WARNING_DAYS, certificate_problems, diagnose_tls
 
     errors, warnings = certificate_problems([ca])
     for warning in warnings:
@@ -191,7 +191,7 @@ def cmd_node(args: argparse.Namespace, console: Console) -> int:
     if not args.insecure:
         check_tls(args.superlink, Path(args.ca), console)
         lock_node_key(Path(args.key))
-    from server.local_network import flower_env
+    from fedpath.common.flower_env import flower_env
 
     sys.stdout.flush()
     os.execve(argv[0], argv, flower_env())

@@ -1,6 +1,6 @@
 """``fedpath privacy DATA_DIR``: what the privacy ledger says was spent on this data.
 
-Printing only: the numbers come from :func:`client.privacy_ledger.summarise`. The ledger's
+Printing only: the numbers come from :func:`fedpath.client.privacy_ledger.summarise`. The ledger's
 secret (the seed of the rounds' noise) is never shown.
 """
 
@@ -33,7 +33,7 @@ def _day(recorded: str) -> str:
 
 
 def cmd_privacy(args: argparse.Namespace, console: Console) -> int:
-    from client.privacy_ledger import LEDGER_FILE, LIFETIME_ACCOUNTANT, summarise
+    from fedpath.client.privacy_ledger import LEDGER_FILE, LIFETIME_ACCOUNTANT, summarise
 
     data: Path = args.data.expanduser()
     datasets = summarise(data)

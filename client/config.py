@@ -12,8 +12,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.configbase import StrictModel
-from common.device import DEVICE_HELP, DeviceName
+from fedpath.common.configbase import StrictModel
+from fedpath.common.device_name import DEVICE_HELP, DeviceName
 
 DEFAULT_TUMOUR_CLASSES: tuple[str, ...] = (
     "Tumor",

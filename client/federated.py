@@ -4,11 +4,11 @@ The ClientApp (``client.app``) unpacks a Flower message and calls these function
 be tested, and the site-local baseline compared, without any daemon. Each message runs in a
 fresh process: the site's bags are loaded from HDF5 for every message (fast); only the
 node's resident worker keeps the bags of the current run between its messages, byte-capped and
-keyed by file identity (:mod:`client.training.bag_cache`). The split is recomputed from the
+keyed by file identity (:mod:`fedpath.client.training.bag_cache`). The split is recomputed from the
 same seed, so every round of a run trains and validates on the same slides.
 
 Only aggregate numbers come back from here (counts, losses, AUCs, and the histograms and sums
-of ``common.federation.COUNT_LISTS``/``SUM_LISTS`` the server pools and calibrates with):
+of ``fedpath.common.federation.COUNT_LISTS``/``SUM_LISTS`` the server pools and calibrates with):
 per-slide predictions never leave this module's callers' process.
 
 A slide whose feature file cannot be used (NaN features, another encoder, a truncated file) is
@@ -17,7 +17,7 @@ SuperNode's log, naming the file and the problem); the reply carries only how ma
 skipped. The round fails only when a split that has slides has no usable one left.
 
 Training and evaluation run on the ``device`` the caller passes (the ClientApp takes it from
-the node config, :mod:`client.node_device`; default the CPU): the global model is loaded on
+the node config, :mod:`fedpath.client.node_device`; default the CPU): the global model is loaded on
 the CPU, checked, then moved there, and the weights that go back are CPU numpy arrays
 whatever device trained them.
 """
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from client.privacy_ledger import (
+from fedpath.client.privacy_ledger import (
     BudgetExhausted,
     LedgerEntry,
     NodeBudget,
@@ -43,12 +43,12 @@ from client.privacy_ledger import (
     reserve_round,
     run_epsilon,
 )
-from client.training.bags import BagSkips, OnSkip
-from client.training.evaluate import EvaluationResult, evaluate_bags
-from client.training.privacy_accountant import check_delta
-from client.training.site_index import BagEntry, load_site_index, split_entries
-from client.training.trainer import evaluate, train
-from common.calibration import (
+from fedpath.client.training.bags import BagSkips, OnSkip
+from fedpath.client.training.evaluate import EvaluationResult, evaluate_bags
+from fedpath.client.training.privacy_accountant import check_delta
+from fedpath.client.training.site_index import BagEntry, load_site_index, split_entries
+from fedpath.client.training.trainer import evaluate, train
+from fedpath.common.calibration import (
     N_PATCH_BINS,
     N_SCORE_BINS,
     PATCH_EDGES,
@@ -56,9 +56,9 @@ from common.calibration import (
     nll_on_grid,
     score_histogram,
 )
-from common.device import describe_device
-from common.errors import ConfigError
-from common.federation import (
+from fedpath.common.device import describe_device
+from fedpath.common.errors import ConfigError
+from fedpath.common.federation import (
     COUNT_LISTS,
     EVALUATE_METRICS,
     SKIPPED_METRIC,
@@ -67,8 +67,8 @@ from common.federation import (
     MetricValue,
     RoundInstructions,
 )
-from common.metrics import calibration_bins, predict
-from common.mil.models import MILModel, build_model
+from fedpath.common.metrics import calibration_bins, predict
+from fedpath.common.mil.models import MILModel, build_model
 
 __all__ = [
     "SitePrivacy",
@@ -228,7 +228,7 @@ def train_on_site(
     once afterwards so the coordinator sees each site's validation AUC every round.
 
     With ``instructions.dp`` enabled the round is slide-level DP-SGD
-    (:func:`client.training.private_trainer.train_private`), recorded in the site's privacy
+    (:func:`fedpath.client.training.private_trainer.train_private`), recorded in the site's privacy
     ledger *before* it is trained; a round that would exceed the hospital's lifetime budget
     is not trained and the global model comes back unchanged with ``budget-exhausted`` = 1.
     A site with a budget refuses a run without DP-SGD (``ConfigError``).
@@ -295,7 +295,7 @@ def _train_private_on_site(
     The bags load before the round is planned and recorded, so N (δ check, sampling rate q,
     the entry's ``n_slides``) is the number of slides trained on, never the index's count.
     """
-    from client.training.private_trainer import (
+    from fedpath.client.training.private_trainer import (
         check_private_model,
         plan_private_training,
         train_private,

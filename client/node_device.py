@@ -3,7 +3,7 @@
 The device is the hospital's choice, like its data folder and its thread cap: it is read from
 the SuperNode's node config (``fedpath node --device cuda:1`` writes it there), never from the
 run config or the round instructions, which the server writes for every site alike. The
-spelling and the resolution are ``common.device``'s, as for ``prepare`` and ``local train``.
+spelling and the resolution are ``fedpath.common.device``'s, as for ``prepare`` and ``local train``.
 
 Kept free of torch at import: the ClientApp's message process imports this module and must
 stay light when it only forwards to the resident worker; torch is imported where the device
@@ -16,8 +16,8 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from common.device import DEVICE_HELP, check_device_name
-from common.errors import ConfigError
+from fedpath.common.device_name import DEVICE_HELP, check_device_name
+from fedpath.common.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -50,10 +50,10 @@ def node_device(node_config: Mapping[str, Any]) -> torch.device:
 
     On a CUDA GPU it also sets ``CUBLAS_WORKSPACE_CONFIG`` (unless the hospital set it),
     which cuBLAS reads when this process first uses it: DP-SGD rounds must be bit-for-bit
-    reproducible on a retry (:func:`client.training.private_trainer.deterministic_on`), and
+    reproducible on a retry (:func:`fedpath.client.training.private_trainer.deterministic_on`), and
     the node resolves its device before anything touches the GPU.
     """
-    from common import device as devices
+    from fedpath.common import device as devices
 
     resolved = devices.resolve_device(node_device_name(node_config))
     if resolved.type == "cuda":

@@ -42,11 +42,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from client.site_facts import read_site
-from client.training.dp_config import PRIVACY_UNIT
-from client.training.privacy_accountant import Mechanism, epsilon
-from common.atomic import atomic_write_json
-from common.errors import ConfigError, FedpathError
+from fedpath.client.site_facts import read_site
+from fedpath.client.training.privacy_accountant import Mechanism, epsilon
+from fedpath.common.atomic import atomic_write_json
+from fedpath.common.dp_config import PRIVACY_UNIT
+from fedpath.common.errors import ConfigError, FedpathError
 
 __all__ = [
     "LEDGER_FILE",

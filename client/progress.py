@@ -31,7 +31,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from client.prepare.records import PrepareEvents, PrepareSummary, SlideRecord
+from fedpath.client.prepare.records import PrepareEvents, PrepareSummary, SlideRecord
 
 HEARTBEAT_SECONDS = 30.0
 """Longest silence of a log while a preparation runs: a line at least this often."""

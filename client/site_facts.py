@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from client.prepare.records import PATCH_INDEX_FILE, SITE_FILE
-from common.errors import ConfigError
+from fedpath.client.prepare.records import PATCH_INDEX_FILE, SITE_FILE
+from fedpath.common.errors import ConfigError
 
 __all__ = ["read_site", "site_facts"]
 

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 NODE_THREADS_KEY = "torch-threads"
 MAX_THREADS = 1024

@@ -4,11 +4,11 @@ Flower starts a fresh ClientApp process for every message. Importing torch, h5py
 scikit-learn's metrics and the optimiser machinery costs seconds per message, several times a
 round, on machines where a round's training takes seconds too. The worker imports them once
 and serves every message of every run on this node: the message process only forwards the
-content and the run context over a private local socket (:mod:`client.worker_client`) and
+content and the run context over a private local socket (:mod:`fedpath.client.worker_client`) and
 hands the reply back to Flower. The handlers are the very functions the ClientApp would run
 itself (:data:`client.app.CONTENT_HANDLERS`), so results are the same either way. Between the
 messages of a run the worker also keeps the validated feature bags it read, up to a byte cap
-(:mod:`client.training.bag_cache`): a round's evaluate message reads what its train message
+(:mod:`fedpath.client.training.bag_cache`): a round's evaluate message reads what its train message
 just read.
 
 Isolation that matters is kept: one worker per SuperNode (its socket is keyed by the
@@ -17,7 +17,7 @@ the peer's uid, no pickle on the wire, one message at a time, and the worker exi
 SuperNode's runtime goes away (checked every second, also mid-message) or after a long idle
 time. A worker that dies is simply started again by the next message.
 
-On a node whose ``device`` is a GPU (:mod:`client.node_device`) the worker is where CUDA is
+On a node whose ``device`` is a GPU (:mod:`fedpath.client.node_device`) the worker is where CUDA is
 initialised, once: its context outlives the messages, the cached GPU memory does not.
 """
 
@@ -38,7 +38,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.worker_protocol import (
+from fedpath.client.worker_protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
     context_from_wire,
@@ -47,10 +47,10 @@ from client.worker_protocol import (
     records_to_wire,
     write_frame,
 )
-from common.errors import SITE_REPLY_ERRORS
+from fedpath.common.errors import SITE_REPLY_ERRORS
 
 if TYPE_CHECKING:
-    from client.training.bag_cache import BagCache
+    from fedpath.client.training.bag_cache import BagCache
 
 __all__ = ["handle_request", "main", "serve"]
 
@@ -114,7 +114,7 @@ def handle_request(
     traceback, which the ClientApp raises so Flower records a ClientApp exception.
 
     With ``bag_cache`` the handler's bag reads go through it: scoped to the message's run,
-    capped by the node config's ``bag-cache-mib`` (:mod:`client.training.bag_cache`).
+    capped by the node config's ``bag-cache-mib`` (:mod:`fedpath.client.training.bag_cache`).
     """
     if header.get("version") != PROTOCOL_VERSION:
         return {
@@ -163,7 +163,7 @@ def _run_handler(
 ) -> Any:
     if bag_cache is None:
         return handler(content, context)
-    from client.training.bag_cache import cap_from_node_config, use_bag_cache
+    from fedpath.client.training.bag_cache import cap_from_node_config, use_bag_cache
 
     bag_cache.begin(int(context.run_id), cap_from_node_config(context.node_config))
     with use_bag_cache(bag_cache):
@@ -174,7 +174,7 @@ def _warm_up() -> None:
     """Import what every message needs, so the first message does not pay for it either."""
     import torch
 
-    import client.federated  # noqa: F401 - torch, h5py, the trainer, sklearn metrics
+    import fedpath.client.federated  # noqa: F401 - torch, h5py, the trainer, sklearn metrics
 
     # The first optimiser construction imports torch._dynamo (seconds); do it now.
     torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))])
@@ -298,7 +298,7 @@ def _serve_one(
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m client.worker", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fedpath.client.worker", description=__doc__)
     parser.add_argument("--socket", type=Path, required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
     parser.add_argument("--idle-seconds", type=float, default=IDLE_EXIT_SECONDS)
@@ -307,8 +307,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
-    from client.app import CONTENT_HANDLERS
-    from client.training.bag_cache import BagCache
+    from fedpath.client.app import CONTENT_HANDLERS
+    from fedpath.client.training.bag_cache import BagCache
 
     serve(
         args.socket,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from flwr.app import Context, RecordDict
 
-from client.worker_protocol import (
+from fedpath.client.worker_protocol import (
     PROTOCOL_VERSION,
     context_to_wire,
     read_frame,
@@ -30,7 +30,7 @@ from client.worker_protocol import (
     records_to_wire,
     write_frame,
 )
-from common.errors import ConfigError, FedpathError
+from fedpath.common.errors import ConfigError, FedpathError
 
 __all__ = ["NODE_CONFIG_KEY", "WorkerError", "call_worker", "socket_path", "worker_enabled"]
 
@@ -116,7 +116,7 @@ def _start(path: Path, runtime_pid: int) -> subprocess.Popen[bytes]:
         [
             sys.executable,
             "-m",
-            "client.worker",
+            "fedpath.client.worker",
             "--socket",
             str(path),
             "--parent-pid",

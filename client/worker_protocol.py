@@ -1,7 +1,7 @@
 """Wire format between a ClientApp message process and the hospital's resident worker.
 
 Flower starts a fresh ClientApp process for every message; the work itself runs in a worker
-process that stays alive between messages (:mod:`client.worker`). What crosses the local
+process that stays alive between messages (:mod:`fedpath.client.worker`). What crosses the local
 socket is a message's content and the run context, never code: a JSON header plus raw array
 buffers, decoded without pickle (the safe-loading rule holds on this hop too).
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedpathError
+from fedpath.common.errors import FedpathError
 
 TMP_PREFIX = ".fedpath-tmp-"
 

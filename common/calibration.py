@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from pydantic import Field
 
-from common.configbase import StrictModel
+from fedpath.common.configbase import StrictModel
 
 TEMPERATURES: tuple[float, ...] = tuple(
     float(t) for t in np.exp(np.linspace(math.log(0.05), math.log(20.0), 81))
@@ -46,7 +46,7 @@ N_PATCH_BINS = len(PATCH_EDGES) + 1
 MIN_PER_CLASS_CALIBRATION = 5
 """Fewest validation slides of every class a calibration is fitted on: with fewer, one slide
 moves the threshold across the whole gap and the temperature by a factor of several (the
-proportion minimum of :mod:`common.metrics`)."""
+proportion minimum of :mod:`fedpath.common.metrics`)."""
 
 
 class SlideCalibration(StrictModel):

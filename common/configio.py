@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

@@ -9,31 +9,13 @@ nothing).
 
 from __future__ import annotations
 
-import re
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING
 
-from pydantic import AfterValidator
-
-from common.errors import DeviceError
+from fedpath.common.device_name import check_device_name
+from fedpath.common.errors import DeviceError
 
 if TYPE_CHECKING:  # torch is imported where a device is resolved: configs stay torch-free
     import torch
-
-DEVICE_HELP = "auto | cpu | cuda | cuda:N | mps (auto: a GPU when torch sees one, else the CPU)"
-_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-def check_device_name(value: str) -> str:
-    """Validate the spelling of a device setting (presence is checked when it is resolved)."""
-    name = value.strip().lower()
-    if not _DEVICE_PATTERN.match(name):
-        raise ValueError(f"device must be {DEVICE_HELP}; got {value!r}")
-    return name
-
-
-DeviceName = Annotated[str, AfterValidator(check_device_name)]
-"""A pydantic field type for device settings: spelling checked when the config is read."""
-
 
 def _mps_available() -> bool:
     import torch

@@ -21,9 +21,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from common import __version__
-from common.atomic import OutputWriteError, atomic_path
-from common.errors import FeatureBagError
+from fedpath.common import __version__
+from fedpath.common.atomic import OutputWriteError, atomic_path
+from fedpath.common.errors import FeatureBagError
 
 REQUIRED_ATTRS: tuple[str, ...] = (
     "encoder",

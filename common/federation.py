@@ -11,7 +11,7 @@ both the client (before sending) and the server (on receipt) enforce.
 
 An evaluate reply also carries *sums* the server adds up over sites (issue 20.16/20.17), each
 a list of fixed length: histograms of slide and patch tumour log-odds by label on a fixed grid
-(:data:`common.calibration.SCORE_EDGES`), slide counts per class and the confusion counts,
+(:data:`fedpath.common.calibration.SCORE_EDGES`), slide counts per class and the confusion counts,
 calibration-error bins, and the validation NLL summed at every temperature of a fixed grid.
 From them the server computes metrics over all sites' slides and patches at once (not a mean
 of site metrics) and fits the federated model's temperature and threshold. They are counts
@@ -29,12 +29,12 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
-from client.training.dp_config import DPConfig
-from client.training.train_config import TrainConfig
-from common.calibration import N_PATCH_BINS, N_SCORE_BINS, TEMPERATURES, SlideCalibration
-from common.configbase import StrictModel
-from common.errors import ConfigError
-from common.mil.config import ModelConfig
+from fedpath.common.calibration import N_PATCH_BINS, N_SCORE_BINS, TEMPERATURES, SlideCalibration
+from fedpath.common.configbase import StrictModel
+from fedpath.common.dp_config import DPConfig
+from fedpath.common.errors import ConfigError
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.train_config import TrainConfig
 
 ARRAYS_KEY = "arrays"
 """ArrayRecord with the model's state dict (global model out, local model back)."""

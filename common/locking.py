@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from common.errors import FedpathError
+from fedpath.common.errors import FedpathError
 
 LOCK_NAME = ".fedpath.lock"
 

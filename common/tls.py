@@ -18,7 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
-from common.errors import FedpathError
+from fedpath.common.errors import FedpathError
 
 __all__ = [
     "EXPIRY_WARNING_DAYS",

@@ -1,13 +1,13 @@
 """The compose ``coordinator`` service: register the hospitals' keys, then one federated run.
 
-It does what the demo's coordinator does (``server.demo_federation``) against a SuperLink it
+It does what the demo's coordinator does (``fedpath.deploy.demo_federation``) against a SuperLink it
 did not start: wait for the SuperLink, register every hospital's public key, signal that the
 keys are in (``--ready-file``: the SuperNodes start only then, so none is refused), wait for
 every SuperNode to come online, submit the app with ``flwr run`` and follow it with ``flwr
 ls`` (``flwr run --stream`` can exit 0 for a failed run). Exit code 0 only when the run
 finished as ``completed``; every wait is bounded.
 
-    python deploy/coordinator.py --superlink superlink:9092 --ca /trust/ca.pem --app /app \
+    python -m fedpath.deploy.coordinator --superlink superlink:9092 --ca /trust/ca.pem --app /app \
         --set num-server-rounds=3 /trust/site_a.pub /trust/site_b.pub
 """
 
@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from common.errors import FedpathError
-from server.local_network import CONNECTION, FlwrCli, NetworkError
-from server.security import register_public_keys
+from fedpath.common.errors import FedpathError
+from fedpath.server.flwr_cli import CONNECTION, FlwrCli, NetworkError
+from fedpath.server.security import register_public_keys
 
 
 def parse_setting(text: str) -> tuple[str, Any]:
@@ -57,7 +57,7 @@ def wait_until(check: Any, what: str, timeout: float, poll: float = 2.0) -> Any:
 
 def coordinate(args: argparse.Namespace, cli: FlwrCli) -> str:
     """Register, wait for the nodes, run; the run's final status."""
-    from server.config import RunConfig
+    from fedpath.server.config import RunConfig
 
     RunConfig.from_run_config(dict(args.settings), source="--set")  # refuse before any wait
     wait_until(

@@ -34,8 +34,8 @@ def _warn(text: str) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point Flower calls in the ServerApp process."""
-    from server.config import RunConfig
-    from server.federated_run import run_federated
+    from fedpath.server.config import RunConfig
+    from fedpath.server.federated_run import run_federated
 
     cfg = RunConfig.from_run_config(dict(context.run_config))
     run_federated(grid, cfg, flwr_run_id=int(context.run_id), report=_log, warn=_warn)

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.atomic import atomic_path
-from common.errors import ConfigError
-from common.safe_load import pickled_reference
+from fedpath.common.atomic import atomic_path
+from fedpath.common.errors import ConfigError
+from fedpath.common.safe_load import pickled_reference
 
 __all__ = [
     "Checkpoint",

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_PORT = 9092
@@ -91,7 +91,7 @@ def _check_certificates(args: argparse.Namespace, console: Console) -> None:
     An expired certificate would let the SuperLink start and then fail every hospital's
     handshake with an error that blames the network.
     """
-    from server.security import EXPIRY_WARNING_DAYS, certificate_problems
+    from fedpath.server.security import EXPIRY_WARNING_DAYS, certificate_problems
 
     errors, warnings = certificate_problems([args.ca, args.cert])
     if errors:
@@ -125,7 +125,7 @@ def cmd_link(args: argparse.Namespace, console: Console) -> int:
         console.print(" ".join(argv))
         return EXIT_OK
     sys.stdout.flush()
-    from server.local_network import flower_env
+    from fedpath.common.flower_env import flower_env
 
     os.execve(argv[0], argv, flower_env())  # the daemon replaces this process (systemd)
     return EXIT_OK  # pragma: no cover - execve does not return
@@ -149,7 +149,7 @@ def flwr_home(given: Path | None) -> Path:
 
 
 def _cli(args: argparse.Namespace) -> Any:
-    from server.local_network import FlwrCli
+    from fedpath.server.flwr_cli import FlwrCli
 
     ca = None
     if not args.insecure:
@@ -181,8 +181,8 @@ def _flwr_log_hint(cli: Any, run_id: int) -> str:
 
 def _listed(cli: Any, args: argparse.Namespace, *command: str) -> dict[str, Any]:
     """``flwr COMMAND local``; ``NetworkError`` with one line saying why when it fails."""
-    from server.local_network import NetworkError
-    from server.security import explain_connection_failure
+    from fedpath.server.flwr_cli import NetworkError
+    from fedpath.server.security import explain_connection_failure
 
     answer = cli.flwr(*command, "local", timeout=60.0)
     if not answer.get("success"):
@@ -244,8 +244,8 @@ class _RunFollower:
         self.remote_noted = False
 
     def refresh_log(self) -> None:
-        from server.local_network import NetworkError
-        from server.run_log import RUN_DIR_PREFIX
+        from fedpath.server.flwr_cli import NetworkError
+        from fedpath.server.run_log import RUN_DIR_PREFIX
 
         try:
             self.log_text = self.cli.run_log_text(self.run_id)
@@ -257,7 +257,7 @@ class _RunFollower:
                 self.run_dir = Path(rest.strip())
 
     def poll(self) -> None:
-        from server.demo_federation import read_rounds
+        from fedpath.server.run_log import read_rounds
 
         if self.run_dir is None:
             self.refresh_log()
@@ -302,7 +302,7 @@ class _RunFollower:
 def _final_record(run_dir: Path | None) -> dict[str, Any] | None:
     import json
 
-    from server.run_log import FINAL_FILE
+    from fedpath.server.run_log import FINAL_FILE
 
     if run_dir is None or not (run_dir / FINAL_FILE).is_file():
         return None
@@ -353,7 +353,7 @@ def _lost_contact(
     exc: Exception, follower: _RunFollower, args: argparse.Namespace, console: Console
 ) -> int:
     """The SuperLink stopped answering while a run was followed: say what is known."""
-    from server.security import explain_connection_failure
+    from fedpath.server.security import explain_connection_failure
 
     reason = explain_connection_failure(args.superlink, follower.cli.tls_ca, str(exc))
     console.print(
@@ -373,9 +373,8 @@ def _lost_contact(
 
 
 def cmd_run(args: argparse.Namespace, console: Console) -> int:
-    from server.config import RunConfig
-    from server.demo_federation import app_directory
-    from server.local_network import NetworkError
+    from fedpath.server.config import RunConfig
+    from fedpath.server.flwr_cli import NetworkError, app_directory
 
     overrides = parse_overrides(args.config_override or [])
     if args.resume:
@@ -467,8 +466,8 @@ def _last_seen(node: dict[str, Any]) -> str:
 
 
 def cmd_status(args: argparse.Namespace, console: Console) -> int:
-    from server.local_network import NetworkError
-    from server.security import read_site_names
+    from fedpath.server.flwr_cli import NetworkError
+    from fedpath.server.security import read_site_names
 
     cli = _cli(args)
     try:
@@ -524,53 +523,6 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def cmd_simulate(args: argparse.Namespace, console: Console) -> int:
-    from server.simulate import run_simulation, simulation_run_config
-
-    if args.sites < 2:
-        raise ConfigError(f"--sites must be at least 2, got {args.sites}")
-    run_config = simulation_run_config(args.rounds, args.strategy, args.local_epochs)
-    console.print(
-        f"simulating {args.sites} synthetic sites in Flower's simulation engine under {args.out}",
-        soft_wrap=True,
-    )
-    shown = 0
-
-    def progress(rounds: list[dict[str, Any]]) -> None:
-        nonlocal shown
-        for record in rounds[shown:]:
-            weights = list(record["weights"].values())
-            console.print(
-                f"round {record['round']}: {len(record['replied'])}/{len(record['sampled'])} "
-                f"sites, {record['seconds']:.1f} s, weights {min(weights):.3f}–"
-                f"{max(weights):.3f}, val AUC {record['global'].get('val_auc') or float('nan'):.3f}"
-            )
-        shown = len(rounds)
-
-    result = run_simulation(args.out, args.sites, run_config, seed=args.seed, on_poll=progress)
-    progress(result.rounds)
-    per_round = [r["seconds"] for r in result.rounds]
-    if per_round:
-        console.print(
-            f"{len(per_round)} round(s), median {sorted(per_round)[len(per_round) // 2]:.1f} s "
-            f"per round with {args.sites} sites; total {result.seconds:.0f} s"
-        )
-    if result.run_dir.is_dir():
-        console.print(f"run directory: {result.run_dir}", soft_wrap=True)
-    else:  # a path that does not exist sends the reader looking for files that never were
-        console.print(
-            f"no run directory: the ServerApp wrote none ({result.run_dir})", soft_wrap=True
-        )
-    if result.status != "finished:completed":
-        console.print(f"[bold red]the simulation did not complete ({result.status})[/]")
-        reason = result.reason or "not recorded by the ServerApp (see its log)"
-        console.print(f"reason: {escape(reason)}", soft_wrap=True)
-        if result.server_log is not None:
-            console.print(f"ServerApp log: {result.server_log}", soft_wrap=True)
-        return EXIT_FAILED
-    return EXIT_OK
-
-
 def _connection_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     parser.add_argument("--ca", type=Path, help="CA certificate of the SuperLink (TLS)")
@@ -590,7 +542,7 @@ def add_flwr_home_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_coordinator_commands(sub: Any) -> None:
-    """Register ``link``, ``run``, ``stop``, ``simulate`` and ``status``."""
+    """Register ``link``, ``run``, ``stop`` and ``status``."""
     link = sub.add_parser(
         "link",
         help="run the SuperLink (coordinator)",
@@ -654,20 +606,6 @@ def add_coordinator_commands(sub: Any) -> None:
         "--wait", type=float, default=60.0, help="seconds to wait for the run to stop (60)"
     )
     stop.set_defaults(handler=cmd_stop)
-
-    simulate = sub.add_parser(
-        "simulate",
-        help="the same apps in Flower's simulation engine, many synthetic sites",
-        description="Write N synthetic prepared sites and run one federated run over them "
-        "with Flower's simulation engine (Ray) on this machine.",
-    )
-    simulate.add_argument("--sites", type=int, default=20, help="virtual hospitals (20)")
-    simulate.add_argument("--rounds", type=int, default=3, help="rounds (3)")
-    simulate.add_argument("--strategy", choices=("fedmix", "fedavg"), default="fedmix")
-    simulate.add_argument("--local-epochs", type=int, default=1, help="epochs per round (1)")
-    simulate.add_argument("--seed", type=int, default=0)
-    simulate.add_argument("--out", type=Path, default=Path("simulation-output"))
-    simulate.set_defaults(handler=cmd_simulate)
 
     status = sub.add_parser(
         "status",

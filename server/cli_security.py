@@ -1,6 +1,6 @@
 """``fedpath certs`` and ``fedpath keys new|register``: the files a secure deployment needs.
 
-Only wiring and printing; the work is in ``server.security``, which raises. Why ``keys`` has
+Only wiring and printing; the work is in ``fedpath.server.security``, which raises. Why ``keys`` has
 sub-commands instead of ``fedpath keys --out DIR SITE...`` plus ``fedpath keys register``:
 with one positional list of sites, a hospital named ``register`` would be ambiguous, and the
 two steps run on different machines (the hospital makes its pair, the coordinator registers
@@ -46,7 +46,7 @@ def _refused(exc: Exception, console: Console) -> int:
 def cmd_certs(args: argparse.Namespace, console: Console) -> int:
     from cryptography import x509
 
-    from server.security import (
+    from fedpath.server.security import (
         KeyExistsError,
         certificate_sans,
         certificate_validity,
@@ -78,7 +78,7 @@ def cmd_certs(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_keys_new(args: argparse.Namespace, console: Console) -> int:
-    from server.security import KeyExistsError, create_node_keys, public_key_fingerprint
+    from fedpath.server.security import KeyExistsError, create_node_keys, public_key_fingerprint
 
     try:
         pairs = create_node_keys(args.out, args.sites, existing=_existing(args))
@@ -105,9 +105,9 @@ def cmd_keys_new(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_keys_register(args: argparse.Namespace, console: Console) -> int:
     """Register the keys and remember which node id is which hospital (for `status`)."""
-    from server.cli_coordinator import flwr_home
-    from server.local_network import CONNECTION, FlwrCli
-    from server.security import (
+    from fedpath.server.cli_coordinator import flwr_home
+    from fedpath.server.flwr_cli import CONNECTION, FlwrCli
+    from fedpath.server.security import (
         RegistrationError,
         explain_connection_failure,
         key_site_name,
@@ -213,7 +213,7 @@ def add_security_commands(sub: Any) -> None:
     register.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per key before giving up (60)"
     )
-    from server.cli_coordinator import add_flwr_home_option
+    from fedpath.server.cli_coordinator import add_flwr_home_option
 
     add_flwr_home_option(register)
     register.set_defaults(handler=cmd_keys_register)

@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 
-from common.errors import ConfigError
-from server.config import RunConfig
-from server.strategies import FedAvgStrategy
+from fedpath.common.errors import ConfigError
+from fedpath.server.config import RunConfig
+from fedpath.server.strategies import FedAvgStrategy
 
 __all__ = [
     "ACCOUNTANT",

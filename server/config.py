@@ -15,13 +15,13 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, ValidationError, model_validator
 
-from client.training.dp_config import DPConfig
-from client.training.train_config import TrainConfig
-from common.configbase import StrictModel
-from common.configio import format_validation_error
-from common.errors import ConfigError
-from common.mil.config import ModelConfig, SupervisionConfig
-from server.replies import DEFAULT_POLL_INTERVAL
+from fedpath.common.configbase import StrictModel
+from fedpath.common.configio import format_validation_error
+from fedpath.common.dp_config import DPConfig
+from fedpath.common.errors import ConfigError
+from fedpath.common.mil.config import ModelConfig, SupervisionConfig
+from fedpath.common.train_config import TrainConfig
+from fedpath.server.replies import DEFAULT_POLL_INTERVAL
 
 __all__ = ["RunConfig"]
 
@@ -132,7 +132,7 @@ class RunConfig(StrictModel):
         1e-5, gt=0, lt=1, description="δ at which the federation's ε is reported"
     )
 
-    # Slide-level DP-SGD at every site (issue 6.1, ``client.training.private_trainer``): one
+    # Slide-level DP-SGD at every site (issue 6.1, ``fedpath.client.training.private_trainer``): one
     # slide = one privacy unit. Off unless a noise multiplier or a target ε is set (> 0).
     dp_noise_multiplier: float = Field(
         0.0, ge=0, le=1e4, description="σ of slide-level DP-SGD (0 = off)"

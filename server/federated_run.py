@@ -1,6 +1,6 @@
 """One federated run end to end: run directory, resume, gate, rounds, final test, report.
 
-Separate from ``server.app`` (the Flower entry point) so it runs against any ``Grid``: the
+Separate from ``fedpath.server.app`` (the Flower entry point) so it runs against any ``Grid``: the
 SuperLink's in deployment, Flower's simulation engine, or an in-process grid in tests.
 """
 
@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 from flwr.serverapp import Grid
 
-from common import __version__
-from common.errors import ConfigError, FedpathError
-from server.checkpoints import latest_checkpoint, load_checkpoint
-from server.client_dp import ClientDPSettings, ClientDPStrategy, client_epsilon
-from server.config import RunConfig
-from server.guarantee import ClientLevelSpent, planned_guarantee, run_guarantee
-from server.rounds import Federation, RunFailed, harmonised_summary
-from server.run_log import FINAL_FILE, METRICS_FILE, RUN_DIR_PREFIX, RunLog
-from server.strategies import FedAvgStrategy, build_strategy
+from fedpath.common import __version__
+from fedpath.common.errors import ConfigError, FedpathError
+from fedpath.server.checkpoints import latest_checkpoint, load_checkpoint
+from fedpath.server.client_dp import ClientDPSettings, ClientDPStrategy, client_epsilon
+from fedpath.server.config import RunConfig
+from fedpath.server.guarantee import ClientLevelSpent, planned_guarantee, run_guarantee
+from fedpath.server.rounds import Federation, RunFailed, harmonised_summary
+from fedpath.server.run_log import FINAL_FILE, METRICS_FILE, RUN_DIR_PREFIX, RunLog
+from fedpath.server.strategies import FedAvgStrategy, build_strategy
 
 __all__ = ["RunFailed", "build_run_strategy", "resolve_run_dir", "run_federated"]
 
@@ -38,7 +38,7 @@ def _initial_arrays(cfg: RunConfig, feature_dim: int) -> dict[str, np.ndarray]:
     """The seeded initial global model (every site starts from these exact weights)."""
     import torch
 
-    from common.mil.models import build_model
+    from fedpath.common.mil.models import build_model
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -208,7 +208,7 @@ def _resume_state(
 
 def _render_report(run_dir: Path, report: Callable[[str], None]) -> None:
     """The HTML report is a convenience: a rendering problem must not fail a finished run."""
-    from server.report import render_report  # matplotlib: only once the run has finished
+    from fedpath.server.report import render_report  # matplotlib: only once the run has finished
 
     try:
         path = render_report(run_dir)

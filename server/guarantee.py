@@ -7,7 +7,7 @@ accountant. There are two independent mechanisms and so four answers:
 * slide-level DP-SGD at each site (ε per site, one slide = one privacy unit), which each
   hospital runs and accounts itself and reports with every training reply;
 * client-level DP at the server (ε for the federation, one site = one privacy unit,
-  ``server.client_dp``);
+  ``fedpath.server.client_dp``);
 * both, or none.
 
 The slide-level part of ``final.json`` is decided from what the sites actually reported, not

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common.errors import FedpathError
+from fedpath.common.errors import FedpathError
 
 __all__ = ["HARMONISED_FIELDS", "HarmonisationError", "SiteFacts", "check_harmonised"]
 

@@ -3,7 +3,7 @@
 A weighted mean of site AUCs is not the AUC over all test slides: it ignores how slides of one
 site rank against another's, and a site with one class has no AUC to contribute. Each evaluate
 reply carries histograms of tumour log-odds by label, class and confusion counts and
-calibration-error bins (``common.federation.COUNT_LISTS``/``SUM_LISTS``); summed over sites
+calibration-error bins (``fedpath.common.federation.COUNT_LISTS``/``SUM_LISTS``); summed over sites
 they are exactly what the pooled metrics need:
 
 * slide and patch AUC from the summed histograms (exact up to pairs tied within a log-odds
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from common.calibration import (
+from fedpath.common.calibration import (
     N_PATCH_BINS,
     N_SCORE_BINS,
     TEMPERATURES,
@@ -36,8 +36,8 @@ from common.calibration import (
     calibration_from_aggregates,
     confusion_at_cut,
 )
-from common.federation import ECE_BINS
-from common.metrics import (
+from fedpath.common.federation import ECE_BINS
+from fedpath.common.metrics import (
     MIN_PER_CLASS_AUC,
     MIN_PER_CLASS_PROPORTION,
     auc_interval,

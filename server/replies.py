@@ -56,7 +56,7 @@ def send_and_collect(
     Replies include the error replies the SuperLink makes itself for a node that is gone or a
     message that expired. The last pull happens at the deadline, so a reply that arrives just
     before it is not lost to a sleep. A grid with a true ``replies_ready_at_push`` attribute
-    (``server.inprocess_grid``: it runs the ClientApp inside ``push_messages``) is pulled once:
+    (``deploy.inprocess_grid``: it runs the ClientApp inside ``push_messages``) is pulled once:
     what is missing then never comes, so waiting out the timeout would only slow tests.
     """
     if poll_interval <= 0:

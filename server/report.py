@@ -44,9 +44,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from common import __version__
-from common.atomic import atomic_write_text
-from server.run_files import (
+from fedpath.common import __version__
+from fedpath.common.atomic import atomic_write_text
+from fedpath.server.run_files import (
     FINAL_FILE,
     EvalMetrics,
     RoundRecord,

@@ -31,10 +31,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
-from client.training.dp_config import PRIVACY_UNIT
-from common.calibration import SlideCalibration
-from common.errors import FedpathError
-from common.federation import (
+from fedpath.common.calibration import SlideCalibration
+from fedpath.common.dp_config import PRIVACY_UNIT
+from fedpath.common.errors import FedpathError
+from fedpath.common.federation import (
     ARRAYS_KEY,
     BUDGET_EXHAUSTED_METRIC,
     CONFIG_KEY,
@@ -45,13 +45,13 @@ from common.federation import (
     RoundInstructions,
     check_reply_metrics,
 )
-from server.checkpoints import Checkpoint, save_checkpoint
-from server.config import RunConfig
-from server.harmonise import HARMONISED_FIELDS, SiteFacts, check_harmonised
-from server.pooled import PooledCounts
-from server.replies import Exchange, send_and_collect
-from server.run_log import RunLog
-from server.strategies import FedAvgStrategy
+from fedpath.server.checkpoints import Checkpoint, save_checkpoint
+from fedpath.server.config import RunConfig
+from fedpath.server.harmonise import HARMONISED_FIELDS, SiteFacts, check_harmonised
+from fedpath.server.pooled import PooledCounts
+from fedpath.server.replies import Exchange, send_and_collect
+from fedpath.server.run_log import RunLog
+from fedpath.server.strategies import FedAvgStrategy
 
 __all__ = ["Federation", "RunFailed"]
 

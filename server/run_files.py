@@ -26,8 +26,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.configio import format_validation_error
-from common.errors import ConfigError
+from fedpath.common.configio import format_validation_error
+from fedpath.common.errors import ConfigError
 
 CONFIG_FILE, METRICS_FILE, FINAL_FILE = "config.json", "metrics.jsonl", "final.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -69,7 +69,7 @@ class RunConfigFile(RunFileModel):
     sites: dict[str, SiteInfo]
     privacy_guarantee: str
     privacy: dict[str, Any] = Field(default_factory=dict)
-    """The guarantee's record (``server.guarantee``): kind, numbers, accountant."""
+    """The guarantee's record (``fedpath.server.guarantee``): kind, numbers, accountant."""
 
 
 class TrainMetrics(RunFileModel):

@@ -1,6 +1,6 @@
 """Writing a run directory: ``config.json``, ``metrics.jsonl``, ``final.json`` (DESIGN §3).
 
-The round loop calls these; ``server.run_files`` reads them back for the report. Every write
+The round loop calls these; ``fedpath.server.run_files`` reads them back for the report. Every write
 is atomic: ``metrics.jsonl`` is rewritten whole each round (it is small), so a coordinator
 killed mid-write leaves the previous complete file, never a torn last line.
 """
@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from common.atomic import atomic_write_json, atomic_write_text
-from common.errors import ConfigError
+from fedpath.common.atomic import atomic_write_json, atomic_write_text
+from fedpath.common.errors import ConfigError
 
-__all__ = ["RUN_DIR_PREFIX", "RunLog", "strict_json"]
+__all__ = ["RUN_DIR_PREFIX", "RunLog", "read_rounds", "strict_json"]
 
 CONFIG_FILE, METRICS_FILE, FINAL_FILE = "config.json", "metrics.jsonl", "final.json"
 RUN_DIR_PREFIX = "run directory: "
@@ -93,3 +93,11 @@ class RunLog:
     def _flush(self) -> None:
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self._rounds)
         atomic_write_text(self.run_dir / METRICS_FILE, text)
+
+
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The round lines written so far (the file is replaced atomically, never torn)."""
+    path = run_dir / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -17,7 +17,7 @@ Formats are the ones Flower 1.41 reads:
 
 A hospital's node id is bound to its public key: regenerating a key makes it a new node that
 must be registered again. So existing keys are never replaced unless the caller says so.
-Private keys are written with mode 0600, every file atomically (see ``common.atomic``).
+Private keys are written with mode 0600, every file atomically (see ``fedpath.common.atomic``).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.atomic import atomic_path
-from common.errors import FedpathError
-from common.tls import (
+from fedpath.common.atomic import atomic_path
+from fedpath.common.errors import FedpathError
+from fedpath.common.tls import (
     EXPIRY_WARNING_DAYS,
     Validity,
     certificate_problems,
@@ -470,7 +470,7 @@ def create_node_keys(
 
 class FlwrRunner(Protocol):
     """What registration needs: ``flwr ARGS --format json`` against one connection
-    (``server.local_network.FlwrCli`` and ``LocalNetwork`` both provide it)."""
+    (``fedpath.server.flwr_cli.FlwrCli`` and ``LocalNetwork`` both provide it)."""
 
     def flwr(self, *args: str, timeout: float = ..., cwd: Path | None = ...) -> dict[str, Any]:
         """Run ``flwr`` with ``--format json``; the parsed answer."""
@@ -580,7 +580,7 @@ def record_site_names(home: Path, address: str, registered: Sequence[Registratio
     """
     import json
 
-    from common.atomic import atomic_write_json
+    from fedpath.common.atomic import atomic_write_json
 
     path = Path(home) / SITES_FILE
     try:

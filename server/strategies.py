@@ -1,7 +1,7 @@
 """FedAvg and FedMix as Flower Message-API strategies (DESIGN §4.6).
 
 Both subclass Flower's own ``FedAvg`` and replace only ``aggregate_train``: sampling and message
-construction stay Flower's, while the weights come from :mod:`server.aggregation`, are kept
+construction stay Flower's, while the weights come from :mod:`fedpath.server.aggregation`, are kept
 per reply for the run log (``last_weights``), and the average keeps the arrays' dtype (Flower's
 ``aggregate_arrayrecords`` returns float64 for float32 models under numpy 2).
 
@@ -19,8 +19,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
-from common.federation import TRAIN_METRICS, WEIGHT_METRIC, check_reply_metrics
-from server.aggregation import fedavg_weights, fedmix_weights, weighted_average
+from fedpath.common.federation import TRAIN_METRICS, WEIGHT_METRIC, check_reply_metrics
+from fedpath.server.aggregation import fedavg_weights, fedmix_weights, weighted_average
 
 __all__ = ["FedAvgStrategy", "FedMixStrategy", "ReplyError", "build_strategy"]
 
@@ -72,7 +72,7 @@ class FedAvgStrategy(FedAvg):
     def begin_aggregation(self, global_arrays: Mapping[str, np.ndarray]) -> None:
         """The round loop's hook before ``aggregate_train``: the global model the replies were
         trained from. Averaging does not need it; client-level DP clips each reply's difference
-        from it (``server.client_dp``)."""
+        from it (``fedpath.server.client_dp``)."""
         del global_arrays
 
     def round_log(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import pytest
 def flower_task() -> Iterator[None]:
     """Flower's Message constructor reads the process's task identity, which a SuperLink or
     SuperNode sets; Flower's own tests set it in a fixture the same way."""
-    from server.inprocess_grid import task_identity
+    from fedpath.deploy.inprocess_grid import task_identity
 
     with task_identity():
         yield
@@ -25,7 +25,7 @@ def _export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     Subprocesses inherit it, so every `fedpath prepare` a test starts shares one export per
     encoder instead of exporting and measuring in each.
     """
-    CACHE_ENV = "FEDPATH_CACHE_DIR"  # client.embed.backends.CACHE_ENV (not imported: torch)
+    CACHE_ENV = "FEDPATH_CACHE_DIR"  # fedpath.client.embed.backends.CACHE_ENV (not imported: torch)
     previous = os.environ.get(CACHE_ENV)
     os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("fedpath-cache"))
     yield

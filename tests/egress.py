@@ -27,8 +27,7 @@ from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
 
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from common.federation import (
+from fedpath.common.federation import (
     ARRAYS_KEY,
     CONFIG_KEY,
     EVALUATE_METRICS,
@@ -36,6 +35,7 @@ from common.federation import (
     METRICS_KEY,
     TRAIN_METRICS,
 )
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 FACTS_KEYS = frozenset(
     {

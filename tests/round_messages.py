@@ -11,8 +11,8 @@ import json
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from server.config import RunConfig
-from server.federated_run import _initial_arrays
+from fedpath.server.config import RunConfig
+from fedpath.server.federated_run import _initial_arrays
 
 
 def round_message(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.aggregation import fedavg_weights, fedmix_weights, weighted_average
+from fedpath.server.aggregation import fedavg_weights, fedmix_weights, weighted_average
 
 
 def test_fedavg_weights_are_slide_shares() -> None:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import shapely
 
-import client.wsi.annotations as ann
-from client.config import AnnotationConfig
-from client.wsi.annotations import (
+import fedpath.client.wsi.annotations as ann
+from fedpath.client.config import AnnotationConfig
+from fedpath.client.wsi.annotations import (
     Polygon,
     TumourAnnotation,
     load_annotation,
@@ -21,7 +21,7 @@ from client.wsi.annotations import (
     write_asap_xml,
     write_qupath_geojson,
 )
-from common.errors import AnnotationError
+from fedpath.common.errors import AnnotationError
 
 CFG = AnnotationConfig()
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from common.atomic import (
+from fedpath.common.atomic import (
     TMP_PREFIX,
     atomic_path,
     atomic_write_json,
     atomic_write_text,
     remove_stale_temporaries,
 )
-from common.hashing import sha256_file, sha256_json
+from fedpath.common.hashing import sha256_file, sha256_json
 
 
 def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
@@ -57,7 +57,7 @@ def test_hashes(tmp_path: Path) -> None:
 
 
 def test_directory_lock_is_exclusive_and_released(tmp_path: Path) -> None:
-    from common.locking import DirectoryLockedError, exclusive_directory
+    from fedpath.common.locking import DirectoryLockedError, exclusive_directory
 
     with (
         exclusive_directory(tmp_path, "first"),
@@ -70,7 +70,7 @@ def test_directory_lock_is_exclusive_and_released(tmp_path: Path) -> None:
 
 
 def test_sampled_hash_reads_the_edges_and_spread_blocks(tmp_path: Path) -> None:
-    from common.hashing import SAMPLE_BLOCK_BYTES, sample_ranges, sha256_sampled
+    from fedpath.common.hashing import SAMPLE_BLOCK_BYTES, sample_ranges, sha256_sampled
 
     small = tmp_path / "small.bin"
     small.write_bytes(b"x" * 1000)
@@ -94,7 +94,7 @@ def test_sampled_hash_reads_the_edges_and_spread_blocks(tmp_path: Path) -> None:
 
 
 def test_a_refused_write_names_the_final_file_and_leaves_no_temporary(tmp_path: Path) -> None:
-    from common.atomic import OutputWriteError
+    from fedpath.common.atomic import OutputWriteError
 
     target = tmp_path / "out" / "site.json"
     target.mkdir(parents=True)  # a folder where the file must go: the rename is refused
@@ -112,8 +112,8 @@ def test_a_refused_write_names_the_final_file_and_leaves_no_temporary(tmp_path: 
 _FULL_DISK_SCRIPT = """
 import resource, signal, sys
 import numpy as np
-from common.atomic import OutputWriteError
-from common.featurebag import FeatureBagWriter
+from fedpath.common.atomic import OutputWriteError
+from fedpath.common.featurebag import FeatureBagWriter
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 limit = int(sys.argv[2])
 resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.config import EmbeddingConfig, ResolutionConfig
-from client.embed import backends, inference
-from client.embed.backends import EngineRunner, build_engine, export_onnx, export_path
-from client.embed.extract import (
+from fedpath.client.config import EmbeddingConfig, ResolutionConfig
+from fedpath.client.embed import backends, inference
+from fedpath.client.embed.backends import EngineRunner, build_engine, export_onnx, export_path
+from fedpath.client.embed.extract import (
     calibration_images,
     cosines,
     extract_features,
@@ -21,11 +21,11 @@ from client.embed.extract import (
     normalise_images,
     planned_runner_key,
 )
-from client.embed.inference import batch_for_memory, plan_inference
-from client.embed.registry import LoadedEncoder, load_encoder
-from client.wsi.reader import WsiReader
-from client.wsi.resolution import plan_read
-from common.errors import ConfigError, DeviceError
+from fedpath.client.embed.inference import batch_for_memory, plan_inference
+from fedpath.client.embed.registry import LoadedEncoder, load_encoder
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.resolution import plan_read
+from fedpath.common.errors import ConfigError, DeviceError
 from tests.test_extract import _grid, _textured_image
 from tests.tiffs import write_pyramid
 
@@ -211,7 +211,7 @@ def test_gpu_batch_fits_half_the_free_memory(free: int, per_patch: int, expected
 
 
 def test_reader_threads_follow_the_device() -> None:
-    from client.embed.extract import reader_threads_for
+    from fedpath.client.embed.extract import reader_threads_for
 
     cfg = EmbeddingConfig()
     assert reader_threads_for(cfg, torch.device("cpu")) == cfg.reader_threads
@@ -253,7 +253,7 @@ def _one_slide_manifest(tmp_path: Path) -> Path:
 def test_prepare_cli_refuses_an_absent_gpu_before_any_work(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from client.cli import EXIT_USAGE, main
+    from fedpath.deploy.cli import EXIT_USAGE, main
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a CUDA GPU")
@@ -270,7 +270,7 @@ def test_prepare_cli_refuses_an_absent_gpu_before_any_work(
 def test_prepare_cli_reports_the_engine_it_ran(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from client.cli import EXIT_OK, main
+    from fedpath.deploy.cli import EXIT_OK, main
 
     out = tmp_path / "out"
     argv = ["prepare", "--manifest", str(_one_slide_manifest(tmp_path)), "--out", str(out)]
@@ -284,8 +284,8 @@ def test_prepare_cli_reports_the_engine_it_ran(
 @pytest.mark.slow
 def test_foundation_architectures_run_on_every_engine(tmp_path: Path) -> None:
     """Each foundation entry's code path (reduced size, random weights) exports and agrees."""
-    from client.embed.foundation import FOUNDATION_MODELS
-    from client.embed.registry import EncoderSpec
+    from fedpath.client.embed.foundation import FOUNDATION_MODELS
+    from fedpath.client.embed.registry import EncoderSpec
     from tests.test_foundation_encoders import _random_model, _reduced
 
     for name, full in FOUNDATION_MODELS.items():
@@ -314,7 +314,7 @@ def test_foundation_architectures_run_on_every_engine(tmp_path: Path) -> None:
 def test_patches_at_another_scale_than_the_encoder_learnt_are_named(
     encoder: str, mpp: float, said: bool
 ) -> None:
-    from client.embed.catalog import resolution_mismatch
+    from fedpath.client.embed.catalog import resolution_mismatch
 
     note = resolution_mismatch(encoder, mpp)
     assert (note is not None) == said
@@ -325,9 +325,9 @@ def test_patches_at_another_scale_than_the_encoder_learnt_are_named(
 def test_scale_note_reaches_the_prepare_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from client.config import PrepareConfig
-    from client.embed import catalog
-    from client.prepare.pipeline import prepare_site
+    from fedpath.client.config import PrepareConfig
+    from fedpath.client.embed import catalog
+    from fedpath.client.prepare.pipeline import prepare_site
 
     seen: list[tuple[str, float]] = []
 
@@ -347,7 +347,7 @@ def test_scale_note_reaches_the_prepare_summary(
 def test_patch_only_says_embedding_flags_wait_for_the_embedding_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from client.cli import EXIT_OK, main
+    from fedpath.deploy.cli import EXIT_OK, main
 
     argv = ["prepare", "--manifest", str(_one_slide_manifest(tmp_path)), "--out", str(tmp_path)]
     code = main([*argv, "--patch-only", "--device", "cuda", "--encoder", "uni"])
@@ -365,14 +365,14 @@ def test_prepare_stopped_by_sigterm_says_so_and_leaves_no_temporary(tmp_path: Pa
     import sys
     import time
 
-    from common.atomic import TMP_PREFIX
+    from fedpath.common.atomic import TMP_PREFIX
 
     (tmp_path / "slides").mkdir()
     write_pyramid(tmp_path / "slides" / "big.tif", _textured_image(4096, 4096))
     manifest = tmp_path / "slides.csv"
     manifest.write_text("slide_id,path,label\nbig,slides/big.tif,normal\n")
     out, log = tmp_path / "out", tmp_path / "prepare.log"
-    argv = [sys.executable, "-m", "client.cli", "prepare", "--manifest", str(manifest)]
+    argv = [sys.executable, "-m", "fedpath.deploy.cli", "prepare", "--manifest", str(manifest)]
     argv += ["--out", str(out), "--backend", "torch", "--patch-size", "64", "--batch-size", "1"]
     root = Path(__file__).resolve().parents[1]
     with open(log, "w") as fh:

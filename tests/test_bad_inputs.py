@@ -30,19 +30,19 @@ import pytest
 import tifffile
 import torch
 
-from client.config import EmbeddingConfig, PrepareConfig, TissueConfig
-from client.prepare.pipeline import prepare_site
-from client.prepare.records import PrepareSummary
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from client.training.bags import load_bag
-from client.training.site_index import BagEntry, load_site_index
-from client.wsi import reader as reader_module
-from client.wsi.annotations import Polygon, write_asap_xml, write_qupath_geojson
-from common.atomic import TMP_PREFIX
-from common.errors import ConfigError, FeatureBagError, ManifestError
-from common.federation import RoundInstructions
-from server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
-from server.config import RunConfig
+from fedpath.client.config import EmbeddingConfig, PrepareConfig, TissueConfig
+from fedpath.client.prepare.pipeline import prepare_site
+from fedpath.client.prepare.records import PrepareSummary
+from fedpath.client.training.bags import load_bag
+from fedpath.client.training.site_index import BagEntry, load_site_index
+from fedpath.client.wsi import reader as reader_module
+from fedpath.client.wsi.annotations import Polygon, write_asap_xml, write_qupath_geojson
+from fedpath.common.atomic import TMP_PREFIX
+from fedpath.common.errors import ConfigError, FeatureBagError, ManifestError
+from fedpath.common.federation import RoundInstructions
+from fedpath.server.checkpoints import Checkpoint, load_checkpoint, save_checkpoint
+from fedpath.server.config import RunConfig
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 from tests.tiffs import write_pyramid
 
 LABELS = ("normal", "tumour")
@@ -604,7 +604,7 @@ def test_a_rerun_after_fixing_the_manifest_prepares_the_fixed_rows(
 def test_fedpath_prepare_lists_the_manifest_problems_first_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from client.cli import EXIT_PARTIAL, main
+    from fedpath.deploy.cli import EXIT_PARTIAL, main
 
     monkeypatch.setenv("COLUMNS", "400")  # rich would wrap the reasons at 80 columns
     _good_slide(tmp_path / "a.tiff")
@@ -779,7 +779,7 @@ BAG_FILE_CASES: dict[str, tuple[Callable[[Path], object], str]] = {
 
 
 def _round(site: Path, **changes: object) -> tuple[RoundInstructions, dict[str, np.ndarray]]:
-    from server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import _initial_arrays
 
     cfg = RunConfig.from_run_config({"local-epochs": 1, **changes})
     instructions = RoundInstructions(
@@ -795,8 +795,8 @@ def _round(site: Path, **changes: object) -> tuple[RoundInstructions, dict[str, 
 @pytest.mark.parametrize("name", list(BAG_FILE_CASES))
 def test_a_round_skips_a_bad_bag_and_goes_on_with_the_other_slides(site: Path, name: str) -> None:
     """Train: slide_002 of the 4 training slides is bad; evaluate: slide_003 of the 2 val."""
-    from client.federated import evaluate_on_site, train_on_site
-    from client.training.bags import SkippedBag
+    from fedpath.client.federated import evaluate_on_site, train_on_site
+    from fedpath.client.training.bags import SkippedBag
 
     edit, message = BAG_FILE_CASES[name]
     bad_train, bad_val = _bag_path(site, "slide_002"), _bag_path(site, "slide_003")
@@ -822,7 +822,7 @@ def test_a_round_skips_a_bad_bag_and_goes_on_with_the_other_slides(site: Path, n
 
 
 def test_a_split_with_no_usable_bag_fails_the_round_naming_a_file(site: Path) -> None:
-    from client.federated import train_on_site
+    from fedpath.client.federated import train_on_site
 
     train_ids = [e.slide_id for e in _entries(site).values() if e.split == "train"]
     for slide_id in train_ids:
@@ -840,9 +840,9 @@ def test_dp_sgd_accounts_for_the_slides_actually_trained_on(site: Path) -> None:
     """q = batch / N with N the usable slides (3, not the 4 of the index): a larger N would
     understate ε. A retry after the file was fixed trains on other data, so it is a new
     ledger entry with its own noise, not a second release under the first one's seed."""
-    from client.federated import SitePrivacy, train_on_site
-    from client.privacy_ledger import NodeBudget, PrivacyLedger
-    from client.training.privacy_accountant import epsilon
+    from fedpath.client.federated import SitePrivacy, train_on_site
+    from fedpath.client.privacy_ledger import NodeBudget, PrivacyLedger
+    from fedpath.client.training.privacy_accountant import epsilon
 
     bad = _bag_path(site, "slide_002")
     good_copy = bad.read_bytes()
@@ -875,7 +875,7 @@ def test_a_site_with_a_bad_bag_replies_with_the_others_and_names_the_file_only_i
     ones; the file (its name is the slide id) is named in the SuperNode's log only."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from client.app import app
+    from fedpath.client.app import app
 
     train_id = next(e.slide_id for e in _entries(site).values() if e.split == "train")
     path = _edit_bag(site, train_id, _set_feature(math.nan))
@@ -1020,7 +1020,7 @@ def test_checkpoint_with_a_pickled_payload_is_refused_and_never_runs(tmp_path: P
 def test_a_failed_checkpoint_write_leaves_the_previous_one_latest(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from server.checkpoints import latest_checkpoint
+    from fedpath.server.checkpoints import latest_checkpoint
 
     run_dir = tmp_path / "run"
     first = _checkpoint(run_dir)
@@ -1075,7 +1075,7 @@ def test_malformed_node_config_is_an_error_reply_naming_the_site(
 ) -> None:
     from flwr.app import Context, Message, MessageType, RecordDict
 
-    from client.app import app
+    from fedpath.client.app import app
 
     (tmp_path / "badjson").mkdir()
     (tmp_path / "badjson" / "site.json").write_text('{"feature_dim": 8,')

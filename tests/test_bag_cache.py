@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client.synthetic_site import ENCODER_SHA, SyntheticSiteSpec, write_synthetic_site
-from client.training import bags as bags_module
-from client.training.bag_cache import (
+from fedpath.client.training import bags as bags_module
+from fedpath.client.training.bag_cache import (
     DEFAULT_CAP_BYTES,
     BagCache,
     cap_from_node_config,
     use_bag_cache,
 )
-from client.training.bags import SkippedBag, load_bag
-from client.training.site_index import BagEntry, load_site_index
-from common.errors import ConfigError, FeatureBagError
-from common.featurebag import read_feature_bag
+from fedpath.client.training.bags import SkippedBag, load_bag
+from fedpath.client.training.site_index import BagEntry, load_site_index
+from fedpath.common.errors import ConfigError, FeatureBagError
+from fedpath.common.featurebag import read_feature_bag
+from fedpath.synthetic.site import ENCODER_SHA, SyntheticSiteSpec, write_synthetic_site
 
 SPEC = SyntheticSiteSpec(n_slides=10, feature_dim=8, patches=(12, 12))
 DIM = SPEC.feature_dim
@@ -74,10 +74,10 @@ def _rewrite(path: Path, scale: float) -> None:
 def test_evaluation_reads_each_bag_once_and_reports_the_skipped_one(
     site: Path, reads: list[Path]
 ) -> None:
-    from client.federated import evaluate_on_site, load_splits
-    from common.federation import RoundInstructions
-    from server.config import RunConfig
-    from server.federated_run import _initial_arrays
+    from fedpath.client.federated import evaluate_on_site, load_splits
+    from fedpath.common.federation import RoundInstructions
+    from fedpath.server.config import RunConfig
+    from fedpath.server.federated_run import _initial_arrays
 
     cfg = RunConfig.from_run_config({"local-epochs": 1})
     instructions = RoundInstructions(
@@ -189,9 +189,9 @@ def test_the_cap_comes_from_the_node_config() -> None:
 
 
 def _evaluate_request(site: Path, node_config: dict) -> tuple[dict, list[bytes]]:
-    from client.worker_protocol import PROTOCOL_VERSION, context_to_wire, records_to_wire
-    from server.config import RunConfig
-    from server.federated_run import _initial_arrays
+    from fedpath.client.worker_protocol import PROTOCOL_VERSION, context_to_wire, records_to_wire
+    from fedpath.server.config import RunConfig
+    from fedpath.server.federated_run import _initial_arrays
 
     cfg = RunConfig.from_run_config({"local-epochs": 1})
     instructions = {
@@ -224,8 +224,8 @@ def _evaluate_request(site: Path, node_config: dict) -> tuple[dict, list[bytes]]
 
 
 def test_the_worker_serves_a_runs_second_read_from_its_cache(site: Path, reads: list[Path]) -> None:
-    from client.app import CONTENT_HANDLERS
-    from client.worker import handle_request
+    from fedpath.client.app import CONTENT_HANDLERS
+    from fedpath.client.worker import handle_request
 
     cache = BagCache()
     header, blobs = _evaluate_request(site, {})

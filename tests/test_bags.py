@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.training.bags import (
+from fedpath.client.training.bags import (
     Bag,
     BagSkips,
     SkippedBag,
@@ -19,9 +19,9 @@ from client.training.bags import (
     load_bag,
     sample_patches,
 )
-from client.training.site_index import BagEntry
-from common.errors import ConfigError, FeatureBagError
-from common.featurebag import FeatureBagWriter
+from fedpath.client.training.site_index import BagEntry
+from fedpath.common.errors import ConfigError, FeatureBagError
+from fedpath.common.featurebag import FeatureBagWriter
 
 ATTRS = {
     "encoder": "tiny_cnn",
@@ -156,10 +156,10 @@ def _plain_file(path: Path, n: int, dim: int, layout: str) -> np.ndarray:
 
 @pytest.mark.parametrize("layout", ["clam", "trident"])
 def test_plain_clam_and_trident_files_load_and_train(tmp_path: Path, layout: str) -> None:
-    from client.training.train_config import TrainConfig
-    from client.training.trainer import train
-    from common.mil.config import ModelConfig
-    from common.mil.models import build_model
+    from fedpath.client.training.trainer import train
+    from fedpath.common.mil.config import ModelConfig
+    from fedpath.common.mil.models import build_model
+    from fedpath.common.train_config import TrainConfig
 
     bags = []
     for i, n in enumerate((7, 5)):

@@ -62,13 +62,13 @@ from bench.accuracy import (
     validation_split,
     visible_annotations,
 )
-from client.training.bags import Bag
-from client.training.evaluate import predict_bag
-from client.training.site_index import BagEntry
-from client.training.train_config import TrainConfig
-from common.metrics import PatchMetrics, slide_metrics
-from common.mil.config import ModelConfig
-from common.mil.models import build_model
+from fedpath.client.training.bags import Bag
+from fedpath.client.training.evaluate import predict_bag
+from fedpath.client.training.site_index import BagEntry
+from fedpath.common.metrics import PatchMetrics, slide_metrics
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.mil.models import build_model
+from fedpath.common.train_config import TrainConfig
 
 
 def _entry(slide_id: str, label: int, complete: bool | None = None) -> BagEntry:

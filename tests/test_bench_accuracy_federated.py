@@ -27,7 +27,7 @@ from accuracy_federated import (
 )
 from test_bench_accuracy import TINY
 
-from client.training.site_index import load_site_index
+from fedpath.client.training.site_index import load_site_index
 
 
 def _summary(

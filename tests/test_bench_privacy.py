@@ -29,15 +29,15 @@ from accuracy import (
     visible_annotations,
 )
 
-from client.embed.extract import cpu_supports_bf16
-from client.site_facts import read_site
-from client.training import trainer
-from client.training.bags import Bag
-from client.training.privacy_accountant import epsilon, sampling_plan
-from client.training.private_trainer import plan_private_training
-from client.training.site_index import BagEntry, load_site_index
-from client.training.trainer import resolve_precision
-from common.metrics import PatchMetrics, slide_metrics
+from fedpath.client.embed.extract import cpu_supports_bf16
+from fedpath.client.site_facts import read_site
+from fedpath.client.training import trainer
+from fedpath.client.training.bags import Bag
+from fedpath.client.training.privacy_accountant import epsilon, sampling_plan
+from fedpath.client.training.private_trainer import plan_private_training
+from fedpath.client.training.site_index import BagEntry, load_site_index
+from fedpath.client.training.trainer import resolve_precision
+from fedpath.common.metrics import PatchMetrics, slide_metrics
 
 
 @pytest.fixture

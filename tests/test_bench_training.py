@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 from training import ArmEpoch, equal_loss_speedup, seconds_to_loss
 
-from client.training.trainer import ValidationMetrics
+from fedpath.client.training.trainer import ValidationMetrics
 
 
 def _epochs(*pairs: tuple[float, float]) -> list[ArmEpoch]:

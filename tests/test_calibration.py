@@ -19,9 +19,8 @@ import pytest
 import torch
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from client.cli import main
-from client.prepare.records import INDEX_COLUMNS
-from common.calibration import (
+from fedpath.client.prepare.records import INDEX_COLUMNS
+from fedpath.common.calibration import (
     SCORE_EDGES,
     TEMPERATURES,
     auc_from_histograms,
@@ -34,7 +33,8 @@ from common.calibration import (
     scaled_probs,
     score_histogram,
 )
-from common.featurebag import FeatureBagWriter
+from fedpath.common.featurebag import FeatureBagWriter
+from fedpath.deploy.cli import main
 from tests.test_cli_local import ATTRS, DIM, TOML
 
 

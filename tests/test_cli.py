@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
+from fedpath.deploy.cli import EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, main
 
 
 def _run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from client.cli_node import supernode_argv
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from common.errors import ConfigError
-from server.cli_coordinator import parse_overrides, superlink_argv
+from fedpath.client.cli_node import supernode_argv
+from fedpath.common.errors import ConfigError
+from fedpath.server.cli_coordinator import parse_overrides, superlink_argv
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 
 def _link_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
@@ -119,8 +119,8 @@ def test_fedpath_run_exit_code_follows_flwr_ls(
     """0 for a completed run, 1 for a failed one (here: a site with other features); the
     output shows every round, the run directory and report, and for the failed run the
     reason from its own files and a `flwr log` command that works when pasted."""
-    from client.cli import main
-    from server.local_network import LocalNetwork
+    from fedpath.deploy.cli import main
+    from fedpath.deploy.local_network import LocalNetwork
 
     spec = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
     a = write_synthetic_site(tmp_path / "a", spec, seed=0)
@@ -208,7 +208,7 @@ def test_fedpath_run_exit_code_follows_flwr_ls(
 def test_local_network_hands_absolute_paths_to_its_processes(tmp_path: Path, monkeypatch) -> None:
     """Regression: `fedpath demo --out demo-output` (relative) gave the SuperLink, whose cwd is
     the network folder, a CA path it could not find."""
-    from server.local_network import LocalNetwork
+    from fedpath.deploy.local_network import LocalNetwork
 
     monkeypatch.chdir(tmp_path)
     net = LocalNetwork(

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from client.cli import main
-from client.prepare.records import INDEX_COLUMNS
-from client.training.evaluate import load_checkpoint
-from common.featurebag import FeatureBagWriter
+from fedpath.client.prepare.records import INDEX_COLUMNS
+from fedpath.client.training.evaluate import load_checkpoint
+from fedpath.common.featurebag import FeatureBagWriter
+from fedpath.deploy.cli import main
 
 DIM = 16
 ATTRS = {
@@ -173,10 +173,10 @@ def test_eval_without_run_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[
 
 def test_eval_reports_each_slide_as_it_is_scored(tmp_path: Path) -> None:
     """``evaluate_entries`` calls back once per slide, in order, with the final predictions."""
-    from client.training.evaluate import evaluate_entries
-    from client.training.site_index import load_site_index
-    from common.mil.config import ModelConfig
-    from common.mil.models import build_model
+    from fedpath.client.training.evaluate import evaluate_entries
+    from fedpath.client.training.site_index import load_site_index
+    from fedpath.common.mil.config import ModelConfig
+    from fedpath.common.mil.models import build_model
 
     data = tmp_path / "site"
     rows = _make_site(data)
@@ -239,7 +239,7 @@ def test_a_model_that_cannot_be_written_is_one_error_line(tmp_path: Path) -> Non
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000))
 
-    command = [sys.executable, "-m", "client.cli", "local", "train", "--data", str(data)]
+    command = [sys.executable, "-m", "fedpath.deploy.cli", "local", "train", "--data", str(data)]
     command += ["--out", str(run), "--epochs", "1", "--config", str(data / "train.toml")]
     result = subprocess.run(
         command,

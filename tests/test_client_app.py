@@ -21,11 +21,11 @@ from flwr.app import (
     RecordDict,
 )
 
-from client.app import app
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from common.federation import EVALUATE_METRICS, TRAIN_METRICS, check_reply_metrics
-from server.config import RunConfig
-from server.strategies import FedAvgStrategy, ReplyError
+from fedpath.client.app import app
+from fedpath.common.federation import EVALUATE_METRICS, TRAIN_METRICS, check_reply_metrics
+from fedpath.server.config import RunConfig
+from fedpath.server.strategies import FedAvgStrategy, ReplyError
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 from tests.round_messages import round_message
 
 pytestmark = pytest.mark.usefixtures("flower_task")
@@ -116,7 +116,7 @@ def test_server_rejects_a_reply_without_the_weight_metric() -> None:
 
 def _dp_message(server_round: int, run_config: dict) -> Message:
     """A train message of a run with slide-level DP-SGD on (instructions as the server sends)."""
-    from server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import _initial_arrays
 
     cfg = RunConfig.from_run_config(run_config)
     arrays = _initial_arrays(cfg, SPEC.feature_dim)
@@ -140,7 +140,7 @@ def _dp_message(server_round: int, run_config: dict) -> Message:
 def test_dp_train_reply_reports_epsilon_and_keeps_the_history_in_context_state(
     tmp_path: Path,
 ) -> None:
-    from client.privacy_ledger import LEDGER_FILE, STATE_KEY
+    from fedpath.client.privacy_ledger import LEDGER_FILE, STATE_KEY
 
     data = write_synthetic_site(tmp_path / "a", SPEC, seed=0)
     run = {"local-epochs": 1, "dp-noise-multiplier": 1.0, "dp-batch-slides": 2}
@@ -205,7 +205,7 @@ def test_torch_threads_caps_the_handlers_and_is_restored(
     """``torch-threads`` holds while the handler runs (nodes sharing a machine) and no longer."""
     import torch
 
-    import client.federated as federated
+    import fedpath.client.federated as federated
 
     seen: list[int] = []
     real_train, real_evaluate = federated.train_on_site, federated.evaluate_on_site
@@ -250,9 +250,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-import client.app
-from client import worker_client
-from client.worker_protocol import read_frame, records_to_wire, write_frame
+from fedpath.client.app import app as client_app
+from fedpath.client import worker_client
+from fedpath.client.worker_protocol import read_frame, records_to_wire, write_frame
 
 data = Path(sys.argv[1])
 path = worker_client.socket_path(data, os.getppid())
@@ -291,13 +291,13 @@ context = Context(
     state=RecordDict(),
     run_config={},
 )
-reply = client.app.app(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context)
+reply = client_app(Message(content, dst_node_id=7, message_type=MessageType.TRAIN), context)
 assert not reply.has_error(), reply.error
 assert reply.content.array_records["arrays"]["w"].numpy().tolist() == [1.0, 1.0, 1.0]
 heavy = sorted(
     m for m in sys.modules
     if m.split(".")[0] in {"torch", "sklearn", "scipy", "opacus", "h5py"}
-    or m in {"common.federation", "client.federated", "client.worker"}
+    or m in {"fedpath.common.federation", "fedpath.client.federated", "fedpath.client.worker"}
 )
 print(" ".join(heavy))
 '''

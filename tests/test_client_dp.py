@@ -19,10 +19,10 @@ from flwr.app import Array, ArrayRecord, Message, MessageType, MetricRecord, Rec
 from flwr.supercore.differential_privacy import compute_clip_model_update, compute_stdv
 from opacus.accountants import RDPAccountant
 
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from common.errors import ConfigError
-from server.aggregation import fedavg_weights, fedmix_weights, weighted_average
-from server.client_dp import (
+from fedpath.common.errors import ConfigError
+from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite
+from fedpath.server.aggregation import fedavg_weights, fedmix_weights, weighted_average
+from fedpath.server.client_dp import (
     ClientDPSettings,
     ClientDPStrategy,
     ClientLevelAccountant,
@@ -32,9 +32,9 @@ from server.client_dp import (
     noise_std,
     update_norm,
 )
-from server.config import RunConfig
-from server.federated_run import build_run_strategy, run_federated
-from server.guarantee import (
+from fedpath.server.config import RunConfig
+from fedpath.server.federated_run import build_run_strategy, run_federated
+from fedpath.server.guarantee import (
     BOTH,
     CLIENT_LEVEL,
     NONE,
@@ -43,10 +43,10 @@ from server.guarantee import (
     planned_guarantee,
     run_guarantee,
 )
-from server.inprocess_grid import InProcessGrid, InProcessSite
-from server.rounds import RunFailed
-from server.run_files import read_run
-from server.strategies import FedAvgStrategy, FedMixStrategy
+from fedpath.server.rounds import RunFailed
+from fedpath.server.run_files import read_run
+from fedpath.server.strategies import FedAvgStrategy, FedMixStrategy
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 

@@ -2,7 +2,7 @@
 
 No Docker engine runs here, so the compose file is checked by real tools that need none (the
 Compose Specification's JSON schema through check-jsonschema, and ``docker-compose config``
-when installed), and its topology is compared with the processes ``server/local_network.py``
+when installed), and its topology is compared with the processes ``deploy/local_network.py``
 starts for the demo and the end-to-end tests: the same programs with the same flags, one
 SuperNode per hospital whose node config points at that hospital's prepared data, secrets
 mounted only where they are used. The systemd unit is checked with ``systemd-analyze``.
@@ -11,7 +11,7 @@ mounted only where they are used. The systemd unit is checked with ``systemd-ana
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import os
 import re
 import shutil
@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-import server.local_network as local_network
-from server.local_network import LocalNetwork
+import fedpath.deploy.local_network as local_network
+from fedpath.deploy.local_network import LocalNetwork
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -119,11 +119,7 @@ def _process_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
 
 
 def _coordinator_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("coordinator", ROOT / "deploy/coordinator.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("fedpath.deploy.coordinator")
 
 
 def _broken_copy(tmp_path: Path) -> Path:
@@ -279,8 +275,8 @@ def test_coordinator_registers_every_hospital_and_runs_one_run() -> None:
     services = _services()
     coordinator = services["coordinator"]
     command = coordinator["command"]
-    assert command[:2] == ["python", f"{APP_DIR}/deploy/coordinator.py"]
-    args: argparse.Namespace = _coordinator_module().build_parser().parse_args(command[2:])
+    assert command[:3] == ["python", "-m", "fedpath.deploy.coordinator"]
+    args: argparse.Namespace = _coordinator_module().build_parser().parse_args(command[3:])
     _, node = _flags(services[f"node-{SITES[0]}"]["command"])
     assert args.superlink == node["--superlink"]
     assert str(args.ca) == node["--root-certificates"]
@@ -373,7 +369,7 @@ def test_unit_runs_fedpath_node_with_its_settings_from_the_environment_file() ->
 
 
 def test_unit_command_line_is_what_fedpath_node_accepts() -> None:
-    from client.cli import build_parser
+    from fedpath.deploy.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

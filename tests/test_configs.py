@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from client.config import (
+from fedpath.client.config import (
     AnnotationConfig,
     EmbeddingConfig,
     PrepareConfig,
     ResolutionConfig,
     TissueConfig,
 )
-from common.configio import build_config, deep_merge
-from common.errors import ConfigError
+from fedpath.common.configio import build_config, deep_merge
+from fedpath.common.errors import ConfigError
 
 
 def test_design_defaults() -> None:

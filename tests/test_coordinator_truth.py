@@ -1,6 +1,6 @@
 """Coordinator and node commands say what is true (issue 20, points 7-13).
 
-Fast tests run the CLI through ``client.cli.main`` against real sockets, real certificate
+Fast tests run the CLI through ``fedpath.deploy.cli.main`` against real sockets, real certificate
 files and real locks; the slow ones start one real TLS + node-auth SuperLink (or reuse the
 loopback network of tests/test_cli_coordinator.py) and run the commands against it.
 """
@@ -25,11 +25,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from client.cli import main
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from server.cli_coordinator import round_line
-from server.local_network import free_port
-from server.security import (
+from fedpath.common.flower_env import free_port
+from fedpath.deploy.cli import main
+from fedpath.server.cli_coordinator import round_line
+from fedpath.server.security import (
     Registration,
     create_certificates,
     create_node_keys,
@@ -37,6 +36,7 @@ from server.security import (
     read_site_names,
     record_site_names,
 )
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 ROOT = Path(__file__).resolve().parents[1]
 FEDPATH = str(Path(sys.executable).with_name("fedpath"))
@@ -244,7 +244,7 @@ def test_status_register_node_stop_and_timeout_against_a_tls_superlink(tmp_path:
     """One TLS + node-auth SuperLink: wrong CA named, site names and last seen in status, a
     second `fedpath node` with the same key refused, --timeout says the run goes on, and
     `fedpath stop` stops it."""
-    from server.local_network import LocalNetwork
+    from fedpath.deploy.local_network import LocalNetwork
 
     pki = create_certificates(tmp_path / "pki")
     other = create_certificates(tmp_path / "other")
@@ -351,7 +351,7 @@ def test_progress_comes_from_the_serverapp_log_when_the_run_dir_is_elsewhere(
 
     from rich.console import Console
 
-    from server.cli_coordinator import _RunFollower
+    from fedpath.server.cli_coordinator import _RunFollower
 
     class Log:
         text = "INFO : [fedpath] run directory: /srv/elsewhere/flwr-7\n"
@@ -428,7 +428,7 @@ def test_printed_commands_work_from_any_folder(
     """Hints name the CA and Flower home by absolute paths (pasted elsewhere, they work)."""
     import argparse
 
-    from server.cli_coordinator import _connection_flags
+    from fedpath.server.cli_coordinator import _connection_flags
 
     monkeypatch.chdir(tmp_path)
     args = argparse.Namespace(
@@ -446,7 +446,7 @@ def test_compose_coordinator_prints_why_a_run_failed(
     """The compose log is where the operator looks: the ServerApp's reason must be there."""
     import argparse
 
-    from deploy.coordinator import coordinate
+    from fedpath.deploy.coordinator import coordinate
 
     class Link:
         def flwr(self, *args: str, **kw: object) -> dict[str, object]:

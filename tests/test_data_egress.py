@@ -1,7 +1,7 @@
 """Data egress (issue 7.4): a site's replies hold parameters and allow-listed aggregates only.
 
-A 2-round run of the real round loop and the real ClientApp handlers (``server/inprocess_grid.py``
-delivers every message to ``client.app.app`` in process) over two synthetic prepared sites;
+A 2-round run of the real round loop and the real ClientApp handlers (``deploy/inprocess_grid.py``
+delivers every message to ``fedpath.client.app.app`` in process) over two synthetic prepared sites;
 every reply a site produces is recorded at the ClientApp boundary and judged by
 ``tests/egress.py``: records by name and type, arrays exactly the model's parameters (names,
 shapes, dtypes), metrics from the allow-list and scalar, facts only the documented keys, and
@@ -25,11 +25,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-import client.app as client_app
-from client.synthetic_site import SyntheticSiteSpec
-from server.config import RunConfig
-from server.federated_run import _initial_arrays, run_federated
-from server.inprocess_grid import InProcessGrid, InProcessSite
+import fedpath.client.app as client_app
+from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite
+from fedpath.server.config import RunConfig
+from fedpath.server.federated_run import _initial_arrays, run_federated
+from fedpath.synthetic.site import SyntheticSiteSpec
 from tests.egress import EgressPolicy, EgressReport, check_reply, write_identifiable_site
 
 pytestmark = pytest.mark.usefixtures("flower_task")
@@ -64,7 +64,7 @@ def _policy(sites: dict[str, Path], cfg: RunConfig) -> EgressPolicy:
 
 
 class Recorder:
-    """Stands in for ``client.app.app``: every reply the real ClientApp returns is kept."""
+    """Stands in for ``fedpath.client.app.app``: every reply the real ClientApp returns is kept."""
 
     def __init__(self, app: Callable[[Message, Context], Message]) -> None:
         self.app = app
@@ -164,17 +164,17 @@ def _first_slide(site: Path) -> dict[str, str]:
 
 
 def test_an_extra_metric_is_caught(sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    import client.federated
+    import fedpath.client.federated
 
     site = sites["site_a"]
     slide = _first_slide(site)["slide_id"]
-    real = client.federated.train_on_site
+    real = fedpath.client.federated.train_on_site
 
     def leaky(*args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         weights, metrics = real(*args, **kwargs)
         return weights, {**metrics, f"score-{slide}": 0.93}
 
-    monkeypatch.setattr(client.federated, "train_on_site", leaky)
+    monkeypatch.setattr(fedpath.client.federated, "train_on_site", leaky)
     _without_client_guard(monkeypatch)
     cfg = _cfg(Path("/unused"))
     reply = client_app.app(_train_message(cfg), _context(site))
@@ -188,11 +188,11 @@ def test_the_client_guard_alone_also_refuses_the_extra_metric(
     sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without the careless change, the same leak never becomes a reply at all."""
-    import client.federated
+    import fedpath.client.federated
 
-    real = client.federated.train_on_site
+    real = fedpath.client.federated.train_on_site
     monkeypatch.setattr(
-        client.federated,
+        fedpath.client.federated,
         "train_on_site",
         lambda *a, **k: (real(*a, **k)[0], {**real(*a, **k)[1], "per-slide": 0.5}),
     )
@@ -203,10 +203,10 @@ def test_the_client_guard_alone_also_refuses_the_extra_metric(
 def test_slide_ids_in_the_facts_are_caught(
     sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import client.site_facts
+    import fedpath.client.site_facts
 
     site = sites["site_a"]
-    real = client.site_facts.site_facts
+    real = fedpath.client.site_facts.site_facts
     slide = _first_slide(site)
 
     def leaky(data_dir: Path, name: str) -> dict[str, Any]:
@@ -215,7 +215,7 @@ def test_slide_ids_in_the_facts_are_caught(
         facts["source"] = slide["features"]
         return facts
 
-    monkeypatch.setattr(client.site_facts, "site_facts", leaky)
+    monkeypatch.setattr(fedpath.client.site_facts, "site_facts", leaky)
     query = Message(RecordDict({}), dst_node_id=7, message_type=MessageType.QUERY)
     reply = client_app.app(query, _context(site))
     violations = check_reply(reply, _policy(sites, _cfg(Path("/unused")))).violations
@@ -227,9 +227,9 @@ def test_slide_ids_in_the_facts_are_caught(
 def test_a_coordinates_array_and_a_reshaped_parameter_are_caught(
     sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import client.federated
+    import fedpath.client.federated
 
-    real = client.federated.train_on_site
+    real = fedpath.client.federated.train_on_site
 
     def leaky(*args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         weights, metrics = real(*args, **kwargs)
@@ -238,7 +238,7 @@ def test_a_coordinates_array_and_a_reshaped_parameter_are_caught(
         weights["coords"] = np.arange(20, dtype=np.int64).reshape(10, 2) * 256
         return weights, metrics
 
-    monkeypatch.setattr(client.federated, "train_on_site", leaky)
+    monkeypatch.setattr(fedpath.client.federated, "train_on_site", leaky)
     cfg = _cfg(Path("/unused"))
     policy = _policy(sites, cfg)
     reply = client_app.app(_train_message(cfg), _context(sites["site_a"]))
@@ -287,15 +287,15 @@ def test_a_count_with_a_fraction_is_caught(
     sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Counts are whole: digits after the point could carry anything (here, an id's code)."""
-    import client.federated
+    import fedpath.client.federated
 
-    real = client.federated.train_on_site
+    real = fedpath.client.federated.train_on_site
 
     def leaky(*args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         weights, metrics = real(*args, **kwargs)
         return weights, {**metrics, "skipped-slides": 1.0417, "num-examples": -1.0}
 
-    monkeypatch.setattr(client.federated, "train_on_site", leaky)
+    monkeypatch.setattr(fedpath.client.federated, "train_on_site", leaky)
     cfg = _cfg(Path("/unused"))
     reply = client_app.app(_train_message(cfg), _context(sites["site_a"]))
     violations = check_reply(reply, _policy(sites, cfg)).violations
@@ -322,15 +322,15 @@ def test_per_slide_scores_dressed_as_a_histogram_are_caught(
 ) -> None:
     """The aggregate lists have fixed lengths and hold whole counts: a list of per-slide
     probabilities under an allowed name, or a new list, cannot pass (issue 20.16)."""
-    import client.federated
+    import fedpath.client.federated
 
-    real = client.federated.evaluate_on_site
+    real = fedpath.client.federated.evaluate_on_site
 
     def leaky(*args: Any, **kwargs: Any) -> dict[str, Any]:
         metrics = real(*args, **kwargs)
         return {**metrics, "slide-hist-pos": [0.91, 0.12, 0.55], "slide-scores": [0.9, 0.1]}
 
-    monkeypatch.setattr(client.federated, "evaluate_on_site", leaky)
+    monkeypatch.setattr(fedpath.client.federated, "evaluate_on_site", leaky)
     cfg = _cfg(Path("/unused"))
     guarded = client_app.app(_evaluate_message(cfg), _context(sites["site_a"]))
     assert guarded.has_error() and "outside the allow-list" in guarded.error.reason
@@ -346,9 +346,9 @@ def test_per_slide_scores_dressed_as_a_histogram_are_caught(
 def test_a_histogram_of_the_right_length_must_still_hold_whole_counts(
     sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import client.federated
+    import fedpath.client.federated
 
-    real = client.federated.evaluate_on_site
+    real = fedpath.client.federated.evaluate_on_site
 
     def leaky(*args: Any, **kwargs: Any) -> dict[str, Any]:
         metrics = real(*args, **kwargs)
@@ -356,7 +356,7 @@ def test_a_histogram_of_the_right_length_must_still_hold_whole_counts(
         hist[:3] = [0.913, 0.127, 0.5]  # three slides' scores in the first bins
         return {**metrics, "patch-hist-normal": hist, "nll-grid": [-1.0] * 81}
 
-    monkeypatch.setattr(client.federated, "evaluate_on_site", leaky)
+    monkeypatch.setattr(fedpath.client.federated, "evaluate_on_site", leaky)
     cfg = _cfg(Path("/unused"))
     guarded = client_app.app(_evaluate_message(cfg), _context(sites["site_a"]))
     assert guarded.has_error() and "must hold" in guarded.error.reason
@@ -400,7 +400,7 @@ def _wire(reply: Message) -> list[tuple[str, bytes]]:
 def test_the_wire_checker_passes_a_real_reply_and_catches_a_leaky_one(
     sites: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import client.federated
+    import fedpath.client.federated
     from tests.egress import check_fleet_requests
 
     site = sites["site_a"]
@@ -412,14 +412,14 @@ def test_the_wire_checker_passes_a_real_reply_and_catches_a_leaky_one(
     assert report.objects == len(_wire(clean)) - 1
 
     slide = _first_slide(site)["slide_id"]
-    real = client.federated.train_on_site
+    real = fedpath.client.federated.train_on_site
 
     def leaky(*args: Any, **kwargs: Any) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         weights, metrics = real(*args, **kwargs)
         weights["coords"] = np.arange(20, dtype=np.int64).reshape(10, 2) * 256
         return weights, {**metrics, f"score-{slide}": 0.93}
 
-    monkeypatch.setattr(client.federated, "train_on_site", leaky)
+    monkeypatch.setattr(fedpath.client.federated, "train_on_site", leaky)
     _without_client_guard(monkeypatch)
     reply = client_app.app(_train_message(cfg), _context(site))
     violations = check_fleet_requests(_wire(reply), policy).violations

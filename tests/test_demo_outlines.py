@@ -18,33 +18,33 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from client.cli import EXIT_OK, main
-from client.cli_demo import _final_table, outlined_by_split
-from client.cli_synth import _cohort_config, _generate_cohort, demo_cohort_config
-from client.federated import load_splits
-from client.training.train_config import TrainConfig
-from client.wsi.synthetic import (
+from fedpath.client.federated import load_splits
+from fedpath.common.federation import RoundInstructions
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.train_config import TrainConfig
+from fedpath.deploy.cli import EXIT_OK, main
+from fedpath.deploy.cli_demo import _final_table, outlined_by_split
+from fedpath.deploy.demo_federation import DemoRun
+from fedpath.synthetic.cli import cohort_config, demo_cohort_config, generate_cohort_with_progress
+from fedpath.synthetic.slides import (
     MANIFEST_COLUMNS,
     SlidePlan,
     SynthCohortConfig,
     SynthSiteConfig,
     plan_site,
 )
-from common.federation import RoundInstructions
-from common.mil.config import ModelConfig
-from server.demo_federation import DemoRun
 
 
 def _is_tumour(plan: SlidePlan) -> bool:
     return plan.config.tumour_fraction > 0
 
 
-def _demo_args(cohort_config: Path | None = None) -> argparse.Namespace:
-    return argparse.Namespace(config_cohort=cohort_config, slides_per_site=None, seed=0)
+def _demo_args(config_file: Path | None = None) -> argparse.Namespace:
+    return argparse.Namespace(config_cohort=config_file, slides_per_site=None, seed=0)
 
 
 def test_demo_cohort_outlines_every_test_tumour_slide_and_keeps_training_levels() -> None:
-    cohort = _cohort_config(_demo_args(), demo=True)
+    cohort = cohort_config(_demo_args(), demo=True)
     assert [s.name for s in cohort.sites] == ["site_a", "site_b", "site_c"]
     for site in cohort.sites:
         plans = plan_site(site, cohort, seed=0)
@@ -64,7 +64,7 @@ def test_demo_cohort_outlines_every_test_tumour_slide_and_keeps_training_levels(
         else:
             assert outlined == [], f"{site.name} trains on slide labels only"
     # `fedpath synth cohort` (not the demo) writes the reference cohort unchanged.
-    plain = _cohort_config(_demo_args())
+    plain = cohort_config(_demo_args())
     assert all(s.split_shares is None and not s.outline_test for s in plain.sites)
     assert all(p.split is None for p in plan_site(plain.sites[1], plain, seed=0))
     assert not any(p.config.annotate for p in plan_site(plain.sites[1], plain, seed=0))
@@ -102,7 +102,9 @@ def test_test_outlines_become_patch_labels_of_the_test_split_only(
     config = tmp_path / "cohort.toml"
     config.write_text(TINY_COHORT, encoding="utf-8")
     console = Console(file=io.StringIO(), width=80)
-    (site_dir,) = _generate_cohort(_demo_args(config), tmp_path / "hospitals", console, demo=True)
+    (site_dir,) = generate_cohort_with_progress(
+        _demo_args(config), tmp_path / "hospitals", console, demo=True
+    )
     with (site_dir / "slides.csv").open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         rows = list(reader)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from server.local_network import LocalNetwork
+from fedpath.deploy.local_network import LocalNetwork
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 from pydantic import BaseModel, ValidationError
 
-from common.device import DeviceName, describe_device, resolve_device
-from common.errors import DeviceError
+from fedpath.common.device import describe_device, resolve_device
+from fedpath.common.device_name import DeviceName
+from fedpath.common.errors import DeviceError
 
 
 class _Cfg(BaseModel):
@@ -16,7 +17,7 @@ class _Cfg(BaseModel):
 
 def test_auto_resolves_to_cpu_without_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("common.device._mps_available", lambda: False)
+    monkeypatch.setattr("fedpath.common.device._mps_available", lambda: False)
     assert resolve_device("auto") == torch.device("cpu")
     assert describe_device(resolve_device("cpu")) == "cpu"
 
@@ -42,7 +43,7 @@ def test_cuda_index_beyond_count(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_mps_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("common.device._mps_available", lambda: False)
+    monkeypatch.setattr("fedpath.common.device._mps_available", lambda: False)
     with pytest.raises(DeviceError, match="MPS"):
         resolve_device("mps")
 

@@ -6,9 +6,9 @@ import math
 
 from flwr.app import MessageType
 
-from client.federated import _empty_evaluation
-from common.federation import EVALUATE_METRICS, check_reply_metrics
-from server.pooled import PooledCounts
+from fedpath.client.federated import _empty_evaluation
+from fedpath.common.federation import EVALUATE_METRICS, check_reply_metrics
+from fedpath.server.pooled import PooledCounts
 from tests.egress import _check_metrics
 
 

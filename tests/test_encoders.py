@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.embed.models import ResNet50Trunc, TinyCNN
-from client.embed.registry import (
+from fedpath.client.embed.models import ResNet50Trunc, TinyCNN
+from fedpath.client.embed.registry import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     available_encoders,
@@ -18,8 +18,8 @@ from client.embed.registry import (
     load_encoder,
     state_dict_sha256,
 )
-from common.errors import EncoderError
-from common.hashing import sha256_file
+from fedpath.common.errors import EncoderError
+from fedpath.common.hashing import sha256_file
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from client.error_reply import error_reason, redact, site_identifiers
-from common.errors import FeatureBagError
+from fedpath.client.error_reply import error_reason, redact, site_identifiers
+from fedpath.common.errors import FeatureBagError
 
 
 def _site(tmp_path: Path) -> Path:

@@ -13,9 +13,9 @@ import pytest
 import tifffile
 import torch
 
-from client.config import EmbeddingConfig, ResolutionConfig
-from client.embed import extract
-from client.embed.extract import (
+from fedpath.client.config import EmbeddingConfig, ResolutionConfig
+from fedpath.client.embed import extract
+from fedpath.client.embed.extract import (
     calibration_batch,
     calibration_images,
     choose_precision,
@@ -25,10 +25,10 @@ from client.embed.extract import (
     measure_bf16_cosine,
     normalise_images,
 )
-from client.embed.registry import LoadedEncoder, load_encoder
-from client.wsi.reader import WsiReader
-from client.wsi.resolution import ReadPlan, plan_read
-from common.errors import SlideReadError
+from fedpath.client.embed.registry import LoadedEncoder, load_encoder
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.resolution import ReadPlan, plan_read
+from fedpath.common.errors import SlideReadError
 from tests.tiffs import write_pyramid as _write_pyramid
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:DeprecationWarning")
@@ -383,7 +383,7 @@ def test_efficientnet_bf16_matches_float32_on_real_tiles() -> None:
 
 def test_torchscript_encoder_runs_in_the_pipeline(slide: WsiReader, tmp_path: Path) -> None:
     """A hospital's own TorchScript checkpoint: frozen as is, autocast applied when it runs."""
-    from client.embed.models import TinyCNN
+    from fedpath.client.embed.models import TinyCNN
 
     path = tmp_path / "site_encoder.pt"
     traced = torch.jit.trace(TinyCNN(seed=4).eval(), torch.zeros(1, 3, 64, 64))
@@ -409,7 +409,7 @@ def test_torchscript_encoder_runs_in_the_pipeline(slide: WsiReader, tmp_path: Pa
 def test_resampling_is_bilinear_up_to_2x_and_area_beyond() -> None:
     import cv2
 
-    from client.embed.readers import resample_interpolation
+    from fedpath.client.embed.readers import resample_interpolation
 
     assert resample_interpolation(256, 224) == cv2.INTER_LINEAR
     assert resample_interpolation(448, 224) == cv2.INTER_LINEAR

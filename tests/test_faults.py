@@ -23,8 +23,8 @@ from typing import Any
 
 import pytest
 
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from server.local_network import LocalNetwork
+from fedpath.deploy.local_network import LocalNetwork
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = SyntheticSiteSpec(n_slides=8, feature_dim=8, patches=(5, 15))
@@ -167,12 +167,12 @@ def test_a_superlink_error_for_a_dead_node_is_that_site_failing(
 ) -> None:
     """Regression: Flower's "Node Unavailable" reply comes from the SuperLink's node id (1);
     the round record named a phantom ``node 1`` and called the dead site timed out."""
-    from server.config import RunConfig
-    from server.federated_run import _initial_arrays
-    from server.inprocess_grid import InProcessGrid, InProcessSite
-    from server.rounds import Federation
-    from server.run_log import RunLog
-    from server.strategies import build_strategy
+    from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite
+    from fedpath.server.config import RunConfig
+    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.rounds import Federation
+    from fedpath.server.run_log import RunLog
+    from fedpath.server.strategies import build_strategy
 
     sites = _write_sites(tmp_path, "abc")
     inner = InProcessGrid({10 + i: InProcessSite(d, n) for i, (n, d) in enumerate(sites.items())})
@@ -204,7 +204,7 @@ def test_a_site_killed_mid_round_is_left_out_and_rejoins_with_its_node_id(
 ) -> None:
     """TLS + node auth, three registered SuperNodes, four rounds; site_c is SIGKILLed while
     it trains round 2 and restarted with the same key once round 2 is recorded."""
-    from server.security import create_certificates, create_node_keys, register_public_keys
+    from fedpath.server.security import create_certificates, create_node_keys, register_public_keys
 
     sites = _write_sites(tmp_path, "abc")
     pairs = {p.site: p for p in create_node_keys(tmp_path / "keys", list(sites))}
@@ -338,7 +338,7 @@ def test_all_sites_lost_ends_the_run_as_failed_with_the_reason(tmp_path: Path) -
 
 def _ledger_rounds(data_dir: Path) -> dict[str, list[int]]:
     """Run key → the rounds recorded for it, over every dataset of the site's ledger."""
-    from client.privacy_ledger import LEDGER_FILE, PrivacyLedger
+    from fedpath.client.privacy_ledger import LEDGER_FILE, PrivacyLedger
 
     if not (data_dir / LEDGER_FILE).is_file():
         return {}
@@ -358,11 +358,11 @@ def test_coordinator_killed_mid_round_resumes_without_losing_or_double_counting(
     ServerApp) is SIGKILLed while the sites train round 2 (each has already recorded round 2
     in its privacy ledger); a new SuperLink on the same state database and port, then
     ``fedpath run --resume RUN_DIR`` finishes rounds 2 and 3."""
-    from client.cli import main as fedpath_main
-    from client.privacy_ledger import PrivacyLedger, run_epsilon
-    from client.training.privacy_accountant import epsilon
-    from client.training.private_trainer import plan_private_training
-    from server.config import RunConfig
+    from fedpath.client.privacy_ledger import PrivacyLedger, run_epsilon
+    from fedpath.client.training.privacy_accountant import epsilon
+    from fedpath.client.training.private_trainer import plan_private_training
+    from fedpath.deploy.cli import main as fedpath_main
+    from fedpath.server.config import RunConfig
 
     rounds_planned = 3
     sites = _write_sites(tmp_path, "ab")

@@ -8,9 +8,9 @@ import h5py
 import numpy as np
 import pytest
 
-from common.atomic import TMP_PREFIX
-from common.errors import FeatureBagError
-from common.featurebag import FeatureBagWriter, read_attrs, read_feature_bag
+from fedpath.common.atomic import TMP_PREFIX
+from fedpath.common.errors import FeatureBagError
+from fedpath.common.featurebag import FeatureBagWriter, read_attrs, read_feature_bag
 
 ATTRS = {
     "encoder": "tiny_cnn",

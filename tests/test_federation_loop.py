@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from common.errors import ConfigError
-from server.checkpoints import latest_checkpoint, load_checkpoint
-from server.config import RunConfig
-from server.federated_run import run_federated
-from server.harmonise import HarmonisationError
-from server.inprocess_grid import InProcessGrid, InProcessSite
-from server.rounds import RunFailed
+from fedpath.common.errors import ConfigError
+from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite
+from fedpath.server.checkpoints import latest_checkpoint, load_checkpoint
+from fedpath.server.config import RunConfig
+from fedpath.server.federated_run import run_federated
+from fedpath.server.harmonise import HarmonisationError
+from fedpath.server.rounds import RunFailed
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -194,7 +194,7 @@ def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path) 
     """Slide-level DP-SGD: site_c's budget covers one round (6 training slides, expected
     batch 2: q = 1/3, 3 steps a round), so from round 2 it answers "budget exhausted", is not
     aggregated, and the other two sites finish the run."""
-    from client.training.privacy_accountant import Mechanism, epsilon
+    from fedpath.client.training.privacy_accountant import Mechanism, epsilon
 
     one_round = Mechanism(1.0, 1 / 3, 3)
     one, two = epsilon([one_round], 1e-5), epsilon([one_round] * 2, 1e-5)

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from client.embed.checkpoints import hf_keys
-from client.embed.conch import AttentionalPooler
-from client.embed.foundation import (
+from fedpath.client.embed.checkpoints import hf_keys
+from fedpath.client.embed.conch import AttentionalPooler
+from fedpath.client.embed.foundation import (
     FOUNDATION_MODELS,
     H_OPTIMUS_MEAN,
     IMAGENET_MEAN,
@@ -26,11 +26,11 @@ from client.embed.foundation import (
     FoundationModel,
     load_foundation,
 )
-from client.embed.registry import encoder_info, load_encoder
-from client.embed.swin import SwinConfig
-from client.embed.vit import VisionTransformer, resample_pos_embed
-from common.errors import EncoderError
-from common.hashing import sha256_file, sha256_json
+from fedpath.client.embed.registry import encoder_info, load_encoder
+from fedpath.client.embed.swin import SwinConfig
+from fedpath.client.embed.vit import VisionTransformer, resample_pos_embed
+from fedpath.common.errors import EncoderError
+from fedpath.common.hashing import sha256_file, sha256_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -518,7 +518,7 @@ def test_reduced_models_export_to_onnx(name: str, tmp_path: Path) -> None:
 def test_layer_scale_folds_exactly_and_the_traced_runner_is_used(tmp_path: Path) -> None:
     """A frozen linear(x) * gamma broke TorchScript with oneDNN fusion: the pipeline silently
     fell back to eager. Folding layer-scale keeps the features and the traced graph runs."""
-    from client.embed.extract import get_runner
+    from fedpath.client.embed.extract import get_runner
 
     entry = _reduced(FOUNDATION_MODELS["uni"])
     model = _random_model(entry)
@@ -529,8 +529,8 @@ def test_layer_scale_folds_exactly_and_the_traced_runner_is_used(tmp_path: Path)
     torch.testing.assert_close(_run(folded, x), _run(model, x), rtol=1e-5, atol=1e-5)
     path = _save(_in_layout(entry, model), tmp_path / "pytorch_model.bin")
     loaded = load_foundation(entry, path)
-    from client.embed.catalog import foundation_spec
-    from client.embed.registry import LoadedEncoder
+    from fedpath.client.embed.catalog import foundation_spec
+    from fedpath.client.embed.registry import LoadedEncoder
 
     encoder = LoadedEncoder(foundation_spec(entry), loaded.model.eval(), loaded.sha256, path)
     assert get_runner(encoder, "float32", 4, jit=True, pixels=True).mode == "jit"
@@ -542,8 +542,8 @@ def test_layer_scale_folds_exactly_and_the_traced_runner_is_used(tmp_path: Path)
 def test_fedpath_encoders_lists_every_entry_in_80_columns(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from client import cli
-    from client.embed import catalog
+    from fedpath.deploy import cli
+    from fedpath.client.embed import catalog
 
     assert cli.main(["encoders"]) == 0
     out = capsys.readouterr().out
@@ -598,7 +598,7 @@ def test_prepare_embeds_with_a_foundation_encoder_from_a_snapshot_folder(
     registry id and the sha256 of the weights file found in the folder."""
     import h5py
 
-    from client import cli
+    from fedpath.deploy import cli
 
     entry = _reduced(FOUNDATION_MODELS["uni2_h"])
     monkeypatch.setitem(FOUNDATION_MODELS, "uni2_h", entry)
@@ -656,7 +656,7 @@ def test_full_size_phikon_loads_through_the_registry(tmp_path: Path) -> None:
 def test_fedpath_encoders_id_shows_one_entry_with_the_file_to_download(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from client import cli
+    from fedpath.deploy import cli
 
     assert cli.main(["encoders", "Virchow2"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -676,7 +676,7 @@ def test_fedpath_encoders_starts_without_importing_torch() -> None:
 
     code = (
         "import sys\n"
-        "from client.cli import main\n"
+        "from fedpath.deploy.cli import main\n"
         "assert main(['encoders']) == 0 and main(['encoders', 'uni']) == 0\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

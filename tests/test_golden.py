@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.config import PrepareConfig, TissueConfig
-from client.wsi.patching import patch_grid
-from client.wsi.reader import WsiReader
-from client.wsi.resolution import plan_read
-from client.wsi.synthetic import SynthSlideConfig, generate_slide
-from client.wsi.tissue import tissue_mask_for_slide
+from fedpath.client.config import PrepareConfig, TissueConfig
+from fedpath.client.wsi.patching import patch_grid
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.resolution import plan_read
+from fedpath.client.wsi.tissue import tissue_mask_for_slide
+from fedpath.synthetic.slides import SynthSlideConfig, generate_slide
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_slide.json"
 SLIDE = SynthSlideConfig(width_px=2048, height_px=1536, tumour_fraction=0.3)

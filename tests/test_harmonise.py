@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.harmonise import HarmonisationError, SiteFacts, check_harmonised
+from fedpath.server.harmonise import HarmonisationError, SiteFacts, check_harmonised
 
 LABELS = ("normal", "tumour")
 

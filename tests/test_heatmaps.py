@@ -20,11 +20,10 @@ import numpy as np
 import pytest
 from matplotlib import colormaps
 
-from client.cli import main
-from client.config import AnnotationConfig, EmbeddingConfig, PrepareConfig, TissueConfig
-from client.prepare.pipeline import prepare_site
-from client.training.evaluate import load_checkpoint
-from client.training.heatmaps import (
+from fedpath.client.config import AnnotationConfig, EmbeddingConfig, PrepareConfig, TissueConfig
+from fedpath.client.prepare.pipeline import prepare_site
+from fedpath.client.training.evaluate import load_checkpoint
+from fedpath.client.training.heatmaps import (
     HeatmapConfig,
     HeatmapPicture,
     HeatmapRecord,
@@ -40,14 +39,15 @@ from client.training.heatmaps import (
     top_k_indices,
     write_heatmaps,
 )
-from client.training.site_index import BagEntry, load_site_index
-from client.wsi.qc import slide_thumbnail
-from client.wsi.reader import WsiReader
-from client.wsi.synthetic import SynthSlide, SynthSlideConfig, generate_slide
-from common.errors import FedpathError
-from common.featurebag import FeatureBagWriter
-from common.mil.config import ModelConfig
-from common.mil.models import build_model
+from fedpath.client.training.site_index import BagEntry, load_site_index
+from fedpath.client.wsi.qc import slide_thumbnail
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.common.errors import FedpathError
+from fedpath.common.featurebag import FeatureBagWriter
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.mil.models import build_model
+from fedpath.deploy.cli import main
+from fedpath.synthetic.slides import SynthSlide, SynthSlideConfig, generate_slide
 
 LABELS = ("normal", "tumour")
 SMALL = HeatmapConfig(top_k=2, thumbnail_side=256, width_px=900)

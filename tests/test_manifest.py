@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from client.prepare.manifest import load_manifest, parse_bool
-from common.errors import ManifestError
+from fedpath.client.prepare.manifest import load_manifest, parse_bool
+from fedpath.common.errors import ManifestError
 
 LABELS = ("normal", "tumour")
 

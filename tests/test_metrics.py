@@ -14,7 +14,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from common.metrics import (
+from fedpath.common.metrics import (
     MetricWithCI,
     PatchMetrics,
     SlideMetrics,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from common.mil.config import SupervisionConfig
-from common.mil.losses import (
+from fedpath.common.mil.config import SupervisionConfig
+from fedpath.common.mil.losses import (
     attention_loss,
     instance_targets,
     mixed_supervision_loss,

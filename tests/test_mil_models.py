@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.mil.config import ModelConfig
-from common.mil.models import (
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.mil.models import (
     ABMIL,
     CLAMMB,
     CLAMSB,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.mil.config import SupervisionConfig
-from common.mil.sampling import epoch_schedule, oversample_weights
+from fedpath.common.mil.config import SupervisionConfig
+from fedpath.common.mil.sampling import epoch_schedule, oversample_weights
 
 CFG = SupervisionConfig()  # w0 = 90, decay 0.9, pairing on, tumour class 1
 

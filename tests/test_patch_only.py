@@ -17,10 +17,10 @@ import h5py
 import numpy as np
 import pytest
 
-from client.config import EmbeddingConfig, PrepareConfig, TissueConfig
-from client.prepare.pipeline import prepare_site
-from client.wsi.synthetic import SynthSlide, SynthSlideConfig, generate_slide
-from common.featurebag import read_feature_bag
+from fedpath.client.config import EmbeddingConfig, PrepareConfig, TissueConfig
+from fedpath.client.prepare.pipeline import prepare_site
+from fedpath.common.featurebag import read_feature_bag
+from fedpath.synthetic.slides import SynthSlide, SynthSlideConfig, generate_slide
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ PATCH_ONLY = TINY.model_copy(update={"patch_only": True})
 # Runs the CLI in this process and reports which heavy modules it loaded on the way.
 CLI_PROBE = """
 import json, sys
-from client.cli import main
+from fedpath.deploy.cli import main
 try:
     rc = main(sys.argv[1:])
 except SystemExit as exc:

@@ -8,19 +8,19 @@ import h5py
 import numpy as np
 import pytest
 
-from client.config import ResolutionConfig, TissueConfig
-from client.wsi.patching import (
+from fedpath.client.config import ResolutionConfig, TissueConfig
+from fedpath.client.wsi.patching import (
     PatchGrid,
     patch_grid,
     read_coords_h5,
     tissue_fractions,
     write_coords_h5,
 )
-from client.wsi.reader import SlideInfo, WsiReader
-from client.wsi.resolution import plan_read
-from client.wsi.tissue import TissueMask, tissue_mask_for_slide
-from common.atomic import TMP_PREFIX
-from common.errors import FeatureBagError
+from fedpath.client.wsi.reader import SlideInfo, WsiReader
+from fedpath.client.wsi.resolution import plan_read
+from fedpath.client.wsi.tissue import TissueMask, tissue_mask_for_slide
+from fedpath.common.atomic import TMP_PREFIX
+from fedpath.common.errors import FeatureBagError
 
 CMU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "slides"
 CMU = CMU / "cmu-1-small-region.svs"

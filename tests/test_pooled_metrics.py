@@ -16,16 +16,16 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from client.federated import load_global_model, load_splits
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from client.training.evaluate import evaluate_entries
-from common.calibration import fit_calibration, scaled_probs
-from common.federation import RoundInstructions
-from common.metrics import expected_calibration_error
-from server.checkpoints import latest_checkpoint, load_checkpoint
-from server.config import RunConfig
-from server.federated_run import run_federated
-from server.inprocess_grid import InProcessGrid, InProcessSite
+from fedpath.client.federated import load_global_model, load_splits
+from fedpath.client.training.evaluate import evaluate_entries
+from fedpath.common.calibration import fit_calibration, scaled_probs
+from fedpath.common.federation import RoundInstructions
+from fedpath.common.metrics import expected_calibration_error
+from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite
+from fedpath.server.checkpoints import latest_checkpoint, load_checkpoint
+from fedpath.server.config import RunConfig
+from fedpath.server.federated_run import run_federated
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 

@@ -15,11 +15,11 @@ import h5py
 import numpy as np
 import pytest
 
-from client.config import EmbeddingConfig, PrepareConfig, TissueConfig
-from client.prepare.pipeline import prepare_site
-from client.wsi.synthetic import SynthSlide, SynthSlideConfig, generate_slide
-from common.atomic import TMP_PREFIX
-from common.featurebag import read_feature_bag
+from fedpath.client.config import EmbeddingConfig, PrepareConfig, TissueConfig
+from fedpath.client.prepare.pipeline import prepare_site
+from fedpath.common.atomic import TMP_PREFIX
+from fedpath.common.featurebag import read_feature_bag
+from fedpath.synthetic.slides import SynthSlide, SynthSlideConfig, generate_slide
 from tests.tiffs import write_pyramid
 
 pytestmark = pytest.mark.integration
@@ -329,7 +329,7 @@ def test_asap_xml_and_geojson_give_the_same_patch_labels(
 def test_second_prepare_on_the_same_directory_is_refused(
     site: dict[str, SynthSlide], tmp_path: Path
 ) -> None:
-    from common.locking import DirectoryLockedError, exclusive_directory
+    from fedpath.common.locking import DirectoryLockedError, exclusive_directory
 
     root = site["normal"].slide_path.parents[1]
     manifest = _manifest(root, [_row(site["normal"], root)])
@@ -349,7 +349,7 @@ def test_fedpath_prepare_with_default_settings_finds_tissue_on_a_small_real_regi
     CMU-1-Small-Region is prepared, not failed with "no tissue found"."""
     if not SHARED_SLIDES.is_dir():
         pytest.skip(f"real slides not available at {SHARED_SLIDES}")
-    from client.cli import main
+    from fedpath.deploy.cli import main
 
     manifest = tmp_path / "slides.csv"
     manifest.write_text(

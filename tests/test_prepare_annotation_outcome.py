@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from client.cli import EXIT_OK, EXIT_PARTIAL, main
-from common.featurebag import read_feature_bag
+from fedpath.common.featurebag import read_feature_bag
+from fedpath.deploy.cli import EXIT_OK, EXIT_PARTIAL, main
 from tests.tiffs import write_pyramid
 
 pytestmark = pytest.mark.integration

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.cli import EXIT_OK, EXIT_USAGE, main
+from fedpath.deploy.cli import EXIT_OK, EXIT_USAGE, main
 from tests.tiffs import write_pyramid
 
 pytestmark = pytest.mark.integration

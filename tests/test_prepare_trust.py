@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from client.config import EmbeddingConfig, PrepareConfig
-from client.prepare import fingerprint as fingerprint_module
-from client.prepare.pipeline import prepare_site
-from client.wsi.synthetic import SynthSlide, SynthSlideConfig, generate_slide
-from common.atomic import TMP_PREFIX
-from common.featurebag import read_attrs, read_feature_bag
+from fedpath.client.config import EmbeddingConfig, PrepareConfig
+from fedpath.client.prepare import fingerprint as fingerprint_module
+from fedpath.client.prepare.pipeline import prepare_site
+from fedpath.common.atomic import TMP_PREFIX
+from fedpath.common.featurebag import read_attrs, read_feature_bag
+from fedpath.synthetic.slides import SynthSlide, SynthSlideConfig, generate_slide
 
 pytestmark = pytest.mark.integration
 
@@ -183,7 +183,7 @@ def test_a_rerun_keeps_the_record_of_the_run_that_did_the_work(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from client.cli import EXIT_OK, main
+    from fedpath.deploy.cli import EXIT_OK, main
 
     monkeypatch.setenv("COLUMNS", "200")
     site, _ = _site(tmp_path, slides)
@@ -228,7 +228,7 @@ def _run_prepare(
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
 
-    command = [sys.executable, "-m", "client.cli", "prepare"]
+    command = [sys.executable, "-m", "fedpath.deploy.cli", "prepare"]
     command += ["--manifest", str(site / "slides.csv"), "--out", str(out)]
     command += ["--encoder", "tiny_cnn"]
     env = {**os.environ, "COLUMNS": "300", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -339,7 +339,7 @@ def test_a_slide_that_changes_while_it_is_prepared_fails_and_leaves_no_outputs(
     tmp_path: Path, slides: tuple[Path, list[SynthSlide]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A scanner or a copy still writing the file: the bag would describe neither version."""
-    from client.prepare import pipeline
+    from fedpath.client.prepare import pipeline
 
     site, paths = _site(tmp_path, slides)
     real = pipeline._prepare_slide

@@ -7,14 +7,14 @@ import math
 
 import pytest
 
-from client.training.privacy_accountant import (
+from fedpath.client.training.privacy_accountant import (
     Mechanism,
     check_delta,
     epsilon,
     sampling_plan,
     solve_noise_multiplier,
 )
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 
 def _dp_sgd(n: int, batch: int, sigma: float, epochs: int) -> list[Mechanism]:
@@ -86,7 +86,7 @@ def test_the_cached_rdp_curve_is_opacus_rdp_accountant() -> None:
 
 def test_solving_sigma_twice_for_one_plan_bisects_once() -> None:
     """A round's message plans its DP-SGD twice (budget check, trainer): one bisection."""
-    from client.training.privacy_accountant import solve_noise_multiplier
+    from fedpath.client.training.privacy_accountant import solve_noise_multiplier
 
     solve_noise_multiplier.cache_clear()
     first = solve_noise_multiplier(8.0, 1e-5, 0.25, 40)

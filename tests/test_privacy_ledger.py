@@ -12,9 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.cli import EXIT_OK, EXIT_USAGE, main
-from client.federated import SitePrivacy, train_on_site
-from client.privacy_ledger import (
+from fedpath.client.federated import SitePrivacy, train_on_site
+from fedpath.client.privacy_ledger import (
     LEDGER_FILE,
     DatasetRecord,
     LedgerEntry,
@@ -22,11 +21,12 @@ from client.privacy_ledger import (
     PrivacyLedger,
     summarise,
 )
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from client.training.privacy_accountant import Mechanism, epsilon
-from common.errors import ConfigError
-from common.federation import RoundInstructions
-from server.config import RunConfig
+from fedpath.client.training.privacy_accountant import Mechanism, epsilon
+from fedpath.common.errors import ConfigError
+from fedpath.common.federation import RoundInstructions
+from fedpath.deploy.cli import EXIT_OK, EXIT_USAGE, main
+from fedpath.server.config import RunConfig
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 SPEC = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
 DP_RUN = {"local-epochs": 1, "dp-noise-multiplier": 1.0, "dp-batch-slides": 2, "lr": 1e-3}
@@ -55,7 +55,7 @@ def _instructions(cfg: RunConfig, server_round: int, run: str = "run-a") -> Roun
 
 
 def _initial(cfg: RunConfig) -> dict[str, np.ndarray]:
-    from server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import _initial_arrays
 
     return _initial_arrays(cfg, SPEC.feature_dim)
 
@@ -221,8 +221,8 @@ def test_a_malformed_ledger_is_refused_not_reset(site: Path) -> None:
 
 
 def test_fedpath_node_passes_a_validated_budget_in_the_node_config(site: Path) -> None:
-    from client.cli import build_parser
-    from client.cli_node import supernode_argv
+    from fedpath.client.cli_node import supernode_argv
+    from fedpath.deploy.cli import build_parser
 
     def node_config(*extra: str) -> str:
         args = build_parser().parse_args(
@@ -243,7 +243,7 @@ def test_fedpath_privacy_keeps_run_keys_and_dates_whole_at_80_columns(
     tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """At 80 columns the table cut every cell: 'run-3f9…', 'hospita…', '2026-1…'."""
-    from client.privacy_ledger import reserve_round
+    from fedpath.client.privacy_ledger import reserve_round
 
     monkeypatch.setenv("COLUMNS", "80")
     slides = frozenset(f"s{i}" for i in range(20))

@@ -11,11 +11,10 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from client.training import trainer
-from client.training.bags import Bag, bucket_length, collate
-from client.training.dp_config import DPConfig
-from client.training.privacy_accountant import epsilon, sampling_plan
-from client.training.private_trainer import (
+from fedpath.client.training import trainer
+from fedpath.client.training.bags import Bag, bucket_length, collate
+from fedpath.client.training.privacy_accountant import epsilon, sampling_plan
+from fedpath.client.training.private_trainer import (
     PrivateTrainResult,
     check_private_model,
     clipped_slide_gradient,
@@ -23,8 +22,9 @@ from client.training.private_trainer import (
     slide_gradient,
     train_private,
 )
-from common.errors import ConfigError
-from common.mil.losses import mixed_supervision_loss
+from fedpath.common.dp_config import DPConfig
+from fedpath.common.errors import ConfigError
+from fedpath.common.mil.losses import mixed_supervision_loss
 from tests.test_trainer import _bags, _cfg, _forward_lengths, _model
 
 TRAIN = _bags(24, seed=1)
@@ -144,7 +144,7 @@ def test_bfloat16_bucket_padding_adds_nothing_to_a_slides_gradient(
 ) -> None:
     """In bfloat16 a slide is padded to its length bucket (as the plain trainer pads); the
     masked rows get no attention and no loss, so the gradient is the unpadded one's."""
-    from client.training import private_trainer as pt
+    from fedpath.client.training import private_trainer as pt
 
     cfg = _cfg()
     model = _model("clam_mb", dropout=0.0).train()  # dropout would draw masks for pad rows
@@ -186,7 +186,7 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(
     """With σ = 0 one step's gradient is Σ clipped / B exactly; with σ > 0 the difference from
     that sum has std σ·C/B (checked over ~10^4 coordinates). Under bfloat16 the sum is that
     of the bfloat16 per-slide gradients clipped in float32, and the noise is the same."""
-    from client.training import private_trainer as pt
+    from fedpath.client.training import private_trainer as pt
 
     captured: list[list[torch.Tensor]] = []
     original_step = torch.optim.Adam.step

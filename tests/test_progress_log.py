@@ -20,9 +20,8 @@ import pytest
 from rich.console import Console
 from rich.progress import Progress
 
-from client.cli import EXIT_PARTIAL, main
-from client.prepare.records import PrepareSummary, SlideRecord
-from client.progress import (
+from fedpath.client.prepare.records import PrepareSummary, SlideRecord
+from fedpath.client.progress import (
     LogPrepareEvents,
     LogProgress,
     RichPrepareEvents,
@@ -31,7 +30,8 @@ from client.progress import (
     prepare_events,
     print_summary,
 )
-from client.wsi.synthetic import SynthSlideConfig, generate_slide
+from fedpath.deploy.cli import EXIT_PARTIAL, main
+from fedpath.synthetic.slides import SynthSlideConfig, generate_slide
 
 ROOT = Path(__file__).resolve().parents[1]
 ESCAPES = re.compile(r"\x1b|\r")
@@ -271,7 +271,7 @@ def test_prepare_writes_plain_lines_when_stdout_is_not_a_terminal(
 def test_prepare_redirected_to_a_file_is_a_readable_log(tmp_path: Path) -> None:
     manifest = _site(tmp_path / "site")
     log = tmp_path / "prepare.log"
-    command = [sys.executable, "-m", "client.cli", "prepare", "--manifest", str(manifest)]
+    command = [sys.executable, "-m", "fedpath.deploy.cli", "prepare", "--manifest", str(manifest)]
     command += ["--out", str(tmp_path / "out"), "--encoder", "tiny_cnn"]
     command += ["--tissue-preset", "biopsy"]
     env = {**os.environ, "COLUMNS": "80", "PYTHONDONTWRITEBYTECODE": "1"}
@@ -401,8 +401,8 @@ def test_a_terminal_keeps_its_bars_through_every_event() -> None:
 def test_a_real_run_reports_every_patch_it_embeds(tmp_path: Path) -> None:
     """The heartbeat's counts come from the pipeline's own callbacks: with no interval every
     batch gives a line, and the last one has embedded all the slide's patches."""
-    from client.config import EmbeddingConfig, PrepareConfig, TissueConfig
-    from client.prepare.pipeline import prepare_site
+    from fedpath.client.config import EmbeddingConfig, PrepareConfig, TissueConfig
+    from fedpath.client.prepare.pipeline import prepare_site
 
     manifest = _site(tmp_path / "site")
     cfg = PrepareConfig(
@@ -423,10 +423,10 @@ def test_a_real_run_reports_every_patch_it_embeds(tmp_path: Path) -> None:
 def test_a_skipped_bag_is_printed_as_text_on_one_line() -> None:
     """``local train/eval`` printed a skip's reason as rich markup: "[annotation]" or a
     bracketed folder name vanished from the message, and a long path wrapped in a log."""
-    from client.cli_local import _bag_skips
-    from client.training.bags import SkippedBag
-    from client.training.site_index import BagEntry
-    from common.errors import FeatureBagError
+    from fedpath.client.cli_local import _bag_skips
+    from fedpath.client.training.bags import SkippedBag
+    from fedpath.client.training.site_index import BagEntry
+    from fedpath.common.errors import FeatureBagError
 
     path = "/data/hospital [site a]/features/a_rather_long_folder_name/s1.h5"
     entry = BagEntry("s1", 1, Path(path), "train", None, False, None, 10)
@@ -463,7 +463,7 @@ def test_a_real_aperio_slide_prepared_into_a_log(tmp_path: Path) -> None:
     (site / "slides" / REAL_SLIDE.name).write_bytes(REAL_SLIDE.read_bytes())
     manifest = site / "slides.csv"
     manifest.write_text(f"slide_id,path,label\ncmu,slides/{REAL_SLIDE.name},normal\n")
-    command = [sys.executable, "-m", "client.cli", "prepare", "--manifest", str(manifest)]
+    command = [sys.executable, "-m", "fedpath.deploy.cli", "prepare", "--manifest", str(manifest)]
     command += ["--out", str(tmp_path / "out"), "--encoder", "tiny_cnn"]
     env = {**os.environ, "COLUMNS": "80", "PYTHONDONTWRITEBYTECODE": "1"}
     env.pop("FORCE_COLOR", None)
@@ -490,7 +490,7 @@ def test_the_demo_says_which_hospital_its_totals_are_of(tmp_path: Path) -> None:
     """The demo printed each hospital's totals without its name, folded at 80 columns."""
     import argparse
 
-    from client.cli_demo import _prepare_sites
+    from fedpath.deploy.cli_demo import _prepare_sites
 
     def one_site(args: argparse.Namespace, out: Path, console: Console) -> list[Path]:
         site = out / "site_q"

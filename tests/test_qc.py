@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 from shapely.geometry import Point, shape
 
-from client.wsi.patching import PatchGrid, patch_grid
-from client.wsi.qc import (
+from fedpath.client.wsi.patching import PatchGrid, patch_grid
+from fedpath.client.wsi.qc import (
     QC_MAX_SIDE,
     TISSUE_OUTLINE,
     render_qc_image,
     render_qc_png,
     tissue_contours_geojson,
 )
-from client.wsi.tissue import TissueMask
+from fedpath.client.wsi.tissue import TissueMask
 
 GREY = 150
 
@@ -141,10 +141,10 @@ def test_geojson_empty_mask() -> None:
 
 def test_small_specimen_gets_a_sharper_background(tmp_path: Path) -> None:
     """A biopsy's 64x thumbnail is a few dozen px: QC reads a finer level instead."""
-    from client.config import TissueConfig
-    from client.wsi.qc import QC_MIN_SIDE, _canvas_scale, qc_background
-    from client.wsi.reader import WsiReader
-    from client.wsi.tissue import tissue_mask_for_slide
+    from fedpath.client.config import TissueConfig
+    from fedpath.client.wsi.qc import QC_MIN_SIDE, _canvas_scale, qc_background
+    from fedpath.client.wsi.reader import WsiReader
+    from fedpath.client.wsi.tissue import tissue_mask_for_slide
     from tests.tiffs import write_pyramid
 
     rgb = np.full((2048, 3072, 3), 240, np.uint8)

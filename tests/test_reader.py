@@ -10,9 +10,9 @@ import openslide
 import pytest
 import tifffile
 
-from client.wsi import reader as reader_module
-from client.wsi.reader import WsiReader, _composite_on_white, resolve_mpp
-from common.errors import MissingMppError, SlideOpenError, SlideReadError
+from fedpath.client.wsi import reader as reader_module
+from fedpath.client.wsi.reader import WsiReader, _composite_on_white, resolve_mpp
+from fedpath.common.errors import MissingMppError, SlideOpenError, SlideReadError
 from tests.tiffs import write_pyramid
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

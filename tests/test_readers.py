@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.config import EmbeddingConfig, ResolutionConfig
-from client.embed.extract import extract_features
-from client.embed.readers import use_processes
-from client.embed.registry import load_encoder
-from client.wsi.reader import WsiReader
-from client.wsi.resolution import plan_read
-from common.errors import SlideReadError
+from fedpath.client.config import EmbeddingConfig, ResolutionConfig
+from fedpath.client.embed.extract import extract_features
+from fedpath.client.embed.readers import use_processes
+from fedpath.client.embed.registry import load_encoder
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.resolution import plan_read
+from fedpath.common.errors import SlideReadError
 from tests.test_extract import _grid, _textured_image
 from tests.tiffs import write_pyramid
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from flwr.app import Error, Message, MessageType, RecordDict
 
-from common.federation import RoundInstructions
-from server.config import RunConfig
-from server.replies import send_and_collect
-from server.rounds import Federation
+from fedpath.common.federation import RoundInstructions
+from fedpath.server.config import RunConfig
+from fedpath.server.replies import send_and_collect
+from fedpath.server.rounds import Federation
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 
@@ -139,7 +139,7 @@ def test_the_poll_interval_must_be_positive() -> None:
 
 
 def test_the_run_config_bounds_the_poll_interval() -> None:
-    from common.errors import ConfigError
+    from fedpath.common.errors import ConfigError
 
     assert RunConfig.from_run_config({}).reply_poll_interval == pytest.approx(0.2)
     assert RunConfig.from_run_config({"reply-poll-interval": 1.5}).reply_poll_interval == 1.5

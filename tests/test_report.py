@@ -20,10 +20,10 @@ from typing import Any
 import matplotlib.image as mpimg
 import pytest
 
-from client.cli import EXIT_OK, EXIT_USAGE, main
-from common.errors import ConfigError
-from server.report import PathScrub, figures, mpl_text, render_report, rounds_for_plots
-from server.run_files import read_final, read_metrics, read_run
+from fedpath.common.errors import ConfigError
+from fedpath.deploy.cli import EXIT_OK, EXIT_USAGE, main
+from fedpath.server.report import PathScrub, figures, mpl_text, render_report, rounds_for_plots
+from fedpath.server.run_files import read_final, read_metrics, read_run
 
 SITES = ["site_a", "<b>x</b>", "site_c"]
 EVIL_REASON = "timeout after 600 s <script>alert(1)</script>"
@@ -348,7 +348,7 @@ def test_matplotlib_text_is_literal() -> None:
 def test_client_level_guarantee_and_epsilon_by_round_are_rendered(tmp_path: Path) -> None:
     """final.json's guarantee (what the rounds delivered) wins over config.json's plan, and the
     federation's client-level ε appears per round in the privacy section."""
-    from server.guarantee import CLIENT_LEVEL, ClientLevelSpent, run_guarantee
+    from fedpath.server.guarantee import CLIENT_LEVEL, ClientLevelSpent, run_guarantee
 
     run_dir = make_run(tmp_path / "run", privacy=False)
     lines = []

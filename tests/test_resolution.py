@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from client.config import ResolutionConfig
-from client.wsi.resolution import plan_read, round_half_up
+from fedpath.client.config import ResolutionConfig
+from fedpath.client.wsi.resolution import plan_read, round_half_up
 
 DEFAULT = ResolutionConfig()
 

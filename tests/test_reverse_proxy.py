@@ -36,9 +36,11 @@ from pathlib import Path
 
 import pytest
 
-from client.synthetic_site import SyntheticSiteSpec
-from server.local_network import FlwrCli, LocalNetwork, NetworkError, free_port
-from server.security import CertificateFiles, create_certificates, create_node_keys
+from fedpath.common.flower_env import free_port
+from fedpath.deploy.local_network import LocalNetwork
+from fedpath.server.flwr_cli import FlwrCli, NetworkError
+from fedpath.server.security import CertificateFiles, create_certificates, create_node_keys
+from fedpath.synthetic.site import SyntheticSiteSpec
 from tests.egress import EgressPolicy, check_fleet_requests, write_identifiable_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -374,8 +376,8 @@ def test_everything_the_supernodes_sent_through_the_proxy_is_allow_listed(
     proxied: Proxied,
 ) -> None:
     """Issue 7.4 in deployment form: the bytes on the wire, not the ClientApp's return value."""
-    from server.config import RunConfig
-    from server.federated_run import _initial_arrays
+    from fedpath.server.config import RunConfig
+    from fedpath.server.federated_run import _initial_arrays
 
     requests = [
         (uri, Path(body_file).read_bytes())

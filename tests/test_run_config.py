@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from client.training.train_config import TrainConfig
-from common.errors import ConfigError
-from server.config import RunConfig
+from fedpath.common.errors import ConfigError
+from fedpath.common.train_config import TrainConfig
+from fedpath.server.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +101,7 @@ def test_every_numeric_setting_has_a_finite_upper_bound() -> None:
 def test_fedpath_run_refuses_bad_numbers_before_contacting_the_superlink(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from client.cli import main
+    from fedpath.deploy.cli import main
 
     home = tmp_path / "home"
     for override in ("num-server-rounds=1e9", "fedmix-lambda=inf"):
@@ -118,7 +118,7 @@ def test_fedpath_run_refuses_bad_numbers_before_contacting_the_superlink(
 def test_compose_coordinator_refuses_bad_numbers_before_waiting(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from deploy.coordinator import main
+    from fedpath.deploy.coordinator import main
 
     key = tmp_path / "a.pub"
     argv = ["--superlink", "127.0.0.1:9", "--ca", str(tmp_path / "ca.pem"), "--app", "."]

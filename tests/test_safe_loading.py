@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.errors import ConfigError, EncoderError
+from fedpath.common.errors import ConfigError, EncoderError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,20 +89,20 @@ FORMATS = ("torch-zip", "torch-legacy", "fedpath-shaped", "raw-pickle")
 
 
 def _round_checkpoint(path: Path) -> None:
-    from server.checkpoints import load_checkpoint
+    from fedpath.server.checkpoints import load_checkpoint
 
     load_checkpoint(path)
 
 
 def _model_checkpoint(path: Path) -> None:
-    from client.training.evaluate import load_checkpoint
+    from fedpath.client.training.evaluate import load_checkpoint
 
     load_checkpoint(path)
 
 
 def _encoder_weights(name: str) -> Callable[[Path], None]:
     def load(path: Path) -> None:
-        from client.embed.registry import load_encoder
+        from fedpath.client.embed.registry import load_encoder
 
         load_encoder(name, weights_path=path)
 
@@ -170,7 +170,7 @@ def test_no_refusal_advises_loading_the_file_unsafely(tmp_path: Path, loader: st
 def test_encoder_refusal_names_the_reason_not_torchs_unsafe_advice(
     tmp_path: Path, fmt: str
 ) -> None:
-    from client.embed.registry import load_encoder
+    from fedpath.client.embed.registry import load_encoder
 
     path = _write_payload(tmp_path / "evil.pt", fmt, WritesMarker(tmp_path / "marker"))
     refusal = r"refused by weights-only loading: it holds pickled Python objects"
@@ -182,8 +182,8 @@ def test_encoder_refusal_names_the_reason_not_torchs_unsafe_advice(
 
 def test_a_plain_state_dict_still_loads(tmp_path: Path) -> None:
     """The refusal is about pickled objects, not about weights files."""
-    from client.embed.models import TinyCNN
-    from client.embed.registry import load_encoder
+    from fedpath.client.embed.models import TinyCNN
+    from fedpath.client.embed.registry import load_encoder
 
     path = tmp_path / "tiny.pt"
     torch.save(TinyCNN().state_dict(), path)
@@ -194,7 +194,7 @@ def test_a_plain_state_dict_still_loads(tmp_path: Path) -> None:
 def test_a_pickle_dressed_as_a_torchscript_encoder_is_refused(tmp_path: Path, gadget: str) -> None:
     """A zip with TorchScript's member names reaches ``torch.jit.load``, whose unpickler only
     builds TorchScript types: the payload's callable is an unknown type, not a call."""
-    from client.embed.registry import load_encoder
+    from fedpath.client.embed.registry import load_encoder
 
     marker = tmp_path / "marker"
     plain = _write_payload(tmp_path / "plain.pt", "torch-zip", GADGETS[gadget](marker))
@@ -210,7 +210,7 @@ def test_a_pickle_dressed_as_a_torchscript_encoder_is_refused(tmp_path: Path, ga
 
 
 def test_a_plain_pickle_is_not_taken_for_a_torchscript_encoder(tmp_path: Path) -> None:
-    from client.embed.registry import load_encoder
+    from fedpath.client.embed.registry import load_encoder
 
     marker = tmp_path / "marker"
     path = _write_payload(tmp_path / "encoder.pt", "raw-pickle", WritesMarker(marker))
@@ -246,10 +246,10 @@ def test_a_train_message_carrying_a_pickled_array_gets_an_error_reply(tmp_path: 
     """What a hostile coordinator could send a hospital: the ClientApp refuses, nothing runs."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
-    from client.app import app
-    from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-    from server.config import RunConfig
-    from server.federated_run import _initial_arrays
+    from fedpath.client.app import app
+    from fedpath.server.config import RunConfig
+    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
     spec = SyntheticSiteSpec(n_slides=6, feature_dim=8, patches=(5, 10))
     site = write_synthetic_site(tmp_path / "site", spec, seed=0)

@@ -26,8 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509 import verification as xv
 
-from client.cli import main as fedpath_main
-from server.security import (
+from fedpath.deploy.cli import main as fedpath_main
+from fedpath.server.security import (
     DEFAULT_SANS,
     KeyExistsError,
     RegistrationError,
@@ -281,7 +281,7 @@ def test_cli_certs_and_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
 
 
 def _secure_network(tmp_path: Path) -> tuple[Any, Any]:
-    from server.local_network import LocalNetwork
+    from fedpath.deploy.local_network import LocalNetwork
 
     certs = create_certificates(tmp_path / "pki")
     net = LocalNetwork(
@@ -312,7 +312,7 @@ def _wait(condition: Any, what: str, timeout: float, net: Any) -> None:
 def test_tls_and_node_auth_run_with_the_compose_coordinator(tmp_path: Path) -> None:
     """The compose order on loopback: SuperLink, the coordinator registers the two keys and
     signals it, the SuperNodes start, the coordinator runs two rounds and checks flwr ls."""
-    from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+    from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
     spec = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
     sites = {n: write_synthetic_site(tmp_path / n, spec, seed=i) for i, n in enumerate("ab")}
@@ -323,7 +323,8 @@ def test_tls_and_node_auth_run_with_the_compose_coordinator(tmp_path: Path) -> N
         net.start_superlink()
         argv = [
             sys.executable,
-            str(ROOT / "deploy" / "coordinator.py"),
+            "-m",
+            "fedpath.deploy.coordinator",
             "--superlink",
             net.address,
             "--ca",
@@ -373,7 +374,7 @@ def test_tls_and_node_auth_run_with_the_compose_coordinator(tmp_path: Path) -> N
 @pytest.mark.slow
 @pytest.mark.integration
 def test_unregistered_key_is_refused_and_a_key_keeps_its_node_id(tmp_path: Path) -> None:
-    from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
+    from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
     data = write_synthetic_site(tmp_path / "a", SyntheticSiteSpec(n_slides=4), seed=0)
     good, rogue = create_node_keys(tmp_path / "keys", ["site_a", "rogue"])

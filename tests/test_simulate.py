@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from client.cli import main
-from server.simulate import simulated_site_specs
+from fedpath.deploy.cli import main
+from fedpath.deploy.simulate import simulated_site_specs
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -39,7 +39,7 @@ def test_a_failed_simulation_says_why(
 ) -> None:
     """It printed "run directory: …" (a folder never written) and "did not complete
     (finished:failed)" with no reason; the ServerApp's log went with its SuperLink."""
-    import server.simulate as simulate
+    import fedpath.deploy.simulate as simulate
 
     config = simulate.simulation_run_config
 

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.prepare.records import INDEX_COLUMNS
-from client.training.site_index import (
+from fedpath.client.prepare.records import INDEX_COLUMNS
+from fedpath.client.training.site_index import (
     BagEntry,
     kfold_assignment,
     load_site_index,
     split_entries,
 )
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 LABELS = ("normal", "tumour")
 

@@ -12,19 +12,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from client.cli import build_parser
+from fedpath.deploy.cli import build_parser
 from tests.test_patch_only import run_cli_probe
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "flwr")
 COMMAND_MODULES = (
-    "client.cli_local",
-    "client.cli_synth",
-    "client.cli_node",
-    "client.cli_privacy",
-    "server.cli_server",
-    "server.cli_security",
-    "server.cli_coordinator",
+    "fedpath.client.cli_local",
+    "fedpath.synthetic.cli",
+    "fedpath.client.cli_node",
+    "fedpath.client.cli_privacy",
+    "fedpath.server.cli_server",
+    "fedpath.server.cli_security",
+    "fedpath.server.cli_coordinator",
+    "fedpath.deploy.cli_demo",
+    "fedpath.deploy.cli_simulate",
 )
 
 
@@ -42,14 +44,15 @@ def test_help_imports_no_torch_flower_or_other_command_modules() -> None:
     assert rc == 0 and "prepare" in output and "privacy" in output
     assert heavy == [], heavy
     loaded = _loaded(
-        "from client.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+        "from fedpath.deploy.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass"
     )
     assert not loaded & {*HEAVY, *COMMAND_MODULES}, sorted(loaded & {*HEAVY, *COMMAND_MODULES})
     assert "rich" not in loaded  # the console is made once a command runs
 
 
 def test_importing_the_cli_imports_nothing_heavy() -> None:
-    loaded = _loaded("import client.cli")
+    loaded = _loaded("import fedpath.deploy.cli")
     assert not loaded & {*HEAVY, *COMMAND_MODULES, "numpy", "pydantic", "rich"}
 
 

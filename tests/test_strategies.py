@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Error, Message, MessageType, MetricRecord, RecordDict
 
-from server.strategies import FedAvgStrategy, FedMixStrategy, ReplyError, build_strategy
+from fedpath.server.strategies import FedAvgStrategy, FedMixStrategy, ReplyError, build_strategy
 
 pytestmark = pytest.mark.usefixtures("flower_task")
 

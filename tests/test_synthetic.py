@@ -16,8 +16,11 @@ import pytest
 import tifffile
 from pydantic import ValidationError
 
-from client.wsi import synth_texture
-from client.wsi.synth_masks import (
+from fedpath.synthetic import texture as synth_texture
+from fedpath.common.atomic import TMP_PREFIX
+from fedpath.common.errors import ConfigError, MissingMppError
+from fedpath.common.hashing import sha256_file
+from fedpath.synthetic.masks import (
     drop_nested_islands,
     low_grade_mask,
     make_tissue_mask,
@@ -26,15 +29,8 @@ from client.wsi.synth_masks import (
     mimic_mask,
     partial_annotation_mask,
 )
-from client.wsi.synth_render import SEAM_BLEND_PX, _ramp_weights
-from client.wsi.synth_stain import (
-    STAIN_PRESETS,
-    StainConfig,
-    concentrations_to_rgb,
-    stain_matrix,
-)
-from client.wsi.synth_texture import TILE, BankView, TextureBank, build_banks
-from client.wsi.synthetic import (
+from fedpath.synthetic.render import SEAM_BLEND_PX, _ramp_weights
+from fedpath.synthetic.slides import (
     DEFAULT_SITES,
     GROUND_TRUTH_COLUMNS,
     MANIFEST_COLUMNS,
@@ -47,9 +43,13 @@ from client.wsi.synthetic import (
     generate_slide,
     plan_site,
 )
-from common.atomic import TMP_PREFIX
-from common.errors import ConfigError, MissingMppError
-from common.hashing import sha256_file
+from fedpath.synthetic.stain import (
+    STAIN_PRESETS,
+    StainConfig,
+    concentrations_to_rgb,
+    stain_matrix,
+)
+from fedpath.synthetic.texture import TILE, BankView, TextureBank, build_banks
 
 SMALL = SynthSlideConfig(
     width_px=2048,
@@ -199,7 +199,7 @@ def test_mpp_and_objective_can_be_left_out(
 
 
 def test_reader_falls_back_to_objective_or_refuses_without_both(tmp_path: Path) -> None:
-    from client.wsi.reader import WsiReader
+    from fedpath.client.wsi.reader import WsiReader
 
     base = SynthSlideConfig(width_px=512, height_px=512, bank_size=256, write_mpp=False)
     with_power = generate_slide(tmp_path, "power", base, seed=1)
@@ -253,9 +253,9 @@ def test_tumour_is_darker_and_more_haematoxylin_than_normal(generated: Generated
 
 
 def test_pipeline_tissue_segmentation_finds_the_generated_tissue(generated: Generated) -> None:
-    from client.config import TissueConfig
-    from client.wsi.reader import WsiReader
-    from client.wsi.tissue import tissue_mask_for_slide
+    from fedpath.client.config import TissueConfig
+    from fedpath.client.wsi.reader import WsiReader
+    from fedpath.client.wsi.tissue import tissue_mask_for_slide
 
     slide = generated.first
     truth = _mask(slide.tissue_mask_path).astype(np.float32)

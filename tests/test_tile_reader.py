@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tifffile
 
-from client.wsi.reader import WsiReader
-from client.wsi.synthetic import SynthSlideConfig, generate_slide
-from client.wsi.tile_reader import TileCache, level_origin
-from common.errors import SlideReadError
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.tile_reader import TileCache, level_origin
+from fedpath.common.errors import SlideReadError
+from fedpath.synthetic.slides import SynthSlideConfig, generate_slide
 from tests.tiffs import write_pyramid
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

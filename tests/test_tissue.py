@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from client.config import TissueConfig
-from client.wsi import tissue as tissue_module
-from client.wsi.reader import WsiReader
-from client.wsi.tissue import (
+from fedpath.client.config import TissueConfig
+from fedpath.client.wsi import tissue as tissue_module
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.tissue import (
     choose_segmentation_level,
     read_thumbnail,
     segment_tissue,

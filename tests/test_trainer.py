@@ -12,11 +12,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from client.training import trainer
-from client.training.bags import Bag
-from client.training.site_index import BagEntry
-from client.training.train_config import TrainConfig
-from client.training.trainer import (
+from fedpath.client.training import trainer
+from fedpath.client.training.bags import Bag
+from fedpath.client.training.site_index import BagEntry
+from fedpath.client.training.trainer import (
     EpochMetrics,
     evaluate,
     physical_batches,
@@ -24,9 +23,10 @@ from client.training.trainer import (
     step_lr,
     train,
 )
-from common.mil import models
-from common.mil.config import ModelConfig, SupervisionConfig
-from common.mil.models import MaskDropout, MILModel, Tanh, build_model
+from fedpath.common.mil import models
+from fedpath.common.mil.config import ModelConfig, SupervisionConfig
+from fedpath.common.mil.models import MaskDropout, MILModel, Tanh, build_model
+from fedpath.common.train_config import TrainConfig
 
 DIM = 16
 
@@ -427,7 +427,7 @@ def test_wide_pooling_matches_float32_pooling(
 
 def test_fast_bf16_cpu_reads_vendor_and_flags(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """AMX anywhere, AVX512-BF16 only on AMD (measured slower than float32 on Intel)."""
-    from client.training import trainer
+    from fedpath.client.training import trainer
 
     monkeypatch.setattr(trainer, "amx_available", lambda: False)
     info = tmp_path / "cpuinfo"

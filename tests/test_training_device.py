@@ -20,19 +20,24 @@ import pytest
 import torch
 from flwr.app import Context, MessageType, RecordDict
 
-from client import cli_node
-from client.app import app
-from client.cli import main
-from client.federated import evaluate_on_site, input_digest, load_global_model, train_on_site
-from client.node_device import node_device, node_device_name
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from client.training import trainer
-from client.training.dp_config import DPConfig
-from client.training.evaluate import evaluate_bags
-from client.training.private_trainer import train_private
-from client.training.trainer import train
-from common.errors import ConfigError, DeviceError
-from common.federation import RoundInstructions
+from fedpath.client import cli_node
+from fedpath.client.app import app
+from fedpath.client.federated import (
+    evaluate_on_site,
+    input_digest,
+    load_global_model,
+    train_on_site,
+)
+from fedpath.client.node_device import node_device, node_device_name
+from fedpath.client.training import trainer
+from fedpath.client.training.evaluate import evaluate_bags
+from fedpath.client.training.private_trainer import train_private
+from fedpath.client.training.trainer import train
+from fedpath.common.dp_config import DPConfig
+from fedpath.common.errors import ConfigError, DeviceError
+from fedpath.common.federation import RoundInstructions
+from fedpath.deploy.cli import main
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 from tests.round_messages import round_message
 from tests.test_cli_local import _make_site
 from tests.test_trainer import TRAIN, VAL, _cfg, _model
@@ -48,7 +53,7 @@ SPEC = SyntheticSiteSpec(n_slides=10, feature_dim=16, patches=(10, 30))
 def no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """This machine as torch sees it when it has no GPU, even on a machine that has one."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr("common.device._mps_available", lambda: False)
+    monkeypatch.setattr("fedpath.common.device._mps_available", lambda: False)
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +251,7 @@ def _node_context(site: Path, **node: object) -> Context:
 def test_clientapp_trains_on_the_nodes_device_and_logs_it(
     site: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import client.federated as federated
+    import fedpath.client.federated as federated
 
     devices: list[torch.device | None] = []
     real = federated.train_on_site
@@ -276,7 +281,7 @@ def test_clientapp_trains_on_the_nodes_device_and_logs_it(
 def test_a_node_asking_for_an_absent_gpu_replies_an_error_and_trains_nothing(
     site: Path, no_gpu: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import client.federated as federated
+    import fedpath.client.federated as federated
 
     def never(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("trained although the node's device is absent")
@@ -464,7 +469,7 @@ def test_out_of_memory_in_local_train_and_eval_is_one_error_line(
 
     assert main(_train_argv(data, run, "--device", "cpu")) == 0
     capsys.readouterr()
-    import client.training.evaluate as evaluate
+    import fedpath.client.training.evaluate as evaluate
 
     monkeypatch.setattr(evaluate, "predict_bag", _out_of_memory)
     assert main(["local", "eval", "--data", str(data), "--run", str(run)]) == 2
@@ -486,7 +491,7 @@ def test_out_of_memory_in_a_round_is_an_error_reply(
 
 def test_out_of_memory_drawing_a_heatmap_names_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
     """Recorded as that slide's reason (the other heatmaps are still drawn)."""
-    from client.training.heatmaps import slide_maps
+    from fedpath.client.training.heatmaps import slide_maps
 
     model = _model()
     monkeypatch.setattr(type(model), "forward", _out_of_memory)
@@ -498,7 +503,7 @@ def test_out_of_memory_drawing_a_heatmap_names_the_device(monkeypatch: pytest.Mo
 def test_cuda_per_slide_gradient_is_the_cpus(cuda: torch.device) -> None:
     """DP-SGD's per-sample gradient (one slide per backward pass; equal to Opacus' hooks on
     the CPU, tests/test_private_trainer.py) is the same gradient when computed on the GPU."""
-    from client.training.private_trainer import clipped_slide_gradient
+    from fedpath.client.training.private_trainer import clipped_slide_gradient
 
     cfg = _cfg()
     model = _model(dropout=0.0).train()
@@ -520,7 +525,7 @@ def test_cuda_per_slide_gradient_is_the_cpus(cuda: torch.device) -> None:
 def test_dp_on_a_gpu_runs_deterministic_algorithms_and_restores_the_setting() -> None:
     """A retried DP round reuses its noise seed: on CUDA its gradient must not vary with the
     order of atomic additions. The switch needs no GPU to be checked."""
-    from client.training.private_trainer import deterministic_on
+    from fedpath.client.training.private_trainer import deterministic_on
 
     assert not torch.are_deterministic_algorithms_enabled()
     with deterministic_on(torch.device("cpu")):
@@ -534,12 +539,14 @@ def test_dp_on_a_gpu_runs_deterministic_algorithms_and_restores_the_setting() ->
 def test_a_cuda_node_makes_cublas_reproducible_unless_the_hospital_chose(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import common.device
+    import fedpath.common.device
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     node_device({"device": "cpu"})
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    monkeypatch.setattr(common.device, "resolve_device", lambda name: torch.device("cuda", 0))
+    monkeypatch.setattr(
+        fedpath.common.device, "resolve_device", lambda name: torch.device("cuda", 0)
+    )
     assert node_device({"device": "cuda"}) == torch.device("cuda", 0)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
@@ -549,7 +556,7 @@ def test_a_cuda_node_makes_cublas_reproducible_unless_the_hospital_chose(
 
 def test_out_of_memory_on_a_gpu_points_to_the_cpu() -> None:
     """The way out depends on the device: a GPU's memory can be freed or the CPU used."""
-    from client.training.trainer import out_of_memory_as_error
+    from fedpath.client.training.trainer import out_of_memory_as_error
 
     with (
         pytest.raises(DeviceError, match=r"^mps ran out of memory while training \(x\); lower"),
@@ -567,7 +574,7 @@ def test_out_of_memory_in_dp_training_names_the_setting_that_bounds_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """DP-SGD runs one slide per pass: only the patches sampled per slide bound its memory."""
-    import client.training.private_trainer as private_trainer
+    import fedpath.client.training.private_trainer as private_trainer
 
     monkeypatch.setattr(private_trainer, "_private_epoch", _out_of_memory)
     dp = DPConfig(enabled=True, noise_multiplier=1.0, expected_batch_slides=4)

@@ -1,6 +1,6 @@
 """The resident worker: its wire format, its error mapping, and real worker processes.
 
-The integration tests start real workers (``python -m client.worker``) the way a message
+The integration tests start real workers (``python -m fedpath.client.worker``) the way a message
 process does and compare their replies with the same handler run in the test process.
 """
 
@@ -35,11 +35,10 @@ from flwr.app import (
 )
 from numpy.lib import format as npy_format
 
-from client.app import CONTENT_HANDLERS, app
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from client.worker import _release_memory, handle_request
-from client.worker_client import WorkerError, call_worker, socket_path
-from client.worker_protocol import (
+from fedpath.client.app import CONTENT_HANDLERS, app
+from fedpath.client.worker import _release_memory, handle_request
+from fedpath.client.worker_client import WorkerError, call_worker, socket_path
+from fedpath.client.worker_protocol import (
     PROTOCOL_VERSION,
     ProtocolError,
     context_from_wire,
@@ -49,8 +48,9 @@ from client.worker_protocol import (
     records_to_wire,
     write_frame,
 )
-from common.errors import ConfigError
-from common.federation import TRAIN_METRICS
+from fedpath.common.errors import ConfigError
+from fedpath.common.federation import TRAIN_METRICS
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 from tests.round_messages import round_message
 
 TIMING = tuple(k for k in TRAIN_METRICS if k.endswith("seconds"))

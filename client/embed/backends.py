@@ -27,11 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.embed.registry import EncoderSpec, LoadedEncoder
-from common.atomic import OutputWriteError, atomic_path, atomic_write_json
-from common.cpuinfo import read_cpuinfo
-from common.errors import EncoderError
-from common.hashing import sha256_json
+from fedpath.client.embed.registry import EncoderSpec, LoadedEncoder
+from fedpath.common.atomic import OutputWriteError, atomic_path, atomic_write_json
+from fedpath.common.cpuinfo import read_cpuinfo
+from fedpath.common.errors import EncoderError
+from fedpath.common.hashing import sha256_json
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnx", "openvino")
 ENGINES: tuple[str, ...] = ("onnx", "openvino")

@@ -3,7 +3,7 @@
 The registry's facts (ids, input size, normalisation, output width, the resolution a model
 was trained at, its checkpoint layout, licence and download page) live here so that
 ``fedpath encoders`` and anything that only describes an encoder start without importing
-torch; building and loading the models is ``client.embed.foundation`` / ``registry``.
+torch; building and loading the models is ``fedpath.client.embed.foundation`` / ``registry``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from client.embed.hyperparams import SwinConfig, ViTConfig
-from common.errors import EncoderError
+from fedpath.client.embed.hyperparams import SwinConfig, ViTConfig
+from fedpath.common.errors import EncoderError
 
 if TYPE_CHECKING:
     from torch.nn import Module
@@ -79,7 +79,7 @@ class FoundationModel:
 
     def build(self) -> Module:
         """The architecture with uninitialised weights on the current default device."""
-        from client.embed.foundation import build_model
+        from fedpath.client.embed.foundation import build_model
 
         return build_model(self)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from client.embed.vit import resample_pos_embed
-from common.errors import EncoderError
-from common.hashing import sha256_file, sha256_json
-from common.safe_load import pickled_reference
+from fedpath.client.embed.vit import resample_pos_embed
+from fedpath.common.errors import EncoderError
+from fedpath.common.hashing import sha256_file, sha256_json
+from fedpath.common.safe_load import pickled_reference
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 _SHOWN = 5

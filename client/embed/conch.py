@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.embed.vit import VisionTransformer, ViTConfig
+from fedpath.client.embed.vit import VisionTransformer, ViTConfig
 
 
 class AttentionalPooler(nn.Module):

@@ -53,19 +53,19 @@ import cv2
 import numpy as np
 import torch
 
-from client.config import EmbeddingConfig
-from client.embed.readers import (
+from fedpath.client.config import EmbeddingConfig
+from fedpath.client.embed.readers import (
     BatchFiller,
     ProcessReaders,
     ReaderJob,
     shared_batches,
     use_processes,
 )
-from client.embed.registry import EncoderSpec, LoadedEncoder
-from client.threads import torch_threads
-from client.wsi.reader import WsiReader
-from client.wsi.resolution import ReadPlan
-from common.cpuinfo import read_cpuinfo
+from fedpath.client.embed.registry import EncoderSpec, LoadedEncoder
+from fedpath.client.threads import torch_threads
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.resolution import ReadPlan
+from fedpath.common.cpuinfo import read_cpuinfo
 
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 CALIBRATION_PATCHES = 16
@@ -216,7 +216,7 @@ def cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def planned_runner_key(precision: str) -> tuple[str, str]:
-    """Where ``client.embed.inference.plan_inference`` leaves the runner it chose."""
+    """Where ``fedpath.client.embed.inference.plan_inference`` leaves the runner it chose."""
     return ("planned", precision)
 
 
@@ -255,7 +255,7 @@ def _trace(
     """Frozen TorchScript graph of the encoder for ``precision``.
 
     Python modules are traced under the autocast they will run with, so every cast is explicit
-    in the graph, after folding BatchNorm in float32 (see ``client.embed.models``); for
+    in the graph, after folding BatchNorm in float32 (see ``fedpath.client.embed.models``); for
     ``pixels`` the traced module is the ``PixelEncoder`` around them. TorchScript checkpoints
     are frozen as they are (float32 folding), autocast applies when they run, and the runner
     normalises their input.

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from client.embed.catalog import (
+from fedpath.client.embed.catalog import (
     FOUNDATION_MODELS,
     H_OPTIMUS_MEAN,
     H_OPTIMUS_STD,
@@ -31,7 +31,7 @@ from client.embed.catalog import (
     OPENAI_CLIP_STD,
     FoundationModel,
 )
-from client.embed.checkpoints import (
+from fedpath.client.embed.checkpoints import (
     fit_state_dict,
     hf_keys,
     locate_weights,
@@ -39,11 +39,11 @@ from client.embed.checkpoints import (
     read_state_dict,
     timm_keys,
 )
-from client.embed.conch import ConchVision
-from client.embed.hyperparams import SwinConfig, ViTConfig
-from client.embed.swin import CTransPath
-from client.embed.vit import VisionTransformer
-from common.errors import EncoderError
+from fedpath.client.embed.conch import ConchVision
+from fedpath.client.embed.hyperparams import SwinConfig, ViTConfig
+from fedpath.client.embed.swin import CTransPath
+from fedpath.client.embed.vit import VisionTransformer
+from fedpath.common.errors import EncoderError
 
 __all__ = [
     "FOUNDATION_MODELS",

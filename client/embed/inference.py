@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from client.config import EmbeddingConfig
-from client.embed.backends import (
+from fedpath.client.config import EmbeddingConfig
+from fedpath.client.embed.backends import (
     ENGINES,
     MIN_BACKEND_COSINE,
     EngineRunner,
@@ -26,7 +26,7 @@ from client.embed.backends import (
     read_choice,
     write_choice,
 )
-from client.embed.extract import (
+from fedpath.client.embed.extract import (
     CALIBRATION_PATCHES,
     Runner,
     calibration_images,
@@ -37,11 +37,11 @@ from client.embed.extract import (
     planned_runner_key,
     reader_threads_for,
 )
-from client.embed.readers import use_processes
-from client.embed.registry import LoadedEncoder
-from client.threads import torch_threads
-from common.device import describe_device, resolve_device
-from common.errors import ConfigError, EncoderError
+from fedpath.client.embed.readers import use_processes
+from fedpath.client.embed.registry import LoadedEncoder
+from fedpath.client.threads import torch_threads
+from fedpath.common.device import describe_device, resolve_device
+from fedpath.common.errors import ConfigError, EncoderError
 
 GPU_BATCH_CAP = 512
 """Largest batch tried on a GPU: beyond it throughput no longer grows for patch encoders."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import textwrap
 
-from client.embed.catalog import (
+from fedpath.client.embed.catalog import (
     FOUNDATION_MODELS,
     available_encoders,
     canonical_encoder_id,

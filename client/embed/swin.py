@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from client.embed.hyperparams import SwinConfig
-from client.embed.models import fold_conv_bn
-from client.embed.vit import Mlp, _float32_region
+from fedpath.client.embed.hyperparams import SwinConfig
+from fedpath.client.embed.models import fold_conv_bn
+from fedpath.client.embed.vit import Mlp, _float32_region
 
 
 class ConvStem(nn.Module):

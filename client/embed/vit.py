@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.embed.hyperparams import Pool, ViTConfig
+from fedpath.client.embed.hyperparams import Pool, ViTConfig
 
 __all__ = ["Pool", "ViTConfig", "VisionTransformer", "resample_pos_embed"]
 

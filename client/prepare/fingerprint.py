@@ -4,7 +4,7 @@ A feature bag is reused only if the slide it was made from is still the same. Si
 alone are kept by a restore from backup, ``touch -r``, ``cp -p`` and ``rsync -t``; so, as git
 does, the fast path also compares the inode and the ctime (which no user-level tool can set
 back), and when any of them differs the slide's sampled content hash
-(``common.hashing.sha256_sampled``, recorded in the bag) decides: equal means the file was
+(``fedpath.common.hashing.sha256_sampled``, recorded in the bag) decides: equal means the file was
 only copied, moved or touched and the bag is reused; different means it is prepared again.
 
 A MIRAX slide (``.mrxs``) keeps its pixels in a folder of the same name next to it; every file
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.hashing import SAMPLE_SCHEME, sha256_json, sha256_sampled
+from fedpath.common.hashing import SAMPLE_SCHEME, sha256_json, sha256_sampled
 
 MULTI_FILE_SUFFIXES = (".mrxs",)
 """Formats whose pixel data live in a sibling folder named like the file without suffix."""

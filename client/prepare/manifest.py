@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.errors import ManifestError
+from fedpath.common.errors import ManifestError
 
 REQUIRED_COLUMNS: tuple[str, ...] = ("slide_id", "path", "label")
 OPTIONAL_COLUMNS: tuple[str, ...] = (

@@ -17,9 +17,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from client.wsi.patching import PatchGrid, read_coords_h5
-from common.errors import FeatureBagError
-from common.featurebag import plain_value
+from fedpath.client.wsi.patching import PatchGrid, read_coords_h5
+from fedpath.common.errors import FeatureBagError
+from fedpath.common.featurebag import plain_value
 
 PATCH_FILE_VERSION = 1
 """Bumped when the patch file's meaning changes; an older file is then cut again."""

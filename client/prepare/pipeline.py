@@ -37,11 +37,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from client.config import PrepareConfig, TissueConfig
-from client.prepare.fingerprint import SlideFingerprint, fingerprint
-from client.prepare.manifest import Manifest, ManifestRow, RejectedRow, load_manifest
-from client.prepare.patchfile import PATCH_FILE_VERSION, PatchFile, read_patch_file
-from client.prepare.records import (
+from fedpath.client.config import PrepareConfig, TissueConfig
+from fedpath.client.prepare.fingerprint import SlideFingerprint, fingerprint
+from fedpath.client.prepare.manifest import Manifest, ManifestRow, RejectedRow, load_manifest
+from fedpath.client.prepare.patchfile import PATCH_FILE_VERSION, PatchFile, read_patch_file
+from fedpath.client.prepare.records import (
     INDEX_COLUMNS,
     INDEX_FILE,
     PATCH_INDEX_FILE,
@@ -51,29 +51,29 @@ from client.prepare.records import (
     SilentEvents,
     SlideRecord,
 )
-from client.wsi.patching import PatchGrid, patch_grid, write_coords_h5
-from client.wsi.qc import qc_background, render_qc_png, tissue_contours_geojson
-from client.wsi.reader import SlideInfo, WsiReader
-from client.wsi.resolution import ReadPlan, plan_read
-from client.wsi.tissue import TissueMask, tissue_mask_for_slide
-from common import __version__
-from common.atomic import (
+from fedpath.client.wsi.patching import PatchGrid, patch_grid, write_coords_h5
+from fedpath.client.wsi.qc import qc_background, render_qc_png, tissue_contours_geojson
+from fedpath.client.wsi.reader import SlideInfo, WsiReader
+from fedpath.client.wsi.resolution import ReadPlan, plan_read
+from fedpath.client.wsi.tissue import TissueMask, tissue_mask_for_slide
+from fedpath.common import __version__
+from fedpath.common.atomic import (
     OutputWriteError,
     atomic_write_json,
     atomic_write_text,
     os_error_text,
     remove_stale_temporaries,
 )
-from common.errors import EmptyTissueError, FedpathError, SlideError
-from common.featurebag import FeatureBagWriter, read_attrs
-from common.hashing import SAMPLE_SCHEME, sha256_file, sha256_json
-from common.locking import LOCK_NAME, exclusive_directory
+from fedpath.common.errors import EmptyTissueError, FedpathError, SlideError
+from fedpath.common.featurebag import FeatureBagWriter, read_attrs
+from fedpath.common.hashing import SAMPLE_SCHEME, sha256_file, sha256_json
+from fedpath.common.locking import LOCK_NAME, exclusive_directory
 
 if TYPE_CHECKING:  # imported where used: a patch-only run imports no torch, and a slide
     # without annotation no shapely (start-up is most of a patch-only command's time)
-    from client.embed.inference import InferencePlan
-    from client.embed.registry import LoadedEncoder
-    from client.wsi.annotations import AnnotationOutcome
+    from fedpath.client.embed.inference import InferencePlan
+    from fedpath.client.embed.registry import LoadedEncoder
+    from fedpath.client.wsi.annotations import AnnotationOutcome
 
 
 PATCH_ONLY = "patch-only"
@@ -127,7 +127,7 @@ def encoder_dir_name(encoder_id: str) -> str:
 
 def features_config(cfg: PrepareConfig, encoder: LoadedEncoder, precision: str) -> dict[str, Any]:
     """The settings that change a feature file's content (and nothing that merely changes speed)."""
-    from client.embed.extract import RESAMPLING
+    from fedpath.client.embed.extract import RESAMPLING
 
     return {
         "resolution": cfg.resolution.model_dump(mode="json"),
@@ -397,7 +397,7 @@ def _cut_patches(
     fraction: np.ndarray | None = None
     outcome: AnnotationOutcome | None = None
     if row.annotation is not None:
-        from client.wsi.annotations import annotation_outcome, slide_patch_labels
+        from fedpath.client.wsi.annotations import annotation_outcome, slide_patch_labels
 
         stages.append("annotation")
         events.stage_started("annotation", row.slide_id)
@@ -636,7 +636,7 @@ def _embed(
     written: list[Path],
 ) -> None:
     """Embed the patches into the slide's feature bag (streamed, written atomically)."""
-    from client.embed.extract import extract_features
+    from fedpath.client.embed.extract import extract_features
 
     with FeatureBagWriter(
         feature_path,
@@ -763,9 +763,9 @@ def _prepare_locked(
         layout = SiteLayout(out, encoder_dir_name(cfg.embedding.encoder))
         sink.site_started(len(parsed.rows) + len(parsed.rejected), "none", PATCH_ONLY)
     else:
-        from client.embed.catalog import resolution_mismatch
-        from client.embed.inference import plan_inference
-        from client.embed.registry import load_encoder
+        from fedpath.client.embed.catalog import resolution_mismatch
+        from fedpath.client.embed.inference import plan_inference
+        from fedpath.client.embed.registry import load_encoder
 
         sink.stage_started("encoder", cfg.embedding.encoder)
         encoder = load_encoder(cfg.embedding.encoder, cfg.embedding.weights_path)
@@ -892,7 +892,9 @@ def _process_row(
 
 def _no_tumour_summary(error: Exception) -> dict[str, Any] | None:
     """The annotation block of a slide failed for having no tumour region (else None)."""
-    annotations = sys.modules.get("client.wsi.annotations")  # not loaded: no annotation read
+    annotations = sys.modules.get(
+        "fedpath.client.wsi.annotations"
+    )  # not loaded: no annotation read
     if annotations is not None and isinstance(error, annotations.NoTumourRegionError):
         return dict(error.summary)
     return None

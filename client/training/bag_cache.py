@@ -3,7 +3,7 @@
 Within one run, a site reads the same bags again and again: every round's train message
 loads the training and validation bags, and the evaluate message that follows reads the
 validation bags once more. A fresh message process gains nothing from a cache (it reads each
-bag once and exits), but the resident worker (:mod:`client.worker`) lives through every
+bag once and exits), but the resident worker (:mod:`fedpath.client.worker`) lives through every
 message of a run, so it keeps the validated bags of the run in memory up to a cap
 (default 512 MiB; node config ``bag-cache-mib``, 0 turns it off).
 
@@ -12,7 +12,7 @@ inode, size, modification and change times in ns), taken before and after the re
 bag is cached only when both agree; a file that was rewritten (fedpath writes bags to a
 temporary name and renames them, so a new file is a new inode) is a miss. What is cached is
 the file's content; the checks against the caller's expectations (feature width, encoder
-hash) run on every hit, exactly as on a read (:func:`client.training.bags.load_bag`).
+hash) run on every hit, exactly as on a read (:func:`fedpath.client.training.bags.load_bag`).
 
 Cached tensors are shared between messages, so their consumers must treat them as read-only,
 as the trainers and scorers do (they batch into new tensors or only run forward passes).
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch

@@ -4,7 +4,7 @@ A bag of 100,000 patches × 1,280 float32 features is 512 MB, so bags are never 
 memory as a dataset: each step loads the slides it needs (HDF5 reads are fast, ~1 GB/s from
 page cache) and ``torch.from_numpy`` shares the buffer instead of copying it. Only the
 resident worker keeps a run's bags between its messages, up to a byte cap
-(:mod:`client.training.bag_cache`).
+(:mod:`fedpath.client.training.bag_cache`).
 
 One bad feature file (NaN features, another encoder, a truncated copy) costs only its slide:
 the tolerant loaders below skip it and tell the caller through ``on_skip``, so a federated
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.training.bag_cache import BagContent, FileIdentity, active_cache
-from client.training.site_index import BagEntry
-from common.errors import ConfigError, FeatureBagError
-from common.featurebag import read_feature_bag
+from fedpath.client.training.bag_cache import BagContent, FileIdentity, active_cache
+from fedpath.client.training.site_index import BagEntry
+from fedpath.common.errors import ConfigError, FeatureBagError
+from fedpath.common.featurebag import read_feature_bag
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ def load_bag(entry: BagEntry, feature_dim: int | None = None) -> Bag:
     """Read one feature bag; refuse a width that does not match the model, or features from
     other encoder weights than the site's (same width, incomparable features).
 
-    Inside :func:`client.training.bag_cache.use_bag_cache` (the resident worker) the file's
+    Inside :func:`fedpath.client.training.bag_cache.use_bag_cache` (the resident worker) the file's
     content may come from the cache; the checks against ``entry`` and ``feature_dim`` run
     either way, so a hit refuses exactly what a read would.
     """
@@ -187,7 +187,7 @@ def load_bag(entry: BagEntry, feature_dim: int | None = None) -> Bag:
 
 
 def _read_content(path: Path) -> BagContent:
-    """Read and validate one file (N×D, finite: :func:`common.featurebag.validate_bag`)."""
+    """Read and validate one file (N×D, finite: :func:`fedpath.common.featurebag.validate_bag`)."""
     bag = read_feature_bag(path)
     features = torch.from_numpy(np.ascontiguousarray(bag.features, dtype=np.float32))
     labels = None

@@ -29,16 +29,22 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 
-from client.training.bags import Bag, load_bag
-from client.training.site_index import BagEntry
-from client.training.trainer import out_of_memory_as_error
-from common.atomic import atomic_write_bytes
-from common.calibration import SlideCalibration, fit_calibration, scaled_probs
-from common.errors import ConfigError
-from common.metrics import PatchMetrics, SlideMetrics, pooled_patch_metrics, predict, slide_metrics
-from common.mil.config import ModelConfig
-from common.mil.models import MILModel, build_model
-from common.safe_load import pickled_reference
+from fedpath.client.training.bags import Bag, load_bag
+from fedpath.client.training.site_index import BagEntry
+from fedpath.client.training.trainer import out_of_memory_as_error
+from fedpath.common.atomic import atomic_write_bytes
+from fedpath.common.calibration import SlideCalibration, fit_calibration, scaled_probs
+from fedpath.common.errors import ConfigError
+from fedpath.common.metrics import (
+    PatchMetrics,
+    SlideMetrics,
+    pooled_patch_metrics,
+    predict,
+    slide_metrics,
+)
+from fedpath.common.mil.config import ModelConfig
+from fedpath.common.mil.models import MILModel, build_model
+from fedpath.common.safe_load import pickled_reference
 
 __all__ = [
     "EvaluationResult",
@@ -184,7 +190,7 @@ def evaluate_bags(
     """Score ``bags`` as they come, then compute the metrics (see :func:`evaluate_entries`).
 
     Takes an iterable, so a loader that skips unusable files while it reads
-    (:meth:`client.training.bags.BagSkips.iter_bags`) reads each bag exactly once and memory
+    (:meth:`fedpath.client.training.bags.BagSkips.iter_bags`) reads each bag exactly once and memory
     stays at one bag. ``ValueError`` when it yields no bag.
     """
     was_training = model.training

@@ -32,20 +32,20 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from client.config import AnnotationConfig, ResolutionConfig
-from client.training.bags import Bag, load_bag
-from client.training.site_index import BagEntry
-from client.training.trainer import out_of_memory_as_error
-from client.wsi.annotations import load_annotation
-from client.wsi.patching import read_coords_h5
-from client.wsi.qc import slide_thumbnail
-from client.wsi.reader import WsiReader
-from client.wsi.resolution import plan_read, round_half_up
-from common.atomic import atomic_write_bytes
-from common.configbase import StrictModel
-from common.errors import FeatureBagError, FedpathError, SlideError
-from common.featurebag import plain_value
-from common.mil.models import MILModel
+from fedpath.client.config import AnnotationConfig, ResolutionConfig
+from fedpath.client.training.bags import Bag, load_bag
+from fedpath.client.training.site_index import BagEntry
+from fedpath.client.training.trainer import out_of_memory_as_error
+from fedpath.client.wsi.annotations import load_annotation
+from fedpath.client.wsi.patching import read_coords_h5
+from fedpath.client.wsi.qc import slide_thumbnail
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.resolution import plan_read, round_half_up
+from fedpath.common.atomic import atomic_write_bytes
+from fedpath.common.configbase import StrictModel
+from fedpath.common.errors import FeatureBagError, FedpathError, SlideError
+from fedpath.common.featurebag import plain_value
+from fedpath.common.mil.models import MILModel
 
 __all__ = [
     "HeatmapConfig",

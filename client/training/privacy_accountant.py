@@ -17,8 +17,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from client.training.dp_config import Accountant
-from common.errors import ConfigError
+from fedpath.common.dp_config import Accountant
+from fedpath.common.errors import ConfigError
 
 __all__ = [
     "Mechanism",

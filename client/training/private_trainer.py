@@ -1,6 +1,6 @@
 """Slide-level DP-SGD for the site-local trainer (DESIGN §4.5): a function of (model, bags, config).
 
-Same contract as :func:`client.training.trainer.train` (no I/O, prints nothing, same loss,
+Same contract as :func:`fedpath.client.training.trainer.train` (no I/O, prints nothing, same loss,
 same validation, same best-epoch restore and early stopping) with the three changes DP-SGD
 needs, one slide being one privacy unit:
 
@@ -28,7 +28,7 @@ server (the federated client stores it in its privacy ledger): noise that the se
 regenerate from a public seed would protect nothing. The dropout and instance-sampling
 streams stay derived from ``cfg.seed`` as in the plain trainer; they need no secrecy.
 
-**Precision** follows ``cfg.precision`` as in the plain trainer (:func:`~client.training.
+**Precision** follows ``cfg.precision`` as in the plain trainer (:func:`~fedpath.client.training.
 trainer.resolve_precision`: ``auto`` is bfloat16 on a CPU where it is much faster and on a
 GPU that computes it natively, float32 elsewhere, never float16). bfloat16 is autocast around
 the forward pass only, as in the plain trainer:
@@ -46,9 +46,9 @@ sum, and the noise, drawn from a generator on that same device, never leave it. 
 accounting does not depend on the device: σ, q and the step count are planned before
 training from public settings and N alone. On a GPU ``auto`` precision is bfloat16 where the
 GPU computes it natively and float32 otherwise, never float16
-(:func:`~client.training.trainer.resolve_precision` says why). The same secret seed draws
+(:func:`~fedpath.client.training.trainer.resolve_precision` says why). The same secret seed draws
 different noise on another kind of device, so the federated client counts a round retried
-on another device as a new release (``client.federated.input_digest``). On a CUDA GPU the
+on another device as a new release (``fedpath.client.federated.input_digest``). On a CUDA GPU the
 training runs with torch's deterministic algorithms (:func:`deterministic_on`): some CUDA
 backward passes (the instance loss's indexing) otherwise add with atomics in a varying order,
 and a round retried on the same GPU would release the same noise on a gradient that differs
@@ -68,16 +68,14 @@ import torch
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-from client.training.bags import Bag, sample_patches
-from client.training.dp_config import DPConfig
-from client.training.privacy_accountant import (
+from fedpath.client.training.bags import Bag, sample_patches
+from fedpath.client.training.privacy_accountant import (
     Mechanism,
     check_delta,
     sampling_plan,
     solve_noise_multiplier,
 )
-from client.training.train_config import TrainConfig
-from client.training.trainer import (
+from fedpath.client.training.trainer import (
     EpochMetrics,
     Precision,
     TrainResult,
@@ -93,9 +91,11 @@ from client.training.trainer import (
     run_epochs,
     step_lr,
 )
-from common.errors import ConfigError
-from common.mil.losses import mixed_supervision_loss
-from common.mil.models import MILModel
+from fedpath.common.dp_config import DPConfig
+from fedpath.common.errors import ConfigError
+from fedpath.common.mil.losses import mixed_supervision_loss
+from fedpath.common.mil.models import MILModel
+from fedpath.common.train_config import TrainConfig
 
 __all__ = [
     "PrivateTrainResult",
@@ -182,7 +182,7 @@ def deterministic_on(device: torch.device) -> Iterator[None]:
     difference exactly. CPU kernels already are reproducible; CUDA's index and scatter
     backward passes are not unless asked. ``warn_only``: an operation without a deterministic
     CUDA version warns in the SuperNode's log instead of failing the round (cuBLAS itself
-    is made reproducible by ``CUBLAS_WORKSPACE_CONFIG``, set by :mod:`client.node_device`
+    is made reproducible by ``CUBLAS_WORKSPACE_CONFIG``, set by :mod:`fedpath.client.node_device`
     before CUDA starts). The caller's setting is restored afterwards.
     """
     if device.type != "cuda":
@@ -367,7 +367,7 @@ def train_private(
     repeated; a federated site passes its ledger's secret so that a retried round releases
     exactly the same update and costs nothing more.
 
-    ``cfg.precision`` is resolved once (:func:`~client.training.trainer.resolve_precision`)
+    ``cfg.precision`` is resolved once (:func:`~fedpath.client.training.trainer.resolve_precision`)
     for the forward passes of training and validation, as in the plain trainer; the result
     records it. Clipping and noise are float32 in every precision (module docstring).
     """

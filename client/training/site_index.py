@@ -14,9 +14,9 @@ from pathlib import Path, PurePath
 
 import numpy as np
 
-from client.prepare.records import INDEX_FILE, SITE_FILE
-from client.site_facts import read_site
-from common.errors import ConfigError
+from fedpath.client.prepare.records import INDEX_FILE, SITE_FILE
+from fedpath.client.site_facts import read_site
+from fedpath.common.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 

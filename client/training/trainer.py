@@ -26,15 +26,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from client.training.bags import Bag, BagBatch, collate, sample_patches
-from client.training.train_config import TrainConfig
-from common.cpuinfo import read_cpuinfo
-from common.device import describe_device
-from common.errors import DeviceError, FedpathError
-from common.metrics import pooled_patch_metrics, slide_metrics
-from common.mil.losses import mixed_supervision_loss
-from common.mil.models import MILModel
-from common.mil.sampling import epoch_schedule
+from fedpath.client.training.bags import Bag, BagBatch, collate, sample_patches
+from fedpath.common.cpuinfo import read_cpuinfo
+from fedpath.common.device import describe_device
+from fedpath.common.errors import DeviceError, FedpathError
+from fedpath.common.metrics import pooled_patch_metrics, slide_metrics
+from fedpath.common.mil.losses import mixed_supervision_loss
+from fedpath.common.mil.models import MILModel
+from fedpath.common.mil.sampling import epoch_schedule
+from fedpath.common.train_config import TrainConfig
 
 __all__ = [
     "EpochMetrics",
@@ -130,7 +130,7 @@ class TrainResult:
     ``best_epoch`` is an absolute epoch index (as in ``history``). ``mean_train_loss_last_epoch``
     is the FedMix ``L_i`` of this site (DESIGN §4.6). ``precision`` is what ``cfg.precision``
     resolved to on this machine, so a run's record says whether bfloat16 was used, and
-    ``device`` which device trained (:func:`common.device.describe_device`).
+    ``device`` which device trained (:func:`fedpath.common.device.describe_device`).
     """
 
     model: MILModel
@@ -274,9 +274,9 @@ def _collate(bags: Sequence[Bag], precision: Precision, device: torch.device) ->
 
     float32 is batched as loaded. In a low precision the features are cast once while
     batching (autocast would cast them anyway, and half the bytes cross the bus to a GPU);
-    on a CPU they are also padded to :func:`~client.training.bags.bucket_length`, so oneDNN
+    on a CPU they are also padded to :func:`~fedpath.client.training.bags.bucket_length`, so oneDNN
     reuses its compiled kernels across slides of similar length. A batch bound for a CUDA
-    GPU is built in pinned memory (:func:`~client.training.bags.collate`).
+    GPU is built in pinned memory (:func:`~fedpath.client.training.bags.collate`).
     """
     pin = device.type == "cuda"
     if precision == "float32":
@@ -328,7 +328,7 @@ def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int, int]:
 
 def patch_sampler(seed: int, epoch: int) -> torch.Generator:
     """The generator that picks each large slide's training patches in one epoch
-    (:func:`~client.training.bags.sample_patches`): its own stream, so runs whose slides are
+    (:func:`~fedpath.client.training.bags.sample_patches`): its own stream, so runs whose slides are
     all small draw exactly the dropout and instance samples they drew before it existed."""
     (state,) = np.random.SeedSequence([seed, epoch, 11]).generate_state(1)
     return torch.Generator().manual_seed(int(state))
@@ -509,7 +509,7 @@ def train(
 
     ``cfg.precision`` is resolved once (:func:`resolve_precision`) and used for training and
     validation alike; the result records it. Training runs on the device the model's
-    parameters are on (move the model first, e.g. to ``common.device.resolve_device``'s
+    parameters are on (move the model first, e.g. to ``fedpath.common.device.resolve_device``'s
     choice): batches follow it, and so do the optimiser's state and the dropout RNG.
     """
     if not train_bags:

@@ -28,10 +28,10 @@ import shapely
 from shapely.geometry import Polygon as ShapelyPolygon
 from shapely.geometry import box as shapely_box
 
-from client.config import UNCLASSIFIED, AnnotationConfig
-from client.wsi.polygons import Polygon, TumourAnnotation
-from common.atomic import atomic_write_text
-from common.errors import AnnotationError
+from fedpath.client.config import UNCLASSIFIED, AnnotationConfig
+from fedpath.client.wsi.polygons import Polygon, TumourAnnotation
+from fedpath.common.atomic import atomic_write_text
+from fedpath.common.errors import AnnotationError
 
 MAX_ANNOTATION_BYTES = 200_000_000
 """Larger files are refused before reading: real outline files are a few MB, and parsing a

@@ -1,15 +1,15 @@
 """Tumour outlines (QuPath GeoJSON, ASAP XML) → per-patch tumour fraction → patch labels.
 
 The entry point the rest of the pipeline imports, kept small by splitting the work by job:
-:mod:`client.wsi.polygons` holds the one in-memory outline form (so nothing downstream needs
-to know whether an outline came from QuPath or ASAP), :mod:`client.wsi.annotation_formats`
-reads and writes the two file formats, and :mod:`client.wsi.coverage` turns a region into
+:mod:`fedpath.client.wsi.polygons` holds the one in-memory outline form (so nothing downstream needs
+to know whether an outline came from QuPath or ASAP), :mod:`fedpath.client.wsi.annotation_formats`
+reads and writes the two file formats, and :mod:`fedpath.client.wsi.coverage` turns a region into
 per-patch coverage in one rasterisation pass instead of a polygon clip per patch. What stays
 here is what is specific to tumour labelling: combining tumour and exclusion outlines into one
 region, snapping fractions, thresholding them into labels, and deciding whether a slide's
 annotation may give patch labels at all (:func:`annotation_outcome`: a tumour slide whose
 outlines hold no tumour must not become a slide of normal patches). The names that moved are
-re-exported so that ``from client.wsi.annotations import …`` keeps working.
+re-exported so that ``from fedpath.client.wsi.annotations import …`` keeps working.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import shapely
 from shapely.errors import GEOSException
 from shapely.geometry import Polygon as ShapelyPolygon
 
-from client.config import UNCLASSIFIED, AnnotationConfig
-from client.wsi.annotation_formats import (
+from fedpath.client.config import UNCLASSIFIED, AnnotationConfig
+from fedpath.client.wsi.annotation_formats import (
     ASAP_EXCLUSION_GROUP,
     MAX_ANNOTATION_BYTES,
     QUPATH_CLASS_COLOURS,
@@ -32,9 +32,9 @@ from client.wsi.annotation_formats import (
     write_asap_xml,
     write_qupath_geojson,
 )
-from client.wsi.coverage import box_fractions
-from client.wsi.polygons import Polygon, TumourAnnotation
-from common.errors import AnnotationError
+from fedpath.client.wsi.coverage import box_fractions
+from fedpath.client.wsi.polygons import Polygon, TumourAnnotation
+from fedpath.common.errors import AnnotationError
 
 __all__ = [
     "ASAP_EXCLUSION_GROUP",
@@ -80,7 +80,7 @@ def tumour_fraction(
     The tumour region (union of tumour polygons minus the union of exclusions, clipped to the
     slide) is rasterised at ``cfg.raster_px_per_patch`` pixels per patch side as *exact* area
     coverage, tile by tile over the part of the slide both annotated and patched; each patch is
-    then one box sum on the tile's integral image (see :mod:`client.wsi.coverage`). Exact
+    then one box sum on the tile's integral image (see :mod:`fedpath.client.wsi.coverage`). Exact
     coverage matters here because an outline lying on a patch border must not leak into the
     neighbour and turn a certain 0 into −1: grid-aligned outlines give exactly 0 and 1.
     """

@@ -34,12 +34,12 @@ import cv2
 import h5py
 import numpy as np
 
-from client.wsi.reader import SlideInfo
-from client.wsi.resolution import ReadPlan
-from client.wsi.tissue import TissueMask
-from common import __version__
-from common.errors import FeatureBagError
-from common.featurebag import AtomicH5File, plain_value
+from fedpath.client.wsi.reader import SlideInfo
+from fedpath.client.wsi.resolution import ReadPlan
+from fedpath.client.wsi.tissue import TissueMask
+from fedpath.common import __version__
+from fedpath.common.errors import FeatureBagError
+from fedpath.common.featurebag import AtomicH5File, plain_value
 
 _FRACTION_EPS = 1e-9
 """Slack when comparing fractions to the threshold: exact ties must not be lost to rounding."""

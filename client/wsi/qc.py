@@ -20,11 +20,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from client.wsi.patching import PatchGrid
-from client.wsi.reader import WsiReader
-from client.wsi.tissue import TissueMask, choose_segmentation_level, read_thumbnail
-from common.atomic import atomic_write_bytes
-from common.errors import FedpathError
+from fedpath.client.wsi.patching import PatchGrid
+from fedpath.client.wsi.reader import WsiReader
+from fedpath.client.wsi.tissue import TissueMask, choose_segmentation_level, read_thumbnail
+from fedpath.common.atomic import atomic_write_bytes
+from fedpath.common.errors import FedpathError
 
 QC_MIN_SIDE = 800
 """Small masks (a 2,000 px slide gives a 35-px mask at 64×) are enlarged to be readable."""

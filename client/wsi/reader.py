@@ -29,14 +29,14 @@ import numpy as np
 import openslide
 import tifffile
 
-from client.wsi.tile_reader import (
+from fedpath.client.wsi.tile_reader import (
     FAST_VENDORS,
     TileCache,
     TileDecodeError,
     TiledLevelReader,
     find_level_pages,
 )
-from common.errors import MissingMppError, SlideOpenError, SlideReadError
+from fedpath.common.errors import MissingMppError, SlideOpenError, SlideReadError
 
 MAX_SIDE_PX = 1_000_000
 """Largest level-0 side accepted; real slides stay below ~250k px, so more means a bad header."""

@@ -26,7 +26,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from client.config import ResolutionConfig
+from fedpath.client.config import ResolutionConfig
 
 
 @dataclass(frozen=True)

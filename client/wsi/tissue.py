@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from client.config import TissueConfig
-from client.wsi.reader import WsiReader
+from fedpath.client.config import TissueConfig
+from fedpath.client.wsi.reader import WsiReader
 
 REF_PATCH_AREA_LEVEL0 = 512 * 512
 """CLAM's reference area: a_t and a_h are multiples of a 512×512 level-0 patch."""

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from common.configbase import StrictModel
+from fedpath.common.configbase import StrictModel
 
 
 class ModelConfig(StrictModel):

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from common.mil.config import SupervisionConfig
+from fedpath.common.mil.config import SupervisionConfig
 
 __all__ = [
     "LossBreakdown",

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from common.mil.config import ModelConfig
+from fedpath.common.mil.config import ModelConfig
 
 __all__ = [
     "ABMIL",

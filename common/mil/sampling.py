@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from common.mil.config import SupervisionConfig
+from fedpath.common.mil.config import SupervisionConfig
 
 __all__ = ["epoch_schedule", "oversample_weights"]
 

@@ -7,7 +7,7 @@ seconds of each round (train + evaluate exchange, like fedpath's ``metrics.jsonl
 ``out-file``. Every wait is bounded; a missing reply fails the run.
 
 ``reply-poll-interval`` > 0 collects replies the way fedpath's round loop does
-(``server.replies.send_and_collect``: a pull every that many seconds), so the floor and ours
+(``fedpath.server.replies.send_and_collect``: a pull every that many seconds), so the floor and ours
 wait for replies alike; 0 uses Flower's own ``send_and_receive`` (a pull every 3 s), the stock
 floor.
 """
@@ -49,13 +49,13 @@ def _exchange(
 ) -> list[Message]:
     """Send ``content()`` to every node and wait for all replies; ``RuntimeError`` otherwise.
 
-    One RecordDict per node, as ``server.rounds`` builds them.
+    One RecordDict per node, as ``fedpath.server.rounds`` builds them.
     """
     messages = [
         Message(content(), dst_node_id=n, message_type=message_type, group_id=group) for n in nodes
     ]
     if poll_interval > 0:
-        from server.replies import send_and_collect
+        from fedpath.server.replies import send_and_collect
 
         replies = send_and_collect(
             grid, messages, timeout=timeout, poll_interval=poll_interval

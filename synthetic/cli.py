@@ -1,4 +1,4 @@
-"""``fedpath synth`` and ``fedpath demo``: synthetic hospitals for trying fedpath without data.
+"""``fedpath synth``: synthetic slides and hospitals for trying fedpath without data.
 
 The demo uses only real components: the generated slides are real pyramidal TIFFs read by
 OpenSlide, and they go through exactly the ``prepare`` pipeline a hospital runs.
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-EXIT_OK, EXIT_PARTIAL = 0, 1
+EXIT_OK = 0
 
 
 def cmd_synth_slide(args: argparse.Namespace, console: Console) -> int:
-    from client.wsi.synthetic import SynthSlideConfig, generate_slide
-    from common.configio import build_config
+    from fedpath.common.configio import build_config
+    from fedpath.synthetic.slides import SynthSlideConfig, generate_slide
 
     overrides = {
         "width_px": args.width,
@@ -62,7 +61,7 @@ def demo_cohort_config(cfg: Any) -> Any:
     hospital. The training label levels stay as configured (the reference cohort: A outlines
     30 % of its tumour training slides, B and C give slide labels only); test slides are never
     trained on, so their outlines teach nothing. A site's own ``split_shares`` are kept."""
-    from client.wsi.synthetic import SynthCohortConfig, SynthSiteConfig
+    from fedpath.synthetic.slides import SynthCohortConfig, SynthSiteConfig
 
     sites = tuple(
         SynthSiteConfig.model_validate(
@@ -77,9 +76,9 @@ def demo_cohort_config(cfg: Any) -> Any:
     return SynthCohortConfig.model_validate({**cfg.model_dump(), "sites": sites})
 
 
-def _cohort_config(args: argparse.Namespace, *, demo: bool = False) -> Any:
-    from client.wsi.synthetic import SynthCohortConfig
-    from common.configio import build_config
+def cohort_config(args: argparse.Namespace, *, demo: bool = False) -> Any:
+    from fedpath.common.configio import build_config
+    from fedpath.synthetic.slides import SynthCohortConfig
 
     cfg = build_config(SynthCohortConfig, args.config_cohort)
     if demo:
@@ -97,15 +96,15 @@ def _cohort_config(args: argparse.Namespace, *, demo: bool = False) -> Any:
     return cfg
 
 
-def _generate_cohort(
+def generate_cohort_with_progress(
     args: argparse.Namespace, out: Path, console: Console, *, demo: bool = False
 ) -> list[Path]:
-    from client.wsi.synthetic import generate_cohort
+    from fedpath.synthetic.slides import generate_cohort
 
-    cfg = _cohort_config(args, demo=demo)
+    cfg = cohort_config(args, demo=demo)
     total = sum(site.n_slides for site in cfg.sites)
     started = time.perf_counter()
-    from client.progress import bar_or_lines
+    from fedpath.client.progress import bar_or_lines
 
     with bar_or_lines(
         console,
@@ -127,18 +126,14 @@ def _generate_cohort(
 
 
 def cmd_synth_cohort(args: argparse.Namespace, console: Console) -> int:
-    site_dirs = _generate_cohort(args, args.out, console)
+    site_dirs = generate_cohort_with_progress(args, args.out, console)
     for site_dir in site_dirs:
         console.print(f"  {site_dir.name}: manifest {site_dir / 'slides.csv'}")
     return EXIT_OK
 
 
-def add_synth_commands(
-    sub: Any,
-    add_prepare_options: Callable[[argparse.ArgumentParser], None],
-    prepare_overrides: Callable[[argparse.Namespace], dict[str, Any]],
-) -> None:
-    """Register ``synth slide``, ``synth cohort`` and ``demo`` on the top-level parser."""
+def add_synth_commands(sub: Any) -> None:
+    """Register ``synth slide`` and ``synth cohort`` on the top-level parser."""
     synth = sub.add_parser("synth", help="generate synthetic slides with known ground truth")
     synth_sub = synth.add_subparsers(dest="synth_command", required=True, metavar="KIND")
 
@@ -161,41 +156,11 @@ def add_synth_commands(
 
     cohort = synth_sub.add_parser("cohort", help="several hospitals, each with a manifest")
     cohort.add_argument("out", type=Path, help="output folder (one sub-folder per site)")
-    _add_cohort_options(cohort)
+    add_cohort_options(cohort)
     cohort.set_defaults(handler=cmd_synth_cohort)
 
-    demo = sub.add_parser(
-        "demo",
-        help="three synthetic hospitals on this machine: prepare, federate, report",
-        description=(
-            "Generate a synthetic three-hospital cohort (different label levels and stain; "
-            "each hospital's test slides outlined, so patch AUC is measured everywhere), "
-            "run `fedpath prepare` for each hospital, start a SuperLink and one SuperNode per "
-            "hospital on loopback, run a federated FedMix run, write its report and stop "
-            "every process."
-        ),
-    )
-    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="working folder")
-    _add_cohort_options(demo)
-    add_prepare_options(demo)
-    demo.add_argument("--rounds", type=int, default=5, help="federated rounds (5)")
-    demo.add_argument(
-        "--strategy", choices=("fedmix", "fedavg"), default="fedmix", help="aggregation (fedmix)"
-    )
-    demo.add_argument("--local-epochs", type=int, default=2, help="epochs per site per round (2)")
 
-    def run_demo(a: argparse.Namespace, c: Console) -> int:
-        from client.cli_demo import cmd_demo
-
-        def demo_cohort(a: argparse.Namespace, out: Path, c: Console) -> list[Path]:
-            return _generate_cohort(a, out, c, demo=True)
-
-        return cmd_demo(a, c, prepare_overrides, demo_cohort)
-
-    demo.set_defaults(handler=run_demo)
-
-
-def _add_cohort_options(parser: argparse.ArgumentParser) -> None:
+def add_cohort_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--cohort-config", dest="config_cohort", type=Path, help="TOML with SynthCohortConfig"

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError
-from server.local_network import LocalNetwork, NetworkError
-from server.run_log import FINAL_FILE, METRICS_FILE
+from fedpath.deploy.local_network import LocalNetwork
+from fedpath.server.flwr_cli import NetworkError, app_directory
+from fedpath.server.run_log import FINAL_FILE, read_rounds
 
-__all__ = ["DemoRun", "app_directory", "run_demo_federation"]
+__all__ = ["DemoRun", "run_demo_federation"]
 
 
 @dataclass(frozen=True)
@@ -32,25 +32,6 @@ class DemoRun:
     rounds: list[dict[str, Any]]
     final: dict[str, Any] | None
     seconds: dict[str, float]
-
-
-def app_directory() -> Path:
-    """The Flower App to submit: the fedpath source tree (``pyproject.toml`` with the app)."""
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise ConfigError(
-            f"{root} has no pyproject.toml: `flwr run` ships the fedpath source directory as "
-            "the app, so run the demo from a source checkout (`pip install -e .`)"
-        )
-    return root
-
-
-def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
-    """The round lines written so far (the file is replaced atomically, never torn)."""
-    path = run_dir / METRICS_FILE
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def run_demo_federation(
@@ -89,7 +70,7 @@ def run_demo_federation(
         net.start_superlink()
         if public:
             on_stage("registering the hospitals' public keys")
-            from server.security import register_public_keys
+            from fedpath.server.security import register_public_keys
 
             register_public_keys(net.cli, public)
         on_stage(f"starting {len(prepared)} SuperNodes")
@@ -121,7 +102,7 @@ def run_demo_federation(
 
 def _secure(net: LocalNetwork, sites: list[str]) -> tuple[dict[str, Path | None], list[Path]]:
     """CA + SuperLink certificate + node keys under the network folder; TLS and auth on."""
-    from server.security import create_certificates, create_node_keys
+    from fedpath.server.security import create_certificates, create_node_keys
 
     pki = create_certificates(net.workdir / "pki", existing="overwrite")
     net.tls_ca, net.tls_cert, net.tls_key = pki.ca_cert, pki.server_cert, pki.server_key

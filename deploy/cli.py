@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from common.errors import ConfigError, FedpathError, ManifestError
+from fedpath.common.errors import ConfigError, FedpathError, ManifestError
 
 if TYPE_CHECKING:  # rich is imported once a command runs: --help needs none of it
     from rich.console import Console
@@ -80,7 +80,7 @@ def _add_prepare_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _prepare_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from client.config import TissueConfig
+    from fedpath.client.config import TissueConfig
 
     overrides: dict[str, Any] = {
         "resolution": {"target_mpp": args.target_mpp, "patch_size": args.patch_size},
@@ -114,15 +114,15 @@ def _names(text: str | None) -> tuple[str, ...] | None:
 
 
 def _prepare_config(args: argparse.Namespace) -> Any:
-    from client.config import PrepareConfig
-    from common.configio import build_config
+    from fedpath.client.config import PrepareConfig
+    from fedpath.common.configio import build_config
 
     return build_config(PrepareConfig, args.config, _prepare_overrides(args))
 
 
 def cmd_prepare(args: argparse.Namespace, console: Console) -> int:
-    from client.prepare.pipeline import prepare_site
-    from client.progress import prepare_events, print_summary, summary_line
+    from fedpath.client.prepare.pipeline import prepare_site
+    from fedpath.client.progress import prepare_events, print_summary, summary_line
 
     cfg = _prepare_config(args)
     if cfg.patch_only:
@@ -247,7 +247,7 @@ def _print_patch_only(console: Console, summary: Any) -> None:
 
 
 def cmd_encoders(args: argparse.Namespace, console: Console) -> int:
-    from client.embed.listing import encoder_details, encoder_listing
+    from fedpath.client.embed.listing import encoder_details, encoder_listing
 
     lines = encoder_details(args.name) if args.name else encoder_listing()
     for line in lines:
@@ -315,54 +315,64 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _add_synth(sub: Any) -> None:
-    from client.cli_synth import add_synth_commands
+    from fedpath.synthetic.cli import add_synth_commands
 
-    add_synth_commands(sub, _add_prepare_options, _prepare_overrides)
+    add_synth_commands(sub)
+
+
+def _add_demo(sub: Any) -> None:
+    from fedpath.deploy.cli_demo import add_demo_command
+
+    add_demo_command(sub, _add_prepare_options, _prepare_overrides)
 
 
 def _add_local(sub: Any) -> None:
-    from client.cli_local import add_local_commands
+    from fedpath.client.cli_local import add_local_commands
 
     add_local_commands(sub)
 
 
 def _add_report(sub: Any) -> None:
-    from server.cli_server import add_server_commands
+    from fedpath.server.cli_server import add_server_commands
 
     add_server_commands(sub)
 
 
 def _add_security(sub: Any) -> None:
-    from server.cli_security import add_security_commands
+    from fedpath.server.cli_security import add_security_commands
 
     add_security_commands(sub)
 
 
 def _add_coordinator(sub: Any) -> None:
-    from server.cli_coordinator import add_coordinator_commands
+    from fedpath.server.cli_coordinator import add_coordinator_commands
 
     add_coordinator_commands(sub)
 
 
+def _add_simulate(sub: Any) -> None:
+    from fedpath.deploy.cli_simulate import add_simulate_command
+
+    add_simulate_command(sub)
+
+
 def _add_node(sub: Any) -> None:
-    from client.cli_node import add_node_command
+    from fedpath.client.cli_node import add_node_command
 
     add_node_command(sub)
 
 
 def _add_privacy(sub: Any) -> None:
-    from client.cli_privacy import add_privacy_command
+    from fedpath.client.cli_privacy import add_privacy_command
 
     add_privacy_command(sub)
 
 
 _COMMAND_GROUPS: tuple[tuple[Callable[[Any], None], tuple[tuple[str, str], ...]], ...] = (
+    (_add_synth, (("synth", "generate synthetic slides with known ground truth"),)),
     (
-        _add_synth,
-        (
-            ("synth", "generate synthetic slides with known ground truth"),
-            ("demo", "three synthetic hospitals on this machine: prepare, federate, report"),
-        ),
+        _add_demo,
+        (("demo", "three synthetic hospitals on this machine: prepare, federate, report"),),
     ),
     (
         _add_local,
@@ -382,9 +392,12 @@ _COMMAND_GROUPS: tuple[tuple[Callable[[Any], None], tuple[tuple[str, str], ...]]
             ("link", "run the SuperLink (coordinator)"),
             ("run", "submit a federated run and follow it"),
             ("stop", "stop a federated run on the SuperLink"),
-            ("simulate", "the same apps in Flower's simulation engine, many synthetic sites"),
             ("status", "runs and connected hospitals"),
         ),
+    ),
+    (
+        _add_simulate,
+        (("simulate", "the same apps in Flower's simulation engine, many synthetic sites"),),
     ),
     (
         _add_node,

@@ -20,11 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from client.synthetic_site import SyntheticSiteSpec, write_synthetic_site
-from common.atomic import atomic_write_text
-from server.demo_federation import app_directory, read_rounds
-from server.local_network import LocalNetwork, NetworkError
-from server.run_log import FINAL_FILE
+from fedpath.common.atomic import atomic_write_text
+from fedpath.deploy.local_network import LocalNetwork
+from fedpath.server.flwr_cli import NetworkError, app_directory
+from fedpath.server.run_log import FINAL_FILE, read_rounds
+from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 __all__ = ["SimulationResult", "run_simulation", "simulated_site_specs", "simulation_run_config"]
 

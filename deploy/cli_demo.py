@@ -4,7 +4,7 @@ Stages: synthesise slides → ``fedpath prepare`` per hospital → a SuperLink a
 per hospital on loopback → one federated FedMix run submitted with ``flwr run`` → run report.
 Every stage shows progress; at the end one table per site (test AUC, patch AUC, weight, with
 a line saying what the weight is) and the time per stage. Every hospital's test slides carry
-complete outlines (``client.cli_synth.demo_cohort_config``), so patch AUC is measured at each
+complete outlines (``fedpath.synthetic.cli.demo_cohort_config``), so patch AUC is measured at each
 one; the prepared-hospitals table shows which split the outlined slides are in. Every process
 the demo starts is stopped when it ends, fails or is interrupted.
 """
@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 EXIT_OK, EXIT_PARTIAL = 0, 1
 
@@ -42,10 +42,10 @@ def _prepare_sites(
     stage_seconds: dict[str, float],
 ) -> tuple[dict[str, Path], int]:
     """Synthesise and prepare each hospital; (site → prepared dir, failed slide count)."""
-    from client.config import PrepareConfig
-    from client.prepare.pipeline import prepare_site
-    from client.progress import prepare_events, summary_line
-    from common.configio import build_config
+    from fedpath.client.config import PrepareConfig
+    from fedpath.client.prepare.pipeline import prepare_site
+    from fedpath.client.progress import prepare_events, summary_line
+    from fedpath.common.configio import build_config
 
     if args.tissue_preset is None:
         args.tissue_preset = "biopsy"  # synthetic slides are biopsy-sized (a few mm² of tissue)
@@ -104,7 +104,7 @@ def outlined_by_split(prepared: Path) -> str:
     Read from the site's own index (``prepared.csv``), the file training reads: it shows that
     the outlines of the test slides are not in the training split.
     """
-    from client.prepare.records import INDEX_FILE
+    from fedpath.client.prepare.records import INDEX_FILE
 
     counts = dict.fromkeys(("train", "val", "test"), 0)
     unsplit = 0
@@ -125,7 +125,7 @@ def outlined_by_split(prepared: Path) -> str:
 def _federate(
     args: argparse.Namespace, console: Console, prepared: dict[str, Path]
 ) -> tuple[Any, dict[str, float]]:
-    from server.demo_federation import run_demo_federation
+    from fedpath.deploy.demo_federation import run_demo_federation
 
     out: Path = args.out
     run_config = {
@@ -140,7 +140,7 @@ def _federate(
         "runs-dir": str((out / "runs").resolve()),
         "run-name": "demo",
     }
-    from client.progress import bar_or_lines
+    from fedpath.client.progress import bar_or_lines
 
     progress = bar_or_lines(
         console,
@@ -283,3 +283,40 @@ def cmd_demo(
         console.print(f"process logs: {args.out / 'network'}")
         return EXIT_PARTIAL
     return EXIT_PARTIAL if failed else EXIT_OK
+
+
+def add_demo_command(
+    sub: Any,
+    add_prepare_options: Callable[[argparse.ArgumentParser], None],
+    prepare_overrides: Callable[[argparse.Namespace], dict[str, Any]],
+) -> None:
+    """Register ``demo``: the synthetic cohort's options, then every ``prepare`` option."""
+    from fedpath.synthetic.cli import add_cohort_options, generate_cohort_with_progress
+
+    demo = sub.add_parser(
+        "demo",
+        help="three synthetic hospitals on this machine: prepare, federate, report",
+        description=(
+            "Generate a synthetic three-hospital cohort (different label levels and stain; "
+            "each hospital's test slides outlined, so patch AUC is measured everywhere), "
+            "run `fedpath prepare` for each hospital, start a SuperLink and one SuperNode per "
+            "hospital on loopback, run a federated FedMix run, write its report and stop "
+            "every process."
+        ),
+    )
+    demo.add_argument("--out", type=Path, default=Path("demo-output"), help="working folder")
+    add_cohort_options(demo)
+    add_prepare_options(demo)
+    demo.add_argument("--rounds", type=int, default=5, help="federated rounds (5)")
+    demo.add_argument(
+        "--strategy", choices=("fedmix", "fedavg"), default="fedmix", help="aggregation (fedmix)"
+    )
+    demo.add_argument("--local-epochs", type=int, default=2, help="epochs per site per round (2)")
+
+    def demo_cohort(args: argparse.Namespace, out: Path, console: Console) -> list[Path]:
+        return generate_cohort_with_progress(args, out, console, demo=True)
+
+    def run_demo(args: argparse.Namespace, console: Console) -> int:
+        return cmd_demo(args, console, prepare_overrides, demo_cohort)
+
+    demo.set_defaults(handler=run_demo)

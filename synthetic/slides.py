@@ -35,8 +35,11 @@ import cv2
 import numpy as np
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from client.wsi.annotations import write_asap_xml, write_qupath_geojson
-from client.wsi.synth_masks import (
+from fedpath.client.wsi.annotations import write_asap_xml, write_qupath_geojson
+from fedpath.common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from fedpath.common.configbase import StrictModel
+from fedpath.common.errors import ConfigError, SlideError
+from fedpath.synthetic.masks import (
     low_grade_mask,
     make_tissue_mask,
     make_tumour_mask,
@@ -46,13 +49,10 @@ from client.wsi.synth_masks import (
     smooth_noise,
     thickness_field,
 )
-from client.wsi.synth_render import TUMOUR_NEST_SHARPNESS, build_scene
-from client.wsi.synth_stain import StainConfig, resolve_stain
-from client.wsi.synth_texture import TILE, build_banks
-from client.wsi.synth_tiff import write_pyramid
-from common.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from common.configbase import StrictModel
-from common.errors import ConfigError, SlideError
+from fedpath.synthetic.render import TUMOUR_NEST_SHARPNESS, build_scene
+from fedpath.synthetic.stain import StainConfig, resolve_stain
+from fedpath.synthetic.texture import TILE, build_banks
+from fedpath.synthetic.tiff import write_pyramid
 
 MANIFEST_COLUMNS = ("slide_id", "path", "label", "annotation", "annotation_complete", "patient_id")
 GROUND_TRUTH_COLUMNS = (

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
 
 TILE = 256
 """Tile side of the TIFF and the largest crop taken from a bank (its wrap padding)."""

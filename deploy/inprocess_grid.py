@@ -53,10 +53,10 @@ class InProcessSite:
 
 
 class InProcessGrid(Grid):
-    """Routes each message to ``client.app.app`` with the addressed site's node config."""
+    """Routes each message to ``fedpath.client.app.app`` with the addressed site's node config."""
 
     replies_ready_at_push = True
-    """``server.replies.send_and_collect`` pulls once: a silent site's reply never comes."""
+    """``fedpath.server.replies.send_and_collect`` pulls once: a silent site's reply never comes."""
 
     def __init__(self, sites: dict[int, InProcessSite], run_id: int = 1) -> None:
         self.sites = sites
@@ -89,7 +89,7 @@ class InProcessGrid(Grid):
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Deliver now; the reply (if the site answers) waits for ``pull_messages``."""
-        from client.app import app as client_app
+        from fedpath.client.app import app as client_app
 
         ids: list[str] = []
         for message in messages:

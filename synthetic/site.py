@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from client.prepare.records import INDEX_COLUMNS, INDEX_FILE, SITE_FILE
-from common import __version__
-from common.atomic import atomic_write_json, atomic_write_text
-from common.featurebag import FeatureBagWriter
+from fedpath.client.prepare.records import INDEX_COLUMNS, INDEX_FILE, SITE_FILE
+from fedpath.common import __version__
+from fedpath.common.atomic import atomic_write_json, atomic_write_text
+from fedpath.common.featurebag import FeatureBagWriter
 
 __all__ = ["SyntheticSiteSpec", "write_synthetic_site"]
 

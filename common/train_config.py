@@ -10,8 +10,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from common.configbase import StrictModel
-from common.mil.config import SupervisionConfig
+from fedpath.common.configbase import StrictModel
+from fedpath.common.mil.config import SupervisionConfig
 
 __all__ = ["TrainConfig"]
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from client.wsi.synth_stain import StainConfig, concentrations_to_rgb, stain_matrix
-from client.wsi.synth_texture import TILE, BankView, TextureBank, TextureBanks, random_views
-from common.errors import ConfigError
+from fedpath.common.errors import ConfigError
+from fedpath.synthetic.stain import StainConfig, concentrations_to_rgb, stain_matrix
+from fedpath.synthetic.texture import TILE, BankView, TextureBank, TextureBanks, random_views
 
 TUMOUR_EDGE_PX = 4.0
 """Width (level-0 px) of the blend between normal and tumour texture at the tumour border."""

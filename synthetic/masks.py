@@ -20,7 +20,7 @@ import numpy as np
 import shapely
 from shapely.geometry import Polygon as ShapelyPolygon
 
-from client.wsi.annotations import Polygon
+from fedpath.client.wsi.annotations import Polygon
 
 MAX_CONTOUR_RASTER_PX = 16_000_000
 """Largest upsampled component raster traced at once (float32: 64 MB)."""

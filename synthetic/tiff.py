@@ -27,7 +27,7 @@ import imagecodecs
 import numpy as np
 import tifffile
 
-from common.atomic import atomic_path
+from fedpath.common.atomic import atomic_path
 
 TILE = 256
 LEVEL_FACTOR = 4

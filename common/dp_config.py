@@ -16,7 +16,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from common.configbase import StrictModel
+from fedpath.common.configbase import StrictModel
 
 __all__ = ["PRIVACY_UNIT", "Accountant", "DPConfig"]
 

@@ -12,212 +12,19 @@ every process it started.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from common.errors import FedpathError
+from fedpath.common.flower_env import flower_bin, free_port, port_open, toml_value
+from fedpath.server.flwr_cli import FlwrCli, NetworkError
 
-__all__ = ["FlwrCli", "LocalNetwork", "NetworkError", "flower_env", "free_port", "toml_value"]
-
-CONNECTION = "local"
-
-
-class NetworkError(FedpathError):
-    """A Flower process did not start, or a run did not finish in time."""
-
-
-def free_port() -> int:
-    """A TCP port that is free on loopback right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def toml_value(value: Any) -> str:
-    """A Python scalar as a TOML value (``flwr run -c`` and ``--node-config`` take TOML)."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
-
-
-def flower_env(**extra: str) -> dict[str, str]:
-    """Environment for Flower processes: the venv first on PATH, telemetry and update check off.
-
-    The SuperLink and SuperNodes spawn flower-superexec / flwr-serverapp / flwr-clientapp by
-    name, so the venv's bin directory must come first on PATH.
-    """
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", **extra)
-    return env
-
-
-def _bin(name: str) -> str:
-    """The Flower executable next to this interpreter (the venv's), else from PATH."""
-    candidate = Path(sys.executable).with_name(name)
-    return str(candidate) if candidate.exists() else name
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-@dataclass
-class FlwrCli:
-    """The ``flwr`` command against one SuperLink, with its own ``FLWR_HOME``.
-
-    Flower keeps connections in ``$FLWR_HOME/config.toml``; a private home per network (and
-    per coordinator command) keeps runs from ever going to a SuperLink the user did not name.
-    """
-
-    flwr_home: Path
-    address: str
-    tls_ca: Path | None = None
-    """CA certificate of the SuperLink; ``None`` = insecure (plain HTTP)."""
-    workdir: Path | None = None
-
-    def env(self) -> dict[str, str]:
-        """Environment of every Flower process: private FLWR_HOME, offline, no telemetry."""
-        return flower_env(FLWR_HOME=str(self.flwr_home), PYTHONUNBUFFERED="1")
-
-    def write_connection(self) -> None:
-        """``$FLWR_HOME/config.toml`` with one connection, ``local``, to the SuperLink."""
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-        lines.append(f'address = "{self.address}"')
-        if self.tls_ca is None:
-            lines.append("insecure = true")
-        else:
-            lines.append(f"root-certificates = {json.dumps(str(Path(self.tls_ca).resolve()))}")
-        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-    # -- flwr CLI ------------------------------------------------------------------------
-
-    def flwr(self, *args: str, timeout: float = 120.0, cwd: Path | None = None) -> dict[str, Any]:
-        """Run a ``flwr`` command with ``--format json``; its parsed answer."""
-        argv = [_bin("flwr"), *args, "--format", "json"]
-        try:
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                env=self.env(),
-                cwd=cwd or self.workdir or Path.cwd(),
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise NetworkError(
-                f"`flwr {' '.join(args)}` did not answer in {timeout:.0f} s"
-            ) from exc
-        start = done.stdout.find("{")
-        try:
-            answer = json.loads(done.stdout[start:]) if start >= 0 else None
-        except json.JSONDecodeError:
-            answer = None
-        if not isinstance(answer, dict):
-            raise NetworkError(
-                f"`flwr {' '.join(args)}` gave no JSON answer (exit {done.returncode}): "
-                f"{(done.stdout + done.stderr).strip()[-800:]}"
-            )
-        return answer
-
-    def run_log_text(self, run_id: int, timeout: float = 60.0) -> str:
-        """The run's ServerApp log as ``flwr log RUN --show`` prints it (plain text).
-
-        ``flwr log`` has no JSON output; an unreachable SuperLink gives its error text.
-        """
-        argv = [_bin("flwr"), "log", str(run_id), CONNECTION, "--show"]
-        try:
-            done = subprocess.run(
-                argv,
-                capture_output=True,
-                text=True,
-                env=self.env(),
-                cwd=self.workdir or Path.cwd(),
-                timeout=timeout,
-                check=False,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise NetworkError(f"`flwr log {run_id}` did not answer in {timeout:.0f} s") from exc
-        return done.stdout + done.stderr
-
-    def stop_run(self, run_id: int) -> None:
-        """``flwr stop RUN``: ask the SuperLink to stop the run; ``NetworkError`` if refused."""
-        answer = self.flwr("stop", str(run_id), CONNECTION)
-        if not answer.get("success"):
-            raise NetworkError(
-                f"run {run_id} could not be stopped: {answer.get('error-message', answer)}"
-            )
-
-    def connected_nodes(self) -> int:
-        """How many SuperNodes the SuperLink currently lists as online."""
-        answer = self.flwr("supernode", "list", CONNECTION)
-        nodes = answer.get("nodes") or []
-        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
-
-    def submit(
-        self,
-        app_dir: Path,
-        run_config: Mapping[str, Any],
-        federation_config: Mapping[str, Any] | None = None,
-    ) -> int:
-        """``flwr run APP local -c ...``; the run id. ``federation_config`` sets e.g. the
-        number of virtual SuperNodes of a simulation (``num-supernodes``)."""
-        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        args = ["run", str(app_dir), CONNECTION]
-        if overrides:
-            args += ["--run-config", overrides]
-        if federation_config:
-            federation = " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())
-            args += ["--federation-config", federation]
-        answer = self.flwr(*args, timeout=300.0, cwd=app_dir)
-        if not answer.get("success") or "run-id" not in answer:
-            raise NetworkError(f"flwr run failed: {answer.get('error-message', answer)}")
-        return int(answer["run-id"])
-
-    def run_status(self, run_id: int) -> str:
-        """The run's status as ``flwr ls`` reports it, e.g. ``finished:completed``."""
-        answer = self.flwr("ls", CONNECTION, "--run-id", str(run_id))
-        runs = answer.get("runs") or []
-        if not answer.get("success") or not runs:
-            raise NetworkError(f"flwr ls --run-id {run_id}: {answer.get('error-message', answer)}")
-        return str(runs[0].get("status", ""))
-
-    def wait_for_run(
-        self,
-        run_id: int,
-        timeout: float,
-        poll: float = 3.0,
-        alive: Callable[[], bool] | None = None,
-        on_poll: Callable[[str], None] | None = None,
-    ) -> str:
-        """Poll until the run is finished; its final status. ``NetworkError`` on timeout."""
-        deadline = time.monotonic() + timeout
-        while True:
-            status = self.run_status(run_id)
-            if on_poll is not None:
-                on_poll(status)
-            if status.startswith("finished"):
-                return status
-            if alive is not None and not alive():
-                raise NetworkError(f"the SuperLink died during run {run_id}")
-            if time.monotonic() > deadline:
-                raise NetworkError(f"run {run_id} still {status!r} after {timeout:.0f} s")
-            time.sleep(poll)
+__all__ = ["LocalNetwork", "Managed"]
 
 
 @dataclass
@@ -253,7 +60,7 @@ class LocalNetwork:
     """Run Flower's simulation engine (Ray) inside the SuperLink instead of real SuperNodes."""
     torch_threads_per_node: int = 1
     """Every node here shares this machine's cores: one intra-op thread each by default keeps
-    their OpenMP regions from stalling on each other (``client.threads``)."""
+    their OpenMP regions from stalling on each other (``fedpath.client.threads``)."""
     processes: dict[str, Managed] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -316,7 +123,7 @@ class LocalNetwork:
     def start_superlink(self, timeout: float = 60.0) -> None:
         """Start the SuperLink with a state database; return once its port accepts."""
         argv = [
-            _bin("flower-superlink"),
+            flower_bin("flower-superlink"),
             *self._tls_args(server=True),
             "--port",
             str(self.superlink_port),
@@ -331,7 +138,7 @@ class LocalNetwork:
         managed = self._spawn("superlink", argv)
         self.write_connection()
         deadline = time.monotonic() + timeout
-        while not _port_open(self.superlink_port):
+        while not port_open(self.superlink_port):
             if not managed.alive():
                 raise NetworkError(f"the SuperLink exited at start:\n{managed.tail()}")
             if time.monotonic() > deadline:
@@ -361,7 +168,7 @@ class LocalNetwork:
             **(extra_node_config or {}),
         }
         argv = [
-            _bin("flower-supernode"),
+            flower_bin("flower-supernode"),
             *self._tls_args(server=False),
             "--superlink",
             superlink or self.address,

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 from pydantic import Field
 
-from common.configbase import StrictModel
+from fedpath.common.configbase import StrictModel
 
 REFERENCE_H: tuple[float, float, float] = (0.5626, 0.7201, 0.4062)
 REFERENCE_E: tuple[float, float, float] = (0.2159, 0.8012, 0.5581)
