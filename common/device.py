@@ -17,6 +17,7 @@ from fedpath.common.errors import DeviceError
 if TYPE_CHECKING:  # torch is imported where a device is resolved: configs stay torch-free
     import torch
 
+
 def _mps_available() -> bool:
     import torch
 

@@ -542,8 +542,8 @@ def test_layer_scale_folds_exactly_and_the_traced_runner_is_used(tmp_path: Path)
 def test_fedpath_encoders_lists_every_entry_in_80_columns(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedpath.deploy import cli
     from fedpath.client.embed import catalog
+    from fedpath.deploy import cli
 
     assert cli.main(["encoders"]) == 0
     out = capsys.readouterr().out

@@ -66,4 +66,6 @@ def test_a_site_with_100k_patch_bags_completes_a_round_under_2_gb(tmp_path: Path
     assert result.final_test[BIG_SITE]["num_examples"] == 2, note
     assert sum(record["weights"].values()) == pytest.approx(1.0), note
     assert result.peak_rss < PEAK_TARGET, note
-    assert {"train", "evaluate"} <= set(result.message_peaks) or not result.message_peaks, note
+    if not result.message_peaks:  # measured nothing: say so instead of passing
+        pytest.skip(f"the kernel refused to reset VmHWM (/proc/self/clear_refs): {note}")
+    assert {"train", "evaluate"} <= set(result.message_peaks), note

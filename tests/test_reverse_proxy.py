@@ -66,13 +66,11 @@ PROTOBUF = {"content-type": "application/protobuf", "accept": "application/proto
 
 
 def nginx_binary() -> str:
-    """Debian's nginx; a failure where scripts/test.sh would have installed it (CI, root)."""
+    """Debian's nginx; a failure where ``scripts/setup.sh --test-tools`` installs it (CI, root)."""
     found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
     if found:
         return found
-    message = (
-        "nginx is not installed: `apt-get install -y nginx` (scripts/test.sh does this as root)"
-    )
+    message = "nginx is not installed: `bash scripts/setup.sh --test-tools` (as root) or apt-get"
     if os.environ.get("CI") or (os.geteuid() == 0 and shutil.which("apt-get")):
         pytest.fail(message)
     pytest.skip(message)

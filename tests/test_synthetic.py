@@ -16,10 +16,10 @@ import pytest
 import tifffile
 from pydantic import ValidationError
 
-from fedpath.synthetic import texture as synth_texture
 from fedpath.common.atomic import TMP_PREFIX
 from fedpath.common.errors import ConfigError, MissingMppError
 from fedpath.common.hashing import sha256_file
+from fedpath.synthetic import texture as synth_texture
 from fedpath.synthetic.masks import (
     drop_nested_islands,
     low_grade_mask,
