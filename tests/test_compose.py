@@ -102,7 +102,7 @@ def _process_argv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, 
         recorded[name] = list(argv)
         return _Started()
 
-    monkeypatch.setattr(local_network, "_port_open", lambda port: True)
+    monkeypatch.setattr(local_network, "port_open", lambda port: True)
     net = LocalNetwork(
         tmp_path / "net",
         tls_ca=tmp_path / "ca.pem",
