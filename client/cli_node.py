@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import os
 import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+from filelock import lock_descriptor
 from rich.console import Console
 
 from fedpath.common.errors import ConfigError
@@ -161,20 +161,20 @@ def lock_node_key(key: Path) -> int:
 
     One key is one node: the SuperLink refuses a second SuperNode with a key that is online,
     but only with "Failed to activate SuperNode", the same words it uses for an unregistered
-    key. On one machine the lock tells the two apart before anything starts. The fd stays
-    open through ``execve``, so the lock lives exactly as long as the SuperNode.
+    key. On one machine the lock tells the two apart before anything starts. The lock is
+    ``filelock``'s on a descriptor this function owns (the key is locked in place, never
+    opened for writing): the fd stays open through ``execve``, so the lock lives exactly as
+    long as the SuperNode.
     """
     fd = os.open(key, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError as exc:
+    if not lock_descriptor(fd, blocking=False):
         os.close(fd)
         raise ConfigError(
             f"--key {key} is already used by another `fedpath node` running on this machine: "
             "one SuperNode per key (the SuperLink refuses a second node with a key that is "
             "connected); stop the other one, or give this hospital its own key "
             "(`fedpath keys new`, then `fedpath keys register` at the coordinator)"
-        ) from exc
+        )
     os.set_inheritable(fd, True)
     return fd
 

@@ -29,24 +29,24 @@ server could regenerate would protect nothing.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import math
-import os
 import secrets
-import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from filelock import Timeout
+
 from fedpath.client.site_facts import read_site
 from fedpath.client.training.privacy_accountant import Mechanism, epsilon
 from fedpath.common.atomic import atomic_write_json
 from fedpath.common.dp_config import PRIVACY_UNIT
 from fedpath.common.errors import ConfigError, FedpathError
+from fedpath.common.locking import kernel_lock
 
 __all__ = [
     "LEDGER_FILE",
@@ -244,26 +244,21 @@ def dataset_identity(data_dir: Path, slide_ids: Sequence[str]) -> tuple[str, fro
 
 
 @contextlib.contextmanager
-def _locked(data_dir: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """Exclusive lock on the ledger, waiting up to ``timeout`` s (two runs on one site)."""
+def _locked(data_dir: Path) -> Iterator[None]:
+    """Exclusive lock on the ledger, waiting up to ``LOCK_TIMEOUT`` s (two runs on one site)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = kernel_lock(data_dir / LOCK_FILE, timeout=LOCK_TIMEOUT, mode=0o600)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise FedpathError(
-                        f"{data_dir / LEDGER_FILE} stayed locked by another fedpath process "
-                        f"for {timeout:.0f} s"
-                    ) from None
-                time.sleep(0.05)
+        lock.acquire()
+    except Timeout:
+        raise FedpathError(
+            f"{data_dir / LEDGER_FILE} stayed locked by another fedpath process "
+            f"for {LOCK_TIMEOUT:.0f} s"
+        ) from None
+    try:
         yield
     finally:
-        os.close(fd)
+        lock.release()
 
 
 class PrivacyLedger:

@@ -57,7 +57,7 @@ def test_hashes(tmp_path: Path) -> None:
 
 
 def test_directory_lock_is_exclusive_and_released(tmp_path: Path) -> None:
-    from fedpath.common.locking import DirectoryLockedError, exclusive_directory
+    from fedpath.common.locking import LOCK_NAME, DirectoryLockedError, exclusive_directory
 
     with (
         exclusive_directory(tmp_path, "first"),
@@ -67,6 +67,8 @@ def test_directory_lock_is_exclusive_and_released(tmp_path: Path) -> None:
         pass
     with exclusive_directory(tmp_path, "third"):
         pass  # released when the first holder left
+    # The lock file names its last holder for whoever finds the directory in use.
+    assert (tmp_path / LOCK_NAME).read_text() == f"{os.getpid()} third\n"
 
 
 def test_sampled_hash_reads_the_edges_and_spread_blocks(tmp_path: Path) -> None:

@@ -7,11 +7,15 @@ what a fresh ClientApp process on a restarted SuperNode sees: only the ledger on
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
+from fedpath.client import privacy_ledger
 from fedpath.client.federated import SitePrivacy, train_on_site
 from fedpath.client.privacy_ledger import (
     LEDGER_FILE,
@@ -19,10 +23,11 @@ from fedpath.client.privacy_ledger import (
     LedgerEntry,
     NodeBudget,
     PrivacyLedger,
+    reserve_round,
     summarise,
 )
 from fedpath.client.training.privacy_accountant import Mechanism, epsilon
-from fedpath.common.errors import ConfigError
+from fedpath.common.errors import ConfigError, FedpathError
 from fedpath.common.federation import RoundInstructions
 from fedpath.deploy.cli import EXIT_OK, EXIT_USAGE, main
 from fedpath.server.config import RunConfig
@@ -267,3 +272,38 @@ def test_fedpath_privacy_keeps_run_keys_and_dates_whole_at_80_columns(
         assert day in row
     assert "…" not in out
     assert "run-0a1b2c3d4e5f6789: 3 releases in 2 rounds" in " ".join(out.split())
+
+
+def _entry(run: str = "run-a") -> LedgerEntry:
+    return LedgerEntry(
+        run=run, round=1, input_sha256="0" * 64, site="site_a", noise_multiplier=1.0,
+        sample_rate=1 / 3, steps=3, delta=1e-5, max_grad_norm=1.0, accountant="rdp", n_slides=6,
+    )  # fmt: skip
+
+
+def test_a_second_writer_waits_for_the_ledger_lock_then_records(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs on one site: the second reservation waits for the first to release the lock."""
+    monkeypatch.setattr(privacy_ledger, "LOCK_TIMEOUT", 10.0)
+    holder = FileLock(site / privacy_ledger.LOCK_FILE, thread_local=False)
+    holder.acquire()
+    threading.Timer(0.3, holder.release).start()
+    started = time.monotonic()
+    reservation = reserve_round(site, "d1", frozenset({"s1"}), _entry(), NodeBudget())
+    assert time.monotonic() - started >= 0.25, "it waited for the holder"
+    assert not reservation.already_recorded
+    (record,) = PrivacyLedger.load(site).datasets.values()
+    assert [e.run for e in record.entries] == ["run-a"]
+
+
+def test_a_ledger_locked_past_the_timeout_is_refused_with_its_path(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(privacy_ledger, "LOCK_TIMEOUT", 0.2)
+    with (
+        FileLock(site / privacy_ledger.LOCK_FILE),
+        pytest.raises(FedpathError, match=r"privacy-ledger\.json stayed locked by another"),
+    ):
+        reserve_round(site, "d1", frozenset({"s1"}), _entry(), NodeBudget())
+    assert not (site / LEDGER_FILE).exists(), "nothing was recorded"
