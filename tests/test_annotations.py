@@ -387,6 +387,26 @@ def test_external_entity_is_refused(tmp_path: Path) -> None:
         load_annotation(path, CFG)
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-16"])
+def test_a_doctype_is_refused_in_any_encoding(tmp_path: Path, encoding: str) -> None:
+    """Even a DTD that declares nothing: ASAP never writes one, and a byte search for
+    ``<!DOCTYPE`` would miss it in UTF-16."""
+    path = tmp_path / "dtd.xml"
+    path.write_bytes(
+        f'<?xml version="1.0" encoding="{encoding}"?><!DOCTYPE ASAP_Annotations>'
+        "<ASAP_Annotations/>".encode(encoding)
+    )
+    with pytest.raises(AnnotationError, match="DOCTYPE/ENTITY"):
+        load_annotation(path, CFG)
+
+
+def test_an_unknown_encoding_in_the_xml_declaration_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "bogus.xml"
+    path.write_text('<?xml version="1.0" encoding="bogus"?><ASAP_Annotations/>')
+    with pytest.raises(AnnotationError, match="unknown encoding: bogus in the XML declaration"):
+        load_annotation(path, CFG)
+
+
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Pathologists annotate in QuPath or ASAP; both formats are read here into one representation
 (:class:`~client.wsi.polygons.Polygon`, split into tumour and exclusion sets) so that nothing
 downstream needs to know where an outline came from. Everything about the files themselves
-lives here: the format is sniffed from the content, oversized files and XML with a DTD are
-refused before parsing, class names are matched to tumour/exclusion, and every ring and
+lives here: the format is sniffed from the content, oversized files are refused before
+reading and XML with a DTD while parsing (defusedxml), class names are matched to
+tumour/exclusion, and every ring and
 polygon is validated (and clipped to the slide) with a message naming the offending feature.
 What the file held besides (every class found, points and lines drawn in a tumour class, which
 have no area and are ignored) is counted, so that the pipeline can say it instead of guessing.
@@ -16,15 +17,16 @@ from __future__ import annotations
 import json
 import uuid
 import xml.etree.ElementTree as ET
-import xml.parsers.expat
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import defusedxml.ElementTree as DefusedET
 import numpy as np
 import shapely
+from defusedxml import DefusedXmlException
 from shapely.geometry import Polygon as ShapelyPolygon
 from shapely.geometry import box as shapely_box
 
@@ -381,36 +383,27 @@ _ASAP_NO_GROUP = "None"
 """ASAP's group of an annotation put in no group: reported as unclassified."""
 
 
-def _refuse_dtd(data: bytes, path: Path) -> None:
-    """Reject any DTD before ElementTree sees the document.
+def _parse_xml(data: bytes, path: Path) -> ET.Element:
+    """The document's root, parsed by defusedxml with every DTD refused.
 
     Entity expansion (billion laughs, quadratic blow-up) and external entities all need a
-    DOCTYPE; ASAP never writes one, so refusing it outright is both safe and lossless. Done
-    with expat's own handlers so that every encoding is covered, not just a byte search.
+    DOCTYPE; ASAP never writes one, so refusing it outright is both safe and lossless.
+    defusedxml refuses it from expat's own handlers during the one parse, in every encoding.
     """
-
-    def refuse(*_args: object) -> None:
-        raise AnnotationError(str(path), "XML with DOCTYPE/ENTITY declarations is refused")
-
-    parser = xml.parsers.expat.ParserCreate()
-    parser.StartDoctypeDeclHandler = refuse
-    parser.EntityDeclHandler = refuse
-    parser.UnparsedEntityDeclHandler = refuse
-    parser.ExternalEntityRefHandler = refuse
     try:
-        parser.Parse(data, True)
-    except xml.parsers.expat.ExpatError as exc:
+        return DefusedET.fromstring(data, forbid_dtd=True)
+    except DefusedXmlException:
+        raise AnnotationError(
+            str(path), "XML with DOCTYPE/ENTITY declarations is refused"
+        ) from None
+    except ET.ParseError as exc:
         raise AnnotationError(str(path), f"unparsable XML ({exc})") from None
     except LookupError as exc:  # expat asks Python for the codec the declaration names
         raise AnnotationError(str(path), f"unparsable XML ({exc} in the XML declaration)") from None
 
 
 def _parse_asap(data: bytes, path: Path, cfg: AnnotationConfig, found: _Found) -> list[_RawPolygon]:
-    _refuse_dtd(data, path)
-    try:
-        root = ET.fromstring(data)
-    except ET.ParseError as exc:
-        raise AnnotationError(str(path), f"unparsable XML ({exc})") from None
+    root = _parse_xml(data, path)
     if root.tag.lower() != "asap_annotations":
         raise AnnotationError(
             str(path), f"XML root <{root.tag}> is not <ASAP_Annotations> (not an ASAP file)"
