@@ -32,7 +32,11 @@ def port_open(port: int) -> bool:
 
 
 def toml_value(value: Any) -> str:
-    """A Python scalar as a TOML value (``flwr run -c`` and ``--node-config`` take TOML)."""
+    """A Python scalar as a TOML value (``flwr run -c`` and ``--node-config`` take TOML).
+
+    Not tomli_w: Flower splits ``key=value key=value`` with its own regex before parsing each
+    value as TOML, so this formats one value of that line, not a TOML document.
+    """
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):

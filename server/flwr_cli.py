@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from fedpath.common.errors import ConfigError, FedpathError
 from fedpath.common.flower_env import flower_bin, flower_env, toml_value
 
@@ -47,13 +49,13 @@ class FlwrCli:
     def write_connection(self) -> None:
         """``$FLWR_HOME/config.toml`` with one connection, ``local``, to the SuperLink."""
         self.flwr_home.mkdir(parents=True, exist_ok=True)
-        lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-        lines.append(f'address = "{self.address}"')
+        connection: dict[str, Any] = {"address": self.address}
         if self.tls_ca is None:
-            lines.append("insecure = true")
+            connection["insecure"] = True
         else:
-            lines.append(f"root-certificates = {json.dumps(str(Path(self.tls_ca).resolve()))}")
-        (self.flwr_home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            connection["root-certificates"] = str(Path(self.tls_ca).resolve())
+        document = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (self.flwr_home / "config.toml").write_text(tomli_w.dumps(document), encoding="utf-8")
 
     # -- flwr CLI ------------------------------------------------------------------------
 

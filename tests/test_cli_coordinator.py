@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -99,6 +100,23 @@ def test_node_command_line_points_the_client_at_the_data(tmp_path: Path) -> None
         supernode_argv(_node_args(tmp_path, data, ca=ca, key=key, torch_threads=0))
     assert argv[argv.index("--auth-supernode-private-key") + 1] == str(key)
     assert argv[argv.index("--root-certificates") + 1] == str(ca)
+
+
+def test_the_flwr_connection_file_holds_any_address_and_ca_path(tmp_path: Path) -> None:
+    """config.toml is written by tomli_w: a quote in a typed address or a backslash or
+    accent in the CA path stays a value (the hand-written file put the address unescaped)."""
+    from fedpath.server.flwr_cli import CONNECTION, FlwrCli
+
+    ca = tmp_path / 'pki é\\"x' / "ca.pem"
+    FlwrCli(tmp_path / "home", 'link"1:9093', tls_ca=ca).write_connection()
+    tls = tomllib.loads((tmp_path / "home" / "config.toml").read_text(encoding="utf-8"))
+    assert tls["superlink"] == {
+        "default": CONNECTION,
+        CONNECTION: {"address": 'link"1:9093', "root-certificates": str(ca.resolve())},
+    }
+    FlwrCli(tmp_path / "plain", "127.0.0.1:9093").write_connection()
+    plain = tomllib.loads((tmp_path / "plain" / "config.toml").read_text(encoding="utf-8"))
+    assert plain["superlink"][CONNECTION] == {"address": "127.0.0.1:9093", "insecure": True}
 
 
 def test_run_overrides_are_toml_values() -> None:
