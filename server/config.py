@@ -2,7 +2,7 @@
 
 A run is configured in ``[tool.flwr.app.config]`` of ``pyproject.toml`` and overridden with
 ``flwr run . CONN -c 'key=value'``. Flower hands the ServerApp a flat dict with hyphenated
-keys; this model turns it into typed fields (hyphens → underscores), rejects unknown keys (a
+keys (the fields' aliases); this model turns it into typed fields, rejects unknown keys (a
 misspelt ``num-server-round`` must not silently run the default) and builds the model and
 trainer configs every site receives.
 """
@@ -29,11 +29,9 @@ DAY = 86_400.0
 """Upper bound of every wait: a longer one is a typo (or a unit mix-up), never a plan."""
 
 
-def _hyphenated(text: str, data: Mapping[str, Any]) -> str:
-    """Name fields as the user wrote them (``num-server-rounds``), not as Python does."""
-    for key in sorted(set(data) | set(RunConfig.model_fields), key=len, reverse=True):
-        text = text.replace(f": {key}: ", f": {key.replace('_', '-')}: ")
-    return text
+def _hyphenated(name: str) -> str:
+    """A field's key in Flower's run config: ``num_server_rounds`` is ``num-server-rounds``."""
+    return name.replace("_", "-")
 
 
 class RunConfig(StrictModel):
@@ -44,7 +42,16 @@ class RunConfig(StrictModel):
     reaches the SuperLink, with the key named. No float may be NaN or infinite.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # The hyphenated keys are the fields' aliases, so pydantic names a bad key in its errors as
+    # the user wrote it; Python code still builds and reads fields by name.
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        allow_inf_nan=False,
+        alias_generator=_hyphenated,
+        validate_by_alias=True,
+        validate_by_name=True,
+    )
 
     num_server_rounds: int = Field(3, ge=1, le=10_000, description="rounds of train + evaluate")
     strategy: Literal["fedavg", "fedmix"] = "fedmix"
@@ -178,15 +185,14 @@ class RunConfig(StrictModel):
         cls, run_config: Mapping[str, Any], source: str = "run config"
     ) -> RunConfig:
         """Validate Flower's flat run config; ``ConfigError`` lists every problem."""
-        data = {str(k).replace("-", "_"): v for k, v in run_config.items()}
         try:
-            return cls.model_validate(data)
+            return cls.model_validate({str(k): v for k, v in run_config.items()})
         except ValidationError as exc:
-            raise ConfigError(_hyphenated(format_validation_error(exc, source), data)) from exc
+            raise ConfigError(format_validation_error(exc, source)) from exc
 
     def to_run_config(self) -> dict[str, Any]:
         """The flat, hyphenated form (what ``config.json`` records and resume compares)."""
-        return {k.replace("_", "-"): v for k, v in self.model_dump(mode="json").items()}
+        return self.model_dump(mode="json", by_alias=True)
 
     def model_config_for(self, feature_dim: int) -> ModelConfig:
         return ModelConfig(

@@ -45,6 +45,17 @@ def test_bad_values_are_reported_with_their_key(key: str, value: object, needle:
         RunConfig.from_run_config({key: value}, source="run config")
 
 
+def test_errors_name_each_key_as_the_user_wrote_it() -> None:
+    """Python-style keys are accepted too, and an error names them as written, not rewritten
+    into the hyphenated form the user never typed."""
+    assert RunConfig.from_run_config({"num_server_rounds": 5}).num_server_rounds == 5
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_run_config({"num_server_round": 3, "local-epochs": "x"})
+    lines = str(info.value).splitlines()
+    assert "run config: num_server_round: unknown setting (check the spelling)" in lines
+    assert any(line.startswith("run config: local-epochs: Input should be") for line in lines)
+
+
 def test_model_and_train_configs_follow_the_run() -> None:
     cfg = RunConfig.from_run_config({"model": "abmil", "supervision": "weak", "local-epochs": 3})
     assert cfg.model_config_for(64).kind == "abmil"
