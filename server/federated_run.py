@@ -6,7 +6,7 @@ SuperLink's in deployment, Flower's simulation engine, or an in-process grid in 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,8 @@ from fedpath.server.run_log import FINAL_FILE, METRICS_FILE, RUN_DIR_PREFIX, Run
 from fedpath.server.strategies import FedAvgStrategy, build_strategy
 
 __all__ = ["RunFailed", "build_run_strategy", "resolve_run_dir", "run_federated"]
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_run_dir(cfg: RunConfig, flwr_run_id: int) -> Path:
@@ -67,7 +69,7 @@ def _client_spent(strategy: FedAvgStrategy) -> ClientLevelSpent | None:
     )
 
 
-def _resume_config(cfg: RunConfig, run_dir: Path, warn: Callable[[str], None]) -> RunConfig:
+def _resume_config(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """The configuration recorded in the run being resumed (it decides the final round)."""
     if not (run_dir / "config.json").is_file():
         raise ConfigError(f"resume: {run_dir} is not a fedpath run directory (no config.json)")
@@ -77,7 +79,7 @@ def _resume_config(cfg: RunConfig, run_dir: Path, warn: Callable[[str], None]) -
     given = cfg.to_run_config()
     for key, value in saved.to_run_config().items():
         if key not in ("resume", "run-name", "runs-dir") and given.get(key) != value:
-            warn(f"resume: using the recorded {key}={value!r}, not {given.get(key)!r}")
+            logger.warning(f"resume: using the recorded {key}={value!r}, not {given.get(key)!r}")
     return saved
 
 
@@ -86,18 +88,16 @@ def run_federated(
     cfg: RunConfig,
     *,
     flwr_run_id: int,
-    report: Callable[[str], None],
-    warn: Callable[[str], None] | None = None,
 ) -> Path:
     """Run (or resume) the federation; return the run directory.
 
     Raises ``RunFailed``, ``HarmonisationError`` or ``ConfigError`` when the run cannot
-    complete, after recording the reason in ``final.json``.
+    complete, after recording the reason in ``final.json``. Progress goes to this module's
+    logger and :mod:`fedpath.server.rounds`'s (the ServerApp forwards both to Flower's log).
     """
-    warn = warn or report
     run_dir = resolve_run_dir(cfg, flwr_run_id)
     if cfg.resume:
-        cfg = _resume_config(cfg, run_dir, warn)
+        cfg = _resume_config(cfg, run_dir)
     elif (run_dir / METRICS_FILE).exists() or (run_dir / FINAL_FILE).exists():
         raise ConfigError(
             f"run directory {run_dir} already holds a run; choose another run-name, or "
@@ -106,16 +106,16 @@ def run_federated(
     run_dir.mkdir(parents=True, exist_ok=True)
     # The first line of the ServerApp's log: `fedpath run` reads it (through `flwr log`) to
     # find this directory, whose relative runs-dir only the ServerApp can resolve.
-    report(f"{RUN_DIR_PREFIX}{run_dir}")
+    logger.info(f"{RUN_DIR_PREFIX}{run_dir}")
     log = RunLog(run_dir)
     strategy = build_run_strategy(cfg)
-    federation = Federation(grid=grid, cfg=cfg, log=log, strategy=strategy, report=report)
+    federation = Federation(grid=grid, cfg=cfg, log=log, strategy=strategy)
     completed = 0
     try:
         federation.gate()
         start_round, arrays = 1, _initial_arrays(cfg, federation.feature_dim())
         if cfg.resume:
-            start_round, arrays = _resume_state(run_dir, log, arrays, strategy, report)
+            start_round, arrays = _resume_state(run_dir, log, arrays, strategy)
         else:
             log.write_config(_config_record(cfg, federation, flwr_run_id))
         completed = start_round - 1
@@ -135,7 +135,7 @@ def run_federated(
                 **run_guarantee(log.rounds, _client_spent(strategy)),
             }
         )
-        report(f"run failed after {completed} round(s): {exc}")
+        logger.info(f"run failed after {completed} round(s): {exc}")
         raise
     log.write_final(
         {
@@ -147,8 +147,8 @@ def run_federated(
             **run_guarantee(log.rounds, _client_spent(strategy)),
         }
     )
-    _render_report(run_dir, report)
-    report(f"run completed: {run_dir}")
+    _render_report(run_dir)
+    logger.info(f"run completed: {run_dir}")
     return run_dir
 
 
@@ -184,7 +184,6 @@ def _resume_state(
     log: RunLog,
     fresh: dict[str, np.ndarray],
     strategy: FedAvgStrategy,
-    report: Callable[[str], None],
 ) -> tuple[int, dict[str, np.ndarray]]:
     """(next round, arrays) from the latest checkpoint; the fresh model when there is none.
 
@@ -195,24 +194,24 @@ def _resume_state(
     log.clear_final()
     if path is None:
         log.load_rounds(up_to=0)
-        report(f"resume: {run_dir} has no checkpoint yet; starting at round 1")
+        logger.info(f"resume: {run_dir} has no checkpoint yet; starting at round 1")
         return 1, fresh
     checkpoint = load_checkpoint(path)
     if set(checkpoint.arrays) != set(fresh):
         raise ConfigError(f"{path}: its arrays do not match the run's model")
     strategy.load_state(checkpoint.strategy)
     log.load_rounds(up_to=checkpoint.server_round)
-    report(f"resume: continuing after round {checkpoint.server_round} from {path.name}")
+    logger.info(f"resume: continuing after round {checkpoint.server_round} from {path.name}")
     return checkpoint.server_round + 1, checkpoint.arrays
 
 
-def _render_report(run_dir: Path, report: Callable[[str], None]) -> None:
+def _render_report(run_dir: Path) -> None:
     """The HTML report is a convenience: a rendering problem must not fail a finished run."""
     from fedpath.server.report import render_report  # matplotlib: only once the run has finished
 
     try:
         path = render_report(run_dir)
     except (FedpathError, OSError, ValueError) as exc:
-        report(f"report could not be rendered ({exc}); run `fedpath report {run_dir}`")
+        logger.info(f"report could not be rendered ({exc}); run `fedpath report {run_dir}`")
         return
-    report(f"report: {path}")
+    logger.info(f"report: {path}")

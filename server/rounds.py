@@ -9,7 +9,8 @@ every round the global model, round number and strategy state are checkpointed s
 ``resume`` continues to the same final round.
 
 Only the ``Grid`` is used to talk to sites, so the loop runs unchanged on a real SuperLink, in
-Flower's simulation engine, or against an in-process grid in tests.
+Flower's simulation engine, or against an in-process grid in tests. What happens is logged on
+this module's logger; the ServerApp forwards it to Flower's log (:mod:`fedpath.server.app`).
 
 The "global" numbers of a round and of the final test are pooled over every site's slides and
 patches from the counts the sites send (:mod:`server.pooled`), not means of site metrics. Before
@@ -20,6 +21,7 @@ with that calibration; ``final.json`` records it.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
@@ -55,7 +57,7 @@ from fedpath.server.strategies import FedAvgStrategy
 
 __all__ = ["Federation", "RunFailed"]
 
-Report = Callable[[str], None]
+logger = logging.getLogger(__name__)
 
 
 class RunFailed(FedpathError):
@@ -100,7 +102,6 @@ class Federation:
     cfg: RunConfig
     log: RunLog
     strategy: FedAvgStrategy
-    report: Report
     sleep: Callable[[float], None] = time.sleep
     sites: dict[int, SiteFacts] = field(default_factory=dict)
     """Node id → facts of every node that passed the gate."""
@@ -136,20 +137,20 @@ class Federation:
         answers: dict[int, SiteFacts] = {}
         exchange = self._send(messages, self.cfg.query_timeout)
         for node in exchange.unsent:
-            self.report(f"node {node}: the SuperLink did not accept the harmonisation query")
+            logger.info(f"node {node}: the SuperLink did not accept the harmonisation query")
         for reply in exchange.replies:
             node = _sender(reply, exchange.sent)
             if reply.has_error():
-                self.report(f"node {node}: harmonisation query failed: {reply.error.reason}")
+                logger.info(f"node {node}: harmonisation query failed: {reply.error.reason}")
                 continue
             try:
                 raw = reply.content.config_records[CONFIG_KEY][FACTS_FIELD]
                 facts = json.loads(str(raw))
                 answers[node] = SiteFacts(site=str(facts["site"]), facts=facts)
             except (KeyError, ValueError, TypeError) as exc:
-                self.report(f"node {node}: malformed harmonisation reply ({exc})")
+                logger.info(f"node {node}: malformed harmonisation reply ({exc})")
         for node in sorted(set(nodes) - set(answers)):
-            self.report(f"node {node}: no answer to the harmonisation query")
+            logger.info(f"node {node}: no answer to the harmonisation query")
         return answers
 
     def gate(self) -> None:
@@ -164,7 +165,7 @@ class Federation:
             )
         self.sites = answers
         names = ", ".join(f"{f.site} ({f.usable_slides} slides)" for f in self.site_list())
-        self.report(f"harmonisation passed: {names}")
+        logger.info(f"harmonisation passed: {names}")
 
     def site_list(self) -> list[SiteFacts]:
         return [self.sites[n] for n in sorted(self.sites)]
@@ -186,10 +187,10 @@ class Federation:
                 check_harmonised([*peers, facts] if peers else [facts], self.cfg.label_names)
             except FedpathError as exc:
                 self.excluded[node] = str(exc)
-                self.report(f"{facts.site}: connected late but does not match: {exc}")
+                logger.info(f"{facts.site}: connected late but does not match: {exc}")
                 continue
             self.sites[node] = facts
-            self.report(f"{facts.site}: joined (node {node})")
+            logger.info(f"{facts.site}: joined (node {node})")
 
     def feature_dim(self) -> int:
         return int(next(iter(self.sites.values())).facts["feature_dim"])
@@ -314,19 +315,19 @@ class Federation:
             self.admit_new_sites(nodes)
             sampled = self.sample(server_round, attempt, nodes)
             if len(sampled) < self.cfg.min_sites:
-                self.report(
+                logger.info(
                     f"round {server_round}: only {len(sampled)} admitted site(s) connected, "
                     f"{self.cfg.min_sites} needed"
                 )
                 continue
-            self.report(
+            logger.info(
                 f"round {server_round} (attempt {attempt}): training at "
                 + ", ".join(self.name(n) for n in sampled)
             )
             instructions = self.instructions(server_round)
             replies, failed = self._exchange(sampled, arrays, instructions, MessageType.TRAIN)
             for node, reason in sorted(failed.items()):
-                self.report(f"round {server_round}: {self.name(node)} failed: {reason}")
+                logger.info(f"round {server_round}: {self.name(node)} failed: {reason}")
             exhausted = self._budget_exhausted(server_round, replies)
             good = [m for m in replies if int(m.metadata.src_node_id) not in exhausted]
             if not good and not failed:
@@ -339,7 +340,7 @@ class Federation:
             need = max(1, math.ceil(self.cfg.min_fit_fraction * (len(sampled) - len(exhausted))))
             if len(good) < need:
                 left = " with privacy budget left" if exhausted else ""
-                self.report(
+                logger.info(
                     f"round {server_round}: {len(good)} of {len(sampled) - len(exhausted)} "
                     f"site(s){left} answered, {need} needed "
                     f"(min-fit-fraction {self.cfg.min_fit_fraction}); retrying"
@@ -349,7 +350,7 @@ class Federation:
             new_arrays = self._aggregate(server_round, good)
             train = {self.name(int(m.metadata.src_node_id)): _snake(_metrics_of(m)) for m in good}
             weights = {self.name(n): w for n, w in self.strategy.last_weights.items()}
-            self.report(
+            logger.info(
                 f"round {server_round}: aggregated {len(good)} site(s) with "
                 f"{self.strategy.name}: "
                 + ", ".join(f"{site} {w:.3f}" for site, w in weights.items())
@@ -384,7 +385,7 @@ class Federation:
             if metrics.get(BUDGET_EXHAUSTED_METRIC, 0.0) == 1.0:
                 node = int(reply.metadata.src_node_id)
                 out[node] = metrics
-                self.report(
+                logger.info(
                     f"round {server_round}: {self.name(node)} has exhausted its privacy budget "
                     f"(ε = {metrics.get('epsilon', math.nan):.3f} spent in this run, "
                     f"δ = {metrics.get('delta', math.nan):g}); not trained, not aggregated"
@@ -418,7 +419,7 @@ class Federation:
         instructions = self.instructions(server_round, split, calibration)
         good, failed = self._exchange(nodes, arrays, instructions, MessageType.EVALUATE)
         for node, reason in sorted(failed.items()):
-            self.report(f"round {server_round}: {self.name(node)} could not evaluate: {reason}")
+            logger.info(f"round {server_round}: {self.name(node)} could not evaluate: {reason}")
         out: dict[str, dict[str, float]] = {}
         for reply in good:
             try:
@@ -427,7 +428,7 @@ class Federation:
                 if missing:
                     raise ValueError(f"missing {missing}")
             except ValueError as exc:
-                self.report(f"{self.name(int(reply.metadata.src_node_id))}: bad metrics: {exc}")
+                logger.info(f"{self.name(int(reply.metadata.src_node_id))}: bad metrics: {exc}")
                 continue
             pooled.add(metrics)
             scalars = {k: v for k, v in metrics.items() if isinstance(v, float)}
@@ -505,7 +506,7 @@ class Federation:
                 ),
             )
             glob = record["global"]
-            self.report(
+            logger.info(
                 f"round {server_round}/{self.cfg.num_server_rounds} done in "
                 f"{record['seconds']:.1f} s: train loss {glob['train_loss']:.4f}, "
                 f"val AUC {glob['val_auc']:.3f}"
@@ -524,7 +525,7 @@ class Federation:
             self.evaluate(arrays, last, "val")
             val = self.pooled[(last, "val")]
         calibration = val.calibration(self.cfg.label_names)
-        self.report(f"calibration of the final model: {calibration.describe()}")
+        logger.info(f"calibration of the final model: {calibration.describe()}")
         test = self.evaluate(arrays, last, "test", calibration)
         for m in test.values():
             m["num_examples"] = int(m.pop(WEIGHT_METRIC.replace("-", "_")))

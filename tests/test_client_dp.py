@@ -400,9 +400,7 @@ def _dp_cfg(tmp_path: Path, **overrides: object) -> RunConfig:
 
 
 def test_two_round_run_with_client_level_dp_states_its_guarantee(site_dirs, tmp_path) -> None:
-    run_dir = run_federated(
-        _dp_grid(site_dirs), _dp_cfg(tmp_path), flwr_run_id=5, report=lambda _: None
-    )
+    run_dir = run_federated(_dp_grid(site_dirs), _dp_cfg(tmp_path), flwr_run_id=5)
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     eps = [r["client_dp"]["epsilon"] for r in rounds]
     assert [r["client_dp"]["releases"] for r in rounds] == [1, 2]
@@ -429,13 +427,13 @@ def test_a_resumed_run_continues_the_federations_epsilon(site_dirs, tmp_path) ->
     round 3 to the ε of rounds 1-2 (from the checkpoint), not start the accountant at 0."""
     cfg = _dp_cfg(tmp_path, **{"num-server-rounds": 3, "max-round-attempts": 1})
     with pytest.raises(RunFailed):
-        run_federated(_dp_grid(site_dirs, {3}), cfg, flwr_run_id=6, report=lambda _: None)
+        run_federated(_dp_grid(site_dirs, {3}), cfg, flwr_run_id=6)
     run_dir = tmp_path / "runs" / "dp"
     failed = json.loads((run_dir / "final.json").read_text())
     assert failed["status"] == "failed" and failed["privacy"]["guarantee"] == CLIENT_LEVEL
     assert failed["privacy"]["client_level"]["rounds"] == 2
     resumed = RunConfig.from_run_config({"resume": str(run_dir)})
-    run_federated(_dp_grid(site_dirs), resumed, flwr_run_id=7, report=lambda _: None)
+    run_federated(_dp_grid(site_dirs), resumed, flwr_run_id=7)
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["client_dp"]["releases"] for r in rounds] == [1, 2, 3]
     assert rounds[-1]["client_dp"]["epsilon"] == pytest.approx(client_epsilon(1.2, 3, 1e-5))

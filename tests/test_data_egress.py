@@ -101,7 +101,7 @@ def test_a_two_round_run_sends_only_parameters_and_allow_listed_aggregates(
     monkeypatch.setattr(client_app, "app", recorder)  # InProcessGrid imports it per message
     grid = InProcessGrid({10 + i: InProcessSite(p, s) for i, (s, p) in enumerate(sites.items())})
     cfg = _cfg(tmp_path)
-    run_dir = run_federated(grid, cfg, flwr_run_id=1, report=lambda _: None)
+    run_dir = run_federated(grid, cfg, flwr_run_id=1)
     assert json.loads((run_dir / "final.json").read_text())["status"] == "completed"
 
     assert recorder.replies and len(recorder.replies) == len(grid.replies)

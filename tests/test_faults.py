@@ -184,7 +184,6 @@ def test_a_superlink_error_for_a_dead_node_is_that_site_failing(
         cfg=cfg,
         log=RunLog(run_dir),
         strategy=build_strategy("fedavg", 10.0, 1.5),
-        report=lambda _: None,
     )
     federation.gate()
     federation.grid.dead.add(12)  # type: ignore[attr-defined]

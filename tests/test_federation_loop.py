@@ -7,6 +7,7 @@ contract, checkpoints and resume (same final model as an uninterrupted run).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +54,20 @@ def _cfg(tmp_path: Path, **overrides: object) -> RunConfig:
     return RunConfig.from_run_config({**base, **overrides})
 
 
+def _server_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The round loop's log lines so far (what the ServerApp forwards to Flower's log)."""
+    return [r.getMessage() for r in caplog.records if r.name.startswith("fedpath.server")]
+
+
 def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_full_run_writes_the_run_directory_contract(site_dirs, tmp_path) -> None:
-    messages: list[str] = []
-    run_dir = run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=3, report=messages.append)
+def test_full_run_writes_the_run_directory_contract(site_dirs, tmp_path, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="fedpath")
+    run_dir = run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=3)
+    messages = _server_log(caplog)
+    assert messages[0] == f"run directory: {run_dir}"  # `fedpath run` looks for this line
     rounds = _rounds(run_dir)
     assert [r["round"] for r in rounds] == [1, 2]
     for r in rounds:
@@ -93,7 +101,7 @@ def test_full_run_writes_the_run_directory_contract(site_dirs, tmp_path) -> None
 
 def test_a_silent_site_is_logged_and_asked_again(site_dirs, tmp_path) -> None:
     grid = _grid(site_dirs, c={1})
-    run_dir = run_federated(grid, _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
+    run_dir = run_federated(grid, _cfg(tmp_path), flwr_run_id=3)
     first, second = _rounds(run_dir)
     assert first["replied"] == ["site_a", "site_b"]
     assert "no reply within round-timeout" in first["failed"]["site_c"]
@@ -105,7 +113,7 @@ def test_too_few_replies_retry_then_fail_with_a_record(site_dirs, tmp_path) -> N
     grid = _grid(site_dirs, a={2}, b={2}, c={2})
     cfg = _cfg(tmp_path, **{"max-round-attempts": 2})
     with pytest.raises(RunFailed, match="round 2 failed 2 time"):
-        run_federated(grid, cfg, flwr_run_id=3, report=lambda _: None)
+        run_federated(grid, cfg, flwr_run_id=3)
     run_dir = tmp_path / "runs" / "run"
     assert len(_rounds(run_dir)) == 1
     final = json.loads((run_dir / "final.json").read_text())
@@ -113,13 +121,17 @@ def test_too_few_replies_retry_then_fail_with_a_record(site_dirs, tmp_path) -> N
     assert "max-round-attempts" in final["reason"]
 
 
-def test_min_fit_fraction_one_fails_a_round_with_one_silent_site(site_dirs, tmp_path) -> None:
+def test_min_fit_fraction_one_fails_a_round_with_one_silent_site(
+    site_dirs, tmp_path, caplog
+) -> None:
+    caplog.set_level(logging.INFO, logger="fedpath")
     grid = _grid(site_dirs, c={1})
     cfg = _cfg(tmp_path, **{"min-fit-fraction": 1.0, "max-round-attempts": 2})
-    messages: list[str] = []
     with pytest.raises(RunFailed, match="round 1 failed 2 time"):
-        run_federated(grid, cfg, flwr_run_id=3, report=messages.append)
+        run_federated(grid, cfg, flwr_run_id=3)
+    messages = _server_log(caplog)
     assert sum("2 of 3 site(s) answered, 3 needed" in m for m in messages) == 2
+    assert messages[-1].startswith("run failed after 0 round(s): round 1 failed 2 time")
 
 
 def test_harmonisation_mismatch_stops_before_round_one(site_dirs, tmp_path) -> None:
@@ -128,7 +140,7 @@ def test_harmonisation_mismatch_stops_before_round_one(site_dirs, tmp_path) -> N
     )
     grid = _grid({**site_dirs, "z": odd})
     with pytest.raises(HarmonisationError) as info:
-        run_federated(grid, _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
+        run_federated(grid, _cfg(tmp_path), flwr_run_id=3)
     assert any(
         p.startswith("site_z: embedded with synthetic (sha256 55555555…, 8-d), but")
         for p in info.value.problems
@@ -139,36 +151,36 @@ def test_harmonisation_mismatch_stops_before_round_one(site_dirs, tmp_path) -> N
 def test_too_few_sites_connected_is_a_bounded_failure(site_dirs, tmp_path) -> None:
     grid = _grid({"a": site_dirs["a"]})
     with pytest.raises(RunFailed, match="only 1 site"):
-        run_federated(grid, _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
+        run_federated(grid, _cfg(tmp_path), flwr_run_id=3)
 
 
 @pytest.mark.slow
 def test_existing_run_directory_is_not_overwritten(site_dirs, tmp_path) -> None:
-    run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=3, report=lambda _: None)
+    run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=3)
     with pytest.raises(ConfigError, match="already holds a run"):
-        run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=4, report=lambda _: None)
+        run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=4)
 
 
 @pytest.mark.slow
-def test_resume_gives_the_same_final_model_as_an_uninterrupted_run(site_dirs, tmp_path) -> None:
+def test_resume_gives_the_same_final_model_as_an_uninterrupted_run(
+    site_dirs, tmp_path, caplog
+) -> None:
     cfg = {"num-server-rounds": 3}
     full = run_federated(
-        _grid(site_dirs),
-        _cfg(tmp_path, **cfg, **{"run-name": "full"}),
-        flwr_run_id=1,
-        report=lambda _: None,
+        _grid(site_dirs), _cfg(tmp_path, **cfg, **{"run-name": "full"}), flwr_run_id=1
     )
     # Interrupted: every site goes silent in round 3, so the run dies after round 2.
     broken = _cfg(tmp_path, **cfg, **{"run-name": "broken", "max-round-attempts": 1})
     with pytest.raises(RunFailed):
-        run_federated(
-            _grid(site_dirs, a={3}, b={3}, c={3}), broken, flwr_run_id=2, report=lambda _: None
-        )
+        run_federated(_grid(site_dirs, a={3}, b={3}, c={3}), broken, flwr_run_id=2)
     broken_dir = tmp_path / "runs" / "broken"
     assert load_checkpoint(latest_checkpoint(broken_dir)).server_round == 2
     # Resume with only `resume` given: the recorded config (3 rounds) decides the final round.
     resumed = _cfg(tmp_path, **{"resume": str(broken_dir), "num-server-rounds": 1})
-    run_federated(_grid(site_dirs), resumed, flwr_run_id=3, report=lambda _: None)
+    caplog.set_level(logging.INFO, logger="fedpath")
+    run_federated(_grid(site_dirs), resumed, flwr_run_id=3)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "resume: using the recorded num-server-rounds=3, not 1" in warned
     assert [r["round"] for r in _rounds(broken_dir)] == [1, 2, 3]
     a = load_checkpoint(latest_checkpoint(full))
     b = load_checkpoint(latest_checkpoint(broken_dir))
@@ -179,18 +191,13 @@ def test_resume_gives_the_same_final_model_as_an_uninterrupted_run(site_dirs, tm
 
 
 def test_resume_refuses_a_corrupted_checkpoint(site_dirs, tmp_path) -> None:
-    run_dir = run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=1, report=lambda _: None)
+    run_dir = run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=1)
     latest_checkpoint(run_dir).write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="not a readable fedpath checkpoint"):
-        run_federated(
-            _grid(site_dirs),
-            _cfg(tmp_path, resume=str(run_dir)),
-            flwr_run_id=2,
-            report=lambda _: None,
-        )
+        run_federated(_grid(site_dirs), _cfg(tmp_path, resume=str(run_dir)), flwr_run_id=2)
 
 
-def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path) -> None:
+def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path, caplog) -> None:
     """Slide-level DP-SGD: site_c's budget covers one round (6 training slides, expected
     batch 2: q = 1/3, 3 steps a round), so from round 2 it answers "budget exhausted", is not
     aggregated, and the other two sites finish the run."""
@@ -213,8 +220,9 @@ def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path) 
         tmp_path,
         **{"num-server-rounds": 2, "dp-noise-multiplier": 1.0, "dp-batch-slides": 2},
     )
-    messages: list[str] = []
-    run_dir = run_federated(grid, cfg, flwr_run_id=3, report=messages.append)
+    caplog.set_level(logging.INFO, logger="fedpath")
+    run_dir = run_federated(grid, cfg, flwr_run_id=3)
+    messages = _server_log(caplog)
     rounds = _rounds(run_dir)
     assert [r["round"] for r in rounds] == [1, 2]
     assert rounds[0]["budget_exhausted"] == {} and set(rounds[0]["weights"]) == {
@@ -241,3 +249,42 @@ def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path) 
     config = json.loads((run_dir / "config.json").read_text())
     assert config["privacy_guarantee"].startswith("planned: slide-level DP-SGD")
     assert "privacy budget exhausted" in (run_dir / "report.html").read_text()
+
+
+def test_the_serverapp_logs_what_fedpath_run_reads_on_flowers_logger(site_dirs, tmp_path) -> None:
+    """``flwr log`` shows Flower's logger: the ServerApp forwards the round loop's records
+    there as ``[fedpath] `` lines, where ``fedpath run`` finds the run directory and
+    ``fedpath simulate`` the reason a run failed; nothing is forwarded once ``main`` ends."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.logger import FLOWER_LOGGER
+
+    from fedpath.deploy.simulate import failure_reason
+    from fedpath.server.app import main
+    from fedpath.server.run_log import RUN_DIR_PREFIX
+
+    lines: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{record.levelname} : {record.getMessage()}")
+
+    capture = Capture()
+    FLOWER_LOGGER.addHandler(capture)
+    fedpath_logger = logging.getLogger("fedpath")
+    handlers, level = list(fedpath_logger.handlers), fedpath_logger.level
+    try:
+        run_config = _cfg(tmp_path).to_run_config()
+        context = Context(
+            run_id=9, node_id=0, node_config={}, state=RecordDict(), run_config=run_config
+        )
+        with pytest.raises(RunFailed, match="only 1 site"):
+            main(_grid({"a": site_dirs["a"]}), context)
+        logging.getLogger("fedpath.server.rounds").warning("after the run")
+    finally:
+        FLOWER_LOGGER.removeHandler(capture)
+    run_dir = (tmp_path / "runs" / "run").resolve()
+    assert lines[0] == f"INFO : [fedpath] {RUN_DIR_PREFIX}{run_dir}"
+    assert lines[-1].startswith("INFO : [fedpath] run failed after 0 round(s): only 1 site")
+    assert all("[fedpath] " in line for line in lines)
+    assert failure_reason(tmp_path / "elsewhere", "\n".join(lines)) == lines[-1].split("] ", 1)[1]
+    assert (fedpath_logger.handlers, fedpath_logger.level) == (handlers, level)

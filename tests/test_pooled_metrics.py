@@ -10,6 +10,7 @@ validation slides, and the calibrated test accuracy and ECE over all test slides
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +56,9 @@ def _scored(sites: dict[str, Path], cfg: RunConfig, run_dir: Path) -> dict[str, 
     return out
 
 
-def test_global_test_is_over_all_slides_and_patches_and_calibrated(tmp_path: Path) -> None:
+def test_global_test_is_over_all_slides_and_patches_and_calibrated(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = tmp_path / "sites"
     sites = {f"site_{n}": write_synthetic_site(root / n, SPEC, seed=i) for i, n in enumerate("abc")}
     grid = InProcessGrid(
@@ -71,8 +74,9 @@ def test_global_test_is_over_all_slides_and_patches_and_calibrated(tmp_path: Pat
             "connect-timeout": 1.0,
         }
     )
-    messages: list[str] = []
-    run_dir = run_federated(grid, cfg, flwr_run_id=1, report=messages.append)
+    caplog.set_level(logging.INFO, logger="fedpath.server")
+    run_dir = run_federated(grid, cfg, flwr_run_id=1)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("fedpath.server")]
     final = json.loads((run_dir / "final.json").read_text(encoding="utf-8"))
     assert final["status"] == "completed"
     pooled = final["global_test"]

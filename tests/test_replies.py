@@ -157,7 +157,6 @@ def test_the_round_names_a_refused_message_instead_of_a_timeout() -> None:
         cfg=cfg,
         log=None,  # type: ignore[arg-type]
         strategy=None,  # type: ignore[arg-type]
-        report=lambda _: None,
     )
     instructions = RoundInstructions(
         server_round=1, model=cfg.model_config_for(8), train=cfg.train_config()
