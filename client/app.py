@@ -30,14 +30,15 @@ never with partial content: the server logs it and asks that site again next rou
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedpath.client.node_log import node_log
 from fedpath.client.threads import node_torch_threads, torch_threads
 from fedpath.common.errors import ConfigError
 
@@ -48,6 +49,15 @@ if TYPE_CHECKING:
     from fedpath.common.federation import RoundInstructions
 
 app = ClientApp()
+logger = logging.getLogger(__name__)
+
+
+@app.lifespan()
+def _lifespan(context: Context) -> Iterator[None]:
+    """Around every message: fedpath's log lines go to the SuperNode's log (stderr)."""
+    del context
+    with node_log():
+        yield
 
 
 def _simulated_site(context: Context) -> Path | None:
@@ -150,12 +160,6 @@ def _site_privacy(context: Context, site: str) -> SitePrivacy:
     return SitePrivacy(budget=budget, run_id=str(context.run_id), site=site, carried=carried)
 
 
-def log_line(text: str) -> None:
-    """One line in the SuperNode's log (this process's stderr, or the resident worker's,
-    which writes where the SuperNode does); never part of a reply."""
-    print(f"fedpath: {text}", file=sys.stderr, flush=True)
-
-
 def _train_line(
     site: str, instructions: RoundInstructions, device: torch.device, metrics: Mapping[str, Any]
 ) -> str:
@@ -189,7 +193,7 @@ def train_content(content: RecordDict, context: Context) -> RecordDict:
         weights, metrics = train_on_site(
             data, instructions, _global_state(content), privacy, device=device
         )
-    log_line(_train_line(site, instructions, device, metrics))
+    logger.info(_train_line(site, instructions, device, metrics))
     if privacy.dataset_id is not None:
         from fedpath.client.privacy_ledger import entries_to_state
 
@@ -214,7 +218,7 @@ def evaluate_content(content: RecordDict, context: Context) -> RecordDict:
     instructions = _instructions(content)
     with torch_threads(node_torch_threads(context.node_config)):
         metrics = evaluate_on_site(data, instructions, _global_state(content), device=device)
-    log_line(
+    logger.info(
         f"{site}: evaluate ({instructions.eval_split}) round {instructions.server_round} on "
         f"{describe_device(device)} in float32: {int(metrics['num-examples'])} slides, "
         f"{float(metrics['seconds']):.1f} s"

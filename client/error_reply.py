@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import logging
 import re
-import sys
 from pathlib import Path
-from typing import TextIO
 
 __all__ = ["error_reason", "redact", "site_identifiers"]
+
+logger = logging.getLogger(__name__)
 
 _PATH = re.compile(r"[^\s'\"`:,;()\[\]{}<>/]*/(?:[^\s'\"`:,;()\[\]{}<>]+/?)+")
 """Slash-joined tokens: absolute, home-relative, ./-relative and relative POSIX paths (what
@@ -63,15 +64,14 @@ def redact(text: str, identifiers: set[str]) -> str:
     return out
 
 
-def error_reason(
-    site: str, exc: BaseException, data_dir: Path | None, log: TextIO | None = None
-) -> str:
-    """The reply's reason for ``exc``; the unredacted message goes to ``log`` (stderr).
+def error_reason(site: str, exc: BaseException, data_dir: Path | None) -> str:
+    """The reply's reason for ``exc``; the unredacted message is logged (an error on this
+    module's logger: the SuperNode's log, :mod:`fedpath.client.node_log`).
 
     The reference is a hash of the full message, so the same failure in every retry of a
     round carries the same reference.
     """
     full = f"{type(exc).__name__}: {exc}"
     ref = hashlib.sha256(full.encode("utf-8", "replace")).hexdigest()[:8]
-    print(f"fedpath [{site}] error [ref {ref}]: {full}", file=log or sys.stderr, flush=True)
+    logger.error(f"[{site}] error [ref {ref}]: {full}")
     return f"{site}: {redact(str(exc), site_identifiers(data_dir))} [ref {ref}]"

@@ -19,6 +19,9 @@ time. A worker that dies is simply started again by the next message.
 
 On a node whose ``device`` is a GPU (:mod:`fedpath.client.node_device`) the worker is where CUDA is
 initialised, once: its context outlives the messages, the cached GPU memory does not.
+
+What it does is logged on its module logger; ``main`` sends that to its stderr, which is the
+SuperNode's log (:mod:`fedpath.client.node_log`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import logging
 import os
 import socket
 import struct
@@ -53,6 +57,8 @@ if TYPE_CHECKING:
     from fedpath.client.training.bag_cache import BagCache
 
 __all__ = ["handle_request", "main", "serve"]
+
+logger = logging.getLogger(__name__)
 
 IDLE_EXIT_SECONDS = 6 * 3600.0
 """An idle worker gives its memory back after this long; the next message starts a new one."""
@@ -210,7 +216,6 @@ def serve(
     parent_pid: int | None,
     idle_seconds: float = IDLE_EXIT_SECONDS,
     warm_up: bool = True,
-    log: Any = None,
     bag_cache: BagCache | None = None,
 ) -> None:
     """Bind ``sock_path`` and serve messages one at a time until idle or orphaned.
@@ -219,7 +224,6 @@ def serve(
     the first one started the worker finds it and waits in the listen backlog instead of
     starting another worker. ``bag_cache`` keeps a run's feature bags between its messages.
     """
-    log = log or sys.stderr
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(FileNotFoundError):
         sock_path.unlink()
@@ -231,13 +235,13 @@ def serve(
     server.listen(16)
     if parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(parent_pid, sock_path), daemon=True).start()
-    print(f"fedpath worker {os.getpid()}: listening on {sock_path}", file=log, flush=True)
+    logger.info(f"worker {os.getpid()}: listening on {sock_path}")
     if warm_up:
         began = time.perf_counter()
         _warm_up()
         gc.collect()
         _freeze_survivors()
-        print(f"fedpath worker: ready in {time.perf_counter() - began:.1f} s", file=log, flush=True)
+        logger.info(f"worker: ready in {time.perf_counter() - began:.1f} s")
     server.settimeout(min(idle_seconds, 60.0))
     last = time.monotonic()
     try:
@@ -247,7 +251,7 @@ def serve(
             except TimeoutError:
                 continue
             with conn:
-                _serve_one(conn, handlers, log, bag_cache)
+                _serve_one(conn, handlers, bag_cache)
             last = time.monotonic()
             _release_memory()
     finally:
@@ -255,22 +259,17 @@ def serve(
         with contextlib.suppress(FileNotFoundError):
             if sock_path.exists() and sock_path.is_socket():
                 sock_path.unlink()
-    print(
-        f"fedpath worker {os.getpid()}: idle for {idle_seconds:.0f} s, exiting",
-        file=log,
-        flush=True,
-    )
+    logger.info(f"worker {os.getpid()}: idle for {idle_seconds:.0f} s, exiting")
 
 
 def _serve_one(
     conn: socket.socket,
     handlers: dict[str, Callable[..., Any]],
-    log: Any,
     bag_cache: BagCache | None,
 ) -> None:
     conn.settimeout(None)
     if _peer_uid(conn) != os.getuid():
-        print("fedpath worker: refused a connection from another user", file=log, flush=True)
+        logger.warning("worker: refused a connection from another user")
         return
     try:
         header, blobs = read_frame(conn)
@@ -278,7 +277,7 @@ def _serve_one(
         reply, out_blobs = handle_request(header, blobs, handlers, bag_cache=bag_cache)
         write_frame(conn, reply, out_blobs)
     except (ProtocolError, OSError) as exc:
-        print(f"fedpath worker: dropped a message ({exc})", file=log, flush=True)
+        logger.warning(f"worker: dropped a message ({exc})")
         return
     status = "ok" if reply.get("ok") else f"{reply.get('kind')} error"
     cached = ""
@@ -287,14 +286,11 @@ def _serve_one(
             f" (bag cache: {len(bag_cache)} bags, {bag_cache.nbytes / 2**20:.0f} MiB, "
             f"{bag_cache.hits} hits, {bag_cache.misses} misses)"
         )
-    print(
-        f"fedpath worker: {header.get('op')} {status} in {time.perf_counter() - began:.2f} s"
-        + cached,
-        file=log,
-        flush=True,
+    logger.info(
+        f"worker: {header.get('op')} {status} in {time.perf_counter() - began:.2f} s" + cached
     )
     if reply.get("kind") == "bug":
-        print(reply.get("traceback", ""), file=log, flush=True)
+        logger.error(reply.get("traceback", ""))
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -308,15 +304,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     from fedpath.client.app import CONTENT_HANDLERS
+    from fedpath.client.node_log import node_log
     from fedpath.client.training.bag_cache import BagCache
 
-    serve(
-        args.socket,
-        dict(CONTENT_HANDLERS),
-        parent_pid=args.parent_pid,
-        idle_seconds=args.idle_seconds,
-        bag_cache=BagCache(),
-    )
+    with node_log():  # the worker's stderr is the SuperNode's log
+        serve(
+            args.socket,
+            dict(CONTENT_HANDLERS),
+            parent_pid=args.parent_pid,
+            idle_seconds=args.idle_seconds,
+            bag_cache=BagCache(),
+        )
     return 0
 
 

@@ -177,6 +177,43 @@ def test_a_bad_privacy_budget_in_the_node_config_is_an_error_reply(site: Path) -
     assert reply.has_error() and "privacy-budget must be > 0" in reply.error.reason
 
 
+def test_node_log_writes_fedpath_lines_to_stderr_unless_the_process_configured_its_own(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A ClientApp or worker process writes ``fedpath: <message>`` lines to stderr (the
+    SuperNode's log); a process that set up the ``fedpath`` loggers gets each record once,
+    in its own handlers; nothing stays configured afterwards."""
+    import logging
+
+    from fedpath.client.node_log import node_log
+
+    client = logging.getLogger("fedpath.client")
+    logger = logging.getLogger("fedpath.client.app")
+    before = (list(client.handlers), client.level)
+    with node_log():
+        logger.info("site_a: train round 1 on cpu")
+    assert capsys.readouterr().err == "fedpath: site_a: train round 1 on cpu\n"
+    assert (client.handlers, client.level) == before
+
+    seen: list[str] = []
+
+    class Own(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    own, root = Own(), logging.getLogger("fedpath")
+    root.addHandler(own)
+    saved = root.level
+    root.setLevel(logging.INFO)
+    try:
+        with node_log():
+            logger.info("once")
+    finally:
+        root.removeHandler(own)
+        root.setLevel(saved)
+    assert seen == ["once"] and "once" not in capsys.readouterr().err
+
+
 def test_error_reply_names_no_slide_and_logs_the_file(tmp_path: Path, capsys) -> None:
     """NaN in every feature bag fails the round with a redacted reason (it leaves the
     hospital); the SuperNode's log keeps the file under the same reference. (One bad bag alone

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import io
+import logging
 from pathlib import Path
+
+import pytest
 
 from fedpath.client.error_reply import error_reason, redact, site_identifiers
 from fedpath.common.errors import FeatureBagError
@@ -32,16 +34,19 @@ def test_paths_and_site_identifiers_are_redacted(tmp_path: Path) -> None:
     assert site_identifiers(tmp_path / "nowhere") == set() == site_identifiers(None)
 
 
-def test_error_reason_logs_the_full_message_under_the_reference(tmp_path: Path) -> None:
+def test_error_reason_logs_the_full_message_under_the_reference(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     site = _site(tmp_path)
     exc = FeatureBagError(
         str(site / "features/x/RH-2024-00017_A1.h5"), "1 patch(es) have NaN or Inf features"
     )
-    log = io.StringIO()
-    reason = error_reason("site_a", exc, site, log)
+    caplog.set_level(logging.ERROR, logger="fedpath.client.error_reply")
+    reason = error_reason("site_a", exc, site)
     assert reason.startswith("site_a: feature file <file>: 1 patch(es) have NaN or Inf")
     ref = reason.rsplit("[ref ", 1)[1].rstrip("]")
     assert len(ref) == 8 and "RH-2024" not in reason and str(tmp_path) not in reason
-    logged = log.getvalue()
-    assert f"[ref {ref}]" in logged and "RH-2024-00017_A1.h5" in logged
-    assert error_reason("site_a", exc, site, io.StringIO()) == reason  # same failure, same ref
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and record.name == "fedpath.client.error_reply"
+    assert f"[ref {ref}]" in record.getMessage() and "RH-2024-00017_A1.h5" in record.getMessage()
+    assert error_reason("site_a", exc, site) == reason  # same failure, same ref
