@@ -265,6 +265,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Federated attention-MIL for computational pathology: hospital and "
         "coordinator commands.",
     )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log debug messages too (default: info)"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prepare = sub.add_parser(
@@ -410,10 +413,44 @@ all but imports only the module of the command being run (start-up stays well un
 whatever those modules import). ``tests/test_startup.py`` checks the help matches theirs."""
 
 
+@contextlib.contextmanager
+def _fedpath_logging(verbose: bool) -> Iterator[None]:
+    """Where the ``fedpath`` loggers' records go while a command runs (library code logs and
+    never configures): stderr, through rich in a terminal, else as plain one-line records, so
+    a log file has no box drawing and no path wrapped in the middle. Removed on return."""
+    import logging
+
+    logger = logging.getLogger("fedpath")
+    handler: logging.Handler
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.highlighter import NullHighlighter
+        from rich.logging import RichHandler
+
+        handler = RichHandler(
+            console=Console(stderr=True),
+            show_time=False,
+            show_path=False,
+            markup=False,  # text, not markup: "[annotation] tumour_classes" must survive
+            highlighter=NullHighlighter(),
+        )
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpath`` console script."""
     words = list(sys.argv[1:] if argv is None else argv)
-    command = words[0] if words and not words[0].startswith("-") else ""
+    command = next((word for word in words if not word.startswith("-")), "")
     args = build_parser(command).parse_args(words)
     from rich.console import Console
     from rich.markup import escape
@@ -426,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.print(f"[bold red]{head}[/]{escape(str(exc))}", soft_wrap=True)
 
     try:
-        return int(args.handler(args, console))
+        with _fedpath_logging(args.verbose):
+            return int(args.handler(args, console))
     except ManifestError as exc:
         say("error: ", exc)
         console.print("Nothing was prepared. Fix the manifest and run the command again.")
