@@ -10,6 +10,14 @@ array's blob is the ``.npy`` buffer Flower's ``Array`` already holds (``np.save`
 pickle), sent and received as it is: only its header is read, to refuse object or structured
 dtypes and buffers that do not fit it. Config values that are bytes travel as blobs too, so
 JSON carries only numbers, strings, booleans and lists of them.
+
+Not ``multiprocessing.connection``: its ``send_bytes``/``recv_bytes`` would replace only the
+length prefixes and :func:`_recv_exactly` (~15 lines), and cost more than that back. A dead
+peer is an ``EOFError`` there (not an ``OSError``: both ends would need another except), an
+oversized one "bad message length" without the sizes, a socket with a timeout cannot be
+wrapped (its descriptor is non-blocking: ``BlockingIOError``), and its ``Listener`` has no
+accept timeout (the idle exit), no peer-uid check and no umask for the socket file, so the
+socket code around it stays anyway.
 """
 
 from __future__ import annotations
