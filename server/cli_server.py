@@ -1,9 +1,9 @@
 """Coordinator commands of the ``fedpath`` CLI: ``fedpath report RUN_DIR``.
 
-Only wiring and printing: the report itself is ``fedpath.server.report.render_report``, which raises
-``ConfigError`` for a missing or malformed run directory (``deploy.cli.main`` turns that into
-exit code 2). Heavy imports (matplotlib) happen inside the handler, so building the parser
-stays fast for every other command.
+Only wiring and printing: the report itself is ``fedpath.server.report.page.write_report``;
+``read_run`` raises ``ConfigError`` for a missing or malformed run directory
+(``deploy.cli.main`` turns that into exit code 2). Heavy imports (matplotlib) happen inside
+the handler, so building the parser stays fast for every other command.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     from fedpath.server.run_files import read_run
 
     run = read_run(args.run_dir)  # a wrong folder is said before matplotlib loads (~1.5 s)
-    from fedpath.server.report import status_text, write_report
+    from fedpath.server.report.content import status_text
+    from fedpath.server.report.page import write_report
 
     page = write_report(run, args.out)
     console.print(status_text(run)[1])

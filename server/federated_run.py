@@ -207,7 +207,7 @@ def _resume_state(
 
 def _render_report(run_dir: Path) -> None:
     """The HTML report is a convenience: a rendering problem must not fail a finished run."""
-    from fedpath.server.report import render_report  # matplotlib: only once the run has finished
+    from fedpath.server.report.page import render_report  # matplotlib: only once the run ended
 
     try:
         path = render_report(run_dir)

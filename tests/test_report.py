@@ -13,6 +13,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,10 @@ import pytest
 
 from fedpath.common.errors import ConfigError
 from fedpath.deploy.cli import EXIT_OK, EXIT_USAGE, main
-from fedpath.server.report import PathScrub, figures, mpl_text, render_report, rounds_for_plots
+from fedpath.server.report.page import render_report
+from fedpath.server.report.paths import PathScrub
+from fedpath.server.report.plots import figures, mpl_text
+from fedpath.server.report.series import rounds_for_plots
 from fedpath.server.run_files import read_final, read_metrics, read_run
 
 SITES = ["site_a", "<b>x</b>", "site_c"]
@@ -305,7 +310,7 @@ def test_run_that_never_started_reports_why(tmp_path: Path) -> None:
                         "test": {}, "global_test": {}}  # fmt: skip
     (run_dir / "final.json").write_text(json.dumps(final))
     text = render_report(run_dir).read_text(encoding="utf-8")
-    assert "Run failed after 0 of 3 rounds: the sites&#x27; prepared data do not match:" in text
+    assert "Run failed after 0 of 3 rounds: the sites&#39; prepared data do not match:" in text
     assert "  - &lt;b&gt;x&lt;/b&gt;: feature_dim is 8, not 16" in text
     assert "config.json is missing: the run stopped before it started" in text
     assert "No round has completed yet" in text
@@ -561,7 +566,7 @@ def test_final_table_shows_every_metric_key_of_final_json(tmp_path: Path) -> Non
         "Brier score", "ECE", "threshold",
     ]  # fmt: skip
     assert "0.1100" in headline and '<td class="num">0.4200</td>' in headline
-    assert "All sites: pooled over every &lt;test&gt; slide from the sites&#x27; counts" in section
+    assert "All sites: pooled over every &lt;test&gt; slide from the sites&#39; counts" in section
     every = section[section.index("Every test metric final.json holds") :]
     assert re.findall(r"<th>([^<]*)</th>", every) == ["metric", *SITES_ESCAPED, "all sites"]
     for header, value in (("patch AUC pooled", "0.7770"), ("AUC CI", "0.6100 – 0.9700"),
@@ -574,3 +579,55 @@ def test_final_table_shows_every_metric_key_of_final_json(tmp_path: Path) -> Non
 
 
 SITES_ESCAPED = ["site_a", "&lt;b&gt;x&lt;/b&gt;", "site_c"]
+
+
+# -------------------------------------------------------------------------------------------
+# Template and data kept apart (issue 22.2).
+
+SCRIPT_SITE = "<script>alert(1)</script>"
+
+
+def test_a_site_named_as_a_script_is_escaped_by_the_template(tmp_path: Path) -> None:
+    """Autoescape, not each caller, escapes every value: a site named as markup is text in every
+    table, status and note that names it, and the page holds no script element."""
+    run_dir = make_run(tmp_path / "run")
+    for name in ("config.json", "metrics.jsonl", "final.json"):
+        path = run_dir / name
+        path.write_text(path.read_text(encoding="utf-8").replace("site_c", SCRIPT_SITE))
+    text = render_report(run_dir).read_text(encoding="utf-8")
+    escaped = "&lt;script&gt;alert(1)&lt;/script&gt;"
+    assert "<script>alert" not in text and "<script" not in text.lower()
+    # sites table, per-site table, failure reason, weights, privacy summary, final table
+    assert text.count(escaped) >= 6, text.count(escaped)
+    assert f'<span class="warn">{escaped}</span>: <span class="reason">timeout' in text
+
+    class Tags(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: set[str] = set()
+            self.text: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.tags.add(tag)
+
+        def handle_data(self, data: str) -> None:
+            self.text.append(data)
+
+    parsed = Tags()
+    parsed.feed(text)
+    assert "script" not in parsed.tags
+    assert SCRIPT_SITE in "".join(parsed.text), "the name reads as written"
+
+
+def test_the_report_data_modules_load_neither_matplotlib_nor_jinja2() -> None:
+    """Computing what the report says is pure data: only ``plots`` draws, only ``page``
+    renders HTML."""
+    code = (
+        "import sys\n"
+        "import fedpath.server.report.content, fedpath.server.report.series\n"
+        "print(sorted(m for m in ('matplotlib', 'jinja2', 'markupsafe') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    ).stdout
+    assert out.strip() == "[]", out
