@@ -153,7 +153,7 @@ def test_bfloat16_bucket_padding_adds_nothing_to_a_slides_gradient(
     padded = [
         pt.slide_gradient(model, b, cfg, torch.Generator().manual_seed(0), "bfloat16") for b in bags
     ]
-    monkeypatch.setattr(pt, "_collate", lambda bags, *_: collate(bags, dtype=torch.bfloat16))
+    monkeypatch.setattr(pt, "collate_for", lambda bags, *_: collate(bags, dtype=torch.bfloat16))
     for bag, (grads, losses) in zip(bags, padded, strict=True):
         plain, plain_losses = pt.slide_gradient(
             model, bag, cfg, torch.Generator().manual_seed(0), "bfloat16"

@@ -69,6 +69,14 @@ from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from fedpath.client.training.bags import Bag, sample_patches
+from fedpath.client.training.placement import (
+    Precision,
+    collate_for,
+    model_device,
+    precision_autocast,
+    private_torch_rng,
+    to_device,
+)
 from fedpath.client.training.privacy_accountant import (
     Mechanism,
     check_delta,
@@ -77,13 +85,7 @@ from fedpath.client.training.privacy_accountant import (
 )
 from fedpath.client.training.trainer import (
     EpochMetrics,
-    Precision,
     TrainResult,
-    _autocast,
-    _collate,
-    _device,
-    _private_torch_rng,
-    _to_device,
     evaluate,
     out_of_memory_as_error,
     patch_sampler,
@@ -223,9 +225,9 @@ def slide_gradient(
     float32: what Opacus clips and sums does not depend on the forward's precision.
     """
     params = _parameters(model)
-    device = _device(model)
-    batch = _to_device(_collate([bag], precision, device), device)
-    with _autocast(device, precision):
+    device = model_device(model)
+    batch = to_device(collate_for([bag], precision, device), device)
+    with precision_autocast(device, precision):
         out = model(batch.features, batch.mask)
     parts = mixed_supervision_loss(
         out.logits,
@@ -318,7 +320,9 @@ def _private_epoch(
         generator=torch.Generator().manual_seed(poisson_seed % (2**63)),
         steps=steps,
     )
-    optimiser.generator = torch.Generator(device=_device(model)).manual_seed(noise_seed % (2**63))
+    optimiser.generator = torch.Generator(device=model_device(model)).manual_seed(
+        noise_seed % (2**63)
+    )
     params = _parameters(model)
     lr = step_lr(cfg, _expected_batch(mechanism, n))
     sums = np.zeros(4, dtype=np.float64)
@@ -378,7 +382,7 @@ def train_private(
     check_private_model(model)
     planned = plan_private_training(dp, len(train_bags), cfg.epochs)
     seed = secrets.randbits(64) if secret_seed is None else int(secret_seed)
-    device = _device(model)
+    device = model_device(model)
     precision = resolve_precision(cfg.precision, device, private=True)
     optimiser = DPOptimizer(
         torch.optim.Adam(_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay),
@@ -390,7 +394,7 @@ def train_private(
     # One slide per pass (max_batch_patches plays no part): its sampled patches bound memory.
     hint = f"lower max_train_patches ({cfg.max_train_patches or 'every patch'})"
     memory = out_of_memory_as_error(device, "training with DP-SGD", hint)
-    with memory, deterministic_on(device), _private_torch_rng(device):
+    with memory, deterministic_on(device), private_torch_rng(device):
 
         def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
             means, n_steps = _private_epoch(

@@ -17,16 +17,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedpath.client.training.bags import Bag, BagBatch, collate, sample_patches
+from fedpath.client.training.bags import Bag, sample_patches
+from fedpath.client.training.placement import (
+    Precision,
+    collate_for,
+    model_device,
+    precision_autocast,
+    private_torch_rng,
+    to_device,
+)
 from fedpath.common.cpuinfo import read_cpuinfo
 from fedpath.common.device import describe_device
 from fedpath.common.errors import DeviceError, FedpathError
@@ -53,10 +61,6 @@ __all__ = [
     "stopping_loss",
     "train",
 ]
-
-Precision = Literal["float32", "bfloat16", "float16"]
-"""What the per-patch layers ran in. ``float16`` is never asked for in a config: ``auto`` picks
-it on a CUDA GPU without native bfloat16, for the plain trainer only (:func:`resolve_precision`)."""
 
 
 @dataclass(frozen=True)
@@ -141,27 +145,6 @@ class TrainResult:
     n_train_slides: int
     precision: Precision = "float32"
     device: str = "cpu"
-
-
-def _device(model: MILModel) -> torch.device:
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
-@contextmanager
-def _private_torch_rng(device: torch.device) -> Iterator[None]:
-    """Seeding torch inside this block leaves the caller's global RNG state untouched: the
-    CPU's, and the training device's (dropout on a GPU draws from the GPU's generator)."""
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        devices: list[int | str] = [index]
-    elif device.type == "mps":
-        devices = ["mps"]  # one MPS device; its module ignores the id
-    else:
-        devices = []
-    kind = device.type if devices else None
-    with torch.random.fork_rng(devices=devices, device_type=kind):
-        yield
 
 
 @contextmanager
@@ -258,33 +241,6 @@ def resolve_precision(precision: str, device: torch.device, *, private: bool = F
     return "bfloat16" if precision == "bfloat16" else "float32"
 
 
-_LOW_PRECISION = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _autocast(device: torch.device, precision: Precision) -> AbstractContextManager[Any]:
-    """Low-precision autocast for the per-patch layers; the model keeps its softmax, pooling
-    and slide head in its own precision."""
-    if precision == "float32":
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_LOW_PRECISION[precision])
-
-
-def _collate(bags: Sequence[Bag], precision: Precision, device: torch.device) -> BagBatch:
-    """A batch as the precision and device want it.
-
-    float32 is batched as loaded. In a low precision the features are cast once while
-    batching (autocast would cast them anyway, and half the bytes cross the bus to a GPU);
-    on a CPU they are also padded to :func:`~fedpath.client.training.bags.bucket_length`, so oneDNN
-    reuses its compiled kernels across slides of similar length. A batch bound for a CUDA
-    GPU is built in pinned memory (:func:`~fedpath.client.training.bags.collate`).
-    """
-    pin = device.type == "cuda"
-    if precision == "float32":
-        return collate(bags, pin_memory=pin)
-    dtype = _LOW_PRECISION[precision]
-    return collate(bags, dtype=dtype, bucket=device.type == "cpu", pin_memory=pin)
-
-
 def physical_batches(lengths: Sequence[int], max_patches: int) -> list[list[int]]:
     """Positions of one step's slides grouped into forward passes of ≤ ``max_patches`` padded rows.
 
@@ -334,25 +290,6 @@ def patch_sampler(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
-def _to_device(batch: BagBatch, device: torch.device) -> BagBatch:
-    """The batch on ``device``; copies from pinned memory run asynchronously (the stream
-    orders them before the kernels that read them)."""
-    if device.type == "cpu":
-        return batch
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.to(device, non_blocking=t.is_pinned())
-
-    return BagBatch(
-        features=move(batch.features),
-        mask=move(batch.mask),
-        labels=move(batch.labels),
-        patch_labels=tuple(move(p) if p is not None else None for p in batch.patch_labels),
-        annotation_complete=batch.annotation_complete,
-        slide_ids=batch.slide_ids,
-    )
-
-
 def evaluate(
     model: MILModel, bags: Sequence[Bag], precision: Precision = "float32"
 ) -> ValidationMetrics:
@@ -365,7 +302,7 @@ def evaluate(
     """
     if not bags:
         return ValidationMetrics(math.nan, math.nan, math.nan)
-    device = _device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     losses: list[float] = []
@@ -377,8 +314,8 @@ def evaluate(
     try:
         with torch.no_grad():
             for bag in bags:
-                batch = _to_device(_collate([bag], precision, device), device)
-                with _autocast(device, precision):
+                batch = to_device(collate_for([bag], precision, device), device)
+                with precision_autocast(device, precision):
                     out = model(batch.features, batch.mask)
                 # Scored in float64 on the CPU: a slide's few logits cost nothing to copy,
                 # and MPS has no float64.
@@ -444,8 +381,8 @@ def _train_epoch(
         lengths = [bag.num_patches for bag in step_bags]
         for positions in physical_batches(lengths, cfg.max_batch_patches):
             chosen = [step_bags[p] for p in positions]
-            batch = _to_device(_collate(chosen, precision, device), device)
-            with _autocast(device, precision):
+            batch = to_device(collate_for(chosen, precision, device), device)
+            with precision_autocast(device, precision):
                 out = model(batch.features, batch.mask)
             parts = mixed_supervision_loss(
                 out.logits,
@@ -516,7 +453,7 @@ def train(
         raise ValueError("no training bags")
     if start_epoch < 0:
         raise ValueError(f"start_epoch must be >= 0; got {start_epoch}")
-    device = _device(model)
+    device = model_device(model)
     precision = resolve_precision(cfg.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision == "float16" else None
     labels = np.asarray([b.entry.label for b in train_bags], dtype=np.int64)
@@ -525,7 +462,7 @@ def train(
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     memory = out_of_memory_as_error(device, "training", training_memory_hint(cfg))
 
-    with memory, _private_torch_rng(device):
+    with memory, private_torch_rng(device):
 
         def one_epoch(epoch: int) -> tuple[Sequence[float], int]:
             *losses, n_steps = _train_epoch(
@@ -659,5 +596,5 @@ def run_epochs(
         mean_train_loss_last_epoch=history[-1].train_loss,
         n_train_slides=len(train_bags),
         precision=precision,
-        device=describe_device(_device(model)),
+        device=describe_device(model_device(model)),
     )
