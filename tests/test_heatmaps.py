@@ -23,20 +23,20 @@ from matplotlib import colormaps
 from fedpath.client.config import AnnotationConfig, EmbeddingConfig, PrepareConfig, TissueConfig
 from fedpath.client.prepare.pipeline import prepare_site
 from fedpath.client.training.evaluate import load_checkpoint
-from fedpath.client.training.heatmaps import (
+from fedpath.client.training.heatmap_maps import SlideMaps, attention_percentiles, top_k_indices
+from fedpath.client.training.heatmap_render import (
     HeatmapConfig,
     HeatmapPicture,
-    HeatmapRecord,
-    SlideMaps,
-    SlideSource,
-    _outline_rings,
-    annotation_settings_of,
-    attention_percentiles,
     blend_overlay,
     figure_size_px,
     rasterise_patches,
     render_heatmap,
-    top_k_indices,
+)
+from fedpath.client.training.heatmaps import (
+    HeatmapRecord,
+    SlideSource,
+    annotation_settings_of,
+    outline_rings,
     write_heatmaps,
 )
 from fedpath.client.training.site_index import BagEntry, load_site_index
@@ -439,11 +439,11 @@ def test_outline_uses_the_tumour_classes_the_bag_was_labelled_with(tmp_path: Pat
     site = AnnotationConfig(tumour_classes=("Tumorgewebe",))
     attrs = {"annotation_settings": site.model_dump_json()}
     assert annotation_settings_of(attrs) == site
-    rings = _outline_rings(annotation, (1000, 1000), annotation_settings_of(attrs))
+    rings = outline_rings(annotation, (1000, 1000), annotation_settings_of(attrs))
     assert len(rings) == 1 and rings[0].shape[1] == 2
     # a bag prepared before settings were recorded keeps the defaults (no tumour here)
     assert annotation_settings_of({}) == AnnotationConfig()
-    assert _outline_rings(annotation, (1000, 1000), annotation_settings_of({})) == []
+    assert outline_rings(annotation, (1000, 1000), annotation_settings_of({})) == []
     with pytest.raises(FedpathError, match="annotation settings are unreadable"):
         annotation_settings_of({"annotation_settings": '{"tumour_classes": 3}'})
 
