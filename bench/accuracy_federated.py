@@ -2,33 +2,17 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/accuracy_federated.py          # SUBTLE_COHORT (bench/accuracy.py)
-    .venv/bin/python bench/accuracy_federated.py --cohort field-effect  # FULL_COHORT
-    .venv/bin/python bench/accuracy_federated.py --quick  # tiny cohort, few rounds: a smoke run
-    .venv/bin/python bench/accuracy_federated.py --rounds 30 --local-epochs 2 --seeds 2
+    .venv/bin/python -m bench.accuracy_federated          # SUBTLE_COHORT (bench.cohorts)
+    .venv/bin/python -m bench.accuracy_federated --cohort field-effect  # FULL_COHORT
+    .venv/bin/python -m bench.accuracy_federated --quick  # tiny cohort, few rounds: a smoke run
+    .venv/bin/python -m bench.accuracy_federated --rounds 30 --local-epochs 2 --seeds 2
 
-The cohort is one ``bench/accuracy.py`` builds and caches (``--cohort``: by default
-SUBTLE_COHORT, whose small hospital cannot learn the slide task alone; same generator, same
-preparation, same held-out test sets, same heterogeneous tumour and benign mimics of it:
-``--low-grade-share``, ``--mimic-share``, ``--tumour-slide-mimic-share``), with the label
-layout of issue 4: site A sees the outlines of 30 % of its training tumour slides, sites B
-and C only slide labels; C is the smaller hospital, and every hospital has its own stain.
-
-Arms, each trained from the same seeded initial model and scored on the pooled held-out test
-set (slide AUC with bootstrap CI, patch AUC against the generator's ground-truth masks, and
-the low-grade patch AUC: low-grade against normal patches only) and on each hospital's own
-test set:
-
-- centralised: the site-local trainer on the pooled training slides (what sharing slides would
-  give), early stopping on the pooled validation slides;
-- each site alone: the same trainer on one hospital's slides;
-- FedAvg and FedMix: the real federation, i.e. ``server.federated_run.run_federated`` (harmonisation
-  gate, round loop, strategies, checkpoints) talking to the real ClientApp of every hospital
-  through ``InProcessGrid`` (only the transport is in-process: Flower's deployment would add
-  its ~10 s/round floor of polls and process starts and nothing to the arithmetic). Each
-  hospital's ClientApp reads a prepared site directory of its own, in which the slides whose
-  outlines it may not use are feature files *without* patch labels: nothing but the files on a
-  hospital's disk decides what its training sees. The model scored is the final round's.
+The cohort is one ``bench.prepared_cohort`` builds and caches (``--cohort``, by default
+SUBTLE_COHORT), with issue 4's label layout: site A sees the outlines of 30 % of its training
+tumour slides, sites B and C only slide labels. Arms: centralised, each site alone, FedAvg and
+FedMix (the real round loop and ClientApps, ``bench.federate``; each hospital reads its own
+site directory, ``bench.site_views``), weak vs mixed, scored on the pooled and on each
+hospital's own test set. Details and results: ``bench/README.md``.
 
 Targets (issue 4): FedAvg and FedMix slide AUC within 0.02 of centralised; every federated arm
 ≥ the worst single site + 0.05 slide AUC; mixed > weak patch AUC at sites B and C, which have
@@ -38,12 +22,7 @@ no patch labels of their own.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import json
 import math
-import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -52,129 +31,37 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import torch
-from accuracy import (
+
+from bench.accuracy import Arm, run_arm
+from bench.cohorts import (
     COHORTS,
     QUICK_COHORT,
     TUMOUR,
-    Arm,
-    Evaluation,
-    LoadedCohort,
-    PreparedCohort,
     add_cohort_option,
     add_share_options,
     apply_parsed_shares,
+)
+from bench.federate import run_and_load
+from bench.machine import machine
+from bench.prepared_cohort import (
+    LoadedCohort,
+    PreparedCohort,
     build_cohort,
     describe,
-    evaluate_bags,
     load_cohort,
-    low_grade_text,
-    machine,
-    run_arm,
     visible_annotations,
 )
-
-from fedpath.client.prepare.records import INDEX_COLUMNS, INDEX_FILE, SITE_FILE
+from bench.scoring import Evaluation, evaluate_bags, low_grade_text
+from bench.site_views import write_site_views
 from fedpath.client.training.bags import Bag
-from fedpath.client.training.site_index import BagEntry
-from fedpath.common.atomic import atomic_path, atomic_write_text
-from fedpath.common.hashing import sha256_json
-from fedpath.common.mil.models import MILModel, build_model
+from fedpath.common.mil.models import MILModel
 from fedpath.common.train_config import TrainConfig
-from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite, task_identity
-from fedpath.server.checkpoints import latest_checkpoint, load_checkpoint
-from fedpath.server.config import RunConfig
-from fedpath.server.federated_run import run_federated
 
 FEDERATED_SHARES = {"site_a": 0.3}
 """Issue 4: site A outlines 30 % of its training tumour slides; B and C none."""
 STRATEGIES = ("fedavg", "fedmix")
 MODES = ("weak", "mixed")
-VIEW_LAYOUT = 2
-"""Bumped when the way a hospital's training view is written changes (new cache key)."""
-
-
-# ----------------------------------------------------------------- each hospital's own disk
-
-
-def _without_patch_labels(source: Path, target: Path) -> None:
-    """Copy a feature bag minus its patch labels and tumour fractions (atomically)."""
-    with atomic_path(target) as tmp, h5py.File(source, "r") as src, h5py.File(tmp, "w") as dst:
-        for name in src:
-            if name not in ("patch_labels", "tumour_fraction"):
-                src.copy(src[name], dst, name=name)
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """A hard link (no second copy of the features), or an atomic copy across file systems."""
-    try:
-        os.link(source, target)
-    except OSError:
-        with atomic_path(target) as tmp:
-            shutil.copyfile(source, tmp)
-
-
-def _manifest_row(entry: BagEntry, split: str, features: Path, labelled: bool) -> dict[str, str]:
-    return {
-        "slide_id": entry.slide_id,
-        "label": ("normal", "tumour")[entry.label],
-        "split": split,
-        "patient_id": entry.patient_id or "",
-        "annotation_complete": (
-            ""
-            if not labelled or entry.annotation_complete is None
-            else str(entry.annotation_complete).lower()
-        ),
-        "has_patch_labels": "true" if labelled else "false",
-        "num_patches": str(entry.num_patches),
-        "features": str(features),
-    }
-
-
-def write_site_views(
-    cohort: PreparedCohort, visible: frozenset[str], root: Path
-) -> dict[str, Path]:
-    """One prepared site directory per hospital with only the outlines it may train on.
-
-    Feature files live inside the site directory, as a hospital's own ``prepare`` leaves them
-    (the site index refuses paths that leave it): a hard link to the prepared file (a copy
-    where linking fails), or a label-free copy for a slide whose patch labels the hospital
-    may not use. Splits are fixed in
-    the manifest (``split`` column), so the ClientApp trains, validates and tests on exactly
-    the slides the centralised and single-site arms use. Cached by the visible set.
-    """
-    key = sha256_json({"layout": VIEW_LAYOUT, "visible": sorted(visible)})[:12]
-    base = root / f"views-{key}"
-    views = {}
-    for hospital in cohort.hospitals:
-        site = base / hospital.name
-        views[hospital.name] = site
-        if (site / INDEX_FILE).is_file():
-            continue
-        stripped = site / "features"
-        stripped.mkdir(parents=True, exist_ok=True)
-        rows = []
-        for split in ("train", "val", "test"):
-            for entry in getattr(hospital, split):
-                labelled = split == "train" and entry.slide_id in visible
-                features = stripped / entry.features.name
-                if not features.is_file():
-                    if entry.has_patch_labels and not labelled:
-                        _without_patch_labels(entry.features, features)
-                    else:
-                        _link_or_copy(entry.features, features)
-                rows.append(_manifest_row(entry, split, features.relative_to(site), labelled))
-        source_facts = hospital.train[0].features.parents[2] / SITE_FILE
-        shutil.copyfile(source_facts, site / SITE_FILE)
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=INDEX_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(site / INDEX_FILE, out.getvalue())  # last: marks the view done
-    return views
 
 
 # ------------------------------------------------------------------------------ the arms
@@ -221,7 +108,8 @@ def _site_data(data: LoadedCohort, cohort: PreparedCohort, name: str) -> LoadedC
     )
 
 
-def _test_by_site(cohort: PreparedCohort, data: LoadedCohort) -> dict[str, tuple[Bag, ...]]:
+def site_test_sets(cohort: PreparedCohort, data: LoadedCohort) -> dict[str, tuple[Bag, ...]]:
+    """Each hospital's own test bags (its per-site columns)."""
     out = {}
     for hospital in cohort.hospitals:
         ids = {e.slide_id for e in hospital.test}
@@ -247,7 +135,7 @@ def run_local_arm(
     base: TrainConfig,
     by_site: Mapping[str, Sequence[Bag]],
 ) -> FedResult:
-    """Centralised or one site alone: ``bench/accuracy.py``'s ``run_arm`` on that data."""
+    """Centralised or one site alone: ``bench.accuracy``'s ``run_arm`` on that data."""
     train_data = data if arm.how == "centralised" else _site_data(data, cohort, arm.how[5:])
     began = time.perf_counter()
     result = run_arm(Arm(arm.model, arm.mode), seed, train_data, cohort.feature_dim, base)
@@ -270,11 +158,9 @@ def run_federated_arm(
     lr: float,
 ) -> FedResult:
     """A whole federated run through the real ServerApp round loop and ClientApps."""
-    grid = InProcessGrid(
-        {10 + i: InProcessSite(path, name) for i, (name, path) in enumerate(views.items())}
-    )
     with tempfile.TemporaryDirectory(prefix="fedpath-bench-") as runs:
-        cfg = RunConfig.from_run_config(
+        run = run_and_load(
+            views,
             {
                 "num-server-rounds": rounds,
                 "strategy": arm.how,
@@ -287,22 +173,12 @@ def run_federated_arm(
                 "connect-timeout": 10.0,
                 "runs-dir": runs,
                 "run-name": "bench",
-            }
+            },
+            cohort.feature_dim,
+            f"{arm.label} seed {seed}",
         )
-        began = time.perf_counter()
-        with task_identity():
-            run_dir = run_federated(grid, cfg, flwr_run_id=1, report=lambda _: None)
-        seconds = time.perf_counter() - began
-        final = json.loads((run_dir / "final.json").read_text())
-        if final.get("status") != "completed":
-            raise RuntimeError(f"{arm.label} seed {seed}: run ended {final.get('status')}")
-        path = latest_checkpoint(run_dir)
-        assert path is not None
-        checkpoint = load_checkpoint(path)
-    model = build_model(cfg.model_config_for(cohort.feature_dim))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
-    pooled, sites = _score(model, data, by_site, seed)
-    return FedResult(arm, seed, pooled, sites, rounds * local_epochs, seconds)
+    pooled, sites = _score(run.model, data, by_site, seed)
+    return FedResult(arm, seed, pooled, sites, rounds * local_epochs, run.seconds)
 
 
 # ------------------------------------------------------------------------------- the table
@@ -459,10 +335,10 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     spec = QUICK_COHORT if args.quick else COHORTS[args.cohort]
     spec = apply_parsed_shares(parser, spec, args)
-    torch.set_num_threads(args.threads)  # bench/accuracy.py explains why one
+    torch.set_num_threads(args.threads)  # one thread: see bench.accuracy
     n_seeds = args.seeds or (1 if args.quick else 2)
     rounds = args.rounds or (2 if args.quick else 30)
-    base = TrainConfig(stopping_loss="patch")  # as bench/accuracy.py's mixed arms
+    base = TrainConfig(stopping_loss="patch")  # as bench.accuracy's mixed arms
     if args.quick:
         base = base.model_copy(update={"epochs": 4, "min_epochs": 0, "patience": 4})
     print("# fedpath federated accuracy benchmark" + (" (quick)" if args.quick else ""))
@@ -484,7 +360,7 @@ def main(argv: Sequence[str]) -> int:
         f"{n_seeds} seed(s) per arm"
     )
     data = load_cohort(cohort, visible)
-    by_site = _test_by_site(cohort, data)
+    by_site = site_test_sets(cohort, data)
     results: list[FedResult] = []
     for arm in arms([h.name for h in cohort.hospitals]):
         for seed in range(n_seeds):

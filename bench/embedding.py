@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/embedding.py            # full run, ~10 minutes on 2 vCPUs
-    .venv/bin/python bench/embedding.py --quick    # smaller slides, fewer repetitions
+    .venv/bin/python -m bench.embedding            # full run, ~10 minutes on 2 vCPUs
+    .venv/bin/python -m bench.embedding --quick    # smaller slides, fewer repetitions
 
 All in one run, for the default encoder (EfficientNet-Lite0), on this machine:
 
@@ -28,8 +28,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +41,8 @@ import numpy as np
 import psutil
 import torch
 
+from bench.machine import load_average, machine
+from bench.memory import mib, peak_rss
 from fedpath.client.config import EmbeddingConfig, PrepareConfig, ResolutionConfig
 from fedpath.client.embed.backends import build_engine
 from fedpath.client.embed.extract import (
@@ -71,10 +71,6 @@ E2E_VARIANTS: dict[str, dict[str, Any]] = {
 }
 RSS_PATCH = 32
 """Patch side (level 0) of the memory runs: ~100,000 patches on an ~11,000² slide."""
-
-
-def _load_average() -> str:
-    return " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 def _rate(fn: Callable[[], object], batch: int, *, repeats: int) -> float:
@@ -226,19 +222,6 @@ class _RssEvents(SilentEvents):
         self.max_rss_in_extraction = max(self.max_rss_in_extraction, rss)
 
 
-def _peak_rss() -> int:
-    """Peak resident set size of this process in bytes.
-
-    Linux's VmHWM belongs to the address space, so it starts afresh at exec; ``ru_maxrss`` is
-    inherited across fork+exec and would report the (larger) parent's peak instead.
-    """
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     """One prepare_site run on one slide; returns throughput and memory figures."""
     from fedpath.client.prepare.pipeline import prepare_site
@@ -253,7 +236,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     events = _RssEvents()
     with tempfile.TemporaryDirectory(dir=CACHE) as out:
         summary = prepare_site(Path(spec["manifest"]), Path(out), cfg, events=events)
-        peak = _peak_rss()
+        peak = peak_rss()
     record = summary.records[0]
     if record.state != "done":
         raise RuntimeError(f"prepare failed: {record.stage}: {record.reason}")
@@ -294,11 +277,9 @@ def synthetic_manifest(side: int, tissue_fraction: float = 0.5) -> Path:
 
 def run_child(manifest: Path, **spec: Any) -> dict[str, Any]:
     payload = {"manifest": str(manifest), **spec}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(payload)],
+        [sys.executable, "-m", "bench.embedding", "--child", json.dumps(payload)],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         check=False,
@@ -311,36 +292,12 @@ def run_child(manifest: Path, **spec: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- main
 
 
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
-
-
-def _cpu_line() -> str:
-    from fedpath.common.cpuinfo import read_cpuinfo
-
-    _, flags = read_cpuinfo()
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
-        names = [line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")]
-    wide = sorted(f for f in flags if f in {"avx2", "avx512f", "avx512_bf16", "amx_bf16"})
-    return (
-        f"{names[0] if names else platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} vCPUs, flags: {' '.join(wide) or 'none of avx2/avx512/amx'}"
-    )
-
-
-def _versions() -> str:
-    from importlib.metadata import version
-
-    return ", ".join(f"{name} {version(name)}" for name in ("torch", "onnxruntime", "openvino"))
-
-
 def main(quick: bool) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     repeats = 5 if quick else 9
     bf16 = cpu_supports_bf16()
     print("# fedpath embedding benchmark" + (" (quick)" if quick else ""))
-    print(f"machine: {_cpu_line()}; native bf16: {bf16}")
-    print(f"{_versions()}; {torch.get_num_threads()} threads; load {_load_average()}")
+    print(f"machine: {machine()}; native bf16: {bf16}")
     encoder = load_encoder(DEFAULT_ENCODER)
     print(
         f"encoder: {encoder.spec.id} (sha256 {encoder.weights_sha256[:12]}…), "
@@ -412,8 +369,8 @@ def main(quick: bool) -> None:
         )
     for r in rss_runs:
         print(
-            f"{r['patches']:>7} patches: peak RSS {_mib(r['peak_rss'])}, in extraction "
-            f"{_mib(r['rss_at_extraction'])} → {_mib(r['max_rss_in_extraction'])}, "
+            f"{r['patches']:>7} patches: peak RSS {mib(r['peak_rss'])}, in extraction "
+            f"{mib(r['rss_at_extraction'])} → {mib(r['max_rss_in_extraction'])}, "
             f"{r['patches'] / r['embed_seconds']:.0f} patches/s"
         )
     lo, hi = rss_runs
@@ -421,7 +378,7 @@ def main(quick: bool) -> None:
         f"peak RSS ×{hi['peak_rss'] / lo['peak_rss']:.2f} for "
         f"×{hi['patches'] / lo['patches']:.1f} patches"
     )
-    print(f"load average at the end: {_load_average()}")
+    print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

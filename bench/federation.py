@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/federation.py            # 20 slides × 200 patches × 1280-d per site
-    .venv/bin/python bench/federation.py --quick    # tiny sites, 1 round: a smoke run
+    .venv/bin/python -m bench.federation            # 20 slides × 200 patches × 1280-d per site
+    .venv/bin/python -m bench.federation --quick    # tiny sites, 1 round: a smoke run
 
 Every Flower message runs in a fresh ClientApp process, so what a message costs before any
 work is done (interpreter, Flower's runtime, our imports) is paid twice per site and round
@@ -38,7 +38,7 @@ Two parts, each comparing ours to a floor measured in the same run:
    seconds per message minus our handlers' seconds is the start-up our app pays inside the
    real deployment (the no-op app's whole ClientApp time is that floor).
 
-3. Simulation (``bench/simulation.py``; ``--skip-simulation`` leaves it out): s/round of
+3. Simulation (``bench.simulation``; ``--skip-simulation`` leaves it out): s/round of
    ``fedpath simulate`` with 20 sites in Flower's simulation engine (Ray).
 
 The no-op app runs twice: ``no-op`` collects replies as our round loop does (a pull every
@@ -58,7 +58,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -69,9 +68,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulation import report as simulation_report
-from simulation import time_simulation
-
+from bench.machine import machine
+from bench.simulation import report as simulation_report
+from bench.simulation import time_simulation
 from fedpath.deploy.local_network import LocalNetwork
 from fedpath.server.flwr_cli import CONNECTION, NetworkError
 from fedpath.server.replies import DEFAULT_POLL_INTERVAL
@@ -80,7 +79,7 @@ from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "federation"
 NOOP_APP = ROOT / "bench" / "noop_app"
-FIRST_PARTY = ("client", "common", "server", "noop_app")
+FIRST_PARTY = ("fedpath", "noop_app")
 
 
 @dataclass(frozen=True)
@@ -165,26 +164,6 @@ STARTUP = [
     ),
 ]
 BY_KEY = {v.key: v for v in STARTUP}
-
-
-def machine() -> str:
-    """CPU model, usable cores, load and versions: numbers mean little without them."""
-    import flwr
-    import torch
-
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (
-        f"{model}; {usable} usable core(s) of {os.cpu_count()}; load {load:.1f}; Python "
-        f"{platform.python_version()}, flwr {flwr.__version__}, torch {torch.__version__}"
-    )
 
 
 def child_env() -> dict[str, str]:
@@ -609,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--skip-deployment", action="store_true", help="only the start-up measurement"
     )
     parser.add_argument(
-        "--skip-simulation", action="store_true", help="leave out part 3 (bench/simulation.py)"
+        "--skip-simulation", action="store_true", help="leave out part 3 (bench.simulation)"
     )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL

@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/load.py             # 20 sites x 10 rounds, and the 100k-patch site
-    .venv/bin/python bench/load.py --quick     # 4 sites x 2 rounds, 10k-patch bags: a smoke run
+    .venv/bin/python -m bench.load             # 20 sites x 10 rounds, and the 100k-patch site
+    .venv/bin/python -m bench.load --quick     # 4 sites x 2 rounds, 10k-patch bags: a smoke run
 
 What it measures:
 
@@ -13,7 +13,7 @@ What it measures:
     the peak RSS of the process that coordinates and runs all twenty sites' messages. The
     transport is in-process on purpose: what grows with the number of sites and rounds is
     our code (aggregation, run log, checkpoints, the per-message data loading), not Flower's
-    polling, whose floor ``bench/federation.py`` measures; the Ray path of the same apps is
+    polling, whose floor ``bench.federation`` measures; the Ray path of the same apps is
     covered by ``fedpath simulate`` and ``tests/test_load.py``.
 (b) One federated round (harmonisation query, train, evaluate, final test) of a "big" site
     whose every bag holds 100,000 patches alongside a normal site, in a child process (VmHWM
@@ -24,7 +24,7 @@ What it measures:
     or four of them. Feature dimension 256 by default: a training message holds the train and
     val bags together (400 MB at 256-d, 2 GB at the real 1,280-d, which a 2 GB budget cannot
     hold); the per-patch activations past the first layer do not depend on it.
-    ``bench/training.py`` measures one 1,280-d 100,000-patch bag alone.
+    ``bench.training`` measures one 1,280-d 100,000-patch bag alone.
 
 Target (issue 7): everything completes; peak RSS of the big site's process < 2 GB (1,907 MiB).
 """
@@ -43,6 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.machine import machine
+from bench.memory import mib, peak_rss, reset_peak_rss
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "bench" / "_cache" / "load"
 PEAK_TARGET = 2 * 10**9
@@ -54,38 +57,10 @@ __all__ = [
     "BigSiteResult",
     "ManySitesResult",
     "big_site_round",
-    "peak_rss",
     "run_many_sites",
 ]
 
 BIG_SITE = "site_big"
-
-
-def peak_rss() -> int:
-    """Peak resident set size (VmHWM) of this process in bytes.
-
-    VmHWM belongs to the address space, so a child started with exec measures only its own
-    work; ``ru_maxrss`` would be inherited from the (larger) parent across fork+exec.
-    """
-    with open("/proc/self/status", encoding="ascii") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status (not Linux?)")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses.
-
-    Lets one process report the peak of each message separately, as each message's own
-    ClientApp process would see it in a deployment.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------- (a) many sites
@@ -198,9 +173,9 @@ def run_many_sites(
 def _in_child(kind: str, spec: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     """Run ``kind``'s child function in a fresh interpreter (its own VmHWM); its JSON result."""
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", kind, json.dumps(spec)],
+        [sys.executable, "-m", "bench.load", "--child", kind, json.dumps(spec)],
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        env={**os.environ, **env},
         capture_output=True,
         text=True,
         check=False,
@@ -356,14 +331,7 @@ def big_site_round(
 # ---------------------------------------------------------------------------------- main
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
-
-
 def main(quick: bool, feature_dim: int) -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from training import machine  # the shared machine line (CPU, cores, versions, load)
-
     print(f"machine: {machine()}")
     n_sites, rounds, patches = (4, 2, 10_000) if quick else (20, 10, 100_000)
 
@@ -375,10 +343,10 @@ def main(quick: bool, feature_dim: int) -> None:
         f"round: {all(len(r['replied']) == n_sites for r in many.rounds)}; "
         f"median {per_round[len(per_round) // 2]:.2f} s/round "
         f"(min {per_round[0]:.2f}, max {per_round[-1]:.2f}); whole run {many.seconds:.1f} s; "
-        f"peak RSS {_mib(many.peak_rss)}"
+        f"peak RSS {mib(many.peak_rss)}"
     )
     rss = many.rss_by_round
-    print("RSS after each round: " + ", ".join(f"{r}: {_mib(v)}" for r, v in sorted(rss.items())))
+    print("RSS after each round: " + ", ".join(f"{r}: {mib(v)}" for r, v in sorted(rss.items())))
 
     print(f"\n## (b) a site with 6 bags x {patches:,} patches x {feature_dim}-d, one round")
     big = big_site_round(CACHE / "big", patches=patches, feature_dim=feature_dim)
@@ -388,12 +356,12 @@ def main(quick: bool, feature_dim: int) -> None:
         f"status {big.status}; bag {big.bag_mib:,.0f} MiB; round {record['seconds']:.1f} s "
         f"(big site's train handler {train['seconds']:.1f} s); whole run {big.seconds:.1f} s"
     )
-    print(f"child RSS before round one (torch, apps, coordinator): {_mib(big.baseline_rss)}")
+    print(f"child RSS before round one (torch, apps, coordinator): {mib(big.baseline_rss)}")
     for kind, value in sorted(big.message_peaks.items()):
-        print(f"peak RSS during the big site's {kind} messages: {_mib(value)}")
-    print(f"peak RSS of the child (coordinator + both sites): {_mib(big.peak_rss)}")
+        print(f"peak RSS during the big site's {kind} messages: {mib(value)}")
+    print(f"peak RSS of the child (coordinator + both sites): {mib(big.peak_rss)}")
     verdict = "met" if big.peak_rss < PEAK_TARGET else "MISSED"
-    print(f"target: peak < 2 GB ({_mib(PEAK_TARGET)}): {verdict}")
+    print(f"target: peak < 2 GB ({mib(PEAK_TARGET)}): {verdict}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/patching.py            # large slide, >= 40,000 kept patches
-    .venv/bin/python bench/patching.py --quick    # small slide, a smoke run of a few seconds
+    .venv/bin/python -m bench.patching            # large slide, >= 40,000 kept patches
+    .venv/bin/python -m bench.patching --quick    # small slide, a smoke run of a few seconds
 
 What it does. A synthetic slide is generated once with ``fedpath.synthetic.slides.generate_slide``
 and cached under ``bench/_cache/patching/`` (the large one takes a while the first time). Both
@@ -39,7 +39,7 @@ processes started from nothing (interpreter start-up and imports included, best 
 runs), ``fedpath prepare --patch-only --no-qc`` on a one-slide manifest (fingerprint, open,
 mask, patch grid, patch file, status files), the same with QC pictures and contours (the
 default, what CLAM's ``--stitch`` is to ``create_patches_fp``), and the CLAM-style baseline
-as a command (``bench/patching.py --clam-process SLIDE OUT``: the same start-up modules, the
+as a command (``python -m bench.patching --clam-process SLIDE OUT``: the same start-up modules, the
 same mask, then the contour + per-point loop above and CLAM's ``coords`` HDF5). Kept patches
 are compared from the files the processes wrote.
 
@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import csv
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -101,22 +100,6 @@ class Selection:
 
     coords: np.ndarray
     seconds: float
-
-
-def machine() -> str:
-    """CPU model, usable cores and library versions: numbers mean little without them."""
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"{model}; {usable} usable core(s) of {os.cpu_count()}; Python "
-        f"{platform.python_version()}, numpy {np.__version__}, OpenCV {cv2.__version__}"
-    )
 
 
 def ensure_slide(spec: BenchSlide) -> Path:
@@ -336,7 +319,8 @@ def whole_processes(spec: BenchSlide, slide: Path) -> dict[str, tuple[float, np.
         ],
         "CLAM-style baseline process": [
             sys.executable,
-            str(Path(__file__).resolve()),
+            "-m",
+            "bench.patching",
             "--clam-process",
             str(slide),
             str(work / "clam" / "bench.h5"),
@@ -368,6 +352,10 @@ def agreement(ours: np.ndarray, baseline: np.ndarray) -> tuple[float, float]:
 
 def run(spec: BenchSlide) -> None:
     print("fedpath patching benchmark")
+    # Imported here, not at the top: the baseline command (``--clam-process``) imports this
+    # module and its start-up is part of what is timed.
+    from bench.machine import machine
+
     print(f"machine: {machine()}")
     path = ensure_slide(spec)
     resolution = ResolutionConfig()

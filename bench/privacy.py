@@ -2,10 +2,10 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/privacy.py                  # full run, ~30-40 min on 2 shared cores
-    .venv/bin/python bench/privacy.py --quick          # small cohorts, a smoke run
-    .venv/bin/python bench/privacy.py --skip-timing    # only accuracy vs ε
-    .venv/bin/python bench/privacy.py --seeds 1 --rounds 10 --epsilons 1,4,8,inf
+    .venv/bin/python -m bench.privacy                  # full run, ~30-40 min on 2 shared cores
+    .venv/bin/python -m bench.privacy --quick          # small cohorts, a smoke run
+    .venv/bin/python -m bench.privacy --skip-timing    # only accuracy vs ε
+    .venv/bin/python -m bench.privacy --seeds 1 --rounds 10 --epsilons 1,4,8,inf
 
 (1) Time per epoch with and without DP-SGD, on ``bench/training.py``'s synthetic feature cohort
     (200 slides × 5,000 patches of 1,280-d float32 features written as real feature-bag HDF5
@@ -52,12 +52,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
-import json
 import math
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -67,39 +63,32 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import h5py
 import torch
 
-# Sibling benchmarks (run as scripts, so bench/ is on sys.path): the cohorts, the interleaved
-# arm runner, the machine line and the scoring are theirs, so the numbers are comparable.
-from accuracy import (
-    FULL_COHORT,
-    QUICK_COHORT,
-    TUMOUR,
-    CohortSpec,
-    Evaluation,
-    HospitalSpec,
+from bench.accuracy import train_config
+from bench.cohorts import FULL_COHORT, PRIVACY_COHORT, QUICK_COHORT, TUMOUR, CohortSpec
+from bench.federate import run_and_load
+from bench.machine import machine
+from bench.prepared_cohort import (
     LoadedCohort,
     PreparedCohort,
     build_cohort,
     describe,
-    evaluate_bags,
     load_cohort,
-    train_config,
     visible_annotations,
 )
-from training import (
+from bench.scoring import Evaluation, evaluate_bags
+from bench.site_views import write_site_dirs
+from bench.training import (
     DIM,
     FULL,
     QUICK,
     ArmEpoch,
     Scale,
+    contrast_precision,
     ensure_cohort,
-    machine,
     run_arms,
 )
-
-from fedpath.client.embed.extract import cpu_supports_bf16
 from fedpath.client.training.bags import Bag, load_bag
 from fedpath.client.training.privacy_accountant import Mechanism, epsilon, sampling_plan
 from fedpath.client.training.private_trainer import (
@@ -108,15 +97,10 @@ from fedpath.client.training.private_trainer import (
     train_private,
 )
 from fedpath.client.training.trainer import EpochMetrics, evaluate, resolve_precision, train
-from fedpath.common.atomic import atomic_path, atomic_write_text
 from fedpath.common.dp_config import DPConfig
 from fedpath.common.mil.config import ModelConfig
 from fedpath.common.mil.models import MILModel, build_model
 from fedpath.common.train_config import TrainConfig
-from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite, task_identity
-from fedpath.server.checkpoints import latest_checkpoint, load_checkpoint
-from fedpath.server.config import RunConfig
-from fedpath.server.federated_run import run_federated
 
 FEDERATED_SHARES = {"site_a": 0.3}
 """Issue 4's label layout: site A outlines 30 % of its training tumour slides; B and C none."""
@@ -131,31 +115,6 @@ DP_LR = 1e-3
 privacy cohort (FedAvg, 10 rounds × 2 epochs, ε = 8): slide AUC 0.930 at the trainer's 2e-4,
 0.997 at 1e-3; a narrower model (hidden width 64) did not help (0.907 at 2e-4)."""
 
-PRIVACY_COHORT = CohortSpec(
-    hospitals=tuple(
-        HospitalSpec(
-            name=name,
-            stain=stain,
-            n_pool=n_pool,
-            n_test=n_test,
-            width_range=(2048, 2560),
-            height_range=(2048, 2560),
-        )
-        for name, stain, n_pool, n_test in (
-            ("site_a", "reference", 250, 20),
-            ("site_b", "purple", 250, 20),
-            ("site_c", "pale", 125, 10),
-        )
-    ),
-    tumour_fraction_range=(0.05, 0.8),
-    bank_size=512,
-)
-"""The accuracy cohort's generator at the size DP-SGD is meant for (DESIGN §4.5: hundreds of
-slides per site, expected batches of 16-32): 200 / 200 / 100 training slides of ~45 patches
-(small biopsies, so the cohort still prepares in minutes), stains as in the accuracy cohort.
-The privacy unit is the slide, so what DP costs depends on how many slides a site has, not
-on their size. Tumour covers at least 5 % of the tissue: on a 45-patch slide a smaller focus
-can fall between patches, and a slide label no patch shows would cap every arm's AUC."""
 COHORTS = {"privacy": PRIVACY_COHORT, "accuracy": FULL_COHORT}
 DEFAULT_BATCH = {"privacy": 16, "accuracy": 8, "quick": 8}
 """Expected Poisson batch per site: DESIGN §4.5's 16 where sites have 100-200 training slides;
@@ -317,15 +276,6 @@ def time_epochs(
     )
 
 
-def contrast_precision() -> str | None:
-    """The precision of the contrast DP-SGD arm: float32 where the shipped precision here is
-    bfloat16; bfloat16 where it is float32 but the CPU has native bfloat16; else None."""
-    shipped = resolve_precision("auto", torch.device("cpu"))
-    if shipped == "bfloat16":
-        return "float32"
-    return "bfloat16" if cpu_supports_bf16() else None
-
-
 def format_timing(result: TimingResult) -> str:
     """Markdown table (one row per arm) and the ratio and ε lines under it."""
     dp, mech = result.dp, result.mechanism
@@ -389,85 +339,6 @@ def _ratios(values: Sequence[float]) -> str:
 
 
 # ------------------------------------------------------------------- (2) accuracy vs ε
-
-
-MANIFEST_COLUMNS = (
-    "slide_id",
-    "label",
-    "split",
-    "patient_id",
-    "annotation_complete",
-    "has_patch_labels",
-    "num_patches",
-    "features",
-)
-
-
-def _without_patch_labels(source: Path, target: Path) -> None:
-    """A copy of a feature bag minus its patch labels and tumour fractions (atomic)."""
-    with atomic_path(target) as tmp, h5py.File(source, "r") as src, h5py.File(tmp, "w") as dst:
-        for name in src:
-            if name not in ("patch_labels", "tumour_fraction"):
-                src.copy(src[name], dst, name=name)
-        for key, value in src.attrs.items():
-            dst.attrs[key] = value
-
-
-def _prepared_site(cohort: PreparedCohort, hospital: str) -> Path:
-    return cohort.root / "prepared" / cohort.spec.prepare_key() / hospital
-
-
-def write_site_dirs(cohort: PreparedCohort, visible: frozenset[str], root: Path) -> dict[str, Path]:
-    """One fresh prepared site directory per hospital under ``root``, as its ClientApp sees it.
-
-    A hospital's disk decides what its training sees: slides whose outlines it may not use
-    point at a label-free copy of their feature bag (made once, cached next to the cohort).
-    The site index only accepts feature paths inside the site, so ``features/`` holds
-    symlinks; the manifest fixes the splits the centralised arms use. A fresh directory per
-    run also gives every run an empty privacy ledger (written into the site directory), so
-    the ε a site reports is that run's alone.
-    """
-    stripped = cohort.root / "privacy" / "label-free"
-    stripped.mkdir(parents=True, exist_ok=True)
-    sites = {}
-    for hospital in cohort.hospitals:
-        site = root / hospital.name
-        (site / "features").mkdir(parents=True)
-        rows = []
-        for split in ("train", "val", "test"):
-            for entry in getattr(hospital, split):
-                labelled = split == "train" and entry.slide_id in visible
-                source = entry.features
-                if entry.has_patch_labels and not labelled:
-                    source = stripped / entry.features.name
-                    if not source.is_file():
-                        _without_patch_labels(entry.features, source)
-                link = Path("features") / f"{entry.slide_id}.h5"
-                (site / link).symlink_to(source.resolve())
-                rows.append(
-                    {
-                        "slide_id": entry.slide_id,
-                        "label": ("normal", "tumour")[entry.label],
-                        "split": split,
-                        "patient_id": entry.patient_id or "",
-                        "annotation_complete": (
-                            ""
-                            if not labelled or entry.annotation_complete is None
-                            else str(entry.annotation_complete).lower()
-                        ),
-                        "has_patch_labels": "true" if labelled else "false",
-                        "num_patches": str(entry.num_patches),
-                        "features": link.as_posix(),
-                    }
-                )
-        shutil.copyfile(_prepared_site(cohort, hospital.name) / "site.json", site / "site.json")
-        out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(site / "prepared.csv", out.getvalue())
-        sites[hospital.name] = site
-    return sites
 
 
 @dataclass(frozen=True)
@@ -539,9 +410,6 @@ def run_federated_arm(
     """One whole FedAvg run through the real round loop and ClientApps; final model scored."""
     with tempfile.TemporaryDirectory(prefix="fedpath-bench-privacy-") as tmp:
         sites = write_site_dirs(cohort, visible, Path(tmp) / "sites")
-        grid = InProcessGrid(
-            {10 + i: InProcessSite(path, name) for i, (name, path) in enumerate(sites.items())}
-        )
         run_config: dict[str, object] = {
             "num-server-rounds": rounds,
             "strategy": "fedavg",
@@ -558,29 +426,17 @@ def run_federated_arm(
         }
         if math.isfinite(arm.epsilon):
             run_config.update({"dp-target-epsilon": arm.epsilon, "dp-batch-slides": batch})
-        cfg = RunConfig.from_run_config(run_config)
-        began = time.perf_counter()
-        with task_identity():
-            run_dir = run_federated(grid, cfg, flwr_run_id=1, report=lambda _: None)
-        seconds = time.perf_counter() - began
-        final = json.loads((run_dir / "final.json").read_text())
-        if final.get("status") != "completed":
-            raise RuntimeError(f"{arm.label} seed {seed}: run ended {final.get('status')}")
-        path = latest_checkpoint(run_dir)
-        assert path is not None
-        checkpoint = load_checkpoint(path)
-    trained = build_model(cfg.model_config_for(cohort.feature_dim))
-    trained.load_state_dict({k: torch.from_numpy(v) for k, v in checkpoint.arrays.items()})
+        run = run_and_load(sites, run_config, cohort.feature_dim, f"{arm.label} seed {seed}")
     spent: dict[str, SitePrivacy] = {}
     if math.isfinite(arm.epsilon):
-        dp = cfg.dp_config()
-        reported = ((final.get("privacy") or {}).get("site_dp_sgd") or {}).get("sites") or {}
+        dp = run.config.dp_config()
+        reported = ((run.final.get("privacy") or {}).get("site_dp_sgd") or {}).get("sites") or {}
         for hospital in cohort.hospitals:
             plan = planned_epsilon(dp, len(hospital.train), local_epochs, rounds)
             value = reported.get(hospital.name, {}).get("epsilon", math.nan)
             spent[hospital.name] = replace(plan, reported=float(value))
-    evaluation = evaluate_bags(trained, data.test, seed=seed)
-    return PrivacyResult(arm, seed, evaluation, spent, seconds)
+    evaluation = evaluate_bags(run.model, data.test, seed=seed)
+    return PrivacyResult(arm, seed, evaluation, spent, run.seconds)
 
 
 def run_centralised_arm(
@@ -746,7 +602,7 @@ def main_timing(scale: Scale, epochs: int, no_contrast: bool = False) -> TimingR
     print(
         f"\n## (1) time per epoch: {len(train_bags)} training slides of {DIM}-d features "
         f"({min(patches):,}-{max(patches):,} patches, {sum(patches):,} in all; "
-        f"bench/training.py's {scale.name} cohort), {len(val_bags)} validation slides; "
+        f"bench.training's {scale.name} cohort), {len(val_bags)} validation slides; "
         f"{epochs} epochs per arm, interleaved; {torch.get_num_threads()} torch threads\n",
         flush=True,
     )
@@ -875,7 +731,7 @@ def main(argv: Sequence[str]) -> int:
         choices=sorted(COHORTS),
         default="privacy",
         help="accuracy vs ε on the DP-sized cohort (default: 200/200/100 training slides) or "
-        "on bench/accuracy.py's cohort (28/28/14)",
+        "on bench.cohorts' FULL_COHORT (28/28/14)",
     )
     parser.add_argument(
         "--batch-slides",

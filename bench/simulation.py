@@ -2,13 +2,13 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/simulation.py               # 20 sites x 3 rounds, a few minutes
-    .venv/bin/python bench/simulation.py --sites 4 --rounds 2   # smoke test
+    .venv/bin/python -m bench.simulation               # 20 sites x 3 rounds, a few minutes
+    .venv/bin/python -m bench.simulation --sites 4 --rounds 2   # smoke test
 
 The same ServerApp and ClientApp as a deployment, in Flower's simulation engine (Ray), on the
 heterogeneous synthetic feature-bag sites ``fedpath simulate`` writes (8-40 slides each,
 20-80 patches a bag). Prints each round's seconds, the median, and the whole run's wall time
-including Ray's start. ``bench/federation.py`` runs this as its part (3).
+including Ray's start. ``bench.federation`` runs this as its part (3).
 """
 
 from __future__ import annotations

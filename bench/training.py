@@ -2,9 +2,9 @@
 
 Usage (from the repository root)::
 
-    .venv/bin/python bench/training.py             # 200 slides x 5,000 patches, ~15-30 min
-    .venv/bin/python bench/training.py --quick     # a smoke run of a minute or two
-    .venv/bin/python bench/training.py --epochs 6  # more epochs for the loss comparison
+    .venv/bin/python -m bench.training             # 200 slides x 5,000 patches, ~15-30 min
+    .venv/bin/python -m bench.training --quick     # a smoke run of a minute or two
+    .venv/bin/python -m bench.training --epochs 6  # more epochs for the loss comparison
 
 What it measures, all in one run:
 
@@ -49,7 +49,6 @@ import argparse
 import copy
 import hashlib
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -64,11 +63,8 @@ import numpy as np
 import psutil
 import torch
 
-# Shared with the sibling benchmarks (run as scripts, so bench/ is on sys.path): the same
-# machine line, load average and peak-RSS reading (VmHWM) everywhere.
-from embedding import _load_average, _peak_rss
-from patching import machine as cpu_and_versions
-
+from bench.machine import load_average, machine
+from bench.memory import mib, peak_rss
 from fedpath.client.embed.extract import cpu_supports_bf16
 from fedpath.client.training.bags import Bag, collate, load_bag
 from fedpath.client.training.site_index import BagEntry
@@ -110,19 +106,6 @@ class Scale:
 
 FULL = Scale("full", 200, 40, 5000, 100_000, 4)
 QUICK = Scale("quick", 24, 8, 500, 10_000, 2)
-
-
-# ------------------------------------------------------------------------------ machine
-
-
-def machine() -> str:
-    """CPU, cores and versions (as bench/patching.py prints them), plus torch, bf16 and AMX."""
-    amx = bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
-    return (
-        f"{cpu_and_versions()}; torch {torch.__version__}, {torch.get_num_threads()} intra-op "
-        f"threads; native bf16: {cpu_supports_bf16()}, AMX usable by oneDNN: {amx}; "
-        f"load average {_load_average()}"
-    )
 
 
 # ------------------------------------------------------------------------------- cohort
@@ -475,7 +458,7 @@ def train_arms(
         print(
             f"  epoch {epoch}  {name:<13} {r.seconds:8.1f} s  {r.steps:4d} steps  "
             f"train {r.train_loss:+.4f}  val loss {r.val.loss:.4f}  AUC {r.val.auc:.3f}  "
-            f"patch AUC {r.val.patch_auc:.3f}  (load {_load_average()})",
+            f"patch AUC {r.val.patch_auc:.3f}  (load {load_average()})",
             flush=True,
         )
 
@@ -508,7 +491,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "patches": bag.num_patches,
         "rss_before": before,
         "rss_after_load": after_load,
-        "peak": _peak_rss(),
+        "peak": peak_rss(),
         "load_seconds": load_seconds,
         "step_seconds": result.history[0].seconds / result.history[0].n_steps,
         "precision": result.precision,
@@ -521,11 +504,9 @@ def run_child(entry: BagEntry, precision: str, max_train_patches: int | None) ->
         "max_train_patches": max_train_patches,
         "entry": {**entry.__dict__, "features": str(entry.features)},
     }
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)],
+        [sys.executable, "-m", "bench.training", "--child", json.dumps(spec)],
         cwd=ROOT,
-        env=env,
         capture_output=True,
         text=True,
         check=False,
@@ -553,10 +534,6 @@ def _equal_loss_line(name: str, equal: EqualLossSpeedup | None) -> str:
         f"{head} {equal.target_loss:.4f} in {equal.ours_seconds:.0f} s, {theirs} -> "
         f"{bound}{equal.ratio:.2f}x (target >= 3x)"
     )
-
-
-def _mib(n: float) -> str:
-    return f"{n / 2**20:,.0f} MiB"
 
 
 def main(scale: Scale, epochs: int, with_fp32: bool) -> None:
@@ -652,10 +629,10 @@ def main(scale: Scale, epochs: int, with_fp32: bool) -> None:
         label = f"{precision}->{r['precision']}" if precision == "auto" else precision
         label += f", {cap} patches" if cap is not None else ", all patches"
         print(
-            f"{label:<30} {_mib(r['rss_before']):>11} {_mib(r['rss_after_load']):>11} "
-            f"{_mib(r['peak']):>10} {r['load_seconds']:>7.2f} {r['step_seconds']:>7.2f}"
+            f"{label:<30} {mib(r['rss_before']):>11} {mib(r['rss_after_load']):>11} "
+            f"{mib(r['peak']):>10} {r['load_seconds']:>7.2f} {r['step_seconds']:>7.2f}"
         )
-    print(f"target: peak < 2 GB (1,907 MiB); load average at the end {_load_average()}")
+    print(f"target: peak < 2 GB (1,907 MiB); load average at the end {load_average()}")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from bench.prepared_cohort import PreparedCohort
 
 
 @pytest.fixture
@@ -33,3 +37,20 @@ def _export_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
         os.environ.pop(CACHE_ENV, None)
     else:
         os.environ[CACHE_ENV] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> PreparedCohort:
+    """``tests/bench_fixtures.py``'s TINY cohort, generated and prepared once per session for
+    every benchmark test that scores on it (``cohort.root.parent`` is its cache)."""
+    import torch
+
+    from bench.prepared_cohort import build_cohort
+    from tests.bench_fixtures import TINY
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the tests that built it themselves ran
+    try:
+        return build_cohort(TINY, tmp_path_factory.mktemp("tiny-cohort"))
+    finally:
+        torch.set_num_threads(before)

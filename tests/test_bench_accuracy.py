@@ -21,47 +21,48 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 import bench.accuracy as accuracy_module
 from bench.accuracy import (
     ARMS,
+    Arm,
+    RunResult,
+    check_targets,
+    format_table,
+    main,
+    run_arm,
+    summarise,
+)
+from bench.cohorts import (
     COHORTS,
     FULL_COHORT,
-    HIGH_GRADE,
-    LOW_GRADE,
     LOW_GRADE_COHORT,
     LOW_GRADE_SHARE,
     MIMIC_SHARE,
-    NORMAL_GRADE,
     QUICK_COHORT,
     SUBTLE_COHORT,
     TUMOUR,
     TUMOUR_SLIDE_MIMIC_SHARE,
-    Arm,
     CohortSpec,
-    Evaluation,
-    Hospital,
     HospitalSpec,
-    PreparedCohort,
-    RunResult,
-    _ground_truth,
     add_cohort_option,
     add_share_options,
-    annotated_share,
     apply_share_options,
-    build_cohort,
-    check_targets,
-    describe,
-    evaluate_bags,
-    feature_ceiling,
-    format_table,
-    load_cohort,
-    low_grade_patch_metrics,
-    main,
-    mask_patch_fraction,
-    run_arm,
     share_range,
-    summarise,
     synth_config,
+)
+from bench.prepared_cohort import (
+    HIGH_GRADE,
+    LOW_GRADE,
+    NORMAL_GRADE,
+    Hospital,
+    PreparedCohort,
+    annotated_share,
+    build_cohort,
+    describe,
+    ground_truth,
+    load_cohort,
+    mask_patch_fraction,
     validation_split,
     visible_annotations,
 )
+from bench.scoring import Evaluation, evaluate_bags, feature_ceiling, low_grade_patch_metrics
 from fedpath.client.training.bags import Bag
 from fedpath.client.training.evaluate import predict_bag
 from fedpath.client.training.site_index import BagEntry
@@ -69,6 +70,7 @@ from fedpath.common.metrics import PatchMetrics, slide_metrics
 from fedpath.common.mil.config import ModelConfig
 from fedpath.common.mil.models import build_model
 from fedpath.common.train_config import TrainConfig
+from tests.bench_fixtures import TINY
 
 
 def _entry(slide_id: str, label: int, complete: bool | None = None) -> BagEntry:
@@ -142,7 +144,7 @@ def test_ground_truth_grades_patches_from_the_masks(tmp_path: Path) -> None:
             fh.attrs["patch_size_level0"] = size
         entries.append(replace(_entry(sid, TUMOUR), features=features, num_patches=n))
 
-    truth = _ground_truth(site, entries)
+    truth = ground_truth(site, entries)
     graded, uniform = truth["graded"], truth["uniform"]
     np.testing.assert_array_equal(graded.labels, [0, 1, 1, 1, 1, 1, -1])
     n_, hi, lo = NORMAL_GRADE, HIGH_GRADE, LOW_GRADE
@@ -219,7 +221,7 @@ def test_evaluate_bags_scores_low_grade_only_when_given_grades() -> None:
         entry = replace(_entry(f"s{i}", label), num_patches=g.size)
         bags.append(Bag(entry, torch.randn(g.size, 8), truth))
         grade[entry.slide_id] = g
-    plain = evaluate_bags(model, bags, bootstrap=10)  # bench/privacy.py's call
+    plain = evaluate_bags(model, bags, bootstrap=10)  # bench.privacy's call
     assert plain.low_grade_patch is None
     graded = evaluate_bags(model, bags, bootstrap=10, grade=grade)
     assert graded.patch == plain.patch
@@ -378,29 +380,9 @@ def test_summary_table_and_targets() -> None:
     assert gain.value == pytest.approx(0.12) and gain.met
 
 
-TINY = CohortSpec(
-    hospitals=tuple(
-        HospitalSpec(
-            name=name,
-            stain=stain,
-            n_pool=4,
-            n_test=2,
-            width_range=(1536, 1792),
-            height_range=(1280, 1536),
-        )
-        for name, stain in (("h1", "reference"), ("h2", "purple"))
-    ),
-    tumour_fraction_range=(0.2, 0.6),
-    low_grade_share_range=LOW_GRADE_SHARE,
-    mimic_share_range=(0.05, 0.15),  # on every slide: the describe line shows both shares
-    encoder="tiny_cnn",
-    bank_size=256,
-)
-
-
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
-    """Tiny forward passes split over threads only wait on each other (see bench/accuracy)."""
+    """Tiny forward passes split over threads only wait on each other (see bench.accuracy)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -409,9 +391,9 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
-def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
-    cohort = build_cohort(TINY, tmp_path)
-    assert [h.name for h in cohort.hospitals] == ["h1", "h2"]
+def test_tiny_cohort_gives_a_full_table(tiny_cohort: PreparedCohort) -> None:
+    cohort = tiny_cohort
+    assert [h.name for h in cohort.hospitals] == ["site_a", "site_b"]
     assert cohort.feature_dim == 64
     for h in cohort.hospitals:
         assert len(h.train) + len(h.val) == 4 - sum(f.startswith(h.name) for f in cohort.failed)
@@ -429,7 +411,7 @@ def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
         assert ((grades == NORMAL_GRADE) == (truth == 0)).all()
         assert (truth[grades > 0] == 1).all()
         assert (grades == HIGH_GRADE).any() and (grades == LOW_GRADE).any(), split
-    visible = visible_annotations(cohort, {"h1": 1.0}, seed=0)
+    visible = visible_annotations(cohort, {"site_a": 1.0}, seed=0)
     data = load_cohort(cohort, visible)
     shown = {b.entry.slide_id for b in data.train if b.patch_labels is not None}
     assert shown == visible and all(b.patch_labels is None for b in data.val)
@@ -464,7 +446,7 @@ def test_tiny_cohort_gives_a_full_table(tmp_path: Path) -> None:
 
     # A second build reuses the cache: nothing is generated or embedded again.
     lines: list[str] = []
-    build_cohort(TINY, tmp_path, log=lines.append)
+    build_cohort(TINY, cohort.root.parent, log=lines.append)
     assert "synthetic slides cached" in lines[0]
     assert all(" 0 patches embedded" in line for line in lines if "patches embedded" in line)
 

@@ -4,29 +4,25 @@ the table and issue 4's targets, on a tiny cohort with the ``tiny_cnn`` encoder.
 from __future__ import annotations
 
 import csv
-import sys
 from pathlib import Path
 
 import h5py
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from accuracy import Evaluation, build_cohort, load_cohort
-from accuracy_federated import (
+from bench.accuracy_federated import (
     FedArm,
     FedResult,
     FedSummary,
-    _test_by_site,
     check_targets,
     format_table,
     main,
     run_federated_arm,
+    site_test_sets,
     summarise,
-    write_site_views,
 )
-from test_bench_accuracy import TINY
-
+from bench.prepared_cohort import PreparedCohort, load_cohort
+from bench.scoring import Evaluation
+from bench.site_views import write_site_views
 from fedpath.client.training.site_index import load_site_index
 
 
@@ -87,8 +83,10 @@ def test_main_refuses_a_bad_share(capsys: pytest.CaptureFixture[str], option: st
 
 
 @pytest.mark.slow
-def test_site_views_hide_outlines_and_a_federated_run_scores(tmp_path: Path, flower_task) -> None:
-    cohort = build_cohort(TINY, tmp_path)
+def test_site_views_hide_outlines_and_a_federated_run_scores(
+    tmp_path: Path, flower_task, tiny_cohort: PreparedCohort
+) -> None:
+    cohort = tiny_cohort
     visible = frozenset(e.slide_id for e in cohort.hospitals[0].train if e.has_patch_labels)
     views = write_site_views(cohort, visible, tmp_path / "views")
     for hospital in cohort.hospitals:
@@ -103,7 +101,7 @@ def test_site_views_hide_outlines_and_a_federated_run_scores(tmp_path: Path, flo
         with (views[hospital.name] / "prepared.csv").open() as fh:
             assert all(r["features"].startswith("features/") for r in csv.DictReader(fh))
     data = load_cohort(cohort, visible)
-    by_site = _test_by_site(cohort, data)
+    by_site = site_test_sets(cohort, data)
     result = run_federated_arm(
         FedArm("fedavg", "mixed"),
         0,

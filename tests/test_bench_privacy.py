@@ -6,7 +6,6 @@ and (slow) a real private federation on a tiny ``tiny_cnn`` cohort whose sites r
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,20 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-# bench/privacy.py is a script that imports its siblings by bare name (``from accuracy import
-# ...``), as ``python bench/privacy.py`` puts bench/ on sys.path; do the same here.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-import privacy
-from accuracy import (
-    CohortSpec,
-    Evaluation,
-    HospitalSpec,
-    build_cohort,
-    load_cohort,
-    visible_annotations,
-)
-
+import bench.privacy as privacy
+from bench.cohorts import FULL_COHORT, PRIVACY_COHORT
+from bench.prepared_cohort import PreparedCohort, load_cohort, visible_annotations
+from bench.scoring import Evaluation
+from bench.site_views import write_site_dirs
+from bench.training import contrast_precision
 from fedpath.client.embed.extract import cpu_supports_bf16
 from fedpath.client.site_facts import read_site
 from fedpath.client.training import trainer
@@ -42,7 +33,7 @@ from fedpath.common.metrics import PatchMetrics, slide_metrics
 
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
-    """Tiny forward passes split over threads only wait on each other (see bench/accuracy)."""
+    """Tiny forward passes split over threads only wait on each other (see bench.accuracy)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -90,7 +81,7 @@ def test_timing_interleaves_the_trainers_and_reports_the_plan(
     shipped = "bfloat16" if bf16_fast else "float32"
     assert resolve_precision("auto", torch.device("cpu")) == shipped
     expected_contrast = "float32" if bf16_fast else ("bfloat16" if cpu_supports_bf16() else None)
-    assert privacy.contrast_precision() == expected_contrast
+    assert contrast_precision() == expected_contrast
     contrast = "float32" if bf16_fast else "bfloat16"  # emulated bfloat16 still runs
     train_bags, val_bags = _bags(20, 16, 0, "train"), _bags(6, 16, 1, "val")
     dp = privacy.timing_dp(sigma=1.0).model_copy(update={"expected_batch_slides": 5})
@@ -196,7 +187,7 @@ def test_accuracy_table_and_gap_to_non_private() -> None:
 def test_the_privacy_cohort_is_sized_for_dp_sgd() -> None:
     """DESIGN §4.5: hundreds of slides per site and Poisson batches of 16-32; a batch that is
     a large share of a site buys no amplification by sampling."""
-    spec = privacy.PRIVACY_COHORT
+    spec = PRIVACY_COHORT
     batch = privacy.DEFAULT_BATCH["privacy"]
     assert 16 <= batch <= 32
     for hospital in spec.hospitals:
@@ -204,40 +195,22 @@ def test_the_privacy_cohort_is_sized_for_dp_sgd() -> None:
         assert n_train >= 100
         assert batch / n_train <= 0.16
     # The accuracy cohort's smallest site (14 training slides) keeps its smaller batch.
-    smallest = min(h.n_pool for h in privacy.FULL_COHORT.hospitals)
+    smallest = min(h.n_pool for h in FULL_COHORT.hospitals)
     assert privacy.DEFAULT_BATCH["accuracy"] < round(smallest * (1 - spec.val_share))
-
-
-TINY = CohortSpec(
-    hospitals=tuple(
-        HospitalSpec(
-            name=name,
-            stain=stain,
-            n_pool=5,
-            n_test=2,
-            width_range=(1536, 1792),
-            height_range=(1280, 1536),
-        )
-        for name, stain in (("site_a", "reference"), ("site_b", "purple"))
-    ),
-    tumour_fraction_range=(0.2, 0.6),
-    encoder="tiny_cnn",
-    bank_size=256,
-)
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 def test_private_federation_on_a_tiny_cohort_reports_the_planned_epsilon(
-    tmp_path: Path,
+    tmp_path: Path, tiny_cohort: PreparedCohort
 ) -> None:
-    cohort = build_cohort(TINY, tmp_path / "cache")
+    cohort = tiny_cohort
     visible = visible_annotations(cohort, {"site_a": 1.0}, seed=0)
     data = load_cohort(cohort, visible)
 
     # The site directories a run gets: relative feature paths (symlinks) that the site index
     # accepts, and patch labels only where the hospital may use them.
-    sites = privacy.write_site_dirs(cohort, visible, tmp_path / "sites")
+    sites = write_site_dirs(cohort, visible, tmp_path / "sites")
     for hospital in cohort.hospitals:
         entries = load_site_index(sites[hospital.name], ("normal", "tumour"))
         expected = {e.slide_id for e in hospital.train + hospital.val + hospital.test}

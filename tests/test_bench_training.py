@@ -1,18 +1,10 @@
-"""bench/training.py's speed-up at equal validation loss, on hand-made epoch records."""
+"""bench.training's speed-up at equal validation loss, on hand-made epoch records."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-# bench/training.py is a script that imports its siblings by bare name, as
-# ``python bench/training.py`` puts bench/ on sys.path; do the same here.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from training import ArmEpoch, equal_loss_speedup, seconds_to_loss
-
+from bench.training import ArmEpoch, equal_loss_speedup, seconds_to_loss
 from fedpath.client.training.trainer import ValidationMetrics
 
 

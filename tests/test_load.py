@@ -1,7 +1,7 @@
 """Load (issue 7.7): 20 sites x 10 rounds, and a site whose bags hold 100,000 patches.
 
 Both run the real ServerApp round loop, strategy and ClientApp with the in-process transport
-(``bench/load.py``, whose functions these are): Flower's simulation engine needs 50-150 s a
+(``bench.load``, whose functions these are): Flower's simulation engine needs 50-150 s a
 round for 20 sites on a loaded two-core machine, so 10 rounds there would take a quarter of an
 hour; its path over the same apps is covered by ``tests/test_simulate.py`` (4 sites) and was
 run at 20 x 10 for the issue's note. Each part runs in a child process, so its peak RSS
@@ -48,7 +48,7 @@ def test_a_site_with_100k_patch_bags_completes_a_round_under_2_gb(tmp_path: Path
     """Six bags of 100,000 patches, two each in train, val and test, alongside a normal site:
     query, train (+ validation), evaluate and final test each read two or four of them.
     256-d: a training message holds four bags at once, 2 GB at the real 1,280-d alone;
-    ``bench/training.py`` measures one 1,280-d 100,000-patch bag."""
+    ``bench.training`` measures one 1,280-d 100,000-patch bag."""
     result = big_site_round(tmp_path, patches=100_000, n_bags=6, feature_dim=256)
     peaks = ", ".join(f"{k} {v / MIB:,.0f} MiB" for k, v in sorted(result.message_peaks.items()))
     note = (
