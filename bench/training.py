@@ -47,12 +47,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,170 +61,25 @@ import numpy as np
 import psutil
 import torch
 
+from bench.feature_cohort import DIM, FULL, QUICK, ROOT, Scale, ensure_big_bag, ensure_cohort
+from bench.interleave import ArmEpoch, contrast_precision, run_arms
 from bench.machine import load_average, machine
 from bench.memory import mib, peak_rss
-from fedpath.client.embed.extract import cpu_supports_bf16
 from fedpath.client.training.bags import Bag, collate, load_bag
 from fedpath.client.training.site_index import BagEntry
 from fedpath.client.training.trainer import (
     EpochMetrics,
-    ValidationMetrics,
     _epoch_seeds,
     evaluate,
     resolve_precision,
     step_lr,
     train,
 )
-from fedpath.common.featurebag import FeatureBagWriter
 from fedpath.common.mil.config import ModelConfig
 from fedpath.common.mil.losses import mixed_supervision_loss
 from fedpath.common.mil.models import MILModel, build_model
 from fedpath.common.mil.sampling import epoch_schedule
 from fedpath.common.train_config import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-CACHE = ROOT / "bench" / "_cache" / "training"
-DIM = 1280
-SIGNAL = 2.0
-"""Norm of the tumour direction added to tumour patches (per-feature noise is N(0, 1)):
-learnable in a few epochs, not so easy that every arm saturates at once."""
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Cohort and run sizes of one benchmark mode."""
-
-    name: str
-    n_train: int
-    n_val: int
-    mean_patches: int
-    big_bag: int
-    epochs: int
-
-
-FULL = Scale("full", 200, 40, 5000, 100_000, 4)
-QUICK = Scale("quick", 24, 8, 500, 10_000, 2)
-
-
-# ------------------------------------------------------------------------------- cohort
-
-ATTRS = {
-    "encoder": "synthetic",
-    "encoder_sha256": "0" * 64,
-    "feature_dim": DIM,
-    "patch_size_px": 256,
-    "target_mpp": 0.5,
-}
-
-
-def _direction() -> np.ndarray:
-    u = np.random.default_rng(12345).standard_normal(DIM).astype(np.float32)
-    return u / np.linalg.norm(u)
-
-
-def _write_bag(
-    path: Path,
-    slide_id: str,
-    n: int,
-    tumour: bool,
-    labelled: bool,
-    rng: np.random.Generator,
-    config_sha: str,
-) -> None:
-    """One synthetic slide, streamed in blocks through the project's writer."""
-    offset = 0.3 * rng.standard_normal(DIM, dtype=np.float32)
-    positive = np.zeros(n, dtype=bool)
-    if tumour:
-        k = max(1, int(rng.uniform(0.05, 0.3) * n))
-        positive[rng.choice(n, k, replace=False)] = True
-    labels = positive.astype(np.int8) if labelled else None
-    signal = SIGNAL * _direction()
-    coords = np.stack([np.arange(n) % 256, np.arange(n) // 256], axis=1) * 256
-    attrs = {**ATTRS, "slide_id": slide_id, "config_sha256": config_sha}
-    with FeatureBagWriter(
-        path, coords=coords, feature_dim=DIM, attrs=attrs, patch_labels=labels
-    ) as writer:
-        for start in range(0, n, 4096):
-            stop = min(n, start + 4096)
-            block = rng.standard_normal((stop - start, DIM), dtype=np.float32)
-            block += offset
-            block[positive[start:stop]] += signal
-            writer.write(block)
-
-
-def _entry(directory: Path, spec: dict[str, Any]) -> BagEntry:
-    return BagEntry(
-        slide_id=spec["slide_id"],
-        label=spec["label"],
-        features=directory / f"{spec['slide_id']}.h5",
-        split=spec["split"],
-        patient_id=None,
-        has_patch_labels=spec["labelled"],
-        annotation_complete=True if spec["labelled"] else None,
-        num_patches=spec["n"],
-    )
-
-
-def ensure_cohort(scale: Scale) -> tuple[list[BagEntry], list[BagEntry]]:
-    """Write the cohort once (train and val feature bags plus an index); reuse it afterwards."""
-    recipe = {
-        "n_train": scale.n_train,
-        "n_val": scale.n_val,
-        "mean": scale.mean_patches,
-        "dim": DIM,
-        "signal": SIGNAL,
-        "version": 1,
-    }
-    sha = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
-    directory = CACHE / f"cohort-{scale.name}-{sha[:10]}"
-    index = directory / "index.json"
-    if not index.is_file():
-        directory.mkdir(parents=True, exist_ok=True)
-        print(f"writing the {scale.name} cohort to {directory} ...", flush=True)
-        began = time.perf_counter()
-        specs: list[dict[str, Any]] = []
-        for split, count, seed in (("train", scale.n_train, 1), ("val", scale.n_val, 2)):
-            rng = np.random.default_rng(seed)
-            low, high = scale.mean_patches // 2, scale.mean_patches * 3 // 2
-            lengths = rng.permutation(np.linspace(low, high, count).round().astype(int))
-            for i in range(count):
-                labelled = split == "val" or i % 10 < 2  # val: all, for patch AUC
-                spec = {
-                    "slide_id": f"{split}{i:03d}",
-                    "label": i % 2,
-                    "split": split,
-                    "labelled": labelled,
-                    "n": int(lengths[i]),
-                }
-                _write_bag(
-                    directory / f"{spec['slide_id']}.h5",
-                    spec["slide_id"],
-                    spec["n"],
-                    spec["label"] == 1,
-                    labelled,
-                    rng,
-                    sha,
-                )
-                specs.append(spec)
-        index.write_text(json.dumps(specs, indent=1))
-        print(f"  written in {time.perf_counter() - began:.0f} s", flush=True)
-    specs = json.loads(index.read_text())
-    entries = [_entry(directory, s) for s in specs]
-    return [e for e in entries if e.split == "train"], [e for e in entries if e.split == "val"]
-
-
-def ensure_big_bag(n: int) -> BagEntry:
-    """One tumour slide of ``n`` patches (512 MB at 100,000), cached."""
-    directory = CACHE / "big"
-    directory.mkdir(parents=True, exist_ok=True)
-    spec = {"slide_id": f"big{n}", "label": 1, "split": "train", "labelled": True, "n": n}
-    entry = _entry(directory, spec)
-    if not entry.features.is_file():
-        print(f"writing a {n:,}-patch bag ...", flush=True)
-        rng = np.random.default_rng(3)
-        _write_bag(entry.features, spec["slide_id"], n, True, True, rng, "2" * 64)
-    return entry
-
 
 # ------------------------------------------------------------------------------ the arms
 
@@ -273,39 +126,6 @@ def clam_epoch(
         total += float(parts.total.detach())
         steps += 1
     return total / max(steps, 1), steps
-
-
-@dataclass
-class ArmEpoch:
-    """One arm's epoch: training seconds (validation excluded), steps, metrics after it."""
-
-    seconds: float
-    steps: int
-    train_loss: float
-    val: ValidationMetrics
-
-
-class Turns:
-    """Round-robin hand-off between arm threads: exactly one arm computes at any time.
-
-    Each arm runs in its own thread (the trainer is one call that runs every epoch; only its
-    ``on_epoch`` hook lets it pause), and waits for its turn at the start of every epoch, so
-    epoch ``e`` of every arm runs before epoch ``e + 1`` of any.
-    """
-
-    def __init__(self, n: int) -> None:
-        self._turn = 0
-        self._n = n
-        self._cv = threading.Condition()
-
-    def wait(self, arm: int) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: self._turn == arm)
-
-    def done(self, arm: int) -> None:
-        with self._cv:
-            self._turn = (arm + 1) % self._n
-            self._cv.notify_all()
 
 
 def seconds_to_loss(epochs: Sequence[ArmEpoch], initial_loss: float, target: float) -> float | None:
@@ -358,51 +178,6 @@ def equal_loss_speedup(
     if theirs is None:
         return EqualLossSpeedup(target, mine, sum(r.seconds for r in baseline), reached=False)
     return EqualLossSpeedup(target, mine, theirs, reached=True)
-
-
-def run_arms(
-    arms: dict[str, Callable[[Callable[[ArmEpoch], None]], None]],
-    epochs: int,
-    report: Callable[[str, int, ArmEpoch], None],
-) -> dict[str, list[ArmEpoch]]:
-    """Run every arm for ``epochs`` epochs, interleaved epoch by epoch."""
-    names = list(arms)
-    turns = Turns(len(names))
-    results: dict[str, list[ArmEpoch]] = {name: [] for name in names}
-    errors: list[BaseException] = []
-
-    def runner(index: int, name: str) -> None:
-        def after_epoch(record: ArmEpoch) -> None:
-            results[name].append(record)
-            report(name, len(results[name]) - 1, record)
-            turns.done(index)
-            if len(results[name]) < epochs:
-                turns.wait(index)
-
-        turns.wait(index)
-        try:
-            arms[name](after_epoch)
-        except BaseException as exc:  # surface in the main thread, let the others go on
-            errors.append(exc)
-            turns.done(index)
-
-    threads = [
-        threading.Thread(target=runner, args=(i, name), daemon=True) for i, name in enumerate(names)
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return results
-
-
-def contrast_precision() -> str | None:
-    """The precision the second "ours" arm runs in, or None when there is nothing to contrast."""
-    if resolve_precision("auto", torch.device("cpu")) == "bfloat16":
-        return "float32"
-    return "bfloat16" if cpu_supports_bf16() else None
 
 
 ALL_PATCHES = "ours all-patch"

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 import bench.privacy as privacy
+import bench.privacy_timing as privacy_timing
 from bench.cohorts import FULL_COHORT, PRIVACY_COHORT
+from bench.interleave import contrast_precision
 from bench.prepared_cohort import PreparedCohort, load_cohort, visible_annotations
 from bench.scoring import Evaluation
 from bench.site_views import write_site_dirs
-from bench.training import contrast_precision
 from fedpath.client.embed.extract import cpu_supports_bf16
 from fedpath.client.site_facts import read_site
 from fedpath.client.training import trainer
@@ -84,9 +85,9 @@ def test_timing_interleaves_the_trainers_and_reports_the_plan(
     assert contrast_precision() == expected_contrast
     contrast = "float32" if bf16_fast else "bfloat16"  # emulated bfloat16 still runs
     train_bags, val_bags = _bags(20, 16, 0, "train"), _bags(6, 16, 1, "val")
-    dp = privacy.timing_dp(sigma=1.0).model_copy(update={"expected_batch_slides": 5})
+    dp = privacy_timing.timing_dp(sigma=1.0).model_copy(update={"expected_batch_slides": 5})
     epochs = 2
-    result = privacy.time_epochs(train_bags, val_bags, epochs, dp, contrast=contrast)
+    result = privacy_timing.time_epochs(train_bags, val_bags, epochs, dp, contrast=contrast)
 
     assert result.precision == shipped
     assert result.contrast is not None and result.contrast_precision == contrast
@@ -119,7 +120,7 @@ def test_timing_interleaves_the_trainers_and_reports_the_plan(
     assert one_epoch == 4
     assert 0 < result.epsilon_one_epoch() < result.epsilon_spent()
 
-    table = privacy.format_timing(result).splitlines()
+    table = privacy_timing.format_timing(result).splitlines()
     rows = [line for line in table if line.startswith("| ")]
     assert len(rows) == 4  # header + the three arms
     assert rows[1].startswith(f"| non-private (`train`, {shipped})")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.training import ArmEpoch, equal_loss_speedup, seconds_to_loss
+from bench.interleave import ArmEpoch
+from bench.training import equal_loss_speedup, seconds_to_loss
 from fedpath.client.training.trainer import ValidationMetrics
 
 
