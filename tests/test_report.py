@@ -631,3 +631,20 @@ def test_the_report_data_modules_load_neither_matplotlib_nor_jinja2() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     ).stdout
     assert out.strip() == "[]", out
+
+
+def test_a_site_named_by_a_local_path_is_scrubbed_in_every_sentence(tmp_path: Path) -> None:
+    """The path scrub reaches each value the page puts out, also the items of the sentences it
+    assembles (the skipped-slides warning), not only table cells and settings."""
+    run_dir = make_run(tmp_path / "run")
+    local = str(run_dir / "sites" / "c")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records[2]["train"]["site_c"]["skipped_slides"] = 2.0
+    text = "\n".join(json.dumps(r) for r in records) + "\n"
+    (run_dir / "metrics.jsonl").write_text(text.replace("site_c", local), encoding="utf-8")
+    for name in ("config.json", "final.json"):
+        path = run_dir / name
+        path.write_text(path.read_text(encoding="utf-8").replace("site_c", local))
+    page = render_report(run_dir).read_text(encoding="utf-8")
+    assert str(tmp_path) not in page and str(tmp_path.resolve()) not in page
+    assert "round 3, sites/c: 2 training/validation and 0 evaluation slide(s)" in page

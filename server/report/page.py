@@ -38,7 +38,7 @@ LEGACY_PLOT_FILES = ("loss.png", "auc.png", "weights.png", "epsilon.png")
 
 
 @dataclass(frozen=True)
-class Figure:
+class ShownPlot:
     """A plot as the template shows it; ``uri`` is the PNG's data URI."""
 
     plot: Plot
@@ -70,10 +70,10 @@ def environment() -> jinja2.Environment:
     )
 
 
-def _figure(e: EmbeddedPlot) -> Figure:
+def _figure(e: EmbeddedPlot) -> ShownPlot:
     # Base64 text is inert in an attribute, and it must not be path-scrubbed: a '/' run in it
     # could look like a path. Hence Markup (left alone by the scrub), not a plain string.
-    return Figure(e.plot, Markup(e.data_uri()), e.width, e.height)
+    return ShownPlot(e.plot, Markup(e.data_uri()), e.width, e.height)
 
 
 def build_html(run: RunFiles, plots: Sequence[EmbeddedPlot]) -> str:
