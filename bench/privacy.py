@@ -7,45 +7,12 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.privacy --skip-timing    # only accuracy vs ε
     .venv/bin/python -m bench.privacy --seeds 1 --rounds 10 --epsilons 1,4,8,inf
 
-(1) Time per epoch with and without DP-SGD, on ``bench/training.py``'s synthetic feature cohort
-    (200 slides × 5,000 patches of 1,280-d float32 features written as real feature-bag HDF5
-    files, cached; ``--quick``: 24 × 500), loaded once, every arm from the same initial
-    weights and interleaved epoch by epoch in one process (``training.run_arms``: the machine
-    is shared and noisy, so neighbouring epochs of all arms see the same load and the ratio
-    is taken per epoch pair):
-
-    - non-private: ``fedpath.client.training.trainer.train`` as shipped (normal + tumour pairs per
-      step, precision "auto");
-    - DP-SGD as shipped: ``fedpath.client.training.private_trainer.train_private`` (Poisson sampling
-      of 16 slides per step, one slide per backward pass = its per-sample gradient, clip
-      C = 1, Gaussian noise σ = 1), precision "auto" too: bfloat16 autocast around each
-      slide's forward pass where the plain trainer uses it, clipping and noise in float32;
-    - DP-SGD in the other precision (float32 where "auto" is bfloat16, bfloat16 where "auto"
-      is float32 and the CPU has native bfloat16; ``--no-contrast-arm`` skips it): what the
-      shipped precision buys DP-SGD, and the ratio of the float32-only DP trainer of before.
-
-    Every arm sees ~200 slides per epoch. Target (issue 6): DP-SGD as shipped ≤ 2.5× slower
-    than the non-private trainer as shipped. The ε printed is what the accountant charges for
-    one epoch of this cohort at σ = 1 (and for all epochs run).
-
-(2) Accuracy vs ε on a three-hospital cohort from ``bench/accuracy.py``'s generator and
-    pipeline (cached), by default ``PRIVACY_COHORT``: 200 / 200 / 100 training slides, the
-    size DP-SGD is meant for (``--cohort accuracy``: the accuracy cohort's 28 / 28 / 14,
-    where the noise a site adds swamps what so few slides can say); the federated label
-    layout of issue 4 (site A sees 30 % of its
-    training tumour slides' outlines, B and C only slide labels). For each ε in
-    {1, 4, 8, ∞}: a real federation (``fedpath.server.federated_run.run_federated`` driving each
-    hospital's real ClientApp through ``InProcessGrid``; FedAvg, clam_sb, mixed supervision)
-    in which every site trains with slide-level DP-SGD at a target ε *per site*
-    (``dp-target-epsilon``: each site solves σ for its own sampling rate and all the run's
-    rounds), ε = ∞ being the same run without DP. Each run gets fresh site directories, so
-    every privacy ledger starts empty and its ε is this run's alone. Alongside, the pooled
-    centralised case at the same ε (``train_private`` on all training slides, the same
-    number of epochs): what the same budget buys when one party holds every slide. Scored on
-    the pooled held-out test set: slide AUC (bootstrap CI) and patch AUC against the
-    generator's ground-truth masks. The ε every site reported is printed next to what the
-    accountant gives for its plan. Target (issue 6): at ε = 8 per site, federated slide AUC
-    within 0.05 of the non-private run.
+(1) Seconds per epoch of the site-local trainer vs slide-level DP-SGD, interleaved
+(``bench.privacy_timing``); target (issue 6): DP-SGD as shipped ≤ 2.5× slower. (2) Slide and
+patch AUC at a target ε per site of 1, 4, 8 and ∞ on ``PRIVACY_COHORT``: real FedAvg
+federations in-process (``bench.federate``) with DP-SGD at every site, beside the pooled
+centralised private trainer at the same ε; target: at ε = 8 per site, federated slide AUC
+within 0.05 of non-private. How and why: ``bench/README.md``.
 """
 
 from __future__ import annotations
@@ -97,9 +64,7 @@ NON_PRIVATE = math.inf
 TARGET_GAP = 0.05
 TARGET_EPSILON = 8.0
 DP_LR = 1e-3
-"""Learning rate of the accuracy-vs-ε arms (private and non-private alike). Measured on the
-privacy cohort (FedAvg, 10 rounds × 2 epochs, ε = 8): slide AUC 0.930 at the trainer's 2e-4,
-0.997 at 1e-3; a narrower model (hidden width 64) did not help (0.907 at 2e-4)."""
+"""Learning rate of the accuracy-vs-ε arms, private and non-private alike (bench/README.md)."""
 
 COHORTS = {"privacy": PRIVACY_COHORT, "accuracy": FULL_COHORT}
 DEFAULT_BATCH = {"privacy": 16, "accuracy": 8, "quick": 8}
@@ -486,9 +451,7 @@ def main(argv: Sequence[str]) -> int:
         "--lr",
         type=float,
         default=DP_LR,
-        help=f"Adam learning rate of every arm (default {DP_LR:g}, 5x the trainer's 2e-4: DP-SGD "
-        "takes one step per Poisson batch of 16, an eighth of the non-private trainer's one "
-        "per slide pair, and at 2e-4 stopped short in 10 rounds)",
+        help=f"Adam learning rate of every arm (default {DP_LR:g}, 5x the trainer's 2e-4)",
     )
     parser.add_argument(
         "--hidden-dim",

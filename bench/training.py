@@ -6,38 +6,11 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.training --quick     # a smoke run of a minute or two
     .venv/bin/python -m bench.training --epochs 6  # more epochs for the loss comparison
 
-What it measures, all in one run:
-
-(a) Loading: a synthetic cohort is written once as real feature-bag HDF5 files with the
-    project's writer (``fedpath.common.featurebag.FeatureBagWriter``, cached under
-    ``bench/_cache/training/``) and loaded with the project's loader
-    (``fedpath.client.training.bags.load_bag``), as ``fedpath local train`` does: GB/s.
-    The cohort: 200 training slides (half tumour) of 1,280-d float32 features, lengths spread
-    evenly over 2,500-7,500 patches (mean 5,000, so padding has something to waste), plus 40
-    validation slides. Features are N(0, 1) with a per-slide offset; in a tumour slide 5-30 %
-    of the patches carry a fixed "tumour direction" (norm ``SIGNAL``). Every tenth slide has
-    complete patch labels, so mixed supervision and its oversampling run as shipped.
-(b) Seconds per epoch, interleaved epoch by epoch in one process (the machine is shared and
-    noisy: each arm waits for the others' epoch before running its next one, so neighbouring
-    epochs of all arms see the same load), from the same initial weights:
-
-    - ours: ``fedpath.client.training.trainer.train`` as shipped (``TrainConfig`` defaults: normal +
-      tumour pairs per step, precision "auto");
-    - ours on every patch (``max_train_patches=None``): separates what the shipped patch
-      sampling (2,048 random patches per slide and step) buys from the rest;
-    - ours in float32 (``precision="float32"``): separates what bfloat16 buys from the rest;
-    - baseline, CLAM's way: one slide per optimiser step, batch of one, float32, same model,
-      same loss, same Adam settings and the same slides in the same order (the trainer's own
-      schedule, pairs flattened), so every arm sees 200 slides per epoch.
-
-    After every epoch each arm's model is validated with the same float32 ``evaluate`` (not
-    timed): validation loss, slide AUC and patch AUC after the same number of epochs. The
-    speed-up at equal validation loss takes the best loss ours reached and compares the
-    training seconds each arm needed to reach it (``equal_loss_speedup``): the baseline takes
-    twice the optimiser steps per epoch, so per-epoch time alone would flatter ours.
-(c) Peak RSS of training on one 100,000-patch bag (512 MB of features), in a child process
-    (VmHWM: a fresh address space), as shipped, and on every patch in the shipped precision
-    and in float32; also the RSS before loading (interpreter + torch) and after loading.
+(a) GB/s loading a synthetic feature-bag cohort (``bench.feature_cohort``) as ``fedpath local
+train`` does; (b) s/epoch and seconds to equal validation loss of the site-local trainer as
+shipped, on every patch and in the other precision, vs CLAM's one-slide-per-step loop, epochs
+interleaved from the same weights (``bench.interleave``); (c) peak RSS training one
+100,000-patch bag in a child process. How and why: ``bench/README.md``.
 
 Targets (issue 3): ours >= 3x faster than the baseline at equal or better validation loss;
 peak RSS < 2 GB for the 100,000-patch bag.
