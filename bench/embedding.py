@@ -5,22 +5,10 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.embedding            # full run, ~10 minutes on 2 vCPUs
     .venv/bin/python -m bench.embedding --quick    # smaller slides, fewer repetitions
 
-All in one run, for the default encoder (EfficientNet-Lite0), on this machine:
-
-(a) Model only, at the pipeline's batch size: PyTorch float32 eager (the baseline: the encoder
-    alone on a normalised float batch), the traced float32 graph, the traced bfloat16 graph
-    (only where the CPU has native bf16), ONNX Runtime and OpenVINO (both fed uint8 pixels,
-    normalisation inside their graph, as the pipeline runs them). Each with its per-patch
-    cosine to float32 eager on the synthetic calibration batch and on the real NCT-CRC-HE tiles
-    when ../shared/data is present. Target: the best engine ≥ 2× the baseline on a CPU
-    without bf16.
-(b) End to end: ``prepare_site`` on a synthetic slide in a subprocess per variant, embedding-
-    stage patches/s (read → resize → encode → HDF5) for PyTorch eager float32 (the baseline:
-    ``backend torch``, no tracing), the traced graph, ONNX Runtime, OpenVINO and ``auto`` (what
-    ships). Target: ≥ 1.8× the baseline.
-(c) Memory: peak RSS of ``prepare_site`` for ~10,000 and ~100,000 patches (32-px patches at
-    level 0 and the tiny test encoder, so the larger slide takes a minute, not an hour: what is
-    measured is whether memory grows with the slide, which the encoder does not change).
+Model-only patches/s of every inference engine against PyTorch float32 eager (with each
+engine's cosine to it), end-to-end ``prepare_site`` patches/s per engine in a child process,
+and peak RSS at ~10,000 and ~100,000 patches. Targets (issue 21): best engine ≥ 2× and
+``auto`` ≥ 1.8× end to end on a CPU without bf16. How and why: ``bench/README.md``.
 """
 
 from __future__ import annotations

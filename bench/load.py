@@ -5,28 +5,10 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.load             # 20 sites x 10 rounds, and the 100k-patch site
     .venv/bin/python -m bench.load --quick     # 4 sites x 2 rounds, 10k-patch bags: a smoke run
 
-What it measures:
-
-(a) 20 heterogeneous synthetic sites (``fedpath.deploy.simulate.simulated_site_specs``, the sites
-    ``fedpath simulate`` trains on) x 10 rounds through the real round loop, strategy and
-    ClientApp, delivered in-process (``fedpath.deploy.inprocess_grid.InProcessGrid``): s/round and
-    the peak RSS of the process that coordinates and runs all twenty sites' messages. The
-    transport is in-process on purpose: what grows with the number of sites and rounds is
-    our code (aggregation, run log, checkpoints, the per-message data loading), not Flower's
-    polling, whose floor ``bench.federation`` measures; the Ray path of the same apps is
-    covered by ``fedpath simulate`` and ``tests/test_load.py``.
-(b) One federated round (harmonisation query, train, evaluate, final test) of a "big" site
-    whose every bag holds 100,000 patches alongside a normal site, in a child process (VmHWM
-    belongs to a fresh address space): the process's peak RSS, and the peak during each of
-    the big site's messages (VmHWM reset through ``/proc/self/clear_refs`` before each one),
-    which is what that site's ClientApp process, fresh for every message, would need.
-    The big site has six bags, two each in train, val and test, so every message reads two
-    or four of them. Feature dimension 256 by default: a training message holds the train and
-    val bags together (400 MB at 256-d, 2 GB at the real 1,280-d, which a 2 GB budget cannot
-    hold); the per-patch activations past the first layer do not depend on it.
-    ``bench.training`` measures one 1,280-d 100,000-patch bag alone.
-
-Target (issue 7): everything completes; peak RSS of the big site's process < 2 GB (1,907 MiB).
+(a) 20 synthetic sites × 10 rounds through the real round loop and ClientApps, in-process,
+in a child process: s/round and RSS per round; (b) one round of a site of six 100,000-patch
+bags beside a normal site, in a child process: peak RSS overall and per message. Target
+(issue 7): everything completes; peak RSS < 2 GB. How and why: ``bench/README.md``.
 """
 
 from __future__ import annotations

@@ -5,47 +5,10 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.patching            # large slide, >= 40,000 kept patches
     .venv/bin/python -m bench.patching --quick    # small slide, a smoke run of a few seconds
 
-What it does. A synthetic slide is generated once with ``fedpath.synthetic.slides.generate_slide``
-and cached under ``bench/_cache/patching/`` (the large one takes a while the first time). Both
-methods then work on the *same tissue mask* (ours, from ``tissue_mask_for_slide``) and the
-*same candidate grid* (256-px patches at 0.5 µm/px, step = patch, over the tissue bounding
-box), so the only difference is how a grid point is judged:
-
-- ours: the exact tissue fraction of every candidate from one integral image of the mask,
-  kept when >= 0.25 (``fedpath.client.wsi.patching.patch_grid``), vectorised;
-- CLAM-style baseline: ``cv2.findContours`` of the mask (RETR_CCOMP: outer contours and their
-  holes, scaled to level 0), then for every grid point near a contour CLAM's ``four_pt`` check
-  (``isInContourV3_Easy``: keep when any of the 4 points at ±patch/4 around the patch centre is
-  inside or on the contour, ``cv2.pointPolygonTest >= 0``) and CLAM's ``isInHoles`` (reject
-  when the centre is strictly inside a hole), one Python call per point as in CLAM.
-
-The two *criteria* differ (an area share vs four sample points), so the kept sets are not
-expected to be identical. A third line therefore applies CLAM's own four-point rule
-vectorised on the raster (look up the 4 points in the hole-filled mask, the centre in the
-holes): same criterion as the baseline, our style of computation. Its agreement with the
-baseline shows what is due to the criterion and what to polygon-vs-raster geometry.
-
-Timings: "open+mask" is shared (same code for both); "select" is the per-method step (ours:
-patch_grid; baseline: contours + point tests). Every time is the best of several runs (the
-machines are noisy). s/slide = open+mask + select; patches/s = kept patches / s/slide.
-The baseline is a lean rendering of CLAM's loop (no per-point numpy conversions, no process
-pool overhead), so it is if anything faster than CLAM as written. CLAM spreads the point loop
-over all cores with multiprocessing; the "CLAM ideal parallel" line divides the baseline's
-select time by the core count (a bound CLAM cannot beat), so the ratio against it is the
-conservative one.
-
-Whole process. A hospital runs a command, not a function: the last table times, as separate
-processes started from nothing (interpreter start-up and imports included, best of several
-runs), ``fedpath prepare --patch-only --no-qc`` on a one-slide manifest (fingerprint, open,
-mask, patch grid, patch file, status files), the same with QC pictures and contours (the
-default, what CLAM's ``--stitch`` is to ``create_patches_fp``), and the CLAM-style baseline
-as a command (``python -m bench.patching --clam-process SLIDE OUT``: the same start-up modules, the
-same mask, then the contour + per-point loop above and CLAM's ``coords`` HDF5). Kept patches
-are compared from the files the processes wrote.
-
-How to read it: "speed ratio (select)" is the patching claim (target >= 10×); "agreement"
-gives |ΔN|/N and the IoU of the kept sets (target within 1 %); "whole process" is the ratio of
-the commands' wall times (issue 21's target >= 10×).
+Ours (an integral image of the tissue mask, ``fedpath.client.wsi.patching.patch_grid``) vs
+CLAM's per-point contour test of the same grid on the same mask, in-process and as whole
+commands, on a cached synthetic slide; kept patches are compared. Target (issue 21): ≥ 10×
+faster, same kept patches ±1 %. How and why: ``bench/README.md``.
 """
 
 from __future__ import annotations
