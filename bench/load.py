@@ -123,7 +123,7 @@ def many_sites_child(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = RunConfig.from_run_config(run_config)
     began = time.perf_counter()
     with task_identity():
-        run_dir = run_federated(grid, cfg, flwr_run_id=1, report=lambda _: None)
+        run_dir = run_federated(grid, cfg, flwr_run_id=1)
     return {
         "run_dir": str(run_dir),
         "seconds": time.perf_counter() - began,
@@ -273,7 +273,7 @@ def big_site_child(spec: dict[str, Any]) -> dict[str, Any]:
     baseline = psutil.Process().memory_info().rss
     began = time.perf_counter()
     with task_identity():
-        run_dir = run_federated(grid, cfg, flwr_run_id=1, report=lambda _: None)
+        run_dir = run_federated(grid, cfg, flwr_run_id=1)
     seconds = time.perf_counter() - began
     final = json.loads((run_dir / "final.json").read_text())
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

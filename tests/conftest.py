@@ -54,3 +54,14 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> PreparedCohort:
         return build_cohort(TINY, tmp_path_factory.mktemp("tiny-cohort"))
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny forward passes split over threads only wait on each other (see bench.accuracy)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

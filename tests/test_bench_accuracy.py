@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -378,15 +377,6 @@ def test_summary_table_and_targets() -> None:
     assert checks["clam_sb mixed patch AUC"].met
     gain = checks["clam_sb patch AUC mixed − weak"]
     assert gain.value == pytest.approx(0.12) and gain.met
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Tiny forward passes split over threads only wait on each other (see bench.accuracy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

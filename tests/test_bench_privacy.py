@@ -6,7 +6,6 @@ and (slow) a real private federation on a tiny ``tiny_cnn`` cohort whose sites r
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -30,15 +29,6 @@ from fedpath.client.training.private_trainer import plan_private_training
 from fedpath.client.training.site_index import BagEntry, load_site_index
 from fedpath.client.training.trainer import resolve_precision
 from fedpath.common.metrics import PatchMetrics, slide_metrics
-
-
-@pytest.fixture
-def one_torch_thread() -> Iterator[None]:
-    """Tiny forward passes split over threads only wait on each other (see bench.accuracy)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _bags(n: int, dim: int, seed: int, split: str) -> list[Bag]:
