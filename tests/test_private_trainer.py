@@ -25,10 +25,10 @@ from fedpath.client.training.private_trainer import (
 from fedpath.common.dp_config import DPConfig
 from fedpath.common.errors import ConfigError
 from fedpath.common.mil.losses import mixed_supervision_loss
-from tests.test_trainer import _bags, _cfg, _forward_lengths, _model
+from tests.trainer_data import forward_lengths, toy_bags, toy_model, train_cfg
 
-TRAIN = _bags(24, seed=1)
-VAL = _bags(12, seed=2)
+TRAIN = toy_bags(24, seed=1)
+VAL = toy_bags(12, seed=2)
 DP = DPConfig(enabled=True, noise_multiplier=1.0, expected_batch_slides=4)
 
 
@@ -48,9 +48,9 @@ def test_a_slide_alone_gives_opacus_per_sample_gradient(kind: str) -> None:
     from opacus.grad_sample import GradSampleModule
 
     bags = _unlabelled(TRAIN[:4])
-    cfg = _cfg()
-    model = _model(kind, dropout=0.0).train()
-    reference = _model(kind, dropout=0.0).train()
+    cfg = train_cfg()
+    model = toy_model(kind, dropout=0.0).train()
+    reference = toy_model(kind, dropout=0.0).train()
     reference.load_state_dict(model.state_dict())
     gsm = GradSampleModule(reference, loss_reduction="mean")
     batch = collate(bags)
@@ -83,8 +83,8 @@ def test_float32_slide_gradient_is_the_plain_autograd_gradient() -> None:
     """precision float32 (the default) is a plain forward on the unpadded bag, no autocast:
     bit for bit the gradient the float32-only trainer computed (and the Opacus test above
     checks against GradSampleModule)."""
-    cfg = _cfg()
-    model = _model("clam_sb", dropout=0.0).train()
+    cfg = train_cfg()
+    model = toy_model("clam_sb", dropout=0.0).train()
     params = [p for p in model.parameters() if p.requires_grad]
     for bag in TRAIN[:6]:
         batch = collate([bag])
@@ -114,8 +114,8 @@ def test_float32_slide_gradient_is_the_plain_autograd_gradient() -> None:
 def test_bfloat16_slide_gradients_are_float32_and_clipped_to_c(kind: str) -> None:
     """Under bfloat16 autocast every per-slide gradient comes out float32 (what Opacus clips
     and sums), points where the float32 one points, and clipping bounds it by C."""
-    cfg = _cfg()
-    model = _model(kind, dropout=0.0).train()
+    cfg = train_cfg()
+    model = toy_model(kind, dropout=0.0).train()
     clip = 0.05
     norms = []
     for bag in TRAIN[:8]:
@@ -146,8 +146,8 @@ def test_bfloat16_bucket_padding_adds_nothing_to_a_slides_gradient(
     masked rows get no attention and no loss, so the gradient is the unpadded one's."""
     from fedpath.client.training import private_trainer as pt
 
-    cfg = _cfg()
-    model = _model("clam_mb", dropout=0.0).train()  # dropout would draw masks for pad rows
+    cfg = train_cfg()
+    model = toy_model("clam_mb", dropout=0.0).train()  # dropout would draw masks for pad rows
     bags = [b for b in TRAIN if bucket_length(b.num_patches) > b.num_patches][:4]
     assert len(bags) == 4
     padded = [
@@ -165,8 +165,8 @@ def test_bfloat16_bucket_padding_adds_nothing_to_a_slides_gradient(
 
 @pytest.mark.parametrize("kind", ["abmil", "clam_sb", "clam_mb"])
 def test_every_slide_contribution_is_clipped_to_c(kind: str) -> None:
-    model = _model(kind).train()
-    cfg = _cfg()
+    model = toy_model(kind).train()
+    cfg = train_cfg()
     clip = 0.05
     norms = []
     for bag in TRAIN:
@@ -197,7 +197,7 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
     bags = TRAIN[:8]
-    cfg = _cfg(epochs=1, lr=0.0, precision=precision)  # lr 0: every step sees the same weights
+    cfg = train_cfg(epochs=1, lr=0.0, precision=precision)  # lr 0: every step sees the same weights
     clip = 0.1
     sums = {}
     for sigma in (1e-12, 2.0):
@@ -205,14 +205,14 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(
             enabled=True, noise_multiplier=sigma, expected_batch_slides=4, max_grad_norm=clip
         )
         captured.clear()
-        model = _model("clam_sb", dropout=0.0)
+        model = toy_model("clam_sb", dropout=0.0)
         pt.train_private(model, bags, [], cfg, dp, secret_seed=5)
         sums[sigma] = captured[0]
     # Rebuild step 1's clipped sum by hand: same secret seed → same Poisson draw (Opacus'
     # sampler, which the trainer uses), clipping by the rule Opacus' DPOptimizer applies.
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
-    _, _, poisson_seed, _ = pt._epoch_streams(cfg.seed, 5, 0)
+    _, _, poisson_seed, _ = pt.epoch_streams(cfg.seed, 5, 0)
     sampler = UniformWithReplacementSampler(
         num_samples=len(bags),
         sample_rate=0.5,
@@ -221,8 +221,8 @@ def test_noisy_step_sums_clipped_slides_and_adds_noise_of_std_sigma_c(
     )
     chosen = next(iter(sampler))
     assert len(chosen) > 0
-    model = _model("clam_sb", dropout=0.0).train()
-    instances = torch.Generator().manual_seed(pt._epoch_streams(cfg.seed, 5, 0)[1])
+    model = toy_model("clam_sb", dropout=0.0).train()
+    instances = torch.Generator().manual_seed(pt.epoch_streams(cfg.seed, 5, 0)[1])
     total = None
     for i in chosen:
         grads, _, _ = clipped_slide_gradient(model, bags[int(i)], cfg, instances, clip, precision)
@@ -261,7 +261,12 @@ def test_bfloat16_update_is_float32_clipped_slides_plus_sigma_c_noise(
     clip, sigma = 0.05, 1.5
     dp = DPConfig(enabled=True, noise_multiplier=sigma, expected_batch_slides=4, max_grad_norm=clip)
     result = train_private(
-        _model("clam_mb"), TRAIN, [], _cfg(epochs=2, precision="bfloat16"), dp, secret_seed=8
+        toy_model("clam_mb"),
+        TRAIN,
+        [],
+        train_cfg(epochs=2, precision="bfloat16"),
+        dp,
+        secret_seed=8,
     )
     assert result.result.precision == "bfloat16"
     assert len(steps) == result.mechanism.steps == 12
@@ -295,10 +300,10 @@ def test_bfloat16_dp_training_tracks_float32() -> None:
     """Same secret seed, so the same Poisson draws and the same noise: a bfloat16 DP-SGD run
     follows the float32 one epoch by epoch, and both learn the easy task."""
     dp = DPConfig(enabled=True, noise_multiplier=0.5, expected_batch_slides=4, delta=1e-3)
-    cfg = _cfg(epochs=6, lr=5e-3)
+    cfg = train_cfg(epochs=6, lr=5e-3)
     runs = {
         precision: train_private(
-            _model("clam_sb"),
+            toy_model("clam_sb"),
             TRAIN,
             VAL,
             cfg.model_copy(update={"precision": precision}),
@@ -325,12 +330,12 @@ def test_bfloat16_dp_training_tracks_float32() -> None:
 def test_auto_precision_is_the_plain_trainers_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     """Precision "auto" resolves as in the plain trainer: float32 where bfloat16 is not fast,
     and then exactly the float32 run; bfloat16 where it is, and then exactly that run."""
-    cfg = _cfg(epochs=1)
+    cfg = train_cfg(epochs=1)
     bags = TRAIN[:12]
 
     def run(**update: str) -> PrivateTrainResult:
         config = cfg.model_copy(update=update)
-        return train_private(_model("clam_sb"), bags, VAL[:4], config, DP, secret_seed=2)
+        return train_private(toy_model("clam_sb"), bags, VAL[:4], config, DP, secret_seed=2)
 
     for fast, expected in ((False, "float32"), (True, "bfloat16")):
         monkeypatch.setattr(trainer, "fast_bf16_cpu", lambda fast=fast: fast)
@@ -342,11 +347,11 @@ def test_auto_precision_is_the_plain_trainers_choice(monkeypatch: pytest.MonkeyP
 
 
 def test_private_training_is_reproducible_and_plans_its_steps() -> None:
-    cfg = _cfg(epochs=2)
+    cfg = train_cfg(epochs=2)
     bags, val = TRAIN[:12], VAL[:4]
-    a = train_private(_model("clam_sb"), bags, val, cfg, DP, secret_seed=11)
-    b = train_private(_model("clam_sb"), bags, val, cfg, DP, secret_seed=11)
-    c = train_private(_model("clam_sb"), bags, [], cfg, DP, secret_seed=12)
+    a = train_private(toy_model("clam_sb"), bags, val, cfg, DP, secret_seed=11)
+    b = train_private(toy_model("clam_sb"), bags, val, cfg, DP, secret_seed=11)
+    c = train_private(toy_model("clam_sb"), bags, [], cfg, DP, secret_seed=12)
     q, per_epoch = sampling_plan(len(bags), 4)
     assert a.mechanism.sample_rate == q == pytest.approx(4 / 12)
     assert a.mechanism.steps == 2 * per_epoch == 6
@@ -363,9 +368,9 @@ def test_private_training_is_reproducible_and_plans_its_steps() -> None:
 
 
 def test_without_a_secret_seed_two_runs_differ() -> None:
-    cfg = _cfg(epochs=1)
-    a = train_private(_model("abmil"), TRAIN, [], cfg, DP).result.model.state_dict()
-    b = train_private(_model("abmil"), TRAIN, [], cfg, DP).result.model.state_dict()
+    cfg = train_cfg(epochs=1)
+    a = train_private(toy_model("abmil"), TRAIN, [], cfg, DP).result.model.state_dict()
+    b = train_private(toy_model("abmil"), TRAIN, [], cfg, DP).result.model.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
@@ -380,15 +385,15 @@ def test_target_epsilon_solves_sigma_for_the_planned_rounds() -> None:
 
 
 def test_models_dp_sgd_cannot_protect_are_refused() -> None:
-    model = _model("clam_sb")
+    model = toy_model("clam_sb")
     model.extra_norm = nn.BatchNorm1d(4)  # type: ignore[attr-defined]
     with pytest.raises(ConfigError, match="cannot be trained with DP-SGD") as info:
         check_private_model(model)
     assert "BatchNorm" in str(info.value)
     assert "buffers" in str(info.value) and "running_mean" in str(info.value)
     with pytest.raises(ConfigError, match="BatchNorm"):
-        train_private(model, TRAIN, [], _cfg(epochs=1), DP, secret_seed=0)
-    check_private_model(_model("clam_mb"))  # the fedpath models pass
+        train_private(model, TRAIN, [], train_cfg(epochs=1), DP, secret_seed=0)
+    check_private_model(toy_model("clam_mb"))  # the fedpath models pass
 
 
 def test_dp_config_and_plan_validation() -> None:
@@ -411,16 +416,23 @@ def _with_delta(delta: float) -> DPConfig:
 
 
 def test_private_steps_train_on_the_sampled_patches_only() -> None:
-    model = _model("clam_sb")
-    seen = _forward_lengths(model)
-    cfg = _cfg(epochs=1, precision="float32", max_train_patches=16)
+    model = toy_model("clam_sb")
+    seen = forward_lengths(model)
+    cfg = train_cfg(epochs=1, precision="float32", max_train_patches=16)
     train_private(model, TRAIN[:12], VAL[:4], cfg, DP, secret_seed=11)
     trained = [n for training, n in seen if training]
     assert trained and max(trained) == 16  # one slide per pass, 16 of its 20-60 patches
     assert max(n for training, n in seen if not training) > 16
-    every = train_private(_model("clam_sb"), TRAIN[:12], [], _cfg(epochs=1), DP, secret_seed=11)
+    every = train_private(
+        toy_model("clam_sb"), TRAIN[:12], [], train_cfg(epochs=1), DP, secret_seed=11
+    )
     capped = train_private(
-        _model("clam_sb"), TRAIN[:12], [], _cfg(epochs=1, max_train_patches=60), DP, secret_seed=11
+        toy_model("clam_sb"),
+        TRAIN[:12],
+        [],
+        train_cfg(epochs=1, max_train_patches=60),
+        DP,
+        secret_seed=11,
     )
     for key, value in every.result.model.state_dict().items():
         assert torch.equal(value, capped.result.model.state_dict()[key]), key

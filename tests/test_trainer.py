@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,6 @@ from pydantic import ValidationError
 
 from fedpath.client.training import trainer
 from fedpath.client.training.bags import Bag
-from fedpath.client.training.site_index import BagEntry
 from fedpath.client.training.trainer import (
     EpochMetrics,
     evaluate,
@@ -24,59 +22,10 @@ from fedpath.client.training.trainer import (
     train,
 )
 from fedpath.common.mil import models
-from fedpath.common.mil.config import ModelConfig, SupervisionConfig
-from fedpath.common.mil.models import MaskDropout, MILModel, Tanh, build_model
+from fedpath.common.mil.config import SupervisionConfig
+from fedpath.common.mil.models import MaskDropout, Tanh
 from fedpath.common.train_config import TrainConfig
-
-DIM = 16
-
-
-def _bags(n: int, seed: int, flip: bool = False) -> list[Bag]:
-    """``n`` bags, alternating normal/tumour; tumour bags have 3-8 patches shifted by +2.
-
-    Every third tumour and every third normal bag carries complete patch labels. ``flip``
-    inverts the slide labels (features unchanged): a validation set that gets worse as the
-    model learns the real task.
-    """
-    g = torch.Generator().manual_seed(seed)
-    bags: list[Bag] = []
-    for i in range(n):
-        label = i % 2
-        size = int(torch.randint(20, 61, (1,), generator=g))
-        features = torch.randn(size, DIM, generator=g)
-        patch = torch.zeros(size, dtype=torch.int8)
-        if label == 1:
-            k = int(torch.randint(3, 9, (1,), generator=g))
-            features[:k, :4] += 2.0
-            patch[:k] = 1
-        labelled = (i // 2) % 3 == 0
-        entry = BagEntry(
-            slide_id=f"s{seed}_{i}",
-            label=1 - label if flip else label,
-            features=Path(f"synthetic/s{i}.h5"),
-            split=None,
-            patient_id=None,
-            has_patch_labels=labelled,
-            annotation_complete=True if labelled else None,
-            num_patches=size,
-        )
-        bags.append(Bag(entry, features, patch if labelled else None))
-    return bags
-
-
-TRAIN = _bags(24, seed=1)
-VAL = _bags(12, seed=2)
-
-
-def _model(kind: str = "clam_sb", seed: int = 0, dropout: float = 0.25) -> MILModel:
-    torch.manual_seed(seed)
-    return build_model(ModelConfig(kind=kind, feature_dim=DIM, hidden_dim=32, dropout=dropout))
-
-
-def _cfg(**kw: object) -> TrainConfig:
-    base: dict[str, object] = {"epochs": 6, "lr": 2e-3, "min_epochs": 0, "patience": 100}
-    base.update(kw)
-    return TrainConfig.model_validate(base)
+from tests.trainer_data import TRAIN, VAL, forward_lengths, toy_bags, toy_model, train_cfg
 
 
 def _no_time(history: list[EpochMetrics]) -> list[EpochMetrics]:
@@ -85,7 +34,7 @@ def _no_time(history: list[EpochMetrics]) -> list[EpochMetrics]:
 
 def test_learns_easy_task_and_reports_each_epoch() -> None:
     seen: list[EpochMetrics] = []
-    result = train(_model(), TRAIN, VAL, _cfg(), on_epoch=seen.append)
+    result = train(toy_model(), TRAIN, VAL, train_cfg(), on_epoch=seen.append)
     hist = result.history
     assert seen == hist and [m.epoch for m in hist] == list(range(6))
     assert all(m.n_steps == 12 for m in hist)  # ceil(24 / 2) normal/tumour pairs
@@ -103,13 +52,13 @@ def test_learns_easy_task_and_reports_each_epoch() -> None:
 
 
 def test_deterministic_for_a_seed_and_leaves_global_rng_alone() -> None:
-    model = _model()
+    model = toy_model()
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = train(model, TRAIN, VAL, _cfg(epochs=3))
+    a = train(model, TRAIN, VAL, train_cfg(epochs=3))
     assert torch.equal(torch.get_rng_state(), before)
-    b = train(_model(), TRAIN, VAL, _cfg(epochs=3))
-    c = train(_model(), TRAIN, VAL, _cfg(epochs=3, seed=1))
+    b = train(toy_model(), TRAIN, VAL, train_cfg(epochs=3))
+    c = train(toy_model(), TRAIN, VAL, train_cfg(epochs=3, seed=1))
     assert _no_time(a.history) == _no_time(b.history)
     sa, sb, sc = a.model.state_dict(), b.model.state_dict(), c.model.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -120,11 +69,11 @@ def test_deterministic_for_a_seed_and_leaves_global_rng_alone() -> None:
 def test_start_epoch_continues_the_same_streams() -> None:
     """Epoch e draws from (seed, e) only: a lone epoch-2 call matches epoch 2 of a longer run
     started from the same weights with a fresh optimiser (what a federated round does)."""
-    cfg_one = _cfg(epochs=1)
-    first = train(_model(), TRAIN, [], _cfg(epochs=2))
+    cfg_one = train_cfg(epochs=1)
+    first = train(toy_model(), TRAIN, [], train_cfg(epochs=2))
     weights = {k: v.clone() for k, v in first.model.state_dict().items()}
     resumed = train(first.model, TRAIN, [], cfg_one, start_epoch=2)
-    again = _model()
+    again = toy_model()
     again.load_state_dict(weights)
     direct = train(again, TRAIN, [], cfg_one, start_epoch=2)
     assert resumed.history[0].epoch == 2
@@ -132,22 +81,22 @@ def test_start_epoch_continues_the_same_streams() -> None:
 
 
 def test_lr_zero_stops_after_patience_plus_one_epochs() -> None:
-    result = train(_model(), TRAIN, VAL, _cfg(epochs=10, lr=0.0, patience=2))
+    result = train(toy_model(), TRAIN, VAL, train_cfg(epochs=10, lr=0.0, patience=2))
     losses = [m.val_loss for m in result.history]
     assert len(losses) == 3 and losses[0] == losses[1] == losses[2]
     assert result.stopped_early and result.best_epoch == 0
 
 
 def test_min_epochs_delays_stopping() -> None:
-    result = train(_model(), TRAIN, VAL, _cfg(epochs=10, lr=0.0, patience=2, min_epochs=5))
+    result = train(toy_model(), TRAIN, VAL, train_cfg(epochs=10, lr=0.0, patience=2, min_epochs=5))
     assert len(result.history) == 5 and result.stopped_early
 
 
 def test_early_stopping_restores_best_weights() -> None:
     """Validation labels are flipped, so learning the task makes validation loss rise: the
     best epoch is an early one and its weights, not the last ones, come back."""
-    val = _bags(12, seed=2, flip=True)
-    result = train(_model(), TRAIN, val, _cfg(epochs=30, patience=3))
+    val = toy_bags(12, seed=2, flip=True)
+    result = train(toy_model(), TRAIN, val, train_cfg(epochs=30, patience=3))
     hist = result.history
     assert result.stopped_early
     best = min(hist, key=lambda m: m.val_loss)
@@ -157,13 +106,13 @@ def test_early_stopping_restores_best_weights() -> None:
         best.val_loss, abs=1e-12
     )
     # Same weights as a run that simply stops at the best epoch (no validation: keep last).
-    short = train(_model(), TRAIN, [], _cfg(epochs=best.epoch + 1))
+    short = train(toy_model(), TRAIN, [], train_cfg(epochs=best.epoch + 1))
     restored, expected = result.model.state_dict(), short.model.state_dict()
     assert all(torch.equal(restored[k], expected[k]) for k in restored)
 
 
 def test_without_validation_runs_all_epochs() -> None:
-    result = train(_model(), TRAIN, [], _cfg(epochs=3, patience=1))
+    result = train(toy_model(), TRAIN, [], train_cfg(epochs=3, patience=1))
     assert len(result.history) == 3 and result.best_epoch == 2 and not result.stopped_early
     assert all(math.isnan(m.val_loss) and math.isnan(m.val_auc) for m in result.history)
 
@@ -172,7 +121,7 @@ def test_without_validation_runs_all_epochs() -> None:
 @pytest.mark.parametrize("kind", ["abmil", "clam_sb", "clam_mb"])
 def test_supervision_modes_and_models_run(kind: str, mode: str) -> None:
     sup = SupervisionConfig(mode=mode, instance_loss="svm" if kind == "clam_mb" else "ce")
-    result = train(_model(kind), TRAIN, VAL, _cfg(epochs=2, supervision=sup, grad_clip=1.0))
+    result = train(toy_model(kind), TRAIN, VAL, train_cfg(epochs=2, supervision=sup, grad_clip=1.0))
     last = result.history[-1]
     assert math.isfinite(last.train_loss) and math.isfinite(last.val_loss)
     if kind == "abmil":
@@ -186,9 +135,9 @@ def test_supervision_modes_and_models_run(kind: str, mode: str) -> None:
 
 
 def test_steps_per_epoch_and_model_mode_restored() -> None:
-    model = _model()
+    model = toy_model()
     model.eval()
-    result = train(model, TRAIN, VAL, _cfg(epochs=1, steps_per_epoch=3))
+    result = train(model, TRAIN, VAL, train_cfg(epochs=1, steps_per_epoch=3))
     assert result.history[0].n_steps == 3 and not model.training
 
 
@@ -197,13 +146,13 @@ def test_to_json_is_strict_json() -> None:
     data = m.to_json()
     assert data["val_loss"] is None and data["val_patch_auc"] is None and data["train_loss"] == 1.5
     assert json.loads(json.dumps(data, allow_nan=False)) == data
-    real = train(_model(), TRAIN, VAL, _cfg(epochs=1)).history[0].to_json()
+    real = train(toy_model(), TRAIN, VAL, train_cfg(epochs=1)).history[0].to_json()
     json.dumps(real, allow_nan=False)
 
 
 def test_evaluate_single_class_gives_nan_auc() -> None:
     normals = [b for b in VAL if b.entry.label == 0 and b.patch_labels is None]
-    metrics = evaluate(_model(), normals)
+    metrics = evaluate(toy_model(), normals)
     assert math.isnan(metrics.auc) and math.isnan(metrics.patch_auc)
     assert metrics.loss > 0
 
@@ -248,7 +197,7 @@ def test_config_defaults_follow_design() -> None:
 
 def test_rejects_empty_training_set() -> None:
     with pytest.raises(ValueError, match="no training bags"):
-        train(_model(), [], VAL, _cfg())
+        train(toy_model(), [], VAL, train_cfg())
 
 
 # --- performance options: forward passes per step, precision -------------------------------
@@ -269,8 +218,8 @@ def test_steps_split_into_passes_equal_one_padded_batch() -> None:
     """A step's gradient is the mean over its slides however they are split into forward
     passes: every slide alone (unpadded) gives the same training as one padded batch."""
     cfg = {"epochs": 2, "precision": "float32", "steps_per_epoch": 5}
-    alone = train(_model(dropout=0.0), TRAIN, VAL, _cfg(max_batch_patches=1, **cfg))
-    padded = train(_model(dropout=0.0), TRAIN, VAL, _cfg(max_batch_patches=10_000, **cfg))
+    alone = train(toy_model(dropout=0.0), TRAIN, VAL, train_cfg(max_batch_patches=1, **cfg))
+    padded = train(toy_model(dropout=0.0), TRAIN, VAL, train_cfg(max_batch_patches=10_000, **cfg))
     for a, b in zip(alone.history, padded.history, strict=True):
         assert a.train_loss == pytest.approx(b.train_loss, rel=1e-5)
         assert a.val_loss == pytest.approx(b.val_loss, rel=1e-5)
@@ -283,14 +232,14 @@ def test_auto_precision_follows_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setattr(trainer, "fast_bf16_cpu", lambda: False)
     assert resolve_precision("auto", cpu) == "float32"
     assert resolve_precision("bfloat16", cpu) == "bfloat16"  # asked for explicitly
-    result = train(_model(), TRAIN, [], _cfg(epochs=1))
+    result = train(toy_model(), TRAIN, [], train_cfg(epochs=1))
     assert result.precision == "float32"
-    pinned = train(_model(), TRAIN, [], _cfg(epochs=1, precision="float32"))
+    pinned = train(toy_model(), TRAIN, [], train_cfg(epochs=1, precision="float32"))
     assert _no_time(result.history) == _no_time(pinned.history)  # no silent change
     monkeypatch.setattr(trainer, "fast_bf16_cpu", lambda: True)
     assert resolve_precision("auto", cpu) == "bfloat16"
     assert resolve_precision("float32", cpu) == "float32"
-    assert train(_model(), TRAIN, [], _cfg(epochs=1)).precision == "bfloat16"
+    assert train(toy_model(), TRAIN, [], train_cfg(epochs=1)).precision == "bfloat16"
     with pytest.raises(ValueError, match="unknown precision"):
         resolve_precision("float16", cpu)
 
@@ -314,7 +263,7 @@ def test_auto_precision_on_a_gpu_is_its_native_low_precision(
 def test_bfloat16_training_tracks_float32() -> None:
     """bfloat16 autocast covers the per-patch layers only: outputs that feed the losses stay
     float32, and a short run learns the same as in float32."""
-    model = _model(dropout=0.0).eval()
+    model = toy_model(dropout=0.0).eval()
     features = TRAIN[1].features.unsqueeze(0)
     reference = model(features)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -323,9 +272,9 @@ def test_bfloat16_training_tracks_float32() -> None:
         got, want = getattr(out, name), getattr(reference, name)
         assert got.dtype == torch.float32, name
         assert torch.allclose(got, want, atol=0.05, rtol=0.05), name
-    cfg = _cfg(epochs=4)
-    fp32 = train(_model(), TRAIN, VAL, cfg.model_copy(update={"precision": "float32"}))
-    bf16 = train(_model(), TRAIN, VAL, cfg.model_copy(update={"precision": "bfloat16"}))
+    cfg = train_cfg(epochs=4)
+    fp32 = train(toy_model(), TRAIN, VAL, cfg.model_copy(update={"precision": "float32"}))
+    bf16 = train(toy_model(), TRAIN, VAL, cfg.model_copy(update={"precision": "bfloat16"}))
     assert bf16.precision == "bfloat16" and fp32.precision == "float32"
     for a, b in zip(fp32.history, bf16.history, strict=True):
         assert b.train_loss == pytest.approx(a.train_loss, abs=0.03)
@@ -335,13 +284,15 @@ def test_bfloat16_training_tracks_float32() -> None:
 
 def test_step_size_scales_with_the_slides_of_a_step() -> None:
     """lr is per slide (CLAM's one slide per step); a pair per step takes a larger step."""
-    assert step_lr(_cfg(lr=1e-3), 2) == pytest.approx(1e-3 * math.sqrt(2))
-    assert step_lr(_cfg(lr=1e-3, lr_scaling="linear"), 2) == pytest.approx(2e-3)
-    assert step_lr(_cfg(lr=1e-3, lr_scaling="none"), 2) == pytest.approx(1e-3)
-    assert all(step_lr(_cfg(lr=1e-3, lr_scaling=s), 1) == 1e-3 for s in ("linear", "sqrt"))
+    assert step_lr(train_cfg(lr=1e-3), 2) == pytest.approx(1e-3 * math.sqrt(2))
+    assert step_lr(train_cfg(lr=1e-3, lr_scaling="linear"), 2) == pytest.approx(2e-3)
+    assert step_lr(train_cfg(lr=1e-3, lr_scaling="none"), 2) == pytest.approx(1e-3)
+    assert all(step_lr(train_cfg(lr=1e-3, lr_scaling=s), 1) == 1e-3 for s in ("linear", "sqrt"))
     # lr_scaling "none" at lr·√2 is the same training as the default at lr (pairs every step)
-    scaled = train(_model(), TRAIN, [], _cfg(epochs=2, lr=1e-3))
-    same = train(_model(), TRAIN, [], _cfg(epochs=2, lr=1e-3 * math.sqrt(2), lr_scaling="none"))
+    scaled = train(toy_model(), TRAIN, [], train_cfg(epochs=2, lr=1e-3))
+    same = train(
+        toy_model(), TRAIN, [], train_cfg(epochs=2, lr=1e-3 * math.sqrt(2), lr_scaling="none")
+    )
     assert _no_time(scaled.history) == _no_time(same.history)
 
 
@@ -452,7 +403,7 @@ def test_fast_bf16_cpu_reads_vendor_and_flags(tmp_path, monkeypatch: pytest.Monk
 def test_evaluate_reports_the_pooled_patch_loss_of_labelled_patches() -> None:
     """Patch CE is pooled over the labelled patches of the bags that have patch labels
     (-1: ambiguous, left out), computed from the instance logits; NaN without any."""
-    model = _model().eval()
+    model = toy_model().eval()
     bags = list(VAL[:6])
     first = next(i for i, b in enumerate(bags) if b.patch_labels is not None)
     labels = bags[first].patch_labels
@@ -483,18 +434,20 @@ def test_stopping_loss_weighs_patches_only_when_asked_in_mixed_mode() -> None:
     val = trainer.ValidationMetrics(loss=0.4, auc=1.0, patch_auc=0.8, patch_loss=0.9)
     mixed = SupervisionConfig(mode="mixed", bag_weight=0.7)
     weak = SupervisionConfig(mode="weak", bag_weight=0.7)
-    assert trainer.stopping_loss(val, _cfg(supervision=mixed)) == 0.4  # default: CLAM's
-    supervised = _cfg(supervision=mixed, stopping_loss="supervised")
+    assert trainer.stopping_loss(val, train_cfg(supervision=mixed)) == 0.4  # default: CLAM's
+    supervised = train_cfg(supervision=mixed, stopping_loss="supervised")
     assert trainer.stopping_loss(val, supervised) == pytest.approx(0.7 * 0.4 + 0.3 * 0.9)
-    assert trainer.stopping_loss(val, _cfg(supervision=weak, stopping_loss="supervised")) == 0.4
+    assert (
+        trainer.stopping_loss(val, train_cfg(supervision=weak, stopping_loss="supervised")) == 0.4
+    )
     no_patches = replace(val, patch_loss=math.nan)
     assert trainer.stopping_loss(no_patches, supervised) == 0.4
-    patch = _cfg(supervision=mixed, stopping_loss="patch")
+    patch = train_cfg(supervision=mixed, stopping_loss="patch")
     assert trainer.stopping_loss(val, patch) == 0.9
     assert trainer.stopping_loss(no_patches, patch) == 0.4
-    assert trainer.stopping_loss(val, _cfg(supervision=weak, stopping_loss="patch")) == 0.4
+    assert trainer.stopping_loss(val, train_cfg(supervision=weak, stopping_loss="patch")) == 0.4
     with pytest.raises(ValidationError):
-        _cfg(stopping_loss="attention")
+        train_cfg(stopping_loss="attention")
 
 
 def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
@@ -502,11 +455,11 @@ def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
     so the default keeps an early epoch; the supervised loss (bag weight 0.2 here) goes by the
     patches and keeps a later one. The chosen epoch is the argmin of what each run reports
     as its stopping loss; a weak run ignores the patch labels and keeps the slide loss."""
-    val = _bags(12, seed=2, flip=True)
+    val = toy_bags(12, seed=2, flip=True)
     mixed = SupervisionConfig(mode="mixed", bag_weight=0.2)
-    by_slide = train(_model(), TRAIN, val, _cfg(epochs=12, supervision=mixed))
-    supervised = _cfg(epochs=12, supervision=mixed, stopping_loss="supervised")
-    by_patch = train(_model(), TRAIN, val, supervised)
+    by_slide = train(toy_model(), TRAIN, val, train_cfg(epochs=12, supervision=mixed))
+    supervised = train_cfg(epochs=12, supervision=mixed, stopping_loss="supervised")
+    by_patch = train(toy_model(), TRAIN, val, supervised)
     for result in (by_slide, by_patch):
         best = min(result.history, key=lambda m: m.val_stopping_loss)
         assert result.best_epoch == best.epoch
@@ -515,7 +468,7 @@ def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
         assert m.val_stopping_loss == pytest.approx(0.2 * m.val_loss + 0.8 * m.val_patch_loss)
     assert by_patch.best_epoch > by_slide.best_epoch
     patch_only = train(
-        _model(), TRAIN, val, _cfg(epochs=12, supervision=mixed, stopping_loss="patch")
+        toy_model(), TRAIN, val, train_cfg(epochs=12, supervision=mixed, stopping_loss="patch")
     )
     best = min(patch_only.history, key=lambda m: m.val_patch_loss)
     assert patch_only.best_epoch == best.epoch > by_slide.best_epoch
@@ -523,22 +476,15 @@ def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
     assert evaluate(by_patch.model, val).patch_loss < evaluate(by_slide.model, val).patch_loss
     weak = SupervisionConfig(mode="weak", bag_weight=0.2)
     weak_run = train(
-        _model(), TRAIN, val, _cfg(epochs=3, supervision=weak, stopping_loss="supervised")
+        toy_model(), TRAIN, val, train_cfg(epochs=3, supervision=weak, stopping_loss="supervised")
     )
     assert all(m.val_stopping_loss == m.val_loss for m in weak_run.history)
 
 
-def _forward_lengths(model: MILModel) -> list[tuple[bool, int]]:
-    """(training?, padded bag length) of every forward pass the model runs from now on."""
-    seen: list[tuple[bool, int]] = []
-    model.register_forward_pre_hook(lambda m, args: seen.append((m.training, args[0].shape[1])))
-    return seen
-
-
 def test_training_steps_see_at_most_max_train_patches_of_a_slide() -> None:
-    model = _model()
-    seen = _forward_lengths(model)
-    train(model, TRAIN, VAL, _cfg(epochs=2, precision="float32", max_train_patches=16))
+    model = toy_model()
+    seen = forward_lengths(model)
+    train(model, TRAIN, VAL, train_cfg(epochs=2, precision="float32", max_train_patches=16))
     trained = [n for training, n in seen if training]
     validated = [n for training, n in seen if not training]
     assert trained and max(trained) == 16  # TRAIN bags have 20-60 patches
@@ -556,7 +502,7 @@ def test_max_train_patches_zero_means_every_patch_and_negatives_are_refused() ->
 def test_a_cap_above_every_slide_trains_exactly_as_every_patch() -> None:
     """Sampling has its own random stream: runs on small slides are what they were."""
     runs = {
-        cap: train(_model(), TRAIN, VAL, _cfg(epochs=2, max_train_patches=cap))
+        cap: train(toy_model(), TRAIN, VAL, train_cfg(epochs=2, max_train_patches=cap))
         for cap in (None, 60, 16)
     }
     every, above, below = (runs[c].model.state_dict() for c in (None, 60, 16))

@@ -40,8 +40,8 @@ from fedpath.deploy.cli import main
 from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 from tests.round_messages import round_message
 from tests.test_cli_local import _make_site
-from tests.test_trainer import TRAIN, VAL, _cfg, _model
 from tests.test_worker import runtime_dir  # noqa: F401 - a fixture
+from tests.trainer_data import TRAIN, VAL, toy_model, train_cfg
 
 CUDA = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)"
@@ -158,13 +158,13 @@ def test_training_follows_the_models_device_and_records_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     seen: list[torch.device] = []
-    model = _model()
+    model = toy_model()
     optimiser = _spy_adam(monkeypatch)
 
     def on_epoch(_: Any) -> None:
         seen.append(next(model.parameters()).device)
 
-    result = train(model, TRAIN[:6], VAL[:4], _cfg(epochs=1), on_epoch=on_epoch)
+    result = train(model, TRAIN[:6], VAL[:4], train_cfg(epochs=1), on_epoch=on_epoch)
     assert seen == [torch.device("cpu")] and result.device == "cpu"
     assert optimiser == {"cpu"}
 
@@ -181,14 +181,14 @@ def test_float16_trains_with_a_grad_scaler(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(torch.amp, "GradScaler", Spy)
     monkeypatch.setattr(trainer, "resolve_precision", lambda *a, **k: "float16")
-    cfg = _cfg(epochs=2, steps_per_epoch=3)
-    result = train(_model(dropout=0.0), TRAIN[:8], VAL[:2], cfg)
+    cfg = train_cfg(epochs=2, steps_per_epoch=3)
+    result = train(toy_model(dropout=0.0), TRAIN[:8], VAL[:2], cfg)
     assert result.precision == "float16"
     assert scaled and all(s > 1.0 for s in scaled)  # the loss was scaled, not raw float16
     assert all(math.isfinite(m.train_loss) for m in result.history)
     monkeypatch.undo()
     float32 = cfg.model_copy(update={"precision": "float32"})
-    plain = train(_model(dropout=0.0), TRAIN[:8], VAL[:2], float32)
+    plain = train(toy_model(dropout=0.0), TRAIN[:8], VAL[:2], float32)
     # Unscaled before Adam: the same steps as float32, up to float16 rounding.
     for a, b in zip(result.history, plain.history, strict=True):
         assert a.train_loss == pytest.approx(b.train_loss, abs=2e-2)
@@ -215,8 +215,8 @@ def _spy_noise(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, set[str], boo
 def _dp_run(device: torch.device, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[Any]]:
     seen = _spy_noise(monkeypatch)
     dp = DPConfig(enabled=True, noise_multiplier=1.0, expected_batch_slides=4)
-    model = _model(dropout=0.0).to(device)
-    result = train_private(model, TRAIN[:12], [], _cfg(epochs=2), dp, secret_seed=7)
+    model = toy_model(dropout=0.0).to(device)
+    result = train_private(model, TRAIN[:12], [], train_cfg(epochs=2), dp, secret_seed=7)
     return result, seen
 
 
@@ -364,12 +364,12 @@ def test_cuda_training_runs_on_the_gpu_in_its_native_low_precision(
 ) -> None:
     seen: list[str] = []
     optimiser = _spy_adam(monkeypatch)
-    model = _model().to(cuda)
+    model = toy_model().to(cuda)
     result = train(
         model,
         TRAIN,
         VAL,
-        _cfg(epochs=3),
+        train_cfg(epochs=3),
         on_epoch=lambda _: seen.append(next(model.parameters()).device.type),
     )
     assert seen == ["cuda"] * 3 and result.device.startswith("cuda:0 (")
@@ -397,7 +397,7 @@ def test_cuda_dp_sgd_keeps_noise_and_gradients_on_the_gpu_and_the_accounting(
 
 @CUDA
 def test_cuda_evaluation_matches_the_cpu(cuda: torch.device) -> None:
-    model = _model(dropout=0.0).eval()
+    model = toy_model(dropout=0.0).eval()
     on_cpu = evaluate_bags(model, VAL, bootstrap=0)
     on_gpu = evaluate_bags(model.to(cuda), VAL, bootstrap=0)
     for a, b in zip(on_cpu.predictions, on_gpu.predictions, strict=True):
@@ -493,7 +493,7 @@ def test_out_of_memory_drawing_a_heatmap_names_the_device(monkeypatch: pytest.Mo
     """Recorded as that slide's reason (the other heatmaps are still drawn)."""
     from fedpath.client.training.heatmaps import slide_maps
 
-    model = _model()
+    model = toy_model()
     monkeypatch.setattr(type(model), "forward", _out_of_memory)
     with pytest.raises(DeviceError, match=r"^cpu ran out of memory while scoring the slide"):
         slide_maps(model, VAL[0])
@@ -505,9 +505,9 @@ def test_cuda_per_slide_gradient_is_the_cpus(cuda: torch.device) -> None:
     the CPU, tests/test_private_trainer.py) is the same gradient when computed on the GPU."""
     from fedpath.client.training.private_trainer import clipped_slide_gradient
 
-    cfg = _cfg()
-    model = _model(dropout=0.0).train()
-    on_gpu = _model(dropout=0.0).train().to(cuda)
+    cfg = train_cfg()
+    model = toy_model(dropout=0.0).train()
+    on_gpu = toy_model(dropout=0.0).train().to(cuda)
     on_gpu.load_state_dict(model.state_dict())
     for bag in TRAIN[:4]:
         here, _, norm_here = clipped_slide_gradient(
@@ -579,7 +579,7 @@ def test_out_of_memory_in_dp_training_names_the_setting_that_bounds_it(
     monkeypatch.setattr(private_trainer, "_private_epoch", _out_of_memory)
     dp = DPConfig(enabled=True, noise_multiplier=1.0, expected_batch_slides=4)
     with pytest.raises(DeviceError) as caught:
-        train_private(_model(dropout=0.0), TRAIN[:8], [], _cfg(epochs=1), dp, secret_seed=1)
+        train_private(toy_model(dropout=0.0), TRAIN[:8], [], train_cfg(epochs=1), dp, secret_seed=1)
     message = str(caught.value)
     assert message.startswith("cpu ran out of memory while training with DP-SGD (CUDA out")
     assert "lower max_train_patches (2048), or free memory" in message

@@ -104,6 +104,7 @@ __all__ = [
     "check_private_model",
     "clipped_slide_gradient",
     "deterministic_on",
+    "epoch_streams",
     "plan_private_training",
     "train_private",
 ]
@@ -274,7 +275,7 @@ def clipped_slide_gradient(
     return [g * factor for g in flat], losses, norm
 
 
-def _epoch_streams(cfg_seed: int, secret_seed: int, epoch: int) -> tuple[int, int, int, int]:
+def epoch_streams(cfg_seed: int, secret_seed: int, epoch: int) -> tuple[int, int, int, int]:
     """(dropout seed, instance-sampling seed) from the public seed; (Poisson, noise) secret."""
     dropout, instances = np.random.SeedSequence([cfg_seed, epoch, 7]).generate_state(2)
     poisson, noise = np.random.SeedSequence([secret_seed, epoch]).generate_state(2, np.uint64)
@@ -306,7 +307,7 @@ def _private_epoch(
     hands the result to Adam. What fedpath adds is the per-sample gradient itself: one slide
     per backward pass (see :func:`slide_gradient`), stacked as Opacus' ``grad_sample``.
     """
-    dropout_seed, instance_seed, poisson_seed, noise_seed = _epoch_streams(
+    dropout_seed, instance_seed, poisson_seed, noise_seed = epoch_streams(
         cfg.seed, secret_seed, epoch
     )
     torch.manual_seed(dropout_seed)  # dropout; the caller forked the global RNG
