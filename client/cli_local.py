@@ -287,7 +287,9 @@ def cmd_local_train(args: argparse.Namespace, console: Console) -> int:
     console.print(f"calibration on the val split: {calibration.describe()}")
     if val_scores is not None and calibration.fitted:
         console.print(_calibration_line(val_scores, calibration, labels))
-    console.print(f"run: {run}  (model {run / MODEL_FILE}, metrics {run / METRICS_FILE})")
+    console.print(
+        f"run: {run}  (model {run / MODEL_FILE}, metrics {run / METRICS_FILE})", soft_wrap=True
+    )
     if skips.skipped:
         console.print(_skipped_line(skips))
         return EXIT_PARTIAL
@@ -417,7 +419,7 @@ def cmd_local_eval(args: argparse.Namespace, console: Console) -> int:
     for line in _calibration_notes(result, args.uncalibrated):
         console.print(line)
     console.print(f"scored on {device_label} (float32)")
-    console.print(f"wrote {csv_path} and {json_path}")
+    console.print(f"wrote {csv_path} and {json_path}", soft_wrap=True)
     if skips.skipped:
         console.print(_skipped_line(skips))
         return EXIT_PARTIAL
@@ -549,7 +551,9 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
     # Slide files are named by the manifest only; missing files are reported per slide below.
     manifest = load_manifest(args.manifest, labels, slide_root=args.slide_root, check_files=False)
     for problem in manifest.problems:  # those rows' slides fail below as "not in the manifest"
-        console.print(f"[yellow]manifest {escape(str(args.manifest))}:[/] {escape(problem)}")
+        console.print(
+            f"[yellow]manifest {escape(str(args.manifest))}:[/] {escape(problem)}", soft_wrap=True
+        )
     layout = SiteLayout(data, encoder_dir="")  # only its patches/<id>.h5 path is used
     sources = {
         row.slide_id: SlideSource(
@@ -594,7 +598,7 @@ def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
         )
     written = len(records) - len(failed)
     console.print(f"model run on {device_label}")
-    console.print(f"wrote {written} heatmap(s) to {out}")
+    console.print(f"wrote {written} heatmap(s) to {out}", soft_wrap=True)
     if warned:  # a warning scrolled past among many slides must not read as "all fine"
         console.print(
             f"[yellow]{len(warned)} of them drawn with a warning[/] (above; the outline of a "
