@@ -214,7 +214,8 @@ def explain_connection_failure(address: str, ca_path: Path | None, flower_messag
     if cause is not None:
         return f"TLS to the SuperLink at {address} fails: {cause}"
     text = " ".join(flower_message.split())
-    if "unavailable" in text.lower():
+    unreachable = ("unavailable", "connection refused", "connecterror", "connecttimeout")
+    if any(word in text.lower() for word in unreachable):
         return (
             f"cannot reach the SuperLink at {address} (no answer, connection refused or TLS "
             "handshake failed): is `fedpath link` running there, is the port open, and "

@@ -6,10 +6,15 @@ Runs are submitted and followed with ``flwr ls --format json`` (``flwr run --str
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import shutil
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+import tomllib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +24,7 @@ import tomli_w
 from fedpath.common.errors import ConfigError, FedpathError
 from fedpath.common.flower_env import flower_bin, flower_env, toml_value
 
-__all__ = ["CONNECTION", "FlwrCli", "NetworkError", "app_directory"]
+__all__ = ["CONNECTION", "FlwrCli", "NetworkError", "app_directory", "app_to_ship"]
 
 CONNECTION = "local"
 
@@ -118,9 +123,39 @@ class FlwrCli:
 
     def connected_nodes(self) -> int:
         """How many SuperNodes the SuperLink currently lists as online."""
-        answer = self.flwr("supernode", "list", CONNECTION)
-        nodes = answer.get("nodes") or []
-        return sum(1 for n in nodes if str(n.get("status", "")).lower() == "online")
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        answer = self._control("list the SuperNodes", "ListNodes", ListNodesRequest())
+        return sum(1 for node in answer.nodes_info if node.status.lower() == "online")
+
+    def _control(self, what: str, method: str, request: Any) -> Any:
+        """One call to the SuperLink's Control API from this process.
+
+        ``flwr ls`` and ``flwr supernode list`` cost a new interpreter each (about 1.8 s of
+        CPU); followers and waits poll them every few seconds for a whole run, which on a
+        small coordinator (and in CI) took as much CPU as the federation itself. The same
+        HTTP client Flower's CLI builds answers in milliseconds.
+        """
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        connection = SuperLinkConnection(
+            name=CONNECTION,
+            address=self.address,
+            root_certificates=None if self.tls_ca is None else str(Path(self.tls_ca).resolve()),
+            insecure=self.tls_ca is None,
+        )
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # "Using SuperLink: ..." banner
+                client = init_http_client_from_connection(connection)
+            try:
+                return getattr(client, method)(request)
+            finally:
+                client.close()
+        except Exception as exc:  # httpx, TLS and Flower's own errors alike: say what failed
+            raise NetworkError(
+                f"could not {what} on the SuperLink at {self.address}: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def submit(
         self,
@@ -131,24 +166,28 @@ class FlwrCli:
         """``flwr run APP local -c ...``; the run id. ``federation_config`` sets e.g. the
         number of virtual SuperNodes of a simulation (``num-supernodes``)."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        args = ["run", str(app_dir), CONNECTION]
-        if overrides:
-            args += ["--run-config", overrides]
-        if federation_config:
-            federation = " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())
-            args += ["--federation-config", federation]
-        answer = self.flwr(*args, timeout=300.0, cwd=app_dir)
+        with app_to_ship(Path(app_dir)) as shipped:
+            args = ["run", str(shipped), CONNECTION]
+            if overrides:
+                args += ["--run-config", overrides]
+            if federation_config:
+                federation = " ".join(f"{k}={toml_value(v)}" for k, v in federation_config.items())
+                args += ["--federation-config", federation]
+            answer = self.flwr(*args, timeout=300.0, cwd=shipped)
         if not answer.get("success") or "run-id" not in answer:
             raise NetworkError(f"flwr run failed: {answer.get('error-message', answer)}")
         return int(answer["run-id"])
 
     def run_status(self, run_id: int) -> str:
         """The run's status as ``flwr ls`` reports it, e.g. ``finished:completed``."""
-        answer = self.flwr("ls", CONNECTION, "--run-id", str(run_id))
-        runs = answer.get("runs") or []
-        if not answer.get("success") or not runs:
-            raise NetworkError(f"flwr ls --run-id {run_id}: {answer.get('error-message', answer)}")
-        return str(runs[0].get("status", ""))
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        answer = self._control(f"look up run {run_id}", "ListRuns", ListRunsRequest(run_id=run_id))
+        run = answer.run_dict.get(run_id)
+        if run is None:
+            raise NetworkError(f"the SuperLink at {self.address} knows no run {run_id}")
+        status, sub_status = run.status.status, run.status.sub_status
+        return f"{status}:{sub_status}" if sub_status else status
 
     def wait_for_run(
         self,
@@ -182,3 +221,33 @@ def app_directory() -> Path:
             "the app, so run the demo from a source checkout (`pip install -e .`)"
         )
     return root
+
+
+def _components_installed(pyproject: Path) -> bool:
+    """Whether the app's ServerApp and ClientApp are modules of the installed fedpath."""
+    try:
+        config = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+    components = config.get("tool", {}).get("flwr", {}).get("app", {}).get("components", {})
+    refs = [str(components.get(k, "")) for k in ("serverapp", "clientapp")]
+    return all(ref.startswith("fedpath.") for ref in refs)
+
+
+@contextlib.contextmanager
+def app_to_ship(app_dir: Path) -> Iterator[Path]:
+    """The folder ``flwr run`` bundles: for fedpath's own app, its ``pyproject.toml`` alone.
+
+    fedpath's ServerApp and ClientApp are loaded from the fedpath package installed on each
+    machine (hospitals run the version they installed, never code sent by the coordinator),
+    so the bundle needs only the app's configuration. ``flwr run`` on the source tree would
+    also walk every file under it (``.venv`` included) to build a bundle nobody imports: about
+    10 s per run. Any other app folder is shipped as it is.
+    """
+    pyproject = app_dir / "pyproject.toml"
+    if not _components_installed(pyproject):
+        yield app_dir
+        return
+    with tempfile.TemporaryDirectory(prefix="fedpath-app-") as staged:
+        shutil.copyfile(pyproject, Path(staged) / "pyproject.toml")
+        yield Path(staged)
