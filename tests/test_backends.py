@@ -49,6 +49,7 @@ def _reference(encoder: LoadedEncoder, images: torch.Tensor) -> torch.Tensor:
         return encoder.model(normalise_images(encoder.spec, images))
 
 
+@pytest.mark.slow
 def test_export_is_cached_by_weights(tiny: LoadedEncoder, tmp_path: Path) -> None:
     path, fresh = export_onnx(tiny, tmp_path)
     assert fresh and path.is_file() and path == export_path(tiny, tmp_path)
@@ -63,6 +64,7 @@ def test_export_is_cached_by_weights(tiny: LoadedEncoder, tmp_path: Path) -> Non
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "no temporaries"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("engine", ["onnx", "openvino"])
 def test_engine_features_match_pytorch_float32(
     tiny: LoadedEncoder, tmp_path: Path, engine: str
@@ -322,6 +324,7 @@ def test_patches_at_another_scale_than_the_encoder_learnt_are_named(
         assert f"cut at {mpp:g} µm/px" in note and "--target-mpp" in note
 
 
+@pytest.mark.slow
 def test_scale_note_reaches_the_prepare_summary(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -344,6 +347,7 @@ def test_scale_note_reaches_the_prepare_summary(
     assert any("cut at 0.5 µm/px" in n for n in summary.inference_notes)
 
 
+@pytest.mark.slow
 def test_patch_only_says_embedding_flags_wait_for_the_embedding_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

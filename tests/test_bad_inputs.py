@@ -573,6 +573,7 @@ def test_the_valid_rows_of_a_manifest_with_bad_rows_are_prepared(mixed: MixedMan
     assert not list(mixed.out.rglob(f"{TMP_PREFIX}*"))
 
 
+@pytest.mark.slow
 def test_a_rerun_after_fixing_the_manifest_prepares_the_fixed_rows(
     mixed: MixedManifest, tmp_path: Path
 ) -> None:
@@ -601,6 +602,7 @@ def test_a_rerun_after_fixing_the_manifest_prepares_the_fixed_rows(
     assert json.loads((out / "site.json").read_text())["slides"]["usable"] == 5
 
 
+@pytest.mark.slow
 def test_fedpath_prepare_lists_the_manifest_problems_first_and_exits_1(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -792,6 +794,7 @@ def _round(site: Path, **changes: object) -> tuple[RoundInstructions, dict[str, 
     return instructions, _initial_arrays(cfg, DIM)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(BAG_FILE_CASES))
 def test_a_round_skips_a_bad_bag_and_goes_on_with_the_other_slides(site: Path, name: str) -> None:
     """Train: slide_002 of the 4 training slides is bad; evaluate: slide_003 of the 2 val."""
@@ -836,6 +839,7 @@ def test_a_split_with_no_usable_bag_fails_the_round_naming_a_file(site: Path) ->
     )
 
 
+@pytest.mark.slow
 def test_dp_sgd_accounts_for_the_slides_actually_trained_on(site: Path) -> None:
     """q = batch / N with N the usable slides (3, not the 4 of the index): a larger N would
     understate ε. A retry after the file was fixed trains on other data, so it is a new

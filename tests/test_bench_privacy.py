@@ -61,6 +61,7 @@ def _bags(n: int, dim: int, seed: int, split: str) -> list[Bag]:
     return bags
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_torch_thread")
 @pytest.mark.parametrize("bf16_fast", [True, False])
 def test_timing_interleaves_the_trainers_and_reports_the_plan(

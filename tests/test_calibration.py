@@ -182,6 +182,7 @@ def _shifted_site(root: Path, shift: float) -> None:
     (root / "train.toml").write_text(TOML, encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_local_train_calibrates_a_shifted_site_and_eval_applies_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -214,6 +215,7 @@ def test_local_train_calibrates_a_shifted_site_and_eval_applies_it(
     assert all(r["prob_tumour"] != r["raw_prob_tumour"] for r in rows)
 
 
+@pytest.mark.slow
 def test_eval_of_a_model_saved_without_calibration_says_it_is_uncalibrated(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

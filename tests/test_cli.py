@@ -45,6 +45,7 @@ def test_bad_config_file_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "tissue.threshold: unknown setting" in out
 
 
+@pytest.mark.slow
 def test_unknown_encoder_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     slide = tmp_path / "s"
     code, _ = _run(["synth", "slide", str(slide), "--width", "1024", "--height", "1024"], capsys)
@@ -67,6 +68,7 @@ def test_unknown_encoder_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "no_such_encoder" in out
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_prepare_exit_1_when_a_slide_fails(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

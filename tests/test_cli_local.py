@@ -90,6 +90,7 @@ def _make_site(root: Path, *, with_site_json: bool = True) -> list[dict[str, str
     return rows
 
 
+@pytest.mark.slow
 def test_local_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, run = tmp_path / "site", tmp_path / "run"
     rows = _make_site(data)
@@ -139,6 +140,7 @@ def test_local_train_then_eval(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert patch["n_tumour"] == 25 // 3
 
 
+@pytest.mark.slow
 def test_eval_all_scores_every_slide(tmp_path: Path) -> None:
     data, run = tmp_path / "site", tmp_path / "run"
     _make_site(data)
@@ -196,6 +198,7 @@ def test_eval_reports_each_slide_as_it_is_scored(tmp_path: Path) -> None:
     assert [p.slide_id for p in result.predictions] == [s for s, _ in seen]
 
 
+@pytest.mark.slow
 def test_eval_shows_a_progress_bar(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data, run = tmp_path / "site", tmp_path / "run"
     _make_site(data)
@@ -229,6 +232,7 @@ def test_diverged_training_fails_and_saves_no_model(
     assert not (run / "model.pt").exists()
 
 
+@pytest.mark.slow
 def test_a_model_that_cannot_be_written_is_one_error_line(tmp_path: Path) -> None:
     """A full disk at model.pt was torch's traceback ("RuntimeError: … unexpected pos …")
     after the whole training; now one line naming the file and the OS error, exit 2."""
@@ -258,6 +262,7 @@ def test_a_model_that_cannot_be_written_is_one_error_line(tmp_path: Path) -> Non
     assert sorted(p.name for p in run.iterdir()) == ["metrics.jsonl"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_train_says_which_epoch_was_kept_and_why(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -291,6 +296,7 @@ def test_train_says_which_epoch_was_kept_and_why(
     assert "best epoch" not in out
 
 
+@pytest.mark.slow
 def test_eval_of_slides_that_were_not_held_out_says_so(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

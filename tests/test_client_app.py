@@ -137,6 +137,7 @@ def _dp_message(server_round: int, run_config: dict) -> Message:
     return Message(content, dst_node_id=7, message_type=MessageType.TRAIN)
 
 
+@pytest.mark.slow
 def test_dp_train_reply_reports_epsilon_and_keeps_the_history_in_context_state(
     tmp_path: Path,
 ) -> None:
@@ -340,6 +341,7 @@ print(" ".join(heavy))
 '''
 
 
+@pytest.mark.slow
 def test_the_forwarding_message_process_imports_no_torch_nor_the_handlers(
     tmp_path: Path,
 ) -> None:

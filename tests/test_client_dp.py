@@ -399,6 +399,7 @@ def _dp_cfg(tmp_path: Path, **overrides: object) -> RunConfig:
     return RunConfig.from_run_config({**base, **overrides})
 
 
+@pytest.mark.slow
 def test_two_round_run_with_client_level_dp_states_its_guarantee(site_dirs, tmp_path) -> None:
     run_dir = run_federated(_dp_grid(site_dirs), _dp_cfg(tmp_path), flwr_run_id=5)
     rounds = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -422,6 +423,7 @@ def test_two_round_run_with_client_level_dp_states_its_guarantee(site_dirs, tmp_
     assert "ε of the federation by round" in page and "opacus-rdp" in page
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_federations_epsilon(site_dirs, tmp_path) -> None:
     """Every site is silent in round 3, so the run fails after 2 rounds; the resume must add
     round 3 to the ε of rounds 1-2 (from the checkpoint), not start the accountant at 0."""

@@ -145,11 +145,13 @@ def _schema_check(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_compose_file_validates_against_the_compose_specification_schema() -> None:
     done = _schema_check(COMPOSE)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_the_schema_check_refuses_a_misspelt_key(tmp_path: Path) -> None:
     done = _schema_check(_broken_copy(tmp_path))
     assert done.returncode != 0 and "restrat" in done.stdout + done.stderr
@@ -169,6 +171,7 @@ def _compose_tool() -> list[str]:
     pytest.skip(message)
 
 
+@pytest.mark.slow
 def test_docker_compose_config_accepts_the_file_and_refuses_a_mistake(tmp_path: Path) -> None:
     tool = _compose_tool()
     done = subprocess.run(

@@ -49,6 +49,7 @@ def _lines(text: str) -> list[str]:
 # -- status: unreachable SuperLink (point 7) -------------------------------------------------
 
 
+@pytest.mark.slow
 def test_status_exits_1_with_one_line_when_the_superlink_is_unreachable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

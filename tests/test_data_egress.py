@@ -94,6 +94,7 @@ def test_policy_names_every_identifying_string_of_the_manifests(sites: dict[str,
             assert Path(row["features"]).name in policy.forbidden
 
 
+@pytest.mark.slow
 def test_a_two_round_run_sends_only_parameters_and_allow_listed_aggregates(
     sites: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -93,6 +93,7 @@ tumour_fraction_range = [0.3, 0.5]
 """
 
 
+@pytest.mark.slow
 def test_test_outlines_become_patch_labels_of_the_test_split_only(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -140,6 +140,7 @@ def _torchvision_style_state(seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+@pytest.mark.slow
 def test_resnet50_trunc_loads_a_local_state_dict(tmp_path: Path) -> None:
     state = _torchvision_style_state()
     path = tmp_path / "resnet50.pth"

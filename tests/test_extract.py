@@ -243,6 +243,7 @@ def test_sink_errors_stop_the_readers(slide: WsiReader, tiny: LoadedEncoder) -> 
     assert _reader_threads_alive() == []
 
 
+@pytest.mark.slow
 def test_read_ahead_is_bounded(slide: WsiReader, tiny: LoadedEncoder) -> None:
     """Memory stays flat: readers never run more than queue_batches batches ahead."""
     plan = _plan(slide, 0.5, 128)

@@ -162,6 +162,7 @@ class _SuperLinkAnswersForDeadNodes:
         return errors + list(self.inner.pull_messages(message_ids))
 
 
+@pytest.mark.slow
 def test_a_superlink_error_for_a_dead_node_is_that_site_failing(
     tmp_path: Path, flower_task: None
 ) -> None:

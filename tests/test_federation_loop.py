@@ -63,6 +63,7 @@ def _rounds(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_full_run_writes_the_run_directory_contract(site_dirs, tmp_path, caplog) -> None:
     caplog.set_level(logging.INFO, logger="fedpath")
     run_dir = run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=3)
@@ -99,6 +100,7 @@ def test_full_run_writes_the_run_directory_contract(site_dirs, tmp_path, caplog)
     assert any("harmonisation passed" in m for m in messages)
 
 
+@pytest.mark.slow
 def test_a_silent_site_is_logged_and_asked_again(site_dirs, tmp_path) -> None:
     grid = _grid(site_dirs, c={1})
     run_dir = run_federated(grid, _cfg(tmp_path), flwr_run_id=3)
@@ -109,6 +111,7 @@ def test_a_silent_site_is_logged_and_asked_again(site_dirs, tmp_path) -> None:
     assert second["replied"] == ["site_a", "site_b", "site_c"]
 
 
+@pytest.mark.slow
 def test_too_few_replies_retry_then_fail_with_a_record(site_dirs, tmp_path) -> None:
     grid = _grid(site_dirs, a={2}, b={2}, c={2})
     cfg = _cfg(tmp_path, **{"max-round-attempts": 2})
@@ -121,6 +124,7 @@ def test_too_few_replies_retry_then_fail_with_a_record(site_dirs, tmp_path) -> N
     assert "max-round-attempts" in final["reason"]
 
 
+@pytest.mark.slow
 def test_min_fit_fraction_one_fails_a_round_with_one_silent_site(
     site_dirs, tmp_path, caplog
 ) -> None:
@@ -148,6 +152,7 @@ def test_harmonisation_mismatch_stops_before_round_one(site_dirs, tmp_path) -> N
     assert not (tmp_path / "runs" / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_too_few_sites_connected_is_a_bounded_failure(site_dirs, tmp_path) -> None:
     grid = _grid({"a": site_dirs["a"]})
     with pytest.raises(RunFailed, match="only 1 site"):
@@ -190,6 +195,7 @@ def test_resume_gives_the_same_final_model_as_an_uninterrupted_run(
     assert json.loads((broken_dir / "final.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_corrupted_checkpoint(site_dirs, tmp_path) -> None:
     run_dir = run_federated(_grid(site_dirs), _cfg(tmp_path), flwr_run_id=1)
     latest_checkpoint(run_dir).write_bytes(b"not a checkpoint")
@@ -197,6 +203,7 @@ def test_resume_refuses_a_corrupted_checkpoint(site_dirs, tmp_path) -> None:
         run_federated(_grid(site_dirs), _cfg(tmp_path, resume=str(run_dir)), flwr_run_id=2)
 
 
+@pytest.mark.slow
 def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path, caplog) -> None:
     """Slide-level DP-SGD: site_c's budget covers one round (6 training slides, expected
     batch 2: q = 1/3, 3 steps a round), so from round 2 it answers "budget exhausted", is not
@@ -251,6 +258,7 @@ def test_a_site_out_of_privacy_budget_is_left_out_and_the_run_goes_on(tmp_path, 
     assert "privacy budget exhausted" in (run_dir / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_the_serverapp_logs_what_fedpath_run_reads_on_flowers_logger(site_dirs, tmp_path) -> None:
     """``flwr log`` shows Flower's logger: the ServerApp forwards the round loop's records
     there as ``[fedpath] `` lines, where ``fedpath run`` finds the run directory and

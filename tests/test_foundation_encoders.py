@@ -467,6 +467,7 @@ def test_virchow2_output_is_class_token_and_mean_of_patch_tokens() -> None:
 # --- the lead's inference paths: TorchScript trace and ONNX export ---------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name",
     [

@@ -51,6 +51,7 @@ def _pipeline_output(tmp_path: Path) -> dict[str, object]:
     }
 
 
+@pytest.mark.slow
 def test_tiny_slide_matches_golden(tmp_path: Path) -> None:
     got = _pipeline_output(tmp_path)
     if os.environ.get("FEDPATH_UPDATE_GOLDEN") == "1":

@@ -163,6 +163,7 @@ def _picture(top: int, patch_labels: bool = True) -> HeatmapPicture:
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("top", [0, 3, 8])
 def test_render_has_the_announced_size(top: int) -> None:
     cfg = HeatmapConfig(top_k=top, width_px=1200)

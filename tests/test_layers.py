@@ -46,12 +46,14 @@ def _add_import(tree: Path, module: str, statement: str) -> None:
     path.write_text(path.read_text(encoding="utf-8") + f"\n{statement}\n", encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_the_tree_keeps_every_contract(tmp_path: Path) -> None:
     done = _lint(_copy(tmp_path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 kept, 0 broken" in done.stdout, done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("module", "statement", "named"),
     [

@@ -96,6 +96,7 @@ def test_three_class_auc_is_macro_one_vs_rest() -> None:
     assert m.auc.value == pytest.approx(sum(per_class) / 3)
 
 
+@pytest.mark.slow
 def test_intervals_contain_the_estimate_and_are_deterministic() -> None:
     rng = np.random.default_rng(11)
     y = rng.integers(0, 2, size=60)
@@ -145,6 +146,7 @@ def test_the_minimum_is_per_class_not_per_set() -> None:
     assert slide_metrics(y10, _binary_probs(p1.tolist()), bootstrap=50).auc.has_interval
 
 
+@pytest.mark.slow
 def test_a_perfect_auc_on_ten_per_class_has_a_real_lower_bound() -> None:
     """At AUC 1 the bootstrap and the Wald interval collapse to 1 – 1; the score one does not.
 
@@ -193,6 +195,7 @@ def test_threshold_brier_and_ece() -> None:
     assert tuned.recall[0].value == 1.0 and tuned.recall[1].value == 1.0
 
 
+@pytest.mark.slow
 def test_wider_ci_level_gives_wider_interval() -> None:
     y = np.tile(Y3, 4)
     p = np.tile(P3, (4, 1))  # 16 slides of each class
@@ -204,6 +207,7 @@ def test_wider_ci_level_gives_wider_interval() -> None:
     assert m90.auc.method == "bootstrap percentile"  # macro one-vs-rest: no analytic interval
 
 
+@pytest.mark.slow
 def test_bootstrap_skips_single_class_resamples_for_auc_only() -> None:
     y = np.array([0] * 10 + [1] * 10 + [2] * 10)
     p = np.tile(P3[:10], (3, 1))

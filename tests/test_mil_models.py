@@ -386,6 +386,7 @@ def _train(
     return losses, out.attention
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_learns_a_synthetic_task_and_attends_to_the_shifted_patches(kind: str) -> None:
     """Five initialisations: the loss always falls, attention finds the evidence in most.

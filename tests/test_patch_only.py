@@ -88,6 +88,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Synt
     return root / "slides.csv", slides
 
 
+@pytest.mark.slow
 def test_patch_only_cuts_labels_and_draws_qc_without_torch(
     site: tuple[Path, dict[str, SynthSlide]], tmp_path: Path
 ) -> None:
@@ -137,6 +138,7 @@ def test_patch_only_cuts_labels_and_draws_qc_without_torch(
     assert rc == 2 and "holds patches only" in output and "without --patch-only" in output
 
 
+@pytest.mark.slow
 def test_prepare_embeds_the_patch_only_patches_without_cutting_again(
     site: tuple[Path, dict[str, SynthSlide]], tmp_path: Path
 ) -> None:
@@ -170,6 +172,7 @@ def test_prepare_embeds_the_patch_only_patches_without_cutting_again(
     assert reused.records[0].reused == ("patches", "features")
 
 
+@pytest.mark.slow
 def test_changed_patching_settings_cut_the_patches_again(
     site: tuple[Path, dict[str, SynthSlide]], tmp_path: Path
 ) -> None:
@@ -194,6 +197,7 @@ def test_changed_patching_settings_cut_the_patches_again(
         assert fh["coords"].shape[0] == before
 
 
+@pytest.mark.slow
 def test_patches_of_another_slide_file_or_an_older_fedpath_are_cut_again(
     site: tuple[Path, dict[str, SynthSlide]], tmp_path: Path
 ) -> None:
@@ -217,6 +221,7 @@ def test_patches_of_another_slide_file_or_an_older_fedpath_are_cut_again(
     assert "slide file changed" in normal_status["why_patches_cut"]
 
 
+@pytest.mark.slow
 def test_demo_refuses_a_patch_only_config(tmp_path: Path) -> None:
     config = tmp_path / "prepare.toml"
     config.write_text("patch_only = true\n")

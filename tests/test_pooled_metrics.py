@@ -56,6 +56,7 @@ def _scored(sites: dict[str, Path], cfg: RunConfig, run_dir: Path) -> dict[str, 
     return out
 
 
+@pytest.mark.slow
 def test_global_test_is_over_all_slides_and_patches_and_calibrated(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

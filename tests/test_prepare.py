@@ -153,6 +153,7 @@ def test_patches_agree_with_ground_truth(prepared: Path, site: dict[str, SynthSl
         assert (bag.patch_labels == 1).sum() > 0
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_slides_and_redoes_changed_ones(
     site: dict[str, SynthSlide], tmp_path: Path
 ) -> None:
@@ -206,6 +207,7 @@ def _tiff_with_corrupt_tile(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 def test_bad_slides_are_reported_skipped_and_leave_nothing(
     site: dict[str, SynthSlide], tmp_path: Path
 ) -> None:

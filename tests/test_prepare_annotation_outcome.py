@@ -185,6 +185,7 @@ def test_slide_label_only_keeps_the_slide_without_patch_labels_and_says_so(
     assert site_json["slides"]["with_patch_labels"] == 2  # tumour_point, normal_stroma
 
 
+@pytest.mark.slow
 def test_tumour_classes_option_and_toml_setting(
     site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

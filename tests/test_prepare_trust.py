@@ -92,6 +92,7 @@ class _SampleCounter:
 # ---------------------------------------------------------------- 2: changed slides
 
 
+@pytest.mark.slow
 def test_a_slide_changed_with_size_and_mtime_kept_is_prepared_again(
     tmp_path: Path, slides: tuple[Path, list[SynthSlide]]
 ) -> None:
@@ -123,6 +124,7 @@ def test_a_slide_changed_with_size_and_mtime_kept_is_prepared_again(
     )
 
 
+@pytest.mark.slow
 def test_unchanged_copied_and_touched_slides_are_reused(
     tmp_path: Path, slides: tuple[Path, list[SynthSlide]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -177,6 +179,7 @@ def test_a_mirax_slide_is_fingerprinted_with_its_data_folder(tmp_path: Path) -> 
 # ---------------------------------------------------------------- 3: the record of the work
 
 
+@pytest.mark.slow
 def test_a_rerun_keeps_the_record_of_the_run_that_did_the_work(
     tmp_path: Path,
     slides: tuple[Path, list[SynthSlide]],
@@ -335,6 +338,7 @@ def test_a_status_file_that_cannot_be_written_fails_its_slide(
     assert not (out / "prepared.csv").read_text().strip().split("\n")[1:]
 
 
+@pytest.mark.slow
 def test_a_slide_that_changes_while_it_is_prepared_fails_and_leaves_no_outputs(
     tmp_path: Path, slides: tuple[Path, list[SynthSlide]], monkeypatch: pytest.MonkeyPatch
 ) -> None:

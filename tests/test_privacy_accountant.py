@@ -41,6 +41,7 @@ def test_rdp_matches_the_design_references_within_one_percent(
     )
 
 
+@pytest.mark.slow
 def test_prv_is_a_tighter_accountant_of_the_same_history() -> None:
     history = _dp_sgd(300, 16, 1.0, 50)
     prv = epsilon(history, 1e-5, "prv")
@@ -56,6 +57,7 @@ def test_composition_grows_strictly_and_beats_adding_epsilons() -> None:
     assert math.isinf(epsilon([Mechanism(0.0, 0.1, 10)], 1e-5)), "no noise, no guarantee"
 
 
+@pytest.mark.slow
 def test_solved_sigma_reaches_the_target() -> None:
     sigma = solve_noise_multiplier(8.0, 1e-5, 16 / 300, 950)
     assert 7.9 < epsilon([Mechanism(sigma, 16 / 300, 950)], 1e-5) <= 8.0
@@ -75,6 +77,7 @@ def test_sampling_plan_and_delta_checks() -> None:
         check_delta(0.0, 300)
 
 
+@pytest.mark.slow
 def test_the_cached_rdp_curve_is_opacus_rdp_accountant() -> None:
     from opacus.accountants import RDPAccountant
 
@@ -84,6 +87,7 @@ def test_the_cached_rdp_curve_is_opacus_rdp_accountant() -> None:
     assert epsilon(history, 1e-5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_solving_sigma_twice_for_one_plan_bisects_once() -> None:
     """A round's message plans its DP-SGD twice (budget check, trainer): one bisection."""
     from fedpath.client.training.privacy_accountant import solve_noise_multiplier

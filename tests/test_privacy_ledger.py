@@ -281,6 +281,7 @@ def _entry(run: str = "run-a") -> LedgerEntry:
     )  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_second_writer_waits_for_the_ledger_lock_then_records(
     site: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

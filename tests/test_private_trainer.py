@@ -296,6 +296,7 @@ def _history(result: PrivateTrainResult) -> list[tuple[float, float, int]]:
     return [(h.train_loss, h.val_loss, h.n_steps) for h in result.result.history]
 
 
+@pytest.mark.slow
 def test_bfloat16_dp_training_tracks_float32() -> None:
     """Same secret seed, so the same Poisson draws and the same noise: a bfloat16 DP-SGD run
     follows the float32 one epoch by epoch, and both learn the easy task."""
@@ -346,6 +347,7 @@ def test_auto_precision_is_the_plain_trainers_choice(monkeypatch: pytest.MonkeyP
         assert _history(auto) == _history(pinned)
 
 
+@pytest.mark.slow
 def test_private_training_is_reproducible_and_plans_its_steps() -> None:
     cfg = train_cfg(epochs=2)
     bags, val = TRAIN[:12], VAL[:4]
@@ -374,6 +376,7 @@ def test_without_a_secret_seed_two_runs_differ() -> None:
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_target_epsilon_solves_sigma_for_the_planned_rounds() -> None:
     dp = DPConfig(
         enabled=True, target_epsilon=4.0, expected_batch_slides=4, planned_rounds=5, delta=1e-3

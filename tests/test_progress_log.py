@@ -254,6 +254,7 @@ def _assert_log(text: str, manifest: Path) -> None:
     assert any(f"; see the reasons above and {status}. Fix them" in line for line in lines)
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_prepare_writes_plain_lines_when_stdout_is_not_a_terminal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -397,6 +398,7 @@ def test_a_terminal_keeps_its_bars_through_every_event() -> None:
     assert last.startswith("slides ") and " 2/2 " in last, last
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_a_real_run_reports_every_patch_it_embeds(tmp_path: Path) -> None:
     """The heartbeat's counts come from the pipeline's own callbacks: with no interval every
@@ -485,6 +487,7 @@ def test_a_real_aperio_slide_prepared_into_a_log(tmp_path: Path) -> None:
     assert finished.endswith(", 0.499 µm/px (slide)"), finished  # the scanner's own MPP
 
 
+@pytest.mark.slow
 @pytest.mark.integration
 def test_the_demo_says_which_hospital_its_totals_are_of(tmp_path: Path) -> None:
     """The demo printed each hospital's totals without its name, folded at 80 columns."""

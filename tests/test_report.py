@@ -239,6 +239,7 @@ def test_a_folder_without_config_or_final_is_not_a_run_directory(tmp_path: Path)
 # Report.
 
 
+@pytest.mark.slow
 def test_report_files_and_escaped_content(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run")
     page = render_report(run_dir)
@@ -264,6 +265,7 @@ def test_report_files_and_escaped_content(tmp_path: Path) -> None:
     assert not list(run_dir.rglob(".fedpath-tmp-*"))
 
 
+@pytest.mark.slow
 def test_report_without_privacy_or_final(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", privacy=False, final=False, rounds=2)
     text = render_report(run_dir).read_text(encoding="utf-8")
@@ -286,6 +288,7 @@ def test_report_before_any_round_and_into_another_folder(tmp_path: Path) -> None
     assert not (run_dir / "report.html").exists()
 
 
+@pytest.mark.slow
 def test_failed_run_shows_the_reason(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run")
     final = _final() | {
@@ -320,6 +323,7 @@ def test_run_that_never_started_reports_why(tmp_path: Path) -> None:
 # CLI.
 
 
+@pytest.mark.slow
 def test_cli_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = make_run(tmp_path / "run")
     assert main(["report", str(run_dir)]) == EXIT_OK
@@ -333,6 +337,7 @@ def test_cli_report_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["report", str(tmp_path / "missing")]) == EXIT_USAGE
 
 
+@pytest.mark.slow
 def test_resumed_run_with_a_redone_round_and_sparse_site_facts(tmp_path: Path) -> None:
     run_dir = make_run(tmp_path / "run", final=False)
     config = json.loads((run_dir / "config.json").read_text())
@@ -350,6 +355,7 @@ def test_matplotlib_text_is_literal() -> None:
     assert mpl_text("_hidden") == " _hidden"
 
 
+@pytest.mark.slow
 def test_client_level_guarantee_and_epsilon_by_round_are_rendered(tmp_path: Path) -> None:
     """final.json's guarantee (what the rounds delivered) wins over config.json's plan, and the
     federation's client-level ε appears per round in the privacy section."""
@@ -388,6 +394,7 @@ def test_client_level_guarantee_and_epsilon_by_round_are_rendered(tmp_path: Path
     assert "7.500" in text and "σ·C·max w" in text
 
 
+@pytest.mark.slow
 def test_skipped_slides_are_counted_per_site_and_round(tmp_path: Path) -> None:
     """Bags a site left out reach the report as counts and a warning (never as slide ids)."""
     run_dir = make_run(tmp_path / "run")
@@ -429,6 +436,7 @@ def _set_run_config(run_dir: Path, **changes: Any) -> None:
     (run_dir / "config.json").write_text(json.dumps(config), encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_report_is_one_file_that_opens_alone_and_names_no_local_path(tmp_path: Path) -> None:
     """Mailed on its own: every plot inside the page, nothing loaded from anywhere, and no
     absolute path of the machine that rendered it, although the run's own files name them."""
@@ -491,6 +499,7 @@ def _settings_in_effect(text: str) -> str:
     return text[start : text.index("</div></div>", start)]
 
 
+@pytest.mark.slow
 def test_settings_the_run_did_not_use_are_listed_apart_with_the_reason(tmp_path: Path) -> None:
     """FedAvg: no λ/β; DP off: no DP knobs; a federated round never stops early."""
     run_dir = make_run(tmp_path / "fedavg")
@@ -542,6 +551,7 @@ def test_every_axis_has_a_title_with_its_unit(tmp_path: Path) -> None:
             assert re.fullmatch(r".+ \(.+\)", ax.get_ylabel()), (plot.name, ax.get_ylabel())
 
 
+@pytest.mark.slow
 def test_final_table_shows_every_metric_key_of_final_json(tmp_path: Path) -> None:
     """Metrics and blocks added to final.json later (calibration, intervals, pooled counts)
     appear without a code change: headline metrics in the table, every key listed below it."""
@@ -587,6 +597,7 @@ SITES_ESCAPED = ["site_a", "&lt;b&gt;x&lt;/b&gt;", "site_c"]
 SCRIPT_SITE = "<script>alert(1)</script>"
 
 
+@pytest.mark.slow
 def test_a_site_named_as_a_script_is_escaped_by_the_template(tmp_path: Path) -> None:
     """Autoescape, not each caller, escapes every value: a site named as markup is text in every
     table, status and note that names it, and the page holds no script element."""
@@ -619,6 +630,7 @@ def test_a_site_named_as_a_script_is_escaped_by_the_template(tmp_path: Path) -> 
     assert SCRIPT_SITE in "".join(parsed.text), "the name reads as written"
 
 
+@pytest.mark.slow
 def test_the_report_data_modules_load_neither_matplotlib_nor_jinja2() -> None:
     """Computing what the report says is pure data: only ``plots`` draws, only ``page``
     renders HTML."""
@@ -633,6 +645,7 @@ def test_the_report_data_modules_load_neither_matplotlib_nor_jinja2() -> None:
     assert out.strip() == "[]", out
 
 
+@pytest.mark.slow
 def test_a_site_named_by_a_local_path_is_scrubbed_in_every_sentence(tmp_path: Path) -> None:
     """The path scrub reaches each value the page puts out, also the items of the sentences it
     assembles (the skipped-slides warning), not only table cells and settings."""

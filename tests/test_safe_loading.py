@@ -354,6 +354,7 @@ def audit_source(path: Path, rel: str) -> list[str]:
     return problems
 
 
+@pytest.mark.slow
 def test_no_source_file_unpickles() -> None:
     problems: list[str] = []
     checked = 0

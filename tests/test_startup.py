@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fedpath.deploy.cli import build_parser
 from tests.test_patch_only import run_cli_probe
 
@@ -56,6 +58,7 @@ def test_importing_the_cli_imports_nothing_heavy() -> None:
     assert not loaded & {*HEAVY, *COMMAND_MODULES, "numpy", "pydantic", "rich"}
 
 
+@pytest.mark.slow
 def test_no_model_commands_start_without_torch_or_flower(tmp_path: Path) -> None:
     rc, heavy, output = run_cli_probe("privacy", str(tmp_path))
     assert rc == 2 and "no privacy ledger" in output, output
@@ -86,6 +89,7 @@ def _command_help(parser: argparse.ArgumentParser) -> list[tuple[str, str | None
     return [(action.dest, action.help) for action in sub._choices_actions]
 
 
+@pytest.mark.slow
 def test_the_lazy_command_list_is_the_real_one() -> None:
     """The names and help ``fedpath --help`` lists without importing the command modules are
     the ones those modules register."""

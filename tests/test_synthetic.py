@@ -119,6 +119,7 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Generated:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_slide_and_masks(generated: Generated) -> None:
     a, b = generated.first, generated.again
     assert np.array_equal(_level0(a), _level0(b))
@@ -159,6 +160,7 @@ def test_openslide_reads_pyramid_with_mpp_and_objective(generated: Generated) ->
         assert x_res[0] / x_res[1] == pytest.approx(1e4 / 0.5)
 
 
+@pytest.mark.slow
 def test_larger_slide_gets_more_levels_each_four_times_smaller(tmp_path: Path) -> None:
     cfg = SMALL.model_copy(update={"width_px": 4608, "height_px": 1024, "tumour_fraction": 0.0})
     slide = generate_slide(tmp_path, "wide", cfg, seed=3)
@@ -225,6 +227,7 @@ def _haematoxylin(rgb: np.ndarray, stain: StainConfig) -> np.ndarray:
     return conc[:, 0]
 
 
+@pytest.mark.slow
 def test_tumour_is_darker_and_more_haematoxylin_than_normal(generated: Generated) -> None:
     slide = generated.first
     rgb = _level0(slide)
@@ -359,6 +362,7 @@ def test_islands_inside_holes_are_dropped() -> None:
     assert cleaned[1:3, 27:29].all() and cleaned[5, 5:25].all()
 
 
+@pytest.mark.slow
 def test_partial_annotation_outlines_fewer_regions(tmp_path: Path) -> None:
     cfg = SMALL.model_copy(
         update={"tumour_fraction": 0.12, "tumour_foci": 5, "annotated_region_fraction": 0.4}
@@ -668,6 +672,7 @@ def test_regenerating_a_smaller_site_removes_stale_files(cohort_dirs: list[Path]
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_infiltrating_tumour_changes_only_tumour_pixels_and_keeps_the_truth(
     generated: Generated, tmp_path: Path
 ) -> None:
@@ -751,6 +756,7 @@ def test_low_grade_mask_takes_the_requested_share_in_contiguous_areas() -> None:
     assert not low_grade_mask(np.random.default_rng(3), tumour, 0.0, sigma_px=8.0).any()
 
 
+@pytest.mark.slow
 def test_low_grade_changes_only_tumour_pixels_is_deterministic_and_keeps_the_truth(
     generated: Generated, tmp_path: Path
 ) -> None:
@@ -786,6 +792,7 @@ def test_low_grade_changes_only_tumour_pixels_is_deterministic_and_keeps_the_tru
     assert _haematoxylin(b[deep_low], stain).mean() < _haematoxylin(a[deep_low], stain).mean() - 0.1
 
 
+@pytest.mark.slow
 def test_low_grade_on_a_normal_slide_changes_nothing(tmp_path: Path) -> None:
     normal = SMALL.model_copy(update={"tumour_fraction": 0.0})
     with_option = normal.model_copy(update={"low_grade_share_range": (0.3, 0.6)})
@@ -825,6 +832,7 @@ def _nuclear_haematoxylin(bank: TextureBank) -> float:
     return float(haem[nuclei].mean())
 
 
+@pytest.mark.slow
 def test_mimic_bank_shares_the_low_grade_architecture_with_darker_smaller_nuclei() -> None:
     """The mimic's bank is a fourth seed child: every other bank keeps its bytes. Its nuclei
     are the dark, small benign ones (darker than the low-grade bank's pale vesicular nuclei),
@@ -887,6 +895,7 @@ def _retextured(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
     return float((np.abs(a[inside].astype(int) - b[inside].astype(int)).max(axis=1) > 20).mean())
 
 
+@pytest.mark.slow
 def test_mimic_changes_only_normal_tissue_and_keeps_the_truth(
     generated: Generated, tmp_path: Path
 ) -> None:
@@ -924,6 +933,7 @@ def test_mimic_changes_only_normal_tissue_and_keeps_the_truth(
     assert _retextured(a, b, mimic) > 0.3
 
 
+@pytest.mark.slow
 def test_mimic_appears_on_normal_slides_in_the_requested_share(tmp_path: Path) -> None:
     """A normal slide gets the mimic too (else the mimic would itself be normal-slide
     evidence); it stays a normal slide with an empty tumour mask and no outlines."""
@@ -964,6 +974,7 @@ def test_mimic_default_is_off_and_bounds_are_checked(generated: Generated, tmp_p
     assert SynthSlideConfig(mimic_share_range=(0.5, 0.5)).mimic_share_range == (0.5, 0.5)
 
 
+@pytest.mark.slow
 def test_tumour_slides_can_carry_more_mimic_than_normal_slides(tmp_path: Path) -> None:
     """``tumour_slide_mimic_share_range`` sets the mimic's share on tumour slides only (a
     field effect the slide label goes with); normal slides keep ``mimic_share_range``, here
@@ -998,6 +1009,7 @@ def test_tumour_slides_can_carry_more_mimic_than_normal_slides(tmp_path: Path) -
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("field", "what", "tumour_share", "labels"),
     [

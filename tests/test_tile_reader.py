@@ -83,6 +83,7 @@ def assert_matches_openslide(reader: WsiReader, level: int, tol: float = 1.0) ->
         assert diff.mean() <= tol, (location, size, diff.mean(), diff.max())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compression", ["jpeg", "zlib"])
 @pytest.mark.parametrize("aperio", [False, True])
 def test_generic_pyramid_matches_openslide(tmp_path: Path, compression: str, aperio: bool) -> None:
@@ -138,6 +139,7 @@ def test_view_reads_share_the_cached_tile_read_only(tmp_path: Path) -> None:
         np.testing.assert_array_equal(spanning, rgb[500:628, 200:328])
 
 
+@pytest.mark.slow
 def test_synthetic_slide_matches_openslide(tmp_path: Path) -> None:
     cfg = SynthSlideConfig(width_px=2048, height_px=1536)
     slide = generate_slide(tmp_path, "synth", cfg, seed=3)
@@ -181,6 +183,7 @@ def test_fractional_level_location_falls_back_to_openslide(tmp_path: Path) -> No
     assert level_origin((-600, 600), 2.0) == (-300, 300)
 
 
+@pytest.mark.slow
 def test_concurrent_reads_equal_serial(tmp_path: Path) -> None:
     path = write_pyramid(tmp_path / "s.tif", textured(), compression="jpeg")
     with WsiReader(path) as reader:

@@ -32,6 +32,7 @@ def _no_time(history: list[EpochMetrics]) -> list[EpochMetrics]:
     return [replace(m, seconds=0.0) for m in history]
 
 
+@pytest.mark.slow
 def test_learns_easy_task_and_reports_each_epoch() -> None:
     seen: list[EpochMetrics] = []
     result = train(toy_model(), TRAIN, VAL, train_cfg(), on_epoch=seen.append)
@@ -51,6 +52,7 @@ def test_learns_easy_task_and_reports_each_epoch() -> None:
     )
 
 
+@pytest.mark.slow
 def test_deterministic_for_a_seed_and_leaves_global_rng_alone() -> None:
     model = toy_model()
     torch.manual_seed(123)
@@ -66,6 +68,7 @@ def test_deterministic_for_a_seed_and_leaves_global_rng_alone() -> None:
     assert any(not torch.equal(sa[k], sc[k]) for k in sa)
 
 
+@pytest.mark.slow
 def test_start_epoch_continues_the_same_streams() -> None:
     """Epoch e draws from (seed, e) only: a lone epoch-2 call matches epoch 2 of a longer run
     started from the same weights with a fresh optimiser (what a federated round does)."""
@@ -80,6 +83,7 @@ def test_start_epoch_continues_the_same_streams() -> None:
     assert _no_time(resumed.history) == _no_time(direct.history)
 
 
+@pytest.mark.slow
 def test_lr_zero_stops_after_patience_plus_one_epochs() -> None:
     result = train(toy_model(), TRAIN, VAL, train_cfg(epochs=10, lr=0.0, patience=2))
     losses = [m.val_loss for m in result.history]
@@ -87,11 +91,13 @@ def test_lr_zero_stops_after_patience_plus_one_epochs() -> None:
     assert result.stopped_early and result.best_epoch == 0
 
 
+@pytest.mark.slow
 def test_min_epochs_delays_stopping() -> None:
     result = train(toy_model(), TRAIN, VAL, train_cfg(epochs=10, lr=0.0, patience=2, min_epochs=5))
     assert len(result.history) == 5 and result.stopped_early
 
 
+@pytest.mark.slow
 def test_early_stopping_restores_best_weights() -> None:
     """Validation labels are flipped, so learning the task makes validation loss rise: the
     best epoch is an early one and its weights, not the last ones, come back."""
@@ -260,6 +266,7 @@ def test_auto_precision_on_a_gpu_is_its_native_low_precision(
     assert resolve_precision("auto", torch.device("mps")) == "float32"
 
 
+@pytest.mark.slow
 def test_bfloat16_training_tracks_float32() -> None:
     """bfloat16 autocast covers the per-patch layers only: outputs that feed the losses stay
     float32, and a short run learns the same as in float32."""
@@ -282,6 +289,7 @@ def test_bfloat16_training_tracks_float32() -> None:
     assert bf16.history[-1].val_auc >= 0.9
 
 
+@pytest.mark.slow
 def test_step_size_scales_with_the_slides_of_a_step() -> None:
     """lr is per slide (CLAM's one slide per step); a pair per step takes a larger step."""
     assert step_lr(train_cfg(lr=1e-3), 2) == pytest.approx(1e-3 * math.sqrt(2))
@@ -450,6 +458,7 @@ def test_stopping_loss_weighs_patches_only_when_asked_in_mixed_mode() -> None:
         train_cfg(stopping_loss="attention")
 
 
+@pytest.mark.slow
 def test_supervised_stopping_keeps_the_epoch_the_patches_were_learnt() -> None:
     """Validation slide labels flipped, patch labels right: the slide loss is lowest early,
     so the default keeps an early epoch; the supervised loss (bag weight 0.2 here) goes by the
@@ -499,6 +508,7 @@ def test_max_train_patches_zero_means_every_patch_and_negatives_are_refused() ->
         TrainConfig(max_train_patches=-5)
 
 
+@pytest.mark.slow
 def test_a_cap_above_every_slide_trains_exactly_as_every_patch() -> None:
     """Sampling has its own random stream: runs on small slides are what they were."""
     runs = {

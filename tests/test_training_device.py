@@ -69,6 +69,7 @@ def _train_argv(data: Path, run: Path, *more: str) -> list[str]:
 # --- local train / eval / heatmaps -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_local_train_and_eval_say_which_device_ran(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], no_gpu: None, device: str
@@ -451,6 +452,7 @@ def _out_of_memory(*args: Any, **kwargs: Any) -> Any:
     raise torch.OutOfMemoryError(OOM)
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_local_train_and_eval_is_one_error_line(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -253,6 +253,7 @@ def test_handle_request_maps_errors_like_the_message_process() -> None:
     assert "protocol" in handle_request(header, blobs, handlers)[0]["message"]
 
 
+@pytest.mark.slow
 def test_after_a_message_the_collector_walks_only_what_the_next_one_creates() -> None:
     """A full collection walked torch's ~380,000 import-time objects after every message
     (~220 ms of CPU per message); they are frozen now, and a message's cycles still go."""
