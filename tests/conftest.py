@@ -65,3 +65,27 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+LONGEST_FILES = (
+    "tests/test_faults.py",
+    "tests/test_cli.py",
+    "tests/test_deployment.py",
+    "tests/test_cli_coordinator.py",
+    "tests/test_coordinator_truth.py",
+    "tests/test_security.py",
+    "tests/test_reverse_proxy.py",
+    "tests/test_simulate.py",
+    "tests/test_load.py",
+    "tests/test_golden.py",
+)
+"""The files whose tests run longest (real Flower processes, the demo, large real slides),
+longest first, as measured with ``--durations`` on the 2-core CI machine."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first, each file's tests together and in their own order: with
+    pytest-xdist's ``--dist loadfile`` (as scripts/test.sh runs) they start at once instead of
+    ending the run on one worker, and a module-scoped fixture is built once."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
