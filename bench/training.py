@@ -42,7 +42,7 @@ from fedpath.client.training.bags import Bag, collate, load_bag
 from fedpath.client.training.site_index import BagEntry
 from fedpath.client.training.trainer import (
     EpochMetrics,
-    _epoch_seeds,
+    epoch_seeds,
     evaluate,
     resolve_precision,
     step_lr,
@@ -70,7 +70,7 @@ def clam_epoch(
     both arms see the same slides in the same order; dropout and instance sampling are seeded
     per epoch as the trainer does. Returns the mean total loss and the number of steps.
     """
-    np_seed, torch_seed, gen_seed = _epoch_seeds(cfg.seed, epoch)
+    np_seed, torch_seed, gen_seed = epoch_seeds(cfg.seed, epoch)
     labels = np.asarray([b.entry.label for b in bags], dtype=np.int64)
     annotated = np.asarray([b.patch_labels is not None for b in bags], dtype=bool)
     rng = np.random.default_rng(np_seed)

@@ -229,10 +229,7 @@ class EmbeddingConfig(StrictModel):
         8,
         ge=1,
         le=4096,
-        description=(
-            "patches per encoder call; small batches stay in cache and are faster on CPU "
-            "with the traced encoder (measured: bench/embedding.py)"
-        ),
+        description=("patches per encoder call (on a GPU, unless set: sized to its free memory)"),
     )
     reader_threads: int = Field(
         2, ge=1, le=256, description="patch readers (on a GPU, unless set: every core but one)"
@@ -275,9 +272,8 @@ class EmbeddingConfig(StrictModel):
     jit: bool = Field(
         True,
         description=(
-            "trace and freeze the encoder (TorchScript with oneDNN graph fusion) before "
-            "extraction: about 1.5-2x faster on CPU after a few seconds of warm-up per process; "
-            "falls back to eager PyTorch when the model cannot be traced faithfully"
+            "trace and freeze the encoder (TorchScript) before extraction; eager PyTorch "
+            "when the model cannot be traced faithfully"
         ),
     )
 

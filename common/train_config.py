@@ -28,10 +28,7 @@ class TrainConfig(StrictModel):
     )
     lr_scaling: Literal["sqrt", "linear", "none"] = Field(
         "sqrt",
-        description="step size = lr x sqrt(k), lr x k or lr for a step of k slides: a normal + "
-        "tumour pair per step takes half as many Adam steps per epoch as CLAM's loop and "
-        "without scaling falls behind it at equal epochs; sqrt kept up in bench/training.py, "
-        "linear overshot",
+        description="step size for a step of k slides: lr x sqrt(k), lr x k, or lr unchanged",
     )
     weight_decay: float = Field(1e-5, ge=0, description="Adam (L2) weight decay")
     patience: int = Field(
@@ -39,13 +36,9 @@ class TrainConfig(StrictModel):
     )
     stopping_loss: Literal["slide", "supervised", "patch"] = Field(
         "slide",
-        description="validation loss that early stopping and the best epoch go by: slide = "
-        "the slide CE (CLAM, DESIGN §4.4); supervised = c_bag x slide CE + (1 - c_bag) x "
-        "patch CE on the validation slides with patch labels; patch = that patch CE alone "
-        "(localisation first: the slide CE often reaches its minimum once slides are told "
-        "apart, long before the instance classifier has learnt the patches). supervised and "
-        "patch apply in mixed mode only; weak mode and slide-label-only validation sets fall "
-        "back to the slide CE",
+        description="validation loss for early stopping and the best epoch: slide CE, "
+        "supervised (c_bag x slide CE + (1 - c_bag) x patch CE) or patch CE; the last two in "
+        "mixed mode with labelled validation patches only, else the slide CE",
     )
     min_epochs: int = Field(
         50,
@@ -63,18 +56,14 @@ class TrainConfig(StrictModel):
     )
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="per-patch layers under bfloat16 autocast, or float32; auto = bfloat16 on a "
-        "CPU with AMX (where it is several times faster) and on a GPU with native bfloat16, "
-        "float16 with loss scaling on an older CUDA GPU (float32 under DP-SGD), float32 "
-        "anywhere else; the site's device decides, the setting only says auto or which",
+        description="per-patch layers in bfloat16 autocast or float32; auto: the device's fast "
+        "low precision (AMX CPU or GPU; float16 with loss scaling on older GPUs), else float32",
     )
     max_train_patches: int | None = Field(
         2048,
         ge=1,
-        description="patches a training step takes from a larger slide, drawn at random and "
-        "afresh every epoch (STAMP trains on 512): the per-patch layers are an epoch's cost; "
-        "validation and inference use every patch; 0 or None = every patch (a tumour of "
-        "a handful of patches in a huge slide is then never left out of a step)",
+        description="patches a training step draws afresh each epoch from a larger slide "
+        "(validation and inference use every patch); 0 or None = every patch",
     )
     max_batch_patches: int = Field(
         8192,

@@ -24,7 +24,7 @@ from fedpath.server.rounds import Federation, RunFailed, harmonised_summary
 from fedpath.server.run_log import FINAL_FILE, METRICS_FILE, RUN_DIR_PREFIX, RunLog
 from fedpath.server.strategies import FedAvgStrategy, build_strategy
 
-__all__ = ["RunFailed", "build_run_strategy", "resolve_run_dir", "run_federated"]
+__all__ = ["RunFailed", "build_run_strategy", "initial_arrays", "resolve_run_dir", "run_federated"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def resolve_run_dir(cfg: RunConfig, flwr_run_id: int) -> Path:
     return (cfg.runs_root() / (cfg.run_name or f"flwr-{flwr_run_id}")).resolve()
 
 
-def _initial_arrays(cfg: RunConfig, feature_dim: int) -> dict[str, np.ndarray]:
+def initial_arrays(cfg: RunConfig, feature_dim: int) -> dict[str, np.ndarray]:
     """The seeded initial global model (every site starts from these exact weights)."""
     import torch
 
@@ -113,7 +113,7 @@ def run_federated(
     completed = 0
     try:
         federation.gate()
-        start_round, arrays = 1, _initial_arrays(cfg, federation.feature_dim())
+        start_round, arrays = 1, initial_arrays(cfg, federation.feature_dim())
         if cfg.resume:
             start_round, arrays = _resume_state(run_dir, log, arrays, strategy)
         else:

@@ -12,7 +12,7 @@ import json
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedpath.server.config import RunConfig
-from fedpath.server.federated_run import _initial_arrays
+from fedpath.server.federated_run import initial_arrays
 
 
 def round_message(
@@ -20,7 +20,7 @@ def round_message(
 ) -> Message:
     """A ``kind`` (train / evaluate) message of round ``server_round`` with a fresh model."""
     cfg = RunConfig(local_epochs=1)
-    arrays = _initial_arrays(cfg, feature_dim)
+    arrays = initial_arrays(cfg, feature_dim)
     instructions = {
         "server_round": server_round,
         "model": cfg.model_config_for(feature_dim).model_dump(mode="json"),

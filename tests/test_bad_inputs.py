@@ -781,7 +781,7 @@ BAG_FILE_CASES: dict[str, tuple[Callable[[Path], object], str]] = {
 
 
 def _round(site: Path, **changes: object) -> tuple[RoundInstructions, dict[str, np.ndarray]]:
-    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import initial_arrays
 
     cfg = RunConfig.from_run_config({"local-epochs": 1, **changes})
     instructions = RoundInstructions(
@@ -791,7 +791,7 @@ def _round(site: Path, **changes: object) -> tuple[RoundInstructions, dict[str, 
         dp=cfg.dp_config(),
         run_key="run-a",
     )
-    return instructions, _initial_arrays(cfg, DIM)
+    return instructions, initial_arrays(cfg, DIM)
 
 
 @pytest.mark.slow

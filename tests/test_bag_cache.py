@@ -77,7 +77,7 @@ def test_evaluation_reads_each_bag_once_and_reports_the_skipped_one(
     from fedpath.client.federated import evaluate_on_site, load_splits
     from fedpath.common.federation import RoundInstructions
     from fedpath.server.config import RunConfig
-    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import initial_arrays
 
     cfg = RunConfig.from_run_config({"local-epochs": 1})
     instructions = RoundInstructions(
@@ -92,7 +92,7 @@ def test_evaluation_reads_each_bag_once_and_reports_the_skipped_one(
     with h5py.File(bad, "r+") as fh:
         fh["features"][1, 0] = math.nan
     seen: list[SkippedBag] = []
-    metrics = evaluate_on_site(site, instructions, _initial_arrays(cfg, DIM), on_skip=seen.append)
+    metrics = evaluate_on_site(site, instructions, initial_arrays(cfg, DIM), on_skip=seen.append)
     assert sorted(reads) == sorted(e.features for e in test), "a bag was read twice"
     assert metrics["num-examples"] == len(test) - 1 and metrics["skipped-slides"] == 1
     assert [s.entry.features for s in seen] == [bad]
@@ -191,7 +191,7 @@ def test_the_cap_comes_from_the_node_config() -> None:
 def _evaluate_request(site: Path, node_config: dict) -> tuple[dict, list[bytes]]:
     from fedpath.client.worker_protocol import PROTOCOL_VERSION, context_to_wire, records_to_wire
     from fedpath.server.config import RunConfig
-    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import initial_arrays
 
     cfg = RunConfig.from_run_config({"local-epochs": 1})
     instructions = {
@@ -202,7 +202,7 @@ def _evaluate_request(site: Path, node_config: dict) -> tuple[dict, list[bytes]]
     }
     content = RecordDict(
         {
-            "arrays": ArrayRecord({k: Array(v) for k, v in _initial_arrays(cfg, DIM).items()}),
+            "arrays": ArrayRecord({k: Array(v) for k, v in initial_arrays(cfg, DIM).items()}),
             "config": ConfigRecord({"instructions": json.dumps(instructions)}),
         }
     )

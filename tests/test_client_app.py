@@ -116,10 +116,10 @@ def test_server_rejects_a_reply_without_the_weight_metric() -> None:
 
 def _dp_message(server_round: int, run_config: dict) -> Message:
     """A train message of a run with slide-level DP-SGD on (instructions as the server sends)."""
-    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import initial_arrays
 
     cfg = RunConfig.from_run_config(run_config)
-    arrays = _initial_arrays(cfg, SPEC.feature_dim)
+    arrays = initial_arrays(cfg, SPEC.feature_dim)
     instructions = {
         "server_round": server_round,
         "model": cfg.model_config_for(SPEC.feature_dim).model_dump(mode="json"),

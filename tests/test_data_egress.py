@@ -28,7 +28,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 import fedpath.client.app as client_app
 from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite
 from fedpath.server.config import RunConfig
-from fedpath.server.federated_run import _initial_arrays, run_federated
+from fedpath.server.federated_run import initial_arrays, run_federated
 from fedpath.synthetic.site import SyntheticSiteSpec
 from tests.egress import EgressPolicy, EgressReport, check_reply, write_identifiable_site
 
@@ -60,7 +60,7 @@ def _cfg(tmp_path: Path) -> RunConfig:
 
 
 def _policy(sites: dict[str, Path], cfg: RunConfig) -> EgressPolicy:
-    return EgressPolicy.for_run(_initial_arrays(cfg, SPEC.feature_dim), sites.values(), LABELS)
+    return EgressPolicy.for_run(initial_arrays(cfg, SPEC.feature_dim), sites.values(), LABELS)
 
 
 class Recorder:
@@ -130,7 +130,7 @@ def test_a_two_round_run_sends_only_parameters_and_allow_listed_aggregates(
 
 
 def _train_message(cfg: RunConfig) -> Message:
-    arrays = _initial_arrays(cfg, SPEC.feature_dim)
+    arrays = initial_arrays(cfg, SPEC.feature_dim)
     instructions = {
         "server_round": 1,
         "model": cfg.model_config_for(SPEC.feature_dim).model_dump(mode="json"),
@@ -275,7 +275,7 @@ def test_a_skipped_slide_leaves_the_site_as_a_count_only(tmp_path: Path) -> None
     with h5py.File(site / train["features"], "r+") as fh:
         fh["features"][0, 0] = np.nan
     cfg = _cfg(tmp_path)
-    policy = EgressPolicy.for_run(_initial_arrays(cfg, SPEC.feature_dim), [site], LABELS)
+    policy = EgressPolicy.for_run(initial_arrays(cfg, SPEC.feature_dim), [site], LABELS)
     reply = client_app.app(_train_message(cfg), _context(site))
     assert not reply.has_error(), reply.error.reason
     assert dict(reply.content.metric_records["metrics"])["skipped-slides"] == 1.0

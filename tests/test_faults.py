@@ -172,7 +172,7 @@ def test_a_superlink_error_for_a_dead_node_is_that_site_failing(
     the round record named a phantom ``node 1`` and called the dead site timed out."""
     from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite
     from fedpath.server.config import RunConfig
-    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import initial_arrays
     from fedpath.server.rounds import Federation
     from fedpath.server.run_log import RunLog
     from fedpath.server.strategies import build_strategy
@@ -190,7 +190,7 @@ def test_a_superlink_error_for_a_dead_node_is_that_site_failing(
     )
     federation.gate()
     federation.grid.dead.add(12)  # type: ignore[attr-defined]
-    _, record = federation.train_round(1, _initial_arrays(cfg, SPEC.feature_dim))
+    _, record = federation.train_round(1, initial_arrays(cfg, SPEC.feature_dim))
     assert record["replied"] == ["site_a", "site_b"]
     assert list(record["failed"]) == ["site_c"], record["failed"]
     assert "Node Unavailable" in record["failed"]["site_c"]

@@ -60,9 +60,9 @@ def _instructions(cfg: RunConfig, server_round: int, run: str = "run-a") -> Roun
 
 
 def _initial(cfg: RunConfig) -> dict[str, np.ndarray]:
-    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import initial_arrays
 
-    return _initial_arrays(cfg, SPEC.feature_dim)
+    return initial_arrays(cfg, SPEC.feature_dim)
 
 
 def _train(

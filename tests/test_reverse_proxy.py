@@ -375,7 +375,7 @@ def test_everything_the_supernodes_sent_through_the_proxy_is_allow_listed(
 ) -> None:
     """Issue 7.4 in deployment form: the bytes on the wire, not the ClientApp's return value."""
     from fedpath.server.config import RunConfig
-    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import initial_arrays
 
     requests = [
         (uri, Path(body_file).read_bytes())
@@ -384,7 +384,7 @@ def test_everything_the_supernodes_sent_through_the_proxy_is_allow_listed(
     ]
     recorded = json.loads((proxied.workdir / "runs" / "proxied" / "config.json").read_text())
     cfg = RunConfig.from_run_config(recorded["run_config"])  # the model the server really sent
-    arrays = _initial_arrays(cfg, SPEC.feature_dim)
+    arrays = initial_arrays(cfg, SPEC.feature_dim)
     policy = EgressPolicy.for_run(arrays, proxied.sites.values(), ("normal", "tumour"))
     report = check_fleet_requests(requests, policy)
     assert report.violations == []

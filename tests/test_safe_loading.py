@@ -248,14 +248,14 @@ def test_a_train_message_carrying_a_pickled_array_gets_an_error_reply(tmp_path: 
 
     from fedpath.client.app import app
     from fedpath.server.config import RunConfig
-    from fedpath.server.federated_run import _initial_arrays
+    from fedpath.server.federated_run import initial_arrays
     from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
     spec = SyntheticSiteSpec(n_slides=6, feature_dim=8, patches=(5, 10))
     site = write_synthetic_site(tmp_path / "site", spec, seed=0)
     marker = tmp_path / "marker"
     cfg = RunConfig(local_epochs=1)
-    arrays = {k: Array(v) for k, v in _initial_arrays(cfg, spec.feature_dim).items()}
+    arrays = {k: Array(v) for k, v in initial_arrays(cfg, spec.feature_dim).items()}
     first = sorted(arrays)[0]
     arrays[first] = Array(
         dtype="object", shape=(1,), stype="numpy.ndarray", data=_pickled_npy(ExecsCode(marker))

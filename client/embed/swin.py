@@ -18,7 +18,7 @@ from torch import nn
 
 from fedpath.client.embed.hyperparams import SwinConfig
 from fedpath.client.embed.models import fold_conv_bn
-from fedpath.client.embed.vit import Mlp, _float32_region
+from fedpath.client.embed.vit import Mlp, float32_region
 
 
 class ConvStem(nn.Module):
@@ -214,7 +214,7 @@ class CTransPath(nn.Module):
         self.patch_embed.fold_batchnorm()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with _float32_region(x):
+        with float32_region(x):
             x = self.patch_embed(x.float())
         x = self.norm(self.layers(x))
         return x.mean(dim=1).float()

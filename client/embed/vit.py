@@ -24,12 +24,12 @@ from torch import nn
 
 from fedpath.client.embed.hyperparams import Pool, ViTConfig
 
-__all__ = ["Pool", "ViTConfig", "VisionTransformer", "resample_pos_embed"]
+__all__ = ["Pool", "ViTConfig", "VisionTransformer", "float32_region", "resample_pos_embed"]
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
-def _float32_region(x: torch.Tensor) -> torch.autocast:
+def float32_region(x: torch.Tensor) -> torch.autocast:
     """Autocast off for the enclosed ops on ``x``'s device type (a static Python string).
 
     Devices without autocast (``meta``, used for shape checks) get a no-op CPU region.
@@ -168,7 +168,7 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """All tokens after the final norm: (B, prefix + patches, D)."""
-        with _float32_region(x):
+        with float32_region(x):
             x = self.patch_embed(x.float())
             prefix = self._prefix(x.shape[0])
             if self.cfg.no_embed_class:

@@ -52,6 +52,7 @@ __all__ = [
     "amx_available",
     "check_finite_weights",
     "cuda_bf16",
+    "epoch_seeds",
     "evaluate",
     "fast_bf16_cpu",
     "out_of_memory_as_error",
@@ -276,7 +277,7 @@ def step_lr(cfg: TrainConfig, slides: int) -> float:
     return cfg.lr
 
 
-def _epoch_seeds(seed: int, epoch: int) -> tuple[int, int, int]:
+def epoch_seeds(seed: int, epoch: int) -> tuple[int, int, int]:
     """Independent seeds for (numpy schedule, torch dropout, instance sampling) of one epoch."""
     a, b, c = np.random.SeedSequence([seed, epoch]).generate_state(3)
     return int(a), int(b), int(c)
@@ -363,7 +364,7 @@ def _train_epoch(
     is unscaled before clipping, and a step whose gradient overflowed is skipped while the
     scale shrinks (``torch.amp.GradScaler``).
     """
-    np_seed, torch_seed, gen_seed = _epoch_seeds(cfg.seed, epoch)
+    np_seed, torch_seed, gen_seed = epoch_seeds(cfg.seed, epoch)
     rng = np.random.default_rng(np_seed)
     torch.manual_seed(torch_seed)  # dropout; global state is forked by the caller
     generator = torch.Generator().manual_seed(gen_seed)
