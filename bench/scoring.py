@@ -15,13 +15,9 @@ import torch
 from bench.prepared_cohort import HIGH_GRADE, LOW_GRADE, NORMAL_GRADE, LoadedCohort, with_truth
 from fedpath.client.training.bags import Bag
 from fedpath.client.training.evaluate import predict_bag
-from fedpath.common.metrics import (
-    PatchMetrics,
-    SlideMetrics,
-    pooled_patch_metrics,
-    slide_metrics,
-)
+from fedpath.common.metrics import SlideMetrics, slide_metrics
 from fedpath.common.mil.models import MILModel
+from fedpath.common.patch_metrics import PatchMetrics, pooled_patch_metrics
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,9 @@ from fedpath.common.federation import (
     MetricValue,
     RoundInstructions,
 )
-from fedpath.common.metrics import calibration_bins, predict
+from fedpath.common.metrics import predict
 from fedpath.common.mil.models import MILModel, build_model
+from fedpath.common.probability_scores import calibration_bins
 
 __all__ = [
     "SitePrivacy",

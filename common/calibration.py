@@ -46,7 +46,7 @@ N_PATCH_BINS = len(PATCH_EDGES) + 1
 MIN_PER_CLASS_CALIBRATION = 5
 """Fewest validation slides of every class a calibration is fitted on: with fewer, one slide
 moves the threshold across the whole gap and the temperature by a factor of several (the
-proportion minimum of :mod:`fedpath.common.metrics`)."""
+proportion minimum of :mod:`fedpath.common.intervals`)."""
 
 
 class SlideCalibration(StrictModel):

@@ -70,7 +70,8 @@ TRAIN_METRICS = (
 privacy budget would be exceeded (it then returns the global model unchanged), else 0."""
 BUDGET_EXHAUSTED_METRIC = "budget-exhausted"
 ECE_BINS = 10
-"""Calibration-error bins (``common.metrics.ECE_BINS``, restated so the protocol is explicit)."""
+"""Calibration-error bins (``fedpath.common.probability_scores.ECE_BINS``, restated so the
+protocol is explicit)."""
 COUNT_LISTS: dict[str, int | None] = {
     "slide-hist-pos": N_SCORE_BINS,
     "slide-hist-neg": N_SCORE_BINS,

@@ -1,37 +1,17 @@
-"""Slide- and patch-level evaluation metrics (DESIGN §4.7), shared by sites and the server.
+"""Slide-level evaluation metrics (DESIGN §4.7), shared by sites and the server.
 
 Sites evaluate locally and the server aggregates, so both must compute *the same* numbers from
 the same inputs: the metric definitions live here once, and the arithmetic is scikit-learn's so
 that results match what anyone reproducing them with sklearn would get.
 
-Slide level: ROC AUC (binary: on the positive-class probability; more classes: macro
-one-vs-rest), balanced accuracy, each class's recall (binary: specificity, sensitivity) and F1
-(binary: of the positive class; more classes: macro) at the argmax prediction or, for two
-labels, at a decision threshold on the positive-class probability; Brier score and expected
-calibration error (ECE) of the probabilities. Site test sets are small, so a point estimate
-without its uncertainty invites over-reading a difference between sites or methods; and an
-interval computed from a handful of slides is worse than none (a bootstrap of 2 slides gives
-"1.0000 – 1.0000"). So each interval uses a method built for small samples where one exists,
-and is *not estimable* (NaN with ``ci_reason``) below a documented minimum per class:
-
-* AUC, two labels: Newcombe's score interval (2006, "Method 5": Hanley–McNeil variance as a
-  function of the true AUC, solved like a Wilson interval), which stays inside [0, 1] and is
-  not degenerate at AUC 1. More labels (macro one-vs-rest): bootstrap percentile.
-  Minimum :data:`MIN_PER_CLASS_AUC` slides of every class: Newcombe's and Obuchowski's
-  simulations show coverage of the AUC intervals falling well below nominal with fewer than
-  about 10 per group, and the interval then spans most of [0.5, 1] anyway.
-* Recall of a class (sensitivity, specificity): Wilson score interval; balanced accuracy, the
-  mean of the classes' recalls (independent slides): MOVER-Wilson (Zou & Donner 2008).
-  Minimum :data:`MIN_PER_CLASS_PROPORTION` slides of the class (every class for balanced
-  accuracy): Wilson's coverage is close to nominal from about 5 trials on (Brown, Cai &
-  DasGupta 2001), while below that the interval is nearly [0, 1].
-* F1 has no small-sample interval: bootstrap percentile, with the AUC minimum.
-
-Patch level (localisation, where patch labels exist): AUC and average precision of the instance
-tumour probability, and Dice of the thresholded probability against the tumour labels, on the
-patches whose label is known (1 tumour, 0 normal; −1 unknown is excluded). A slide that is all
-tumour, all normal or unlabelled is an ordinary occurrence, not an error: undefined metrics come
-back as NaN with a reason rather than raising, so one such slide never aborts an evaluation.
+ROC AUC (binary: on the positive-class probability; more classes: macro one-vs-rest), balanced
+accuracy, each class's recall (binary: specificity, sensitivity) and F1 (binary: of the
+positive class; more classes: macro) at the argmax prediction or, for two labels, at a decision
+threshold on the positive-class probability; Brier score and expected calibration error (ECE)
+of the probabilities (:mod:`fedpath.common.probability_scores`). Each metric carries an
+interval built for small test sets, or none below a minimum per class, with ``ci_reason``
+saying why (:mod:`fedpath.common.intervals`). Patch-level localisation metrics are
+:mod:`fedpath.common.patch_metrics`.
 
 Every result has ``to_json()`` (plain floats/ints, NaN → ``None``, valid strict JSON) for run
 reports, and ``flat()`` (a flat ``str → float`` mapping with NaN kept) for metric records that
@@ -42,38 +22,31 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from statistics import NormalDist
 from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
-    average_precision_score,
     balanced_accuracy_score,
     f1_score,
     roc_auc_score,
 )
 
+from fedpath.common.intervals import (
+    MIN_PER_CLASS_AUC,
+    MIN_PER_CLASS_PROPORTION,
+    auc_interval,
+    mover_mean_interval,
+    percentile_interval,
+    too_few_text,
+    wilson_interval,
+)
+from fedpath.common.json_float import from_json_float, json_float
+from fedpath.common.probability_scores import brier_score, expected_calibration_error
+
 PROB_SUM_TOL = 1e-4
 """How far a row of class probabilities may sum from 1 (float32 softmax rounding)."""
-
-
-def _json_float(x: float) -> float | None:
-    """A float for strict JSON: NaN/inf become ``None`` (JSON has no NaN)."""
-    return float(x) if math.isfinite(x) else None
-
-
-def _from_json_float(x: float | None) -> float:
-    return math.nan if x is None else float(x)
-
-
-MIN_PER_CLASS_AUC = 10
-"""Fewest slides of every class for an AUC or F1 interval (see the module docstring)."""
-MIN_PER_CLASS_PROPORTION = 5
-"""Fewest slides of a class for a Wilson interval of its recall (see the module docstring)."""
-ECE_BINS = 10
-"""Equal-width probability bins of the expected calibration error (Guo et al. 2017)."""
 
 
 @dataclass(frozen=True)
@@ -108,9 +81,9 @@ class MetricWithCI:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "value": _json_float(self.value),
-            "low": _json_float(self.low),
-            "high": _json_float(self.high),
+            "value": json_float(self.value),
+            "low": json_float(self.low),
+            "high": json_float(self.high),
             "n_boot": int(self.n_boot),
             "reason": self.reason,
             "method": self.method,
@@ -120,9 +93,9 @@ class MetricWithCI:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> MetricWithCI:
         return cls(
-            value=_from_json_float(data["value"]),
-            low=_from_json_float(data["low"]),
-            high=_from_json_float(data["high"]),
+            value=from_json_float(data["value"]),
+            low=from_json_float(data["low"]),
+            high=from_json_float(data["high"]),
             n_boot=int(data["n_boot"]),
             reason=data.get("reason"),
             method=str(data.get("method") or ""),
@@ -137,7 +110,7 @@ class SlideMetrics:
     ``threshold`` is the decision threshold on the positive-class probability the predictions
     were made at (two labels), ``None`` for the argmax. ``recall`` holds each class's recall in
     label order (two labels: specificity, sensitivity). ``brier`` and ``ece`` judge the
-    probabilities themselves (see :func:`brier_score`, :func:`expected_calibration_error`).
+    probabilities themselves (see :mod:`fedpath.common.probability_scores`).
     """
 
     n_slides: int
@@ -163,8 +136,8 @@ class SlideMetrics:
             "balanced_accuracy": self.balanced_accuracy.to_json(),
             "f1": self.f1.to_json(),
             "recall": [r.to_json() for r in self.recall],
-            "brier": _json_float(self.brier),
-            "ece": _json_float(self.ece),
+            "brier": json_float(self.brier),
+            "ece": json_float(self.ece),
             "threshold": None if self.threshold is None else float(self.threshold),
             "bootstrap": int(self.bootstrap),
             "ci": float(self.ci),
@@ -185,8 +158,8 @@ class SlideMetrics:
             ci=float(data["ci"]),
             seed=int(data["seed"]),
             recall=tuple(MetricWithCI.from_json(r) for r in data.get("recall") or ()),
-            brier=_from_json_float(data.get("brier")),
-            ece=_from_json_float(data.get("ece")),
+            brier=from_json_float(data.get("brier")),
+            ece=from_json_float(data.get("ece")),
             threshold=None if threshold is None else float(threshold),
         )
 
@@ -209,59 +182,6 @@ class SlideMetrics:
         out[f"{prefix}brier"] = float(self.brier)
         out[f"{prefix}ece"] = float(self.ece)
         return out
-
-
-@dataclass(frozen=True)
-class PatchMetrics:
-    """Patch-level localisation metrics on the patches with a known label.
-
-    ``reason`` explains every NaN (several reasons are joined with "; "), ``None`` when all
-    three metrics are defined.
-    """
-
-    auc: float
-    average_precision: float
-    dice: float
-    n_labelled: int
-    n_tumour: int
-    n_slides: int
-    threshold: float
-    reason: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "auc": _json_float(self.auc),
-            "average_precision": _json_float(self.average_precision),
-            "dice": _json_float(self.dice),
-            "n_labelled": int(self.n_labelled),
-            "n_tumour": int(self.n_tumour),
-            "n_slides": int(self.n_slides),
-            "threshold": float(self.threshold),
-            "reason": self.reason,
-        }
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> PatchMetrics:
-        return cls(
-            auc=_from_json_float(data["auc"]),
-            average_precision=_from_json_float(data["average_precision"]),
-            dice=_from_json_float(data["dice"]),
-            n_labelled=int(data["n_labelled"]),
-            n_tumour=int(data["n_tumour"]),
-            n_slides=int(data["n_slides"]),
-            threshold=float(data["threshold"]),
-            reason=data.get("reason"),
-        )
-
-    def flat(self, prefix: str = "") -> dict[str, float]:
-        """Fixed keys with NaN kept, for metric records that need the same keys everywhere."""
-        return {
-            f"{prefix}patch_auc": float(self.auc),
-            f"{prefix}patch_ap": float(self.average_precision),
-            f"{prefix}patch_dice": float(self.dice),
-            f"{prefix}patch_n_labelled": float(self.n_labelled),
-            f"{prefix}patch_n_tumour": float(self.n_tumour),
-        }
 
 
 # --------------------------------------------------------------------------- slide level
@@ -350,136 +270,6 @@ def _f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
     )
 
 
-def _percentile_ci(values: list[float], ci: float) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    alpha = (1.0 - ci) / 2.0
-    lo, hi = np.quantile(np.asarray(values, dtype=np.float64), [alpha, 1.0 - alpha])
-    return float(lo), float(hi)
-
-
-def _z(ci: float) -> float:
-    return NormalDist().inv_cdf(0.5 + ci / 2.0)
-
-
-def wilson_interval(successes: int, n: int, ci: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``successes / n`` (NaN bounds when ``n`` is 0)."""
-    if n <= 0:
-        return math.nan, math.nan
-    z = _z(ci)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def mover_mean_interval(
-    values: Sequence[float], intervals: Sequence[tuple[float, float]]
-) -> tuple[float, float]:
-    """Interval of the mean of independent estimates from their own intervals (MOVER).
-
-    Zou & Donner (2008): the "method of variance estimates recovery" carries each estimate's
-    asymmetric interval into the interval of their sum, so a mean of Wilson intervals keeps
-    Wilson's small-sample behaviour (balanced accuracy = mean of the classes' recalls).
-    """
-    k = len(values)
-    mean = sum(values) / k
-    lower = math.sqrt(
-        sum(((v - lo) / k) ** 2 for v, (lo, _) in zip(values, intervals, strict=True))
-    )
-    upper = math.sqrt(
-        sum(((hi - v) / k) ** 2 for v, (_, hi) in zip(values, intervals, strict=True))
-    )
-    return max(0.0, mean - lower), min(1.0, mean + upper)
-
-
-def auc_interval(auc: float, n_pos: int, n_neg: int, ci: float = 0.95) -> tuple[float, float]:
-    """Newcombe's (2006) score interval of a binary AUC ("Method 5").
-
-    The Hanley–McNeil variance is written as a function of the true AUC θ with
-    N* = (n_pos + n_neg)/2 − 1:  V(θ) = θ(1−θ)/(n_pos·n_neg) · [1 + (N*−1)((1−θ)/(2−θ) +
-    θ/(1+θ))], and the bounds are the θ where (AUC − θ)² = z²·V(θ), found by bisection on each
-    side. Like Wilson's interval it stays in [0, 1] and does not collapse at AUC 0 or 1.
-    """
-    if n_pos <= 0 or n_neg <= 0 or not math.isfinite(auc):
-        return math.nan, math.nan
-    z2 = _z(ci) ** 2
-    n_star = (n_pos + n_neg) / 2.0 - 1.0
-
-    def excess(theta: float) -> float:
-        var = (
-            theta
-            * (1 - theta)
-            / (n_pos * n_neg)
-            * (1 + (n_star - 1) * ((1 - theta) / (2 - theta) + theta / (1 + theta)))
-        )
-        return (auc - theta) ** 2 - z2 * var
-
-    def bound(outside: float) -> float:
-        # excess(auc) <= 0 and excess(outside) >= 0 (V is 0 at the ends of [0, 1]).
-        inside = auc
-        if excess(outside) < 0:
-            return outside
-        for _ in range(100):
-            mid = (inside + outside) / 2.0
-            if excess(mid) <= 0:
-                inside = mid
-            else:
-                outside = mid
-        return (inside + outside) / 2.0
-
-    return bound(0.0), bound(1.0)
-
-
-def too_few_text(
-    counts: Sequence[int], minimum: int, labels: Sequence[str] | None, classes: Sequence[int]
-) -> str | None:
-    """``3 tumour / 2 normal slides; need ≥ 10 per class``, or ``None`` when every class of
-    ``classes`` has ``minimum`` slides."""
-    if all(counts[c] >= minimum for c in classes):
-        return None
-    names = labels if labels is not None else [f"class {i}" for i in range(len(counts))]
-    shown = " / ".join(f"{counts[c]} {names[c]}" for c in classes)
-    return f"{shown} slides; need ≥ {minimum} per class"
-
-
-def brier_score(y: np.ndarray, p: np.ndarray) -> float:
-    """Two labels: mean (p₁ − y)² (scikit-learn's ``brier_score_loss``); more: mean Σ_c
-    (p_c − [y = c])²."""
-    if p.shape[1] == 2:
-        return float(np.mean((p[:, 1] - y) ** 2))
-    onehot = np.eye(p.shape[1])[y]
-    return float(np.mean(np.sum((p - onehot) ** 2, axis=1)))
-
-
-def calibration_bins(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per ECE bin: slide count, sum of the judged probability, count of events.
-
-    Two labels judge the positive-class probability against the positive label; more labels
-    the top-label confidence against "the argmax was right". Sums, so sites can add them up.
-    """
-    if p.shape[1] == 2:
-        conf, hit = p[:, 1], (y == 1)
-    else:
-        conf, hit = p.max(axis=1), (p.argmax(axis=1) == y)
-    idx = np.minimum((conf * ECE_BINS).astype(np.int64), ECE_BINS - 1)
-    count = np.bincount(idx, minlength=ECE_BINS)
-    prob_sum = np.bincount(idx, weights=conf, minlength=ECE_BINS)
-    events = np.bincount(idx, weights=hit.astype(np.float64), minlength=ECE_BINS)
-    return count.astype(np.int64), prob_sum, events.astype(np.int64)
-
-
-def ece_from_bins(count: np.ndarray, prob_sum: np.ndarray, events: np.ndarray) -> float:
-    """Σ_b |Σ prob − Σ events| / N: the slide-weighted gap between confidence and frequency."""
-    n = float(np.sum(count))
-    return float(np.sum(np.abs(prob_sum - events)) / n) if n > 0 else math.nan
-
-
-def expected_calibration_error(y: np.ndarray, p: np.ndarray) -> float:
-    """ECE over :data:`ECE_BINS` equal-width bins (see :func:`calibration_bins`)."""
-    return ece_from_bins(*calibration_bins(y, p))
-
-
 def predict(p: np.ndarray, threshold: float | None) -> np.ndarray:
     """Argmax, or for two labels "positive when p₁ ≥ threshold"."""
     if threshold is None or p.shape[1] != 2:
@@ -501,11 +291,11 @@ def slide_metrics(
 
     ``y_true`` holds class indices (B,), ``probs`` softmax probabilities (B, C). Predictions
     are the argmax, or with two labels and a ``threshold`` "positive when p₁ ≥ threshold".
-    Intervals at level ``ci`` follow the module docstring: analytic where a small-sample method
-    exists, else a percentile bootstrap over slides (``bootstrap`` resamples, ``0`` = none;
-    resamples where AUC is undefined are skipped and ``n_boot`` says how many were used; the
-    same ``seed`` gives the same interval), and none below the per-class minimum, with a
-    ``ci_reason`` naming the counts (by ``labels`` when given).
+    Intervals at level ``ci`` follow :mod:`fedpath.common.intervals`: analytic where a
+    small-sample method exists, else a percentile bootstrap over slides (``bootstrap``
+    resamples, ``0`` = none; resamples where AUC is undefined are skipped and ``n_boot`` says
+    how many were used; the same ``seed`` gives the same interval), and none below the
+    per-class minimum, with a ``ci_reason`` naming the counts (by ``labels`` when given).
 
     Raises ``ValueError`` on malformed input (shapes, label range, non-probabilities, no
     slides); a label set that leaves AUC undefined yields NaN with a reason instead.
@@ -550,7 +340,7 @@ def slide_metrics(
         if not resamples:
             reason = "no bootstrap resamples (--bootstrap 0)"
             return MetricWithCI(value, math.nan, math.nan, 0, ci_reason=reason)
-        low, high = _percentile_ci(resamples, ci)
+        low, high = percentile_interval(resamples, ci)
         return MetricWithCI(value, low, high, len(resamples), method="bootstrap percentile")
 
     if auc_reason is not None:
@@ -607,104 +397,3 @@ def slide_metrics(
         ece=expected_calibration_error(y, p),
         threshold=threshold if n_classes == 2 else None,
     )
-
-
-# --------------------------------------------------------------------------- patch level
-
-
-def _check_patch_inputs(labels: np.ndarray, tumour_prob: np.ndarray) -> tuple[np.ndarray, ...]:
-    lab = np.asarray(labels)
-    prob = np.asarray(tumour_prob)
-    if lab.ndim != 1 or prob.ndim != 1:
-        raise ValueError(
-            f"labels and tumour_prob must be 1-D (one per patch), got {lab.shape}, {prob.shape}"
-        )
-    if lab.shape != prob.shape:
-        raise ValueError(f"{lab.shape[0]} patch labels but {prob.shape[0]} probabilities")
-    if lab.size and not np.issubdtype(lab.dtype, np.integer):
-        raise ValueError(f"patch labels must be integers (1/0/-1), got dtype {lab.dtype}")
-    lab = lab.astype(np.int64)
-    bad = np.setdiff1d(np.unique(lab), [-1, 0, 1])
-    if bad.size:
-        raise ValueError(f"patch labels must be 1, 0 or -1, found {bad.tolist()}")
-    prob = prob.astype(np.float64)
-    if not np.all(np.isfinite(prob)):
-        raise ValueError("tumour_prob contains NaN or infinite values")
-    return lab, prob
-
-
-def _patch_metrics_labelled(
-    y: np.ndarray, prob: np.ndarray, *, threshold: float, n_slides: int
-) -> PatchMetrics:
-    """Metrics on already-filtered labelled patches (``y`` in {0, 1})."""
-    reasons: list[str] = []
-    n_tumour = int(y.sum())
-    if y.size == 0:
-        reasons.append("no labelled patches")
-    elif n_tumour in (0, y.size):
-        reasons.append(
-            f"only {'tumour' if n_tumour else 'normal'} patches labelled: AUC and AP undefined"
-        )
-    if reasons:
-        auc = ap = math.nan
-    else:
-        auc = float(roc_auc_score(y, prob))
-        ap = float(average_precision_score(y, prob))
-
-    pred = prob >= threshold
-    truth = y == 1
-    denom = int(pred.sum()) + int(truth.sum())
-    if denom == 0:
-        dice = math.nan
-        if y.size:
-            reasons.append("no tumour labelled or predicted: Dice undefined")
-    else:
-        dice = 2.0 * int(np.logical_and(pred, truth).sum()) / denom
-    return PatchMetrics(
-        auc=auc,
-        average_precision=ap,
-        dice=dice,
-        n_labelled=int(y.size),
-        n_tumour=n_tumour,
-        n_slides=n_slides,
-        threshold=threshold,
-        reason="; ".join(reasons) if reasons else None,
-    )
-
-
-def patch_metrics(
-    labels: np.ndarray, tumour_prob: np.ndarray, *, threshold: float = 0.5
-) -> PatchMetrics:
-    """AUC, average precision and Dice at ``threshold`` of one slide's patch predictions.
-
-    ``labels`` are 1 (tumour), 0 (normal) or −1 (unknown, excluded); ``tumour_prob`` is the
-    instance tumour probability per patch. Dice = 2|P∩T| / (|P| + |T|) with P = prob ≥
-    threshold and T = label 1, over labelled patches. Undefined metrics are NaN with a reason;
-    malformed input raises ``ValueError``.
-    """
-    lab, prob = _check_patch_inputs(labels, tumour_prob)
-    keep = lab != -1
-    return _patch_metrics_labelled(lab[keep], prob[keep], threshold=threshold, n_slides=1)
-
-
-def pooled_patch_metrics(
-    slides: Iterable[tuple[np.ndarray, np.ndarray]], *, threshold: float = 0.5
-) -> PatchMetrics:
-    """Patch metrics over the labelled patches of many slides taken together (micro-pooled).
-
-    Pooling lets slides that are all tumour or all normal — undefined on their own — still count
-    toward AUC and AP; it ranks patches across slides, so it also rewards probabilities that are
-    comparable between slides, which a per-slide mean would not test.
-    """
-    ys: list[np.ndarray] = []
-    ps: list[np.ndarray] = []
-    n_slides = 0
-    for labels, prob in slides:
-        lab, pr = _check_patch_inputs(labels, prob)
-        keep = lab != -1
-        ys.append(lab[keep])
-        ps.append(pr[keep])
-        n_slides += 1
-    y = np.concatenate(ys) if ys else np.zeros(0, dtype=np.int64)
-    p = np.concatenate(ps) if ps else np.zeros(0, dtype=np.float64)
-    return _patch_metrics_labelled(y, p, threshold=threshold, n_slides=n_slides)

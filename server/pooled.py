@@ -12,7 +12,8 @@ they are exactly what the pooled metrics need:
 * balanced accuracy, sensitivity, specificity and F1 from the summed confusion counts;
 * ECE from the summed bins; loss and Brier score are means over slides, so the slide-weighted
   mean of the sites' means *is* the pooled value;
-* intervals under the rules of :mod:`common.metrics` (per-class minimum, small-sample methods).
+* intervals under the rules of :mod:`fedpath.common.intervals` (per-class minimum,
+  small-sample methods).
 
 The weighted mean of the sites' AUCs is kept too, under a name that says so
 (``auc_site_mean``).
@@ -37,15 +38,15 @@ from fedpath.common.calibration import (
     confusion_at_cut,
 )
 from fedpath.common.federation import ECE_BINS
-from fedpath.common.metrics import (
+from fedpath.common.intervals import (
     MIN_PER_CLASS_AUC,
     MIN_PER_CLASS_PROPORTION,
     auc_interval,
-    ece_from_bins,
     mover_mean_interval,
     too_few_text,
     wilson_interval,
 )
+from fedpath.common.probability_scores import ece_from_bins
 
 __all__ = ["PooledCounts"]
 

@@ -65,9 +65,10 @@ from bench.scoring import Evaluation, evaluate_bags, feature_ceiling, low_grade_
 from fedpath.client.training.bags import Bag
 from fedpath.client.training.evaluate import predict_bag
 from fedpath.client.training.site_index import BagEntry
-from fedpath.common.metrics import PatchMetrics, slide_metrics
+from fedpath.common.metrics import slide_metrics
 from fedpath.common.mil.config import ModelConfig
 from fedpath.common.mil.models import build_model
+from fedpath.common.patch_metrics import PatchMetrics
 from fedpath.common.train_config import TrainConfig
 from tests.bench_fixtures import TINY
 

@@ -28,7 +28,8 @@ from fedpath.client.training.privacy_accountant import epsilon, sampling_plan
 from fedpath.client.training.private_trainer import plan_private_training
 from fedpath.client.training.site_index import BagEntry, load_site_index
 from fedpath.client.training.trainer import resolve_precision
-from fedpath.common.metrics import PatchMetrics, slide_metrics
+from fedpath.common.metrics import slide_metrics
+from fedpath.common.patch_metrics import PatchMetrics
 
 
 def _bags(n: int, dim: int, seed: int, split: str) -> list[Bag]:

@@ -14,17 +14,9 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from fedpath.common.metrics import (
-    MetricWithCI,
-    PatchMetrics,
-    SlideMetrics,
-    auc_interval,
-    mover_mean_interval,
-    patch_metrics,
-    pooled_patch_metrics,
-    slide_metrics,
-    wilson_interval,
-)
+from fedpath.common.intervals import auc_interval, mover_mean_interval, wilson_interval
+from fedpath.common.metrics import MetricWithCI, SlideMetrics, slide_metrics
+from fedpath.common.patch_metrics import PatchMetrics, patch_metrics, pooled_patch_metrics
 
 
 def _binary_probs(p1: list[float]) -> np.ndarray:

@@ -21,7 +21,7 @@ from fedpath.client.federated import load_global_model, load_splits
 from fedpath.client.training.evaluate import evaluate_entries
 from fedpath.common.calibration import fit_calibration, scaled_probs
 from fedpath.common.federation import RoundInstructions
-from fedpath.common.metrics import expected_calibration_error
+from fedpath.common.probability_scores import expected_calibration_error
 from fedpath.deploy.inprocess_grid import InProcessGrid, InProcessSite
 from fedpath.server.checkpoints import latest_checkpoint, load_checkpoint
 from fedpath.server.config import RunConfig

@@ -35,15 +35,10 @@ from fedpath.client.training.trainer import out_of_memory_as_error
 from fedpath.common.atomic import atomic_write_bytes
 from fedpath.common.calibration import SlideCalibration, fit_calibration, scaled_probs
 from fedpath.common.errors import ConfigError
-from fedpath.common.metrics import (
-    PatchMetrics,
-    SlideMetrics,
-    pooled_patch_metrics,
-    predict,
-    slide_metrics,
-)
+from fedpath.common.metrics import SlideMetrics, predict, slide_metrics
 from fedpath.common.mil.config import ModelConfig
 from fedpath.common.mil.models import MILModel, build_model
+from fedpath.common.patch_metrics import PatchMetrics, pooled_patch_metrics
 from fedpath.common.safe_load import pickled_reference
 
 __all__ = [

@@ -38,10 +38,11 @@ from fedpath.client.training.placement import (
 from fedpath.common.cpuinfo import read_cpuinfo
 from fedpath.common.device import describe_device
 from fedpath.common.errors import DeviceError, FedpathError
-from fedpath.common.metrics import pooled_patch_metrics, slide_metrics
+from fedpath.common.metrics import slide_metrics
 from fedpath.common.mil.losses import mixed_supervision_loss
 from fedpath.common.mil.models import MILModel
 from fedpath.common.mil.sampling import epoch_schedule
+from fedpath.common.patch_metrics import pooled_patch_metrics
 from fedpath.common.train_config import TrainConfig
 
 __all__ = [
