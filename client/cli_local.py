@@ -532,8 +532,8 @@ def _select_slides(entries: list[BagEntry], wanted: str | None, split: str) -> l
 
 
 def cmd_local_heatmaps(args: argparse.Namespace, console: Console) -> int:
+    from fedpath.client.prepare.layout import SiteLayout
     from fedpath.client.prepare.manifest import load_manifest
-    from fedpath.client.prepare.pipeline import SiteLayout
     from fedpath.client.training.heatmaps import HeatmapConfig, SlideSource, write_heatmaps
     from fedpath.client.training.site_index import load_site_index
     from fedpath.common.configio import build_config

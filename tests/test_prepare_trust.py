@@ -343,10 +343,10 @@ def test_a_slide_that_changes_while_it_is_prepared_fails_and_leaves_no_outputs(
     tmp_path: Path, slides: tuple[Path, list[SynthSlide]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A scanner or a copy still writing the file: the bag would describe neither version."""
-    from fedpath.client.prepare import pipeline
+    from fedpath.client.prepare import slide
 
     site, paths = _site(tmp_path, slides)
-    real = pipeline._prepare_slide
+    real = slide.prepare_slide
 
     def prepare_while_written(*args: object, **kwargs: object) -> object:
         record = real(*args, **kwargs)  # type: ignore[arg-type]
@@ -354,7 +354,7 @@ def test_a_slide_that_changes_while_it_is_prepared_fails_and_leaves_no_outputs(
             fh.write(b"\0" * 10)
         return record
 
-    monkeypatch.setattr(pipeline, "_prepare_slide", prepare_while_written)
+    monkeypatch.setattr(slide, "prepare_slide", prepare_while_written)
     out = tmp_path / "out"
     summary = prepare_site(site / "slides.csv", out, TINY)
     first = summary.records[0]
