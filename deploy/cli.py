@@ -347,10 +347,22 @@ def _add_security(sub: Any) -> None:
     add_security_commands(sub)
 
 
-def _add_coordinator(sub: Any) -> None:
-    from fedpath.server.cli_coordinator import add_coordinator_commands
+def _add_link(sub: Any) -> None:
+    from fedpath.server.cli_link import add_link_command
 
-    add_coordinator_commands(sub)
+    add_link_command(sub)
+
+
+def _add_run(sub: Any) -> None:
+    from fedpath.server.cli_run import add_run_commands
+
+    add_run_commands(sub)
+
+
+def _add_status(sub: Any) -> None:
+    from fedpath.server.cli_status import add_status_command
+
+    add_status_command(sub)
 
 
 def _add_simulate(sub: Any) -> None:
@@ -389,15 +401,15 @@ _COMMAND_GROUPS: tuple[tuple[Callable[[Any], None], tuple[tuple[str, str], ...]]
             ("keys", "SuperNode key pairs: make them, register them"),
         ),
     ),
+    (_add_link, (("link", "run the SuperLink (coordinator)"),)),
     (
-        _add_coordinator,
+        _add_run,
         (
-            ("link", "run the SuperLink (coordinator)"),
             ("run", "submit a federated run and follow it"),
             ("stop", "stop a federated run on the SuperLink"),
-            ("status", "runs and connected hospitals"),
         ),
     ),
+    (_add_status, (("status", "runs and connected hospitals"),)),
     (
         _add_simulate,
         (("simulate", "the same apps in Flower's simulation engine, many synthetic sites"),),

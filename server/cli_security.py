@@ -105,7 +105,7 @@ def cmd_keys_new(args: argparse.Namespace, console: Console) -> int:
 
 def cmd_keys_register(args: argparse.Namespace, console: Console) -> int:
     """Register the keys and remember which node id is which hospital (for `status`)."""
-    from fedpath.server.cli_coordinator import flwr_home
+    from fedpath.server.cli_connection import flwr_home
     from fedpath.server.flwr_cli import CONNECTION, FlwrCli
     from fedpath.server.security import (
         RegistrationError,
@@ -213,7 +213,7 @@ def add_security_commands(sub: Any) -> None:
     register.add_argument(
         "--timeout", type=float, default=60.0, help="seconds per key before giving up (60)"
     )
-    from fedpath.server.cli_coordinator import add_flwr_home_option
+    from fedpath.server.cli_connection import add_flwr_home_option
 
     add_flwr_home_option(register)
     register.set_defaults(handler=cmd_keys_register)

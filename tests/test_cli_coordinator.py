@@ -11,7 +11,8 @@ import pytest
 
 from fedpath.client.cli_node import supernode_argv
 from fedpath.common.errors import ConfigError
-from fedpath.server.cli_coordinator import parse_overrides, superlink_argv
+from fedpath.server.cli_link import superlink_argv
+from fedpath.server.cli_run import parse_overrides
 from fedpath.synthetic.site import SyntheticSiteSpec, write_synthetic_site
 
 

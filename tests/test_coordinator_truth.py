@@ -27,7 +27,7 @@ from cryptography.x509.oid import NameOID
 
 from fedpath.common.flower_env import free_port
 from fedpath.deploy.cli import main
-from fedpath.server.cli_coordinator import round_line
+from fedpath.server.cli_run_follower import round_line
 from fedpath.server.security import (
     Registration,
     create_certificates,
@@ -352,7 +352,7 @@ def test_progress_comes_from_the_serverapp_log_when_the_run_dir_is_elsewhere(
 
     from rich.console import Console
 
-    from fedpath.server.cli_coordinator import _RunFollower
+    from fedpath.server.cli_run_follower import RunFollower
 
     class Log:
         text = "INFO : [fedpath] run directory: /srv/elsewhere/flwr-7\n"
@@ -362,7 +362,7 @@ def test_progress_comes_from_the_serverapp_log_when_the_run_dir_is_elsewhere(
 
     log = Log()
     out = StringIO()
-    follower = _RunFollower(log, 7, 3, Console(file=out, width=80))
+    follower = RunFollower(log, 7, 3, Console(file=out, width=80))
     follower.poll()
     assert follower.run_dir == Path("/srv/elsewhere/flwr-7")
     log.text += "INFO : [fedpath] round 1/3 done in 4.0 s: train loss 0.6000, val AUC 0.700\n"
@@ -429,14 +429,14 @@ def test_printed_commands_work_from_any_folder(
     """Hints name the CA and Flower home by absolute paths (pasted elsewhere, they work)."""
     import argparse
 
-    from fedpath.server.cli_coordinator import _connection_flags
+    from fedpath.server.cli_connection import connection_flags
 
     monkeypatch.chdir(tmp_path)
     args = argparse.Namespace(
         superlink="fl.example.org:9092", insecure=False, ca=Path("pki/ca.pem"),
         flwr_home=Path("my home"),
     )  # fmt: skip
-    parsed = shlex.split(_connection_flags(args))
+    parsed = shlex.split(connection_flags(args))
     assert parsed[parsed.index("--ca") + 1] == str(tmp_path / "pki" / "ca.pem")
     assert parsed[parsed.index("--flwr-home") + 1] == str(tmp_path / "my home")
 

@@ -26,7 +26,9 @@ COMMAND_MODULES = (
     "fedpath.client.cli_privacy",
     "fedpath.server.cli_server",
     "fedpath.server.cli_security",
-    "fedpath.server.cli_coordinator",
+    "fedpath.server.cli_link",
+    "fedpath.server.cli_run",
+    "fedpath.server.cli_status",
     "fedpath.deploy.cli_demo",
     "fedpath.deploy.cli_simulate",
 )
