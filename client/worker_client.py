@@ -8,8 +8,6 @@ one worker between them (a lock file), and a worker that died is started again.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import socket
@@ -17,9 +15,9 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock
 from flwr.app import Context, RecordDict
 
 from fedpath.client.worker_protocol import (
@@ -31,6 +29,7 @@ from fedpath.client.worker_protocol import (
     write_frame,
 )
 from fedpath.common.errors import ConfigError, FedpathError
+from fedpath.common.locking import kernel_lock
 
 __all__ = ["NODE_CONFIG_KEY", "WorkerError", "call_worker", "socket_path", "worker_enabled"]
 
@@ -96,14 +95,10 @@ def _connect(path: Path) -> socket.socket | None:
     return sock
 
 
-@contextlib.contextmanager
-def _spawn_lock(path: Path) -> Iterator[None]:
-    with open(path.with_suffix(".lock"), "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _spawn_lock(path: Path) -> FileLock:
+    """Held by the message process that starts the worker; the others wait for it without a
+    time limit (the start itself is bounded), then find the worker it started."""
+    return kernel_lock(path.with_suffix(".lock"), timeout=-1, mode=0o600)
 
 
 def _start(path: Path, runtime_pid: int) -> subprocess.Popen[bytes]:
