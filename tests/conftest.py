@@ -68,8 +68,10 @@ def one_torch_thread() -> Iterator[None]:
 
 
 LONGEST_FILES = (
+    "tests/test_demo.py",
     "tests/test_faults.py",
-    "tests/test_cli.py",
+    "tests/test_fault_coordinator_loss.py",
+    "tests/test_fault_all_sites_lost.py",
     "tests/test_deployment.py",
     "tests/test_cli_coordinator.py",
     "tests/test_coordinator_truth.py",
