@@ -14,6 +14,8 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from fedpath.common.logs import handler_attached
+
 __all__ = ["NODE_LOG_FORMAT", "node_log"]
 
 NODE_LOG_FORMAT = "fedpath: %(message)s"
@@ -44,11 +46,5 @@ def node_log(level: int = logging.INFO) -> Iterator[None]:
         return
     handler = _Stderr()
     handler.setFormatter(logging.Formatter(NODE_LOG_FORMAT))
-    saved = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    try:
+    with handler_attached("fedpath.client", handler, level):
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved)

@@ -432,7 +432,8 @@ def _fedpath_logging(verbose: bool) -> Iterator[None]:
     a log file has no box drawing and no path wrapped in the middle. Removed on return."""
     import logging
 
-    logger = logging.getLogger("fedpath")
+    from fedpath.common.logs import handler_attached
+
     handler: logging.Handler
     if sys.stderr.isatty():
         from rich.console import Console
@@ -449,14 +450,8 @@ def _fedpath_logging(verbose: bool) -> Iterator[None]:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    saved = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    try:
+    with handler_attached("fedpath", handler, logging.DEBUG if verbose else logging.INFO):
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,6 +22,8 @@ from contextlib import contextmanager
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedpath.common.logs import handler_attached
+
 __all__ = ["FLOWER_PREFIX", "app", "fedpath_to_flower_log", "main"]
 
 app = ServerApp()
@@ -53,16 +55,8 @@ class _ToFlowerLog(logging.Handler):
 def fedpath_to_flower_log(level: int = logging.INFO) -> Iterator[None]:
     """Send the ``fedpath`` loggers' records of ``level`` and above to Flower's log for the
     duration; the logger's level and handlers are restored afterwards."""
-    logger = logging.getLogger("fedpath")
-    handler = _ToFlowerLog()
-    saved = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(level)
-    try:
+    with handler_attached("fedpath", _ToFlowerLog(), level):
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved)
 
 
 @app.main()
