@@ -8,7 +8,8 @@ export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1
 .venv/bin/ruff check .
 bash scripts/lint_imports.sh
 # Four workers on two cores: the real-process tests spend much of their time waiting on
-# Flower's polling (measured: 17.5 min with -n 4, 19 min with -n 2, 25-29 min serial).
+# Flower's polling (measured on 2 cores: pytest 17.8 min with -n 4 and loadfile, 19 min
+# with -n 2, 25-38 min serial).
 # loadfile keeps each file on one worker (module fixtures built once); tests/conftest.py
 # starts the files with the most real-process tests first.
 .venv/bin/python -m pytest -m "slow or not slow" -n 4 --dist loadfile "$@"
