@@ -11,5 +11,5 @@ bash scripts/lint_imports.sh
 # Flower's polling (measured on 2 cores: pytest 17.8 min with -n 4 and loadfile, 19 min
 # with -n 2, 25-38 min serial).
 # loadfile keeps each file on one worker (module fixtures built once); tests/conftest.py
-# starts the files with the most real-process tests first.
+# orders the longest files first (xdist hands them out in batches, so some share a worker).
 .venv/bin/python -m pytest -m "slow or not slow" -n 4 --dist loadfile "$@"
