@@ -87,7 +87,7 @@ longest first, as measured with ``--durations`` on the 2-core CI machine."""
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The longest files first, each file's tests together and in their own order: with
-    pytest-xdist's ``--dist loadfile`` (as scripts/test.sh runs) they start at once instead of
-    ending the run on one worker, and a module-scoped fixture is built once."""
+    pytest-xdist's ``--dist loadfile`` (as scripts/test.sh runs) they are handed out first
+    (in batches, so some share a worker), and a module-scoped fixture is built once."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
