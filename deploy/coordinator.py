@@ -79,7 +79,7 @@ def coordinate(args: argparse.Namespace, cli: FlwrCli) -> str:
     )
     print(f"{expected} SuperNodes online; submitting {args.app}", flush=True)
     run_id = cli.submit(args.app, dict(args.settings))
-    print(f"run {run_id} submitted; following it with flwr ls", flush=True)
+    print(f"run {run_id} submitted; following its status on the SuperLink", flush=True)
     status = cli.wait_for_run(run_id, args.run_timeout)
     if status != "finished:completed":
         # Say why where the operator looks (the compose log), not only that it failed.

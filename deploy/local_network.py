@@ -4,9 +4,9 @@ The demo and the end-to-end tests need exactly what a hospital network runs (the
 one SuperNode per hospital, ``flwr run`` submitting the app), only on 127.0.0.1. This module
 starts those processes, each in its own process group so the ServerApp/ClientApp children it
 spawns are stopped with it, writes a private ``FLWR_HOME`` with the connection, submits runs
-and follows them with ``flwr ls --format json`` (``flwr run --stream`` can exit 0 for a failed
-run). Every wait is bounded, and ``stop`` (also on exceptions, via the context manager) ends
-every process it started.
+and follows them by the status the SuperLink lists (``server/flwr_cli.py``; ``flwr run
+--stream`` can exit 0 for a failed run). Every wait is bounded, and ``stop`` (also on
+exceptions, via the context manager) ends every process it started.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The coordinator's handle on a SuperLink: the ``flwr`` CLI with a private ``FLWR_HOME``.
 
-Runs are submitted and followed with ``flwr ls --format json`` (``flwr run --stream`` can exit
-0 for a failed run); every call is bounded by a timeout.
+Runs are submitted with ``flwr run`` and followed by the status the SuperLink lists for them
+(what ``flwr ls`` shows, read from its Control API in this process; ``flwr run --stream`` can
+exit 0 for a failed run); every call is bounded by a timeout.
 """
 
 from __future__ import annotations
